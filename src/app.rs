@@ -1,0 +1,310 @@
+//! Composition root: opens the data dir, store and blobs (collecting orphans), loads credentials
+//! and certificates, binds every listener, writes `ports.json`, spawns the servers and returns
+//! the bound addresses. [`App::shutdown`] stops and drains everything and flushes the store last.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, UrlSigner};
+use crate::blobs::Blobs;
+use crate::config::Config;
+use crate::firmware::FirmwareService;
+use crate::http;
+use crate::store::Store;
+use crate::tls;
+
+/// How long open HTTP connections may take to finish after shutdown starts.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why the appliance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file or directory problem, with what we were doing.
+    #[error("{context}: {source}")]
+    Io {
+        /// What failed.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("opening the store in {path}: {source}")]
+    Store {
+        /// The store directory.
+        path: PathBuf,
+        /// The cause.
+        source: crate::store::StoreError,
+    },
+    /// TLS material is missing or broken.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A listener could not be bound.
+    #[error(
+        "cannot listen on {key} = {addr}: {source} (is another process using it? use port 0 for any free port)"
+    )]
+    Bind {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let context = context.into();
+    move |source| StartError::Io { context, source }
+}
+
+/// A running appliance.
+pub struct App {
+    /// Bound HTTPS address.
+    pub https: SocketAddr,
+    /// Bound plain HTTP address, if enabled.
+    pub http: Option<SocketAddr>,
+    /// The data directory in use.
+    pub data_dir: PathBuf,
+    /// The admin token in use.
+    pub admin_token: String,
+    /// The generated CA certificate clients should trust (None for a site certificate).
+    pub ca_file: Option<PathBuf>,
+    /// The base URL put into links.
+    pub public_url: String,
+    cert: Arc<tls::ReloadableCert>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    store: Store,
+}
+
+/// `{"https":N,"http":N|null,"mqtt":N|null,"mqtts":N|null}`, written atomically.
+fn write_ports(data_dir: &Path, https: u16, http: Option<u16>) -> std::io::Result<()> {
+    let v = serde_json::json!({"https": https, "http": http, "mqtt": null, "mqtts": null});
+    let path = data_dir.join("ports.json");
+    let tmp = data_dir.join(".ports.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&v).expect("json"))?;
+    std::fs::rename(&tmp, &path)
+}
+
+async fn bind(key: &'static str, addr: &str) -> Result<TcpListener, StartError> {
+    let sa: SocketAddr = addr.parse().map_err(|_| StartError::Bind {
+        key,
+        addr: addr.into(),
+        source: std::io::Error::other("not an address"),
+    })?;
+    let socket = if sa.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .and_then(|s| {
+        s.set_reuseaddr(true)?;
+        s.bind(sa)?;
+        Ok(s)
+    })
+    .map_err(|source| StartError::Bind {
+        key,
+        addr: addr.into(),
+        source,
+    })?;
+    socket.listen(4096).map_err(|source| StartError::Bind {
+        key,
+        addr: addr.into(),
+        source,
+    })
+}
+
+/// The base URL for links: `http.public_url`, or `https://<first non-loopback IP>:<port>`.
+fn public_url(config: &Config, https: SocketAddr) -> String {
+    if !config.http.public_url.is_empty() {
+        return config.http.public_url.trim_end_matches('/').to_string();
+    }
+    let ip = if https.ip().is_unspecified() {
+        crate::net::first_non_loopback()
+    } else {
+        https.ip()
+    };
+    format!("https://{}", crate::net::url_host_port(ip, https.port()))
+}
+
+impl App {
+    /// Starts everything; returns once every listener is bound and serving.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let data_dir = config.data_dir();
+        std::fs::create_dir_all(&data_dir)
+            .map_err(io_ctx(format!("creating data dir {}", data_dir.display())))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
+        }
+
+        let store_dir = data_dir.join("store");
+        let store = Store::open(&store_dir).map_err(|source| StartError::Store {
+            path: store_dir.clone(),
+            source,
+        })?;
+        let blobs = Blobs::open(&data_dir).map_err(io_ctx("opening the blob directory"))?;
+        let keep = store
+            .referenced_blobs()
+            .map_err(|source| StartError::Store {
+                path: store_dir.clone(),
+                source,
+            })?;
+        let removed = blobs
+            .collect_orphans(&keep)
+            .map_err(io_ctx("collecting orphan blobs"))?;
+        if removed > 0 {
+            tracing::warn!(
+                removed,
+                "removed blobs that no record refers to (left by an interrupted upload or delete)"
+            );
+        }
+
+        let (admin_token, created) =
+            auth::load_or_create_admin_token(&data_dir, &config.auth.admin_token)
+                .map_err(io_ctx("loading the admin token"))?;
+        if config.auth.admin_token.is_empty() {
+            let path = data_dir.join(auth::TOKEN_FILE);
+            if created {
+                tracing::info!(path = %path.display(), "generated the admin token");
+            } else {
+                tracing::info!(path = %path.display(), "admin token");
+            }
+        }
+        let signer = UrlSigner::load_or_create(&data_dir, config.auth.url_ttl_secs)
+            .map_err(io_ctx("loading the URL-signing secret"))?;
+
+        let (cert_paths, generated) = tls::ensure_certificates(&config.tls, &data_dir)?;
+        match (&cert_paths.ca, generated) {
+            (Some(ca), true) => {
+                tracing::info!(ca = %ca.display(), cert = %cert_paths.cert.display(), "generated a self-signed CA and server certificate; clients should trust the CA")
+            }
+            (Some(ca), false) => {
+                tracing::info!(ca = %ca.display(), cert = %cert_paths.cert.display(), "TLS certificate (generated earlier)")
+            }
+            (None, _) => {
+                tracing::info!(cert = %cert_paths.cert.display(), key = %cert_paths.key.display(), "TLS certificate (site-provided)")
+            }
+        }
+        let cert = tls::ReloadableCert::load(cert_paths.clone())?;
+        let tls_config = tls::server_config(cert.clone(), &[b"h2", b"http/1.1"]);
+
+        let https_listener = bind("http.listen", &config.http.listen).await?;
+        let plain_listener = if config.http.plain_listen.is_empty() {
+            None
+        } else {
+            Some(bind("http.plain_listen", &config.http.plain_listen).await?)
+        };
+        let https = https_listener
+            .local_addr()
+            .map_err(io_ctx("reading the HTTPS address"))?;
+        let http_addr = plain_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()
+            .map_err(io_ctx("reading the HTTP address"))?;
+        let public_url = public_url(&config, https);
+
+        let firmware = Arc::new(FirmwareService::new(store.clone(), blobs));
+        let state = http::AppState::new(http::Inner {
+            firmware,
+            store: store.clone(),
+            admin_token: admin_token.clone(),
+            signer,
+            public_url: public_url.clone(),
+            max_upload_bytes: config.http.max_upload_bytes,
+        });
+        let router = http::router(state);
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(http::serve(
+            https_listener,
+            Some(tokio_rustls::TlsAcceptor::from(tls_config)),
+            router.clone(),
+            shutdown.clone(),
+            DRAIN_DEADLINE,
+        ));
+        if let Some(l) = plain_listener {
+            tracker.spawn(http::serve(
+                l,
+                None,
+                router,
+                shutdown.clone(),
+                DRAIN_DEADLINE,
+            ));
+        }
+        write_ports(&data_dir, https.port(), http_addr.map(|a| a.port()))
+            .map_err(io_ctx("writing ports.json"))?;
+        tracing::info!(https = %https, http = ?http_addr, public_url = %public_url, data_dir = %data_dir.display(), "hangar is serving");
+
+        Ok(App {
+            https,
+            http: http_addr,
+            data_dir,
+            admin_token,
+            ca_file: cert_paths.ca.clone(),
+            public_url,
+            cert,
+            shutdown,
+            tracker,
+            store,
+        })
+    }
+
+    /// The token that stops the appliance when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Re-reads the TLS certificate files (SIGHUP).
+    pub fn reload_certificate(&self) {
+        match self.cert.reload() {
+            Ok(()) => {
+                tracing::info!(cert = %self.cert.paths().cert.display(), "reloaded the TLS certificate")
+            }
+            Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
+        }
+    }
+
+    /// Waits until the shutdown token fires, drains the servers, then flushes the store.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final store flush failed");
+        }
+        tracing::info!("stopped");
+    }
+
+    /// Cancels and waits (for tests and embedding).
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+/// `hangar serve`: start, tell systemd we are ready, run until SIGTERM/SIGINT, drain, flush.
+pub async fn serve(config: Config) -> Result<(), StartError> {
+    let app = Arc::new(App::start(config).await?);
+    let token = app.shutdown_token();
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let hup_app = app.clone();
+    let signals = tokio::spawn(crate::shutdown::watch_signals(token.clone(), move || {
+        hup_app.reload_certificate()
+    }));
+    token.cancelled().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = signals.await; // drops the signal task's clone of the app
+    match Arc::try_unwrap(app) {
+        Ok(app) => app.wait().await,
+        Err(_) => tracing::error!("internal: app still shared at shutdown"),
+    }
+    Ok(())
+}

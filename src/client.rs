@@ -1,0 +1,268 @@
+//! Client of the admin API for the CLI verbs. It finds the appliance the way SPEC section 1 says:
+//! `--url`/`--token`/`--ca` (or `HANGAR_URL`/`HANGAR_TOKEN`/`HANGAR_CA`), else the config file's
+//! data dir (`ports.json`, `admin.token`, `certs/ca.pem`), so nobody types a token on the box.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::config::{Config, ConfigError};
+
+/// Why a CLI verb failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The config could not be loaded.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The appliance could not be located or its credentials read.
+    #[error("{0}")]
+    Discover(String),
+    /// Transport failure.
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The API answered with an error envelope.
+    #[error("{status}: {message} ({code})")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Envelope `error` code.
+        code: String,
+        /// Envelope `message`.
+        message: String,
+    },
+    /// Local file problem.
+    #[error("{context}: {source}")]
+    Io {
+        /// What failed.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// How to reach the appliance, as given on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoint {
+    /// Config file (as for `serve`).
+    pub config: Option<PathBuf>,
+    /// Base URL, e.g. `https://127.0.0.1:8443`.
+    pub url: Option<String>,
+    /// Admin token.
+    pub token: Option<String>,
+    /// CA certificate to trust.
+    pub ca: Option<PathBuf>,
+}
+
+/// A connected admin client.
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+fn loopback_for(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v) if v.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v) if v.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        other => other,
+    }
+}
+
+fn read_trimmed(path: &Path, what: &str) -> Result<String, CliError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| {
+            CliError::Discover(format!(
+                "cannot read the {what} {}: {e} (is `hangar serve` running with this config, and may you read its data dir? else pass --url/--token)",
+                path.display()
+            ))
+        })
+}
+
+impl Client {
+    /// Resolves URL, token and CA from the flags and the config, and builds the HTTPS client.
+    pub fn connect(ep: &Endpoint) -> Result<Client, CliError> {
+        let needs_config = ep.url.is_none() || ep.token.is_none();
+        let loaded = match Config::load(ep.config.as_deref()) {
+            Ok(l) => Some(l),
+            Err(e) if needs_config => return Err(e.into()),
+            Err(_) => None,
+        };
+        let data_dir = loaded.as_ref().map(|l| l.config.data_dir());
+        let url = match &ep.url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => {
+                let l = loaded.as_ref().expect("loaded when needed");
+                let dir = data_dir.as_ref().expect("loaded when needed");
+                let ports_text = read_trimmed(&dir.join("ports.json"), "ports file")?;
+                let ports: Value = serde_json::from_str(&ports_text)
+                    .map_err(|e| CliError::Discover(format!("ports.json is not JSON: {e}")))?;
+                let port = ports["https"]
+                    .as_u64()
+                    .ok_or_else(|| CliError::Discover("ports.json has no https port".into()))?;
+                let listen: SocketAddr = l.config.http.listen.parse().expect("validated");
+                let ip = loopback_for(listen.ip());
+                format!("https://{}", crate::net::url_host_port(ip, port as u16))
+            }
+        };
+        let token = match &ep.token {
+            Some(t) => t.clone(),
+            None => {
+                let l = loaded.as_ref().expect("loaded when needed");
+                if l.config.auth.admin_token.is_empty() {
+                    let dir = data_dir.as_ref().expect("loaded when needed");
+                    read_trimmed(&dir.join(crate::auth::TOKEN_FILE), "admin token")?
+                } else {
+                    l.config.auth.admin_token.clone()
+                }
+            }
+        };
+        let ca = ep.ca.clone().or_else(|| {
+            let l = loaded.as_ref()?;
+            if !l.config.tls.cert.is_empty() {
+                return None;
+            }
+            let p = data_dir.as_ref()?.join("certs").join("ca.pem");
+            p.exists().then_some(p)
+        });
+        let mut builder = reqwest::Client::builder().use_rustls_tls();
+        if let Some(ca) = &ca {
+            let pem = std::fs::read(ca).map_err(|source| CliError::Io {
+                context: format!("reading CA {}", ca.display()),
+                source,
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem)?;
+            builder = builder.add_root_certificate(cert);
+        }
+        Ok(Client {
+            base: url,
+            token,
+            http: builder.build()?,
+        })
+    }
+
+    /// The base URL in use.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn envelope(resp: reqwest::Response) -> Result<Value, CliError> {
+        let status = resp.status();
+        let body: Value = match resp.json().await {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(CliError::Api {
+                    status: status.as_u16(),
+                    code: "BAD_RESPONSE".into(),
+                    message: format!("the answer is not JSON: {e}"),
+                });
+            }
+        };
+        if status.is_success() && body["status"] == Value::Bool(true) {
+            Ok(body["data"].clone())
+        } else {
+            Err(CliError::Api {
+                status: status.as_u16(),
+                code: body["error"].as_str().unwrap_or("UNKNOWN").to_string(),
+                message: body["message"].as_str().unwrap_or("").to_string(),
+            })
+        }
+    }
+
+    /// GET an API path with query pairs; returns `data`.
+    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .query(query)
+            .send()
+            .await?;
+        Self::envelope(resp).await
+    }
+
+    /// POST JSON to an API path; returns `data`.
+    pub async fn post(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        body: &Value,
+    ) -> Result<Value, CliError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .query(query)
+            .json(body)
+            .send()
+            .await?;
+        Self::envelope(resp).await
+    }
+
+    /// DELETE an API path; returns `data`.
+    pub async fn delete(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .query(query)
+            .send()
+            .await?;
+        Self::envelope(resp).await
+    }
+
+    /// Streams `file` to the upload endpoint with the given text fields; `progress` is told how
+    /// many bytes have gone out.
+    pub async fn upload(
+        &self,
+        file: &Path,
+        fields: Vec<(&'static str, String)>,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<Value, CliError> {
+        use futures_util::StreamExt;
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|source| CliError::Io {
+                context: format!("opening {}", file.display()),
+                source,
+            })?;
+        let len = f
+            .metadata()
+            .await
+            .map_err(|source| CliError::Io {
+                context: format!("reading {}", file.display()),
+                source,
+            })?
+            .len();
+        let mut sent = 0u64;
+        let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024).map(move |chunk| {
+            if let Ok(c) = &chunk {
+                sent += c.len() as u64;
+                progress(sent);
+            }
+            chunk
+        });
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "firmware.bin".into());
+        let part =
+            reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
+                .file_name(name)
+                .mime_str("application/octet-stream")?;
+        let mut form = reqwest::multipart::Form::new();
+        for (k, v) in fields {
+            form = form.text(k, v);
+        }
+        form = form.part("file", part);
+        let resp = self
+            .http
+            .post(format!("{}/api/ota/firmware/upload", self.base))
+            .bearer_auth(&self.token)
+            .multipart(form)
+            .send()
+            .await?;
+        Self::envelope(resp).await
+    }
+}

@@ -1,0 +1,385 @@
+//! Handlers of the admin API (`/api/ota/...`), `/healthz` and `/firmware/{fileName}`. They parse
+//! and validate input, call the domain services, and wrap results in the JSON envelope.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::multipart::{Field, MultipartRejection};
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::AppState;
+use super::download::{self, BlobMeta};
+use super::error::{ApiError, ok, ok_with};
+use super::wire::FirmwareDto;
+use crate::auth;
+use crate::firmware::{self, NewFirmware};
+use crate::ids;
+use crate::store::FirmwareStatus;
+
+type Q = Query<HashMap<String, String>>;
+
+/// Upper bound of a text field of the upload form.
+const MAX_TEXT_FIELD: usize = 16 * 1024;
+/// Room for the multipart framing and text fields around the file.
+const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
+
+fn device_type_param(q: &HashMap<String, String>) -> Result<String, ApiError> {
+    let t = q.get("deviceType").map(String::as_str).unwrap_or("gateway");
+    if !ids::valid_device_type(t) {
+        return Err(ApiError::bad_request(format!(
+            "deviceType {t:?} must match [A-Za-z0-9_-]{{1,64}}"
+        )));
+    }
+    Ok(t.to_string())
+}
+
+/// `limit` (default 1000, 1..=10000) and `offset` (default 0) of list endpoints.
+pub(super) fn paging(q: &HashMap<String, String>) -> Result<(usize, usize), ApiError> {
+    let num = |key: &str, default: usize, min: usize, max: usize| -> Result<usize, ApiError> {
+        match q.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!("{key} must be a number from {min} to {max}"))
+                }),
+        }
+    };
+    Ok((
+        num("limit", 1000, 1, 10_000)?,
+        num("offset", 0, 0, usize::MAX)?,
+    ))
+}
+
+fn dto(st: &AppState, r: &crate::store::FirmwareRecord) -> FirmwareDto {
+    FirmwareDto::from_record(r, &st.public_url)
+}
+
+/// GET /healthz
+pub async fn healthz(State(st): State<AppState>) -> Response {
+    match st.store.size_on_disk() {
+        Ok(_) => ok(serde_json::json!({"store": "ok", "version": env!("CARGO_PKG_VERSION")})),
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            format!("store is not available: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+/// Reads a small text field with a size cap.
+async fn text_field(mut field: Field<'_>, name: &str) -> Result<String, ApiError> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_err)? {
+        if buf.len() + chunk.len() > MAX_TEXT_FIELD {
+            return Err(ApiError::bad_request(format!(
+                "form field {name} is longer than {MAX_TEXT_FIELD} bytes"
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    String::from_utf8(buf)
+        .map_err(|_| ApiError::bad_request(format!("form field {name} is not UTF-8")))
+}
+
+fn multipart_err(e: axum::extract::multipart::MultipartError) -> ApiError {
+    ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(ApiError::bad_request(format!(
+            "{name} must be true or false"
+        ))),
+    }
+}
+
+/// POST /api/ota/firmware/upload — multipart `file`, `version`, `deviceType`, `description`,
+/// `forceUpgrade`. The file streams to disk through the blob writer; nothing is visible until
+/// the blob is fsynced and the record flushed.
+pub async fn upload(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    mp: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let max = st.max_upload_bytes;
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > max.saturating_add(MULTIPART_OVERHEAD)
+    {
+        return Err(ApiError::too_large(format!(
+            "the upload is {len} bytes; the limit is {max} (http.max_upload_bytes)"
+        )));
+    }
+    let mut mp = mp.map_err(|e| {
+        ApiError::bad_request(format!(
+            "expected a multipart/form-data body with a `file` part: {}",
+            e.body_text()
+        ))
+    })?;
+    let mut version: Option<String> = None;
+    let mut device_type: Option<String> = None;
+    let mut description = String::new();
+    let mut force_upgrade = false;
+    let mut staged = None;
+
+    while let Some(mut field) = mp.next_field().await.map_err(multipart_err)? {
+        let name = field.name().unwrap_or("").to_string();
+        match name.as_str() {
+            "file" => {
+                if staged.is_some() {
+                    return Err(ApiError::bad_request(
+                        "more than one `file` part: upload one image at a time",
+                    ));
+                }
+                // Fail fast when the metadata came first and already tells the answer.
+                if let (Some(v), Some(t)) = (&version, &device_type) {
+                    firmware::validate_key(t, v)?;
+                    if st.firmware.exists(t, v)? {
+                        return Err(firmware::FirmwareError::Conflict(format!(
+                            "firmware {v} for device type {t} already exists: upload under a new version or delete the old one first"
+                        ))
+                        .into());
+                    }
+                }
+                let mut writer = st.firmware.blobs().writer();
+                loop {
+                    let chunk = match field.chunk().await {
+                        Ok(Some(c)) => c,
+                        Ok(None) => break,
+                        Err(e) => {
+                            writer.abort().await;
+                            return Err(multipart_err(e));
+                        }
+                    };
+                    if writer.written() + chunk.len() as u64 > max {
+                        writer.abort().await;
+                        return Err(ApiError::too_large(format!(
+                            "the file is larger than {max} bytes (http.max_upload_bytes)"
+                        )));
+                    }
+                    if let Err(e) = writer.write(chunk).await {
+                        return Err(ApiError::internal(format!("writing upload: {e}")));
+                    }
+                }
+                staged = Some(
+                    writer
+                        .finish()
+                        .await
+                        .map_err(|e| ApiError::internal(format!("finishing upload: {e}")))?,
+                );
+            }
+            "version" => version = Some(text_field(field, "version").await?.trim().to_string()),
+            "deviceType" => {
+                device_type = Some(text_field(field, "deviceType").await?.trim().to_string())
+            }
+            "description" => description = text_field(field, "description").await?,
+            "forceUpgrade" => {
+                force_upgrade =
+                    parse_bool("forceUpgrade", &text_field(field, "forceUpgrade").await?)?
+            }
+            other => {
+                // Unknown parts are read (bounded) and ignored.
+                let _ = text_field(field, other).await?;
+            }
+        }
+    }
+    let staged = staged.ok_or_else(|| {
+        ApiError::bad_request("the form has no `file` part: send the image as file=@image.bin")
+    })?;
+    let version =
+        version.ok_or_else(|| ApiError::bad_request("the form has no `version` field"))?;
+    let device_type = device_type.unwrap_or_else(|| "gateway".to_string());
+    let rec = st
+        .firmware
+        .create(
+            NewFirmware {
+                device_type,
+                version,
+                description,
+                force_upgrade,
+            },
+            staged,
+        )
+        .await?;
+    tracing::info!(device_type = %rec.device_type, version = %rec.version, size = rec.size, sha256 = %rec.sha256, "firmware uploaded");
+    Ok(ok_with(StatusCode::CREATED, dto(&st, &rec)))
+}
+
+/// GET /api/ota/firmware?deviceType=&status=&limit=&offset=
+pub async fn list(State(st): State<AppState>, Query(q): Q) -> Result<Response, ApiError> {
+    let (limit, offset) = paging(&q)?;
+    let device_type = match q.get("deviceType") {
+        Some(t) if !ids::valid_device_type(t) => {
+            return Err(ApiError::bad_request(format!(
+                "deviceType {t:?} must match [A-Za-z0-9_-]{{1,64}}"
+            )));
+        }
+        other => other.map(String::as_str),
+    };
+    let status = match q.get("status") {
+        None => None,
+        Some(s) => Some(FirmwareStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "status {s:?} is not one of draft, testing, released, deprecated"
+            ))
+        })?),
+    };
+    let all = st.firmware.list(device_type, status)?;
+    let page: Vec<_> = all
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|r| dto(&st, r))
+        .collect();
+    Ok(ok(page))
+}
+
+/// GET /api/ota/firmware/latest?deviceType=
+pub async fn latest(State(st): State<AppState>, Query(q): Q) -> Result<Response, ApiError> {
+    let t = device_type_param(&q)?;
+    Ok(ok(dto(&st, &st.firmware.latest(&t)?)))
+}
+
+/// GET /api/ota/firmware/{version}?deviceType=
+pub async fn get_one(
+    State(st): State<AppState>,
+    Path(version): Path<String>,
+    Query(q): Q,
+) -> Result<Response, ApiError> {
+    let t = device_type_param(&q)?;
+    Ok(ok(dto(&st, &st.firmware.get(&t, &version)?)))
+}
+
+/// POST /api/ota/firmware/{version}/release?deviceType=
+pub async fn release(
+    State(st): State<AppState>,
+    Path(version): Path<String>,
+    Query(q): Q,
+) -> Result<Response, ApiError> {
+    let t = device_type_param(&q)?;
+    let rec = st
+        .firmware
+        .set_status(&t, &version, FirmwareStatus::Released)
+        .await?;
+    tracing::info!(device_type = %t, version = %version, "firmware released");
+    Ok(ok(dto(&st, &rec)))
+}
+
+#[derive(Deserialize)]
+struct StatusBody {
+    status: String,
+}
+
+/// Parses a JSON request body into `T`, with envelope errors instead of axum's plain text.
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// POST /api/ota/firmware/{version}/status?deviceType= `{"status": "..."}`
+pub async fn set_status(
+    State(st): State<AppState>,
+    Path(version): Path<String>,
+    Query(q): Q,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let t = device_type_param(&q)?;
+    let b: StatusBody = json_body(&body)?;
+    let status = FirmwareStatus::parse(&b.status).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "status {:?} is not one of draft, testing, released, deprecated",
+            b.status
+        ))
+    })?;
+    let rec = st.firmware.set_status(&t, &version, status).await?;
+    tracing::info!(device_type = %t, version = %version, status = status.as_str(), "firmware status changed");
+    Ok(ok(dto(&st, &rec)))
+}
+
+/// DELETE /api/ota/firmware/{version}?deviceType=
+pub async fn delete(
+    State(st): State<AppState>,
+    Path(version): Path<String>,
+    Query(q): Q,
+) -> Result<Response, ApiError> {
+    let t = device_type_param(&q)?;
+    let rec = st.firmware.delete(&t, &version).await?;
+    tracing::info!(device_type = %t, version = %version, "firmware deleted");
+    Ok(ok(dto(&st, &rec)))
+}
+
+/// GET/HEAD /firmware/{fileName} — admin token or a signed `?token=`.
+pub async fn download(
+    State(st): State<AppState>,
+    Path(file_name): Path<String>,
+    method: Method,
+    uri: Uri,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Response {
+    let authorised = auth::bearer_matches(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+        &st.admin_token,
+    ) || q
+        .get("token")
+        .is_some_and(|t| st.signer.verify(uri.path(), t, auth::now_secs()));
+    if !authorised {
+        return ApiError::unauthorized(
+            "downloads need the admin token (Authorization: Bearer ...) or a valid signed URL (?token=...)",
+        )
+        .into_response();
+    }
+    let Some((device_type, version)) = ids::parse_firmware_file_name(&file_name) else {
+        return ApiError::bad_request(format!(
+            "{file_name:?} is not a firmware file name: expected {{deviceType}}_v{{version}}.bin"
+        ))
+        .into_response();
+    };
+    let rec = match st.firmware.get(device_type, version) {
+        Ok(r) => r,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let path = match st.firmware.blob_path(&rec) {
+        Ok(p) => p,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    download::serve(
+        BlobMeta {
+            path,
+            size: rec.size,
+            sha256: rec.sha256.clone(),
+            modified_ms: rec.created_at_ms,
+            file_name,
+        },
+        &method,
+        &headers,
+    )
+    .await
+}
+
+/// Any path no route knows.
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {}", uri.path()))
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}

@@ -1,0 +1,110 @@
+//! The one place where errors become HTTP answers: status code + the source document's JSON
+//! envelope `{"status": false, "message": "<why>", "error": "<CODE>"}`.
+
+use axum::Json;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::firmware::FirmwareError;
+
+/// An API error: HTTP status, machine-readable code, human message (lower-case, says what to do).
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    /// Any status/code/message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// 400 BAD_REQUEST.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+    }
+
+    /// 401 UNAUTHORIZED.
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message).with_header(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        )
+    }
+
+    /// 404 NOT_FOUND.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+    }
+
+    /// 413 PAYLOAD_TOO_LARGE.
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", message)
+    }
+
+    /// 500 INTERNAL; the cause is logged, the client gets a generic message.
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            "internal error: see the server log",
+        )
+    }
+
+    /// Adds a response header (e.g. `Content-Range` on 416).
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"status": false, "message": self.message, "error": self.code}));
+        let mut resp = (self.status, body).into_response();
+        for (k, v) in self.headers {
+            resp.headers_mut().insert(k, v);
+        }
+        resp
+    }
+}
+
+impl From<FirmwareError> for ApiError {
+    fn from(e: FirmwareError) -> ApiError {
+        match e {
+            FirmwareError::Invalid(m) => ApiError::bad_request(m),
+            FirmwareError::NotFound(m) => ApiError::not_found(m),
+            FirmwareError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// `{"status": true, "message": "Success", "data": ...}` with 200.
+pub fn ok<T: serde::Serialize>(data: T) -> Response {
+    ok_with(StatusCode::OK, data)
+}
+
+/// The success envelope with another status (e.g. 201).
+pub fn ok_with<T: serde::Serialize>(status: StatusCode, data: T) -> Response {
+    (
+        status,
+        Json(json!({"status": true, "message": "Success", "data": data})),
+    )
+        .into_response()
+}

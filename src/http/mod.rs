@@ -1,0 +1,194 @@
+//! HTTP: the only module that names hyper and axum. Builds the router (admin API behind the
+//! bearer token, `/healthz` open, `/firmware/...` with token or signed URL) and serves it on a
+//! listener, plain or TLS. The TLS handshake runs inside each connection's task with a timeout,
+//! never in the accept loop, so one idle client cannot stall the others. On shutdown the accept
+//! loop stops and open connections drain until a deadline.
+
+pub mod api;
+pub mod download;
+pub mod error;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{self, UrlSigner};
+use crate::firmware::FirmwareService;
+use crate::store::Store;
+
+/// How long a client may take to finish the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an HTTP/1 client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything the handlers need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// The shared state behind [`AppState`].
+pub struct Inner {
+    /// Firmware catalogue.
+    pub firmware: Arc<FirmwareService>,
+    /// Store handle (health, stats).
+    pub store: Store,
+    /// Admin bearer token.
+    pub admin_token: String,
+    /// Signed-URL signer.
+    pub signer: UrlSigner,
+    /// Base URL for links (no trailing slash).
+    pub public_url: String,
+    /// Upload limit.
+    pub max_upload_bytes: u64,
+}
+
+impl AppState {
+    /// Wraps the shared state.
+    pub fn new(inner: Inner) -> AppState {
+        AppState(Arc::new(inner))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+async fn require_admin(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !auth::bearer_matches(header, &st.admin_token) {
+        return error::ApiError::unauthorized(
+            "missing or wrong admin token: send Authorization: Bearer <token from <data_dir>/admin.token>",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The whole router.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route(
+            "/api/ota/firmware/upload",
+            post(api::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/ota/firmware", get(api::list))
+        .route("/api/ota/firmware/latest", get(api::latest))
+        .route(
+            "/api/ota/firmware/{version}",
+            get(api::get_one).delete(api::delete),
+        )
+        .route("/api/ota/firmware/{version}/release", post(api::release))
+        .route("/api/ota/firmware/{version}/status", post(api::set_status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .route("/healthz", get(api::healthz))
+        .route("/firmware/{file}", get(api::download))
+        .merge(api)
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` fires, then drains open connections for up
+/// to `drain`. With `tls`, every connection does its handshake in its own task with a timeout.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    router: Router,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(1024 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(4 * 1024 * 1024)
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, scheme, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => {
+                    let tls_stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(peer = %peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
+                }
+                None => {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            scheme,
+            "connections still open after the drain deadline; closing them"
+        );
+    }
+}

@@ -1,0 +1,38 @@
+//! The `hangar` binary: parses the command line, sets up logging, and calls the library.
+
+use clap::Parser;
+use hangar::cli::{Cli, Command};
+use hangar::config::Config;
+use tracing_subscriber::EnvFilter;
+
+fn init_tracing(json: bool) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("hangar=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve => {
+            let loaded = Config::load(cli.global.config.as_deref())?;
+            init_tracing(loaded.config.log.format == "json");
+            match &loaded.source {
+                Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
+                None => tracing::info!("no config file: running on built-in defaults"),
+            }
+            hangar::app::serve(loaded.config).await?;
+        }
+        Command::Firmware(cmd) => hangar::cli::firmware(&cli.global, cmd).await?,
+        Command::Config(cmd) => hangar::cli::config(cmd)?,
+    }
+    Ok(())
+}

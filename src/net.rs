@@ -1,0 +1,89 @@
+//! The box's own network identity: host name and interface addresses (via libc), used for the
+//! generated certificate's names and for the default `http.public_url`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The host name, if the system has one.
+pub fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    ok.then_some(name)
+}
+
+/// Every address of every interface that is up, loopback included, IPv4 first.
+pub fn local_ips() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a linked list we walk read-only and free exactly once.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            cur = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() || ifa.ifa_flags & (libc::IFF_UP as u32) == 0 {
+                continue;
+            }
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        sin.sin_addr.s_addr,
+                    ))));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                    // link-local addresses need a zone id, which URLs and certificates cannot carry
+                    if (ip.segments()[0] & 0xffc0) != 0xfe80 {
+                        out.push(IpAddr::V6(ip));
+                    }
+                }
+                _ => {}
+            }
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out.sort_by_key(|ip| (ip.is_ipv6(), *ip));
+    out.dedup();
+    out
+}
+
+/// The first non-loopback address (IPv4 preferred), else 127.0.0.1.
+pub fn first_non_loopback() -> IpAddr {
+    local_ips()
+        .into_iter()
+        .find(|ip| !ip.is_loopback())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// `host:port` for a URL (IPv6 in brackets).
+pub fn url_host_port(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_listed_and_urls_bracket_v6() {
+        assert!(local_ips().iter().any(|ip| ip.is_loopback()));
+        assert_eq!(url_host_port(IpAddr::V6(Ipv6Addr::LOCALHOST), 1), "[::1]:1");
+    }
+}
