@@ -25,7 +25,7 @@ pub struct ConfigError {
 }
 
 /// The whole appliance configuration. Every field has a default (see `config/hangar.toml`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Store, blobs, certificates, token. "" = `$STATE_DIRECTORY` or `./hangar-data`.
@@ -106,20 +106,6 @@ pub struct TasksConfig {
 pub struct LogConfig {
     /// "text" or "json".
     pub format: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            data_dir: String::new(),
-            http: HttpConfig::default(),
-            tls: TlsConfig::default(),
-            mqtt: MqttConfig::default(),
-            auth: AuthConfig::default(),
-            tasks: TasksConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for HttpConfig {

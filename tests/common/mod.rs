@@ -1,0 +1,288 @@
+//! Shared test harness: starts the real appliance (in-process or as the binary) on ephemeral
+//! ports in a temp data dir, and builds HTTPS clients that pin its generated CA.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hangar::app::App;
+use hangar::config::Config;
+use serde_json::Value;
+
+/// A config for tests: everything on 127.0.0.1 port 0, data in `dir`.
+pub fn test_config(dir: &Path) -> Config {
+    let mut c = Config {
+        data_dir: dir.to_string_lossy().into_owned(),
+        ..Config::default()
+    };
+    c.http.listen = "127.0.0.1:0".into();
+    c.http.plain_listen = "127.0.0.1:0".into();
+    c.mqtt.listen = "127.0.0.1:0".into();
+    c.mqtt.tls_listen = "127.0.0.1:0".into();
+    c
+}
+
+/// An HTTPS client trusting the appliance's generated CA.
+pub fn client_for(data_dir: &Path, http1_only: bool) -> reqwest::Client {
+    let pem = std::fs::read(data_dir.join("certs/ca.pem")).expect("generated CA");
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .timeout(Duration::from_secs(120));
+    if http1_only {
+        b = b.http1_only();
+    }
+    b.build().unwrap()
+}
+
+/// The in-process appliance with a client.
+pub struct Server {
+    pub app: Option<App>,
+    pub dir: tempfile::TempDir,
+    pub client: reqwest::Client,
+    pub base: String,
+    pub plain: String,
+    pub token: String,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(dir.path());
+        tweak(&mut cfg);
+        let app = App::start(cfg).await.expect("server starts");
+        let base = format!("https://localhost:{}", app.https.port());
+        let plain = format!("http://{}", app.http.unwrap());
+        let token = app.admin_token.clone();
+        let client = client_for(dir.path(), false);
+        Server {
+            app: Some(app),
+            dir,
+            client,
+            base,
+            plain,
+            token,
+        }
+    }
+
+    /// Stops (drain + flush) and starts again on the same data dir.
+    pub async fn restart(&mut self) {
+        self.app.take().unwrap().shutdown().await;
+        let cfg = test_config(self.dir.path());
+        let app = App::start(cfg).await.expect("server restarts");
+        self.base = format!("https://localhost:{}", app.https.port());
+        self.plain = format!("http://{}", app.http.unwrap());
+        self.app = Some(app);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn auth(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(self.url(path))
+            .header("authorization", self.auth())
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap())
+    }
+
+    pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .header("authorization", self.auth())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap())
+    }
+
+    /// Uploads `bytes` as firmware; returns status and envelope.
+    pub async fn upload(
+        &self,
+        version: &str,
+        device_type: Option<&str>,
+        bytes: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut form = reqwest::multipart::Form::new().text("version", version.to_string());
+        if let Some(t) = device_type {
+            form = form.text("deviceType", t.to_string());
+        }
+        form = form.part(
+            "file",
+            reqwest::multipart::Part::bytes(bytes).file_name("fw.bin"),
+        );
+        let r = self
+            .client
+            .post(self.url("/api/ota/firmware/upload"))
+            .header("authorization", self.auth())
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap())
+    }
+
+    /// Number of files under `<data_dir>/<sub>` (recursively).
+    pub fn files_under(&self, sub: &str) -> usize {
+        count_files(&self.dir.path().join(sub))
+    }
+}
+
+pub fn count_files(p: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.map(|e| {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            count_files(&e.path())
+        } else {
+            1
+        }
+    })
+    .sum()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so images are not trivially compressible.
+pub fn image(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn md5_hex(b: &[u8]) -> String {
+    use md5::Digest;
+    hex::encode(md5::Md5::digest(b))
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// The `hangar` binary built for this test run.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hangar"))
+}
+
+/// `hangar serve` as a child process, on ephemeral ports in `dir`.
+pub struct Proc {
+    pub child: Child,
+    pub config: PathBuf,
+    pub https: u16,
+    pub http: u16,
+}
+
+impl Proc {
+    /// Writes a config into `dir` and starts the binary; waits for ports.json and /healthz.
+    pub async fn spawn(dir: &Path, extra_toml: &str) -> Proc {
+        let config = dir.join("hangar.toml");
+        let data = dir.join("data");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"\n",
+                data.to_string_lossy()
+            ),
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(data.join("ports.json"));
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "hangar=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ports: Value = loop {
+            if let Ok(t) = std::fs::read_to_string(data.join("ports.json"))
+                && let Ok(v) = serde_json::from_str(&t)
+            {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "server did not write ports.json");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let p = Proc {
+            child,
+            config,
+            https: ports["https"].as_u64().unwrap() as u16,
+            http: ports["http"].as_u64().unwrap() as u16,
+        };
+        let c = reqwest::Client::new();
+        loop {
+            if let Ok(r) = c
+                .get(format!("http://127.0.0.1:{}/healthz", p.http))
+                .send()
+                .await
+                && r.status() == 200
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "server did not become healthy");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        // SAFETY: plain syscall on our own child's pid.
+        unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        // SAFETY: plain syscall on our own child's pid.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+
+    /// A field of /proc/<pid>/status in kB (e.g. "VmHWM", "VmRSS").
+    pub fn status_kb(&self, field: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        s.lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
