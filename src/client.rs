@@ -89,7 +89,7 @@ impl Client {
             Err(e) if needs_config => return Err(e.into()),
             Err(_) => None,
         };
-        let data_dir = loaded.as_ref().map(|l| l.config.data_dir());
+        let data_dir = loaded.as_ref().map(|l| l.config.client_data_dir());
         let url = match &ep.url {
             Some(u) => u.trim_end_matches('/').to_string(),
             None => {

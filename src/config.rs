@@ -318,6 +318,25 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The data dir a CLI client on the box should read `ports.json` and the token from: as for
+    /// the server, except that with nothing configured it also finds a systemd-managed appliance
+    /// in `/var/lib/hangar` (where `StateDirectory=hangar` puts it) when `./hangar-data` has none.
+    pub fn client_data_dir(&self) -> PathBuf {
+        let dir = self.data_dir();
+        if self.data_dir.is_empty()
+            && std::env::var_os("STATE_DIRECTORY").is_none()
+            && !dir.join("ports.json").exists()
+        {
+            let system = PathBuf::from("/var/lib/hangar");
+            if system.join("ports.json").exists() {
+                return system;
+            }
+        }
+        dir
+    }
+}
+
 /// Best effort at naming the key a toml error is about: the `key = ` on the error's line,
 /// qualified by the nearest `[table]` header above it.
 fn toml_error_key(e: &toml::de::Error, text: &str) -> String {
