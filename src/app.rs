@@ -219,6 +219,7 @@ impl App {
             signer,
             public_url: public_url.clone(),
             max_upload_bytes: config.http.max_upload_bytes,
+            fds: Default::default(),
         });
         let router = http::router(state);
         let shutdown = CancellationToken::new();
@@ -292,16 +293,16 @@ impl App {
 
 /// `hangar serve`: start, tell systemd we are ready, run until SIGTERM/SIGINT, drain, flush.
 pub async fn serve(config: Config) -> Result<(), StartError> {
+    let signals =
+        crate::shutdown::Signals::install().map_err(io_ctx("installing signal handlers"))?;
     let app = Arc::new(App::start(config).await?);
     let token = app.shutdown_token();
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let hup_app = app.clone();
-    let signals = tokio::spawn(crate::shutdown::watch_signals(token.clone(), move || {
-        hup_app.reload_certificate()
-    }));
+    let watcher = tokio::spawn(signals.watch(token.clone(), move || hup_app.reload_certificate()));
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     token.cancelled().await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = signals.await; // drops the signal task's clone of the app
+    let _ = watcher.await; // drops the watcher's clone of the app
     match Arc::try_unwrap(app) {
         Ok(app) => app.wait().await,
         Err(_) => tracing::error!("internal: app still shared at shutdown"),

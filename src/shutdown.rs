@@ -1,27 +1,39 @@
 //! One signal source for the whole process: SIGTERM and SIGINT cancel one
 //! [`CancellationToken`] that every long-running task selects on; SIGHUP calls a reload hook.
+//! Handlers are installed by [`Signals::install`] *before* the service reports ready, so a
+//! SIGTERM that follows READY=1 at once still drains instead of killing the process.
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-/// Cancels `token` on the first SIGTERM or SIGINT and calls `on_hup` on every SIGHUP, until the
-/// token is cancelled by anyone.
-pub async fn watch_signals(token: CancellationToken, on_hup: impl Fn() + Send + 'static) {
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => on_hup(),
-        }
+/// Installed handlers for SIGTERM, SIGINT and SIGHUP.
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; from here on these signals no longer take their default action.
+    pub fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
-    token.cancel();
+
+    /// Cancels `token` on the first SIGTERM or SIGINT and calls `on_hup` on every SIGHUP, until
+    /// the token is cancelled by anyone.
+    pub async fn watch(mut self, token: CancellationToken, on_hup: impl Fn() + Send + 'static) {
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = self.term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+                _ = self.int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+                _ = self.hup.recv() => on_hup(),
+            }
+        }
+        token.cancel();
+    }
 }

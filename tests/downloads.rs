@@ -310,3 +310,37 @@ async fn interrupted_download_resumes_with_range() {
     assert_eq!(got.len(), LEN);
     assert_eq!(sha256_hex(&got), sha256_hex(&img));
 }
+
+#[tokio::test]
+async fn delete_and_reupload_serves_the_new_image() {
+    let (s, img) = setup().await;
+    let r = get(&s, &s.client, &[]).await;
+    assert_eq!(r.bytes().await.unwrap(), img); // the descriptor is now cached
+    let r = s
+        .client
+        .delete(s.url("/api/ota/firmware/1.0.2"))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.files_under("blobs"), 0);
+    let r = get(&s, &s.client, &[]).await;
+    assert_eq!(r.status(), 404);
+    // same version, new content; then the old content again (same blob path as before)
+    let other = image(LEN + 10, 43);
+    assert_eq!(s.upload("1.0.2", None, other.clone()).await.0, 201);
+    assert_eq!(get(&s, &s.client, &[]).await.bytes().await.unwrap(), other);
+    let r = s
+        .client
+        .delete(s.url("/api/ota/firmware/1.0.2"))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.upload("1.0.2", None, img.clone()).await.0, 201);
+    let r = get(&s, &s.client, &[("range", "bytes=-100")]).await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), img[LEN - 100..]);
+}

@@ -315,27 +315,34 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let t = device_type_param(&q)?;
     let rec = st.firmware.delete(&t, &version).await?;
+    if let Ok(path) = st.firmware.blob_path(&rec) {
+        st.fds.forget(&path);
+    }
     tracing::info!(device_type = %t, version = %version, "firmware deleted");
     Ok(ok(dto(&st, &rec)))
+}
+
+/// The `token` query parameter, if any (no allocation unless present).
+fn query_token(uri: &Uri) -> Option<std::borrow::Cow<'_, str>> {
+    form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
 }
 
 /// GET/HEAD /firmware/{fileName} — admin token or a signed `?token=`.
 pub async fn download(
     State(st): State<AppState>,
     Path(file_name): Path<String>,
-    method: Method,
-    uri: Uri,
-    Query(q): Q,
-    headers: HeaderMap,
+    req: axum::extract::Request,
 ) -> Response {
+    let (method, uri, headers) = (req.method(), req.uri(), req.headers());
     let authorised = auth::bearer_matches(
         headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
         &st.admin_token,
-    ) || q
-        .get("token")
-        .is_some_and(|t| st.signer.verify(uri.path(), t, auth::now_secs()));
+    ) || query_token(uri)
+        .is_some_and(|t| st.signer.verify(uri.path(), &t, auth::now_secs()));
     if !authorised {
         return ApiError::unauthorized(
             "downloads need the admin token (Authorization: Bearer ...) or a valid signed URL (?token=...)",
@@ -360,12 +367,13 @@ pub async fn download(
         BlobMeta {
             path,
             size: rec.size,
-            sha256: rec.sha256.clone(),
+            sha256: rec.sha256,
             modified_ms: rec.created_at_ms,
             file_name,
         },
-        &method,
-        &headers,
+        &st.fds,
+        method,
+        headers,
     )
     .await
 }

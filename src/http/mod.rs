@@ -30,6 +30,8 @@ use crate::store::Store;
 
 /// How long a client may take to finish the TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's HTTP/1 read buffer limit and write-queue bound, per connection.
+const HTTP1_MAX_BUF: usize = 64 * 1024;
 /// How long an HTTP/1 client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -51,6 +53,8 @@ pub struct Inner {
     pub public_url: String,
     /// Upload limit.
     pub max_upload_bytes: u64,
+    /// Open descriptors of recently served images.
+    pub fds: download::FdCache,
 }
 
 impl AppState {
@@ -121,7 +125,9 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(1024 * 1024);
+        // Also caps hyper's per-connection write queue: with page-cache reads answering at once,
+        // a larger value lets every download buffer that much body (1 MiB: ~600 MiB for 1,000).
+        .max_buf_size(HTTP1_MAX_BUF);
     builder
         .http2()
         .timer(TokioTimer::new())
