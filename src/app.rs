@@ -13,9 +13,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, UrlSigner};
 use crate::blobs::Blobs;
+use crate::broker::{Broker, BrokerSettings};
 use crate::config::Config;
+use crate::devices::Devices;
 use crate::firmware::FirmwareService;
 use crate::http;
+use crate::ota::{Ota, OtaSettings};
 use crate::store::Store;
 use crate::tls;
 
@@ -44,6 +47,9 @@ pub enum StartError {
     /// TLS material is missing or broken.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The device broker could not start.
+    #[error("starting the MQTT broker: {0}")]
+    Broker(String),
     /// A listener could not be bound.
     #[error(
         "cannot listen on {key} = {addr}: {source} (is another process using it? use port 0 for any free port)"
@@ -69,6 +75,10 @@ pub struct App {
     pub https: SocketAddr,
     /// Bound plain HTTP address, if enabled.
     pub http: Option<SocketAddr>,
+    /// Bound MQTT address (device front door).
+    pub mqtt: SocketAddr,
+    /// Bound MQTTS address, if enabled.
+    pub mqtts: Option<SocketAddr>,
     /// The data directory in use.
     pub data_dir: PathBuf,
     /// The admin token in use.
@@ -84,8 +94,14 @@ pub struct App {
 }
 
 /// `{"https":N,"http":N|null,"mqtt":N|null,"mqtts":N|null}`, written atomically.
-fn write_ports(data_dir: &Path, https: u16, http: Option<u16>) -> std::io::Result<()> {
-    let v = serde_json::json!({"https": https, "http": http, "mqtt": null, "mqtts": null});
+fn write_ports(
+    data_dir: &Path,
+    https: u16,
+    http: Option<u16>,
+    mqtt: u16,
+    mqtts: Option<u16>,
+) -> std::io::Result<()> {
+    let v = serde_json::json!({"https": https, "http": http, "mqtt": mqtt, "mqtts": mqtts});
     let path = data_dir.join("ports.json");
     let tmp = data_dir.join(".ports.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&v).expect("json"))?;
@@ -212,8 +228,57 @@ impl App {
         let public_url = public_url(&config, https);
 
         let firmware = Arc::new(FirmwareService::new(store.clone(), blobs));
+        let devices = Arc::new(Devices::new(store.clone()));
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let (msg_tx, msg_rx) = tokio::sync::mpsc::channel(16 * 1024);
+        let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mqtt_tls = tls::server_config(cert.clone(), &[]); // no ALPN: MQTT clients need none
+        let broker = Arc::new(
+            Broker::start(
+                BrokerSettings {
+                    listen: config.mqtt.listen.clone(),
+                    tls_listen: config.mqtt.tls_listen.clone(),
+                    topic_prefix: config.mqtt.topic_prefix.clone(),
+                    allow_anonymous: config.mqtt.allow_anonymous,
+                    max_connections: config.mqtt.max_connections,
+                    max_packet_bytes: config.mqtt.max_packet_bytes,
+                },
+                Some(tokio_rustls::TlsAcceptor::from(mqtt_tls)),
+                devices.clone(),
+                msg_tx,
+                presence_tx,
+                shutdown.clone(),
+                &tracker,
+            )
+            .await
+            .map_err(|e| StartError::Broker(e.to_string()))?,
+        );
+        let ota = Arc::new(Ota::new(
+            store.clone(),
+            devices.clone(),
+            firmware.clone(),
+            broker.clone(),
+            signer.clone(),
+            OtaSettings {
+                public_url: public_url.clone(),
+                topic_prefix: config.mqtt.topic_prefix.clone(),
+                stall_timeout: Duration::from_secs(config.tasks.stall_timeout_secs),
+                allow_anonymous: config.mqtt.allow_anonymous,
+            },
+        ));
+        ota.spawn(msg_rx, presence_rx, shutdown.clone(), &tracker)
+            .map_err(|source| StartError::Store {
+                path: store_dir.clone(),
+                source,
+            })?;
+
         let state = http::AppState::new(http::Inner {
             firmware,
+            devices,
+            ota,
+            broker: broker.clone(),
             store: store.clone(),
             admin_token: admin_token.clone(),
             signer,
@@ -222,8 +287,6 @@ impl App {
             fds: Default::default(),
         });
         let router = http::router(state);
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
         tracker.spawn(http::serve(
             https_listener,
             Some(tokio_rustls::TlsAcceptor::from(tls_config)),
@@ -240,13 +303,21 @@ impl App {
                 DRAIN_DEADLINE,
             ));
         }
-        write_ports(&data_dir, https.port(), http_addr.map(|a| a.port()))
-            .map_err(io_ctx("writing ports.json"))?;
-        tracing::info!(https = %https, http = ?http_addr, public_url = %public_url, data_dir = %data_dir.display(), "hangar is serving");
+        write_ports(
+            &data_dir,
+            https.port(),
+            http_addr.map(|a| a.port()),
+            broker.mqtt.port(),
+            broker.mqtts.map(|a| a.port()),
+        )
+        .map_err(io_ctx("writing ports.json"))?;
+        tracing::info!(https = %https, http = ?http_addr, mqtt = %broker.mqtt, mqtts = ?broker.mqtts, public_url = %public_url, data_dir = %data_dir.display(), "hangar is serving");
 
         Ok(App {
             https,
             http: http_addr,
+            mqtt: broker.mqtt,
+            mqtts: broker.mqtts,
             data_dir,
             admin_token,
             ca_file: cert_paths.ca.clone(),

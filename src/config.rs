@@ -80,6 +80,10 @@ pub struct MqttConfig {
     pub topic_prefix: String,
     /// Admit devices without credentials (labs only).
     pub allow_anonymous: bool,
+    /// Most device connections at once (both listeners together).
+    pub max_connections: usize,
+    /// Largest MQTT packet a device may send, bytes.
+    pub max_packet_bytes: usize,
 }
 
 /// `[auth]`
@@ -126,6 +130,8 @@ impl Default for MqttConfig {
             tls_listen: "0.0.0.0:8883".into(),
             topic_prefix: "hanqi".into(),
             allow_anonymous: false,
+            max_connections: 20_000,
+            max_packet_bytes: 256 * 1024,
         }
     }
 }
@@ -275,6 +281,31 @@ impl Config {
                 "mqtt.topic_prefix",
                 format!("{prefix:?} must be 1-64 characters of [A-Za-z0-9_-] (one topic level)"),
             ));
+        }
+        if self.mqtt.max_connections == 0 || self.mqtt.max_connections > 1_000_000 {
+            return Err(err(
+                "mqtt.max_connections",
+                "must be between 1 and 1000000".into(),
+            ));
+        }
+        if !(1024..=256 * 1024 * 1024).contains(&self.mqtt.max_packet_bytes) {
+            return Err(err(
+                "mqtt.max_packet_bytes",
+                "must be between 1024 and 268435456 (MQTT's limit)".into(),
+            ));
+        }
+        if self.mqtt.listen == self.mqtt.tls_listen
+            || self.http.listen == self.mqtt.listen
+            || self.http.listen == self.mqtt.tls_listen
+        {
+            let same = [&self.http.listen, &self.mqtt.listen, &self.mqtt.tls_listen];
+            if same.iter().filter(|a| !a.ends_with(":0")).count() >= 2 {
+                return Err(err(
+                    "mqtt.listen",
+                    "http.listen, mqtt.listen and mqtt.tls_listen must be different addresses"
+                        .into(),
+                ));
+            }
         }
         let token = &self.auth.admin_token;
         if !token.is_empty() && (token.len() < 16 || !token.chars().all(|c| c.is_ascii_graphic())) {

@@ -5,6 +5,7 @@
 //! loop stops and open connections drain until a deadline.
 
 pub mod api;
+pub mod devices_api;
 pub mod download;
 pub mod error;
 pub mod wire;
@@ -43,6 +44,12 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     /// Firmware catalogue.
     pub firmware: Arc<FirmwareService>,
+    /// Device registry.
+    pub devices: Arc<crate::devices::Devices>,
+    /// Task engine.
+    pub ota: Arc<crate::ota::Ota>,
+    /// Device broker (counters).
+    pub broker: Arc<crate::broker::Broker>,
     /// Store handle (health, stats).
     pub store: Store,
     /// Admin bearer token.
@@ -100,6 +107,20 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/ota/firmware/{version}/release", post(api::release))
         .route("/api/ota/firmware/{version}/status", post(api::set_status))
+        .route(
+            "/api/ota/devices",
+            get(devices_api::list_devices).post(devices_api::register),
+        )
+        .route("/api/ota/devices/import", post(devices_api::import))
+        .route(
+            "/api/ota/devices/{id}",
+            get(devices_api::get_device).delete(devices_api::delete_device),
+        )
+        .route("/api/ota/upgrade/{device}", post(devices_api::upgrade))
+        .route("/api/ota/task/{device}", get(devices_api::latest_task))
+        .route("/api/ota/task/{device}/cancel", post(devices_api::cancel))
+        .route("/api/ota/tasks", get(devices_api::list_tasks))
+        .route("/api/ota/statistics", get(devices_api::statistics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(api::healthz))

@@ -9,7 +9,10 @@ mod records;
 use std::collections::HashSet;
 use std::path::Path;
 
-pub use records::{FIRMWARE_SCHEMA, FirmwareRecord, FirmwareStatus};
+pub use records::{
+    DEVICE_SCHEMA, DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareStatus, TASK_SCHEMA,
+    TaskDelta, TaskEvent, TaskRecord, TaskStatus,
+};
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,18 @@ type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     db: sled::Db,
     firmware: sled::Tree,
+    devices: sled::Tree,
+    tasks: sled::Tree,
+    device_tasks: sled::Tree,
+    active: sled::Tree,
+}
+
+fn device_task_key(device: &str, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(device.len() + 9);
+    k.extend_from_slice(device.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
 }
 
 fn firmware_key(device_type: &str, version: &str) -> Vec<u8> {
@@ -72,7 +87,18 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()?;
         let firmware = db.open_tree("firmware")?;
-        Ok(Store { db, firmware })
+        let devices = db.open_tree("devices")?;
+        let tasks = db.open_tree("tasks")?;
+        let device_tasks = db.open_tree("device_tasks")?;
+        let active = db.open_tree("active_tasks")?;
+        Ok(Store {
+            db,
+            firmware,
+            devices,
+            tasks,
+            device_tasks,
+            active,
+        })
     }
 
     /// Makes every previous write durable. Runs on the blocking pool.
@@ -165,6 +191,176 @@ impl Store {
             .into_iter()
             .map(|r| r.sha256)
             .collect())
+    }
+}
+
+impl Store {
+    /// Registers a new device; `Conflict` if the id exists.
+    pub fn insert_device(&self, rec: &DeviceRecord) -> Result<()> {
+        match self
+            .devices
+            .compare_and_swap(rec.id.as_bytes(), None::<&[u8]>, Some(encode(rec)))?
+        {
+            Ok(()) => Ok(()),
+            Err(_) => Err(StoreError::Conflict(rec.id.clone())),
+        }
+    }
+
+    /// Writes a device record (insert or replace).
+    pub fn put_device(&self, rec: &DeviceRecord) -> Result<()> {
+        self.devices.insert(rec.id.as_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    /// One device.
+    pub fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        self.devices
+            .get(id.as_bytes())?
+            .map(|v| decode(id.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Every device, by id.
+    pub fn list_devices(&self) -> Result<Vec<DeviceRecord>> {
+        self.devices
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Removes a device, returning it.
+    pub fn delete_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        self.devices
+            .remove(id.as_bytes())?
+            .map(|v| decode(id.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// A new task id, larger than every earlier one (also across restarts).
+    pub fn next_task_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    /// Writes a task and its indexes (device history, the device's active task) atomically.
+    pub fn put_task(&self, rec: &TaskRecord) -> Result<()> {
+        use sled::Transactional;
+        let id = rec.id.to_be_bytes();
+        let value = encode(rec);
+        let dkey = device_task_key(&rec.device_id, rec.id);
+        (&self.tasks, &self.device_tasks, &self.active)
+            .transaction(|(t, dt, a)| {
+                t.insert(&id, value.clone())?;
+                dt.insert(dkey.clone(), &[])?;
+                let current = a.get(rec.device_id.as_bytes())?;
+                if rec.status.is_active() {
+                    a.insert(rec.device_id.as_bytes(), &id)?;
+                } else if current.as_deref() == Some(&id[..]) {
+                    a.remove(rec.device_id.as_bytes())?;
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| {
+                StoreError::Engine(format!("{e:?}"))
+            })
+    }
+
+    /// One task.
+    pub fn get_task(&self, id: u64) -> Result<Option<TaskRecord>> {
+        let key = id.to_be_bytes();
+        self.tasks.get(key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// The device's active task, if any.
+    pub fn active_task(&self, device: &str) -> Result<Option<TaskRecord>> {
+        match self.active.get(device.as_bytes())? {
+            Some(id) => {
+                let id = u64::from_be_bytes(id.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt {
+                        key: device.to_string(),
+                        reason: "active index entry is not a task id".into(),
+                    }
+                })?);
+                self.get_task(id)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The ids of every active task.
+    pub fn active_task_ids(&self) -> Result<Vec<u64>> {
+        self.active
+            .iter()
+            .values()
+            .map(|v| {
+                let v = v?;
+                Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt {
+                        key: "active_tasks".into(),
+                        reason: "entry is not a task id".into(),
+                    }
+                })?))
+            })
+            .collect()
+    }
+
+    /// The device's newest task, if any.
+    pub fn latest_task(&self, device: &str) -> Result<Option<TaskRecord>> {
+        let mut prefix = device.as_bytes().to_vec();
+        prefix.push(0);
+        match self.device_tasks.scan_prefix(&prefix).next_back() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                let id = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+                self.get_task(id)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Tasks newest first that pass `keep`, skipping `offset` and returning at most `limit`.
+    pub fn list_tasks(
+        &self,
+        keep: impl Fn(&TaskRecord) -> bool,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<TaskRecord>> {
+        let mut out = Vec::new();
+        let mut skipped = 0;
+        for kv in self.tasks.iter().rev() {
+            let (k, v) = kv?;
+            let t: TaskRecord = decode(&k, &v)?;
+            if !keep(&t) {
+                continue;
+            }
+            if skipped < offset {
+                skipped += 1;
+                continue;
+            }
+            out.push(t);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every task of a device, newest first.
+    pub fn device_task_ids(&self, device: &str) -> Result<Vec<u64>> {
+        let mut prefix = device.as_bytes().to_vec();
+        prefix.push(0);
+        self.device_tasks
+            .scan_prefix(&prefix)
+            .rev()
+            .map(|kv| {
+                let (k, _) = kv?;
+                Ok(u64::from_be_bytes(
+                    k[k.len() - 8..].try_into().expect("8 bytes"),
+                ))
+            })
+            .collect()
     }
 }
 

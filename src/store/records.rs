@@ -71,3 +71,181 @@ pub struct FirmwareRecord {
     /// Milliseconds since the epoch of the last change.
     pub updated_at_ms: i64,
 }
+
+/// Current schema version of [`DeviceRecord`].
+pub const DEVICE_SCHEMA: u32 = 1;
+
+/// One registered device. Online state is not stored (it is a property of live connections).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// Gateway id, or `{productKey}/{deviceName}` for Alibaba devices.
+    pub id: String,
+    /// Protocol spoken.
+    pub protocol: crate::protocol::Protocol,
+    /// Device type (the productKey for Alibaba devices).
+    pub device_type: String,
+    /// `salt$sha256(salt || secret)` in hex; empty for devices admitted anonymously.
+    pub secret_hash: String,
+    /// Free labels for campaign targeting.
+    pub tags: Vec<String>,
+    /// Last version the device reported.
+    pub firmware_version: Option<String>,
+    /// Patch formats the device declared.
+    pub delta_formats: Vec<String>,
+    /// Milliseconds since the epoch of the last message or connection.
+    pub last_seen_ms: Option<i64>,
+    /// Address of the last connection.
+    pub last_ip: Option<String>,
+    /// Registered by an admin (false: auto-registered in anonymous mode).
+    pub registered: bool,
+    /// Milliseconds since the epoch of registration.
+    pub created_at_ms: i64,
+}
+
+/// Current schema version of [`TaskRecord`].
+pub const TASK_SCHEMA: u32 = 1;
+
+/// States of an upgrade task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    /// Created; command not yet acknowledged by any report.
+    Pending,
+    /// The device downloads.
+    Downloading,
+    /// The device verifies the image.
+    Verifying,
+    /// The device installs.
+    Installing,
+    /// Done (final unless the device comes back on the old version).
+    Completed,
+    /// Failed with an error code (final).
+    Failed,
+    /// Cancelled by an operator (final).
+    Cancelled,
+}
+
+impl TaskStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [TaskStatus; 7] = [
+        TaskStatus::Pending,
+        TaskStatus::Downloading,
+        TaskStatus::Verifying,
+        TaskStatus::Installing,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ];
+
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Downloading => "downloading",
+            TaskStatus::Verifying => "verifying",
+            TaskStatus::Installing => "installing",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the API spelling.
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// Still in flight (not completed, failed or cancelled).
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Pending
+                | TaskStatus::Downloading
+                | TaskStatus::Verifying
+                | TaskStatus::Installing
+        )
+    }
+}
+
+/// One entry of a task's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// Milliseconds since the epoch.
+    pub at_ms: i64,
+    /// Status after the event.
+    pub status: TaskStatus,
+    /// Progress after the event.
+    pub progress: u8,
+    /// What happened (e.g. "command sent", "report", "heartbeat 1.0.2").
+    pub note: String,
+}
+
+/// A delta offered with a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskDelta {
+    /// Version the patch applies to.
+    pub from_version: String,
+    /// Signed URL of the patch.
+    pub url: String,
+    /// md5 of the patch.
+    pub md5: String,
+    /// Size of the patch.
+    pub size: u64,
+}
+
+/// One upgrade task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// Monotonic id (newer tasks have larger ids).
+    pub id: u64,
+    /// The device.
+    pub device_id: String,
+    /// Protocol of the device when the task was created.
+    pub protocol: crate::protocol::Protocol,
+    /// Device type / productKey.
+    pub device_type: String,
+    /// Version the device reported when the task was created.
+    pub from_version: Option<String>,
+    /// Target version.
+    pub to_version: String,
+    /// Signed download URL sent in the command.
+    pub firmware_url: String,
+    /// md5 of the full image.
+    pub md5: String,
+    /// sha256 of the full image.
+    pub sha256: String,
+    /// Size of the full image.
+    pub file_size: u64,
+    /// Message id of the command.
+    pub msg_id: String,
+    /// Current state.
+    pub status: TaskStatus,
+    /// 0..=100
+    pub progress: u8,
+    /// Error code when failed.
+    pub error_code: Option<String>,
+    /// Error text when failed.
+    pub error_message: Option<String>,
+    /// Campaign that created it.
+    pub campaign_id: Option<String>,
+    /// Delta offered, if any.
+    pub delta: Option<TaskDelta>,
+    /// Forced upgrade flag sent to the device.
+    pub force: bool,
+    /// When the command was first sent.
+    pub start_time_ms: Option<i64>,
+    /// When the task reached a final state.
+    pub complete_time_ms: Option<i64>,
+    /// Last report or command activity (for the stall timeout).
+    pub last_activity_ms: i64,
+    /// Milliseconds since the epoch.
+    pub created_at_ms: i64,
+    /// Milliseconds since the epoch.
+    pub updated_at_ms: i64,
+    /// History, oldest first.
+    pub events: Vec<TaskEvent>,
+}

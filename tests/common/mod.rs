@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod mqtt;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,6 +41,8 @@ pub fn client_for(data_dir: &Path, http1_only: bool) -> reqwest::Client {
 
 /// The in-process appliance with a client.
 pub struct Server {
+    pub mqtt: u16,
+    pub mqtts: u16,
     pub app: Option<App>,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
@@ -62,6 +66,8 @@ impl Server {
         let token = app.admin_token.clone();
         let client = client_for(dir.path(), false);
         Server {
+            mqtt: app.mqtt.port(),
+            mqtts: app.mqtts.map(|a| a.port()).unwrap_or(0),
             app: Some(app),
             dir,
             client,
@@ -73,11 +79,19 @@ impl Server {
 
     /// Stops (drain + flush) and starts again on the same data dir.
     pub async fn restart(&mut self) {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Stops and starts again on the same data dir with a tweaked config.
+    pub async fn restart_with(&mut self, tweak: impl FnOnce(&mut Config)) {
         self.app.take().unwrap().shutdown().await;
-        let cfg = test_config(self.dir.path());
+        let mut cfg = test_config(self.dir.path());
+        tweak(&mut cfg);
         let app = App::start(cfg).await.expect("server restarts");
         self.base = format!("https://localhost:{}", app.https.port());
         self.plain = format!("http://{}", app.http.unwrap());
+        self.mqtt = app.mqtt.port();
+        self.mqtts = app.mqtts.map(|a| a.port()).unwrap_or(0);
         self.app = Some(app);
     }
 
@@ -139,6 +153,49 @@ impl Server {
             .unwrap();
         let s = r.status().as_u16();
         (s, r.json().await.unwrap())
+    }
+
+    /// Registers a device through the API.
+    pub async fn register(&self, id: &str, protocol: &str, secret: &str) {
+        let (st, b) = self
+            .post_json(
+                "/api/ota/devices",
+                serde_json::json!({"id": id, "protocol": protocol, "secret": secret}),
+            )
+            .await;
+        assert_eq!(st, 201, "{b}");
+    }
+
+    /// Uploads and releases a firmware; returns the image.
+    pub async fn release(&self, version: &str, device_type: &str, len: usize) -> Vec<u8> {
+        let img = image(len, version.len() as u64 * 7 + len as u64);
+        let (st, b) = self.upload(version, Some(device_type), img.clone()).await;
+        assert_eq!(st, 201, "{b}");
+        let (st, b) = self
+            .post_json(
+                &format!("/api/ota/firmware/{version}/release?deviceType={device_type}"),
+                serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+        img
+    }
+
+    /// Polls the device's newest task until `pred` holds (deadline 15 s).
+    pub async fn wait_task(&self, device: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let path = format!("/api/ota/task/{}", device.replace('/', "%2F"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (st, b) = self.get_json(&path).await;
+            if st == 200 && pred(&b["data"]) {
+                return b["data"].clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "task never reached the expected state: {b}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Number of files under `<data_dir>/<sub>` (recursively).

@@ -1,0 +1,277 @@
+//! The device broker: the only module that names rumqttd. rumqttd runs on a private loopback port
+//! and carries what flows *to* devices (commands, sessions, QoS to the device). In front of it a
+//! "front door" owns the device-facing listeners (MQTT and MQTTS) and, per connection:
+//! terminates TLS with a handshake timeout (rumqttd 0.20 runs handshakes in its accept loop with
+//! none); authenticates CONNECT against the device registry (username = device id, password =
+//! secret; rumqttd's hook cannot see topics); enforces the per-device ACL on SUBSCRIBE, PUBLISH
+//! and the will (rumqttd has no ACL); takes device reports out of the stream and hands them to
+//! the OTA service, acknowledging QoS 1/2 only after they are persisted; and reports connect,
+//! "ready for commands" (SUBACK of the command topic) and disconnect (rumqttd has no callbacks).
+//! rumqttd's `Broker::start()` blocks forever with no shutdown: it lives as long as the process.
+
+mod frontdoor;
+pub mod packet;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::protocol::{Inbound, Protocol};
+
+/// Settings of the broker, from `[mqtt]`.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Plain MQTT listen address.
+    pub listen: String,
+    /// MQTTS listen address; "" disables.
+    pub tls_listen: String,
+    /// Gateway protocol topic prefix.
+    pub topic_prefix: String,
+    /// Admit unknown devices (labs).
+    pub allow_anonymous: bool,
+    /// Most device connections at once.
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted, bytes.
+    pub max_packet_bytes: usize,
+}
+
+/// Looks up device credentials; implemented by the device registry.
+pub trait Authenticator: Send + Sync + 'static {
+    /// `Some((device id, protocol))` if the credentials are right.
+    fn authenticate(&self, username: &str, password: &str) -> Option<(String, Protocol)>;
+}
+
+/// A report a device published, for the OTA service.
+#[derive(Debug)]
+pub struct InboundMessage {
+    /// The device (from its login, or from the topic in anonymous mode).
+    pub device_id: String,
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// What the topic carries.
+    pub kind: Inbound,
+    /// The raw payload.
+    pub payload: Bytes,
+    /// The device logged in with credentials (false: anonymous lab mode).
+    pub authenticated: bool,
+    /// Signal once the message is processed and persisted; the device's PUBACK waits for it.
+    pub done: Option<oneshot::Sender<()>>,
+}
+
+/// Connection life of a device, for presence and command re-sending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    /// A connection was accepted.
+    Connected {
+        id: String,
+        protocol: Protocol,
+        ip: String,
+    },
+    /// The device subscribed to its command topic: commands published now reach it.
+    Ready { id: String, protocol: Protocol },
+    /// A connection ended.
+    Disconnected { id: String },
+}
+
+/// Counters of refusals and drops (exported as metrics later).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub connections_accepted: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub acl_denied: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub publish_failures: AtomicU64,
+}
+
+impl Counters {
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a publish to devices failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The embedded broker refused it.
+    #[error("broker link: {0}")]
+    Link(String),
+    /// Starting failed.
+    #[error("{0}")]
+    Start(String),
+}
+
+/// The running broker.
+pub struct Broker {
+    /// Bound plain MQTT address.
+    pub mqtt: SocketAddr,
+    /// Bound MQTTS address, if enabled.
+    pub mqtts: Option<SocketAddr>,
+    /// Refusal and traffic counters.
+    pub counters: Arc<Counters>,
+    link: tokio::sync::Mutex<rumqttd::local::LinkTx>,
+}
+
+/// Everything a front-door connection needs.
+pub(crate) struct DoorContext {
+    pub settings: BrokerSettings,
+    pub backend: SocketAddr,
+    pub auth: Arc<dyn Authenticator>,
+    pub messages: mpsc::Sender<InboundMessage>,
+    pub presence: mpsc::UnboundedSender<Presence>,
+    pub counters: Arc<Counters>,
+    pub connections: tokio::sync::Semaphore,
+}
+
+fn reserve_loopback_port() -> std::io::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.local_addr()
+}
+
+fn rumqttd_config(backend: SocketAddr, s: &BrokerSettings) -> rumqttd::Config {
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: s.max_packet_bytes,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: "hangar-backend".into(),
+        listen: backend,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: s.max_connections + 16,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some([("hangar".to_string(), server)].into_iter().collect()),
+        ..Default::default()
+    }
+}
+
+impl Broker {
+    /// Starts rumqttd on a private loopback port and the front door on the configured
+    /// listeners. Returns once everything accepts connections.
+    pub async fn start(
+        settings: BrokerSettings,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        auth: Arc<dyn Authenticator>,
+        messages: mpsc::Sender<InboundMessage>,
+        presence: mpsc::UnboundedSender<Presence>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Broker, BrokerError> {
+        let backend = reserve_loopback_port()
+            .map_err(|e| BrokerError::Start(format!("reserving a loopback port: {e}")))?;
+        let mut broker = rumqttd::Broker::new(rumqttd_config(backend, &settings));
+        let (link_tx, mut link_rx) = broker
+            .link("hangar-server")
+            .map_err(|e| BrokerError::Start(format!("broker link: {e}")))?;
+        std::thread::Builder::new()
+            .name("rumqttd".into())
+            .spawn(move || {
+                if let Err(e) = broker.start() {
+                    tracing::error!(error = %e, "embedded MQTT broker stopped");
+                }
+            })
+            .map_err(|e| BrokerError::Start(format!("starting the broker thread: {e}")))?;
+        // The server link subscribes to nothing; drain it so the router never blocks on it.
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = link_rx.next() => if !matches!(r, Ok(Some(_))) { return },
+                }
+            }
+        });
+        // No readiness probe (rumqttd logs every half-open probe as an error): the front door
+        // retries its first connection to the backend for a few seconds instead.
+        let counters = Arc::new(Counters::default());
+        let ctx = Arc::new(DoorContext {
+            connections: tokio::sync::Semaphore::new(settings.max_connections),
+            settings: settings.clone(),
+            backend,
+            auth,
+            messages,
+            presence,
+            counters: counters.clone(),
+        });
+        let plain = frontdoor::bind(&settings.listen, "mqtt.listen").await?;
+        let mqtt = plain
+            .local_addr()
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
+        tracker.spawn(frontdoor::accept_loop(
+            plain,
+            None,
+            ctx.clone(),
+            shutdown.clone(),
+        ));
+        let mqtts = match (&tls, settings.tls_listen.is_empty()) {
+            (Some(acceptor), false) => {
+                let l = frontdoor::bind(&settings.tls_listen, "mqtt.tls_listen").await?;
+                let a = l
+                    .local_addr()
+                    .map_err(|e| BrokerError::Start(e.to_string()))?;
+                tracker.spawn(frontdoor::accept_loop(
+                    l,
+                    Some(acceptor.clone()),
+                    ctx.clone(),
+                    shutdown.clone(),
+                ));
+                Some(a)
+            }
+            _ => None,
+        };
+        if settings.allow_anonymous {
+            tracing::warn!(
+                "mqtt.allow_anonymous = true: devices connect without credentials (labs only)"
+            );
+        }
+        Ok(Broker {
+            mqtt,
+            mqtts,
+            counters,
+            link: tokio::sync::Mutex::new(link_tx),
+        })
+    }
+
+    /// Publishes to devices (QoS 0 into the embedded broker). The router's queue is bounded:
+    /// this awaits room instead of blocking a runtime thread (rumqttd's `try_publish` would leave
+    /// the packet queued on failure, so retrying it would send it twice).
+    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), BrokerError> {
+        let packet = rumqttd::protocol::Packet::Publish(
+            rumqttd::protocol::Publish::new(Bytes::from(topic), Bytes::from(payload), false),
+            None,
+        );
+        let r = self.link.lock().await.send(packet).await;
+        match r {
+            Ok(_) => {
+                Counters::inc(&self.counters.messages_out);
+                Ok(())
+            }
+            Err(e) => {
+                Counters::inc(&self.counters.publish_failures);
+                Err(BrokerError::Link(e.to_string()))
+            }
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The device registry: registration (secrets stored salted and hashed), lookup, live presence
+//! (connections, "ready for commands", address), and what devices report about themselves
+//! (version, type, patch formats). It is the broker's [`Authenticator`].
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::broker::{Authenticator, Presence};
+use crate::firmware::now_ms;
+use crate::ids;
+use crate::protocol::Protocol;
+use crate::store::{DEVICE_SCHEMA, DeviceRecord, Store, StoreError};
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Bad input (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// No such device (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Already registered (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Store failure (500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A registration request.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub id: String,
+    pub device_type: Option<String>,
+    pub protocol: Protocol,
+    pub secret: String,
+    pub tags: Vec<String>,
+}
+
+/// Live state of a device (not stored).
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    /// Open connections.
+    pub connections: u32,
+    /// Subscribed to its command topic on some connection.
+    pub ready: bool,
+    /// Address of the newest connection.
+    pub ip: String,
+}
+
+/// The registry.
+pub struct Devices {
+    store: Store,
+    live: RwLock<HashMap<String, Live>>,
+}
+
+fn hash_secret(secret: &str) -> String {
+    let mut salt = [0u8; 16];
+    rand::fill(&mut salt);
+    let salt = hex::encode(salt);
+    let h = Sha256::new()
+        .chain_update(salt.as_bytes())
+        .chain_update(secret.as_bytes())
+        .finalize();
+    format!("{salt}${}", hex::encode(h))
+}
+
+fn secret_matches(stored: &str, secret: &str) -> bool {
+    let Some((salt, hash)) = stored.split_once('$') else {
+        return false;
+    };
+    let h = Sha256::new()
+        .chain_update(salt.as_bytes())
+        .chain_update(secret.as_bytes())
+        .finalize();
+    hex::encode(h).as_bytes().ct_eq(hash.as_bytes()).into()
+}
+
+/// The API device id of an MQTT username: `pk&dn` (Alibaba's convention) -> `pk/dn`.
+pub fn id_from_username(username: &str) -> String {
+    match username.split_once('&') {
+        Some((pk, dn)) => format!("{pk}/{dn}"),
+        None => username.to_string(),
+    }
+}
+
+impl Devices {
+    /// A registry over the store.
+    pub fn new(store: Store) -> Devices {
+        Devices {
+            store,
+            live: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Validates and stores a new device.
+    pub fn register(&self, nd: NewDevice) -> Result<DeviceRecord, DeviceError> {
+        if !ids::valid_device_id(&nd.id) {
+            return Err(DeviceError::Invalid(format!(
+                "id {:?} must match [A-Za-z0-9_.:-]{{1,128}} (Alibaba devices: productKey/deviceName)",
+                nd.id
+            )));
+        }
+        let device_type = match (nd.protocol, nd.id.split_once('/')) {
+            (Protocol::Gateway, Some(_)) => {
+                return Err(DeviceError::Invalid(
+                    "a gateway-protocol id cannot contain '/': only Alibaba ids are productKey/deviceName".into(),
+                ));
+            }
+            (Protocol::Gateway, None) => nd.device_type.unwrap_or_else(|| "gateway".into()),
+            (Protocol::Alibaba, None) => {
+                return Err(DeviceError::Invalid(
+                    "an Alibaba-protocol id is productKey/deviceName (URL-encoded in paths)".into(),
+                ));
+            }
+            (Protocol::Alibaba, Some((pk, _))) => match nd.device_type {
+                Some(t) if t != pk => {
+                    return Err(DeviceError::Invalid(format!(
+                        "for the Alibaba protocol the deviceType is the productKey ({pk}), not {t}"
+                    )));
+                }
+                _ => pk.to_string(),
+            },
+        };
+        if !ids::valid_device_type(&device_type) {
+            return Err(DeviceError::Invalid(format!(
+                "deviceType {device_type:?} must match [A-Za-z0-9_-]{{1,64}}"
+            )));
+        }
+        if nd.secret.len() < 8 || nd.secret.len() > 256 {
+            return Err(DeviceError::Invalid(
+                "secret must be 8 to 256 characters".into(),
+            ));
+        }
+        for t in &nd.tags {
+            if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) {
+                return Err(DeviceError::Invalid(format!(
+                    "tag {t:?} must be 1-64 printable characters"
+                )));
+            }
+        }
+        let rec = DeviceRecord {
+            schema: DEVICE_SCHEMA,
+            id: nd.id.clone(),
+            protocol: nd.protocol,
+            device_type,
+            secret_hash: hash_secret(&nd.secret),
+            tags: nd.tags,
+            firmware_version: None,
+            delta_formats: Vec::new(),
+            last_seen_ms: None,
+            last_ip: None,
+            registered: true,
+            created_at_ms: now_ms(),
+        };
+        match self.store.insert_device(&rec) {
+            Ok(()) => Ok(rec),
+            Err(StoreError::Conflict(_)) => Err(DeviceError::Conflict(format!(
+                "device {} is already registered",
+                nd.id
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// One device.
+    pub fn get(&self, id: &str) -> Result<DeviceRecord, DeviceError> {
+        if !ids::valid_device_id(id) {
+            return Err(DeviceError::Invalid(format!(
+                "device id {id:?} is not valid"
+            )));
+        }
+        self.store
+            .get_device(id)?
+            .ok_or_else(|| DeviceError::NotFound(format!("device {id} is not registered")))
+    }
+
+    /// Every device.
+    pub fn list(&self) -> Result<Vec<DeviceRecord>, DeviceError> {
+        Ok(self.store.list_devices()?)
+    }
+
+    /// Removes a device.
+    pub fn delete(&self, id: &str) -> Result<DeviceRecord, DeviceError> {
+        self.get(id)?;
+        self.store
+            .delete_device(id)?
+            .ok_or_else(|| DeviceError::NotFound(format!("device {id} is not registered")))
+    }
+
+    /// Live state of a device.
+    pub fn live(&self, id: &str) -> Live {
+        self.live
+            .read()
+            .expect("live lock")
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Number of devices with at least one connection.
+    pub fn online_count(&self) -> usize {
+        self.live
+            .read()
+            .expect("live lock")
+            .values()
+            .filter(|l| l.connections > 0)
+            .count()
+    }
+
+    /// Applies a connection event; returns true if a device just became ready for commands.
+    pub fn on_presence(&self, p: &Presence) -> bool {
+        let mut live = self.live.write().expect("live lock");
+        match p {
+            Presence::Connected { id, ip, .. } => {
+                let l = live.entry(id.clone()).or_default();
+                l.connections += 1;
+                l.ip = ip.clone();
+                false
+            }
+            Presence::Ready { id, .. } => {
+                let l = live.entry(id.clone()).or_default();
+                let was = l.ready;
+                l.ready = true;
+                !was || l.connections > 0
+            }
+            Presence::Disconnected { id } => {
+                if let Some(l) = live.get_mut(id) {
+                    l.connections = l.connections.saturating_sub(1);
+                    if l.connections == 0 {
+                        live.remove(id);
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// Records what a device said about itself; creates it if it is unknown and `auto_register`
+    /// (anonymous lab mode). Returns the updated record, or `None` for an unknown device.
+    pub fn note_report(
+        &self,
+        id: &str,
+        protocol: Protocol,
+        version: Option<&str>,
+        device_type: Option<&str>,
+        delta_formats: Option<&[String]>,
+        auto_register: bool,
+    ) -> Result<Option<DeviceRecord>, DeviceError> {
+        let now = now_ms();
+        let mut rec = match self.store.get_device(id)? {
+            Some(r) => r,
+            None if auto_register => {
+                let device_type = match protocol {
+                    Protocol::Alibaba => id.split('/').next().unwrap_or("gateway").to_string(),
+                    Protocol::Gateway => device_type.unwrap_or("gateway").to_string(),
+                };
+                tracing::warn!(device = %id, protocol = protocol.as_str(), "auto-registered an anonymous device (mqtt.allow_anonymous)");
+                DeviceRecord {
+                    schema: DEVICE_SCHEMA,
+                    id: id.to_string(),
+                    protocol,
+                    device_type,
+                    secret_hash: String::new(),
+                    tags: Vec::new(),
+                    firmware_version: None,
+                    delta_formats: Vec::new(),
+                    last_seen_ms: None,
+                    last_ip: None,
+                    registered: false,
+                    created_at_ms: now,
+                }
+            }
+            None => return Ok(None),
+        };
+        if let Some(v) = version {
+            rec.firmware_version = Some(v.to_string());
+        }
+        if let Some(f) = delta_formats {
+            rec.delta_formats = f
+                .iter()
+                .filter(|s| s.len() <= 32)
+                .take(8)
+                .cloned()
+                .collect();
+        }
+        if let (Some(t), Protocol::Gateway) = (device_type, rec.protocol)
+            && !rec.registered
+        {
+            rec.device_type = t.to_string();
+        }
+        rec.last_seen_ms = Some(now);
+        let ip = self.live(id).ip;
+        if !ip.is_empty() {
+            rec.last_ip = Some(ip);
+        }
+        self.store.put_device(&rec)?;
+        Ok(Some(rec))
+    }
+}
+
+impl Authenticator for Devices {
+    fn authenticate(&self, username: &str, password: &str) -> Option<(String, Protocol)> {
+        let id = id_from_username(username);
+        if !ids::valid_device_id(&id) {
+            return None;
+        }
+        let rec = self.store.get_device(&id).ok()??;
+        // Alibaba devices log in as pk&dn; gateways by their plain id.
+        let form_ok = match rec.protocol {
+            Protocol::Alibaba => username.contains('&'),
+            Protocol::Gateway => !username.contains('&'),
+        };
+        (form_ok && !rec.secret_hash.is_empty() && secret_matches(&rec.secret_hash, password))
+            .then_some((rec.id, rec.protocol))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_salted_and_checked() {
+        let a = hash_secret("s3cret-pass");
+        let b = hash_secret("s3cret-pass");
+        assert_ne!(a, b);
+        assert!(secret_matches(&a, "s3cret-pass"));
+        assert!(!secret_matches(&a, "s3cret-pasS"));
+        assert!(!secret_matches("garbage", "x"));
+    }
+
+    #[test]
+    fn registration_rules_and_login() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Devices::new(Store::open(dir.path()).unwrap());
+        let nd = |id: &str, p, t: Option<&str>| NewDevice {
+            id: id.into(),
+            device_type: t.map(Into::into),
+            protocol: p,
+            secret: "password1".into(),
+            tags: vec![],
+        };
+        d.register(nd("GW1", Protocol::Gateway, None)).unwrap();
+        assert!(matches!(
+            d.register(nd("GW1", Protocol::Gateway, None)),
+            Err(DeviceError::Conflict(_))
+        ));
+        assert!(matches!(
+            d.register(nd("a/b", Protocol::Gateway, None)),
+            Err(DeviceError::Invalid(_))
+        ));
+        assert!(matches!(
+            d.register(nd("oven", Protocol::Alibaba, None)),
+            Err(DeviceError::Invalid(_))
+        ));
+        assert!(matches!(
+            d.register(nd("pk/oven", Protocol::Alibaba, Some("other"))),
+            Err(DeviceError::Invalid(_))
+        ));
+        let r = d.register(nd("pk/oven", Protocol::Alibaba, None)).unwrap();
+        assert_eq!(r.device_type, "pk");
+        assert_eq!(
+            d.authenticate("GW1", "password1"),
+            Some(("GW1".into(), Protocol::Gateway))
+        );
+        assert_eq!(d.authenticate("GW1", "password2"), None);
+        assert_eq!(
+            d.authenticate("pk&oven", "password1"),
+            Some(("pk/oven".into(), Protocol::Alibaba))
+        );
+        assert_eq!(
+            d.authenticate("pk/oven", "password1"),
+            None,
+            "Alibaba devices log in as pk&dn"
+        );
+        assert_eq!(d.authenticate("nobody", "password1"), None);
+    }
+}

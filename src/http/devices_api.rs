@@ -1,0 +1,375 @@
+//! Handlers of the device registry, upgrade tasks and statistics (`/api/ota/devices`,
+//! `/api/ota/upgrade`, `/api/ota/task(s)`, `/api/ota/statistics`), with their JSON shapes.
+//! Alibaba device ids (`pk/dn`) arrive URL-encoded as one path segment.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::api::{json_body, paging};
+use super::error::{ApiError, ok, ok_with};
+use super::wire::rfc3339_ms;
+use crate::devices::{DeviceError, NewDevice};
+use crate::ota::{OtaError, TaskFilter};
+use crate::protocol::Protocol;
+use crate::store::{DeviceRecord, TaskRecord, TaskStatus};
+
+impl From<DeviceError> for ApiError {
+    fn from(e: DeviceError) -> ApiError {
+        match e {
+            DeviceError::Invalid(m) => ApiError::bad_request(m),
+            DeviceError::NotFound(m) => ApiError::not_found(m),
+            DeviceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
+            DeviceError::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<OtaError> for ApiError {
+    fn from(e: OtaError) -> ApiError {
+        match e {
+            OtaError::Invalid(m) => ApiError::bad_request(m),
+            OtaError::NotFound(m) => ApiError::not_found(m),
+            OtaError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
+            OtaError::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceDto {
+    pub id: String,
+    pub protocol: &'static str,
+    pub device_type: String,
+    pub firmware_version: Option<String>,
+    pub delta_formats: Vec<String>,
+    pub tags: Vec<String>,
+    pub online: bool,
+    pub last_seen: Option<String>,
+    pub ip: Option<String>,
+    pub registered: bool,
+    pub created_at: String,
+}
+
+fn device_dto(st: &AppState, d: &DeviceRecord) -> DeviceDto {
+    let live = st.devices.live(&d.id);
+    DeviceDto {
+        id: d.id.clone(),
+        protocol: d.protocol.as_str(),
+        device_type: d.device_type.clone(),
+        firmware_version: d.firmware_version.clone(),
+        delta_formats: d.delta_formats.clone(),
+        tags: d.tags.clone(),
+        online: live.connections > 0,
+        last_seen: d.last_seen_ms.map(rfc3339_ms),
+        ip: if live.ip.is_empty() {
+            d.last_ip.clone()
+        } else {
+            Some(live.ip)
+        },
+        registered: d.registered,
+        created_at: rfc3339_ms(d.created_at_ms),
+    }
+}
+
+/// One history entry.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventDto {
+    pub at: String,
+    pub status: &'static str,
+    pub progress: u8,
+    pub note: String,
+}
+
+/// The `delta` of a task.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeltaDto {
+    pub from_version: String,
+    pub url: String,
+    pub md5: String,
+    pub size: u64,
+}
+
+/// A task as the API shows it (SPEC 3; `gatewayId` repeats `deviceId` as in the source document).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskDto {
+    pub id: String,
+    pub device_id: String,
+    pub gateway_id: String,
+    pub protocol: &'static str,
+    pub device_type: String,
+    pub from_version: Option<String>,
+    pub to_version: String,
+    pub firmware_url: String,
+    pub md5: String,
+    pub sha256: String,
+    pub file_size: u64,
+    pub msg_id: String,
+    pub status: &'static str,
+    pub progress: u8,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub campaign_id: Option<String>,
+    pub delta: Option<DeltaDto>,
+    pub force: bool,
+    pub start_time: Option<String>,
+    pub complete_time: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub events: Vec<EventDto>,
+}
+
+/// Builds the API shape of a task.
+pub fn task_dto(t: &TaskRecord) -> TaskDto {
+    TaskDto {
+        id: t.id.to_string(),
+        device_id: t.device_id.clone(),
+        gateway_id: t.device_id.clone(),
+        protocol: t.protocol.as_str(),
+        device_type: t.device_type.clone(),
+        from_version: t.from_version.clone(),
+        to_version: t.to_version.clone(),
+        firmware_url: t.firmware_url.clone(),
+        md5: t.md5.clone(),
+        sha256: t.sha256.clone(),
+        file_size: t.file_size,
+        msg_id: t.msg_id.clone(),
+        status: t.status.as_str(),
+        progress: t.progress,
+        error_code: t.error_code.clone(),
+        error_message: t.error_message.clone(),
+        campaign_id: t.campaign_id.clone(),
+        delta: t.delta.as_ref().map(|d| DeltaDto {
+            from_version: d.from_version.clone(),
+            url: d.url.clone(),
+            md5: d.md5.clone(),
+            size: d.size,
+        }),
+        force: t.force,
+        start_time: t.start_time_ms.map(rfc3339_ms),
+        complete_time: t.complete_time_ms.map(rfc3339_ms),
+        created_at: rfc3339_ms(t.created_at_ms),
+        updated_at: rfc3339_ms(t.updated_at_ms),
+        events: t
+            .events
+            .iter()
+            .map(|e| EventDto {
+                at: rfc3339_ms(e.at_ms),
+                status: e.status.as_str(),
+                progress: e.progress,
+                note: e.note.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Body of `POST /api/ota/devices`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegisterBody {
+    pub id: String,
+    #[serde(default)]
+    pub device_type: Option<String>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    pub secret: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+fn new_device(b: RegisterBody) -> Result<NewDevice, ApiError> {
+    let protocol = match b.protocol.as_deref() {
+        None => Protocol::Gateway,
+        Some(p) => Protocol::parse(p).ok_or_else(|| {
+            ApiError::bad_request(format!("protocol {p:?} is not one of gateway, alibaba"))
+        })?,
+    };
+    Ok(NewDevice {
+        id: b.id,
+        device_type: b.device_type,
+        protocol,
+        secret: b.secret,
+        tags: b.tags,
+    })
+}
+
+/// POST /api/ota/devices
+pub async fn register(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let b: RegisterBody = json_body(&body)?;
+    let d = st.devices.register(new_device(b)?)?;
+    tracing::info!(device = %d.id, protocol = d.protocol.as_str(), "device registered");
+    Ok(ok_with(StatusCode::CREATED, device_dto(&st, &d)))
+}
+
+/// One line of the import result.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ImportResult {
+    id: String,
+    ok: bool,
+    error: Option<String>,
+}
+
+/// POST /api/ota/devices/import — a JSON array of registration bodies; each is reported.
+pub async fn import(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let list: Vec<serde_json::Value> = json_body(&body)?;
+    if list.len() > 100_000 {
+        return Err(ApiError::too_large("at most 100000 devices per import"));
+    }
+    let mut results = Vec::with_capacity(list.len());
+    for v in list {
+        let id = v
+            .get("id")
+            .and_then(|i| i.as_str())
+            .unwrap_or("")
+            .to_string();
+        let r = serde_json::from_value::<RegisterBody>(v)
+            .map_err(|e| e.to_string())
+            .and_then(|b| new_device(b).map_err(|e| format!("{e:?}")))
+            .and_then(|nd| st.devices.register(nd).map_err(|e| e.to_string()));
+        results.push(ImportResult {
+            id,
+            ok: r.is_ok(),
+            error: r.err(),
+        });
+    }
+    st.store.flush().await.map_err(ApiError::internal)?;
+    let imported = results.iter().filter(|r| r.ok).count();
+    Ok(ok(
+        serde_json::json!({"imported": imported, "failed": results.len() - imported, "results": results}),
+    ))
+}
+
+/// GET /api/ota/devices?deviceType=&protocol=&online=&limit=&offset=
+pub async fn list_devices(
+    State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let (limit, offset) = paging(&q)?;
+    let online = match q.get("online").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(o) => {
+            return Err(ApiError::bad_request(format!(
+                "online {o:?} must be true or false"
+            )));
+        }
+    };
+    let all = st.devices.list()?;
+    let page: Vec<_> = all
+        .iter()
+        .map(|d| device_dto(&st, d))
+        .filter(|d| q.get("deviceType").is_none_or(|t| &d.device_type == t))
+        .filter(|d| q.get("protocol").is_none_or(|p| d.protocol == p))
+        .filter(|d| online.is_none_or(|o| d.online == o))
+        .skip(offset)
+        .take(limit)
+        .collect();
+    Ok(ok(page))
+}
+
+/// GET /api/ota/devices/{id}
+pub async fn get_device(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(ok(device_dto(&st, &st.devices.get(&id)?)))
+}
+
+/// DELETE /api/ota/devices/{id}
+pub async fn delete_device(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if st
+        .store
+        .active_task(&id)
+        .map_err(ApiError::internal)?
+        .is_some()
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "CONFLICT",
+            format!("device {id} has an active task: cancel it first"),
+        ));
+    }
+    let d = st.devices.delete(&id)?;
+    st.store.flush().await.map_err(ApiError::internal)?;
+    Ok(ok(device_dto(&st, &d)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeBody {
+    version: String,
+    #[serde(default)]
+    force: bool,
+}
+
+/// POST /api/ota/upgrade/{deviceId} `{"version":"1.0.2","force":false}`
+pub async fn upgrade(
+    State(st): State<AppState>,
+    Path(device): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let b: UpgradeBody = json_body(&body)?;
+    let t = st.ota.create_upgrade(&device, &b.version, b.force).await?;
+    Ok(ok_with(StatusCode::CREATED, task_dto(&t)))
+}
+
+/// GET /api/ota/task/{deviceId}
+pub async fn latest_task(
+    State(st): State<AppState>,
+    Path(device): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(ok(task_dto(&st.ota.latest_task(&device)?)))
+}
+
+/// POST /api/ota/task/{deviceId}/cancel
+pub async fn cancel(
+    State(st): State<AppState>,
+    Path(device): Path<String>,
+) -> Result<Response, ApiError> {
+    let t = st.ota.cancel(&device).await?;
+    tracing::info!(device = %device, task = t.id, "task cancelled");
+    Ok(ok(task_dto(&t)))
+}
+
+/// GET /api/ota/tasks?deviceId=&status=&campaignId=&limit=&offset=
+pub async fn list_tasks(
+    State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let (limit, offset) = paging(&q)?;
+    let status = match q.get("status") {
+        None => None,
+        Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "status {s:?} is not one of pending, downloading, verifying, installing, completed, failed, cancelled"
+            ))
+        })?),
+    };
+    let f = TaskFilter {
+        device_id: q.get("deviceId").cloned(),
+        status,
+        campaign_id: q.get("campaignId").cloned(),
+    };
+    let tasks = st.ota.list_tasks(&f, limit, offset)?;
+    Ok(ok(tasks.iter().map(task_dto).collect::<Vec<_>>()))
+}
+
+/// GET /api/ota/statistics
+pub async fn statistics(State(st): State<AppState>) -> Result<Response, ApiError> {
+    Ok(ok(st.ota.statistics()?))
+}

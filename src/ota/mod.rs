@@ -1,0 +1,887 @@
+//! Upgrade tasks: [`state`] is the pure state machine; [`Ota`] drives it. It creates tasks and
+//! sends commands through the broker, ingests device reports in batches (one store flush per
+//! batch, and only then the devices' PUBACKs), re-sends a pending command when its device
+//! subscribes again, answers Alibaba `firmware/get`, and fails stalled tasks with `TIMEOUT`.
+//! Every task read-modify-write runs under one lock, so API calls and reports never race.
+
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{UrlSigner, now_secs};
+use crate::broker::{Broker, InboundMessage, Presence};
+use crate::devices::{DeviceError, Devices};
+use crate::firmware::{FirmwareError, FirmwareService, now_ms};
+use crate::ids;
+use crate::protocol::{Inbound, Protocol, alibaba, gateway};
+use crate::ratelog::RateLog;
+use crate::store::{
+    FirmwareRecord, FirmwareStatus, Store, StoreError, TASK_SCHEMA, TaskRecord, TaskStatus,
+};
+use state::{Input, Outcome};
+
+/// Why a task operation failed; `http` maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum OtaError {
+    /// 400
+    #[error("{0}")]
+    Invalid(String),
+    /// 404
+    #[error("{0}")]
+    NotFound(String),
+    /// 409
+    #[error("{0}")]
+    Conflict(String),
+    /// 500
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<DeviceError> for OtaError {
+    fn from(e: DeviceError) -> Self {
+        match e {
+            DeviceError::Invalid(m) => OtaError::Invalid(m),
+            DeviceError::NotFound(m) => OtaError::NotFound(m),
+            DeviceError::Conflict(m) => OtaError::Conflict(m),
+            DeviceError::Store(s) => OtaError::Store(s),
+        }
+    }
+}
+
+impl From<FirmwareError> for OtaError {
+    fn from(e: FirmwareError) -> Self {
+        match e {
+            FirmwareError::Invalid(m) => OtaError::Invalid(m),
+            FirmwareError::NotFound(m) => OtaError::NotFound(m),
+            FirmwareError::Conflict(m) => OtaError::Conflict(m),
+            FirmwareError::Store(s) => OtaError::Store(s),
+            FirmwareError::Io(e) => OtaError::Store(StoreError::Engine(e.to_string())),
+        }
+    }
+}
+
+/// Reports dropped, by reason (for statistics and metrics).
+#[derive(Debug, Default)]
+pub struct DropCounters {
+    pub malformed: AtomicU64,
+    pub unknown_msg_id: AtomicU64,
+    pub unknown_device: AtomicU64,
+    pub stale: AtomicU64,
+}
+
+/// Static settings of the service.
+#[derive(Clone)]
+pub struct OtaSettings {
+    pub public_url: String,
+    pub topic_prefix: String,
+    pub stall_timeout: Duration,
+    pub allow_anonymous: bool,
+}
+
+/// The task engine.
+pub struct Ota {
+    store: Store,
+    devices: Arc<Devices>,
+    firmware: Arc<FirmwareService>,
+    broker: Arc<Broker>,
+    signer: UrlSigner,
+    settings: OtaSettings,
+    lock: tokio::sync::Mutex<()>,
+    /// Dropped reports by reason.
+    pub drops: DropCounters,
+}
+
+static DROP_LOG: RateLog = RateLog::new();
+
+fn new_msg_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut r = [0u8; 6];
+    rand::fill(&mut r);
+    let tail: String = r
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect();
+    format!("ota_{}_{tail}", now_ms())
+}
+
+/// Statistics of a set of tasks.
+#[derive(Debug, Default, Serialize, Clone)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub active: u64,
+    pub success_rate: f64,
+    pub failure_rate: f64,
+    pub avg_duration_secs: Option<f64>,
+    #[serde(skip)]
+    duration_sum_ms: i64,
+}
+
+impl Stats {
+    fn add(&mut self, t: &TaskRecord) {
+        self.total += 1;
+        match t.status {
+            TaskStatus::Completed => {
+                self.completed += 1;
+                if let (Some(a), Some(b)) = (t.start_time_ms, t.complete_time_ms) {
+                    self.duration_sum_ms += b - a;
+                }
+            }
+            TaskStatus::Failed => self.failed += 1,
+            TaskStatus::Cancelled => self.cancelled += 1,
+            _ => self.active += 1,
+        }
+    }
+
+    fn finish(mut self) -> Self {
+        if self.total > 0 {
+            let pct = |n: u64| ((n as f64) * 10_000.0 / self.total as f64).round() / 100.0;
+            self.success_rate = pct(self.completed);
+            self.failure_rate = pct(self.failed);
+        }
+        if self.completed > 0 {
+            self.avg_duration_secs = Some(
+                ((self.duration_sum_ms as f64) / self.completed as f64 / 10.0).round() / 100.0,
+            );
+        }
+        self
+    }
+}
+
+/// `GET /api/ota/statistics`
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Statistics {
+    #[serde(flatten)]
+    pub all: Stats,
+    pub by_version: BTreeMap<String, Stats>,
+    pub devices: usize,
+    pub online_devices: usize,
+    pub dropped_reports: BTreeMap<&'static str, u64>,
+}
+
+/// Filters of the task list.
+#[derive(Debug, Default, Clone)]
+pub struct TaskFilter {
+    pub device_id: Option<String>,
+    pub status: Option<TaskStatus>,
+    pub campaign_id: Option<String>,
+}
+
+impl Ota {
+    /// The engine; call [`Ota::spawn`] to start its workers.
+    pub fn new(
+        store: Store,
+        devices: Arc<Devices>,
+        firmware: Arc<FirmwareService>,
+        broker: Arc<Broker>,
+        signer: UrlSigner,
+        settings: OtaSettings,
+    ) -> Ota {
+        Ota {
+            store,
+            devices,
+            firmware,
+            broker,
+            signer,
+            settings,
+            lock: tokio::sync::Mutex::new(()),
+            drops: DropCounters::default(),
+        }
+    }
+
+    /// Starts the ingest, presence and stall workers on `tracker`.
+    pub fn spawn(
+        self: &Arc<Self>,
+        messages: mpsc::Receiver<InboundMessage>,
+        presence: mpsc::UnboundedReceiver<Presence>,
+        shutdown: CancellationToken,
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> Result<(), StoreError> {
+        // A restart is not the devices' fault: give every active task a fresh stall window.
+        let now = now_ms();
+        for id in self.store.active_task_ids()? {
+            if let Some(mut t) = self.store.get_task(id)? {
+                t.last_activity_ms = t.last_activity_ms.max(now);
+                self.store.put_task(&t)?;
+            }
+        }
+        self.store.flush_blocking()?;
+        tracker.spawn(self.clone().ingest(messages, shutdown.clone()));
+        tracker.spawn(self.clone().presence(presence, shutdown.clone()));
+        tracker.spawn(self.clone().stall_sweeper(shutdown));
+        Ok(())
+    }
+
+    fn signed_url(&self, file_name: &str) -> String {
+        let path = format!("/firmware/{file_name}");
+        let token = self.signer.sign(&path, now_secs());
+        format!("{}{path}?token={token}", self.settings.public_url)
+    }
+
+    /// Creates a task for `device_id` to `version` and sends the command if the device listens.
+    pub async fn create_upgrade(
+        &self,
+        device_id: &str,
+        version: &str,
+        force: bool,
+    ) -> Result<TaskRecord, OtaError> {
+        let device = self.devices.get(device_id)?;
+        if !ids::valid_version(version) {
+            return Err(OtaError::Invalid(format!(
+                "version {version:?} must match [0-9A-Za-z.+-]{{1,64}}"
+            )));
+        }
+        let fw = match self.firmware.get(&device.device_type, version) {
+            Ok(f) => f,
+            Err(FirmwareError::NotFound(_)) => {
+                return Err(OtaError::Conflict(format!(
+                    "firmware {version} for device type {} does not exist: upload and release it first",
+                    device.device_type
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if fw.status != FirmwareStatus::Released {
+            return Err(OtaError::Conflict(format!(
+                "firmware {version} for device type {} is {}, not released: release it first",
+                device.device_type,
+                fw.status.as_str()
+            )));
+        }
+        let task = {
+            let _g = self.lock.lock().await;
+            if let Some(active) = self.store.active_task(device_id)? {
+                if !force {
+                    return Err(OtaError::Conflict(format!(
+                        "device {device_id} already has an active task ({} to {}, {}): wait, cancel it, or pass force",
+                        active.from_version.as_deref().unwrap_or("?"),
+                        active.to_version,
+                        active.status.as_str()
+                    )));
+                }
+                if let Outcome::Changed(t) = state::apply(
+                    &active,
+                    &Input::Cancel {
+                        reason: "replaced by a forced upgrade".into(),
+                    },
+                    now_ms(),
+                ) {
+                    self.store.put_task(&t)?;
+                }
+            }
+            let t = self.new_task(
+                &device.id,
+                device.protocol,
+                &device.device_type,
+                device.firmware_version.clone(),
+                &fw,
+                force,
+            )?;
+            self.store.put_task(&t)?;
+            self.store.flush().await?;
+            t
+        };
+        tracing::info!(device = %device_id, task = task.id, version = %version, "upgrade task created");
+        if self.devices.live(device_id).ready {
+            return self.send_command(task.id).await;
+        }
+        Ok(task)
+    }
+
+    fn new_task(
+        &self,
+        device_id: &str,
+        protocol: Protocol,
+        device_type: &str,
+        from: Option<String>,
+        fw: &FirmwareRecord,
+        force: bool,
+    ) -> Result<TaskRecord, OtaError> {
+        let now = now_ms();
+        Ok(TaskRecord {
+            schema: TASK_SCHEMA,
+            id: self.store.next_task_id()?,
+            device_id: device_id.to_string(),
+            protocol,
+            device_type: device_type.to_string(),
+            from_version: from,
+            to_version: fw.version.clone(),
+            firmware_url: self.signed_url(&ids::firmware_file_name(&fw.device_type, &fw.version)),
+            md5: fw.md5.clone(),
+            sha256: fw.sha256.clone(),
+            file_size: fw.size,
+            msg_id: new_msg_id(),
+            status: TaskStatus::Pending,
+            progress: 0,
+            error_code: None,
+            error_message: None,
+            campaign_id: None,
+            delta: None,
+            force: force || fw.force_upgrade,
+            start_time_ms: None,
+            complete_time_ms: None,
+            last_activity_ms: now,
+            created_at_ms: now,
+            updated_at_ms: now,
+            events: vec![crate::store::TaskEvent {
+                at_ms: now,
+                status: TaskStatus::Pending,
+                progress: 0,
+                note: "created".into(),
+            }],
+        })
+    }
+
+    /// The command payload (and its topic) for a task.
+    fn command(&self, t: &TaskRecord) -> (String, Vec<u8>) {
+        match t.protocol {
+            Protocol::Gateway => {
+                let c = gateway::Command {
+                    msg_type: "ota_upgrade".into(),
+                    msg_id: t.msg_id.clone(),
+                    uuid: t.device_id.clone(),
+                    timestamp: now_secs(),
+                    data: gateway::UpgradeData {
+                        version: t.to_version.clone(),
+                        firmware_url: t.firmware_url.clone(),
+                        md5: t.md5.clone(),
+                        file_size: t.file_size,
+                        force_upgrade: t.force,
+                        sha256: t.sha256.clone(),
+                        delta: None,
+                    },
+                };
+                (
+                    gateway::command_topic(&self.settings.topic_prefix, &t.device_id),
+                    serde_json::to_vec(&c).expect("json"),
+                )
+            }
+            Protocol::Alibaba => {
+                let (pk, dn) = t.device_id.split_once('/').unwrap_or((&t.device_id, ""));
+                let u = alibaba::Upgrade {
+                    code: "1000".into(),
+                    data: self.alibaba_data(t),
+                    id: now_ms() as u64,
+                    message: "success".into(),
+                };
+                (
+                    alibaba::upgrade_topic(pk, dn),
+                    serde_json::to_vec(&u).expect("json"),
+                )
+            }
+        }
+    }
+
+    fn alibaba_data(&self, t: &TaskRecord) -> alibaba::UpgradeData {
+        alibaba::UpgradeData {
+            size: t.file_size,
+            version: t.to_version.clone(),
+            url: t.firmware_url.clone(),
+            md5: t.md5.clone(),
+            sign: t.md5.clone(),
+            sign_method: "Md5".into(),
+            is_diff: 0,
+        }
+    }
+
+    /// Publishes a task's command (with a freshly signed URL) and records it as sent.
+    async fn send_command(&self, task_id: u64) -> Result<TaskRecord, OtaError> {
+        let _g = self.lock.lock().await;
+        let Some(mut t) = self.store.get_task(task_id)? else {
+            return Err(OtaError::NotFound(format!("task {task_id} vanished")));
+        };
+        if !t.status.is_active() {
+            return Ok(t);
+        }
+        t.firmware_url = self.signed_url(&ids::firmware_file_name(&t.device_type, &t.to_version));
+        let (topic, payload) = self.command(&t);
+        if let Err(e) = self.broker.publish(topic, payload).await {
+            tracing::warn!(device = %t.device_id, error = %e, "command not sent; it is re-sent when the device subscribes again");
+            return Ok(t);
+        }
+        if let Outcome::Changed(n) = state::apply(&t, &Input::CommandSent, now_ms()) {
+            t = n;
+            self.store.put_task(&t)?;
+            self.store.flush().await?;
+        }
+        Ok(t)
+    }
+
+    /// Cancels the device's active task.
+    pub async fn cancel(&self, device_id: &str) -> Result<TaskRecord, OtaError> {
+        self.devices.get(device_id)?;
+        let t = {
+            let _g = self.lock.lock().await;
+            let Some(active) = self.store.active_task(device_id)? else {
+                return Err(OtaError::Conflict(format!(
+                    "device {device_id} has no active task to cancel"
+                )));
+            };
+            let Outcome::Changed(t) = state::apply(
+                &active,
+                &Input::Cancel {
+                    reason: "cancelled by an operator".into(),
+                },
+                now_ms(),
+            ) else {
+                return Err(OtaError::Conflict(format!(
+                    "the task of {device_id} already finished"
+                )));
+            };
+            self.store.put_task(&t)?;
+            self.store.flush().await?;
+            t
+        };
+        if t.protocol == Protocol::Gateway {
+            let c = gateway::Command {
+                msg_type: "ota_cancel".into(),
+                msg_id: t.msg_id.clone(),
+                uuid: t.device_id.clone(),
+                timestamp: now_secs(),
+                data: gateway::CancelData {
+                    version: t.to_version.clone(),
+                    reason: "cancelled by an operator".into(),
+                },
+            };
+            let topic = gateway::command_topic(&self.settings.topic_prefix, &t.device_id);
+            let _ = self
+                .broker
+                .publish(topic, serde_json::to_vec(&c).expect("json"))
+                .await;
+        }
+        Ok(t)
+    }
+
+    /// The device's newest task.
+    pub fn latest_task(&self, device_id: &str) -> Result<TaskRecord, OtaError> {
+        if !ids::valid_device_id(device_id) {
+            return Err(OtaError::Invalid(format!(
+                "device id {device_id:?} is not valid"
+            )));
+        }
+        self.store
+            .latest_task(device_id)?
+            .ok_or_else(|| OtaError::NotFound(format!("device {device_id} has no task")))
+    }
+
+    /// Tasks newest first.
+    pub fn list_tasks(
+        &self,
+        f: &TaskFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<TaskRecord>, OtaError> {
+        Ok(self.store.list_tasks(
+            |t| {
+                f.device_id.as_ref().is_none_or(|d| &t.device_id == d)
+                    && f.status.is_none_or(|s| t.status == s)
+                    && f.campaign_id
+                        .as_ref()
+                        .is_none_or(|c| t.campaign_id.as_ref() == Some(c))
+            },
+            limit,
+            offset,
+        )?)
+    }
+
+    /// Totals and per-version figures.
+    pub fn statistics(&self) -> Result<Statistics, OtaError> {
+        let mut all = Stats::default();
+        let mut by_version: BTreeMap<String, Stats> = BTreeMap::new();
+        for t in self.store.list_tasks(|_| true, usize::MAX, 0)? {
+            all.add(&t);
+            by_version.entry(t.to_version.clone()).or_default().add(&t);
+        }
+        let d = &self.drops;
+        Ok(Statistics {
+            all: all.finish(),
+            by_version: by_version
+                .into_iter()
+                .map(|(k, v)| (k, v.finish()))
+                .collect(),
+            devices: self.devices.list()?.len(),
+            online_devices: self.devices.online_count(),
+            dropped_reports: [
+                ("malformed", d.malformed.load(Ordering::Relaxed)),
+                ("unknownMsgId", d.unknown_msg_id.load(Ordering::Relaxed)),
+                ("unknownDevice", d.unknown_device.load(Ordering::Relaxed)),
+                ("ignored", d.stale.load(Ordering::Relaxed)),
+            ]
+            .into_iter()
+            .collect(),
+        })
+    }
+
+    fn drop_report(&self, counter: &AtomicU64, device: &str, why: &str) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        DROP_LOG.warn(&format!("dropped a report from {device}: {why}"));
+    }
+
+    /// Applies an input to a task and persists the result (no flush).
+    fn apply_and_put(
+        &self,
+        t: &TaskRecord,
+        input: &Input,
+    ) -> Result<Option<TaskRecord>, StoreError> {
+        match state::apply(t, input, now_ms()) {
+            Outcome::Changed(n) | Outcome::Touched(n) => {
+                self.store.put_task(&n)?;
+                Ok(Some(n))
+            }
+            Outcome::Ignored(why) => {
+                self.drops.stale.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(task = t.id, why, "input ignored");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Handles one report; persists without flushing. Replies to send after the flush are
+    /// pushed to `out`.
+    fn handle(
+        &self,
+        m: &InboundMessage,
+        out: &mut Vec<(String, Vec<u8>)>,
+        sends: &mut Vec<u64>,
+    ) -> Result<(), StoreError> {
+        let id = m.device_id.as_str();
+        match m.kind {
+            Inbound::GatewayReport => match gateway::parse_report(&m.payload) {
+                Err(why) => self.drop_report(&self.drops.malformed, id, &why),
+                Ok(gateway::Report::Heartbeat(h)) => {
+                    let Some(_) = self.devices_note(
+                        m,
+                        Some(&h.firmware_version),
+                        h.device_type.as_deref(),
+                        h.delta_formats.as_deref(),
+                    )?
+                    else {
+                        return Ok(());
+                    };
+                    if let Some(t) = self.store.latest_task(id)? {
+                        self.apply_and_put(&t, &Input::Version(h.firmware_version))?;
+                    }
+                }
+                Ok(gateway::Report::Progress { msg_id, data }) => {
+                    let Some(_) = self.devices_note(m, None, None, None)? else {
+                        return Ok(());
+                    };
+                    let task = match self.store.active_task(id)? {
+                        Some(t) if t.msg_id == msg_id => Some(t),
+                        _ => self.store.latest_task(id)?.filter(|t| t.msg_id == msg_id),
+                    };
+                    let Some(t) = task else {
+                        self.drop_report(
+                            &self.drops.unknown_msg_id,
+                            id,
+                            &format!("unknown msgId {msg_id:?}"),
+                        );
+                        return Ok(());
+                    };
+                    let status = match data.state {
+                        gateway::State::Pending => {
+                            // the device acknowledged the command: liveness only
+                            self.apply_and_put(&t, &Input::Alive)?;
+                            return Ok(());
+                        }
+                        gateway::State::Downloading => TaskStatus::Downloading,
+                        gateway::State::Verifying => TaskStatus::Verifying,
+                        gateway::State::Installing => TaskStatus::Installing,
+                        gateway::State::Completed => TaskStatus::Completed,
+                        gateway::State::Failed => TaskStatus::Failed,
+                    };
+                    let input = Input::Progress {
+                        status,
+                        progress: data.progress.map(|p| p as u8),
+                        error_code: gateway::error_code_text(&data.error_code).or_else(|| {
+                            (status == TaskStatus::Failed).then(|| "FAILED".to_string())
+                        }),
+                        error_message: data.error_message.map(|s| s.chars().take(512).collect()),
+                    };
+                    self.apply_and_put(&t, &input)?;
+                }
+            },
+            Inbound::AlibabaInform => match alibaba::parse_inform(&m.payload) {
+                Err(why) => self.drop_report(&self.drops.malformed, id, &why),
+                Ok(i) => {
+                    let Some(_) = self.devices_note(
+                        m,
+                        Some(&i.params.version),
+                        None,
+                        i.params.delta_formats.as_deref(),
+                    )?
+                    else {
+                        return Ok(());
+                    };
+                    if let Some(t) = self.store.latest_task(id)? {
+                        // An Alibaba device informs its version when it starts: back on the old
+                        // version after it reached step 100 means the new image did not take.
+                        let old = t.from_version.as_deref() == Some(i.params.version.as_str());
+                        if t.status == TaskStatus::Installing && old {
+                            if let Some(c) = self.apply_and_put(
+                                &t,
+                                &Input::Progress {
+                                    status: TaskStatus::Completed,
+                                    progress: None,
+                                    error_code: None,
+                                    error_message: None,
+                                },
+                            )? {
+                                self.apply_and_put(&c, &Input::Version(i.params.version))?;
+                            }
+                        } else {
+                            self.apply_and_put(&t, &Input::Version(i.params.version))?;
+                        }
+                    }
+                }
+            },
+            Inbound::AlibabaProgress => match alibaba::parse_progress(&m.payload) {
+                Err(why) => self.drop_report(&self.drops.malformed, id, &why),
+                Ok((_, step)) => {
+                    let Some(_) = self.devices_note(m, None, None, None)? else {
+                        return Ok(());
+                    };
+                    let Some(t) = self.store.active_task(id)? else {
+                        self.drop_report(
+                            &self.drops.unknown_msg_id,
+                            id,
+                            "progress without an active task",
+                        );
+                        return Ok(());
+                    };
+                    let input = match step {
+                        alibaba::Step::Progress(n) if n < 100 => Input::Progress {
+                            status: TaskStatus::Downloading,
+                            progress: Some(n),
+                            error_code: None,
+                            error_message: None,
+                        },
+                        alibaba::Step::Progress(_) => Input::Progress {
+                            status: TaskStatus::Installing,
+                            progress: Some(100),
+                            error_code: None,
+                            error_message: None,
+                        },
+                        failed => Input::Progress {
+                            status: TaskStatus::Failed,
+                            progress: None,
+                            error_code: failed.error_code().map(Into::into),
+                            error_message: None,
+                        },
+                    };
+                    self.apply_and_put(&t, &input)?;
+                }
+            },
+            Inbound::AlibabaGet => match alibaba::parse_get(&m.payload) {
+                Err(why) => self.drop_report(&self.drops.malformed, id, &why),
+                Ok(g) => {
+                    let Some(dev) = self.devices_note(m, None, None, None)? else {
+                        return Ok(());
+                    };
+                    let (pk, dn) = id.split_once('/').unwrap_or((id, ""));
+                    let mut data = serde_json::json!({});
+                    if let Some(t) = self.store.active_task(id)? {
+                        data = serde_json::to_value(self.alibaba_data(&t)).expect("json");
+                        if t.start_time_ms.is_none() {
+                            sends.push(t.id);
+                        }
+                    } else if let Ok(fw) = self.firmware.latest(&dev.device_type)
+                        && dev
+                            .firmware_version
+                            .as_deref()
+                            .is_none_or(|v| ids::compare_versions(&fw.version, v).is_gt())
+                    {
+                        let t = self
+                            .new_task(
+                                id,
+                                dev.protocol,
+                                &dev.device_type,
+                                dev.firmware_version.clone(),
+                                &fw,
+                                false,
+                            )
+                            .map_err(|e| StoreError::Engine(e.to_string()))?;
+                        let t = state::apply(&t, &Input::CommandSent, now_ms());
+                        if let Outcome::Changed(t) = t {
+                            self.store.put_task(&t)?;
+                            data = serde_json::to_value(self.alibaba_data(&t)).expect("json");
+                        }
+                    }
+                    let reply = alibaba::GetReply {
+                        code: 200,
+                        data,
+                        id: g.id,
+                    };
+                    out.push((
+                        alibaba::get_reply_topic(pk, dn),
+                        serde_json::to_vec(&reply).expect("json"),
+                    ));
+                }
+            },
+        }
+        Ok(())
+    }
+
+    fn devices_note(
+        &self,
+        m: &InboundMessage,
+        version: Option<&str>,
+        device_type: Option<&str>,
+        formats: Option<&[String]>,
+    ) -> Result<Option<crate::store::DeviceRecord>, StoreError> {
+        let auto = !m.authenticated && self.settings.allow_anonymous;
+        match self.devices.note_report(
+            &m.device_id,
+            m.protocol,
+            version,
+            device_type,
+            formats,
+            auto,
+        ) {
+            Ok(Some(d)) => Ok(Some(d)),
+            Ok(None) => {
+                self.drop_report(
+                    &self.drops.unknown_device,
+                    &m.device_id,
+                    "device is not registered",
+                );
+                Ok(None)
+            }
+            Err(DeviceError::Store(e)) => Err(e),
+            Err(e) => {
+                self.drop_report(&self.drops.unknown_device, &m.device_id, &e.to_string());
+                Ok(None)
+            }
+        }
+    }
+
+    /// Takes reports in batches: handle all, flush once, then release the devices' PUBACKs.
+    async fn ingest(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<InboundMessage>,
+        shutdown: CancellationToken,
+    ) {
+        const BATCH: usize = 1024;
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            let n = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = rx.recv_many(&mut batch, BATCH) => n,
+            };
+            if n == 0 {
+                return;
+            }
+            let mut out = Vec::new();
+            let mut sends = Vec::new();
+            let ok = {
+                let _g = self.lock.lock().await;
+                let mut ok = true;
+                for m in &batch {
+                    if let Err(e) = self.handle(m, &mut out, &mut sends) {
+                        tracing::error!(error = %e, device = %m.device_id, "storing a report failed; the device will retry");
+                        ok = false;
+                        break;
+                    }
+                }
+                ok && match self.store.flush().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "store flush failed; reports are not acknowledged");
+                        false
+                    }
+                }
+            };
+            for m in batch.drain(..) {
+                if ok && let Some(done) = m.done {
+                    let _ = done.send(());
+                }
+            }
+            for (topic, payload) in out {
+                let _ = self.broker.publish(topic, payload).await;
+            }
+            for id in sends {
+                let _ = self.send_command(id).await;
+            }
+        }
+    }
+
+    async fn presence(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Presence>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let p = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = rx.recv() => match p { Some(p) => p, None => return },
+            };
+            let ready = self.devices.on_presence(&p);
+            match &p {
+                Presence::Connected { id, ip, .. } => {
+                    tracing::debug!(device = %id, ip = %ip, "device connected");
+                    if let Ok(Some(mut d)) = self.store.get_device(id) {
+                        d.last_seen_ms = Some(now_ms());
+                        d.last_ip = Some(ip.clone());
+                        let _ = self.store.put_device(&d);
+                    }
+                }
+                Presence::Ready { id, .. } if ready => {
+                    // Re-send on connect: a command that never got an answer goes out again.
+                    if let Ok(Some(t)) = self.store.active_task(id)
+                        && t.status == TaskStatus::Pending
+                        && let Err(e) = self.send_command(t.id).await
+                    {
+                        tracing::warn!(device = %id, error = %e, "re-sending the command failed");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn stall_sweeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let timeout_ms = self.settings.stall_timeout.as_millis() as i64;
+        let period = (self.settings.stall_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let _g = self.lock.lock().await;
+            let mut changed = false;
+            let Ok(ids) = self.store.active_task_ids() else {
+                continue;
+            };
+            for id in ids {
+                let Ok(Some(t)) = self.store.get_task(id) else {
+                    continue;
+                };
+                if let Outcome::Changed(n) =
+                    state::apply(&t, &Input::StallCheck { timeout_ms }, now_ms())
+                {
+                    tracing::warn!(device = %n.device_id, task = n.id, "task failed: no report within tasks.stall_timeout_secs");
+                    if self.store.put_task(&n).is_ok() {
+                        changed = true;
+                    }
+                }
+            }
+            if changed && let Err(e) = self.store.flush().await {
+                tracing::error!(error = %e, "flush after stall sweep failed");
+            }
+        }
+    }
+}

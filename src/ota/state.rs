@@ -1,0 +1,415 @@
+//! The task state machine as a pure function: `(task, input, now) -> outcome`. No I/O, no tokio,
+//! no clock of its own; every rule of SPEC 4 about ordering lives here and is unit-tested.
+//!
+//! Rules: reports never move a task backwards (an earlier state, or less progress in the same
+//! state, is stale); final states take no more reports, except that a device which comes back
+//! on the old version after `completed` turns the task `failed / ROLLED_BACK`; the device
+//! reporting the target version completes an active task; an active task that hears nothing
+//! for the stall timeout fails with `TIMEOUT`.
+
+use crate::store::{TaskEvent, TaskRecord, TaskStatus};
+
+/// Something that happened to a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The command went out (first time or re-sent).
+    CommandSent,
+    /// A progress report. `status` is never `Pending` or `Cancelled` here.
+    Progress {
+        status: TaskStatus,
+        progress: Option<u8>,
+        error_code: Option<String>,
+        error_message: Option<String>,
+    },
+    /// The device reported the version it runs (heartbeat / inform).
+    Version(String),
+    /// The device answered without changing anything (e.g. `state: pending`): liveness only.
+    Alive,
+    /// An operator cancelled it.
+    Cancel { reason: String },
+    /// The stall sweep looked at it.
+    StallCheck { timeout_ms: i64 },
+}
+
+/// What to do with the task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Persist this new version of the task.
+    Changed(TaskRecord),
+    /// Nothing changes but liveness: persist `last_activity_ms` only (no history entry).
+    Touched(TaskRecord),
+    /// Drop the input; the reason is for logs and counters.
+    Ignored(&'static str),
+}
+
+fn rank(s: TaskStatus) -> u8 {
+    match s {
+        TaskStatus::Pending => 0,
+        TaskStatus::Downloading => 1,
+        TaskStatus::Verifying => 2,
+        TaskStatus::Installing => 3,
+        TaskStatus::Completed => 4,
+        TaskStatus::Failed | TaskStatus::Cancelled => 5,
+    }
+}
+
+fn change(t: &TaskRecord, now: i64, status: TaskStatus, progress: u8, note: String) -> TaskRecord {
+    let mut n = t.clone();
+    n.status = status;
+    n.progress = progress;
+    n.updated_at_ms = now;
+    n.last_activity_ms = now;
+    if !status.is_active() && n.complete_time_ms.is_none() {
+        n.complete_time_ms = Some(now);
+    }
+    n.events.push(TaskEvent {
+        at_ms: now,
+        status,
+        progress,
+        note,
+    });
+    n
+}
+
+fn touch(t: &TaskRecord, now: i64) -> Outcome {
+    let mut n = t.clone();
+    n.last_activity_ms = now;
+    Outcome::Touched(n)
+}
+
+/// Applies one input to a task at time `now` (milliseconds since the epoch).
+pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
+    match input {
+        Input::CommandSent => {
+            if !t.status.is_active() {
+                return Outcome::Ignored("command for a finished task");
+            }
+            let mut n = change(t, now, t.status, t.progress, "command sent".into());
+            if n.start_time_ms.is_none() {
+                n.start_time_ms = Some(now);
+            }
+            Outcome::Changed(n)
+        }
+        Input::Progress {
+            status,
+            progress,
+            error_code,
+            error_message,
+        } => {
+            if !t.status.is_active() {
+                return Outcome::Ignored("report for a finished task");
+            }
+            match status {
+                TaskStatus::Failed => {
+                    let mut n = change(
+                        t,
+                        now,
+                        TaskStatus::Failed,
+                        t.progress,
+                        format!("failed: {}", error_code.as_deref().unwrap_or("FAILED")),
+                    );
+                    n.error_code = Some(error_code.clone().unwrap_or_else(|| "FAILED".into()));
+                    n.error_message = error_message.clone();
+                    Outcome::Changed(n)
+                }
+                TaskStatus::Completed => Outcome::Changed(change(
+                    t,
+                    now,
+                    TaskStatus::Completed,
+                    100,
+                    "device reported completed".into(),
+                )),
+                TaskStatus::Pending | TaskStatus::Cancelled => {
+                    Outcome::Ignored("state a device cannot report")
+                }
+                s => {
+                    let p = progress.unwrap_or(if rank(*s) > rank(t.status) {
+                        0
+                    } else {
+                        t.progress
+                    });
+                    if rank(*s) < rank(t.status) || (*s == t.status && p < t.progress) {
+                        return Outcome::Ignored("stale report (would move backwards)");
+                    }
+                    if *s == t.status && p == t.progress {
+                        return touch(t, now);
+                    }
+                    Outcome::Changed(change(t, now, *s, p, format!("{} {p}%", s.as_str())))
+                }
+            }
+        }
+        Input::Version(v) => {
+            if *v == t.to_version {
+                if t.status.is_active() {
+                    return Outcome::Changed(change(
+                        t,
+                        now,
+                        TaskStatus::Completed,
+                        100,
+                        format!("device runs {v}"),
+                    ));
+                }
+                return Outcome::Ignored("target version confirmed again");
+            }
+            let on_old = t.from_version.as_deref() == Some(v.as_str());
+            if t.status == TaskStatus::Completed && on_old {
+                let mut n = change(
+                    t,
+                    now,
+                    TaskStatus::Failed,
+                    t.progress,
+                    format!("device came back on {v}"),
+                );
+                n.error_code = Some("ROLLED_BACK".into());
+                n.error_message = Some(format!(
+                    "the device reported version {v} after completing the upgrade to {}",
+                    t.to_version
+                ));
+                // complete_time stays the moment the task ended first
+                return Outcome::Changed(n);
+            }
+            if t.status.is_active() {
+                return touch(t, now);
+            }
+            Outcome::Ignored("version report for a finished task")
+        }
+        Input::Alive => {
+            if t.status.is_active() {
+                touch(t, now)
+            } else {
+                Outcome::Ignored("report for a finished task")
+            }
+        }
+        Input::Cancel { reason } => {
+            if !t.status.is_active() {
+                return Outcome::Ignored("task already finished");
+            }
+            let mut n = change(
+                t,
+                now,
+                TaskStatus::Cancelled,
+                t.progress,
+                format!("cancelled: {reason}"),
+            );
+            n.error_code = Some("CANCELLED".into());
+            n.error_message = Some(reason.clone());
+            Outcome::Changed(n)
+        }
+        Input::StallCheck { timeout_ms } => {
+            let Some(_) = t.start_time_ms else {
+                return Outcome::Ignored("command not sent yet");
+            };
+            if !t.status.is_active() || now - t.last_activity_ms < *timeout_ms {
+                return Outcome::Ignored("not stalled");
+            }
+            let mut n = change(
+                t,
+                now,
+                TaskStatus::Failed,
+                t.progress,
+                "no report within the stall timeout".into(),
+            );
+            n.error_code = Some("TIMEOUT".into());
+            n.error_message = Some(format!(
+                "no report from the device for {} s",
+                (now - t.last_activity_ms) / 1000
+            ));
+            Outcome::Changed(n)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Protocol;
+    use TaskStatus::*;
+
+    fn task() -> TaskRecord {
+        TaskRecord {
+            schema: 1,
+            id: 1,
+            device_id: "GW1".into(),
+            protocol: Protocol::Gateway,
+            device_type: "gateway".into(),
+            from_version: Some("1.0.1".into()),
+            to_version: "1.0.2".into(),
+            firmware_url: "u".into(),
+            md5: "m".into(),
+            sha256: "s".into(),
+            file_size: 1,
+            msg_id: "ota_1".into(),
+            status: Pending,
+            progress: 0,
+            error_code: None,
+            error_message: None,
+            campaign_id: None,
+            delta: None,
+            force: false,
+            start_time_ms: None,
+            complete_time_ms: None,
+            last_activity_ms: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            events: vec![],
+        }
+    }
+
+    fn prog(s: TaskStatus, p: Option<u8>) -> Input {
+        Input::Progress {
+            status: s,
+            progress: p,
+            error_code: None,
+            error_message: None,
+        }
+    }
+
+    fn changed(o: Outcome) -> TaskRecord {
+        match o {
+            Outcome::Changed(t) => t,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn happy_path_records_history_and_times() {
+        let t = changed(apply(&task(), &Input::CommandSent, 10));
+        assert_eq!(t.start_time_ms, Some(10));
+        let t = changed(apply(&t, &prog(Downloading, Some(45)), 20));
+        let t = changed(apply(&t, &prog(Verifying, None), 30));
+        assert_eq!(t.progress, 0);
+        let t = changed(apply(&t, &prog(Installing, Some(10)), 40));
+        let t = changed(apply(&t, &prog(Completed, None), 50));
+        assert_eq!(
+            (t.status, t.progress, t.complete_time_ms),
+            (Completed, 100, Some(50))
+        );
+        assert_eq!(t.events.len(), 5);
+        assert_eq!(t.start_time_ms, Some(10));
+    }
+
+    #[test]
+    fn every_backwards_or_stale_input_is_ignored() {
+        let t = changed(apply(&task(), &prog(Installing, Some(50)), 1));
+        for (s, p) in [
+            (Downloading, Some(99)),
+            (Verifying, Some(100)),
+            (Installing, Some(49)),
+        ] {
+            assert!(
+                matches!(apply(&t, &prog(s, p), 2), Outcome::Ignored(_)),
+                "{s:?} {p:?}"
+            );
+        }
+        assert!(
+            matches!(apply(&t, &prog(Installing, Some(50)), 2), Outcome::Touched(x) if x.last_activity_ms == 2)
+        );
+        assert!(matches!(
+            apply(&t, &prog(Pending, None), 2),
+            Outcome::Ignored(_)
+        ));
+        assert!(matches!(
+            apply(&t, &prog(Cancelled, None), 2),
+            Outcome::Ignored(_)
+        ));
+        // finished tasks take nothing
+        for done in [Completed, Failed, Cancelled] {
+            let mut f = t.clone();
+            f.status = done;
+            for s in [Downloading, Verifying, Installing, Completed, Failed] {
+                assert!(
+                    matches!(apply(&f, &prog(s, Some(100)), 3), Outcome::Ignored(_)),
+                    "{done:?} <- {s:?}"
+                );
+            }
+            assert!(matches!(
+                apply(&f, &Input::Cancel { reason: "x".into() }, 3),
+                Outcome::Ignored(_)
+            ));
+            assert!(matches!(
+                apply(&f, &Input::CommandSent, 3),
+                Outcome::Ignored(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn failure_carries_the_code() {
+        let t = changed(apply(
+            &task(),
+            &Input::Progress {
+                status: Failed,
+                progress: None,
+                error_code: Some("MD5_MISMATCH".into()),
+                error_message: Some("bad".into()),
+            },
+            5,
+        ));
+        assert_eq!(
+            (t.status, t.error_code.as_deref(), t.complete_time_ms),
+            (Failed, Some("MD5_MISMATCH"), Some(5))
+        );
+    }
+
+    #[test]
+    fn version_reports_complete_or_roll_back() {
+        let t = changed(apply(&task(), &prog(Installing, Some(100)), 1));
+        assert!(matches!(
+            apply(&t, &Input::Version("1.0.1".into()), 2),
+            Outcome::Touched(_)
+        ));
+        let done = changed(apply(&t, &Input::Version("1.0.2".into()), 3));
+        assert_eq!((done.status, done.complete_time_ms), (Completed, Some(3)));
+        assert!(matches!(
+            apply(&done, &Input::Version("1.0.2".into()), 4),
+            Outcome::Ignored(_)
+        ));
+        let rb = changed(apply(&done, &Input::Version("1.0.1".into()), 5));
+        assert_eq!(
+            (rb.status, rb.error_code.as_deref()),
+            (Failed, Some("ROLLED_BACK"))
+        );
+        assert_eq!(rb.complete_time_ms, Some(3));
+        // an unrelated version after completion changes nothing
+        assert!(matches!(
+            apply(&done, &Input::Version("0.9".into()), 6),
+            Outcome::Ignored(_)
+        ));
+    }
+
+    #[test]
+    fn stall_timeout_only_after_the_command_went_out() {
+        let t = task();
+        assert!(matches!(
+            apply(&t, &Input::StallCheck { timeout_ms: 10 }, 1000),
+            Outcome::Ignored(_)
+        ));
+        let t = changed(apply(&t, &Input::CommandSent, 100));
+        assert!(matches!(
+            apply(&t, &Input::StallCheck { timeout_ms: 10 }, 109),
+            Outcome::Ignored(_)
+        ));
+        let f = changed(apply(&t, &Input::StallCheck { timeout_ms: 10 }, 110));
+        assert_eq!(
+            (f.status, f.error_code.as_deref()),
+            (Failed, Some("TIMEOUT"))
+        );
+        let t = changed(apply(&t, &prog(Downloading, Some(5)), 200));
+        assert!(matches!(
+            apply(&t, &Input::StallCheck { timeout_ms: 10 }, 205),
+            Outcome::Ignored(_)
+        ));
+    }
+
+    #[test]
+    fn cancel_ends_active_tasks() {
+        let c = changed(apply(
+            &task(),
+            &Input::Cancel {
+                reason: "operator".into(),
+            },
+            7,
+        ));
+        assert_eq!((c.status, c.complete_time_ms), (Cancelled, Some(7)));
+    }
+}

@@ -1,0 +1,163 @@
+//! A test device over real MQTT (rumqttc): connects with credentials (plain or TLS pinned to the
+//! appliance's CA), and turns the event loop into a channel of received publishes and the end
+//! of the connection.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use tokio::sync::mpsc;
+
+/// What the test sees of a connection.
+#[derive(Debug)]
+pub enum Seen {
+    Connected(rumqttc::ConnectReturnCode),
+    Subscribed,
+    Message { topic: String, payload: Vec<u8> },
+    Closed(String),
+}
+
+pub struct Device {
+    pub client: AsyncClient,
+    pub rx: mpsc::UnboundedReceiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A rustls client config trusting the appliance's generated CA (ring provider).
+pub fn tls_config(data_dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(data_dir.join("certs/ca.pem")).unwrap()
+    {
+        roots.add(c.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(hangar::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+impl Device {
+    /// Connects; `tls` = Some(data_dir) for MQTTS (host must be "localhost").
+    pub async fn connect(
+        port: u16,
+        client_id: &str,
+        creds: Option<(&str, &str)>,
+        tls: Option<&std::path::Path>,
+    ) -> Device {
+        let mut o = MqttOptions::new(client_id, "localhost", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        if let Some((u, p)) = creds {
+            o.set_credentials(u, p);
+        }
+        if let Some(dir) = tls {
+            o.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls_config(dir)),
+            ));
+        }
+        let (client, mut ev) = AsyncClient::new(o, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                        let _ = tx.send(Seen::Connected(c.code));
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = tx.send(Seen::Subscribed);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(Seen::Message {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Seen::Closed(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        Device { client, rx, task }
+    }
+
+    /// Waits for the next event, failing the test after `secs`.
+    pub async fn next(&mut self, secs: u64) -> Seen {
+        tokio::time::timeout(Duration::from_secs(secs), self.rx.recv())
+            .await
+            .expect("no MQTT event in time")
+            .expect("event loop ended")
+    }
+
+    /// Waits for CONNACK; panics on anything else.
+    pub async fn expect_connected(&mut self) {
+        match self.next(10).await {
+            Seen::Connected(rumqttc::ConnectReturnCode::Success) => {}
+            other => panic!("expected a successful CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe(&mut self, topic: &str) {
+        self.client
+            .subscribe(topic, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            match self.next(10).await {
+                Seen::Subscribed => return,
+                Seen::Closed(e) => panic!("closed while subscribing to {topic}: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Publishes JSON at QoS 1.
+    pub async fn publish(&self, topic: &str, payload: serde_json::Value) {
+        self.client
+            .publish(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&payload).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The next application message (skipping acks), parsed as JSON.
+    pub async fn message(&mut self, secs: u64) -> (String, serde_json::Value) {
+        loop {
+            match self.next(secs).await {
+                Seen::Message { topic, payload } => {
+                    return (topic, serde_json::from_slice(&payload).unwrap());
+                }
+                Seen::Closed(e) => panic!("connection closed while waiting for a message: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits until the connection is closed by the server.
+    pub async fn expect_closed(&mut self, secs: u64) -> String {
+        loop {
+            if let Seen::Closed(e) = self.next(secs).await {
+                return e;
+            }
+        }
+    }
+}
