@@ -65,6 +65,9 @@ data_dir = "$WORK/hangar"
 [http]
 listen = "127.0.0.1:0"
 plain_listen = ""
+[mqtt]
+listen = "127.0.0.1:0"
+tls_listen = ""
 EOF
 RUST_LOG=hangar=warn "$HANGAR" serve --config "$WORK/hangar.toml" &
 PIDS+=($!)

@@ -21,7 +21,7 @@ fn notifies_ready_and_uses_the_state_directory() {
     let cfg = dir.path().join("hangar.toml");
     std::fs::write(
         &cfg,
-        "[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"\n",
+        "[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n",
     )
     .unwrap();
     let mut child = Command::new(common::bin())

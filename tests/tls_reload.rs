@@ -94,7 +94,7 @@ async fn broken_site_certificate_stops_the_start_with_the_file_name() {
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
             dir.path().join("data").to_string_lossy(),
             cert.to_string_lossy(),
             dir.path().join("missing.key").to_string_lossy()

@@ -264,13 +264,13 @@ impl Proc {
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"\n",
+                "data_dir = {:?}\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n",
                 data.to_string_lossy()
             ),
         )
         .unwrap();
         let _ = std::fs::remove_file(data.join("ports.json"));
-        let child = Command::new(bin())
+        let mut child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "hangar=warn")
@@ -286,6 +286,9 @@ impl Proc {
                 break v;
             }
             assert!(Instant::now() < deadline, "server did not write ports.json");
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("server exited at start: {status}");
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let p = Proc {
