@@ -265,7 +265,17 @@ where
     } else {
         connect.client_id.clone()
     };
-    connect.client_id = format!("{scope}|{client}");
+    // Scoped per device (one device cannot take over another's session by reusing its client
+    // id) and hashed: rumqttd refuses client ids containing + $ # or /, which ids may hold.
+    connect.client_id = {
+        use sha2::Digest;
+        let h = sha2::Sha256::new()
+            .chain_update(scope.as_bytes())
+            .chain_update([0u8])
+            .chain_update(client.as_bytes())
+            .finalize();
+        format!("d{}", &hex::encode(h)[..40])
+    };
     let rewritten = packet::encode(Packet::Connect(connect, props, will, will_props, login))
         .map_err(|e| e.to_string())?;
     let backend = connect_backend(ctx.backend).await?;
