@@ -47,6 +47,71 @@ pub enum Command {
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Manage the device registry.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Upgrade one device to a released version.
+    Upgrade {
+        /// Device id (Alibaba devices: productKey/deviceName).
+        device: String,
+        /// Target version.
+        #[arg(long)]
+        version: String,
+        /// Replace an active task instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show a device's newest task; --follow renders live progress until it ends.
+    Task {
+        /// Device id.
+        device: String,
+        /// Keep polling and draw a progress bar until the task ends.
+        #[arg(long)]
+        follow: bool,
+        /// Cancel the device's active task instead.
+        #[arg(long, conflicts_with = "follow")]
+        cancel: bool,
+    },
+}
+
+/// `hangar device ...`
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// List devices.
+    List,
+    /// Show one device.
+    Show {
+        /// Device id.
+        id: String,
+    },
+    /// Register a device.
+    Add {
+        /// Device id (Alibaba devices: productKey/deviceName).
+        id: String,
+        /// MQTT password of the device.
+        #[arg(long)]
+        secret: String,
+        /// gateway or alibaba.
+        #[arg(long, default_value = "gateway")]
+        protocol: String,
+        /// Device type (Alibaba: the productKey, implied).
+        #[arg(long)]
+        device_type: Option<String>,
+        /// Tags, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+    },
+    /// Register many devices from a CSV (id,deviceType,protocol,secret,tags with tags `;`-separated)
+    /// or JSON file (an array of {"id","deviceType","protocol","secret","tags"}).
+    Import {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Remove a device.
+    Delete {
+        /// Device id.
+        id: String,
+    },
 }
 
 /// `hangar firmware ...`
@@ -267,6 +332,198 @@ pub async fn firmware(g: &Global, cmd: FirmwareCmd) -> Result<(), CliError> {
                 .delete(&format!("/api/ota/firmware/{version}"), &dt(&device_type))
                 .await?,
         ),
+    }
+    Ok(())
+}
+
+/// A device id as one URL path segment.
+fn path_id(id: &str) -> String {
+    id.replace('%', "%25").replace('/', "%2F")
+}
+
+/// Parses a device import file (CSV or JSON) into registration bodies.
+pub fn parse_import(text: &str) -> Result<Vec<Value>, String> {
+    let t = text.trim_start();
+    if t.starts_with('[') {
+        return serde_json::from_str(t).map_err(|e| format!("not a JSON array: {e}"));
+    }
+    let mut lines = t.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<String> = lines
+        .next()
+        .ok_or("the file is empty")?
+        .split(',')
+        .map(|h| h.trim().to_string())
+        .collect();
+    if !header.iter().any(|h| h == "id") || !header.iter().any(|h| h == "secret") {
+        return Err(
+            "the CSV header must name at least id and secret (id,deviceType,protocol,secret,tags)"
+                .into(),
+        );
+    }
+    let mut out = Vec::new();
+    for (n, line) in lines.enumerate() {
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cells.len() != header.len() {
+            return Err(format!(
+                "line {}: {} cells, the header has {}",
+                n + 2,
+                cells.len(),
+                header.len()
+            ));
+        }
+        let mut obj = serde_json::Map::new();
+        for (h, c) in header.iter().zip(cells) {
+            match h.as_str() {
+                "tags" => {
+                    let tags: Vec<&str> = c
+                        .split(';')
+                        .map(str::trim)
+                        .filter(|x| !x.is_empty())
+                        .collect();
+                    obj.insert("tags".into(), json!(tags));
+                }
+                _ if c.is_empty() => {}
+                _ => {
+                    obj.insert(h.clone(), json!(c));
+                }
+            }
+        }
+        out.push(Value::Object(obj));
+    }
+    Ok(out)
+}
+
+/// `hangar device ...`
+pub async fn device(g: &Global, cmd: DeviceCmd) -> Result<(), CliError> {
+    let client = Client::connect(&endpoint(g))?;
+    match cmd {
+        DeviceCmd::List => {
+            let list = client.get("/api/ota/devices", &[]).await?;
+            println!(
+                "{:<32} {:<8} {:<16} {:<12} {:<7} LAST SEEN",
+                "ID", "PROTOCOL", "TYPE", "VERSION", "ONLINE"
+            );
+            for d in list.as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<32} {:<8} {:<16} {:<12} {:<7} {}",
+                    d["id"].as_str().unwrap_or(""),
+                    d["protocol"].as_str().unwrap_or(""),
+                    d["deviceType"].as_str().unwrap_or(""),
+                    d["firmwareVersion"].as_str().unwrap_or("-"),
+                    d["online"].as_bool().unwrap_or(false),
+                    d["lastSeen"].as_str().unwrap_or("-"),
+                );
+            }
+        }
+        DeviceCmd::Show { id } => print_json(
+            &client
+                .get(&format!("/api/ota/devices/{}", path_id(&id)), &[])
+                .await?,
+        ),
+        DeviceCmd::Add {
+            id,
+            secret,
+            protocol,
+            device_type,
+            tags,
+        } => {
+            let mut body = json!({"id": id, "secret": secret, "protocol": protocol, "tags": tags});
+            if let Some(t) = device_type {
+                body["deviceType"] = json!(t);
+            }
+            print_json(&client.post("/api/ota/devices", &[], &body).await?);
+        }
+        DeviceCmd::Import { file } => {
+            let text = std::fs::read_to_string(&file).map_err(|source| CliError::Io {
+                context: format!("reading {}", file.display()),
+                source,
+            })?;
+            let list = parse_import(&text)
+                .map_err(|e| CliError::Discover(format!("{}: {e}", file.display())))?;
+            let r = client
+                .post("/api/ota/devices/import", &[], &Value::Array(list))
+                .await?;
+            for line in r["results"].as_array().cloned().unwrap_or_default() {
+                if line["ok"] != true {
+                    eprintln!(
+                        "{}: {}",
+                        line["id"].as_str().unwrap_or("?"),
+                        line["error"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            println!("imported {}, failed {}", r["imported"], r["failed"]);
+            if r["failed"].as_u64().unwrap_or(0) > 0 {
+                return Err(CliError::Discover("some devices were not imported".into()));
+            }
+        }
+        DeviceCmd::Delete { id } => print_json(
+            &client
+                .delete(&format!("/api/ota/devices/{}", path_id(&id)), &[])
+                .await?,
+        ),
+    }
+    Ok(())
+}
+
+/// `hangar upgrade DEVICE --version V`
+pub async fn upgrade(g: &Global, device: &str, version: &str, force: bool) -> Result<(), CliError> {
+    let client = Client::connect(&endpoint(g))?;
+    let t = client
+        .post(
+            &format!("/api/ota/upgrade/{}", path_id(device)),
+            &[],
+            &json!({"version": version, "force": force}),
+        )
+        .await?;
+    print_json(&t);
+    Ok(())
+}
+
+/// `hangar task DEVICE [--follow|--cancel]`
+pub async fn task(g: &Global, device: &str, follow: bool, cancel: bool) -> Result<(), CliError> {
+    let client = Client::connect(&endpoint(g))?;
+    let path = format!("/api/ota/task/{}", path_id(device));
+    if cancel {
+        print_json(
+            &client
+                .post(&format!("{path}/cancel"), &[], &json!({}))
+                .await?,
+        );
+        return Ok(());
+    }
+    let mut t = client.get(&path, &[]).await?;
+    if !follow {
+        print_json(&t);
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(100);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {pos:>3}% {msg}")
+            .expect("valid template"),
+    );
+    bar.set_prefix(format!(
+        "{device} -> {}",
+        t["toVersion"].as_str().unwrap_or("?")
+    ));
+    loop {
+        let status = t["status"].as_str().unwrap_or("").to_string();
+        bar.set_position(t["progress"].as_u64().unwrap_or(0));
+        bar.set_message(status.clone());
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        t = client.get(&path, &[]).await?;
+    }
+    bar.finish();
+    print_json(&t);
+    if t["status"] != "completed" {
+        return Err(CliError::Api {
+            status: 200,
+            code: t["errorCode"].as_str().unwrap_or("FAILED").to_string(),
+            message: format!("the task ended {}", t["status"].as_str().unwrap_or("?")),
+        });
     }
     Ok(())
 }

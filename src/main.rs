@@ -33,6 +33,17 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Firmware(cmd) => hangar::cli::firmware(&cli.global, cmd).await?,
         Command::Config(cmd) => hangar::cli::config(cmd)?,
+        Command::Device(cmd) => hangar::cli::device(&cli.global, cmd).await?,
+        Command::Upgrade {
+            device,
+            version,
+            force,
+        } => hangar::cli::upgrade(&cli.global, &device, &version, force).await?,
+        Command::Task {
+            device,
+            follow,
+            cancel,
+        } => hangar::cli::task(&cli.global, &device, follow, cancel).await?,
     }
     Ok(())
 }
