@@ -45,11 +45,22 @@ type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    group: std::sync::Arc<GroupCommit>,
     firmware: sled::Tree,
     devices: sled::Tree,
     tasks: sled::Tree,
     device_tasks: sled::Tree,
     active: sled::Tree,
+}
+
+/// Group commit: every `flush()` caller takes a ticket; one flush on the blocking pool covers
+/// every ticket issued before it started, so concurrent callers share an fsync.
+struct GroupCommit {
+    /// Tickets issued so far.
+    issued: std::sync::atomic::AtomicU64,
+    /// (highest ticket covered by a finished flush, that flush's error). The lock is fair, so
+    /// waiters are served in order and most find their ticket already covered.
+    round: tokio::sync::Mutex<(u64, Option<String>)>,
 }
 
 fn device_task_key(device: &str, id: u64) -> Vec<u8> {
@@ -92,6 +103,10 @@ impl Store {
         let device_tasks = db.open_tree("device_tasks")?;
         let active = db.open_tree("active_tasks")?;
         Ok(Store {
+            group: std::sync::Arc::new(GroupCommit {
+                issued: std::sync::atomic::AtomicU64::new(0),
+                round: tokio::sync::Mutex::new((0, None)),
+            }),
             db,
             firmware,
             devices,
@@ -101,13 +116,26 @@ impl Store {
         })
     }
 
-    /// Makes every previous write durable. Runs on the blocking pool.
+    /// Makes every previous write durable. Concurrent callers share one flush (group commit);
+    /// the flush itself runs on the blocking pool.
     pub async fn flush(&self) -> Result<()> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush().map(|_| ()))
-            .await
-            .map_err(|e| StoreError::Engine(format!("flush task: {e}")))??;
-        Ok(())
+        use std::sync::atomic::Ordering;
+        let ticket = self.group.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut round = self.group.round.lock().await;
+        if round.0 < ticket {
+            // Everything written before this point is covered by the flush we start now.
+            let target = self.group.issued.load(Ordering::SeqCst);
+            let db = self.db.clone();
+            let r = tokio::task::spawn_blocking(move || db.flush().map(|_| ()))
+                .await
+                .map_err(|e| format!("flush task: {e}"))
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            *round = (target, r.err());
+        }
+        match &round.1 {
+            None => Ok(()),
+            Some(e) => Err(StoreError::Engine(e.clone())),
+        }
     }
 
     /// Blocking flush, for shutdown paths outside the runtime.
@@ -383,6 +411,28 @@ mod tests {
             created_at_ms: 1,
             updated_at_ms: 1,
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_flushes_share_rounds_and_all_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut handles = Vec::new();
+        for i in 0..200u32 {
+            let s = store.clone();
+            handles.push(tokio::spawn(async move {
+                let mut r = rec(&format!("1.0.{i}"));
+                r.sha256 = format!("{i:064}");
+                s.insert_firmware(&r).unwrap();
+                s.flush().await.unwrap();
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.list_firmware().unwrap().len(), 200);
     }
 
     #[tokio::test]
