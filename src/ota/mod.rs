@@ -289,9 +289,10 @@ impl Ota {
                 force,
             )?;
             self.store.put_task(&t)?;
-            self.store.flush().await?;
             t
         };
+        // Outside the lock: concurrent creations share one flush (group commit).
+        self.store.flush().await?;
         tracing::info!(device = %device_id, task = task.id, version = %version, "upgrade task created");
         if self.devices.live(device_id).ready {
             return self.send_command(task.id).await;
@@ -397,7 +398,7 @@ impl Ota {
 
     /// Publishes a task's command (with a freshly signed URL) and records it as sent.
     async fn send_command(&self, task_id: u64) -> Result<TaskRecord, OtaError> {
-        let _g = self.lock.lock().await;
+        let g = self.lock.lock().await;
         let Some(mut t) = self.store.get_task(task_id)? else {
             return Err(OtaError::NotFound(format!("task {task_id} vanished")));
         };
@@ -413,6 +414,7 @@ impl Ota {
         if let Outcome::Changed(n) = state::apply(&t, &Input::CommandSent, now_ms()) {
             t = n;
             self.store.put_task(&t)?;
+            drop(g);
             self.store.flush().await?;
         }
         Ok(t)
@@ -440,9 +442,9 @@ impl Ota {
                 )));
             };
             self.store.put_task(&t)?;
-            self.store.flush().await?;
             t
         };
+        self.store.flush().await?;
         if t.protocol == Protocol::Gateway {
             let c = gateway::Command {
                 msg_type: "ota_cancel".into(),
@@ -785,7 +787,7 @@ impl Ota {
             let mut out = Vec::new();
             let mut sends = Vec::new();
             let ok = {
-                let _g = self.lock.lock().await;
+                let g = self.lock.lock().await;
                 let mut ok = true;
                 for m in &batch {
                     if let Err(e) = self.handle(m, &mut out, &mut sends) {
@@ -794,6 +796,7 @@ impl Ota {
                         break;
                     }
                 }
+                drop(g);
                 ok && match self.store.flush().await {
                     Ok(()) => true,
                     Err(e) => {
