@@ -1,5 +1,5 @@
 //! Hangar: one on-premise binary that stores firmware, serves it over HTTPS with resumable
-//! downloads, and (in later modules) pushes upgrades to gateways over MQTT.
+//! downloads, and pushes upgrades to gateways over an embedded MQTT broker.
 //!
 //! # Layout
 //! - [`config`]: the one serde config struct, defaults, validation with file/key/reason.
@@ -15,6 +15,12 @@
 //! - [`tls`]: generated CA/server certificate, reloadable rustls config.
 //! - [`net`]: host name and interface addresses.
 //! - [`http`]: the only module that names hyper/axum: router, API, Range downloads, errors.
+//! - [`broker`]: the only module that names rumqttd: embedded broker behind our front door
+//!   (TLS, logins, per-device ACL, reports acknowledged after they are persisted).
+//! - [`protocol`]: wire types and topics of the gateway and Alibaba-style device protocols.
+//! - [`devices`]: the device registry, live presence, and the broker's authenticator.
+//! - [`ota`]: upgrade tasks: the pure state machine and the engine that drives it.
+//! - [`ratelog`]: warnings limited to one per second per call site.
 
 pub mod app;
 pub mod auth;
