@@ -241,7 +241,9 @@ impl Devices {
     }
 
     /// Records what a device said about itself; creates it if it is unknown and `auto_register`
-    /// (anonymous lab mode). Returns the updated record, or `None` for an unknown device.
+    /// (anonymous lab mode). Returns the updated record, or `None` for an unknown device. The
+    /// record is written only when something but `lastSeen` changes (or the stored `lastSeen` is
+    /// over a minute old), so a stream of progress reports costs no device writes.
     pub fn note_report(
         &self,
         id: &str,
@@ -277,6 +279,7 @@ impl Devices {
             }
             None => return Ok(None),
         };
+        let before = rec.clone();
         if let Some(v) = version {
             rec.firmware_version = Some(v.to_string());
         }
@@ -293,12 +296,15 @@ impl Devices {
         {
             rec.device_type = t.to_string();
         }
-        rec.last_seen_ms = Some(now);
         let ip = self.live(id).ip;
         if !ip.is_empty() {
             rec.last_ip = Some(ip);
         }
-        self.store.put_device(&rec)?;
+        let stale = before.last_seen_ms.is_none_or(|t| now - t > 60_000);
+        if rec != before || stale {
+            rec.last_seen_ms = Some(now);
+            self.store.put_device(&rec)?;
+        }
         Ok(Some(rec))
     }
 }

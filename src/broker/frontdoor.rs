@@ -278,6 +278,12 @@ where
     };
     let rewritten = packet::encode(Packet::Connect(connect, props, will, will_props, login))
         .map_err(|e| e.to_string())?;
+    let handshake = ctx
+        .backend_handshakes
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| "server stopping".to_string())?;
     let backend = connect_backend(ctx.backend).await?;
     let _ = backend.set_nodelay(true);
     let (mut brd, mut bwr) = backend.into_split();
@@ -299,6 +305,7 @@ where
     let swallow = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let swallow_w = swallow.clone();
     let writer = tokio::spawn(async move {
+        let mut handshake = Some(handshake); // released with rumqttd's first answer (CONNACK)
         let mut bbuf = BytesMut::with_capacity(512);
         let mut pending = FuturesOrdered::new();
         let mut watched: Vec<(u16, String, Protocol)> = Vec::new();
@@ -321,6 +328,7 @@ where
                 },
                 frame = read_frame(&mut brd, &mut bbuf, usize::MAX >> 4) => match frame {
                     Ok(Some((ty, f))) => {
+                        handshake.take();
                         if ty == PINGRESP_TYPE
                             && swallow_w
                                 .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |n| n.checked_sub(1))

@@ -128,6 +128,9 @@ pub(crate) struct DoorContext {
     pub presence: mpsc::UnboundedSender<Presence>,
     pub counters: Arc<Counters>,
     pub connections: tokio::sync::Semaphore,
+    /// Connections to rumqttd still waiting for its CONNACK. Bounded so that rumqttd's accept
+    /// queue (1024) never overflows: dropped SYNs cost seconds of TCP retransmission backoff.
+    pub backend_handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 fn reserve_loopback_port() -> std::io::Result<SocketAddr> {
@@ -208,6 +211,7 @@ impl Broker {
         let counters = Arc::new(Counters::default());
         let ctx = Arc::new(DoorContext {
             connections: tokio::sync::Semaphore::new(settings.max_connections),
+            backend_handshakes: Arc::new(tokio::sync::Semaphore::new(256)),
             settings: settings.clone(),
             backend,
             auth,

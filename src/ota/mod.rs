@@ -538,7 +538,7 @@ impl Ota {
     ) -> Result<Option<TaskRecord>, StoreError> {
         match state::apply(t, input, now_ms()) {
             Outcome::Changed(n) | Outcome::Touched(n) => {
-                self.store.put_task(&n)?;
+                self.store.update_task(t, &n)?;
                 Ok(Some(n))
             }
             Outcome::Ignored(why) => {

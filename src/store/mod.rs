@@ -295,6 +295,19 @@ impl Store {
             })
     }
 
+    /// Replaces `old` by `new` (same task). When neither the device nor "is active" changed, the
+    /// indexes are already right and this is a single insert instead of a transaction.
+    pub fn update_task(&self, old: &TaskRecord, new: &TaskRecord) -> Result<()> {
+        if old.id == new.id
+            && old.device_id == new.device_id
+            && old.status.is_active() == new.status.is_active()
+        {
+            self.tasks.insert(new.id.to_be_bytes(), encode(new))?;
+            return Ok(());
+        }
+        self.put_task(new)
+    }
+
     /// One task.
     pub fn get_task(&self, id: u64) -> Result<Option<TaskRecord>> {
         let key = id.to_be_bytes();
