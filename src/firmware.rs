@@ -223,7 +223,14 @@ impl FirmwareService {
     pub async fn delete(&self, device_type: &str, version: &str) -> Result<FirmwareRecord> {
         validate_key(device_type, version)?;
         let _guard = self.lock.lock().await;
-        // Tasks and campaigns do not exist yet, so a firmware is never "in use" here.
+        let users = self.store.active_tasks_for(device_type, version)?;
+        if !users.is_empty() {
+            return Err(FirmwareError::Conflict(format!(
+                "firmware {version} is the target of {} active task(s) (e.g. device {}): cancel them first",
+                users.len(),
+                users[0].device_id
+            )));
+        }
         let rec = self
             .store
             .delete_firmware(device_type, version)?

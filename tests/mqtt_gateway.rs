@@ -281,6 +281,15 @@ async fn api_refusals_for_upgrades() {
         ["pending", "cancelled"],
         "force replaced the first task"
     );
+    // a firmware that an active task targets cannot be deleted
+    let r = s
+        .client
+        .delete(s.url("/api/ota/firmware/1.0.2"))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
     // cancel
     let (st, b) = s.post_json("/api/ota/task/GW1/cancel", json!({})).await;
     assert_eq!(st, 200, "{b}");
@@ -291,6 +300,15 @@ async fn api_refusals_for_upgrades() {
     assert_eq!(st, 404);
     let (st, _) = s.get_json("/api/ota/tasks?status=flying").await;
     assert_eq!(st, 400);
+    // no active task any more: delete works
+    let r = s
+        .client
+        .delete(s.url("/api/ota/firmware/1.0.2"))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]

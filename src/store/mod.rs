@@ -347,6 +347,20 @@ impl Store {
             .collect()
     }
 
+    /// Active tasks whose target is (device type, version).
+    pub fn active_tasks_for(&self, device_type: &str, version: &str) -> Result<Vec<TaskRecord>> {
+        let mut out = Vec::new();
+        for id in self.active_task_ids()? {
+            if let Some(t) = self.get_task(id)?
+                && t.device_type == device_type
+                && t.to_version == version
+            {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
     /// The device's newest task, if any.
     pub fn latest_task(&self, device: &str) -> Result<Option<TaskRecord>> {
         let mut prefix = device.as_bytes().to_vec();
