@@ -37,7 +37,9 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// The store could not be opened.
-    #[error("opening the store in {path}: {source}")]
+    #[error(
+        "opening the store in {path}: {source} (if the store is locked, another hangar is running with this data dir: stop it or use another data_dir)"
+    )]
     Store {
         /// The store directory.
         path: PathBuf,
