@@ -402,6 +402,19 @@ mod tests {
     }
 
     #[test]
+    fn alive_only_refreshes_active_tasks() {
+        assert!(
+            matches!(apply(&task(), &Input::Alive, 9), Outcome::Touched(t) if t.last_activity_ms == 9 && t.events.is_empty())
+        );
+        let mut done = task();
+        done.status = Completed;
+        assert!(matches!(
+            apply(&done, &Input::Alive, 9),
+            Outcome::Ignored(_)
+        ));
+    }
+
+    #[test]
     fn cancel_ends_active_tasks() {
         let c = changed(apply(
             &task(),
