@@ -10,19 +10,7 @@ use serde_json::Value;
 async fn device_and_task_verbs() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proc::spawn(dir.path(), "").await;
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(bin())
-            .arg("--config")
-            .arg(&p.config)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| p.cli(args);
     let (ok, out, err) = run(&[
         "device",
         "add",

@@ -152,19 +152,7 @@ async fn cli_verbs_find_the_appliance_from_the_config() {
     let mut p = Proc::spawn(dir.path(), "").await;
     let img = dir.path().join("fw.bin");
     std::fs::write(&img, image(50_000, 4)).unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(bin())
-            .arg("--config")
-            .arg(&p.config)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| p.cli(args);
     let (ok, out, err) = run(&[
         "firmware",
         "upload",

@@ -313,6 +313,21 @@ impl Proc {
         p
     }
 
+    /// Runs `hangar --config <this server's config> ARGS`: (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
