@@ -110,28 +110,8 @@ fn write_ports(
     std::fs::rename(&tmp, &path)
 }
 
-async fn bind(key: &'static str, addr: &str) -> Result<TcpListener, StartError> {
-    let sa: SocketAddr = addr.parse().map_err(|_| StartError::Bind {
-        key,
-        addr: addr.into(),
-        source: std::io::Error::other("not an address"),
-    })?;
-    let socket = if sa.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .and_then(|s| {
-        s.set_reuseaddr(true)?;
-        s.bind(sa)?;
-        Ok(s)
-    })
-    .map_err(|source| StartError::Bind {
-        key,
-        addr: addr.into(),
-        source,
-    })?;
-    socket.listen(4096).map_err(|source| StartError::Bind {
+fn bind(key: &'static str, addr: &str) -> Result<TcpListener, StartError> {
+    crate::net::bind_listener(addr).map_err(|source| StartError::Bind {
         key,
         addr: addr.into(),
         source,
@@ -213,11 +193,11 @@ impl App {
         let cert = tls::ReloadableCert::load(cert_paths.clone())?;
         let tls_config = tls::server_config(cert.clone(), &[b"h2", b"http/1.1"]);
 
-        let https_listener = bind("http.listen", &config.http.listen).await?;
+        let https_listener = bind("http.listen", &config.http.listen)?;
         let plain_listener = if config.http.plain_listen.is_empty() {
             None
         } else {
-            Some(bind("http.plain_listen", &config.http.plain_listen).await?)
+            Some(bind("http.plain_listen", &config.http.plain_listen)?)
         };
         let https = https_listener
             .local_addr()

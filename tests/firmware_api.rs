@@ -263,25 +263,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let (st, b) = s.upload("1.0.1", None, Vec::new()).await;
     assert_eq!(st, 400, "{b}");
     let form = reqwest::multipart::Form::new().text("version", "1.0.1");
-    let r = s
-        .client
-        .post(s.url("/api/ota/firmware/upload"))
-        .header("authorization", s.auth())
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_form(form).await;
     assert_eq!(r.status(), 400);
     let form = reqwest::multipart::Form::new()
         .part("file", reqwest::multipart::Part::bytes(vec![1, 2, 3]));
-    let r = s
-        .client
-        .post(s.url("/api/ota/firmware/upload"))
-        .header("authorization", s.auth())
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_form(form).await;
     assert_eq!(r.status(), 400);
     let r = s
         .client
@@ -298,27 +284,13 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .text("version", "1.0.1")
         .part("file", reqwest::multipart::Part::bytes(vec![1, 2, 3]))
         .part("file", reqwest::multipart::Part::bytes(vec![4, 5, 6]));
-    let r = s
-        .client
-        .post(s.url("/api/ota/firmware/upload"))
-        .header("authorization", s.auth())
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_form(form).await;
     assert_eq!(r.status(), 400);
     let form = reqwest::multipart::Form::new()
         .text("version", "1.0.1")
         .text("forceUpgrade", "perhaps")
         .part("file", reqwest::multipart::Part::bytes(vec![1, 2, 3]));
-    let r = s
-        .client
-        .post(s.url("/api/ota/firmware/upload"))
-        .header("authorization", s.auth())
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_form(form).await;
     assert_eq!(r.status(), 400);
 
     // too large: declared length (refused before reading) and streamed without a length
@@ -332,14 +304,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .text("version", "1.0.3")
         .part("file", reqwest::multipart::Part::stream(body));
     // the rest of the body is read and discarded, so the client (HTTP/2 here) sees the 413
-    let r = s
-        .client
-        .post(s.url("/api/ota/firmware/upload"))
-        .header("authorization", s.auth())
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_form(form).await;
     assert_eq!(r.status(), 413);
     let b: Value = r.json().await.unwrap();
     assert_eq!(b["error"], "PAYLOAD_TOO_LARGE");

@@ -30,21 +30,8 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 static DENIED_LOG: RateLog = RateLog::new();
 static ERROR_LOG: RateLog = RateLog::new();
 
-pub(super) async fn bind(addr: &str, key: &str) -> Result<TcpListener, BrokerError> {
-    let sa: SocketAddr = addr
-        .parse()
-        .map_err(|_| BrokerError::Start(format!("{key} = {addr:?} is not an address")))?;
-    let socket = if sa.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    };
-    socket
-        .and_then(|s| {
-            s.set_reuseaddr(true)?;
-            s.bind(sa)?;
-            s.listen(4096)
-        })
+pub(super) fn bind(addr: &str, key: &str) -> Result<TcpListener, BrokerError> {
+    crate::net::bind_listener(addr)
         .map_err(|e| BrokerError::Start(format!("cannot listen on {key} = {addr}: {e}")))
 }
 

@@ -220,7 +220,7 @@ impl Broker {
             presence,
             counters: counters.clone(),
         });
-        let plain = frontdoor::bind(&settings.listen, "mqtt.listen").await?;
+        let plain = frontdoor::bind(&settings.listen, "mqtt.listen")?;
         let mqtt = plain
             .local_addr()
             .map_err(|e| BrokerError::Start(e.to_string()))?;
@@ -232,7 +232,7 @@ impl Broker {
         ));
         let mqtts = match (&tls, settings.tls_listen.is_empty()) {
             (Some(acceptor), false) => {
-                let l = frontdoor::bind(&settings.tls_listen, "mqtt.tls_listen").await?;
+                let l = frontdoor::bind(&settings.tls_listen, "mqtt.tls_listen")?;
                 let a = l
                     .local_addr()
                     .map_err(|e| BrokerError::Start(e.to_string()))?;

@@ -143,16 +143,20 @@ impl Server {
             "file",
             reqwest::multipart::Part::bytes(bytes).file_name("fw.bin"),
         );
-        let r = self
-            .client
+        let r = self.post_form(form).await;
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap())
+    }
+
+    /// POSTs a multipart form to the upload endpoint with the admin token.
+    pub async fn post_form(&self, form: reqwest::multipart::Form) -> reqwest::Response {
+        self.client
             .post(self.url("/api/ota/firmware/upload"))
             .header("authorization", self.auth())
             .multipart(form)
             .send()
             .await
-            .unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap())
+            .unwrap()
     }
 
     /// Registers a device through the API.
