@@ -267,6 +267,7 @@ impl App {
             public_url: public_url.clone(),
             max_upload_bytes: config.http.max_upload_bytes,
             fds: Default::default(),
+            traffic: Default::default(),
         });
         let router = http::router(state);
         tracker.spawn(http::serve(

@@ -34,6 +34,9 @@ pub struct Global {
     /// CA certificate to trust (admin verbs); default the generated <data_dir>/certs/ca.pem.
     #[arg(long, global = true, env = "HANGAR_CA")]
     pub ca: Option<PathBuf>,
+    /// Broker URL for `sim` (mqtt://host:port or mqtts://host:port); default from ports.json.
+    #[arg(long, global = true, env = "HANGAR_MQTT")]
+    pub mqtt: Option<String>,
 }
 
 /// The verbs.
@@ -61,6 +64,13 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Run a fleet of simulated devices against the appliance (tests, demos, benchmarks).
+    Sim(crate::sim::SimArgs),
+    /// Device-side updater for one application binary (config: --config agent.toml).
+    Agent,
+    /// Offline BSDIFF40 patches, with the server's code.
+    #[command(subcommand)]
+    Delta(DeltaCmd),
     /// Show a device's newest task; --follow renders live progress until it ends.
     Task {
         /// Device id.
@@ -72,6 +82,61 @@ pub enum Command {
         #[arg(long, conflicts_with = "follow")]
         cancel: bool,
     },
+}
+
+/// `hangar delta ...`
+#[derive(Debug, Subcommand)]
+pub enum DeltaCmd {
+    /// Make a BSDIFF40 patch turning OLD into NEW (Debian's bspatch applies it).
+    Make {
+        /// The old image.
+        old: PathBuf,
+        /// The new image.
+        new: PathBuf,
+        /// Where to write the patch.
+        patch: PathBuf,
+        /// Search threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Apply a BSDIFF40 patch to OLD, writing OUT.
+    Apply {
+        /// The old image.
+        old: PathBuf,
+        /// The patch.
+        patch: PathBuf,
+        /// Where to write the result.
+        out: PathBuf,
+    },
+}
+
+/// Runs `hangar delta ...`.
+pub async fn delta(cmd: DeltaCmd) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || match cmd {
+        DeltaCmd::Make {
+            old,
+            new,
+            patch,
+            threads,
+        } => {
+            let t = std::time::Instant::now();
+            let n = crate::delta::make_files(&old, &new, &patch, threads)?;
+            let full = std::fs::metadata(&new)?.len().max(1);
+            eprintln!(
+                "{}: {n} bytes ({:.1} % of the new image) in {:.2} s",
+                patch.display(),
+                n as f64 * 100.0 / full as f64,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        DeltaCmd::Apply { old, patch, out } => {
+            let n = crate::delta::apply_files(&old, &patch, &out)?;
+            eprintln!("{}: {n} bytes", out.display());
+            Ok(())
+        }
+    })
+    .await?
 }
 
 /// `hangar device ...`
@@ -197,12 +262,13 @@ pub enum ConfigCmd {
     },
 }
 
-fn endpoint(g: &Global) -> Endpoint {
+pub fn endpoint(g: &Global) -> Endpoint {
     Endpoint {
         config: g.config.clone(),
         url: g.url.clone(),
         token: g.token.clone(),
         ca: g.ca.clone(),
+        mqtt: g.mqtt.clone(),
     }
 }
 

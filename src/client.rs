@@ -52,6 +52,8 @@ pub struct Endpoint {
     pub token: Option<String>,
     /// CA certificate to trust.
     pub ca: Option<PathBuf>,
+    /// MQTT URL (`mqtt://host:port` or `mqtts://host:port`), for `sim`.
+    pub mqtt: Option<String>,
 }
 
 /// A connected admin client.
@@ -59,6 +61,9 @@ pub struct Client {
     base: String,
     token: String,
     http: reqwest::Client,
+    ca_pem: Option<Vec<u8>>,
+    mqtt: Option<String>,
+    mqtts: Option<String>,
 }
 
 fn loopback_for(ip: IpAddr) -> IpAddr {
@@ -126,7 +131,29 @@ impl Client {
             let p = data_dir.as_ref()?.join("certs").join("ca.pem");
             p.exists().then_some(p)
         });
+        let from_ports = |key: &str, scheme: &str, listen: fn(&Config) -> &str| -> Option<String> {
+            let l = loaded.as_ref()?;
+            let text = std::fs::read_to_string(data_dir.as_ref()?.join("ports.json")).ok()?;
+            let ports: Value = serde_json::from_str(&text).ok()?;
+            let port = ports[key].as_u64()?;
+            let listen: SocketAddr = listen(&l.config).parse().ok()?;
+            let ip = loopback_for(listen.ip());
+            Some(format!(
+                "{scheme}://{}",
+                crate::net::url_host_port(ip, port as u16)
+            ))
+        };
+        let mqtt = ep
+            .mqtt
+            .clone()
+            .or_else(|| from_ports("mqtt", "mqtt", |c| &c.mqtt.listen));
+        let mqtts = ep
+            .mqtt
+            .clone()
+            .filter(|u| u.starts_with("mqtts://"))
+            .or_else(|| from_ports("mqtts", "mqtts", |c| &c.mqtt.tls_listen));
         let mut builder = reqwest::Client::builder().use_rustls_tls();
+        let mut ca_pem = None;
         if let Some(ca) = &ca {
             let pem = std::fs::read(ca).map_err(|source| CliError::Io {
                 context: format!("reading CA {}", ca.display()),
@@ -134,11 +161,41 @@ impl Client {
             })?;
             let cert = reqwest::Certificate::from_pem(&pem)?;
             builder = builder.add_root_certificate(cert);
+            ca_pem = Some(pem);
         }
         Ok(Client {
             base: url,
             token,
             http: builder.build()?,
+            ca_pem,
+            mqtt,
+            mqtts,
+        })
+    }
+
+    /// The admin token in use.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The HTTPS client (trusting the appliance's CA).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The PEM of the CA the client trusts, when one was found or given.
+    pub fn ca_pem(&self) -> Option<&[u8]> {
+        self.ca_pem.as_deref()
+    }
+
+    /// The broker's URL: `--mqtt`, else the `mqtt` (or with `tls` the `mqtts`) port of
+    /// ports.json.
+    pub fn mqtt_url(&self, tls: bool) -> Result<&str, CliError> {
+        let u = if tls { &self.mqtts } else { &self.mqtt };
+        u.as_deref().ok_or_else(|| {
+            CliError::Discover(
+                "cannot find the MQTT port (no ports.json with that port); pass --mqtt mqtt://host:port or mqtts://host:port".into(),
+            )
         })
     }
 

@@ -21,7 +21,13 @@
 //! - [`devices`]: the device registry, live presence, and the broker's authenticator.
 //! - [`ota`]: upgrade tasks: the pure state machine and the engine that drives it.
 //! - [`ratelog`]: warnings limited to one per second per call site.
+//! - [`traffic`]: bytes served per image and delta (full vs delta, saved).
+//! - [`delta`]: BSDIFF40 patches (make, apply), shared by server, CLI and devices.
+//! - [`device`]: the device side: MQTT link, both protocols from the device, resumable download.
+//! - [`sim`]: `hangar sim`, a fleet of simulated devices.
+//! - [`agent`]: `hangar agent`, the self-updater for one binary on a Linux gateway.
 
+pub mod agent;
 pub mod app;
 pub mod auth;
 pub mod blobs;
@@ -29,6 +35,8 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod delta;
+pub mod device;
 pub mod devices;
 pub mod firmware;
 pub mod http;
@@ -38,5 +46,7 @@ pub mod ota;
 pub mod protocol;
 pub mod ratelog;
 pub mod shutdown;
+pub mod sim;
 pub mod store;
 pub mod tls;
+pub mod traffic;

@@ -39,6 +39,23 @@ async fn main() -> anyhow::Result<()> {
             version,
             force,
         } => hangar::cli::upgrade(&cli.global, &device, &version, force).await?,
+        Command::Sim(args) => {
+            init_tracing(false);
+            let client = hangar::client::Client::connect(&hangar::cli::endpoint(&cli.global))?;
+            let code = hangar::sim::run(client, args).await?;
+            std::process::exit(code);
+        }
+        Command::Agent => {
+            init_tracing(false);
+            let path = cli
+                .global
+                .config
+                .clone()
+                .unwrap_or_else(|| "/etc/hangar/agent.toml".into());
+            let cfg = hangar::agent::AgentConfig::load(&path)?;
+            hangar::agent::Agent::new(cfg)?.run().await?;
+        }
+        Command::Delta(cmd) => hangar::cli::delta(cmd).await?,
         Command::Task {
             device,
             follow,

@@ -450,6 +450,10 @@ pub async fn download(
             size: rec.size,
             sha256: rec.sha256,
             modified_ms: rec.created_at_ms,
+            counter: Some(st.traffic.counter(
+                crate::traffic::Served::Full(rec.device_type.clone(), rec.version.clone()),
+                (rec.size, 0),
+            )),
             file_name,
         },
         &st.fds,

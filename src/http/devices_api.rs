@@ -371,5 +371,7 @@ pub async fn list_tasks(
 
 /// GET /api/ota/statistics
 pub async fn statistics(State(st): State<AppState>) -> Result<Response, ApiError> {
-    Ok(ok(st.ota.statistics()?))
+    let mut v = serde_json::to_value(st.ota.statistics()?).map_err(ApiError::internal)?;
+    v["downloads"] = serde_json::to_value(st.traffic.summary()).map_err(ApiError::internal)?;
+    Ok(ok(v))
 }

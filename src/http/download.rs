@@ -44,6 +44,8 @@ pub struct BlobMeta {
     pub modified_ms: i64,
     /// Suggested download name.
     pub file_name: String,
+    /// Where the bytes sent are counted.
+    pub counter: Option<Arc<crate::traffic::Counter>>,
 }
 
 fn etag(sha256: &str) -> String {
@@ -238,14 +240,26 @@ async fn serve_inner(
         RangePlan::Full => base(StatusCode::OK)
             .header(header::CONTENT_TYPE, octet)
             .header(header::CONTENT_LENGTH, len)
-            .body(body(head, file, vec![Segment::File(0, len)])),
+            .body(body(
+                head,
+                file,
+                vec![Segment::File(0, len)],
+                meta.counter.clone(),
+                false,
+            )),
         RangePlan::Single(r) => {
             let (a, b) = (*r.start(), *r.end());
             base(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_TYPE, octet)
                 .header(header::CONTENT_RANGE, format!("bytes {a}-{b}/{len}"))
                 .header(header::CONTENT_LENGTH, b - a + 1)
-                .body(body(head, file, vec![Segment::File(a, b - a + 1)]))
+                .body(body(
+                    head,
+                    file,
+                    vec![Segment::File(a, b - a + 1)],
+                    meta.counter.clone(),
+                    true,
+                ))
         }
         RangePlan::Multi(ranges) => {
             let mut boundary = [0u8; 12];
@@ -269,17 +283,32 @@ async fn serve_inner(
                     format!("multipart/byteranges; boundary={boundary}"),
                 )
                 .header(header::CONTENT_LENGTH, total)
-                .body(body(head, file, segs))
+                .body(body(head, file, segs, meta.counter.clone(), true))
         }
     };
     Ok(resp.expect("valid response"))
 }
 
-fn body(head: bool, file: Arc<File>, segments: Vec<Segment>) -> Body {
+fn body(
+    head: bool,
+    file: Arc<File>,
+    segments: Vec<Segment>,
+    counter: Option<Arc<crate::traffic::Counter>>,
+    ranged: bool,
+) -> Body {
     if head {
         return Body::empty();
     }
-    Body::new(FileBody::new(file, segments))
+    if let Some(c) = &counter {
+        c.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if ranged {
+            c.ranged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let mut b = FileBody::new(file, segments);
+    b.counter = counter;
+    Body::new(b)
 }
 
 /// A piece of a response body: literal bytes, or `len` bytes of the file from an offset.
@@ -303,6 +332,7 @@ struct FileBody {
     segments: VecDeque<Segment>,
     pending: Option<JoinHandle<std::io::Result<Bytes>>>,
     remaining: u64,
+    counter: Option<Arc<crate::traffic::Counter>>,
 }
 
 impl FileBody {
@@ -313,6 +343,7 @@ impl FileBody {
             segments: segments.into(),
             pending: None,
             remaining,
+            counter: None,
         }
     }
 }
@@ -336,6 +367,9 @@ impl http_body::Body for FileBody {
                     Err(e) => return Poll::Ready(Some(Err(std::io::Error::other(e)))),
                 };
                 this.remaining -= bytes.len() as u64;
+                if let Some(c) = &this.counter {
+                    c.add(bytes.len() as u64);
+                }
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
             match this.segments.pop_front() {
@@ -355,6 +389,9 @@ impl http_body::Body for FileBody {
                     let cached = read_cached(&this.file, &mut buf, off);
                     if cached == buf.len() {
                         this.remaining -= take;
+                        if let Some(c) = &this.counter {
+                            c.add(take);
+                        }
                         return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
                     }
                     // Not (all) in the page cache: the rest is a blocking read, off the workers.

@@ -62,6 +62,8 @@ pub struct Inner {
     pub max_upload_bytes: u64,
     /// Open descriptors of recently served images.
     pub fds: download::FdCache,
+    /// Bytes served per image and delta.
+    pub traffic: Arc<crate::traffic::Traffic>,
 }
 
 impl AppState {

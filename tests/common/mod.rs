@@ -202,6 +202,70 @@ impl Server {
         }
     }
 
+    /// A config file for client verbs (`sim`, admin verbs) pointing at this server's data dir,
+    /// so they find it through ports.json, admin.token and the generated CA as SPEC 1 says.
+    pub fn client_config(&self) -> PathBuf {
+        let p = self.dir.path().join("client.toml");
+        if !p.exists() {
+            std::fs::write(
+                &p,
+                format!(
+                    "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n",
+                    self.dir.path().to_string_lossy()
+                ),
+            )
+            .unwrap();
+        }
+        p
+    }
+
+    /// Starts `hangar sim --config <client config> ARGS` as a child process.
+    pub fn sim(&self, args: &[&str]) -> tokio::process::Child {
+        tokio::process::Command::new(bin())
+            .arg("sim")
+            .arg("--config")
+            .arg(self.client_config())
+            .args(["--summary-every", "0"])
+            .args(args)
+            .env("RUST_LOG", "hangar=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Polls until `n` devices are online (deadline 60 s).
+    pub async fn wait_online(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, b) = self
+                .get_json("/api/ota/devices?online=true&limit=10000")
+                .await;
+            let have = b["data"].as_array().map_or(0, Vec::len);
+            if have >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {have} of {n} devices came online"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The download statistics of one version.
+    pub async fn served(&self, device_type: &str, version: &str) -> Value {
+        let (_, b) = self.get_json("/api/ota/statistics").await;
+        b["data"]["downloads"]["perFirmware"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["deviceType"] == device_type && f["version"] == version)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
     /// Number of files under `<data_dir>/<sub>` (recursively).
     pub fn files_under(&self, sub: &str) -> usize {
         count_files(&self.dir.path().join(sub))
@@ -250,6 +314,20 @@ pub fn sha256_hex(b: &[u8]) -> String {
 /// The `hangar` binary built for this test run.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hangar"))
+}
+
+/// Waits for a `hangar sim` child to exit; returns its exit code and the JSON summary (the last
+/// line of its stdout).
+pub async fn sim_result(child: tokio::process::Child, secs: u64) -> (i32, Value) {
+    let out = tokio::time::timeout(Duration::from_secs(secs), child.wait_with_output())
+        .await
+        .expect("sim did not exit in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or("");
+    let v: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("the last line of sim's stdout is not JSON ({e}): {stdout}"));
+    (out.status.code().unwrap_or(-1), v)
 }
 
 /// `hangar serve` as a child process, on ephemeral ports in `dir`.

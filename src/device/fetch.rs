@@ -1,0 +1,334 @@
+//! Resumable HTTPS download with Range (RFC 9110) as a device does it: bytes go to a [`Sink`]
+//! (a `.part` file for the agent, a hash-only sink for simulated devices) while md5 and sha256
+//! are computed on the way; a broken connection resumes with `Range: bytes=N-` and `If-Range`;
+//! a server that answers 200 to a resume makes it start over cleanly; a body longer than
+//! announced is refused; verification is against size, md5 and sha256 of the command.
+
+use std::time::{Duration, Instant};
+
+use md5::{Digest, Md5};
+use sha2::Sha256;
+
+/// Where downloaded bytes go.
+pub trait Sink: Send {
+    /// Appends bytes.
+    fn write(&mut self, b: &[u8]) -> std::io::Result<()>;
+    /// Throws away everything written (the server answered 200 to a resume).
+    fn reset(&mut self) -> std::io::Result<()>;
+    /// Makes what was written durable and records the validator for a resume after restart.
+    fn checkpoint(&mut self, _etag: Option<&str>) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A sink that keeps nothing but the count (simulated devices hash and discard).
+#[derive(Default)]
+pub struct Discard;
+
+impl Sink for Discard {
+    fn write(&mut self, _b: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn reset(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A sink collecting bytes in memory (small files: patches).
+#[derive(Default)]
+pub struct Memory(pub Vec<u8>);
+
+impl Sink for Memory {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.0.extend_from_slice(b);
+        Ok(())
+    }
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.0.clear();
+        Ok(())
+    }
+}
+
+/// What was received so far, with running hashes; cloneable so a resume continues them.
+#[derive(Clone)]
+pub struct Received {
+    /// Bytes received.
+    pub have: u64,
+    md5: Md5,
+    sha256: Sha256,
+    /// The validator of the response the bytes came from.
+    pub etag: Option<String>,
+}
+
+impl Default for Received {
+    fn default() -> Self {
+        Received {
+            have: 0,
+            md5: Md5::new(),
+            sha256: Sha256::new(),
+            etag: None,
+        }
+    }
+}
+
+impl Received {
+    /// Feeds bytes that are already in the sink (a `.part` file found after a restart).
+    pub fn feed(&mut self, b: &[u8]) {
+        self.have += b.len() as u64;
+        self.md5.update(b);
+        self.sha256.update(b);
+    }
+
+    /// Hex md5 and sha256 of everything received.
+    pub fn digests(&self) -> (String, String) {
+        (
+            hex::encode(self.md5.clone().finalize()),
+            hex::encode(self.sha256.clone().finalize()),
+        )
+    }
+}
+
+/// What the command promised.
+#[derive(Debug, Clone)]
+pub struct Expect {
+    /// Exact size.
+    pub size: u64,
+    /// md5 hex.
+    pub md5: String,
+    /// sha256 hex, when the protocol carries it.
+    pub sha256: Option<String>,
+}
+
+/// Fault injection and pacing of a download.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Give up after this many attempts without progress.
+    pub max_attempts: u32,
+    /// Cut the connection once when this many bytes are in (simulated network drop).
+    pub drop_at: Option<u64>,
+    /// Limit to this many bytes per second.
+    pub rate_limit: Option<u64>,
+    /// Overall deadline.
+    pub timeout: Option<Duration>,
+}
+
+/// Why a download ended without a verified file.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Transport or server failure after the retries (SPEC code DOWNLOAD_FAILED).
+    #[error("download failed: {0}")]
+    Download(String),
+    /// The bytes are not what the command promised (VERIFY_FAILED).
+    #[error("verification failed: {0}")]
+    Verify(String),
+    /// Writing the bytes locally failed (INSTALL_FAILED: the device's storage).
+    #[error("storage: {0}")]
+    Storage(#[from] std::io::Error),
+}
+
+fn content_range(resp: &reqwest::Response) -> Option<(u64, u64)> {
+    let v = resp
+        .headers()
+        .get(reqwest::header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?;
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (a, _) = range.split_once('-')?;
+    Some((a.parse().ok()?, total.parse().ok()?))
+}
+
+/// Downloads `url` into `sink`, continuing from `rx` (which may already hold bytes), and
+/// verifies the result. `progress(have, total)` is called after every chunk.
+pub async fn fetch(
+    http: &reqwest::Client,
+    url: &str,
+    expect: &Expect,
+    sink: &mut dyn Sink,
+    rx: &mut Received,
+    opts: &Options,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<(), FetchError> {
+    let started = Instant::now();
+    let max_attempts = opts.max_attempts.max(1);
+    let mut failures = 0u32;
+    let mut dropped = false;
+    let mut last_err = String::new();
+    if rx.have > expect.size {
+        sink.reset()?;
+        *rx = Received::default();
+    }
+    while rx.have < expect.size {
+        if failures >= max_attempts {
+            return Err(FetchError::Download(format!(
+                "{last_err} (after {failures} attempts)"
+            )));
+        }
+        if let Some(t) = opts.timeout
+            && started.elapsed() > t
+        {
+            return Err(FetchError::Download(format!("timed out after {t:?}")));
+        }
+        if failures > 0 {
+            let backoff = Duration::from_millis(200 * (1 << failures.min(5)) as u64);
+            tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
+        }
+        let mut req = http.get(url);
+        if rx.have > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={}-", rx.have));
+            if let Some(e) = &rx.etag {
+                req = req.header(reqwest::header::IF_RANGE, e.as_str());
+            }
+        }
+        let mut resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                failures += 1;
+                last_err = format!("cannot reach {}: {e}", redact(url));
+                continue;
+            }
+        };
+        let status = resp.status().as_u16();
+        match status {
+            206 => match content_range(&resp) {
+                Some((start, total)) if start == rx.have && total == expect.size => {}
+                Some((_, total)) if total != expect.size => {
+                    return Err(FetchError::Verify(format!(
+                        "the server has {total} bytes, the command said {}",
+                        expect.size
+                    )));
+                }
+                _ => {
+                    // not the range we asked for: start over cleanly
+                    sink.reset()?;
+                    *rx = Received::default();
+                    failures += 1;
+                    last_err = "the server answered a different range".into();
+                    continue;
+                }
+            },
+            200 => {
+                if rx.have > 0 {
+                    // the resume was not honoured (no Range support, or the file changed)
+                    sink.reset()?;
+                    *rx = Received::default();
+                }
+                if let Some(len) = resp.content_length()
+                    && len != expect.size
+                {
+                    return Err(FetchError::Verify(format!(
+                        "the server sends {len} bytes, the command said {}",
+                        expect.size
+                    )));
+                }
+            }
+            416 => {
+                sink.reset()?;
+                *rx = Received::default();
+                failures += 1;
+                last_err = "416 on resume".into();
+                continue;
+            }
+            s if (400..500).contains(&s) && s != 408 && s != 429 => {
+                return Err(FetchError::Download(format!(
+                    "{} answered {s}",
+                    redact(url)
+                )));
+            }
+            s => {
+                failures += 1;
+                last_err = format!("{} answered {s}", redact(url));
+                continue;
+            }
+        }
+        rx.etag = resp
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let before = rx.have;
+        let mut window_start = Instant::now();
+        let mut window_bytes = 0u64;
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    last_err = format!("connection broke at byte {}: {e}", rx.have);
+                    break;
+                }
+            };
+            if rx.have + chunk.len() as u64 > expect.size {
+                return Err(FetchError::Verify(format!(
+                    "the body is longer than the {} bytes the command said",
+                    expect.size
+                )));
+            }
+            sink.write(&chunk)?;
+            rx.feed(&chunk);
+            progress(rx.have, expect.size);
+            if let Some(at) = opts.drop_at
+                && !dropped
+                && rx.have >= at
+                && rx.have < expect.size
+            {
+                dropped = true;
+                last_err = format!("simulated network drop at byte {}", rx.have);
+                break;
+            }
+            if let Some(rate) = opts.rate_limit {
+                window_bytes += chunk.len() as u64;
+                let due = Duration::from_secs_f64(window_bytes as f64 / rate.max(1) as f64);
+                let spent = window_start.elapsed();
+                if due > spent {
+                    tokio::time::sleep(due - spent).await;
+                }
+                if window_start.elapsed() > Duration::from_secs(2) {
+                    window_start = Instant::now();
+                    window_bytes = 0;
+                }
+            }
+        }
+        drop(resp);
+        sink.checkpoint(rx.etag.as_deref())?;
+        if rx.have < expect.size {
+            if rx.have == before {
+                failures += 1;
+            } else {
+                failures = 1; // progress was made: keep trying, with a short pause
+            }
+            if last_err.is_empty() {
+                last_err = format!("body ended at byte {} of {}", rx.have, expect.size);
+            }
+        }
+    }
+    verify(rx, expect)
+}
+
+/// Checks size, md5 and sha256 of what was received.
+pub fn verify(rx: &Received, expect: &Expect) -> Result<(), FetchError> {
+    if rx.have != expect.size {
+        return Err(FetchError::Verify(format!(
+            "{} bytes, expected {}",
+            rx.have, expect.size
+        )));
+    }
+    let (md5, sha) = rx.digests();
+    if !md5.eq_ignore_ascii_case(&expect.md5) {
+        return Err(FetchError::Verify(format!(
+            "md5 {md5} differs from {}",
+            expect.md5
+        )));
+    }
+    if let Some(s) = &expect.sha256
+        && !sha.eq_ignore_ascii_case(s)
+    {
+        return Err(FetchError::Verify(format!("sha256 {sha} differs from {s}")));
+    }
+    Ok(())
+}
+
+/// A URL without its query (the signed token does not belong in logs or reports).
+pub fn redact(url: &str) -> &str {
+    url.split('?').next().unwrap_or(url)
+}
