@@ -1168,6 +1168,13 @@ initial_version = "1.0.0"
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let c: AgentConfig =
+            toml::from_str(include_str!("../config/agent.toml")).expect("example parses");
+        c.validate().expect("example validates");
+    }
+
+    #[test]
     fn state_round_trips() {
         let s = State {
             schema: 1,
