@@ -209,7 +209,19 @@ impl App {
             .map_err(io_ctx("reading the HTTP address"))?;
         let public_url = public_url(&config, https);
 
-        let firmware = Arc::new(FirmwareService::new(store.clone(), blobs));
+        let firmware = Arc::new(FirmwareService::new(store.clone(), blobs.clone()));
+        let deltas = crate::deltas::Deltas::new(
+            store.clone(),
+            blobs,
+            firmware.clone(),
+            crate::deltas::DeltaSettings {
+                workers: config.delta.workers,
+                threads: config.delta.threads,
+                max_memory_bytes: config.delta.max_memory_bytes,
+                max_ratio: config.delta.max_ratio,
+                queue: config.delta.queue,
+            },
+        );
         let devices = Arc::new(Devices::new(store.clone()));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -241,6 +253,7 @@ impl App {
             store.clone(),
             devices.clone(),
             firmware.clone(),
+            deltas.clone(),
             broker.clone(),
             signer.clone(),
             OtaSettings {
@@ -250,6 +263,12 @@ impl App {
                 allow_anonymous: config.mqtt.allow_anonymous,
             },
         ));
+        deltas
+            .spawn(shutdown.clone(), &tracker)
+            .map_err(|source| StartError::Store {
+                path: store_dir.clone(),
+                source,
+            })?;
         ota.spawn(msg_rx, presence_rx, shutdown.clone(), &tracker)
             .map_err(|source| StartError::Store {
                 path: store_dir.clone(),
@@ -267,6 +286,7 @@ impl App {
             public_url: public_url.clone(),
             max_upload_bytes: config.http.max_upload_bytes,
             fds: Default::default(),
+            deltas,
             traffic: Default::default(),
         });
         let router = http::router(state);

@@ -134,6 +134,23 @@ impl Blobs {
         }
     }
 
+    /// Stages bytes already in memory (a computed patch): temp file, hashed, fsynced. Blocking.
+    pub fn stage_bytes(&self, bytes: &[u8]) -> io::Result<StagedBlob> {
+        let mut name = [0u8; 16];
+        rand::fill(&mut name);
+        let path = self.tmp.join(format!("delta-{}", hex::encode(name)));
+        let mut file = File::create(&path)?;
+        let staged = StagedBlob {
+            path,
+            size: bytes.len() as u64,
+            md5: hex::encode(Md5::digest(bytes)),
+            sha256: hex::encode(Sha256::digest(bytes)),
+        };
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        Ok(staged)
+    }
+
     /// Makes a staged blob visible under its sha256 (rename + directory fsync). Blocking.
     /// If an identical blob exists already, the staged copy is simply dropped.
     pub fn commit(&self, mut staged: StagedBlob) -> io::Result<PathBuf> {

@@ -40,6 +40,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Upgrade task timing.
     pub tasks: TasksConfig,
+    /// Delta generation.
+    pub delta: DeltaConfig,
     /// Log output format.
     pub log: LogConfig,
 }
@@ -102,6 +104,34 @@ pub struct AuthConfig {
 pub struct TasksConfig {
     /// Seconds without a report after which an active task fails with TIMEOUT.
     pub stall_timeout_secs: u64,
+}
+
+/// `[delta]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeltaConfig {
+    /// Deltas computed at once.
+    pub workers: usize,
+    /// Threads each computation searches with (0 = one per core).
+    pub threads: usize,
+    /// Deltas whose estimated peak memory exceeds this are refused (status failed).
+    pub max_memory_bytes: u64,
+    /// A delta not smaller than this fraction of the full image is skipped, not offered.
+    pub max_ratio: f64,
+    /// Deltas waiting for a worker at most; more requests are refused with 503.
+    pub queue: usize,
+}
+
+impl Default for DeltaConfig {
+    fn default() -> Self {
+        DeltaConfig {
+            workers: 1,
+            threads: 0,
+            max_memory_bytes: 2 << 30,
+            max_ratio: 0.5,
+            queue: 256,
+        }
+    }
 }
 
 /// `[log]`
@@ -325,6 +355,30 @@ impl Config {
                 "tasks.stall_timeout_secs",
                 "must be greater than 0".into(),
             ));
+        }
+        if !(1..=64).contains(&self.delta.workers) {
+            return Err(err("delta.workers", "must be between 1 and 64".into()));
+        }
+        if self.delta.threads > 256 {
+            return Err(err(
+                "delta.threads",
+                "must be between 0 (one per core) and 256".into(),
+            ));
+        }
+        if self.delta.max_memory_bytes < (16 << 20) {
+            return Err(err(
+                "delta.max_memory_bytes",
+                "must be at least 16777216 (16 MiB)".into(),
+            ));
+        }
+        if !(self.delta.max_ratio > 0.0 && self.delta.max_ratio <= 1.0) {
+            return Err(err(
+                "delta.max_ratio",
+                "must be greater than 0 and at most 1".into(),
+            ));
+        }
+        if !(1..=100_000).contains(&self.delta.queue) {
+            return Err(err("delta.queue", "must be between 1 and 100000".into()));
         }
         if self.log.format != "text" && self.log.format != "json" {
             return Err(err(

@@ -22,6 +22,7 @@
 //! - [`ota`]: upgrade tasks: the pure state machine and the engine that drives it.
 //! - [`ratelog`]: warnings limited to one per second per call site.
 //! - [`traffic`]: bytes served per image and delta (full vs delta, saved).
+//! - [`deltas`]: the delta service: eager/on-demand generation, bounded queue, offers, checks.
 //! - [`delta`]: BSDIFF40 patches (make, apply), shared by server, CLI and devices.
 //! - [`device`]: the device side: MQTT link, both protocols from the device, resumable download.
 //! - [`sim`]: `hangar sim`, a fleet of simulated devices.
@@ -36,6 +37,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod delta;
+pub mod deltas;
 pub mod device;
 pub mod devices;
 pub mod firmware;

@@ -19,14 +19,14 @@ use crate::firmware::{self, NewFirmware};
 use crate::ids;
 use crate::store::FirmwareStatus;
 
-type Q = Query<HashMap<String, String>>;
+pub(super) type Q = Query<HashMap<String, String>>;
 
 /// Upper bound of a text field of the upload form.
 const MAX_TEXT_FIELD: usize = 16 * 1024;
 /// Room for the multipart framing and text fields around the file.
 const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
 
-fn device_type_param(q: &HashMap<String, String>) -> Result<String, ApiError> {
+pub(super) fn device_type_param(q: &HashMap<String, String>) -> Result<String, ApiError> {
     let t = q.get("deviceType").map(String::as_str).unwrap_or("gateway");
     if !ids::valid_device_type(t) {
         return Err(ApiError::bad_request(format!(
@@ -354,6 +354,7 @@ pub async fn release(
         .set_status(&t, &version, FirmwareStatus::Released)
         .await?;
     tracing::info!(device_type = %t, version = %version, "firmware released");
+    queue_deltas(&st, &rec).await;
     Ok(ok(dto(&st, &rec)))
 }
 
@@ -385,6 +386,9 @@ pub async fn set_status(
     })?;
     let rec = st.firmware.set_status(&t, &version, status).await?;
     tracing::info!(device_type = %t, version = %version, status = status.as_str(), "firmware status changed");
+    if status == FirmwareStatus::Released {
+        queue_deltas(&st, &rec).await;
+    }
     Ok(ok(dto(&st, &rec)))
 }
 
@@ -399,8 +403,32 @@ pub async fn delete(
     if let Ok(path) = st.firmware.blob_path(&rec) {
         st.fds.forget(&path);
     }
+    if let Err(e) = st.deltas.remove_target(&t, &version).await {
+        tracing::error!(error = %e, "removing the deltas of a deleted firmware");
+    }
     tracing::info!(device_type = %t, version = %version, "firmware deleted");
     Ok(ok(dto(&st, &rec)))
+}
+
+/// Queues the deltas a release calls for; a failure there never fails the release.
+async fn queue_deltas(st: &AppState, rec: &crate::store::FirmwareRecord) {
+    match st.deltas.on_released(rec).await {
+        Ok(list) if !list.is_empty() => {
+            tracing::info!(device_type = %rec.device_type, version = %rec.version, deltas = list.len(), "deltas queued for the versions in the field");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "queuing deltas"),
+    }
+}
+
+/// Whether a download request carries the admin token or a valid signed `?token=`.
+pub(super) fn download_authorised(st: &AppState, uri: &Uri, headers: &HeaderMap) -> bool {
+    auth::bearer_matches(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+        &st.admin_token,
+    ) || query_token(uri).is_some_and(|t| st.signer.verify(uri.path(), &t, auth::now_secs()))
 }
 
 /// The `token` query parameter, if any (no allocation unless present).
@@ -417,14 +445,7 @@ pub async fn download(
     req: axum::extract::Request,
 ) -> Response {
     let (method, uri, headers) = (req.method(), req.uri(), req.headers());
-    let authorised = auth::bearer_matches(
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok()),
-        &st.admin_token,
-    ) || query_token(uri)
-        .is_some_and(|t| st.signer.verify(uri.path(), &t, auth::now_secs()));
-    if !authorised {
+    if !download_authorised(&st, uri, headers) {
         return ApiError::unauthorized(
             "downloads need the admin token (Authorization: Bearer ...) or a valid signed URL (?token=...)",
         )

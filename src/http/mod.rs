@@ -5,6 +5,7 @@
 //! loop stops and open connections drain until a deadline.
 
 pub mod api;
+pub mod deltas_api;
 pub mod devices_api;
 pub mod download;
 pub mod error;
@@ -62,6 +63,8 @@ pub struct Inner {
     pub max_upload_bytes: u64,
     /// Open descriptors of recently served images.
     pub fds: download::FdCache,
+    /// Delta packages.
+    pub deltas: Arc<crate::deltas::Deltas>,
     /// Bytes served per image and delta.
     pub traffic: Arc<crate::traffic::Traffic>,
 }
@@ -110,6 +113,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ota/firmware/{version}/release", post(api::release))
         .route("/api/ota/firmware/{version}/status", post(api::set_status))
         .route(
+            "/api/ota/firmware/{version}/deltas",
+            get(deltas_api::list).post(deltas_api::request),
+        )
+        .route(
             "/api/ota/devices",
             get(devices_api::list_devices).post(devices_api::register),
         )
@@ -127,6 +134,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(api::healthz))
         .route("/firmware/{file}", get(api::download))
+        .route("/firmware/deltas/{file}", get(deltas_api::download))
         .merge(api)
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)

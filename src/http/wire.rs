@@ -53,3 +53,50 @@ impl FirmwareDto {
         }
     }
 }
+
+/// A delta as the API shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeltaDto {
+    pub device_type: String,
+    pub from_version: String,
+    pub to_version: String,
+    pub status: &'static str,
+    pub format: &'static str,
+    pub url: Option<String>,
+    pub size: Option<u64>,
+    pub md5: Option<String>,
+    pub sha256: Option<String>,
+    pub full_size: u64,
+    pub ratio: Option<f64>,
+    pub error: Option<String>,
+    pub build_ms: Option<u64>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl DeltaDto {
+    /// `public_url` is the base for `url` (no trailing slash); the URL needs the admin token.
+    pub fn from_record(d: &crate::store::DeltaRecord, public_url: &str) -> DeltaDto {
+        let ready = d.status == crate::store::DeltaStatus::Ready;
+        DeltaDto {
+            device_type: d.device_type.clone(),
+            from_version: d.from_version.clone(),
+            to_version: d.to_version.clone(),
+            status: d.status.as_str(),
+            format: crate::delta::FORMAT,
+            url: ready.then(|| format!("{public_url}{}", crate::deltas::url_path(d))),
+            size: d.size,
+            md5: d.md5.clone(),
+            sha256: d.sha256.clone(),
+            full_size: d.full_size,
+            ratio: d
+                .size
+                .map(|s| (s as f64 / d.full_size.max(1) as f64 * 10000.0).round() / 10000.0),
+            error: d.error.clone(),
+            build_ms: d.build_ms,
+            created_at: rfc3339_ms(d.created_at_ms),
+            updated_at: rfc3339_ms(d.updated_at_ms),
+        }
+    }
+}

@@ -6,6 +6,7 @@
 
 pub mod state;
 
+use crate::store::TaskDelta;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,6 +91,7 @@ pub struct Ota {
     store: Store,
     devices: Arc<Devices>,
     firmware: Arc<FirmwareService>,
+    deltas: Arc<crate::deltas::Deltas>,
     broker: Arc<Broker>,
     signer: UrlSigner,
     settings: OtaSettings,
@@ -184,6 +186,7 @@ impl Ota {
         store: Store,
         devices: Arc<Devices>,
         firmware: Arc<FirmwareService>,
+        deltas: Arc<crate::deltas::Deltas>,
         broker: Arc<Broker>,
         signer: UrlSigner,
         settings: OtaSettings,
@@ -192,6 +195,7 @@ impl Ota {
             store,
             devices,
             firmware,
+            deltas,
             broker,
             signer,
             settings,
@@ -224,9 +228,33 @@ impl Ota {
     }
 
     fn signed_url(&self, file_name: &str) -> String {
-        let path = format!("/firmware/{file_name}");
-        let token = self.signer.sign(&path, now_secs());
+        self.signed_path(&format!("/firmware/{file_name}"))
+    }
+
+    fn signed_path(&self, path: &str) -> String {
+        let token = self.signer.sign(path, now_secs());
         format!("{}{path}?token={token}", self.settings.public_url)
+    }
+
+    /// The delta a command may offer: a ready patch from exactly the version the device reports,
+    /// to a device that declared bsdiff40 (SPEC 4.1). Never waits for one to be built.
+    fn delta_for(
+        &self,
+        device_type: &str,
+        from: Option<&str>,
+        to: &str,
+        accepts: bool,
+    ) -> Option<TaskDelta> {
+        if !accepts {
+            return None;
+        }
+        let d = self.deltas.offer(device_type, from?, to)?;
+        Some(TaskDelta {
+            url: self.signed_path(&crate::deltas::url_path(&d)),
+            from_version: d.from_version,
+            md5: d.md5?,
+            size: d.size?,
+        })
     }
 
     /// Creates a task for `device_id` to `version` and sends the command if the device listens.
@@ -287,6 +315,7 @@ impl Ota {
                 device.firmware_version.clone(),
                 &fw,
                 force,
+                &device.delta_formats,
             )?;
             self.store.put_task(&t)?;
             t
@@ -300,6 +329,7 @@ impl Ota {
         Ok(task)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new_task(
         &self,
         device_id: &str,
@@ -308,8 +338,11 @@ impl Ota {
         from: Option<String>,
         fw: &FirmwareRecord,
         force: bool,
+        delta_formats: &[String],
     ) -> Result<TaskRecord, OtaError> {
         let now = now_ms();
+        let accepts = delta_formats.iter().any(|f| f == crate::delta::FORMAT);
+        let delta = self.delta_for(device_type, from.as_deref(), &fw.version, accepts);
         Ok(TaskRecord {
             schema: TASK_SCHEMA,
             id: self.store.next_task_id()?,
@@ -328,7 +361,7 @@ impl Ota {
             error_code: None,
             error_message: None,
             campaign_id: None,
-            delta: None,
+            delta,
             force: force || fw.force_upgrade,
             start_time_ms: None,
             complete_time_ms: None,
@@ -360,7 +393,13 @@ impl Ota {
                         file_size: t.file_size,
                         force_upgrade: t.force,
                         sha256: t.sha256.clone(),
-                        delta: None,
+                        delta: t.delta.as_ref().map(|d| gateway::DeltaOffer {
+                            from_version: d.from_version.clone(),
+                            url: d.url.clone(),
+                            md5: d.md5.clone(),
+                            size: d.size,
+                            format: crate::delta::FORMAT.into(),
+                        }),
                     },
                 };
                 (
@@ -385,14 +424,35 @@ impl Ota {
     }
 
     fn alibaba_data(&self, t: &TaskRecord) -> alibaba::UpgradeData {
-        alibaba::UpgradeData {
-            size: t.file_size,
-            version: t.to_version.clone(),
-            url: t.firmware_url.clone(),
-            md5: t.md5.clone(),
-            sign: t.md5.clone(),
-            sign_method: "Md5".into(),
-            is_diff: 0,
+        match &t.delta {
+            // isDiff: the url/size/md5 of the patch (Alibaba's convention); our extension fields
+            // carry the full image so the device can verify the result and fall back
+            Some(d) => alibaba::UpgradeData {
+                size: d.size,
+                version: t.to_version.clone(),
+                url: d.url.clone(),
+                md5: d.md5.clone(),
+                sign: d.md5.clone(),
+                sign_method: "Md5".into(),
+                is_diff: 1,
+                ext: Some(alibaba::DiffExtension {
+                    from_version: d.from_version.clone(),
+                    full_url: t.firmware_url.clone(),
+                    full_size: t.file_size,
+                    full_md5: t.md5.clone(),
+                    sha256: t.sha256.clone(),
+                }),
+            },
+            None => alibaba::UpgradeData {
+                size: t.file_size,
+                version: t.to_version.clone(),
+                url: t.firmware_url.clone(),
+                md5: t.md5.clone(),
+                sign: t.md5.clone(),
+                sign_method: "Md5".into(),
+                is_diff: 0,
+                ext: None,
+            },
         }
     }
 
@@ -406,6 +466,15 @@ impl Ota {
             return Ok(t);
         }
         t.firmware_url = self.signed_url(&ids::firmware_file_name(&t.device_type, &t.to_version));
+        if t.delta.is_some() {
+            // re-signed, and dropped if the patch was withdrawn meanwhile
+            t.delta = self.delta_for(
+                &t.device_type,
+                t.from_version.as_deref(),
+                &t.to_version,
+                true,
+            );
+        }
         let (topic, payload) = self.command(&t);
         if let Err(e) = self.broker.publish(topic, payload).await {
             tracing::warn!(device = %t.device_id, error = %e, "command not sent; it is re-sent when the device subscribes again");
@@ -549,6 +618,27 @@ impl Ota {
         }
     }
 
+    /// A device could not use the delta it was offered: the task goes on with the full image
+    /// (the command is re-sent without the delta after the flush), without operator action.
+    fn retry_without_delta(&self, t: &TaskRecord, sends: &mut Vec<u64>) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut n = t.clone();
+        n.delta = None;
+        n.updated_at_ms = now;
+        n.last_activity_ms = now;
+        n.start_time_ms = n.start_time_ms.or(Some(now));
+        n.events.push(crate::store::TaskEvent {
+            at_ms: now,
+            status: n.status,
+            progress: n.progress,
+            note: "the device failed with the delta: re-sending the full image".into(),
+        });
+        self.store.update_task(t, &n)?;
+        tracing::info!(device = %t.device_id, task = t.id, "delta failed on the device; falling back to the full image");
+        sends.push(t.id);
+        Ok(())
+    }
+
     /// Handles one report; persists without flushing. Replies to send after the flush are
     /// pushed to `out`.
     fn handle(
@@ -603,6 +693,10 @@ impl Ota {
                         gateway::State::Completed => TaskStatus::Completed,
                         gateway::State::Failed => TaskStatus::Failed,
                     };
+                    if status == TaskStatus::Failed && t.delta.is_some() && t.status.is_active() {
+                        self.retry_without_delta(&t, sends)?;
+                        return Ok(());
+                    }
                     let input = Input::Progress {
                         status,
                         progress: data.progress.map(|p| p as u8),
@@ -675,6 +769,12 @@ impl Ota {
                             error_code: None,
                             error_message: None,
                         },
+                        alibaba::Step::DownloadFailed | alibaba::Step::VerifyFailed
+                            if t.delta.is_some() =>
+                        {
+                            self.retry_without_delta(&t, sends)?;
+                            return Ok(());
+                        }
                         failed => Input::Progress {
                             status: TaskStatus::Failed,
                             progress: None,
@@ -712,6 +812,7 @@ impl Ota {
                                 dev.firmware_version.clone(),
                                 &fw,
                                 false,
+                                &dev.delta_formats,
                             )
                             .map_err(|e| StoreError::Engine(e.to_string()))?;
                         let t = state::apply(&t, &Input::CommandSent, now_ms());

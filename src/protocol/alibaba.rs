@@ -24,6 +24,26 @@ pub struct UpgradeData {
     pub sign: String,
     pub sign_method: String,
     pub is_diff: u8,
+    /// Our extension when `isDiff` is 1: the full image beside the patch.
+    #[serde(flatten, skip_serializing_if = "Option::is_none", default)]
+    pub ext: Option<DiffExtension>,
+}
+
+/// Extension fields of a diff upgrade: where the full image is and what it hashes to, so the
+/// device can verify the patched result and fall back to the full image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DiffExtension {
+    /// The version the patch applies to.
+    pub from_version: String,
+    /// Signed URL of the full image.
+    pub full_url: String,
+    /// Size of the full image.
+    pub full_size: u64,
+    /// md5 of the full image.
+    pub full_md5: String,
+    /// sha256 of the full image.
+    pub sha256: String,
 }
 
 /// Server -> device `/ota/device/upgrade/...`.

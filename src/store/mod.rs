@@ -10,8 +10,8 @@ use std::collections::HashSet;
 use std::path::Path;
 
 pub use records::{
-    DEVICE_SCHEMA, DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareStatus, TASK_SCHEMA,
-    TaskDelta, TaskEvent, TaskRecord, TaskStatus,
+    DELTA_SCHEMA, DEVICE_SCHEMA, DeltaRecord, DeltaStatus, DeviceRecord, FIRMWARE_SCHEMA,
+    FirmwareRecord, FirmwareStatus, TASK_SCHEMA, TaskDelta, TaskEvent, TaskRecord, TaskStatus,
 };
 
 /// A store failure.
@@ -51,6 +51,7 @@ pub struct Store {
     tasks: sled::Tree,
     device_tasks: sled::Tree,
     active: sled::Tree,
+    deltas: sled::Tree,
 }
 
 /// Group commit: every `flush()` caller takes a ticket; one flush on the blocking pool covers
@@ -102,6 +103,7 @@ impl Store {
         let tasks = db.open_tree("tasks")?;
         let device_tasks = db.open_tree("device_tasks")?;
         let active = db.open_tree("active_tasks")?;
+        let deltas = db.open_tree("deltas")?;
         Ok(Store {
             group: std::sync::Arc::new(GroupCommit {
                 issued: std::sync::atomic::AtomicU64::new(0),
@@ -113,6 +115,7 @@ impl Store {
             tasks,
             device_tasks,
             active,
+            deltas,
         })
     }
 
@@ -212,13 +215,68 @@ impl Store {
             .transpose()
     }
 
-    /// The sha256 of every blob some record refers to (for orphan collection).
+    /// The sha256 of every blob some record refers to (for orphan collection): firmware images
+    /// and built deltas.
     pub fn referenced_blobs(&self) -> Result<HashSet<String>> {
-        Ok(self
+        let mut set: HashSet<String> = self
             .list_firmware()?
             .into_iter()
             .map(|r| r.sha256)
-            .collect())
+            .collect();
+        set.extend(self.list_deltas(None)?.into_iter().filter_map(|d| d.sha256));
+        Ok(set)
+    }
+}
+
+fn delta_key(device_type: &str, to: &str, from: &str) -> Vec<u8> {
+    let mut k = firmware_key(device_type, to);
+    k.push(0);
+    k.extend_from_slice(from.as_bytes());
+    k
+}
+
+impl Store {
+    /// Inserts or replaces a delta record.
+    pub fn put_delta(&self, rec: &DeltaRecord) -> Result<()> {
+        self.deltas.insert(
+            delta_key(&rec.device_type, &rec.to_version, &rec.from_version),
+            encode(rec),
+        )?;
+        Ok(())
+    }
+
+    /// One delta record.
+    pub fn get_delta(
+        &self,
+        device_type: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<DeltaRecord>> {
+        let key = delta_key(device_type, to, from);
+        self.deltas.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// Delta records: all, or those to one target `(deviceType, version)`.
+    pub fn list_deltas(&self, target: Option<(&str, &str)>) -> Result<Vec<DeltaRecord>> {
+        let iter = match target {
+            Some((dt, v)) => {
+                let mut prefix = firmware_key(dt, v);
+                prefix.push(0);
+                self.deltas.scan_prefix(prefix)
+            }
+            None => self.deltas.iter(),
+        };
+        iter.map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        })
+        .collect()
+    }
+
+    /// Removes one delta record.
+    pub fn delete_delta(&self, device_type: &str, from: &str, to: &str) -> Result<()> {
+        self.deltas.remove(delta_key(device_type, to, from))?;
+        Ok(())
     }
 }
 

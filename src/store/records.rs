@@ -72,6 +72,74 @@ pub struct FirmwareRecord {
     pub updated_at_ms: i64,
 }
 
+/// Current schema version of [`DeltaRecord`].
+pub const DELTA_SCHEMA: u32 = 1;
+
+/// Where a delta stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeltaStatus {
+    /// Waiting for a worker.
+    Queued,
+    /// Being computed.
+    Building,
+    /// Stored and offered.
+    Ready,
+    /// Could not be built (see `error`).
+    Failed,
+    /// Built but not worth it (not smaller than `delta.max_ratio` of the image); not offered.
+    Skipped,
+}
+
+impl DeltaStatus {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Building => "building",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// A BSDIFF40 patch from one version to another of the same device type. The patch is a blob
+/// named by `sha256` once `Ready`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// Device type of both images.
+    pub device_type: String,
+    /// The version the patch applies to.
+    pub from_version: String,
+    /// The version it produces.
+    pub to_version: String,
+    /// sha256 of the source image.
+    pub from_sha256: String,
+    /// sha256 of the target image.
+    pub to_sha256: String,
+    /// Where it stands.
+    pub status: DeltaStatus,
+    /// Patch sha256 (blob name), when built.
+    pub sha256: Option<String>,
+    /// Patch md5, when built.
+    pub md5: Option<String>,
+    /// Patch size, when built.
+    pub size: Option<u64>,
+    /// Size of the target image (for ratios and savings).
+    pub full_size: u64,
+    /// Why it failed or was skipped.
+    pub error: Option<String>,
+    /// Milliseconds spent computing it.
+    pub build_ms: Option<u64>,
+    /// Milliseconds since the epoch.
+    pub created_at_ms: i64,
+    /// Milliseconds since the epoch.
+    pub updated_at_ms: i64,
+}
+
 /// Current schema version of [`DeviceRecord`].
 pub const DEVICE_SCHEMA: u32 = 1;
 

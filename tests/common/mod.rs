@@ -115,6 +115,18 @@ impl Server {
         (s, r.json().await.unwrap())
     }
 
+    pub async fn delete_json(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .delete(self.url(path))
+            .header("authorization", self.auth())
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap())
+    }
+
     pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
         let r = self
             .client
@@ -173,7 +185,13 @@ impl Server {
     /// Uploads and releases a firmware; returns the image.
     pub async fn release(&self, version: &str, device_type: &str, len: usize) -> Vec<u8> {
         let img = image(len, version.len() as u64 * 7 + len as u64);
-        let (st, b) = self.upload(version, Some(device_type), img.clone()).await;
+        self.release_bytes(version, device_type, img.clone()).await;
+        img
+    }
+
+    /// Uploads and releases `img` as a firmware.
+    pub async fn release_bytes(&self, version: &str, device_type: &str, img: Vec<u8>) {
+        let (st, b) = self.upload(version, Some(device_type), img).await;
         assert_eq!(st, 201, "{b}");
         let (st, b) = self
             .post_json(
@@ -182,7 +200,6 @@ impl Server {
             )
             .await;
         assert_eq!(st, 200, "{b}");
-        img
     }
 
     /// Polls the device's newest task until `pred` holds (deadline 15 s).
