@@ -111,8 +111,8 @@ pub enum DeltaCmd {
 }
 
 /// Runs `hangar delta ...`.
-pub async fn delta(cmd: DeltaCmd) -> anyhow::Result<()> {
-    tokio::task::spawn_blocking(move || match cmd {
+pub fn delta(cmd: DeltaCmd) -> anyhow::Result<()> {
+    match cmd {
         DeltaCmd::Make {
             old,
             new,
@@ -135,8 +135,7 @@ pub async fn delta(cmd: DeltaCmd) -> anyhow::Result<()> {
             eprintln!("{}: {n} bytes", out.display());
             Ok(())
         }
-    })
-    .await?
+    }
 }
 
 /// `hangar device ...`

@@ -18,9 +18,19 @@ fn init_tracing(json: bool) {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Delta(cmd) = cli.command {
+        // offline and CPU-bound: no async runtime (keeps its memory next to Debian's bsdiff)
+        return hangar::cli::delta(cmd);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => {
             let loaded = Config::load(cli.global.config.as_deref())?;
@@ -55,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
             let cfg = hangar::agent::AgentConfig::load(&path)?;
             hangar::agent::Agent::new(cfg)?.run().await?;
         }
-        Command::Delta(cmd) => hangar::cli::delta(cmd).await?,
+        Command::Delta(_) => unreachable!("handled before the runtime starts"),
         Command::Task {
             device,
             follow,
