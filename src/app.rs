@@ -269,6 +269,14 @@ impl App {
                 path: store_dir.clone(),
                 source,
             })?;
+        let campaigns = crate::campaigns::Campaigns::new(
+            store.clone(),
+            devices.clone(),
+            firmware.clone(),
+            deltas.clone(),
+            ota.clone(),
+        );
+        campaigns.spawn(shutdown.clone(), &tracker);
         ota.spawn(msg_rx, presence_rx, shutdown.clone(), &tracker)
             .map_err(|source| StartError::Store {
                 path: store_dir.clone(),
@@ -286,6 +294,7 @@ impl App {
             public_url: public_url.clone(),
             max_upload_bytes: config.http.max_upload_bytes,
             fds: Default::default(),
+            campaigns,
             deltas,
             traffic: Default::default(),
         });

@@ -64,6 +64,9 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Rollouts in waves: create, list, show [--follow], pause, resume, cancel, dry-run.
+    #[command(subcommand)]
+    Campaign(CampaignCmd),
     /// Run a fleet of simulated devices against the appliance (tests, demos, benchmarks).
     Sim(crate::sim::SimArgs),
     /// Device-side updater for one application binary (config: --config agent.toml).
@@ -82,6 +85,179 @@ pub enum Command {
         #[arg(long, conflicts_with = "follow")]
         cancel: bool,
     },
+}
+
+/// `hangar campaign ...`
+#[derive(Debug, Subcommand)]
+pub enum CampaignCmd {
+    /// Create a campaign from a JSON body (SPEC section 3) in FILE ("-" = stdin).
+    Create {
+        /// The body.
+        file: PathBuf,
+    },
+    /// Which devices fall in which wave, deltas and bytes, without creating anything.
+    DryRun {
+        /// The body.
+        file: PathBuf,
+    },
+    /// List campaigns.
+    List,
+    /// Show one; --follow draws live per-wave progress bars until it ends.
+    Show {
+        /// Campaign id.
+        id: String,
+        /// Keep polling.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Stop starting devices (in-flight tasks go on).
+    Pause {
+        /// Campaign id.
+        id: String,
+    },
+    /// Continue a paused campaign (acknowledges the failures so far).
+    Resume {
+        /// Campaign id.
+        id: String,
+    },
+    /// Emergency brake: cancel in-flight tasks, start nothing more.
+    Cancel {
+        /// Campaign id.
+        id: String,
+    },
+}
+
+fn read_body(file: &std::path::Path) -> Result<Value, CliError> {
+    let text = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|source| {
+            CliError::Io {
+                context: "reading stdin".into(),
+                source,
+            }
+        })?;
+        s
+    } else {
+        std::fs::read_to_string(file).map_err(|source| CliError::Io {
+            context: format!("reading {}", file.display()),
+            source,
+        })?
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| CliError::Discover(format!("the body is not JSON: {e}")))
+}
+
+/// Runs `hangar campaign ...`.
+pub async fn campaign(g: &Global, cmd: CampaignCmd) -> Result<(), CliError> {
+    let client = Client::connect(&endpoint(g))?;
+    match cmd {
+        CampaignCmd::Create { file } => print_json(
+            &client
+                .post("/api/ota/campaigns", &[], &read_body(&file)?)
+                .await?,
+        ),
+        CampaignCmd::DryRun { file } => print_json(
+            &client
+                .post("/api/ota/campaigns/dry-run", &[], &read_body(&file)?)
+                .await?,
+        ),
+        CampaignCmd::List => {
+            let list = client.get("/api/ota/campaigns", &[]).await?;
+            println!(
+                "{:<8} {:<28} {:<12} {:<10} {:>6} {:>9} {:>6} {:>8}",
+                "ID", "NAME", "VERSION", "STATUS", "TOTAL", "COMPLETED", "FAILED", "SUCCESS%"
+            );
+            for c in list.as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<8} {:<28} {:<12} {:<10} {:>6} {:>9} {:>6} {:>8}",
+                    c["id"].as_str().unwrap_or(""),
+                    c["name"]
+                        .as_str()
+                        .unwrap_or("")
+                        .chars()
+                        .take(28)
+                        .collect::<String>(),
+                    c["version"].as_str().unwrap_or(""),
+                    c["status"].as_str().unwrap_or(""),
+                    c["total"],
+                    c["counts"]["completed"],
+                    c["counts"]["failed"],
+                    c["successRate"],
+                );
+            }
+        }
+        CampaignCmd::Show { id, follow } => {
+            let path = format!("/api/ota/campaigns/{id}");
+            if !follow {
+                print_json(&client.get(&path, &[]).await?);
+                return Ok(());
+            }
+            let multi = indicatif::MultiProgress::new();
+            let style =
+                indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {msg}")
+                    .expect("template")
+                    .progress_chars("=> ");
+            let head = multi.add(indicatif::ProgressBar::new_spinner());
+            let mut bars: Vec<indicatif::ProgressBar> = Vec::new();
+            loop {
+                let c = client.get(&path, &[]).await?;
+                let waves = c["waves"].as_array().cloned().unwrap_or_default();
+                while bars.len() < waves.len() {
+                    let b = multi.add(indicatif::ProgressBar::new(0));
+                    b.set_style(style.clone());
+                    b.set_prefix(format!("wave {}", bars.len() + 1));
+                    bars.push(b);
+                }
+                for (b, w) in bars.iter().zip(&waves) {
+                    let n = |k: &str| w["counts"][k].as_u64().unwrap_or(0);
+                    b.set_length(w["devices"].as_u64().unwrap_or(0));
+                    b.set_position(n("completed") + n("failed") + n("skipped") + n("cancelled"));
+                    b.set_message(format!(
+                        "{}% | ok {} failed {} in flight {} queued {}",
+                        w["percent"],
+                        n("completed"),
+                        n("failed"),
+                        n("pending") + n("downloading") + n("verifying") + n("installing"),
+                        n("queued")
+                    ));
+                }
+                head.set_message(format!(
+                    "{} {} -> {}: {}{}  eta {}",
+                    c["id"].as_str().unwrap_or(""),
+                    c["name"].as_str().unwrap_or(""),
+                    c["version"].as_str().unwrap_or(""),
+                    c["status"].as_str().unwrap_or(""),
+                    c["statusReason"]
+                        .as_str()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default(),
+                    c["etaSecs"]
+                        .as_u64()
+                        .map(|s| format!("{s} s"))
+                        .unwrap_or_else(|| "-".into()),
+                ));
+                let status = c["status"].as_str().unwrap_or("");
+                if status == "completed" || status == "cancelled" {
+                    for b in &bars {
+                        b.finish();
+                    }
+                    head.finish();
+                    return Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+        CampaignCmd::Pause { id } => campaign_action(&client, &id, "pause").await?,
+        CampaignCmd::Resume { id } => campaign_action(&client, &id, "resume").await?,
+        CampaignCmd::Cancel { id } => campaign_action(&client, &id, "cancel").await?,
+    }
+    Ok(())
+}
+
+async fn campaign_action(client: &Client, id: &str, action: &str) -> Result<(), CliError> {
+    let path = format!("/api/ota/campaigns/{id}/{action}");
+    print_json(&client.post(&path, &[], &json!({})).await?);
+    Ok(())
 }
 
 /// `hangar delta ...`

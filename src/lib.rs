@@ -21,6 +21,7 @@
 //! - [`devices`]: the device registry, live presence, and the broker's authenticator.
 //! - [`ota`]: upgrade tasks: the pure state machine and the engine that drives it.
 //! - [`ratelog`]: warnings limited to one per second per call site.
+//! - [`campaigns`]: rollouts in waves with gates, windows, retries; the engine loop.
 //! - [`traffic`]: bytes served per image and delta (full vs delta, saved).
 //! - [`deltas`]: the delta service: eager/on-demand generation, bounded queue, offers, checks.
 //! - [`delta`]: BSDIFF40 patches (make, apply), shared by server, CLI and devices.
@@ -33,6 +34,7 @@ pub mod app;
 pub mod auth;
 pub mod blobs;
 pub mod broker;
+pub mod campaigns;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -49,6 +49,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             version,
             force,
         } => hangar::cli::upgrade(&cli.global, &device, &version, force).await?,
+        Command::Campaign(cmd) => hangar::cli::campaign(&cli.global, cmd).await?,
         Command::Sim(args) => {
             init_tracing(false);
             let client = hangar::client::Client::connect(&hangar::cli::endpoint(&cli.global))?;

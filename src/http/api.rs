@@ -399,6 +399,17 @@ pub async fn delete(
     Query(q): Q,
 ) -> Result<Response, ApiError> {
     let t = device_type_param(&q)?;
+    if let Some(c) = st
+        .campaigns
+        .uses(&t, &version)
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "CONFLICT",
+            format!("firmware {version} is the target of campaign {c}: cancel it first"),
+        ));
+    }
     let rec = st.firmware.delete(&t, &version).await?;
     if let Ok(path) = st.firmware.blob_path(&rec) {
         st.fds.forget(&path);

@@ -5,6 +5,7 @@
 //! loop stops and open connections drain until a deadline.
 
 pub mod api;
+pub mod campaigns_api;
 pub mod deltas_api;
 pub mod devices_api;
 pub mod download;
@@ -63,6 +64,8 @@ pub struct Inner {
     pub max_upload_bytes: u64,
     /// Open descriptors of recently served images.
     pub fds: download::FdCache,
+    /// Campaign engine.
+    pub campaigns: Arc<crate::campaigns::Campaigns>,
     /// Delta packages.
     pub deltas: Arc<crate::deltas::Deltas>,
     /// Bytes served per image and delta.
@@ -130,6 +133,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ota/task/{device}/cancel", post(devices_api::cancel))
         .route("/api/ota/tasks", get(devices_api::list_tasks))
         .route("/api/ota/statistics", get(devices_api::statistics))
+        .route(
+            "/api/ota/campaigns",
+            get(campaigns_api::list).post(campaigns_api::create),
+        )
+        .route("/api/ota/campaigns/dry-run", post(campaigns_api::dry_run))
+        .route("/api/ota/campaigns/{id}", get(campaigns_api::get_one))
+        .route("/api/ota/campaigns/{id}/{action}", post(campaigns_api::act))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(api::healthz))

@@ -167,6 +167,7 @@ pub struct Statistics {
     #[serde(flatten)]
     pub all: Stats,
     pub by_version: BTreeMap<String, Stats>,
+    pub by_campaign: BTreeMap<String, Stats>,
     pub devices: usize,
     pub online_devices: usize,
     pub dropped_reports: BTreeMap<&'static str, u64>,
@@ -264,6 +265,18 @@ impl Ota {
         version: &str,
         force: bool,
     ) -> Result<TaskRecord, OtaError> {
+        self.create_upgrade_in(device_id, version, force, None)
+            .await
+    }
+
+    /// [`Ota::create_upgrade`] on behalf of a campaign (the task carries its id).
+    pub async fn create_upgrade_in(
+        &self,
+        device_id: &str,
+        version: &str,
+        force: bool,
+        campaign_id: Option<String>,
+    ) -> Result<TaskRecord, OtaError> {
         let device = self.devices.get(device_id)?;
         if !ids::valid_version(version) {
             return Err(OtaError::Invalid(format!(
@@ -317,6 +330,8 @@ impl Ota {
                 force,
                 &device.delta_formats,
             )?;
+            let mut t = t;
+            t.campaign_id = campaign_id;
             self.store.put_task(&t)?;
             t
         };
@@ -570,14 +585,22 @@ impl Ota {
     pub fn statistics(&self) -> Result<Statistics, OtaError> {
         let mut all = Stats::default();
         let mut by_version: BTreeMap<String, Stats> = BTreeMap::new();
+        let mut by_campaign: BTreeMap<String, Stats> = BTreeMap::new();
         for t in self.store.list_tasks(|_| true, usize::MAX, 0)? {
             all.add(&t);
             by_version.entry(t.to_version.clone()).or_default().add(&t);
+            if let Some(c) = &t.campaign_id {
+                by_campaign.entry(c.clone()).or_default().add(&t);
+            }
         }
         let d = &self.drops;
         Ok(Statistics {
             all: all.finish(),
             by_version: by_version
+                .into_iter()
+                .map(|(k, v)| (k, v.finish()))
+                .collect(),
+            by_campaign: by_campaign
                 .into_iter()
                 .map(|(k, v)| (k, v.finish()))
                 .collect(),

@@ -10,8 +10,9 @@ use std::collections::HashSet;
 use std::path::Path;
 
 pub use records::{
-    DELTA_SCHEMA, DEVICE_SCHEMA, DeltaRecord, DeltaStatus, DeviceRecord, FIRMWARE_SCHEMA,
-    FirmwareRecord, FirmwareStatus, TASK_SCHEMA, TaskDelta, TaskEvent, TaskRecord, TaskStatus,
+    CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DELTA_SCHEMA,
+    DEVICE_SCHEMA, DeltaRecord, DeltaStatus, DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord,
+    FirmwareStatus, MemberStatus, TASK_SCHEMA, TaskDelta, TaskEvent, TaskRecord, TaskStatus,
 };
 
 /// A store failure.
@@ -52,6 +53,8 @@ pub struct Store {
     device_tasks: sled::Tree,
     active: sled::Tree,
     deltas: sled::Tree,
+    campaigns: sled::Tree,
+    members: sled::Tree,
 }
 
 /// Group commit: every `flush()` caller takes a ticket; one flush on the blocking pool covers
@@ -104,6 +107,8 @@ impl Store {
         let device_tasks = db.open_tree("device_tasks")?;
         let active = db.open_tree("active_tasks")?;
         let deltas = db.open_tree("deltas")?;
+        let campaigns = db.open_tree("campaigns")?;
+        let members = db.open_tree("campaign_members")?;
         Ok(Store {
             group: std::sync::Arc::new(GroupCommit {
                 issued: std::sync::atomic::AtomicU64::new(0),
@@ -116,6 +121,8 @@ impl Store {
             device_tasks,
             active,
             deltas,
+            campaigns,
+            members,
         })
     }
 
@@ -472,6 +479,62 @@ impl Store {
                 Ok(u64::from_be_bytes(
                     k[k.len() - 8..].try_into().expect("8 bytes"),
                 ))
+            })
+            .collect()
+    }
+}
+
+fn member_key(campaign: &str, device: &str) -> Vec<u8> {
+    firmware_key(campaign, device)
+}
+
+impl Store {
+    /// A new campaign id (`c1`, `c2`, ...).
+    pub fn next_campaign_id(&self) -> Result<String> {
+        Ok(format!("c{}", self.db.generate_id()? + 1))
+    }
+
+    /// Inserts or replaces a campaign.
+    pub fn put_campaign(&self, c: &CampaignRecord) -> Result<()> {
+        self.campaigns.insert(c.id.as_bytes(), encode(c))?;
+        Ok(())
+    }
+
+    /// One campaign.
+    pub fn get_campaign(&self, id: &str) -> Result<Option<CampaignRecord>> {
+        self.campaigns
+            .get(id.as_bytes())?
+            .map(|v| decode(id.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Every campaign.
+    pub fn list_campaigns(&self) -> Result<Vec<CampaignRecord>> {
+        self.campaigns
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Inserts or replaces a campaign member.
+    pub fn put_member(&self, m: &CampaignMember) -> Result<()> {
+        self.members
+            .insert(member_key(&m.campaign_id, &m.device_id), encode(m))?;
+        Ok(())
+    }
+
+    /// The members of a campaign, in device-id order.
+    pub fn list_members(&self, campaign: &str) -> Result<Vec<CampaignMember>> {
+        let mut prefix = campaign.as_bytes().to_vec();
+        prefix.push(0);
+        self.members
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
             })
             .collect()
     }

@@ -140,6 +140,150 @@ pub struct DeltaRecord {
     pub updated_at_ms: i64,
 }
 
+/// Current schema version of [`CampaignRecord`] and [`CampaignMember`].
+pub const CAMPAIGN_SCHEMA: u32 = 1;
+
+/// Lifecycle of a campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CampaignStatus {
+    /// Waiting for `startAt` (or its window).
+    Scheduled,
+    /// Starting devices wave by wave.
+    Running,
+    /// Stopped starting devices (operator or failure gate); in-flight tasks go on.
+    Paused,
+    /// Every device finished.
+    Completed,
+    /// Emergency brake pulled.
+    Cancelled,
+}
+
+impl CampaignStatus {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Still claims its devices.
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Scheduled | Self::Running | Self::Paused)
+    }
+}
+
+/// Which devices a campaign targets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CampaignTargets {
+    /// Every device of the device type.
+    pub all: bool,
+    /// Exactly these devices.
+    pub device_ids: Vec<String>,
+    /// Devices reporting one of these versions.
+    pub from_versions: Vec<String>,
+    /// Devices carrying every one of these tags.
+    pub tags: Vec<String>,
+}
+
+/// A rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CampaignRecord {
+    /// Schema version.
+    pub schema: u32,
+    /// `c` + a number.
+    pub id: String,
+    /// Operator's name for it.
+    pub name: String,
+    /// Device type of the targets.
+    pub device_type: String,
+    /// Target version (released).
+    pub version: String,
+    /// Target selection.
+    pub targets: CampaignTargets,
+    /// Cumulative wave sizes in percent of the target set, increasing, last 100.
+    pub waves: Vec<f64>,
+    /// Percent of a wave completed before the next starts.
+    pub success_threshold: f64,
+    /// Failure gate: percent of finished devices...
+    pub failure_percent: f64,
+    /// ... and at least this many failures.
+    pub failure_min_count: u32,
+    /// Devices upgrading at once.
+    pub max_in_flight: u32,
+    /// Start time, ms since the epoch.
+    pub start_at_ms: i64,
+    /// Daily window: (start minute of the day, local time; duration in minutes).
+    pub window: Option<(u32, u32)>,
+    /// Forced upgrade (also replaces a device's active task).
+    pub force: bool,
+    /// Retries per device after a failure.
+    pub retries: u32,
+    /// Devices that join the target set later join the campaign.
+    pub dynamic: bool,
+    /// Where it stands.
+    pub status: CampaignStatus,
+    /// Why it is paused / what happened last.
+    pub status_reason: Option<String>,
+    /// Failures the operator acknowledged by resuming (the gate counts failures beyond these).
+    pub failures_acknowledged: u32,
+    /// When it started running.
+    pub started_at_ms: Option<i64>,
+    /// When it completed or was cancelled.
+    pub ended_at_ms: Option<i64>,
+    /// Milliseconds since the epoch.
+    pub created_at_ms: i64,
+    /// Milliseconds since the epoch.
+    pub updated_at_ms: i64,
+}
+
+/// Where one device of a campaign stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberStatus {
+    /// Not started (its wave has not come, it is offline, or it waits for a retry).
+    Queued,
+    /// Has a task.
+    InFlight,
+    /// Runs the target version.
+    Succeeded,
+    /// Failed after its retries.
+    Failed,
+    /// Not upgraded by this campaign (conflict, deleted device); see `note`.
+    Skipped,
+    /// The campaign was cancelled before it finished.
+    Cancelled,
+}
+
+/// One device of a campaign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignMember {
+    /// Schema version.
+    pub schema: u32,
+    /// Campaign id.
+    pub campaign_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// Wave index (0-based).
+    pub wave: u32,
+    /// Where it stands.
+    pub status: MemberStatus,
+    /// Its current or last task.
+    pub task_id: Option<u64>,
+    /// Tasks started for it.
+    pub attempts: u32,
+    /// Not before this time (retry backoff), ms since the epoch.
+    pub next_attempt_ms: i64,
+    /// Why it was skipped, or the last failure.
+    pub note: Option<String>,
+    /// Milliseconds since the epoch.
+    pub updated_at_ms: i64,
+}
+
 /// Current schema version of [`DeviceRecord`].
 pub const DEVICE_SCHEMA: u32 = 1;
 

@@ -1,0 +1,915 @@
+//! Campaigns: batch and canary rollouts in waves, with a success gate between waves, a failure
+//! gate that pauses, `maxInFlight`, a start time and a daily window, forced upgrades, retries
+//! with backoff, dynamic membership, and an emergency brake.
+//!
+//! Everything lives in the store (the campaign and one member record per device), and the engine
+//! is a loop that re-derives what to do from it every second (or when woken): so after `kill -9`
+//! a campaign continues where it was. A member is marked in flight only after its task was
+//! created; if the process dies in between, the next round finds the device's active task
+//! carrying this campaign's id and adopts it instead of sending a second command.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::devices::Devices;
+use crate::firmware::{FirmwareService, now_ms};
+use crate::ids;
+use crate::ota::{Ota, OtaError};
+use crate::store::{
+    CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DeviceRecord,
+    FirmwareStatus, MemberStatus, Store, StoreError, TaskStatus,
+};
+
+/// Why a campaign request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CampaignError {
+    /// Bad input (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// Unknown campaign (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Version not released, wrong state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What an operator asks for (validated by [`Campaigns::plan`]).
+#[derive(Debug, Clone, Default)]
+pub struct CampaignSpec {
+    /// Name.
+    pub name: String,
+    /// Device type.
+    pub device_type: String,
+    /// Target version.
+    pub version: String,
+    /// Targets.
+    pub targets: CampaignTargets,
+    /// Cumulative percentages; default `[100]`.
+    pub waves: Option<Vec<f64>>,
+    /// Default 100.
+    pub success_threshold: Option<f64>,
+    /// Default (100 %, 1): never pauses unless everything fails.
+    pub failure_threshold: Option<(f64, u32)>,
+    /// Default 50.
+    pub max_in_flight: Option<u32>,
+    /// RFC 3339; default now.
+    pub start_at: Option<String>,
+    /// ("HH:MM", minutes).
+    pub window: Option<(String, u32)>,
+    /// Forced upgrade.
+    pub force: bool,
+    /// Default 0.
+    pub retries: Option<u32>,
+    /// Default false.
+    pub dynamic: bool,
+}
+
+/// A device of a plan.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedDevice {
+    /// Device id.
+    pub id: String,
+    /// Version it reports.
+    pub firmware_version: Option<String>,
+    /// Whether it would get a delta.
+    pub delta: bool,
+    /// Bytes it would download.
+    pub bytes: u64,
+}
+
+/// A wave of a plan.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedWave {
+    /// Cumulative percent.
+    pub percent: f64,
+    /// Devices in this wave.
+    pub devices: Vec<PlannedDevice>,
+    /// How many of them get a delta.
+    pub deltas: usize,
+    /// Estimated bytes.
+    pub estimated_bytes: u64,
+}
+
+/// A device left out of a plan, and why.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Conflict {
+    /// Device id.
+    pub device_id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The result of planning (dry run, or the start of a create).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    /// Target set size (after conflicts).
+    pub total: usize,
+    /// Waves.
+    pub waves: Vec<PlannedWave>,
+    /// Devices another live campaign already claims (skipped).
+    pub conflicts: Vec<Conflict>,
+    /// Remarks (e.g. a start time in the past).
+    pub notes: Vec<String>,
+    #[serde(skip)]
+    record: Option<CampaignRecord>,
+}
+
+/// The campaign engine.
+pub struct Campaigns {
+    store: Store,
+    devices: Arc<Devices>,
+    firmware: Arc<FirmwareService>,
+    deltas: Arc<crate::deltas::Deltas>,
+    ota: Arc<Ota>,
+    wake: Notify,
+    lock: tokio::sync::Mutex<()>,
+}
+
+fn parse_hhmm(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
+}
+
+/// Whether `now_ms` falls in the daily window (local time of the box).
+pub fn in_window(window: Option<(u32, u32)>, now_ms: i64) -> bool {
+    let Some((start, dur)) = window else {
+        return true;
+    };
+    use chrono::Timelike;
+    let local = chrono::DateTime::from_timestamp_millis(now_ms)
+        .unwrap_or_default()
+        .with_timezone(&chrono::Local);
+    let m = local.hour() * 60 + local.minute();
+    (m + 1440 - start) % 1440 < dur
+}
+
+fn backoff_ms(attempts: u32) -> i64 {
+    (30_000i64 << attempts.min(6)).min(30 * 60_000)
+}
+
+impl Campaigns {
+    /// Creates the engine.
+    pub fn new(
+        store: Store,
+        devices: Arc<Devices>,
+        firmware: Arc<FirmwareService>,
+        deltas: Arc<crate::deltas::Deltas>,
+        ota: Arc<Ota>,
+    ) -> Arc<Campaigns> {
+        Arc::new(Campaigns {
+            store,
+            devices,
+            firmware,
+            deltas,
+            ota,
+            wake: Notify::new(),
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Starts the engine loop.
+    pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken, tracker: &TaskTracker) {
+        let me = self.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = me.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if let Err(e) = me.tick().await {
+                    tracing::error!(error = %e, "campaign round failed");
+                }
+            }
+        });
+    }
+
+    /// Makes the engine look now (a device connected, a task ended).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    fn device_matches(&self, t: &CampaignTargets, dt: &str, d: &DeviceRecord) -> bool {
+        if d.device_type != dt {
+            return false;
+        }
+        if t.all {
+            return true;
+        }
+        if !t.device_ids.is_empty() {
+            return t.device_ids.contains(&d.id);
+        }
+        let version_ok = t.from_versions.is_empty()
+            || d.firmware_version
+                .as_ref()
+                .is_some_and(|v| t.from_versions.contains(v));
+        let tags_ok = t.tags.iter().all(|tag| d.tags.contains(tag));
+        version_ok && tags_ok
+    }
+
+    /// Devices claimed by live campaigns other than `except`.
+    fn claimed(&self, except: Option<&str>) -> Result<BTreeMap<String, String>, StoreError> {
+        let mut m = BTreeMap::new();
+        for c in self.store.list_campaigns()? {
+            if !c.status.is_live() || Some(c.id.as_str()) == except {
+                continue;
+            }
+            for mem in self.store.list_members(&c.id)? {
+                if matches!(mem.status, MemberStatus::Queued | MemberStatus::InFlight) {
+                    m.insert(mem.device_id, c.id.clone());
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Validates a spec and works out waves, deltas and bytes, without creating anything.
+    pub fn plan(&self, s: &CampaignSpec) -> Result<Plan, CampaignError> {
+        let bad = |m: String| Err(CampaignError::Invalid(m));
+        if s.name.trim().is_empty() || s.name.len() > 200 {
+            return bad("name must be 1-200 characters".into());
+        }
+        if !ids::valid_device_type(&s.device_type) {
+            return bad(format!("deviceType {:?} is not valid", s.device_type));
+        }
+        if !ids::valid_version(&s.version) {
+            return bad(format!("version {:?} is not valid", s.version));
+        }
+        let t = &s.targets;
+        let kinds = t.all as u8
+            + (!t.device_ids.is_empty()) as u8
+            + (!t.from_versions.is_empty() || !t.tags.is_empty()) as u8;
+        if kinds != 1 {
+            return bad("targets must be exactly one of {\"all\":true}, {\"deviceIds\":[...]} or {\"fromVersions\":[...],\"tags\":[...]}".into());
+        }
+        for id in &t.device_ids {
+            if !ids::valid_device_id(id) {
+                return bad(format!("device id {id:?} is not valid"));
+            }
+        }
+        for v in &t.from_versions {
+            if !ids::valid_version(v) {
+                return bad(format!("fromVersions entry {v:?} is not valid"));
+            }
+        }
+        let waves = s.waves.clone().unwrap_or_else(|| vec![100.0]);
+        if waves.is_empty() || waves.len() > 100 {
+            return bad(
+                "waves must list 1 to 100 cumulative percentages, e.g. [10, 50, 100]".into(),
+            );
+        }
+        let mut prev = 0.0;
+        for w in &waves {
+            if !(w.is_finite() && *w > prev && *w <= 100.0) {
+                return bad(format!(
+                    "waves must increase strictly within (0, 100]: {waves:?}"
+                ));
+            }
+            prev = *w;
+        }
+        if prev != 100.0 {
+            return bad(format!(
+                "the last wave must be 100 (the whole target set): {waves:?}"
+            ));
+        }
+        let success = s.success_threshold.unwrap_or(100.0);
+        if !(0.0..=100.0).contains(&success) {
+            return bad("successThreshold must be between 0 and 100".into());
+        }
+        let (fail_pct, fail_min) = s.failure_threshold.unwrap_or((100.0, 1));
+        if !(0.0..=100.0).contains(&fail_pct) {
+            return bad("failureThreshold.percent must be between 0 and 100".into());
+        }
+        let max_in_flight = s.max_in_flight.unwrap_or(50);
+        if max_in_flight == 0 || max_in_flight > 100_000 {
+            return bad("maxInFlight must be between 1 and 100000".into());
+        }
+        let retries = s.retries.unwrap_or(0);
+        if retries > 10 {
+            return bad("retries must be between 0 and 10".into());
+        }
+        let window = match &s.window {
+            None => None,
+            Some((start, dur)) => {
+                let st = parse_hhmm(start).ok_or_else(|| {
+                    CampaignError::Invalid(format!("window.start {start:?} is not HH:MM"))
+                })?;
+                if *dur == 0 || *dur > 1440 {
+                    return bad("window.durationMinutes must be between 1 and 1440".into());
+                }
+                Some((st, *dur))
+            }
+        };
+        let now = now_ms();
+        let mut notes = Vec::new();
+        let start_at_ms = match &s.start_at {
+            None => now,
+            Some(t) => {
+                let at = chrono::DateTime::parse_from_rfc3339(t)
+                    .map_err(|e| CampaignError::Invalid(format!("startAt {t:?}: {e}")))?
+                    .timestamp_millis();
+                if at < now {
+                    notes.push(format!("startAt {t} is in the past: starting now"));
+                    now
+                } else {
+                    at
+                }
+            }
+        };
+        match self.firmware.get(&s.device_type, &s.version) {
+            Ok(f) if f.status == FirmwareStatus::Released => {}
+            Ok(f) => {
+                return Err(CampaignError::Conflict(format!(
+                    "firmware {} for {} is {}, not released",
+                    s.version,
+                    s.device_type,
+                    f.status.as_str()
+                )));
+            }
+            Err(_) => {
+                return Err(CampaignError::Conflict(format!(
+                    "firmware {} for device type {} does not exist",
+                    s.version, s.device_type
+                )));
+            }
+        }
+        let fw = self
+            .firmware
+            .get(&s.device_type, &s.version)
+            .map_err(|e| CampaignError::Conflict(e.to_string()))?;
+        let all = self.store.list_devices()?;
+        let mut matched: Vec<DeviceRecord> = all
+            .into_iter()
+            .filter(|d| self.device_matches(t, &s.device_type, d))
+            .collect();
+        if !t.device_ids.is_empty() {
+            let known: HashSet<&str> = matched.iter().map(|d| d.id.as_str()).collect();
+            let missing: Vec<&String> = t
+                .device_ids
+                .iter()
+                .filter(|i| !known.contains(i.as_str()))
+                .collect();
+            if !missing.is_empty() {
+                return bad(format!(
+                    "devices not registered with device type {}: {missing:?}",
+                    s.device_type
+                ));
+            }
+        }
+        matched.sort_by(|a, b| a.id.cmp(&b.id));
+        let claimed = self.claimed(None)?;
+        let mut conflicts = Vec::new();
+        matched.retain(|d| match claimed.get(&d.id) {
+            Some(c) => {
+                conflicts.push(Conflict {
+                    device_id: d.id.clone(),
+                    reason: format!("claimed by running campaign {c}"),
+                });
+                false
+            }
+            None => true,
+        });
+        if matched.is_empty() && conflicts.is_empty() {
+            return bad(format!(
+                "empty target set: no registered device of type {} matches the targets",
+                s.device_type
+            ));
+        }
+        if matched.is_empty() {
+            notes.push(format!(
+                "every matching device ({}) is claimed by another running campaign: nothing to do",
+                conflicts.len()
+            ));
+        }
+        let n = matched.len();
+        let mut planned = Vec::new();
+        let mut i = 0usize;
+        for (k, w) in waves.iter().enumerate() {
+            let upto = if k + 1 == waves.len() {
+                n
+            } else {
+                ((w * n as f64 / 100.0).ceil() as usize).clamp(n.min(1), n)
+            };
+            let mut devs = Vec::new();
+            while i < upto {
+                let d = &matched[i];
+                let accepts = d.delta_formats.iter().any(|f| f == crate::delta::FORMAT);
+                let delta = accepts
+                    .then(|| {
+                        self.deltas.offer(
+                            &s.device_type,
+                            d.firmware_version.as_deref()?,
+                            &s.version,
+                        )
+                    })
+                    .flatten();
+                devs.push(PlannedDevice {
+                    id: d.id.clone(),
+                    firmware_version: d.firmware_version.clone(),
+                    delta: delta.is_some(),
+                    bytes: delta.and_then(|d| d.size).unwrap_or(fw.size),
+                });
+                i += 1;
+            }
+            planned.push(PlannedWave {
+                percent: *w,
+                deltas: devs.iter().filter(|d| d.delta).count(),
+                estimated_bytes: devs.iter().map(|d| d.bytes).sum(),
+                devices: devs,
+            });
+        }
+        let record = CampaignRecord {
+            schema: CAMPAIGN_SCHEMA,
+            id: String::new(),
+            name: s.name.trim().to_string(),
+            device_type: s.device_type.clone(),
+            version: s.version.clone(),
+            targets: t.clone(),
+            waves,
+            success_threshold: success,
+            failure_percent: fail_pct,
+            failure_min_count: fail_min,
+            max_in_flight,
+            start_at_ms,
+            window,
+            force: s.force,
+            retries,
+            dynamic: s.dynamic,
+            status: CampaignStatus::Scheduled,
+            status_reason: None,
+            failures_acknowledged: 0,
+            started_at_ms: None,
+            ended_at_ms: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        Ok(Plan {
+            total: n,
+            waves: planned,
+            conflicts,
+            notes,
+            record: Some(record),
+        })
+    }
+
+    /// Creates a campaign from a spec; returns it with its plan.
+    pub async fn create(&self, s: &CampaignSpec) -> Result<(CampaignRecord, Plan), CampaignError> {
+        let _g = self.lock.lock().await;
+        let mut plan = self.plan(s)?;
+        let mut c = plan.record.take().expect("planned");
+        c.id = self.store.next_campaign_id()?;
+        let now = now_ms();
+        for (k, w) in plan.waves.iter().enumerate() {
+            for d in &w.devices {
+                self.store.put_member(&CampaignMember {
+                    schema: CAMPAIGN_SCHEMA,
+                    campaign_id: c.id.clone(),
+                    device_id: d.id.clone(),
+                    wave: k as u32,
+                    status: MemberStatus::Queued,
+                    task_id: None,
+                    attempts: 0,
+                    next_attempt_ms: 0,
+                    note: None,
+                    updated_at_ms: now,
+                })?;
+            }
+        }
+        for conflict in &plan.conflicts {
+            self.store.put_member(&CampaignMember {
+                schema: CAMPAIGN_SCHEMA,
+                campaign_id: c.id.clone(),
+                device_id: conflict.device_id.clone(),
+                wave: (c.waves.len() - 1) as u32,
+                status: MemberStatus::Skipped,
+                task_id: None,
+                attempts: 0,
+                next_attempt_ms: 0,
+                note: Some(conflict.reason.clone()),
+                updated_at_ms: now,
+            })?;
+        }
+        self.store.put_campaign(&c)?;
+        self.store.flush().await?;
+        tracing::info!(
+            campaign = c.id,
+            name = c.name,
+            devices = plan.total,
+            version = c.version,
+            "campaign created"
+        );
+        drop(_g);
+        self.wake();
+        Ok((c, plan))
+    }
+
+    /// One campaign.
+    pub fn get(&self, id: &str) -> Result<CampaignRecord, CampaignError> {
+        self.store
+            .get_campaign(id)?
+            .ok_or_else(|| CampaignError::NotFound(format!("campaign {id:?} does not exist")))
+    }
+
+    /// Every campaign, newest first.
+    pub fn list(&self) -> Result<Vec<CampaignRecord>, CampaignError> {
+        let mut v = self.store.list_campaigns()?;
+        v.sort_by_key(|c| std::cmp::Reverse(c.created_at_ms));
+        Ok(v)
+    }
+
+    /// Members of a campaign.
+    pub fn members(&self, id: &str) -> Result<Vec<CampaignMember>, CampaignError> {
+        Ok(self.store.list_members(id)?)
+    }
+
+    /// Whether a live campaign targets this firmware (it may not be deleted).
+    pub fn uses(&self, device_type: &str, version: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .store
+            .list_campaigns()?
+            .into_iter()
+            .find(|c| c.status.is_live() && c.device_type == device_type && c.version == version)
+            .map(|c| c.id))
+    }
+
+    /// pause / resume / cancel.
+    pub async fn act(&self, id: &str, action: &str) -> Result<CampaignRecord, CampaignError> {
+        let _g = self.lock.lock().await;
+        let mut c = self.get(id)?;
+        let now = now_ms();
+        match action {
+            "pause" => {
+                if !matches!(
+                    c.status,
+                    CampaignStatus::Running | CampaignStatus::Scheduled
+                ) {
+                    return Err(CampaignError::Conflict(format!(
+                        "campaign {id} is {}: only a running or scheduled campaign can be paused",
+                        c.status.as_str()
+                    )));
+                }
+                c.status = CampaignStatus::Paused;
+                c.status_reason = Some("paused by an operator".into());
+            }
+            "resume" => {
+                if c.status != CampaignStatus::Paused {
+                    return Err(CampaignError::Conflict(format!(
+                        "campaign {id} is {}: only a paused campaign can be resumed",
+                        c.status.as_str()
+                    )));
+                }
+                let failed = self
+                    .store
+                    .list_members(id)?
+                    .iter()
+                    .filter(|m| m.status == MemberStatus::Failed)
+                    .count() as u32;
+                c.failures_acknowledged = failed;
+                c.status = if c.started_at_ms.is_some() {
+                    CampaignStatus::Running
+                } else {
+                    CampaignStatus::Scheduled
+                };
+                c.status_reason = Some(format!(
+                    "resumed by an operator ({failed} failures acknowledged)"
+                ));
+            }
+            "cancel" => {
+                if !c.status.is_live() {
+                    return Err(CampaignError::Conflict(format!(
+                        "campaign {id} is already {}",
+                        c.status.as_str()
+                    )));
+                }
+                c.status = CampaignStatus::Cancelled;
+                c.status_reason = Some("cancelled by an operator (emergency brake)".into());
+                c.ended_at_ms = Some(now);
+                // persist the brake first: no new task may start from here on
+                c.updated_at_ms = now;
+                self.store.put_campaign(&c)?;
+                self.store.flush().await?;
+                for mut m in self.store.list_members(id)? {
+                    match m.status {
+                        MemberStatus::InFlight => {
+                            if let Some(tid) = m.task_id
+                                && let Ok(Some(t)) = self.store.get_task(tid)
+                                && t.status.is_active()
+                                && t.campaign_id.as_deref() == Some(id)
+                                && let Err(e) = self.ota.cancel(&m.device_id).await
+                            {
+                                tracing::warn!(device = m.device_id, error = %e, "cancelling a campaign task");
+                            }
+                            m.status = MemberStatus::Cancelled;
+                        }
+                        MemberStatus::Queued => m.status = MemberStatus::Cancelled,
+                        _ => continue,
+                    }
+                    m.updated_at_ms = now;
+                    self.store.put_member(&m)?;
+                }
+                self.store.flush().await?;
+                tracing::warn!(campaign = id, "campaign cancelled");
+                return Ok(c);
+            }
+            other => {
+                return Err(CampaignError::NotFound(format!("no action {other:?}")));
+            }
+        }
+        c.updated_at_ms = now;
+        self.store.put_campaign(&c)?;
+        self.store.flush().await?;
+        drop(_g);
+        self.wake();
+        Ok(c)
+    }
+
+    /// One engine round over every live campaign.
+    pub async fn tick(&self) -> Result<(), CampaignError> {
+        let _g = self.lock.lock().await;
+        let now = now_ms();
+        let mut dirty = false;
+        for c in self.store.list_campaigns()? {
+            if matches!(
+                c.status,
+                CampaignStatus::Scheduled | CampaignStatus::Running | CampaignStatus::Paused
+            ) {
+                dirty |= self.round(c, now).await?;
+            }
+        }
+        if dirty {
+            self.store.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn round(&self, mut c: CampaignRecord, now: i64) -> Result<bool, CampaignError> {
+        let mut dirty = false;
+        if c.status == CampaignStatus::Scheduled {
+            if now < c.start_at_ms || !in_window(c.window, now) {
+                return Ok(false);
+            }
+            c.status = CampaignStatus::Running;
+            c.started_at_ms = Some(now);
+            c.status_reason = None;
+            c.updated_at_ms = now;
+            self.store.put_campaign(&c)?;
+            tracing::info!(campaign = c.id, "campaign running");
+            dirty = true;
+        }
+        let mut members = self.store.list_members(&c.id)?;
+        // dynamic: devices that joined the target set since
+        if c.dynamic && c.status == CampaignStatus::Running {
+            let have: HashSet<String> = members.iter().map(|m| m.device_id.clone()).collect();
+            let claimed = self.claimed(Some(&c.id))?;
+            for d in self.store.list_devices()? {
+                if have.contains(&d.id)
+                    || claimed.contains_key(&d.id)
+                    || !self.device_matches(&c.targets, &c.device_type, &d)
+                {
+                    continue;
+                }
+                let m = CampaignMember {
+                    schema: CAMPAIGN_SCHEMA,
+                    campaign_id: c.id.clone(),
+                    device_id: d.id.clone(),
+                    wave: (c.waves.len() - 1) as u32,
+                    status: MemberStatus::Queued,
+                    task_id: None,
+                    attempts: 0,
+                    next_attempt_ms: 0,
+                    note: Some("joined later (dynamic campaign)".into()),
+                    updated_at_ms: now,
+                };
+                self.store.put_member(&m)?;
+                tracing::info!(campaign = c.id, device = d.id, "device joined the campaign");
+                members.push(m);
+                dirty = true;
+            }
+        }
+        // 1. follow the tasks
+        for m in members.iter_mut() {
+            if m.status != MemberStatus::InFlight {
+                continue;
+            }
+            let Some(t) = m
+                .task_id
+                .and_then(|id| self.store.get_task(id).ok().flatten())
+            else {
+                continue;
+            };
+            let next = match t.status {
+                TaskStatus::Completed => Some((MemberStatus::Succeeded, None)),
+                TaskStatus::Failed | TaskStatus::Cancelled => {
+                    let why = format!(
+                        "{}: {}",
+                        t.error_code.clone().unwrap_or_else(|| "FAILED".into()),
+                        t.error_message.clone().unwrap_or_default()
+                    );
+                    if m.attempts <= c.retries && t.status == TaskStatus::Failed {
+                        m.next_attempt_ms = now + backoff_ms(m.attempts - 1);
+                        Some((MemberStatus::Queued, Some(format!("retrying after {why}"))))
+                    } else {
+                        Some((MemberStatus::Failed, Some(why)))
+                    }
+                }
+                _ => None,
+            };
+            if let Some((st, note)) = next {
+                m.status = st;
+                m.note = note;
+                m.updated_at_ms = now;
+                self.store.put_member(m)?;
+                dirty = true;
+            }
+        }
+        // 2. gates
+        let count = |st: MemberStatus, wave: Option<u32>| {
+            members
+                .iter()
+                .filter(|m| m.status == st && wave.is_none_or(|w| m.wave == w))
+                .count()
+        };
+        let failed = count(MemberStatus::Failed, None) as u32;
+        let succeeded = count(MemberStatus::Succeeded, None) as u32;
+        let new_failures = failed.saturating_sub(c.failures_acknowledged);
+        let finished = failed + succeeded;
+        if c.status == CampaignStatus::Running
+            && new_failures >= c.failure_min_count.max(1)
+            && (new_failures as f64) * 100.0 >= c.failure_percent * finished.max(1) as f64
+        {
+            c.status = CampaignStatus::Paused;
+            c.status_reason = Some(format!(
+                "failure threshold crossed: {failed} of {finished} finished devices failed (threshold {}% and at least {}); resume to continue",
+                c.failure_percent, c.failure_min_count
+            ));
+            c.updated_at_ms = now;
+            self.store.put_campaign(&c)?;
+            tracing::warn!(campaign = c.id, reason = c.status_reason, "campaign paused");
+            return Ok(true);
+        }
+        let done = |m: &CampaignMember| {
+            matches!(
+                m.status,
+                MemberStatus::Succeeded
+                    | MemberStatus::Failed
+                    | MemberStatus::Skipped
+                    | MemberStatus::Cancelled
+            )
+        };
+        let waves = c.waves.len() as u32;
+        let current = (0..waves).find(|w| members.iter().any(|m| m.wave == *w && !done(m)));
+        let Some(current) = current else {
+            if c.status == CampaignStatus::Running {
+                c.status = CampaignStatus::Completed;
+                c.ended_at_ms = Some(now);
+                c.status_reason = Some(format!("{succeeded} succeeded, {failed} failed"));
+                c.updated_at_ms = now;
+                self.store.put_campaign(&c)?;
+                tracing::info!(campaign = c.id, succeeded, failed, "campaign completed");
+                return Ok(true);
+            }
+            return Ok(dirty);
+        };
+        // the success gate of every earlier wave
+        for w in 0..current {
+            let in_wave = members
+                .iter()
+                .filter(|m| m.wave == w && m.status != MemberStatus::Skipped)
+                .count();
+            let ok = count(MemberStatus::Succeeded, Some(w));
+            if in_wave > 0 && (ok as f64) * 100.0 < c.success_threshold * in_wave as f64 {
+                if c.status == CampaignStatus::Running {
+                    c.status = CampaignStatus::Paused;
+                    c.status_reason = Some(format!(
+                        "wave {} reached {ok} of {in_wave} succeeded, below the success threshold of {}%; resume to continue",
+                        w + 1,
+                        c.success_threshold
+                    ));
+                    c.failures_acknowledged = failed;
+                    c.updated_at_ms = now;
+                    self.store.put_campaign(&c)?;
+                    tracing::warn!(campaign = c.id, reason = c.status_reason, "campaign paused");
+                    return Ok(true);
+                }
+                return Ok(dirty);
+            }
+        }
+        if c.status != CampaignStatus::Running || !in_window(c.window, now) {
+            return Ok(dirty);
+        }
+        // 3. start devices of the waves that are open, up to maxInFlight
+        let mut in_flight = count(MemberStatus::InFlight, None) as u32;
+        for m in members.iter_mut() {
+            if in_flight >= c.max_in_flight {
+                break;
+            }
+            if m.status != MemberStatus::Queued || m.wave > current || m.next_attempt_ms > now {
+                continue;
+            }
+            let dev = match self.devices.get(&m.device_id) {
+                Ok(d) => d,
+                Err(_) => {
+                    m.status = MemberStatus::Skipped;
+                    m.note = Some("the device was deleted".into());
+                    m.updated_at_ms = now;
+                    self.store.put_member(m)?;
+                    dirty = true;
+                    continue;
+                }
+            };
+            if dev.firmware_version.as_deref() == Some(c.version.as_str()) {
+                m.status = MemberStatus::Succeeded;
+                m.note = Some("already runs the target version".into());
+                m.updated_at_ms = now;
+                self.store.put_member(m)?;
+                dirty = true;
+                continue;
+            }
+            // a task of ours may exist already (created before a crash): adopt it
+            if let Some(t) = self.store.active_task(&m.device_id)? {
+                if t.campaign_id.as_deref() == Some(c.id.as_str()) {
+                    m.status = MemberStatus::InFlight;
+                    m.task_id = Some(t.id);
+                    m.attempts = m.attempts.max(1);
+                    m.updated_at_ms = now;
+                    self.store.put_member(m)?;
+                    in_flight += 1;
+                    dirty = true;
+                    continue;
+                }
+                if !c.force {
+                    m.status = MemberStatus::Skipped;
+                    m.note = Some(format!(
+                        "conflict: the device has active task {} (to {}) not from this campaign",
+                        t.id, t.to_version
+                    ));
+                    m.updated_at_ms = now;
+                    self.store.put_member(m)?;
+                    dirty = true;
+                    continue;
+                }
+            }
+            // offline devices wait for their connection
+            if !self.devices.live(&m.device_id).ready {
+                continue;
+            }
+            match self
+                .ota
+                .create_upgrade_in(&m.device_id, &c.version, c.force, Some(c.id.clone()))
+                .await
+            {
+                Ok(t) => {
+                    m.status = MemberStatus::InFlight;
+                    m.task_id = Some(t.id);
+                    m.attempts += 1;
+                    m.note = None;
+                    in_flight += 1;
+                }
+                Err(OtaError::Conflict(why)) => {
+                    m.status = MemberStatus::Skipped;
+                    m.note = Some(format!("conflict: {why}"));
+                }
+                Err(e) => {
+                    m.next_attempt_ms = now + backoff_ms(0);
+                    m.note = Some(format!("could not start: {e}"));
+                }
+            }
+            m.updated_at_ms = now;
+            self.store.put_member(m)?;
+            dirty = true;
+        }
+        Ok(dirty)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_wrap_midnight() {
+        assert!(in_window(None, 0));
+        assert_eq!(parse_hhmm("02:00"), Some(120));
+        assert_eq!(parse_hhmm("24:00"), None);
+        assert_eq!(parse_hhmm("2:00"), None);
+        // a window covering the whole day always matches
+        assert!(in_window(Some((0, 1440)), now_ms()));
+        assert!(backoff_ms(0) < backoff_ms(3));
+        assert!(backoff_ms(100) <= 30 * 60_000);
+    }
+}

@@ -1,0 +1,356 @@
+//! Campaign handlers: `POST/GET /api/ota/campaigns`, `GET /api/ota/campaigns/{id}`,
+//! `POST /api/ota/campaigns/{id}/pause|resume|cancel`, `POST /api/ota/campaigns/dry-run`, with the
+//! request body of SPEC section 3 and the read-back shape (counts per task state, per wave, rates,
+//! bytes full vs delta, ETA).
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::api::json_body;
+use super::error::{ApiError, ok, ok_with};
+use super::wire::rfc3339_ms;
+use crate::campaigns::{CampaignError, CampaignSpec, Plan};
+use crate::store::{CampaignMember, CampaignRecord, CampaignTargets, MemberStatus};
+
+impl From<CampaignError> for ApiError {
+    fn from(e: CampaignError) -> ApiError {
+        match e {
+            CampaignError::Invalid(m) => ApiError::bad_request(m),
+            CampaignError::NotFound(m) => ApiError::not_found(m),
+            CampaignError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
+            CampaignError::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TargetsBody {
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    device_ids: Vec<String>,
+    #[serde(default)]
+    from_versions: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FailureBody {
+    percent: f64,
+    #[serde(default)]
+    min_count: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WindowBody {
+    start: String,
+    duration_minutes: u32,
+}
+
+/// The campaign body of SPEC section 3.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CampaignBody {
+    name: String,
+    #[serde(default = "gateway")]
+    device_type: String,
+    version: String,
+    targets: TargetsBody,
+    #[serde(default)]
+    waves: Option<Vec<f64>>,
+    #[serde(default)]
+    success_threshold: Option<f64>,
+    #[serde(default)]
+    failure_threshold: Option<FailureBody>,
+    #[serde(default)]
+    max_in_flight: Option<u32>,
+    #[serde(default)]
+    start_at: Option<String>,
+    #[serde(default)]
+    window: Option<WindowBody>,
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    retries: Option<u32>,
+    #[serde(default)]
+    dynamic: bool,
+}
+
+fn gateway() -> String {
+    "gateway".into()
+}
+
+fn spec(body: &Bytes) -> Result<CampaignSpec, ApiError> {
+    let b: CampaignBody = json_body(body)?;
+    Ok(CampaignSpec {
+        name: b.name,
+        device_type: b.device_type,
+        version: b.version,
+        targets: CampaignTargets {
+            all: b.targets.all,
+            device_ids: b.targets.device_ids,
+            from_versions: b.targets.from_versions,
+            tags: b.targets.tags,
+        },
+        waves: b.waves,
+        success_threshold: b.success_threshold,
+        failure_threshold: b
+            .failure_threshold
+            .map(|f| (f.percent, f.min_count.unwrap_or(1))),
+        max_in_flight: b.max_in_flight,
+        start_at: b.start_at,
+        window: b.window.map(|w| (w.start, w.duration_minutes)),
+        force: b.force,
+        retries: b.retries,
+        dynamic: b.dynamic,
+    })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WaveDto {
+    wave: u32,
+    percent: f64,
+    devices: usize,
+    counts: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SkippedDto {
+    device_id: String,
+    reason: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CampaignDto {
+    id: String,
+    name: String,
+    device_type: String,
+    version: String,
+    status: &'static str,
+    status_reason: Option<String>,
+    targets: serde_json::Value,
+    total: usize,
+    counts: BTreeMap<&'static str, u64>,
+    waves: Vec<WaveDto>,
+    current_wave: Option<u32>,
+    success_rate: f64,
+    failure_rate: f64,
+    bytes_full: u64,
+    bytes_delta: u64,
+    eta_secs: Option<u64>,
+    success_threshold: f64,
+    failure_threshold: serde_json::Value,
+    max_in_flight: u32,
+    start_at: String,
+    window: Option<serde_json::Value>,
+    force: bool,
+    retries: u32,
+    dynamic: bool,
+    skipped: Vec<SkippedDto>,
+    created_at: String,
+    updated_at: String,
+    started_at: Option<String>,
+    ended_at: Option<String>,
+}
+
+const STATES: [&str; 9] = [
+    "queued",
+    "pending",
+    "downloading",
+    "verifying",
+    "installing",
+    "completed",
+    "failed",
+    "cancelled",
+    "skipped",
+];
+
+fn dto(st: &AppState, c: &CampaignRecord, members: &[CampaignMember]) -> CampaignDto {
+    let empty = || {
+        STATES
+            .iter()
+            .map(|s| (*s, 0u64))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let mut counts = empty();
+    let mut waves: Vec<WaveDto> = c
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(i, p)| WaveDto {
+            wave: i as u32 + 1,
+            percent: *p,
+            devices: 0,
+            counts: empty(),
+        })
+        .collect();
+    let (mut bytes_full, mut bytes_delta) = (0u64, 0u64);
+    let mut skipped = Vec::new();
+    for m in members {
+        let task = m
+            .task_id
+            .and_then(|id| st.store.get_task(id).ok().flatten());
+        let state: &'static str = match m.status {
+            MemberStatus::Queued => "queued",
+            MemberStatus::InFlight => task.as_ref().map_or("pending", |t| t.status.as_str()),
+            MemberStatus::Succeeded => "completed",
+            MemberStatus::Failed => "failed",
+            MemberStatus::Skipped => "skipped",
+            MemberStatus::Cancelled => "cancelled",
+        };
+        if m.status == MemberStatus::Skipped {
+            skipped.push(SkippedDto {
+                device_id: m.device_id.clone(),
+                reason: m.note.clone().unwrap_or_default(),
+            });
+        }
+        if let Some(t) = &task
+            && t.status == crate::store::TaskStatus::Completed
+        {
+            match &t.delta {
+                Some(d) => bytes_delta += d.size,
+                None => bytes_full += t.file_size,
+            }
+        }
+        *counts.entry(state).or_default() += 1;
+        if let Some(w) = waves.get_mut(m.wave as usize) {
+            w.devices += 1;
+            *w.counts.entry(state).or_default() += 1;
+        }
+    }
+    let total = members.len();
+    let eligible = total as u64 - counts["skipped"];
+    let pct = |n: u64| {
+        if eligible == 0 {
+            0.0
+        } else {
+            (n as f64 * 10_000.0 / eligible as f64).round() / 100.0
+        }
+    };
+    let finished = counts["completed"] + counts["failed"];
+    let remaining = eligible.saturating_sub(finished + counts["cancelled"]);
+    let now = crate::firmware::now_ms();
+    let eta_secs = match (c.status.is_live(), c.started_at_ms) {
+        (true, Some(s)) if finished > 0 && remaining > 0 => {
+            Some(((now - s).max(0) as u64 / 1000) * remaining / finished)
+        }
+        (true, _) if remaining == 0 => Some(0),
+        _ => None,
+    };
+    let current_wave = c
+        .status
+        .is_live()
+        .then(|| {
+            waves
+                .iter()
+                .find(|w| {
+                    w.counts["queued"]
+                        + w.counts["pending"]
+                        + w.counts["downloading"]
+                        + w.counts["verifying"]
+                        + w.counts["installing"]
+                        > 0
+                })
+                .map(|w| w.wave)
+        })
+        .flatten();
+    CampaignDto {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        device_type: c.device_type.clone(),
+        version: c.version.clone(),
+        status: c.status.as_str(),
+        status_reason: c.status_reason.clone(),
+        targets: serde_json::json!({"all": c.targets.all, "deviceIds": c.targets.device_ids,
+            "fromVersions": c.targets.from_versions, "tags": c.targets.tags}),
+        total,
+        success_rate: pct(counts["completed"]),
+        failure_rate: pct(counts["failed"]),
+        counts,
+        waves,
+        current_wave,
+        bytes_full,
+        bytes_delta,
+        eta_secs,
+        success_threshold: c.success_threshold,
+        failure_threshold: serde_json::json!({"percent": c.failure_percent, "minCount": c.failure_min_count}),
+        max_in_flight: c.max_in_flight,
+        start_at: rfc3339_ms(c.start_at_ms),
+        window: c.window.map(|(s, d)| {
+            serde_json::json!({"start": format!("{:02}:{:02}", s / 60, s % 60), "durationMinutes": d})
+        }),
+        force: c.force,
+        retries: c.retries,
+        dynamic: c.dynamic,
+        skipped,
+        created_at: rfc3339_ms(c.created_at_ms),
+        updated_at: rfc3339_ms(c.updated_at_ms),
+        started_at: c.started_at_ms.map(rfc3339_ms),
+        ended_at: c.ended_at_ms.map(rfc3339_ms),
+    }
+}
+
+/// POST /api/ota/campaigns
+pub async fn create(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let s = spec(&body)?;
+    let (c, plan) = st.campaigns.create(&s).await?;
+    let members = st.campaigns.members(&c.id)?;
+    let mut v = serde_json::to_value(dto(&st, &c, &members)).map_err(ApiError::internal)?;
+    v["notes"] = serde_json::json!(plan.notes);
+    Ok(ok_with(StatusCode::CREATED, v))
+}
+
+/// POST /api/ota/campaigns/dry-run
+pub async fn dry_run(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let s = spec(&body)?;
+    let plan: Plan = st.campaigns.plan(&s)?;
+    Ok(ok(plan))
+}
+
+/// GET /api/ota/campaigns
+pub async fn list(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let mut out = Vec::new();
+    for c in st.campaigns.list()? {
+        let m = st.campaigns.members(&c.id)?;
+        out.push(dto(&st, &c, &m));
+    }
+    Ok(ok(out))
+}
+
+/// GET /api/ota/campaigns/{id}
+pub async fn get_one(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let c = st.campaigns.get(&id)?;
+    let m = st.campaigns.members(&id)?;
+    Ok(ok(dto(&st, &c, &m)))
+}
+
+/// POST /api/ota/campaigns/{id}/{action} (pause, resume, cancel)
+pub async fn act(
+    State(st): State<AppState>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    if !matches!(action.as_str(), "pause" | "resume" | "cancel") {
+        return Err(ApiError::not_found(format!(
+            "no campaign action {action:?}: pause, resume or cancel"
+        )));
+    }
+    let c = st.campaigns.act(&id, &action).await?;
+    let m = st.campaigns.members(&id)?;
+    Ok(ok(dto(&st, &c, &m)))
+}
