@@ -127,6 +127,11 @@ struct Stats {
 /// Base images for deltas, fetched once per version and shared by the fleet.
 type ImageCache = Mutex<HashMap<String, Arc<OnceCell<Option<Arc<Vec<u8>>>>>>>;
 
+/// Outcomes of applying a patch (by base version, patch sha256, target sha256): a thousand
+/// devices receiving the same bytes need not all run the same CPU-heavy bspatch; a patch that
+/// differs in one byte (e.g. `--corrupt-delta-rate`) is applied on its own.
+type PatchCache = Mutex<HashMap<(String, String, String), Arc<OnceCell<Result<(), String>>>>>;
+
 struct Shared {
     args: SimArgs,
     http: reqwest::Client,
@@ -134,6 +139,7 @@ struct Shared {
     target: MqttTarget,
     stats: Stats,
     images: ImageCache,
+    patches: PatchCache,
     connect_gate: Semaphore,
     start: Instant,
 }
@@ -316,6 +322,7 @@ pub async fn run(client: crate::client::Client, args: SimArgs) -> anyhow::Result
         },
         stats: Stats::default(),
         images: Mutex::new(HashMap::new()),
+        patches: Mutex::new(HashMap::new()),
         connect_gate: Semaphore::new(256),
         start: Instant::now(),
         args,
@@ -754,13 +761,26 @@ async fn try_delta(
         md5: offer.md5.clone(),
         sha256: offer.sha256.clone(),
     };
-    tokio::task::spawn_blocking(move || {
-        let mut out = Vec::with_capacity(size as usize);
-        crate::delta::apply(&base, &bytes, size, &mut out).map_err(|e| e.to_string())?;
-        let mut rx = Received::default();
-        rx.feed(&out);
-        fetch::verify(&rx, &expect).map_err(|e| e.to_string())
+    let key = {
+        use sha2::Digest;
+        (
+            current.to_string(),
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            format!("{}:{}", offer.md5, offer.sha256.clone().unwrap_or_default()),
+        )
+    };
+    let cell = sh.patches.lock().await.entry(key).or_default().clone();
+    cell.get_or_init(|| async move {
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(size as usize);
+            crate::delta::apply(&base, &bytes, size, &mut out).map_err(|e| e.to_string())?;
+            let mut rx = Received::default();
+            rx.feed(&out);
+            fetch::verify(&rx, &expect).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
     })
     .await
-    .map_err(|e| e.to_string())?
+    .clone()
 }

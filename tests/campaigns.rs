@@ -141,7 +141,10 @@ async fn canary_waves_with_deltas_complete_in_order() {
         .map(|t| (time(t, "startTime"), time(t, "completeTime")))
         .collect();
     for (start, _) in &spans {
-        let in_flight = spans.iter().filter(|(a, b)| a <= start && start < b).count();
+        let in_flight = spans
+            .iter()
+            .filter(|(a, b)| a <= start && start < b)
+            .count();
         assert!(in_flight <= 5, "{in_flight} in flight at {start}");
     }
     let (_, stats) = s.get_json("/api/ota/statistics").await;
@@ -347,12 +350,18 @@ async fn campaign_bodies_are_checked() {
     s.register("GW3", "gateway", "secret-123").await;
     let later = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
     let (st, b) = post(json!({"name": "later", "version": "1.0.2",
-        "targets": {"deviceIds": ["GW3"]}, "startAt": later})).await;
+        "targets": {"deviceIds": ["GW3"]}, "startAt": later}))
+    .await;
     assert_eq!(st, 201, "{b}");
     assert_eq!(b["data"]["status"], "scheduled");
     let later_id = b["data"]["id"].as_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(s.get_json(&format!("/api/ota/campaigns/{later_id}")).await.1["data"]["status"], "scheduled");
+    assert_eq!(
+        s.get_json(&format!("/api/ota/campaigns/{later_id}"))
+            .await
+            .1["data"]["status"],
+        "scheduled"
+    );
     wait_campaign(&s, &later_id, 10, |c| c["status"] == "running").await;
     s.register("GW4", "gateway", "secret-123").await;
     let now = chrono::Local::now();
