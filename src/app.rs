@@ -102,8 +102,12 @@ fn write_ports(
     http: Option<u16>,
     mqtt: u16,
     mqtts: Option<u16>,
+    metrics: Option<u16>,
 ) -> std::io::Result<()> {
-    let v = serde_json::json!({"https": https, "http": http, "mqtt": mqtt, "mqtts": mqtts});
+    let mut v = serde_json::json!({"https": https, "http": http, "mqtt": mqtt, "mqtts": mqtts});
+    if let Some(m) = metrics {
+        v["metrics"] = m.into();
+    }
     let path = data_dir.join("ports.json");
     let tmp = data_dir.join(".ports.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&v).expect("json"))?;
@@ -297,7 +301,24 @@ impl App {
             campaigns,
             deltas,
             traffic: Default::default(),
+            http_metrics: Default::default(),
         });
+        let mut metrics_port = None;
+        if !config.metrics.listen.is_empty() {
+            let l = bind("metrics.listen", &config.metrics.listen)?;
+            let addr = l
+                .local_addr()
+                .map_err(io_ctx("reading the metrics address"))?;
+            metrics_port = Some(addr.port());
+            tracing::info!(%addr, "metrics listener (loopback, no token)");
+            tracker.spawn(http::serve(
+                l,
+                None,
+                http::metrics_router(state.clone()),
+                shutdown.clone(),
+                DRAIN_DEADLINE,
+            ));
+        }
         let router = http::router(state);
         tracker.spawn(http::serve(
             https_listener,
@@ -321,6 +342,7 @@ impl App {
             http_addr.map(|a| a.port()),
             broker.mqtt.port(),
             broker.mqtts.map(|a| a.port()),
+            metrics_port,
         )
         .map_err(io_ctx("writing ports.json"))?;
         tracing::info!(https = %https, http = ?http_addr, mqtt = %broker.mqtt, mqtts = ?broker.mqtts, public_url = %public_url, data_dir = %data_dir.display(), "hangar is serving");

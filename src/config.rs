@@ -42,6 +42,8 @@ pub struct Config {
     pub tasks: TasksConfig,
     /// Delta generation.
     pub delta: DeltaConfig,
+    /// Prometheus metrics listener.
+    pub metrics: MetricsConfig,
     /// Log output format.
     pub log: LogConfig,
 }
@@ -104,6 +106,15 @@ pub struct AuthConfig {
 pub struct TasksConfig {
     /// Seconds without a report after which an active task fails with TIMEOUT.
     pub stall_timeout_secs: u64,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Extra loopback-only listener serving `/metrics` without a token; "" = none (the HTTPS
+    /// listener always serves `/metrics` behind the admin token).
+    pub listen: String,
 }
 
 /// `[delta]`
@@ -355,6 +366,23 @@ impl Config {
                 "tasks.stall_timeout_secs",
                 "must be greater than 0".into(),
             ));
+        }
+        if !self.metrics.listen.is_empty() {
+            match self.metrics.listen.parse::<SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                Ok(_) => {
+                    return Err(err(
+                        "metrics.listen",
+                        "must be a loopback address (e.g. \"127.0.0.1:9464\"): it has no authentication".into(),
+                    ));
+                }
+                Err(_) => {
+                    return Err(err(
+                        "metrics.listen",
+                        format!("{:?} is not an IP:port address", self.metrics.listen),
+                    ));
+                }
+            }
         }
         if !(1..=64).contains(&self.delta.workers) {
             return Err(err("delta.workers", "must be between 1 and 64".into()));

@@ -364,6 +364,11 @@ impl Deltas {
         Ok(self.store.list_deltas(Some((device_type, to)))?)
     }
 
+    /// Every delta record (metrics).
+    pub fn all(&self) -> Result<Vec<DeltaRecord>, DeltaError> {
+        Ok(self.store.list_deltas(None)?)
+    }
+
     /// The ready delta `from -> to`, if any (what a command may offer).
     pub fn offer(&self, device_type: &str, from: &str, to: &str) -> Option<DeltaRecord> {
         let d = self.store.get_delta(device_type, from, to).ok()??;

@@ -203,6 +203,23 @@ impl Devices {
     }
 
     /// Number of devices with at least one connection.
+    /// Online devices as (gateway protocol, Alibaba protocol); Alibaba ids are `pk/dn`.
+    pub fn online_by_protocol(&self) -> (usize, usize) {
+        let live = self.live.read().expect("live lock");
+        let mut out = (0, 0);
+        for (id, l) in live.iter() {
+            if l.connections > 0 {
+                if id.contains('/') {
+                    out.1 += 1;
+                } else {
+                    out.0 += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Devices with an open connection.
     pub fn online_count(&self) -> usize {
         self.live
             .read()

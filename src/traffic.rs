@@ -29,6 +29,8 @@ pub struct Counter {
     pub ranged: AtomicU64,
     /// For deltas: the size of the full image it replaces and of the delta itself.
     sizes: (u64, u64),
+    /// Bodies of this file being sent now.
+    pub active: std::sync::atomic::AtomicI64,
 }
 
 impl Counter {
@@ -90,6 +92,12 @@ impl Traffic {
                 })
             })
             .clone()
+    }
+
+    /// Download bodies being sent now.
+    pub fn active(&self) -> i64 {
+        let m = self.map.lock().expect("poisoned");
+        m.values().map(|c| c.active.load(Ordering::Relaxed)).sum()
     }
 
     /// Totals and per-firmware figures.

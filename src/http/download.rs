@@ -307,6 +307,9 @@ fn body(
         }
     }
     let mut b = FileBody::new(file, segments);
+    if let Some(c) = &counter {
+        c.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     b.counter = counter;
     Body::new(b)
 }
@@ -344,6 +347,14 @@ impl FileBody {
             pending: None,
             remaining,
             counter: None,
+        }
+    }
+}
+
+impl Drop for FileBody {
+    fn drop(&mut self) {
+        if let Some(c) = &self.counter {
+            c.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

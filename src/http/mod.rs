@@ -10,6 +10,7 @@ pub mod deltas_api;
 pub mod devices_api;
 pub mod download;
 pub mod error;
+pub mod metrics;
 pub mod wire;
 
 use std::sync::Arc;
@@ -70,6 +71,8 @@ pub struct Inner {
     pub deltas: Arc<crate::deltas::Deltas>,
     /// Bytes served per image and delta.
     pub traffic: Arc<crate::traffic::Traffic>,
+    /// Request counters of the HTTP layer.
+    pub http_metrics: metrics::HttpMetrics,
 }
 
 impl AppState {
@@ -98,6 +101,15 @@ async fn require_admin(State(st): State<AppState>, req: Request, next: Next) -> 
         .into_response();
     }
     next.run(req).await
+}
+
+/// The router of the loopback-only metrics listener (`[metrics] listen`): `/metrics` without a
+/// token, nothing else.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::metrics))
+        .fallback(api::not_found)
+        .with_state(state)
 }
 
 /// The whole router.
@@ -140,6 +152,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ota/campaigns/dry-run", post(campaigns_api::dry_run))
         .route("/api/ota/campaigns/{id}", get(campaigns_api::get_one))
         .route("/api/ota/campaigns/{id}/{action}", post(campaigns_api::act))
+        .route("/metrics", get(metrics::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(api::healthz))
@@ -148,6 +161,10 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .with_state(state)
 }
 

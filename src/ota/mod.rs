@@ -98,6 +98,7 @@ pub struct Ota {
     lock: tokio::sync::Mutex<()>,
     /// Dropped reports by reason.
     pub drops: DropCounters,
+    commands_sent: AtomicU64,
 }
 
 static DROP_LOG: RateLog = RateLog::new();
@@ -202,6 +203,7 @@ impl Ota {
             settings,
             lock: tokio::sync::Mutex::new(()),
             drops: DropCounters::default(),
+            commands_sent: AtomicU64::new(0),
         }
     }
 
@@ -495,6 +497,7 @@ impl Ota {
             tracing::warn!(device = %t.device_id, error = %e, "command not sent; it is re-sent when the device subscribes again");
             return Ok(t);
         }
+        self.commands_sent.fetch_add(1, Ordering::Relaxed);
         if let Outcome::Changed(n) = state::apply(&t, &Input::CommandSent, now_ms()) {
             t = n;
             self.store.put_task(&t)?;
@@ -579,6 +582,16 @@ impl Ota {
             limit,
             offset,
         )?)
+    }
+
+    /// Every task (metrics).
+    pub fn all_tasks(&self) -> Result<Vec<TaskRecord>, OtaError> {
+        Ok(self.store.list_tasks(|_| true, usize::MAX, 0)?)
+    }
+
+    /// Commands published to devices since the start.
+    pub fn commands_sent(&self) -> u64 {
+        self.commands_sent.load(Ordering::Relaxed)
     }
 
     /// Totals and per-version figures.
