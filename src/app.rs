@@ -302,6 +302,7 @@ impl App {
             deltas,
             traffic: Default::default(),
             http_metrics: Default::default(),
+            data_dir: data_dir.clone(),
         });
         let mut metrics_port = None;
         if !config.metrics.listen.is_empty() {

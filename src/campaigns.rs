@@ -518,6 +518,11 @@ impl Campaigns {
         Ok((c, plan))
     }
 
+    /// Holds this service's write lock (backups take a consistent snapshot under it).
+    pub async fn quiesce(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.lock.lock().await
+    }
+
     /// One campaign.
     pub fn get(&self, id: &str) -> Result<CampaignRecord, CampaignError> {
         self.store

@@ -67,6 +67,23 @@ pub enum Command {
     /// Rollouts in waves: create, list, show [--follow], pause, resume, cancel, dry-run.
     #[command(subcommand)]
     Campaign(CampaignCmd),
+    /// Online backup of the appliance (store, images, certificates, token) into a tar.
+    Backup {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into a data dir (offline: the appliance must not run on it).
+    Restore {
+        /// The backup tar.
+        file: PathBuf,
+        /// The data dir to fill.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Replace a non-empty data dir (the old one is moved aside).
+        #[arg(long)]
+        force: bool,
+    },
     /// Run a fleet of simulated devices against the appliance (tests, demos, benchmarks).
     Sim(crate::sim::SimArgs),
     /// Device-side updater for one application binary (config: --config agent.toml).
@@ -85,6 +102,22 @@ pub enum Command {
         #[arg(long, conflicts_with = "follow")]
         cancel: bool,
     },
+}
+
+/// Runs `hangar backup --out FILE`.
+pub async fn backup(g: &Global, out: &std::path::Path) -> Result<(), CliError> {
+    let client = Client::connect(&endpoint(g))?;
+    let n = client.download_to("/api/ota/backup", out).await?;
+    let m = crate::backup::verify(out).map_err(|source| CliError::Io {
+        context: format!("checking {}", out.display()),
+        source,
+    })?;
+    eprintln!(
+        "{}: {n} bytes, {} files, checksums verified",
+        out.display(),
+        m.files.len()
+    );
+    Ok(())
 }
 
 /// `hangar campaign ...`

@@ -269,6 +269,42 @@ impl Client {
         Self::envelope(resp).await
     }
 
+    /// GETs `path` into the file `out` (temp file, fsync, rename); returns the bytes written.
+    pub async fn download_to(&self, path: &str, out: &Path) -> Result<u64, CliError> {
+        use tokio::io::AsyncWriteExt;
+        let mut resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(Self::envelope(resp)
+                .await
+                .err()
+                .unwrap_or(CliError::Discover("unexpected answer".into())));
+        }
+        let io = |context: String| move |source| CliError::Io { context, source };
+        let tmp = out.with_extension("partial");
+        let mut f = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(io(format!("creating {}", tmp.display())))?;
+        let mut n = 0u64;
+        while let Some(chunk) = resp.chunk().await? {
+            f.write_all(&chunk)
+                .await
+                .map_err(io(format!("writing {}", tmp.display())))?;
+            n += chunk.len() as u64;
+        }
+        f.sync_all()
+            .await
+            .map_err(io(format!("fsync {}", tmp.display())))?;
+        tokio::fs::rename(&tmp, out)
+            .await
+            .map_err(io(format!("renaming to {}", out.display())))?;
+        Ok(n)
+    }
+
     /// Streams `file` to the upload endpoint with the given text fields; `progress` is told how
     /// many bytes have gone out.
     pub async fn upload(

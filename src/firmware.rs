@@ -187,6 +187,11 @@ impl FirmwareService {
             })
     }
 
+    /// Holds this service's write lock (backups take a consistent snapshot under it).
+    pub async fn quiesce(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.lock.lock().await
+    }
+
     /// Changes the status. Allowed: draft/testing to anything, released -> deprecated,
     /// deprecated -> released; the first release sets `releaseDate`.
     pub async fn set_status(

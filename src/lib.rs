@@ -22,6 +22,7 @@
 //! - [`ota`]: upgrade tasks: the pure state machine and the engine that drives it.
 //! - [`ratelog`]: warnings limited to one per second per call site.
 //! - [`campaigns`]: rollouts in waves with gates, windows, retries; the engine loop.
+//! - [`backup`]: backup tar (manifest + checksums, store records, blobs, certs, token), restore.
 //! - [`traffic`]: bytes served per image and delta (full vs delta, saved).
 //! - [`deltas`]: the delta service: eager/on-demand generation, bounded queue, offers, checks.
 //! - [`delta`]: BSDIFF40 patches (make, apply), shared by server, CLI and devices.
@@ -32,6 +33,7 @@
 pub mod agent;
 pub mod app;
 pub mod auth;
+pub mod backup;
 pub mod blobs;
 pub mod broker;
 pub mod campaigns;

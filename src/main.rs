@@ -24,6 +24,17 @@ fn main() -> anyhow::Result<()> {
         // offline and CPU-bound: no async runtime (keeps its memory next to Debian's bsdiff)
         return hangar::cli::delta(cmd);
     }
+    if let Command::Restore {
+        file,
+        data_dir,
+        force,
+    } = &cli.command
+    {
+        let msg = hangar::backup::restore(file, data_dir, *force)
+            .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
+        eprintln!("{msg}");
+        return Ok(());
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -66,7 +77,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = hangar::agent::AgentConfig::load(&path)?;
             hangar::agent::Agent::new(cfg)?.run().await?;
         }
-        Command::Delta(_) => unreachable!("handled before the runtime starts"),
+        Command::Delta(_) | Command::Restore { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
+        Command::Backup { out } => hangar::cli::backup(&cli.global, &out).await?,
         Command::Task {
             device,
             follow,

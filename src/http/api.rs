@@ -508,3 +508,61 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
         format!("{method} is not allowed on {}", uri.path()),
     )
 }
+
+/// GET /api/ota/backup: a consistent backup tar (see `crate::backup`), streamed from a temp file
+/// that is already unlinked.
+pub async fn backup(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let dump = {
+        let _c = st.campaigns.quiesce().await;
+        let _o = st.ota.quiesce().await;
+        let _f = st.firmware.quiesce().await;
+        let store = st.store.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut v = Vec::new();
+            store.export(&mut v)?;
+            Ok(v)
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?
+    };
+    let dir = st.data_dir.clone();
+    let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        let mut name = [0u8; 8];
+        rand::fill(&mut name);
+        let path = dir
+            .join("tmp")
+            .join(format!("backup-{}.tar", hex::encode(name)));
+        let mut f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let r = crate::backup::write(&dir, &dump, &mut f);
+        let _ = std::fs::remove_file(&path);
+        r?;
+        use std::io::Seek;
+        f.rewind()?;
+        Ok(f)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    let len = file.metadata().map_err(ApiError::internal)?.len();
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
+    let name = format!(
+        "hangar-backup-{}.tar",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-tar")
+        .header(header::CONTENT_LENGTH, len)
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{name}\""),
+        )
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(ApiError::internal)
+}

@@ -71,6 +71,8 @@ pub struct Inner {
     pub deltas: Arc<crate::deltas::Deltas>,
     /// Bytes served per image and delta.
     pub traffic: Arc<crate::traffic::Traffic>,
+    /// The data directory (backups).
+    pub data_dir: std::path::PathBuf,
     /// Request counters of the HTTP layer.
     pub http_metrics: metrics::HttpMetrics,
 }
@@ -108,6 +110,7 @@ async fn require_admin(State(st): State<AppState>, req: Request, next: Next) -> 
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics::metrics))
+        .route("/api/ota/backup", get(api::backup))
         .fallback(api::not_found)
         .with_state(state)
 }
@@ -153,6 +156,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ota/campaigns/{id}", get(campaigns_api::get_one))
         .route("/api/ota/campaigns/{id}/{action}", post(campaigns_api::act))
         .route("/metrics", get(metrics::metrics))
+        .route("/api/ota/backup", get(api::backup))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(api::healthz))

@@ -584,6 +584,11 @@ impl Ota {
         )?)
     }
 
+    /// Holds this service's write lock (backups take a consistent snapshot under it).
+    pub async fn quiesce(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.lock.lock().await
+    }
+
     /// Every task (metrics).
     pub fn all_tasks(&self) -> Result<Vec<TaskRecord>, OtaError> {
         Ok(self.store.list_tasks(|_| true, usize::MAX, 0)?)
