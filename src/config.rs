@@ -486,6 +486,15 @@ fn toml_error_key(e: &toml::de::Error, text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn packaged_config_is_the_default_with_the_state_dir() {
+        let packaged = include_str!("../debian/hangar.toml");
+        assert_eq!(
+            packaged,
+            DEFAULT_TOML.replacen("data_dir = \"\"", "data_dir = \"/var/lib/hangar\"", 1)
+        );
+    }
+
     use super::*;
 
     #[test]
