@@ -38,14 +38,23 @@ fn debian_package_builds_and_installs_into_a_throwaway_root() {
     ] {
         assert!(list.lines().any(|l| l.ends_with(f)), "{f} missing:\n{list}");
     }
-    let conffiles = sh(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("conffiles"));
+    let conffiles = sh(Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(&deb)
+        .arg("conffiles"));
     assert!(conffiles.contains("/etc/hangar/hangar.toml"), "{conffiles}");
     let postinst = sh(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("postinst"));
     assert!(postinst.contains("useradd --system"), "{postinst}");
-    assert!(postinst.contains("hangar.service"), "enables the unit:\n{postinst}");
+    assert!(
+        postinst.contains("hangar.service"),
+        "enables the unit:\n{postinst}"
+    );
     let postrm = sh(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("postrm"));
     let purge = postrm.find("\"purge\"").expect("purge branch");
-    assert!(postrm[purge..].contains("rm -rf /var/lib/hangar"), "{postrm}");
+    assert!(
+        postrm[purge..].contains("rm -rf /var/lib/hangar"),
+        "{postrm}"
+    );
     assert!(postrm[purge..].contains("userdel hangar"), "{postrm}");
 
     let fs = tmp.path().join("root");
@@ -82,7 +91,10 @@ fn packaged_unit_is_the_repository_unit_with_a_static_user() {
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
-    assert_eq!(strip("debian/hangar.service"), strip("systemd/hangar.service"));
+    assert_eq!(
+        strip("debian/hangar.service"),
+        strip("systemd/hangar.service")
+    );
     assert_eq!(
         strip("debian/hangar-agent.service"),
         strip("systemd/hangar-agent.service")
