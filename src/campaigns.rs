@@ -819,7 +819,8 @@ impl Campaigns {
         }
         // 3. start devices of the waves that are open, up to maxInFlight
         let mut in_flight = count(MemberStatus::InFlight, None) as u32;
-        for m in members.iter_mut() {
+        let mut to_start = Vec::new();
+        for (idx, m) in members.iter_mut().enumerate() {
             if in_flight >= c.max_in_flight {
                 break;
             }
@@ -873,30 +874,43 @@ impl Campaigns {
             if !self.devices.live(&m.device_id).ready {
                 continue;
             }
-            match self
-                .ota
-                .create_upgrade_in(&m.device_id, &c.version, c.force, Some(c.id.clone()))
-                .await
-            {
-                Ok(t) => {
-                    m.status = MemberStatus::InFlight;
-                    m.task_id = Some(t.id);
-                    m.attempts += 1;
-                    m.note = None;
-                    in_flight += 1;
+            to_start.push(idx);
+            in_flight += 1;
+        }
+        // create the tasks concurrently (their store flushes are shared by the group commit);
+        // a member is recorded in flight only with its task id
+        for chunk in to_start.chunks(64) {
+            let results = futures_util::future::join_all(chunk.iter().map(|&i| {
+                self.ota.create_upgrade_in(
+                    &members[i].device_id,
+                    &c.version,
+                    c.force,
+                    Some(c.id.clone()),
+                )
+            }))
+            .await;
+            for (&i, r) in chunk.iter().zip(results) {
+                let m = &mut members[i];
+                match r {
+                    Ok(t) => {
+                        m.status = MemberStatus::InFlight;
+                        m.task_id = Some(t.id);
+                        m.attempts += 1;
+                        m.note = None;
+                    }
+                    Err(OtaError::Conflict(why)) => {
+                        m.status = MemberStatus::Skipped;
+                        m.note = Some(format!("conflict: {why}"));
+                    }
+                    Err(e) => {
+                        m.next_attempt_ms = now + backoff_ms(0);
+                        m.note = Some(format!("could not start: {e}"));
+                    }
                 }
-                Err(OtaError::Conflict(why)) => {
-                    m.status = MemberStatus::Skipped;
-                    m.note = Some(format!("conflict: {why}"));
-                }
-                Err(e) => {
-                    m.next_attempt_ms = now + backoff_ms(0);
-                    m.note = Some(format!("could not start: {e}"));
-                }
+                m.updated_at_ms = now;
+                self.store.put_member(m)?;
+                dirty = true;
             }
-            m.updated_at_ms = now;
-            self.store.put_member(m)?;
-            dirty = true;
         }
         Ok(dirty)
     }
