@@ -9,18 +9,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Server, bin, client_for, test_config};
+use common::{Server, bin, client_for, fixture, test_config};
 use hangar::app::App;
 use serde_json::{Value, json};
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/stm32-pybricks-primehub")
-            .join(name),
-    )
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_restore_round_trip() {

@@ -5,20 +5,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Server, bin, image, sim_result};
+use common::{Server, bin, fixture, image, sim_result};
 use serde_json::{Value, json};
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/stm32-pybricks-primehub")
-            .join(name),
-    )
-    .unwrap()
-}
 
 async fn wait_campaign(s: &Server, id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);

@@ -5,21 +5,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Server, bin, image, sim_result};
+use common::{Server, bin, fixture, image, sim_result};
 use serde_json::{Value, json};
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/stm32-pybricks-primehub")
-            .join(name),
-    )
-    .unwrap()
-}
 
 /// Debian's bspatch: OLD NEW PATCH.
 fn bspatch(old: &[u8], patch: &[u8]) -> Vec<u8> {

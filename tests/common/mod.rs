@@ -333,6 +333,17 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hangar"))
 }
 
+/// A file of the real MCU image pair in `tests/fixtures/stm32-pybricks-primehub` (`old.bin`,
+/// `new.bin`).
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/stm32-pybricks-primehub")
+            .join(name),
+    )
+    .unwrap()
+}
+
 /// Waits for a `hangar sim` child to exit; returns its exit code and the JSON summary (the last
 /// line of its stdout).
 pub async fn sim_result(child: tokio::process::Child, secs: u64) -> (i32, Value) {
