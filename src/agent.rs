@@ -100,6 +100,9 @@ pub struct AgentConfig {
     /// Extra: declare and use bsdiff40 deltas.
     #[serde(default = "default_true")]
     pub delta: bool,
+    /// Extra: download speed cap in KB/s for slow or shared links (0 = none).
+    #[serde(default)]
+    pub max_download_kbps: u64,
 }
 
 /// How the application is restarted.
@@ -239,6 +242,18 @@ struct PartMeta {
     md5: String,
     size: u64,
     etag: Option<String>,
+    /// The command being downloaded, so a restarted agent carries on by itself.
+    #[serde(default)]
+    offer: Option<SavedOffer>,
+}
+
+/// A full-image command as saved beside the `.part`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct SavedOffer {
+    url: String,
+    sha256: Option<String>,
+    force: bool,
+    msg_id: Option<String>,
 }
 
 struct Paths {
@@ -500,6 +515,7 @@ impl Agent {
         let mut watch = tokio::time::interval(Duration::from_secs(1));
         let mut up = false;
         let mut backlog = pending;
+        let mut interrupted = self.interrupted_download();
         loop {
             let ev = tokio::select! {
                 _ = term.recv() => break,
@@ -531,6 +547,16 @@ impl Agent {
                     if let Some(m) = firmware_get(&self.ident) {
                         link.send(m).await;
                     }
+                    if let Some(offer) = interrupted.take() {
+                        tracing::info!(
+                            version = offer.version,
+                            "continuing the download a previous run started"
+                        );
+                        up = self
+                            .upgrade_draining(&link, &mut rx, offer)
+                            .await
+                            .unwrap_or(up);
+                    }
                 }
                 LinkEvent::Down(why) => {
                     up = false;
@@ -539,32 +565,11 @@ impl Agent {
                 LinkEvent::Dropped(why) => tracing::warn!(why, "message dropped"),
                 LinkEvent::Command(Command::NothingNewer | Command::Cancel { .. }) => {}
                 LinkEvent::Command(Command::Upgrade(offer)) => {
-                    // keep reading the link while the upgrade runs, so the MQTT session stays
-                    // alive through a long download; further commands wait for the next one
-                    let ident = self.ident.clone();
-                    let version = self.state.running_version.clone();
-                    let fut = self.upgrade(&link, offer);
-                    tokio::pin!(fut);
-                    loop {
-                        tokio::select! {
-                            _ = &mut fut => break,
-                            ev = rx.recv() => match ev {
-                                Some(LinkEvent::Up) => {
-                                    up = true;
-                                    link.send(announce(&ident, &version)).await;
-                                }
-                                Some(LinkEvent::Down(why)) => {
-                                    up = false;
-                                    tracing::warn!(why, "MQTT connection lost during the upgrade");
-                                }
-                                Some(LinkEvent::Command(c)) => {
-                                    tracing::info!(?c, "command during an upgrade: ignored");
-                                }
-                                Some(LinkEvent::Dropped(why)) => tracing::warn!(why, "message dropped"),
-                                None => {}
-                            }
-                        }
-                    }
+                    interrupted = None;
+                    up = self
+                        .upgrade_draining(&link, &mut rx, offer)
+                        .await
+                        .unwrap_or(up);
                 }
             }
         }
@@ -572,6 +577,74 @@ impl Agent {
             self.sup.stop().await;
         }
         Ok(())
+    }
+
+    /// The download a previous run was in the middle of (its `.part` and command are on disk).
+    fn interrupted_download(&self) -> Option<Offer> {
+        if self.state.phase != Phase::Idle {
+            return None;
+        }
+        let meta: PartMeta =
+            serde_json::from_slice(&std::fs::read(&self.paths.part_meta).ok()?).ok()?;
+        let saved = meta.offer?;
+        (meta.version != self.state.running_version).then_some(Offer {
+            version: meta.version,
+            url: saved.url,
+            size: meta.size,
+            md5: meta.md5,
+            sha256: saved.sha256,
+            force: saved.force,
+            msg_id: saved.msg_id,
+            delta: None,
+        })
+    }
+
+    /// After a reported failure the next start must not carry on by itself (the `.part` stays for
+    /// a resume when the command comes again).
+    fn forget_interrupted(&self) {
+        if let Ok(b) = std::fs::read(&self.paths.part_meta)
+            && let Ok(mut m) = serde_json::from_slice::<PartMeta>(&b)
+            && m.offer.is_some()
+        {
+            m.offer = None;
+            let _ = write_json(&self.paths.part_meta, &m);
+        }
+    }
+
+    /// Runs one upgrade while still reading the link, so the MQTT session stays alive through a
+    /// long download; commands arriving meanwhile are ignored. Returns the last link state seen.
+    async fn upgrade_draining(
+        &mut self,
+        link: &Link,
+        rx: &mut mpsc::Receiver<LinkEvent>,
+        offer: Offer,
+    ) -> Option<bool> {
+        let ident = self.ident.clone();
+        let version = self.state.running_version.clone();
+        let mut up = None;
+        let fut = self.upgrade(link, offer);
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                _ = &mut fut => break,
+                ev = rx.recv() => match ev {
+                    Some(LinkEvent::Up) => {
+                        up = Some(true);
+                        link.send(announce(&ident, &version)).await;
+                    }
+                    Some(LinkEvent::Down(why)) => {
+                        up = Some(false);
+                        tracing::warn!(why, "MQTT connection lost during the upgrade");
+                    }
+                    Some(LinkEvent::Command(c)) => {
+                        tracing::info!(?c, "command during an upgrade: ignored");
+                    }
+                    Some(LinkEvent::Dropped(why)) => tracing::warn!(why, "message dropped"),
+                    None => {}
+                }
+            }
+        }
+        up
     }
 
     /// Finishes what a previous run left in progress; returns reports to send.
@@ -824,6 +897,7 @@ impl Agent {
                         }
                     }
                     Err(AttemptError(f, why)) => {
+                        self.forget_interrupted();
                         tracing::error!(why, "install failed");
                         link.send(failure_report(&self.ident, &offer, f, &why, &current))
                             .await;
@@ -832,6 +906,7 @@ impl Agent {
                 }
             }
             Err(AttemptError(f, why)) => {
+                self.forget_interrupted();
                 tracing::error!(why, "upgrade to {} failed", offer.version);
                 link.send(failure_report(&self.ident, &offer, f, &why, &current))
                     .await;
@@ -869,6 +944,12 @@ impl Agent {
             md5: offer.md5.to_ascii_lowercase(),
             size: offer.size,
             etag: None,
+            offer: Some(SavedOffer {
+                url: offer.url.clone(),
+                sha256: offer.sha256.clone(),
+                force: offer.force,
+                msg_id: offer.msg_id.clone(),
+            }),
         };
         let old_meta: Option<PartMeta> = std::fs::read(&self.paths.part_meta)
             .ok()
@@ -929,6 +1010,8 @@ impl Agent {
         let opts = fetch::Options {
             max_attempts: 8,
             timeout: Some(Duration::from_secs(6 * 3600)),
+            rate_limit: (self.cfg.max_download_kbps > 0)
+                .then_some(self.cfg.max_download_kbps * 1000),
             ..Default::default()
         };
         let http = self.http.clone();

@@ -194,3 +194,86 @@ async fn agent_upgrades_rolls_back_and_recovers() {
         read(&state)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_resumes_its_download_after_its_own_restart() {
+    let s = Server::start().await;
+    s.register("GW-A", "gateway", "agent-secret").await;
+    let work = tempfile::tempdir().unwrap();
+    let app = work.path().join("app");
+    let marker = work.path().join("running");
+    std::fs::write(&app, script("1.0.0", &marker, true)).unwrap();
+    std::fs::set_permissions(&app, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let state_dir = work.path().join("state");
+    let config = work.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"GW-A\"\nsecret = \"agent-secret\"\nmqtt_url = \"mqtt://127.0.0.1:{}\"\n\
+             ca_file = {:?}\napp_path = {:?}\ninitial_version = \"1.0.0\"\nstate_dir = {:?}\n\
+             health_secs = 1\nmax_download_kbps = 1000\n",
+            s.mqtt,
+            s.dir.path().join("certs/ca.pem"),
+            app,
+            state_dir,
+        ),
+    )
+    .unwrap();
+    // a 3 MB "binary": the script runs, the padding after `exec` is never read
+    let mut v2 = script("2.0.0", &marker, true);
+    v2.extend(std::iter::repeat_n(b'#', 3_000_000));
+    v2.push(b'\n');
+    release(&s, "2.0.0", v2.clone()).await;
+    let mut agent = start_agent(&config);
+    wait_for("the app to run", 20, || read(&marker).trim() == "1.0.0").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while device_version(&s).await != "1.0.0" {
+        assert!(Instant::now() < deadline, "the agent never announced 1.0.0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    upgrade(&s, "2.0.0").await;
+    // kill it a third of the way through (1 MB/s cap)
+    let part = state_dir.join("download.part");
+    wait_for("a third of the download", 20, || {
+        std::fs::metadata(&part).is_ok_and(|m| m.len() > 1_000_000)
+    })
+    .await;
+    // SAFETY: kill(2) on our child.
+    unsafe {
+        libc::kill(agent.0.id() as i32, libc::SIGKILL);
+    }
+    let _ = agent.0.wait();
+    let had = std::fs::metadata(&part).unwrap().len();
+    assert!(had < v2.len() as u64, "killed before the end");
+    let sent_v2 = |stats: &Value| {
+        stats["data"]["downloads"]["perFirmware"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["version"] == "2.0.0")
+            .map_or(0, |f| f["bytesFull"].as_u64().unwrap())
+    };
+    // what the server had pushed into the socket before the kill (more than the agent wrote:
+    // socket buffers), so the resume is measured from here
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sent_v2(&s.get_json("/api/ota/statistics").await.1);
+    let _agent = start_agent(&config);
+    let t = wait_final(&s, "2.0.0").await;
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(std::fs::read(&app).unwrap(), v2);
+    wait_for("2.0.0 to run", 10, || read(&marker).trim() == "2.0.0").await;
+    // it continued from the .part: after the restart the server sent only the rest
+    let (_, stats) = s.get_json("/api/ota/statistics").await;
+    let size = v2.len() as u64;
+    let after = sent_v2(&stats) - before;
+    assert!(
+        after <= size - had + 1024,
+        "{after} bytes sent after the restart; {had} of {size} were on disk"
+    );
+    assert!(
+        stats["data"]["downloads"]["rangeRequests"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+}
