@@ -999,12 +999,10 @@ impl Agent {
             sha256: offer.sha256.clone(),
         };
         let (ptx, mut prx) = mpsc::unbounded_channel::<u8>();
-        let mut last = 0u64;
+        let mut deciles = fetch::Deciles::default();
         let mut on_progress = move |have: u64, total: u64| {
-            let d = (have * 10).checked_div(total).unwrap_or(10);
-            if d > last {
-                last = d;
-                let _ = ptx.send((d * 10) as u8);
+            if let Some(p) = deciles.step(have, total) {
+                let _ = ptx.send(p);
             }
         };
         let opts = fetch::Options {
@@ -1035,14 +1033,15 @@ impl Agent {
         };
         match r {
             Ok(()) => Ok(self.paths.part.clone()),
-            Err(FetchError::Verify(m)) => {
-                // a bad file is not worth resuming
-                let _ = std::fs::remove_file(&self.paths.part);
-                let _ = std::fs::remove_file(&self.paths.part_meta);
-                Err(AttemptError(Failure::Verify, m))
+            Err(e) => {
+                if matches!(e, FetchError::Verify(_)) {
+                    // a bad file is not worth resuming
+                    let _ = std::fs::remove_file(&self.paths.part);
+                    let _ = std::fs::remove_file(&self.paths.part_meta);
+                }
+                let (why, msg) = e.failure();
+                Err(AttemptError(why, msg))
             }
-            Err(FetchError::Download(m)) => Err(AttemptError(Failure::Download, m)),
-            Err(FetchError::Storage(e)) => Err(AttemptError(Failure::Install, e.to_string())),
         }
     }
 

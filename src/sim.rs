@@ -618,16 +618,14 @@ async fn upgrade(
         let mut rx = Received::default();
         let mut sink = fetch::Discard;
         let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<u8>();
-        let mut last_decile = 0u64;
+        let mut deciles = fetch::Deciles::default();
         let mut counted = 0u64;
         let bytes = &st.bytes;
         let mut on_progress = move |have: u64, total: u64| {
             bytes.fetch_add(have - counted, Ordering::Relaxed);
             counted = have;
-            let decile = (have * 10).checked_div(total).unwrap_or(10);
-            if decile > last_decile {
-                last_decile = decile;
-                let _ = ptx.send((decile * 10).min(100) as u8);
+            if let Some(p) = deciles.step(have, total) {
+                let _ = ptx.send(p);
             }
         };
         let fetching = async {
@@ -680,9 +678,10 @@ async fn upgrade(
             Ok(()) => {
                 st.bytes_full.fetch_add(offer.size, Ordering::Relaxed);
             }
-            Err(FetchError::Verify(m)) => return fail(Failure::Verify, m).await,
-            Err(FetchError::Download(m)) => return fail(Failure::Download, m).await,
-            Err(FetchError::Storage(e)) => return fail(Failure::Install, e.to_string()).await,
+            Err(e) => {
+                let (why, msg) = e.failure();
+                return fail(why, msg).await;
+            }
         }
     }
     link.send(stage_report(ident, offer, Stage::Verifying, &current))

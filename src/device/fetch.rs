@@ -126,6 +126,32 @@ pub enum FetchError {
     Storage(#[from] std::io::Error),
 }
 
+impl FetchError {
+    /// The SPEC 4 failure this is reported as, and its message.
+    pub fn failure(&self) -> (super::Failure, String) {
+        match self {
+            FetchError::Download(m) => (super::Failure::Download, m.clone()),
+            FetchError::Verify(m) => (super::Failure::Verify, m.clone()),
+            FetchError::Storage(e) => (super::Failure::Install, e.to_string()),
+        }
+    }
+}
+
+/// Turns byte counts into the 10 % steps a device reports.
+#[derive(Debug, Default)]
+pub struct Deciles(u64);
+
+impl Deciles {
+    /// The new percentage (10, 20, ... 100) when `have` of `total` crossed the next step.
+    pub fn step(&mut self, have: u64, total: u64) -> Option<u8> {
+        let d = (have * 10).checked_div(total).unwrap_or(10);
+        (d > self.0).then(|| {
+            self.0 = d;
+            (d * 10).min(100) as u8
+        })
+    }
+}
+
 fn content_range(resp: &reqwest::Response) -> Option<(u64, u64)> {
     let v = resp
         .headers()
