@@ -242,6 +242,7 @@ impl App {
                     allow_anonymous: config.mqtt.allow_anonymous,
                     max_connections: config.mqtt.max_connections,
                     max_packet_bytes: config.mqtt.max_packet_bytes,
+                    engine: crate::broker::Engine::from_config(&config.mqtt.engine),
                 },
                 Some(tokio_rustls::TlsAcceptor::from(mqtt_tls)),
                 devices.clone(),

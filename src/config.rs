@@ -88,6 +88,9 @@ pub struct MqttConfig {
     pub max_connections: usize,
     /// Largest MQTT packet a device may send, bytes.
     pub max_packet_bytes: usize,
+    /// Who carries messages to devices: "direct" (the front door routes them itself) or
+    /// "rumqttd" (the embedded rumqttd behind the front door).
+    pub engine: String,
 }
 
 /// `[auth]`
@@ -173,6 +176,7 @@ impl Default for MqttConfig {
             allow_anonymous: false,
             max_connections: 20_000,
             max_packet_bytes: 256 * 1024,
+            engine: "direct".into(),
         }
     }
 }
@@ -333,6 +337,15 @@ impl Config {
             return Err(err(
                 "mqtt.max_packet_bytes",
                 "must be between 1024 and 268435456 (MQTT's limit)".into(),
+            ));
+        }
+        if !matches!(self.mqtt.engine.as_str(), "direct" | "rumqttd") {
+            return Err(err(
+                "mqtt.engine",
+                format!(
+                    "{:?} is not an engine: use \"direct\" or \"rumqttd\"",
+                    self.mqtt.engine
+                ),
             ));
         }
         if self.mqtt.listen == self.mqtt.tls_listen
@@ -520,6 +533,7 @@ mod tests {
             ("[http]\npublic_url = \"ftp://x\"\n", "http.public_url"),
             ("[tls]\ncert = \"/x.pem\"\n", "tls.key"),
             ("[mqtt]\ntopic_prefix = \"a/b\"\n", "mqtt.topic_prefix"),
+            ("[mqtt]\nengine = \"mosquitto\"\n", "mqtt.engine"),
             ("[auth]\nadmin_token = \"short\"\n", "auth.admin_token"),
             ("[auth]\nurl_ttl_secs = 0\n", "auth.url_ttl_secs"),
             ("[log]\nformat = \"xml\"\n", "log.format"),

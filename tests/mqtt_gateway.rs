@@ -54,7 +54,16 @@ impl WaitDevice for Server {
 
 #[tokio::test]
 async fn upgrade_one_gateway_end_to_end() {
-    let s = Server::start().await;
+    one_gateway_end_to_end("direct").await;
+}
+
+#[tokio::test]
+async fn upgrade_one_gateway_end_to_end_through_rumqttd() {
+    one_gateway_end_to_end("rumqttd").await;
+}
+
+async fn one_gateway_end_to_end(engine: &str) {
+    let s = Server::start_with(|c| c.mqtt.engine = engine.into()).await;
     s.register("GW1", "gateway", "gw1-secret").await;
     let img = s.release("1.0.2", "gateway", 300_000).await;
     let mut d = online_gateway(&s).await;

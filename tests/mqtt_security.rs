@@ -37,7 +37,16 @@ async fn logins_are_checked() {
 
 #[tokio::test]
 async fn devices_stay_on_their_own_topics() {
-    let s = Server::start().await;
+    own_topics_only("direct").await;
+}
+
+#[tokio::test]
+async fn devices_stay_on_their_own_topics_through_rumqttd() {
+    own_topics_only("rumqttd").await;
+}
+
+async fn own_topics_only(engine: &str) {
+    let s = Server::start_with(|c| c.mqtt.engine = engine.into()).await;
     s.register("GW1", "gateway", "gw1-secret").await;
     s.register("GW2", "gateway", "gw2-secret").await;
     s.release("1.0.2", "gateway", 1000).await;
@@ -56,11 +65,9 @@ async fn devices_stay_on_their_own_topics() {
     ] {
         let mut d = Device::connect(s.mqtt, "gw1", Some(("GW1", "gw1-secret")), None).await;
         d.expect_connected().await;
-        d.client
-            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        d.expect_closed(10).await;
+        d.expect_subscribe_refused(filter).await;
+        // refused, still connected, and its own topic still works
+        d.subscribe("hanqi/gateway/GW1/command").await;
     }
     for topic in [
         "hanqi/gateway/GW2/command",

@@ -1,9 +1,12 @@
-//! The front door: one task pair per device connection between the device and rumqttd.
-//! Upstream (device -> broker) is parsed packet by packet: CONNECT is authenticated and
-//! rewritten (keep-alive handled here, client id scoped to the device), SUBSCRIBE and the will
-//! are checked against the device's topics, report PUBLISHes go to the OTA service instead of
-//! the broker, everything else is forwarded as is. Downstream (broker -> device) is framed only
-//! to interleave our own acknowledgements and to spot the SUBACK of the command topic.
+//! The front door: every device connection, parsed packet by packet. CONNECT is authenticated,
+//! SUBSCRIBE and the will are checked against the device's topics, report PUBLISHes go to the
+//! OTA service (acknowledged once persisted). Then, by engine:
+//! - direct: one task per connection answers everything itself (SUBACK, UNSUBACK, PINGRESP) and
+//!   writes the frames [`super::routes`] queues for it; sessions are scoped to the device.
+//! - rumqttd: a task pair relays the connection to its own rumqttd connection; CONNECT is
+//!   rewritten (keep-alive handled here, client id scoped to the device), everything but reports
+//!   is forwarded, and downstream is framed only to interleave our acknowledgements and to spot
+//!   the SUBACK of the command topic.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -13,14 +16,15 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use rumqttd::protocol::Packet;
+use rumqttd::protocol::{Connect, ConnectProperties, LastWill, LastWillProperties, Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::packet::{self, kind};
-use super::{BrokerError, Counters, DoorContext, InboundMessage, Presence};
+use super::routes::Routes;
+use super::{Backend, BrokerError, Counters, DoorContext, InboundMessage, Presence};
 use crate::protocol::{self, Inbound, Protocol};
 use crate::ratelog::RateLog;
 
@@ -123,7 +127,8 @@ async fn connect_backend(addr: SocketAddr) -> Result<TcpStream, String> {
 /// How often the front door pings rumqttd on a device's behalf (its keep-alive is 65535 s).
 const BACKEND_PING: Duration = Duration::from_secs(6 * 3600);
 const PINGREQ: [u8; 2] = [0xC0, 0x00];
-const PINGRESP_TYPE: u8 = 13;
+/// Frames queued for one device connection (direct engine); more are dropped and counted.
+const OUTBOX: usize = 32;
 
 /// Who is on the other end, and what they may touch.
 struct Identity {
@@ -177,28 +182,56 @@ enum Local {
     },
 }
 
-async fn serve<S>(
-    io: S,
-    peer: SocketAddr,
-    ctx: &Arc<DoorContext>,
-    shutdown: CancellationToken,
-) -> Result<(), String>
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (mut rd, mut wr) = tokio::io::split(io);
-    let max = ctx.settings.max_packet_bytes;
-    let prefix = ctx.settings.topic_prefix.clone();
-    let mut buf = BytesMut::with_capacity(512);
+/// A device's accepted CONNECT.
+struct Login {
+    identity: Identity,
+    connect: Connect,
+    props: Option<ConnectProperties>,
+    will: Option<LastWill>,
+    will_props: Option<LastWillProperties>,
+    login: Option<rumqttd::protocol::Login>,
+    /// Who the connection speaks for, in logs ("anonymous" in lab mode).
+    scope: String,
+    /// The client id (a random one when the device sent none).
+    client: String,
+}
 
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, read_frame(&mut rd, &mut buf, max))
+impl Login {
+    /// Session key: the client id scoped to the device, so one device can never take over
+    /// another's session by reusing its client id.
+    fn session_key(&self) -> String {
+        use sha2::Digest;
+        let h = sha2::Sha256::new()
+            .chain_update(self.scope.as_bytes())
+            .chain_update([0u8])
+            .chain_update(self.client.as_bytes())
+            .finalize();
+        format!("d{}", &hex::encode(h)[..40])
+    }
+}
+
+/// Reads and checks CONNECT; answers refusals itself.
+async fn login<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    peer: SocketAddr,
+    ctx: &DoorContext,
+) -> Result<Login, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = ctx.settings.max_packet_bytes;
+    let prefix = &ctx.settings.topic_prefix;
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, read_frame(rd, buf, max))
         .await
         .map_err(|_| "no CONNECT within 10 s".to_string())??;
     let Some((kind::CONNECT, frame)) = first else {
         Counters::inc(&ctx.counters.protocol_errors);
         return Err("first packet is not CONNECT".into());
     };
-    let Packet::Connect(mut connect, props, will, will_props, login) = packet::decode(&frame, max)
+    let Packet::Connect(connect, props, will, will_props, login) = packet::decode(&frame, max)
         .map_err(|e| {
             Counters::inc(&ctx.counters.protocol_errors);
             format!("bad CONNECT: {e}")
@@ -218,15 +251,21 @@ where
         let _ = wr.write_all(&packet::connack(code)).await;
         return Err("login refused".into());
     }
+    if connect.client_id.is_empty() && !connect.clean_session {
+        // MQTT 3.1.1 3.1.3-8: a session needs a client id to be found again
+        Counters::inc(&ctx.counters.protocol_errors);
+        let _ = wr.write_all(&packet::connack(2)).await;
+        return Err("empty client id with clean_session = false".into());
+    }
     let identity = Identity {
         topics: known
             .as_ref()
-            .map(|(id, p)| protocol::device_topics(*p, &prefix, id)),
+            .map(|(id, p)| protocol::device_topics(*p, prefix, id)),
         known,
     };
     if let Some(w) = &will {
         let topic = String::from_utf8_lossy(&w.topic).into_owned();
-        if identity.publish_kind(&prefix, &topic).is_none() {
+        if identity.publish_kind(prefix, &topic).is_none() {
             Counters::inc(&ctx.counters.acl_denied);
             DENIED_LOG.warn(&format!("MQTT will on {topic:?} refused from {peer}"));
             let _ = wr.write_all(&packet::connack(5)).await;
@@ -234,17 +273,11 @@ where
         }
     }
     Counters::inc(&ctx.counters.connections_accepted);
-
-    // The front door enforces the device's keep-alive. Reports never reach rumqttd, so it gets
-    // the longest keep-alive MQTT allows (rumqttd refuses 0) and a PINGREQ of ours every few
-    // hours; the matching PINGRESPs are swallowed.
-    let keep_alive = connect.keep_alive;
-    connect.keep_alive = u16::MAX;
     let scope = identity
         .known
         .as_ref()
-        .map(|(id, _)| id.as_str())
-        .unwrap_or("anonymous");
+        .map(|(id, _)| id.clone())
+        .unwrap_or_else(|| "anonymous".into());
     let client = if connect.client_id.is_empty() {
         let mut r = [0u8; 8];
         rand::fill(&mut r);
@@ -252,38 +285,416 @@ where
     } else {
         connect.client_id.clone()
     };
-    // Scoped per device (one device cannot take over another's session by reusing its client
-    // id) and hashed: rumqttd refuses client ids containing + $ # or /, which ids may hold.
-    connect.client_id = {
-        use sha2::Digest;
-        let h = sha2::Sha256::new()
-            .chain_update(scope.as_bytes())
-            .chain_update([0u8])
-            .chain_update(client.as_bytes())
-            .finalize();
-        format!("d{}", &hex::encode(h)[..40])
+    Ok(Login {
+        identity,
+        connect,
+        props,
+        will,
+        will_props,
+        login,
+        scope,
+        client,
+    })
+}
+
+/// Per-connection state shared by both engines' upstream handling.
+struct Upstream<'a> {
+    ctx: &'a DoorContext,
+    peer: SocketAddr,
+    identity: &'a Identity,
+    scope: &'a str,
+    /// The device id announced to presence (None until known).
+    announced: Option<String>,
+}
+
+/// What to do with a SUBSCRIBE.
+enum Subscription {
+    /// Every filter is the device's own; with the device to mark ready if the command topic
+    /// is among them.
+    Allowed(rumqttd::protocol::Subscribe, Option<(String, Protocol)>),
+    /// Answer with this SUBACK (failure for every filter) and forward nothing.
+    Refused(Bytes),
+}
+
+/// A report's acknowledgement, sent once it is persisted.
+struct PendingAck {
+    kind: u8,
+    pkid: u16,
+    done: oneshot::Receiver<()>,
+}
+
+impl Upstream<'_> {
+    fn announce(&mut self, id: &str, protocol: Protocol) {
+        if self.announced.is_none() {
+            let _ = self.ctx.presence.send(Presence::Connected {
+                id: id.to_string(),
+                protocol,
+                ip: self.peer.ip().to_string(),
+            });
+            self.announced = Some(id.to_string());
+        }
+    }
+
+    /// A device PUBLISH: checked against its report topics and handed to the OTA service.
+    async fn report(&mut self, frame: &Bytes) -> Result<Option<PendingAck>, String> {
+        let ctx = self.ctx;
+        let p = packet::parse_publish(frame).map_err(|e| {
+            Counters::inc(&ctx.counters.protocol_errors);
+            e.to_string()
+        })?;
+        let Some((device_id, proto, kind)) = self
+            .identity
+            .publish_kind(&ctx.settings.topic_prefix, &p.topic)
+        else {
+            Counters::inc(&ctx.counters.acl_denied);
+            DENIED_LOG.warn(&format!(
+                "MQTT publish on {:?} refused for {} from {}: not one of its report topics",
+                p.topic, self.scope, self.peer
+            ));
+            return Err("publish not allowed".into());
+        };
+        self.announce(&device_id, proto);
+        Counters::inc(&ctx.counters.messages_in);
+        let (done, wait) = if p.qos > 0 {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let msg = InboundMessage {
+            device_id,
+            protocol: proto,
+            kind,
+            payload: p.payload,
+            authenticated: self.identity.known.is_some(),
+            done,
+        };
+        if ctx.messages.send(msg).await.is_err() {
+            return Err("server stopping".into());
+        }
+        Ok(wait.map(|done| PendingAck {
+            kind: if p.qos == 1 {
+                kind::PUBACK
+            } else {
+                kind::PUBREC
+            },
+            pkid: p.pkid,
+            done,
+        }))
+    }
+
+    /// A SUBSCRIBE: every filter must be one of the device's command topics. A packet with any
+    /// other filter is refused as a whole (SUBACK 0x80 for each filter; counted and logged).
+    fn subscribe(&mut self, frame: &Bytes) -> Result<Subscription, String> {
+        let ctx = self.ctx;
+        let Ok(Packet::Subscribe(sub, _)) = packet::decode(frame, ctx.settings.max_packet_bytes)
+        else {
+            Counters::inc(&ctx.counters.protocol_errors);
+            return Err("bad SUBSCRIBE".into());
+        };
+        let mut watch = None;
+        for f in &sub.filters {
+            match self
+                .identity
+                .subscribe_allowed(&ctx.settings.topic_prefix, &f.path)
+            {
+                Some((id, proto, true)) => watch = Some((id, proto)),
+                Some(_) => {}
+                None => {
+                    Counters::inc(&ctx.counters.acl_denied);
+                    DENIED_LOG.warn(&format!(
+                        "MQTT subscribe to {:?} refused for {} from {}: not one of its command topics",
+                        f.path, self.scope, self.peer
+                    ));
+                    return Ok(Subscription::Refused(packet::suback(
+                        sub.pkid,
+                        &vec![0x80; sub.filters.len()],
+                    )));
+                }
+            }
+        }
+        if let Some((id, protocol)) = &watch {
+            self.announce(id, *protocol);
+        }
+        Ok(Subscription::Allowed(sub, watch))
+    }
+
+    /// The device's will, on an unexpected end: the server is the only subscriber of report
+    /// topics, so it goes to the OTA service like any report.
+    async fn deliver_will(&mut self, will: &LastWill) {
+        let topic = String::from_utf8_lossy(&will.topic);
+        if let Some((device_id, protocol, kind)) = self
+            .identity
+            .publish_kind(&self.ctx.settings.topic_prefix, &topic)
+        {
+            Counters::inc(&self.ctx.counters.messages_in);
+            let _ = self
+                .ctx
+                .messages
+                .send(InboundMessage {
+                    device_id,
+                    protocol,
+                    kind,
+                    payload: will.message.clone(),
+                    authenticated: self.identity.known.is_some(),
+                    done: None,
+                })
+                .await;
+        }
+    }
+}
+
+async fn serve<S>(
+    io: S,
+    peer: SocketAddr,
+    ctx: &Arc<DoorContext>,
+    shutdown: CancellationToken,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut buf = BytesMut::with_capacity(512);
+    let l = login(&mut rd, &mut wr, &mut buf, peer, ctx).await?;
+    let mut up = Upstream {
+        ctx,
+        peer,
+        identity: &l.identity,
+        scope: &l.scope,
+        announced: None,
     };
-    let rewritten = packet::encode(Packet::Connect(connect, props, will, will_props, login))
-        .map_err(|e| e.to_string())?;
+    let result = match &ctx.backend {
+        Backend::Direct(routes) => direct(rd, wr, buf, &l, &mut up, routes, shutdown).await,
+        Backend::Rumqttd(addr) => relay(rd, wr, buf, &l, &mut up, *addr, shutdown).await,
+    };
+    if let Some(id) = up.announced {
+        let _ = ctx.presence.send(Presence::Disconnected { id });
+    }
+    result
+}
+
+/// The direct engine: one task answers the device and writes what the server routes to it.
+async fn direct<S>(
+    mut rd: tokio::io::ReadHalf<S>,
+    mut wr: tokio::io::WriteHalf<S>,
+    mut buf: BytesMut,
+    l: &Login,
+    up: &mut Upstream<'_>,
+    routes: &Routes,
+    shutdown: CancellationToken,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let ctx = up.ctx;
+    let max = ctx.settings.max_packet_bytes;
+    let key = l.session_key();
+    let conn = routes.next_conn();
+    let taken_over = CancellationToken::new();
+    let (present, restored) = routes.open(&key, l.connect.clean_session, conn, taken_over.clone());
+    let (out, mut outbox) = mpsc::channel::<Bytes>(OUTBOX);
+    if let Err(e) = wr.write_all(&packet::connack_accepted(present)).await {
+        routes.close(&key, conn);
+        return Err(e.to_string());
+    }
+    if let Some((id, p)) = &l.identity.known {
+        up.announce(id, *p);
+    }
+    // A resumed session listens again on what it subscribed to before.
+    for (topic, qos) in &restored {
+        routes.subscribe(&key, conn, topic, *qos, &out);
+        if let Some((id, protocol, true)) = l
+            .identity
+            .subscribe_allowed(&ctx.settings.topic_prefix, topic)
+        {
+            up.announce(&id, protocol);
+            let _ = ctx.presence.send(Presence::Ready { id, protocol });
+        }
+    }
+
+    // MQTT 3.1.1 3.1.2.10: no packet for 1.5 x keep-alive closes the connection.
+    let idle = (l.connect.keep_alive > 0)
+        .then(|| Duration::from_millis(l.connect.keep_alive as u64 * 1500));
+    let far = Duration::from_secs(365 * 24 * 3600);
+    let expiry = tokio::time::sleep(idle.unwrap_or(far));
+    tokio::pin!(expiry);
+    let mut pending: FuturesOrdered<futures_util::future::BoxFuture<'static, Option<Bytes>>> =
+        FuturesOrdered::new();
+    let mut graceful = false;
+    let result: Result<(), String> = loop {
+        let frame = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = taken_over.cancelled() => {
+                Counters::inc(&ctx.counters.session_takeovers);
+                break Err("a new connection with the same client id took the session over".into());
+            }
+            ack = pending.next(), if !pending.is_empty() => match ack {
+                Some(Some(b)) => {
+                    if let Err(e) = wr.write_all(&b).await { break Err(e.to_string()); }
+                    continue;
+                }
+                // the report could not be persisted: let the device send it again
+                _ => break Err("report not persisted".into()),
+            },
+            Some(b) = outbox.recv() => {
+                if let Err(e) = wr.write_all(&b).await { break Err(e.to_string()); }
+                continue;
+            }
+            _ = &mut expiry => break Err("keep-alive expired".into()),
+            f = read_frame(&mut rd, &mut buf, max) => f,
+        };
+        let (ty, frame) = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break Err("connection closed without DISCONNECT".into()),
+            Err(e) => {
+                Counters::inc(&ctx.counters.protocol_errors);
+                break Err(e);
+            }
+        };
+        if let Some(d) = idle {
+            expiry.as_mut().reset(tokio::time::Instant::now() + d);
+        }
+        let answer = match ty {
+            kind::PUBLISH => match up.report(&frame).await {
+                Ok(Some(a)) => {
+                    pending.push_back(Box::pin(async move {
+                        a.done.await.ok().map(|_| packet::ack(a.kind, a.pkid))
+                    }));
+                    None
+                }
+                Ok(None) => None,
+                Err(e) => break Err(e),
+            },
+            // our QoS 2 acknowledgement of a report, second half
+            kind::PUBREL => Some(packet::ack(
+                kind::PUBCOMP,
+                packet::ack_pkid(&frame).unwrap_or(0),
+            )),
+            kind::SUBSCRIBE => {
+                let (sub, ready) = match up.subscribe(&frame) {
+                    Ok(Subscription::Allowed(sub, ready)) => (sub, ready),
+                    Ok(Subscription::Refused(suback)) => {
+                        if let Err(e) = wr.write_all(&suback).await {
+                            break Err(e.to_string());
+                        }
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                };
+                let mut codes = Vec::with_capacity(sub.filters.len());
+                for f in &sub.filters {
+                    let qos = f.qos as u8;
+                    routes.subscribe(&key, conn, &f.path, qos, &out);
+                    codes.push(qos);
+                }
+                if let Err(e) = wr.write_all(&packet::suback(sub.pkid, &codes)).await {
+                    break Err(e.to_string());
+                }
+                if let Some((id, protocol)) = ready {
+                    // after the SUBACK: a command published now reaches the device
+                    let _ = ctx.presence.send(Presence::Ready { id, protocol });
+                }
+                None
+            }
+            kind::UNSUBSCRIBE => {
+                let Ok(Packet::Unsubscribe(u, _)) = packet::decode(&frame, max) else {
+                    Counters::inc(&ctx.counters.protocol_errors);
+                    break Err("bad UNSUBSCRIBE".into());
+                };
+                for f in &u.filters {
+                    routes.unsubscribe(&key, conn, f);
+                }
+                Some(packet::unsuback(u.pkid))
+            }
+            kind::PINGREQ => Some(packet::pingresp()),
+            // acknowledgements of server PUBLISHes: the server sends QoS 0 only
+            kind::PUBACK | kind::PUBREC | kind::PUBCOMP => None,
+            kind::DISCONNECT => {
+                graceful = true;
+                break Ok(());
+            }
+            kind::CONNECT => {
+                Counters::inc(&ctx.counters.protocol_errors);
+                break Err("second CONNECT".into());
+            }
+            other => {
+                Counters::inc(&ctx.counters.protocol_errors);
+                break Err(format!("unexpected packet type {other} from a client"));
+            }
+        };
+        if let Some(b) = answer
+            && let Err(e) = wr.write_all(&b).await
+        {
+            break Err(e.to_string());
+        }
+    };
+    routes.close(&key, conn);
+    drop(out);
+    if !graceful
+        && !shutdown.is_cancelled()
+        && let Some(w) = &l.will
+    {
+        up.deliver_will(w).await;
+    }
+    // Acknowledge what is being persisted, but never wait on a dead device for long.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Some(b)) = pending.next().await {
+            if wr.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let _ = wr.shutdown().await;
+    result
+}
+
+/// The rumqttd engine: relays the connection to a connection of its own to rumqttd.
+async fn relay<S>(
+    mut rd: tokio::io::ReadHalf<S>,
+    mut wr: tokio::io::WriteHalf<S>,
+    mut buf: BytesMut,
+    l: &Login,
+    up: &mut Upstream<'_>,
+    backend: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let ctx = up.ctx;
+    let max = ctx.settings.max_packet_bytes;
+    // The front door enforces the device's keep-alive. Reports never reach rumqttd, so it gets
+    // the longest keep-alive MQTT allows (rumqttd refuses 0) and a PINGREQ of ours every few
+    // hours; the matching PINGRESPs are swallowed.
+    let keep_alive = l.connect.keep_alive;
+    let mut connect = l.connect.clone();
+    connect.keep_alive = u16::MAX;
+    // Scoped per device and hashed: rumqttd refuses client ids containing + $ # or /, which
+    // ids may hold.
+    connect.client_id = l.session_key();
+    let rewritten = packet::encode(Packet::Connect(
+        connect,
+        l.props.clone(),
+        l.will.clone(),
+        l.will_props.clone(),
+        l.login.clone(),
+    ))
+    .map_err(|e| e.to_string())?;
     let handshake = ctx
         .backend_handshakes
         .clone()
         .acquire_owned()
         .await
         .map_err(|_| "server stopping".to_string())?;
-    let backend = connect_backend(ctx.backend).await?;
+    let backend = connect_backend(backend).await?;
     let _ = backend.set_nodelay(true);
     let (mut brd, mut bwr) = backend.into_split();
     bwr.write_all(&rewritten).await.map_err(|e| e.to_string())?;
 
-    let mut announced: Option<String> = None;
-    if let Some((id, p)) = &identity.known {
-        let _ = ctx.presence.send(Presence::Connected {
-            id: id.clone(),
-            protocol: *p,
-            ip: peer.ip().to_string(),
-        });
-        announced = Some(id.clone());
+    if let Some((id, p)) = &l.identity.known {
+        up.announce(id, *p);
     }
 
     // Downstream: broker -> device, plus our acknowledgements, in order.
@@ -316,7 +727,7 @@ where
                 frame = read_frame(&mut brd, &mut bbuf, usize::MAX >> 4) => match frame {
                     Ok(Some((ty, f))) => {
                         handshake.take();
-                        if ty == PINGRESP_TYPE
+                        if ty == kind::PINGRESP
                             && swallow_w
                                 .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |n| n.checked_sub(1))
                                 .is_ok()
@@ -372,63 +783,16 @@ where
             }
         };
         match ty {
-            kind::PUBLISH => {
-                let p = match packet::parse_publish(&frame) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        Counters::inc(&ctx.counters.protocol_errors);
-                        break Err(e.to_string());
+            kind::PUBLISH => match up.report(&frame).await {
+                Ok(Some(a)) => {
+                    if a.kind == kind::PUBREC {
+                        qos2.insert(a.pkid);
                     }
-                };
-                let Some((device_id, proto, kind)) = identity.publish_kind(&prefix, &p.topic)
-                else {
-                    Counters::inc(&ctx.counters.acl_denied);
-                    DENIED_LOG.warn(&format!(
-                        "MQTT publish on {:?} refused for {} from {peer}: not one of its report topics",
-                        p.topic, scope
-                    ));
-                    break Err("publish not allowed".into());
-                };
-                if announced.is_none() {
-                    let _ = ctx.presence.send(Presence::Connected {
-                        id: device_id.clone(),
-                        protocol: proto,
-                        ip: peer.ip().to_string(),
-                    });
-                    announced = Some(device_id.clone());
-                }
-                Counters::inc(&ctx.counters.messages_in);
-                let (done, wait) = if p.qos > 0 {
-                    let (tx, rx) = oneshot::channel();
-                    (Some(tx), Some(rx))
-                } else {
-                    (None, None)
-                };
-                let msg = InboundMessage {
-                    device_id,
-                    protocol: proto,
-                    kind,
-                    payload: p.payload,
-                    authenticated: identity.known.is_some(),
-                    done,
-                };
-                if ctx.messages.send(msg).await.is_err() {
-                    break Err("server stopping".into());
-                }
-                if let Some(rx) = wait {
-                    if p.qos == 2 {
-                        qos2.insert(p.pkid);
-                    }
-                    let k = if p.qos == 1 {
-                        kind::PUBACK
-                    } else {
-                        kind::PUBREC
-                    };
                     if local_tx
                         .send(Local::Ack {
-                            kind: k,
-                            pkid: p.pkid,
-                            done: rx,
+                            kind: a.kind,
+                            pkid: a.pkid,
+                            done: a.done,
                         })
                         .await
                         .is_err()
@@ -436,7 +800,9 @@ where
                         break Ok(());
                     }
                 }
-            }
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            },
             kind::PUBREL => {
                 // Only the device's own QoS 2 reports produce a PUBREL from it: answer it here.
                 let pkid = packet::ack_pkid(&frame).unwrap_or(0);
@@ -450,38 +816,20 @@ where
                 }
             }
             kind::SUBSCRIBE => {
-                let Ok(Packet::Subscribe(sub, _)) = packet::decode(&frame, max) else {
-                    Counters::inc(&ctx.counters.protocol_errors);
-                    break Err("bad SUBSCRIBE".into());
+                let watch = match up.subscribe(&frame) {
+                    Ok(Subscription::Allowed(_, w)) => w,
+                    Ok(Subscription::Refused(suback)) => {
+                        if local_tx.send(Local::Write(suback)).await.is_err() {
+                            break Ok(());
+                        }
+                        continue;
+                    }
+                    Err(e) => break Err(e),
                 };
-                let mut watch = None;
-                let mut denied = None;
-                for f in &sub.filters {
-                    match identity.subscribe_allowed(&prefix, &f.path) {
-                        Some((id, proto, true)) => watch = Some((id, proto)),
-                        Some(_) => {}
-                        None => denied = Some(f.path.clone()),
-                    }
-                }
-                if let Some(f) = denied {
-                    Counters::inc(&ctx.counters.acl_denied);
-                    DENIED_LOG.warn(&format!(
-                        "MQTT subscribe to {f:?} refused for {scope} from {peer}: not one of its command topics"
-                    ));
-                    break Err("subscribe not allowed".into());
-                }
                 if let Some((id, protocol)) = watch {
-                    if announced.is_none() {
-                        let _ = ctx.presence.send(Presence::Connected {
-                            id: id.clone(),
-                            protocol,
-                            ip: peer.ip().to_string(),
-                        });
-                        announced = Some(id.clone());
-                    }
                     let _ = local_tx
                         .send(Local::WatchSuback {
-                            pkid: sub.pkid,
+                            pkid: packet::ack_pkid(&frame).unwrap_or(0),
                             id,
                             protocol,
                         })
@@ -515,9 +863,6 @@ where
         .is_err()
     {
         writer.abort();
-    }
-    if let Some(id) = announced {
-        let _ = ctx.presence.send(Presence::Disconnected { id });
     }
     result
 }

@@ -1,6 +1,9 @@
-//! The device broker: the only module that names rumqttd. rumqttd runs on a private loopback port
-//! and carries what flows *to* devices (commands, sessions, QoS to the device). In front of it a
-//! "front door" owns the device-facing listeners (MQTT and MQTTS) and, per connection:
+//! The device broker: the only module that names rumqttd. A "front door" owns the device-facing
+//! listeners (MQTT and MQTTS); what flows *to* devices is carried by one of two engines
+//! (`mqtt.engine`): "direct" (default) — the front door routes the server's commands to the
+//! connections subscribed to them itself ([`routes`]: a device may only subscribe to its own
+//! exact command topics, so routing is a map lookup) — or "rumqttd", the embedded rumqttd on a
+//! private loopback port with one backend connection per device. Per connection the front door:
 //! terminates TLS with a handshake timeout (rumqttd 0.20 runs handshakes in its accept loop with
 //! none); authenticates CONNECT against the device registry (username = device id, password =
 //! secret; rumqttd's hook cannot see topics); enforces the per-device ACL on SUBSCRIBE, PUBLISH
@@ -8,9 +11,12 @@
 //! the OTA service, acknowledging QoS 1/2 only after they are persisted; and reports connect,
 //! "ready for commands" (SUBACK of the command topic) and disconnect (rumqttd has no callbacks).
 //! rumqttd's `Broker::start()` blocks forever with no shutdown: it lives as long as the process.
+//! Why two engines: rumqttd 0.20 costs ~60 KB and two extra sockets per device and accepts
+//! ~900 connections/s; the direct engine a few KB and one socket (BENCHMARKS.md).
 
 mod frontdoor;
 pub mod packet;
+mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +44,28 @@ pub struct BrokerSettings {
     pub max_connections: usize,
     /// Largest MQTT packet accepted, bytes.
     pub max_packet_bytes: usize,
+    /// Who carries messages to devices.
+    pub engine: Engine,
+}
+
+/// Who carries the server's messages to devices (`mqtt.engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// The front door routes them itself: one socket and a few KB per device.
+    Direct,
+    /// The embedded rumqttd behind the front door (three sockets, ~60 KB per device).
+    Rumqttd,
+}
+
+impl Engine {
+    /// From the config value ("direct" | "rumqttd"; validated by `config`).
+    pub fn from_config(s: &str) -> Engine {
+        if s == "rumqttd" {
+            Engine::Rumqttd
+        } else {
+            Engine::Direct
+        }
+    }
 }
 
 /// Looks up device credentials; implemented by the device registry.
@@ -89,6 +117,11 @@ pub struct Counters {
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub publish_failures: AtomicU64,
+    /// Commands published while no connection listened on the topic (direct engine; the
+    /// device gets them when it subscribes again).
+    pub publish_no_subscriber: AtomicU64,
+    /// Sessions closed because a new connection with the same client id took them over.
+    pub session_takeovers: AtomicU64,
 }
 
 impl Counters {
@@ -116,13 +149,25 @@ pub struct Broker {
     pub mqtts: Option<SocketAddr>,
     /// Refusal and traffic counters.
     pub counters: Arc<Counters>,
-    link: tokio::sync::Mutex<rumqttd::local::LinkTx>,
+    downstream: Downstream,
+}
+
+enum Downstream {
+    Direct(Arc<routes::Routes>),
+    Rumqttd(tokio::sync::Mutex<rumqttd::local::LinkTx>),
+}
+
+/// Where a front-door connection's downstream comes from.
+pub(crate) enum Backend {
+    Direct(Arc<routes::Routes>),
+    /// rumqttd's private loopback listener.
+    Rumqttd(SocketAddr),
 }
 
 /// Everything a front-door connection needs.
 pub(crate) struct DoorContext {
     pub settings: BrokerSettings,
-    pub backend: SocketAddr,
+    pub backend: Backend,
     pub auth: Arc<dyn Authenticator>,
     pub messages: mpsc::Sender<InboundMessage>,
     pub presence: mpsc::UnboundedSender<Presence>,
@@ -171,6 +216,41 @@ fn rumqttd_config(backend: SocketAddr, s: &BrokerSettings) -> rumqttd::Config {
     }
 }
 
+/// Starts rumqttd in its own thread on a private loopback port, with a drained server link.
+/// No readiness probe (rumqttd logs every half-open probe as an error): the front door retries
+/// its first connection to the backend for a few seconds instead.
+fn start_rumqttd(
+    settings: &BrokerSettings,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<(SocketAddr, rumqttd::local::LinkTx), BrokerError> {
+    let backend = reserve_loopback_port()
+        .map_err(|e| BrokerError::Start(format!("reserving a loopback port: {e}")))?;
+    let mut broker = rumqttd::Broker::new(rumqttd_config(backend, settings));
+    let (link_tx, mut link_rx) = broker
+        .link("hangar-server")
+        .map_err(|e| BrokerError::Start(format!("broker link: {e}")))?;
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded MQTT broker stopped");
+            }
+        })
+        .map_err(|e| BrokerError::Start(format!("starting the broker thread: {e}")))?;
+    // The server link subscribes to nothing; drain it so the router never blocks on it.
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = link_rx.next() => if !matches!(r, Ok(Some(_))) { return },
+            }
+        }
+    });
+    Ok((backend, link_tx))
+}
+
 impl Broker {
     /// Starts rumqttd on a private loopback port and the front door on the configured
     /// listeners. Returns once everything accepts connections.
@@ -183,32 +263,19 @@ impl Broker {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Broker, BrokerError> {
-        let backend = reserve_loopback_port()
-            .map_err(|e| BrokerError::Start(format!("reserving a loopback port: {e}")))?;
-        let mut broker = rumqttd::Broker::new(rumqttd_config(backend, &settings));
-        let (link_tx, mut link_rx) = broker
-            .link("hangar-server")
-            .map_err(|e| BrokerError::Start(format!("broker link: {e}")))?;
-        std::thread::Builder::new()
-            .name("rumqttd".into())
-            .spawn(move || {
-                if let Err(e) = broker.start() {
-                    tracing::error!(error = %e, "embedded MQTT broker stopped");
-                }
-            })
-            .map_err(|e| BrokerError::Start(format!("starting the broker thread: {e}")))?;
-        // The server link subscribes to nothing; drain it so the router never blocks on it.
-        let stop = shutdown.clone();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = link_rx.next() => if !matches!(r, Ok(Some(_))) { return },
-                }
+        let (backend, downstream) = match settings.engine {
+            Engine::Direct => {
+                let r = Arc::new(routes::Routes::default());
+                (Backend::Direct(r.clone()), Downstream::Direct(r))
             }
-        });
-        // No readiness probe (rumqttd logs every half-open probe as an error): the front door
-        // retries its first connection to the backend for a few seconds instead.
+            Engine::Rumqttd => {
+                let (addr, link) = start_rumqttd(&settings, shutdown.clone(), tracker)?;
+                (
+                    Backend::Rumqttd(addr),
+                    Downstream::Rumqttd(tokio::sync::Mutex::new(link)),
+                )
+            }
+        };
         let counters = Arc::new(Counters::default());
         let ctx = Arc::new(DoorContext {
             connections: tokio::sync::Semaphore::new(settings.max_connections),
@@ -255,27 +322,58 @@ impl Broker {
             mqtt,
             mqtts,
             counters,
-            link: tokio::sync::Mutex::new(link_tx),
+            downstream,
         })
     }
 
-    /// Publishes to devices (QoS 0 into the embedded broker). The router's queue is bounded:
-    /// this awaits room instead of blocking a runtime thread (rumqttd's `try_publish` would leave
-    /// the packet queued on failure, so retrying it would send it twice).
+    /// Publishes to devices at QoS 0. Direct engine: queued on every connection subscribed to
+    /// the topic, never waiting (a full queue is a failure, counted). rumqttd engine: into its
+    /// router, whose queue is bounded: this awaits room instead of blocking a runtime thread
+    /// (rumqttd's `try_publish` would leave the packet queued on failure, so retrying it would
+    /// send it twice).
     pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), BrokerError> {
-        let packet = rumqttd::protocol::Packet::Publish(
-            rumqttd::protocol::Publish::new(Bytes::from(topic), Bytes::from(payload), false),
-            None,
-        );
-        let r = self.link.lock().await.send(packet).await;
-        match r {
-            Ok(_) => {
-                Counters::inc(&self.counters.messages_out);
-                Ok(())
+        match &self.downstream {
+            Downstream::Direct(routes) => {
+                let d = routes.publish(&topic, &packet::publish_qos0(&topic, &payload));
+                if d.dropped > 0 {
+                    self.counters
+                        .publish_failures
+                        .fetch_add(d.dropped as u64, Ordering::Relaxed);
+                }
+                if d.delivered > 0 {
+                    Counters::inc(&self.counters.messages_out);
+                    Ok(())
+                } else if d.dropped > 0 {
+                    Err(BrokerError::Link(format!(
+                        "the device's queue on {topic} is full"
+                    )))
+                } else {
+                    Counters::inc(&self.counters.publish_no_subscriber);
+                    Err(BrokerError::Link(format!(
+                        "no connection of the device listens on {topic}"
+                    )))
+                }
             }
-            Err(e) => {
-                Counters::inc(&self.counters.publish_failures);
-                Err(BrokerError::Link(e.to_string()))
+            Downstream::Rumqttd(link) => {
+                let packet = rumqttd::protocol::Packet::Publish(
+                    rumqttd::protocol::Publish::new(
+                        Bytes::from(topic),
+                        Bytes::from(payload),
+                        false,
+                    ),
+                    None,
+                );
+                let r = link.lock().await.send(packet).await;
+                match r {
+                    Ok(_) => {
+                        Counters::inc(&self.counters.messages_out);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        Counters::inc(&self.counters.publish_failures);
+                        Err(BrokerError::Link(e.to_string()))
+                    }
+                }
             }
         }
     }

@@ -17,6 +17,10 @@ pub mod kind {
     pub const PUBCOMP: u8 = 7;
     pub const SUBSCRIBE: u8 = 8;
     pub const SUBACK: u8 = 9;
+    pub const UNSUBSCRIBE: u8 = 10;
+    pub const UNSUBACK: u8 = 11;
+    pub const PINGREQ: u8 = 12;
+    pub const PINGRESP: u8 = 13;
     pub const DISCONNECT: u8 = 14;
 }
 
@@ -134,6 +138,57 @@ pub fn connack(code: u8) -> Bytes {
     Bytes::from(vec![kind::CONNACK << 4, 2, 0, code])
 }
 
+/// CONNACK accepting the connection, with the session-present flag.
+pub fn connack_accepted(session_present: bool) -> Bytes {
+    Bytes::from(vec![kind::CONNACK << 4, 2, session_present as u8, 0])
+}
+
+/// PINGRESP.
+pub fn pingresp() -> Bytes {
+    Bytes::from_static(&[kind::PINGRESP << 4, 0])
+}
+
+fn put_remaining_length(b: &mut BytesMut, mut n: usize) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        b.put_u8(byte);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// SUBACK with one return code per filter (0..2 granted QoS, 0x80 failure).
+pub fn suback(pkid: u16, codes: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + codes.len());
+    b.put_u8(kind::SUBACK << 4);
+    put_remaining_length(&mut b, 2 + codes.len());
+    b.put_u16(pkid);
+    b.put_slice(codes);
+    b.freeze()
+}
+
+/// UNSUBACK.
+pub fn unsuback(pkid: u16) -> Bytes {
+    Bytes::from(vec![kind::UNSUBACK << 4, 2, (pkid >> 8) as u8, pkid as u8])
+}
+
+/// A QoS 0 PUBLISH (what the server sends devices).
+pub fn publish_qos0(topic: &str, payload: &[u8]) -> Bytes {
+    let body = 2 + topic.len() + payload.len();
+    let mut b = BytesMut::with_capacity(5 + body);
+    b.put_u8(kind::PUBLISH << 4);
+    put_remaining_length(&mut b, body);
+    b.put_u16(topic.len() as u16);
+    b.put_slice(topic.as_bytes());
+    b.put_slice(payload);
+    b.freeze()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +221,34 @@ mod tests {
         );
         assert!(take_frame(&mut buf, 1024).unwrap().is_none());
         assert_eq!(ack_pkid(&ack(kind::PUBACK, 513)), Some(513));
+    }
+
+    #[test]
+    fn packets_we_answer_with_decode_as_mqtt() {
+        let big = vec![7u8; 300]; // two bytes of remaining length
+        let mut buf = BytesMut::from(&publish_qos0("t/x", &big)[..]);
+        let (ty, frame) = take_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(ty, kind::PUBLISH);
+        let p = parse_publish(&frame).unwrap();
+        assert_eq!((p.qos, p.topic.as_str(), p.payload.len()), (0, "t/x", 300));
+        for (bytes, want) in [
+            (suback(9, &[1, 0x80]), kind::SUBACK),
+            (unsuback(9), kind::UNSUBACK),
+            (connack_accepted(true), kind::CONNACK),
+            (pingresp(), kind::PINGRESP),
+        ] {
+            let mut b = BytesMut::from(&bytes[..]);
+            let (ty, f) = take_frame(&mut b, 1024).unwrap().unwrap();
+            assert_eq!(ty, want);
+            assert!(b.is_empty());
+            if ty == kind::SUBACK || ty == kind::UNSUBACK {
+                assert_eq!(ack_pkid(&f), Some(9));
+            }
+        }
+        match decode(&suback(9, &[1, 0x80]), 1024).unwrap() {
+            Packet::SubAck(a, _) => assert_eq!(a.return_codes.len(), 2),
+            p => panic!("{p:?}"),
+        }
     }
 
     #[test]

@@ -113,6 +113,12 @@ pub fn render(st: &AppState) -> Result<String, String> {
         "Messages sent to devices",
         g(&b.messages_out),
     );
+    counter(
+        &mut reg,
+        "mqtt_session_takeovers",
+        "Connections closed because another took over their client id",
+        g(&b.session_takeovers),
+    );
     let dropped = Family::<Labels, Counter>::default();
     let d = &st.ota.drops;
     for (reason, v) in [
@@ -123,6 +129,7 @@ pub fn render(st: &AppState) -> Result<String, String> {
         ("acl_denied", g(&b.acl_denied)),
         ("protocol_error", g(&b.protocol_errors)),
         ("publish_failure", g(&b.publish_failures)),
+        ("no_subscriber", g(&b.publish_no_subscriber)),
     ] {
         dropped
             .get_or_create(&labels(&[("reason", reason)]))

@@ -15,7 +15,12 @@ use tokio::sync::mpsc;
 pub enum Seen {
     Connected(rumqttc::ConnectReturnCode),
     Subscribed,
-    Message { topic: String, payload: Vec<u8> },
+    /// A SUBACK refusing the subscription (return code 0x80).
+    SubscribeRefused,
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
     Closed(String),
 }
 
@@ -75,8 +80,16 @@ impl Device {
                     Ok(Event::Incoming(Packet::ConnAck(c))) => {
                         let _ = tx.send(Seen::Connected(c.code));
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = tx.send(Seen::Subscribed);
+                    Ok(Event::Incoming(Packet::SubAck(a))) => {
+                        let refused = a
+                            .return_codes
+                            .iter()
+                            .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                        let _ = tx.send(if refused {
+                            Seen::SubscribeRefused
+                        } else {
+                            Seen::Subscribed
+                        });
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let _ = tx.send(Seen::Message {
@@ -120,7 +133,24 @@ impl Device {
         loop {
             match self.next(10).await {
                 Seen::Subscribed => return,
+                Seen::SubscribeRefused => panic!("subscription to {topic} refused"),
                 Seen::Closed(e) => panic!("closed while subscribing to {topic}: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Subscribes and expects the server to refuse it with a failure SUBACK.
+    pub async fn expect_subscribe_refused(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            match self.next(10).await {
+                Seen::SubscribeRefused => return,
+                Seen::Subscribed => panic!("subscription to {filter} was granted"),
+                Seen::Closed(e) => panic!("closed instead of refusing {filter}: {e}"),
                 _ => {}
             }
         }
