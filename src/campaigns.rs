@@ -877,19 +877,22 @@ impl Campaigns {
             to_start.push(idx);
             in_flight += 1;
         }
-        // create the tasks concurrently (their store flushes are shared by the group commit);
+        // create the tasks in one batch (durable in chunks, commands out as each chunk is);
         // a member is recorded in flight only with its task id
-        for chunk in to_start.chunks(64) {
-            let results = futures_util::future::join_all(chunk.iter().map(|&i| {
-                self.ota.create_upgrade_in(
-                    &members[i].device_id,
-                    &c.version,
-                    c.force,
-                    Some(c.id.clone()),
-                )
-            }))
-            .await;
-            for (&i, r) in chunk.iter().zip(results) {
+        if !to_start.is_empty() {
+            let ids: Vec<String> = to_start
+                .iter()
+                .map(|&i| members[i].device_id.clone())
+                .collect();
+            let results = self
+                .ota
+                .create_upgrades_in(&ids, &c.version, c.force, Some(c.id.clone()))
+                .await
+                .map_err(|e| match e {
+                    OtaError::Store(e) => CampaignError::Store(e),
+                    other => CampaignError::Conflict(other.to_string()),
+                })?;
+            for (&i, r) in to_start.iter().zip(results) {
                 let m = &mut members[i];
                 match r {
                     Ok(t) => {

@@ -23,6 +23,8 @@ use crate::firmware::{FirmwareError, FirmwareService, now_ms};
 use crate::ids;
 use crate::protocol::{Inbound, Protocol, alibaba, gateway};
 use crate::ratelog::RateLog;
+
+static SEND_LOG: RateLog = RateLog::new();
 use crate::store::{
     FirmwareRecord, FirmwareStatus, Store, StoreError, TASK_SCHEMA, TaskRecord, TaskStatus,
 };
@@ -216,6 +218,13 @@ impl Ota {
         tracker: &tokio_util::task::TaskTracker,
     ) -> Result<(), StoreError> {
         // A restart is not the devices' fault: give every active task a fresh stall window.
+        let dangling = self.store.prune_dangling()?;
+        if dangling > 0 {
+            tracing::warn!(
+                entries = dangling,
+                "removed active-task index entries of tasks a crash kept from being written"
+            );
+        }
         let now = now_ms();
         for id in self.store.active_task_ids()? {
             if let Some(mut t) = self.store.get_task(id)? {
@@ -279,22 +288,34 @@ impl Ota {
         force: bool,
         campaign_id: Option<String>,
     ) -> Result<TaskRecord, OtaError> {
+        let mut r = self
+            .create_upgrades_in(&[device_id.to_string()], version, force, campaign_id)
+            .await?;
+        r.pop().expect("one result per device")
+    }
+
+    /// The device and the released firmware a new task for it needs.
+    fn upgrade_inputs(
+        &self,
+        device_id: &str,
+        version: &str,
+        firmware: &mut BTreeMap<String, FirmwareRecord>,
+    ) -> Result<crate::store::DeviceRecord, OtaError> {
         let device = self.devices.get(device_id)?;
-        if !ids::valid_version(version) {
-            return Err(OtaError::Invalid(format!(
-                "version {version:?} must match [0-9A-Za-z.+-]{{1,64}}"
-            )));
+        if !firmware.contains_key(&device.device_type) {
+            let fw = match self.firmware.get(&device.device_type, version) {
+                Ok(f) => f,
+                Err(FirmwareError::NotFound(_)) => {
+                    return Err(OtaError::Conflict(format!(
+                        "firmware {version} for device type {} does not exist: upload and release it first",
+                        device.device_type
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            firmware.insert(device.device_type.clone(), fw);
         }
-        let fw = match self.firmware.get(&device.device_type, version) {
-            Ok(f) => f,
-            Err(FirmwareError::NotFound(_)) => {
-                return Err(OtaError::Conflict(format!(
-                    "firmware {version} for device type {} does not exist: upload and release it first",
-                    device.device_type
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let fw = &firmware[&device.device_type];
         if fw.status != FirmwareStatus::Released {
             return Err(OtaError::Conflict(format!(
                 "firmware {version} for device type {} is {}, not released: release it first",
@@ -302,48 +323,139 @@ impl Ota {
                 fw.status.as_str()
             )));
         }
-        let task = {
-            let _g = self.lock.lock().await;
-            if let Some(active) = self.store.active_task(device_id)? {
-                if !force {
-                    return Err(OtaError::Conflict(format!(
-                        "device {device_id} already has an active task ({} to {}, {}): wait, cancel it, or pass force",
-                        active.from_version.as_deref().unwrap_or("?"),
-                        active.to_version,
-                        active.status.as_str()
-                    )));
+        Ok(device)
+    }
+
+    /// Creates one task per device to `version` and sends the commands to the devices that
+    /// listen. Tasks are made durable in chunks (one transaction and one group-committed flush
+    /// per chunk) and each chunk's commands go out as soon as it is durable, so devices start
+    /// on their upgrade while later chunks are written. A task whose device listens is stored
+    /// already marked "command sent" (startTime), so the command costs no second write; its
+    /// startTime precedes delivery by the flush, and if the device vanished in those
+    /// milliseconds the command goes out when it subscribes again (the task is still pending).
+    /// Per-device refusals (unknown device, firmware not released, an active task without
+    /// `force`) come back in place; the outer error is the store failing.
+    pub async fn create_upgrades_in(
+        &self,
+        device_ids: &[String],
+        version: &str,
+        force: bool,
+        campaign_id: Option<String>,
+    ) -> Result<Vec<Result<TaskRecord, OtaError>>, OtaError> {
+        const CHUNK: usize = 1000;
+        if !ids::valid_version(version) {
+            let e = || {
+                OtaError::Invalid(format!(
+                    "version {version:?} must match [0-9A-Za-z.+-]{{1,64}}"
+                ))
+            };
+            return Ok(device_ids.iter().map(|_| Err(e())).collect());
+        }
+        let mut firmware = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut results = Vec::with_capacity(device_ids.len());
+        for chunk in device_ids.chunks(CHUNK) {
+            let first = results.len();
+            let mut to_send = Vec::new();
+            {
+                let _g = self.lock.lock().await;
+                let mut new = Vec::with_capacity(chunk.len());
+                for device_id in chunk {
+                    match self.new_task_for(
+                        device_id,
+                        version,
+                        force,
+                        &campaign_id,
+                        &mut firmware,
+                        &mut seen,
+                    ) {
+                        Ok(mut t) => {
+                            if self.devices.live(&t.device_id).ready
+                                && let Outcome::Changed(n) =
+                                    state::apply(&t, &Input::CommandSent, now_ms())
+                            {
+                                t = n;
+                                to_send.push(results.len());
+                            }
+                            new.push(t.clone());
+                            results.push(Ok(t));
+                        }
+                        Err(OtaError::Store(e)) => return Err(e.into()),
+                        Err(e) => results.push(Err(e)),
+                    }
                 }
-                if let Outcome::Changed(t) = state::apply(
-                    &active,
-                    &Input::Cancel {
-                        reason: "replaced by a forced upgrade".into(),
-                    },
-                    now_ms(),
-                ) {
-                    self.store.put_task(&t)?;
+                self.store.put_new_tasks(&new)?;
+            }
+            self.store.flush().await?;
+            for r in results[first..].iter().flatten() {
+                tracing::info!(device = %r.device_id, task = r.id, version = %version, "upgrade task created");
+            }
+            // Durable: tell the devices that listen.
+            for i in to_send {
+                let Ok(t) = &results[i] else { continue };
+                let (topic, payload) = self.command(t);
+                match self.broker.publish(topic, payload).await {
+                    Ok(()) => {
+                        self.commands_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => SEND_LOG.warn(&format!(
+                        "command for device {} not sent ({e}); it is re-sent when the device subscribes again",
+                        t.device_id
+                    )),
                 }
             }
-            let t = self.new_task(
-                &device.id,
-                device.protocol,
-                &device.device_type,
-                device.firmware_version.clone(),
-                &fw,
-                force,
-                &device.delta_formats,
-            )?;
-            let mut t = t;
-            t.campaign_id = campaign_id;
-            self.store.put_task(&t)?;
-            t
-        };
-        // Outside the lock: concurrent creations share one flush (group commit).
-        self.store.flush().await?;
-        tracing::info!(device = %device_id, task = task.id, version = %version, "upgrade task created");
-        if self.devices.live(device_id).ready {
-            return self.send_command(task.id).await;
         }
-        Ok(task)
+        Ok(results)
+    }
+
+    /// A new task (not stored) for one device of a batch, after the checks of
+    /// [`Ota::create_upgrades_in`]; cancels a replaced active task when forced. Call under the
+    /// lock.
+    fn new_task_for(
+        &self,
+        device_id: &str,
+        version: &str,
+        force: bool,
+        campaign_id: &Option<String>,
+        firmware: &mut BTreeMap<String, FirmwareRecord>,
+        seen: &mut std::collections::HashSet<String>,
+    ) -> Result<TaskRecord, OtaError> {
+        let device = self.upgrade_inputs(device_id, version, firmware)?;
+        if !seen.insert(device.id.clone()) {
+            return Err(OtaError::Conflict(format!(
+                "device {device_id} is listed twice"
+            )));
+        }
+        if let Some(active) = self.store.active_task(device_id)? {
+            if !force {
+                return Err(OtaError::Conflict(format!(
+                    "device {device_id} already has an active task ({} to {}, {}): wait, cancel it, or pass force",
+                    active.from_version.as_deref().unwrap_or("?"),
+                    active.to_version,
+                    active.status.as_str()
+                )));
+            }
+            if let Outcome::Changed(t) = state::apply(
+                &active,
+                &Input::Cancel {
+                    reason: "replaced by a forced upgrade".into(),
+                },
+                now_ms(),
+            ) {
+                self.store.put_task(&t)?;
+            }
+        }
+        let mut t = self.new_task(
+            &device.id,
+            device.protocol,
+            &device.device_type,
+            device.firmware_version.clone(),
+            &firmware[&device.device_type],
+            force,
+            &device.delta_formats,
+        )?;
+        t.campaign_id = campaign_id.clone();
+        Ok(t)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -475,36 +587,67 @@ impl Ota {
 
     /// Publishes a task's command (with a freshly signed URL) and records it as sent.
     async fn send_command(&self, task_id: u64) -> Result<TaskRecord, OtaError> {
-        let g = self.lock.lock().await;
-        let Some(mut t) = self.store.get_task(task_id)? else {
-            return Err(OtaError::NotFound(format!("task {task_id} vanished")));
-        };
-        if !t.status.is_active() {
-            return Ok(t);
+        self.send_commands(&[task_id])
+            .await?
+            .pop()
+            .ok_or_else(|| OtaError::NotFound(format!("task {task_id} vanished")))
+    }
+
+    /// [`Ota::send_command`] for many tasks: one pass under the lock, one flush for all.
+    /// Returns the tasks that still exist, sent or not (a device that stopped listening gets
+    /// its command when it subscribes again).
+    async fn send_commands(&self, task_ids: &[u64]) -> Result<Vec<TaskRecord>, OtaError> {
+        let mut out = Vec::with_capacity(task_ids.len());
+        let mut dirty = false;
+        {
+            let _g = self.lock.lock().await;
+            for &id in task_ids {
+                let Some(mut t) = self.store.get_task(id)? else {
+                    continue;
+                };
+                if t.status.is_active() {
+                    t.firmware_url =
+                        self.signed_url(&ids::firmware_file_name(&t.device_type, &t.to_version));
+                    if t.delta.is_some() {
+                        // re-signed, and dropped if the patch was withdrawn meanwhile
+                        t.delta = self.delta_for(
+                            &t.device_type,
+                            t.from_version.as_deref(),
+                            &t.to_version,
+                            true,
+                        );
+                    }
+                    dirty |= self.publish_command(&mut t).await?;
+                }
+                out.push(t);
+            }
         }
-        t.firmware_url = self.signed_url(&ids::firmware_file_name(&t.device_type, &t.to_version));
-        if t.delta.is_some() {
-            // re-signed, and dropped if the patch was withdrawn meanwhile
-            t.delta = self.delta_for(
-                &t.device_type,
-                t.from_version.as_deref(),
-                &t.to_version,
-                true,
-            );
-        }
-        let (topic, payload) = self.command(&t);
-        if let Err(e) = self.broker.publish(topic, payload).await {
-            tracing::warn!(device = %t.device_id, error = %e, "command not sent; it is re-sent when the device subscribes again");
-            return Ok(t);
-        }
-        self.commands_sent.fetch_add(1, Ordering::Relaxed);
-        if let Outcome::Changed(n) = state::apply(&t, &Input::CommandSent, now_ms()) {
-            t = n;
-            self.store.put_task(&t)?;
-            drop(g);
+        if dirty {
             self.store.flush().await?;
         }
-        Ok(t)
+        Ok(out)
+    }
+
+    /// Publishes an active, stored task's command and records it as sent (not flushed). Call
+    /// under the lock. Returns whether the record changed.
+    async fn publish_command(&self, t: &mut TaskRecord) -> Result<bool, OtaError> {
+        let (topic, payload) = self.command(t);
+        if let Err(e) = self.broker.publish(topic, payload).await {
+            SEND_LOG.warn(&format!(
+                "command for device {} not sent ({e}); it is re-sent when the device subscribes again",
+                t.device_id
+            ));
+            return Ok(false);
+        }
+        self.commands_sent.fetch_add(1, Ordering::Relaxed);
+        match state::apply(t, &Input::CommandSent, now_ms()) {
+            Outcome::Changed(n) => {
+                self.store.update_task(t, &n)?;
+                *t = n;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Cancels the device's active task.

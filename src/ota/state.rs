@@ -222,37 +222,10 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Protocol;
     use TaskStatus::*;
 
     fn task() -> TaskRecord {
-        TaskRecord {
-            schema: 1,
-            id: 1,
-            device_id: "GW1".into(),
-            protocol: Protocol::Gateway,
-            device_type: "gateway".into(),
-            from_version: Some("1.0.1".into()),
-            to_version: "1.0.2".into(),
-            firmware_url: "u".into(),
-            md5: "m".into(),
-            sha256: "s".into(),
-            file_size: 1,
-            msg_id: "ota_1".into(),
-            status: Pending,
-            progress: 0,
-            error_code: None,
-            error_message: None,
-            campaign_id: None,
-            delta: None,
-            force: false,
-            start_time_ms: None,
-            complete_time_ms: None,
-            last_activity_ms: 0,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            events: vec![],
-        }
+        crate::store::sample_task(1, "GW1")
     }
 
     fn prog(s: TaskStatus, p: Option<u8>) -> Input {

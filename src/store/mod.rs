@@ -360,6 +360,45 @@ impl Store {
             })
     }
 
+    /// Inserts new tasks, each its device's active task if active: three batched writes
+    /// instead of a transaction per task (~35 µs a task; a fleet's tasks go in at once). The
+    /// indexes are written before the tasks, so a crash in between can leave index entries
+    /// pointing at no task (readers skip them, [`Store::prune_dangling`] removes the active
+    /// ones at start) but never a task missing from its indexes.
+    pub fn put_new_tasks(&self, recs: &[TaskRecord]) -> Result<()> {
+        let mut tasks = sled::Batch::default();
+        let mut device_tasks = sled::Batch::default();
+        let mut active = sled::Batch::default();
+        for rec in recs {
+            let id = rec.id.to_be_bytes();
+            tasks.insert(&id, encode(rec));
+            device_tasks.insert(device_task_key(&rec.device_id, rec.id), &[]);
+            if rec.status.is_active() {
+                active.insert(rec.device_id.as_bytes(), &id);
+            }
+        }
+        self.active.apply_batch(active)?;
+        self.device_tasks.apply_batch(device_tasks)?;
+        self.tasks.apply_batch(tasks)?;
+        Ok(())
+    }
+
+    /// Removes active-task entries whose task was never written (see [`Store::put_new_tasks`]).
+    /// Returns how many.
+    pub fn prune_dangling(&self) -> Result<usize> {
+        let mut n = 0;
+        for kv in self.active.iter() {
+            let (device, id) = kv?;
+            if !self.tasks.contains_key(&id)? {
+                self.active
+                    .compare_and_swap(&device, Some(&id), None::<&[u8]>)?
+                    .ok();
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Replaces `old` by `new` (same task). When neither the device nor "is active" changed, the
     /// indexes are already right and this is a single insert instead of a transaction.
     pub fn update_task(&self, old: &TaskRecord, new: &TaskRecord) -> Result<()> {
@@ -430,14 +469,15 @@ impl Store {
     pub fn latest_task(&self, device: &str) -> Result<Option<TaskRecord>> {
         let mut prefix = device.as_bytes().to_vec();
         prefix.push(0);
-        match self.device_tasks.scan_prefix(&prefix).next_back() {
-            Some(kv) => {
-                let (k, _) = kv?;
-                let id = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
-                self.get_task(id)
+        // newest first; an entry whose task was never written (a crash mid-batch) is skipped
+        for kv in self.device_tasks.scan_prefix(&prefix).rev() {
+            let (k, _) = kv?;
+            let id = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+            if let Some(t) = self.get_task(id)? {
+                return Ok(Some(t));
             }
-            None => Ok(None),
         }
+        Ok(None)
     }
 
     /// Tasks newest first that pass `keep`, skipping `offset` and returning at most `limit`.
@@ -586,6 +626,38 @@ impl Store {
     }
 }
 
+/// A pending gateway task for unit tests (no I/O).
+#[cfg(test)]
+pub(crate) fn sample_task(id: u64, device: &str) -> TaskRecord {
+    TaskRecord {
+        schema: 1,
+        id,
+        device_id: device.into(),
+        protocol: crate::protocol::Protocol::Gateway,
+        device_type: "gateway".into(),
+        from_version: Some("1.0.1".into()),
+        to_version: "1.0.2".into(),
+        firmware_url: "u".into(),
+        md5: "m".into(),
+        sha256: "s".into(),
+        file_size: 1,
+        msg_id: format!("ota_{id}"),
+        status: TaskStatus::Pending,
+        progress: 0,
+        error_code: None,
+        error_message: None,
+        campaign_id: None,
+        delta: None,
+        force: false,
+        start_time_ms: None,
+        complete_time_ms: None,
+        last_activity_ms: 0,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+        events: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -653,5 +725,29 @@ mod tests {
         assert_eq!(store.referenced_blobs().unwrap().len(), 1);
         assert!(store.delete_firmware("gateway", "1.0.0").unwrap().is_some());
         assert!(store.list_firmware().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn batched_tasks_are_indexed_and_dangling_entries_are_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .put_new_tasks(&[sample_task(1, "GW1"), sample_task(2, "GW2")])
+            .unwrap();
+        assert_eq!(store.active_task("GW1").unwrap().unwrap().id, 1);
+        assert_eq!(store.latest_task("GW2").unwrap().unwrap().id, 2);
+        assert_eq!(store.device_task_ids("GW2").unwrap(), vec![2]);
+
+        // a crash after the indexes of task 3 were written but before the task itself
+        store.active.insert("GW1", &3u64.to_be_bytes()).unwrap();
+        store
+            .device_tasks
+            .insert(device_task_key("GW1", 3), &[])
+            .unwrap();
+        assert_eq!(store.latest_task("GW1").unwrap().unwrap().id, 1);
+        assert!(store.active_task("GW1").unwrap().is_none());
+        assert_eq!(store.prune_dangling().unwrap(), 1);
+        assert_eq!(store.active_task_ids().unwrap(), vec![2]);
+        store.flush().await.unwrap();
     }
 }
