@@ -39,6 +39,10 @@ struct Args {
     burst: usize,
     prefix: String,
     server_pid: u32,
+    /// Hangar: "api" (one upgrade call per device) or "campaign" (one campaign for all).
+    create: String,
+    /// Hangar's mqtt.engine, echoed into the result.
+    engine: String,
 }
 
 /// VmRSS of a process in kB (0 if unknown).
@@ -66,6 +70,8 @@ fn args() -> Args {
         burst: 5,
         prefix: "hanqi".into(),
         server_pid: 0,
+        create: "campaign".into(),
+        engine: String::new(),
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -82,6 +88,8 @@ fn args() -> Args {
             "--burst" => a.burst = val.parse().expect("--burst"),
             "--prefix" => a.prefix = val,
             "--server-pid" => a.server_pid = val.parse().expect("--server-pid"),
+            "--create" => a.create = val,
+            "--engine" => a.engine = val,
             "--bench" => {
                 i += 1;
                 continue;
@@ -117,6 +125,16 @@ async fn wait_for(label: &str, c: &AtomicU64, n: u64, secs: u64) -> f64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     start.elapsed().as_secs_f64()
+}
+
+/// An HTTPS client trusting the appliance's CA.
+fn api_client(ca: &str) -> reqwest::Client {
+    let pem = std::fs::read(ca).expect("--ca");
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .build()
+        .unwrap()
 }
 
 fn report(msg_id: &str, id: &str, p: u64) -> Vec<u8> {
@@ -248,13 +266,22 @@ async fn main() {
                 .await
                 .unwrap();
         }
+    } else if a.create == "campaign" {
+        // one campaign, one wave with the whole fleet: the site engineer's way to upgrade many
+        let http = api_client(&a.ca);
+        let r = http
+            .post(format!("{}/api/ota/campaigns", a.api))
+            .bearer_auth(&a.token)
+            .json(&serde_json::json!({
+                "name": "bench", "deviceType": "gateway", "version": a.version,
+                "targets": {"all": true}, "waves": [100], "maxInFlight": a.devices,
+            }))
+            .send()
+            .await
+            .expect("campaign");
+        assert!(r.status().is_success(), "campaign: {}", r.status());
     } else {
-        let pem = std::fs::read(&a.ca).expect("--ca");
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
-            .build()
-            .unwrap();
+        let http = api_client(&a.ca);
         let next = Arc::new(AtomicU64::new(0));
         let mut workers = Vec::new();
         for _ in 0..64 {
@@ -326,6 +353,8 @@ async fn main() {
     let burst_s = burst_start.elapsed().as_secs_f64();
     let out = serde_json::json!({
         "target": a.target,
+        "engine": a.engine,
+        "create": a.create,
         "devices": n,
         "connect_s": connect_s,
         "subscribe_s": subscribe_s,
