@@ -473,6 +473,21 @@ where
     result
 }
 
+/// How long a device may leave a frame unread before its connection is closed (a dead peer
+/// would otherwise hold its task until TCP gives up, many minutes later).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writes a frame to a device, giving up on one that stopped reading.
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, frame: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(frame)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the device read nothing for 30 s",
+        )),
+    }
+}
+
 /// The direct engine: one task answers the device and writes what the server routes to it.
 async fn direct<S>(
     mut rd: tokio::io::ReadHalf<S>,
@@ -493,7 +508,7 @@ where
     let taken_over = CancellationToken::new();
     let (present, restored) = routes.open(&key, l.connect.clean_session, conn, taken_over.clone());
     let (out, mut outbox) = mpsc::channel::<Bytes>(OUTBOX);
-    if let Err(e) = wr.write_all(&packet::connack_accepted(present)).await {
+    if let Err(e) = send(&mut wr, &packet::connack_accepted(present)).await {
         routes.close(&key, conn);
         return Err(e.to_string());
     }
@@ -531,14 +546,14 @@ where
             }
             ack = pending.next(), if !pending.is_empty() => match ack {
                 Some(Some(b)) => {
-                    if let Err(e) = wr.write_all(&b).await { break Err(e.to_string()); }
+                    if let Err(e) = send(&mut wr, &b).await { break Err(e.to_string()); }
                     continue;
                 }
                 // the report could not be persisted: let the device send it again
                 _ => break Err("report not persisted".into()),
             },
             Some(b) = outbox.recv() => {
-                if let Err(e) = wr.write_all(&b).await { break Err(e.to_string()); }
+                if let Err(e) = send(&mut wr, &b).await { break Err(e.to_string()); }
                 continue;
             }
             _ = &mut expiry => break Err("keep-alive expired".into()),
@@ -575,7 +590,7 @@ where
                 let (sub, ready) = match up.subscribe(&frame) {
                     Ok(Subscription::Allowed(sub, ready)) => (sub, ready),
                     Ok(Subscription::Refused(suback)) => {
-                        if let Err(e) = wr.write_all(&suback).await {
+                        if let Err(e) = send(&mut wr, &suback).await {
                             break Err(e.to_string());
                         }
                         continue;
@@ -588,7 +603,7 @@ where
                     routes.subscribe(&key, conn, &f.path, qos, &out);
                     codes.push(qos);
                 }
-                if let Err(e) = wr.write_all(&packet::suback(sub.pkid, &codes)).await {
+                if let Err(e) = send(&mut wr, &packet::suback(sub.pkid, &codes)).await {
                     break Err(e.to_string());
                 }
                 if let Some((id, protocol)) = ready {
@@ -624,7 +639,7 @@ where
             }
         };
         if let Some(b) = answer
-            && let Err(e) = wr.write_all(&b).await
+            && let Err(e) = send(&mut wr, &b).await
         {
             break Err(e.to_string());
         }
@@ -640,7 +655,7 @@ where
     // Acknowledge what is being persisted, but never wait on a dead device for long.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Some(b)) = pending.next().await {
-            if wr.write_all(&b).await.is_err() {
+            if send(&mut wr, &b).await.is_err() {
                 return;
             }
         }
