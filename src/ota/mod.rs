@@ -585,69 +585,42 @@ impl Ota {
         }
     }
 
-    /// Publishes a task's command (with a freshly signed URL) and records it as sent.
+    /// Publishes a task's command (with a freshly signed URL) and records it as sent. A device
+    /// that stopped listening gets it when it subscribes again.
     async fn send_command(&self, task_id: u64) -> Result<TaskRecord, OtaError> {
-        self.send_commands(&[task_id])
-            .await?
-            .pop()
-            .ok_or_else(|| OtaError::NotFound(format!("task {task_id} vanished")))
-    }
-
-    /// [`Ota::send_command`] for many tasks: one pass under the lock, one flush for all.
-    /// Returns the tasks that still exist, sent or not (a device that stopped listening gets
-    /// its command when it subscribes again).
-    async fn send_commands(&self, task_ids: &[u64]) -> Result<Vec<TaskRecord>, OtaError> {
-        let mut out = Vec::with_capacity(task_ids.len());
-        let mut dirty = false;
-        {
-            let _g = self.lock.lock().await;
-            for &id in task_ids {
-                let Some(mut t) = self.store.get_task(id)? else {
-                    continue;
-                };
-                if t.status.is_active() {
-                    t.firmware_url =
-                        self.signed_url(&ids::firmware_file_name(&t.device_type, &t.to_version));
-                    if t.delta.is_some() {
-                        // re-signed, and dropped if the patch was withdrawn meanwhile
-                        t.delta = self.delta_for(
-                            &t.device_type,
-                            t.from_version.as_deref(),
-                            &t.to_version,
-                            true,
-                        );
-                    }
-                    dirty |= self.publish_command(&mut t).await?;
-                }
-                out.push(t);
-            }
+        let g = self.lock.lock().await;
+        let Some(mut t) = self.store.get_task(task_id)? else {
+            return Err(OtaError::NotFound(format!("task {task_id} vanished")));
+        };
+        if !t.status.is_active() {
+            return Ok(t);
         }
-        if dirty {
-            self.store.flush().await?;
+        t.firmware_url = self.signed_url(&ids::firmware_file_name(&t.device_type, &t.to_version));
+        if t.delta.is_some() {
+            // re-signed, and dropped if the patch was withdrawn meanwhile
+            t.delta = self.delta_for(
+                &t.device_type,
+                t.from_version.as_deref(),
+                &t.to_version,
+                true,
+            );
         }
-        Ok(out)
-    }
-
-    /// Publishes an active, stored task's command and records it as sent (not flushed). Call
-    /// under the lock. Returns whether the record changed.
-    async fn publish_command(&self, t: &mut TaskRecord) -> Result<bool, OtaError> {
-        let (topic, payload) = self.command(t);
+        let (topic, payload) = self.command(&t);
         if let Err(e) = self.broker.publish(topic, payload).await {
             SEND_LOG.warn(&format!(
                 "command for device {} not sent ({e}); it is re-sent when the device subscribes again",
                 t.device_id
             ));
-            return Ok(false);
+            return Ok(t);
         }
         self.commands_sent.fetch_add(1, Ordering::Relaxed);
-        match state::apply(t, &Input::CommandSent, now_ms()) {
-            Outcome::Changed(n) => {
-                self.store.update_task(t, &n)?;
-                *t = n;
-                Ok(true)
-            }
-            _ => Ok(false),
+        if let Outcome::Changed(n) = state::apply(&t, &Input::CommandSent, now_ms()) {
+            t = n;
+            self.store.put_task(&t)?;
+            drop(g);
+            self.store.flush().await?;
         }
+        Ok(t)
     }
 
     /// Cancels the device's active task.
