@@ -22,9 +22,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::Downstream;
 use super::packet::{self, kind};
 use super::routes::Routes;
-use super::{Backend, BrokerError, Counters, DoorContext, InboundMessage, Presence};
+use super::{BrokerError, Counters, DoorContext, InboundMessage, Presence};
 use crate::protocol::{self, Inbound, Protocol};
 use crate::ratelog::RateLog;
 
@@ -463,9 +464,9 @@ where
         scope: &l.scope,
         announced: None,
     };
-    let result = match &ctx.backend {
-        Backend::Direct(routes) => direct(rd, wr, buf, &l, &mut up, routes, shutdown).await,
-        Backend::Rumqttd(addr) => relay(rd, wr, buf, &l, &mut up, *addr, shutdown).await,
+    let result = match &*ctx.backend {
+        Downstream::Direct(routes) => direct(rd, wr, buf, &l, &mut up, routes, shutdown).await,
+        Downstream::Rumqttd { addr, .. } => relay(rd, wr, buf, &l, &mut up, *addr, shutdown).await,
     };
     if let Some(id) = up.announced {
         let _ = ctx.presence.send(Presence::Disconnected { id });

@@ -149,25 +149,24 @@ pub struct Broker {
     pub mqtts: Option<SocketAddr>,
     /// Refusal and traffic counters.
     pub counters: Arc<Counters>,
-    downstream: Downstream,
+    downstream: Arc<Downstream>,
 }
 
-enum Downstream {
+/// What carries messages to devices, shared by the publisher and every front-door connection.
+pub(crate) enum Downstream {
     Direct(Arc<routes::Routes>),
-    Rumqttd(tokio::sync::Mutex<rumqttd::local::LinkTx>),
-}
-
-/// Where a front-door connection's downstream comes from.
-pub(crate) enum Backend {
-    Direct(Arc<routes::Routes>),
-    /// rumqttd's private loopback listener.
-    Rumqttd(SocketAddr),
+    Rumqttd {
+        /// rumqttd's private loopback listener (front-door connections relay to it).
+        addr: SocketAddr,
+        /// The in-process server link (commands are published through it).
+        link: tokio::sync::Mutex<rumqttd::local::LinkTx>,
+    },
 }
 
 /// Everything a front-door connection needs.
 pub(crate) struct DoorContext {
     pub settings: BrokerSettings,
-    pub backend: Backend,
+    pub backend: Arc<Downstream>,
     pub auth: Arc<dyn Authenticator>,
     pub messages: mpsc::Sender<InboundMessage>,
     pub presence: mpsc::UnboundedSender<Presence>,
@@ -263,25 +262,22 @@ impl Broker {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Broker, BrokerError> {
-        let (backend, downstream) = match settings.engine {
-            Engine::Direct => {
-                let r = Arc::new(routes::Routes::default());
-                (Backend::Direct(r.clone()), Downstream::Direct(r))
-            }
+        let downstream = Arc::new(match settings.engine {
+            Engine::Direct => Downstream::Direct(Arc::new(routes::Routes::default())),
             Engine::Rumqttd => {
                 let (addr, link) = start_rumqttd(&settings, shutdown.clone(), tracker)?;
-                (
-                    Backend::Rumqttd(addr),
-                    Downstream::Rumqttd(tokio::sync::Mutex::new(link)),
-                )
+                Downstream::Rumqttd {
+                    addr,
+                    link: tokio::sync::Mutex::new(link),
+                }
             }
-        };
+        });
         let counters = Arc::new(Counters::default());
         let ctx = Arc::new(DoorContext {
             connections: tokio::sync::Semaphore::new(settings.max_connections),
             backend_handshakes: Arc::new(tokio::sync::Semaphore::new(128)),
             settings: settings.clone(),
-            backend,
+            backend: downstream.clone(),
             auth,
             messages,
             presence,
@@ -332,7 +328,7 @@ impl Broker {
     /// (rumqttd's `try_publish` would leave the packet queued on failure, so retrying it would
     /// send it twice).
     pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), BrokerError> {
-        match &self.downstream {
+        match &*self.downstream {
             Downstream::Direct(routes) => {
                 let d = routes.publish(&topic, &packet::publish_qos0(&topic, &payload));
                 if d.dropped > 0 {
@@ -354,7 +350,7 @@ impl Broker {
                     )))
                 }
             }
-            Downstream::Rumqttd(link) => {
+            Downstream::Rumqttd { link, .. } => {
                 let packet = rumqttd::protocol::Packet::Publish(
                     rumqttd::protocol::Publish::new(
                         Bytes::from(topic),

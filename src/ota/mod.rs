@@ -23,12 +23,12 @@ use crate::firmware::{FirmwareError, FirmwareService, now_ms};
 use crate::ids;
 use crate::protocol::{Inbound, Protocol, alibaba, gateway};
 use crate::ratelog::RateLog;
-
-static SEND_LOG: RateLog = RateLog::new();
 use crate::store::{
     FirmwareRecord, FirmwareStatus, Store, StoreError, TASK_SCHEMA, TaskRecord, TaskStatus,
 };
 use state::{Input, Outcome};
+
+static SEND_LOG: RateLog = RateLog::new();
 
 /// Why a task operation failed; `http` maps each to a status.
 #[derive(Debug, thiserror::Error)]
@@ -217,7 +217,6 @@ impl Ota {
         shutdown: CancellationToken,
         tracker: &tokio_util::task::TaskTracker,
     ) -> Result<(), StoreError> {
-        // A restart is not the devices' fault: give every active task a fresh stall window.
         let dangling = self.store.prune_dangling()?;
         if dangling > 0 {
             tracing::warn!(
@@ -225,6 +224,7 @@ impl Ota {
                 "removed active-task index entries of tasks a crash kept from being written"
             );
         }
+        // A restart is not the devices' fault: give every active task a fresh stall window.
         let now = now_ms();
         for id in self.store.active_task_ids()? {
             if let Some(mut t) = self.store.get_task(id)? {
@@ -327,7 +327,7 @@ impl Ota {
     }
 
     /// Creates one task per device to `version` and sends the commands to the devices that
-    /// listen. Tasks are made durable in chunks (one transaction and one group-committed flush
+    /// listen. Tasks are made durable in chunks (one batched write and one group-committed flush
     /// per chunk) and each chunk's commands go out as soon as it is durable, so devices start
     /// on their upgrade while later chunks are written. A task whose device listens is stored
     /// already marked "command sent" (startTime), so the command costs no second write; its
@@ -392,16 +392,8 @@ impl Ota {
             }
             // Durable: tell the devices that listen.
             for i in to_send {
-                let Ok(t) = &results[i] else { continue };
-                let (topic, payload) = self.command(t);
-                match self.broker.publish(topic, payload).await {
-                    Ok(()) => {
-                        self.commands_sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => SEND_LOG.warn(&format!(
-                        "command for device {} not sent ({e}); it is re-sent when the device subscribes again",
-                        t.device_id
-                    )),
+                if let Ok(t) = &results[i] {
+                    self.publish_command(t).await;
                 }
             }
         }
@@ -605,15 +597,9 @@ impl Ota {
                 true,
             );
         }
-        let (topic, payload) = self.command(&t);
-        if let Err(e) = self.broker.publish(topic, payload).await {
-            SEND_LOG.warn(&format!(
-                "command for device {} not sent ({e}); it is re-sent when the device subscribes again",
-                t.device_id
-            ));
+        if !self.publish_command(&t).await {
             return Ok(t);
         }
-        self.commands_sent.fetch_add(1, Ordering::Relaxed);
         if let Outcome::Changed(n) = state::apply(&t, &Input::CommandSent, now_ms()) {
             t = n;
             self.store.put_task(&t)?;
@@ -621,6 +607,25 @@ impl Ota {
             self.store.flush().await?;
         }
         Ok(t)
+    }
+
+    /// Publishes a task's command; false (logged at most once a second) if it did not go out —
+    /// the device gets it when it subscribes again.
+    async fn publish_command(&self, t: &TaskRecord) -> bool {
+        let (topic, payload) = self.command(t);
+        match self.broker.publish(topic, payload).await {
+            Ok(()) => {
+                self.commands_sent.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                SEND_LOG.warn(&format!(
+                    "command for device {} not sent ({e}); it is re-sent when the device subscribes again",
+                    t.device_id
+                ));
+                false
+            }
+        }
     }
 
     /// Cancels the device's active task.
