@@ -23,7 +23,7 @@ use crate::ids;
 use crate::ota::{Ota, OtaError};
 use crate::store::{
     CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DeviceRecord,
-    FirmwareStatus, MemberStatus, Store, StoreError, TaskStatus,
+    FirmwareStatus, MemberStatus, QueuedMembers, Store, StoreError, TaskStatus,
 };
 
 /// Why a campaign request was refused.
@@ -474,24 +474,22 @@ impl Campaigns {
         let mut c = plan.record.take().expect("planned");
         c.id = self.store.next_campaign_id()?;
         let now = now_ms();
-        for (k, w) in plan.waves.iter().enumerate() {
-            for d in &w.devices {
-                self.store.put_member(&CampaignMember {
-                    schema: CAMPAIGN_SCHEMA,
-                    campaign_id: c.id.clone(),
-                    device_id: d.id.clone(),
-                    wave: k as u32,
-                    status: MemberStatus::Queued,
-                    task_id: None,
-                    attempts: 0,
-                    next_attempt_ms: 0,
-                    note: None,
-                    updated_at_ms: now,
-                })?;
-            }
-        }
-        for conflict in &plan.conflicts {
-            self.store.put_member(&CampaignMember {
+        // the planned devices in one record; the conflicts (usually few) as skipped members
+        self.store.put_queued_members(&QueuedMembers {
+            schema: CAMPAIGN_SCHEMA,
+            campaign_id: c.id.clone(),
+            queued_at_ms: now,
+            devices: plan
+                .waves
+                .iter()
+                .enumerate()
+                .flat_map(|(k, w)| w.devices.iter().map(move |d| (d.id.clone(), k as u32)))
+                .collect(),
+        })?;
+        let skipped: Vec<CampaignMember> = plan
+            .conflicts
+            .iter()
+            .map(|conflict| CampaignMember {
                 schema: CAMPAIGN_SCHEMA,
                 campaign_id: c.id.clone(),
                 device_id: conflict.device_id.clone(),
@@ -502,8 +500,9 @@ impl Campaigns {
                 next_attempt_ms: 0,
                 note: Some(conflict.reason.clone()),
                 updated_at_ms: now,
-            })?;
-        }
+            })
+            .collect();
+        self.put_members(skipped).await?;
         self.store.put_campaign(&c)?;
         self.store.flush().await?;
         tracing::info!(
@@ -537,9 +536,10 @@ impl Campaigns {
         Ok(v)
     }
 
-    /// Members of a campaign.
+    /// Members of a campaign, as they stand ([`Campaigns::members_now`]).
     pub fn members(&self, id: &str) -> Result<Vec<CampaignMember>, CampaignError> {
-        Ok(self.store.list_members(id)?)
+        let c = self.get(id)?;
+        Ok(self.members_now(&c, now_ms())?.0)
     }
 
     /// Whether a live campaign targets this firmware (it may not be deleted).
@@ -608,7 +608,7 @@ impl Campaigns {
                 c.updated_at_ms = now;
                 self.store.put_campaign(&c)?;
                 self.store.flush().await?;
-                for mut m in self.store.list_members(id)? {
+                for mut m in self.members_now(&c, now)?.0 {
                     match m.status {
                         MemberStatus::InFlight => {
                             if let Some(tid) = m.task_id
@@ -641,6 +641,50 @@ impl Campaigns {
         drop(_g);
         self.wake();
         Ok(c)
+    }
+
+    /// Writes members in one batch on the blocking pool (a fleet's worth of sled inserts would
+    /// hold a runtime worker for tens of milliseconds).
+    async fn put_members(&self, members: Vec<CampaignMember>) -> Result<(), StoreError> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.put_members(&members))
+            .await
+            .map_err(|e| StoreError::Engine(format!("member write task: {e}")))?
+    }
+
+    /// The members of a campaign as they stand: as stored, with every queued member whose
+    /// device has a newer task of this campaign than the member records taken as in flight
+    /// with it. A round that starts tasks does not wait to write those members (a fleet's
+    /// worth of writes while the devices' first reports come in); the next round adopts them
+    /// this way and writes them then, and a crash in between loses nothing. Returns the
+    /// members and the indexes of those adopted.
+    fn members_now(
+        &self,
+        c: &CampaignRecord,
+        now: i64,
+    ) -> Result<(Vec<CampaignMember>, Vec<usize>), StoreError> {
+        let mut members = self.store.list_members(&c.id)?;
+        let mut adopted = Vec::new();
+        for (i, m) in members.iter_mut().enumerate() {
+            if m.status != MemberStatus::Queued {
+                continue;
+            }
+            let Some(t) = self.store.latest_task(&m.device_id)? else {
+                continue;
+            };
+            if t.campaign_id.as_deref() == Some(c.id.as_str()) && t.id > m.task_id.unwrap_or(0) {
+                m.status = MemberStatus::InFlight;
+                m.task_id = Some(t.id);
+                m.attempts += 1;
+                m.note = None;
+                m.updated_at_ms = now;
+                adopted.push(i);
+            }
+        }
+        Ok((members, adopted))
     }
 
     /// One engine round over every live campaign.
@@ -676,7 +720,17 @@ impl Campaigns {
             tracing::info!(campaign = c.id, "campaign running");
             dirty = true;
         }
-        let mut members = self.store.list_members(&c.id)?;
+        let (mut members, adopted) = self.members_now(&c, now)?;
+        if !adopted.is_empty() {
+            tracing::debug!(
+                campaign = c.id,
+                members = adopted.len(),
+                "members in flight recorded"
+            );
+            let started = adopted.iter().map(|&i| members[i].clone()).collect();
+            self.put_members(started).await?;
+            dirty = true;
+        }
         // dynamic: devices that joined the target set since
         if c.dynamic && c.status == CampaignStatus::Running {
             let have: HashSet<String> = members.iter().map(|m| m.device_id.clone()).collect();
@@ -874,25 +928,26 @@ impl Campaigns {
             if !self.devices.live(&m.device_id).ready {
                 continue;
             }
-            to_start.push(idx);
+            to_start.push((idx, dev));
             in_flight += 1;
         }
         // create the tasks in one batch (durable in chunks, commands out as each chunk is);
         // a member is recorded in flight only with its task id
         if !to_start.is_empty() {
-            let ids: Vec<String> = to_start
-                .iter()
-                .map(|&i| members[i].device_id.clone())
-                .collect();
+            let (idx, devs): (Vec<usize>, Vec<_>) =
+                to_start.into_iter().map(|(i, d)| (i, Ok(d))).unzip();
             let results = self
                 .ota
-                .create_upgrades_in(&ids, &c.version, c.force, Some(c.id.clone()))
+                .create_upgrades_of(devs, &c.version, c.force, Some(c.id.clone()))
                 .await
                 .map_err(|e| match e {
                     OtaError::Store(e) => CampaignError::Store(e),
                     other => CampaignError::Conflict(other.to_string()),
                 })?;
-            for (&i, r) in to_start.iter().zip(results) {
+            // started members are written by the next round ([`Campaigns::members_now`]);
+            // the others now
+            let mut refused = Vec::new();
+            for (&i, r) in idx.iter().zip(results) {
                 let m = &mut members[i];
                 match r {
                     Ok(t) => {
@@ -900,6 +955,8 @@ impl Campaigns {
                         m.task_id = Some(t.id);
                         m.attempts += 1;
                         m.note = None;
+                        m.updated_at_ms = now;
+                        continue;
                     }
                     Err(OtaError::Conflict(why)) => {
                         m.status = MemberStatus::Skipped;
@@ -911,7 +968,10 @@ impl Campaigns {
                     }
                 }
                 m.updated_at_ms = now;
-                self.store.put_member(m)?;
+                refused.push(m.clone());
+            }
+            if !refused.is_empty() {
+                self.put_members(refused).await?;
                 dirty = true;
             }
         }

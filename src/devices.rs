@@ -50,7 +50,13 @@ pub struct Live {
     pub ready: bool,
     /// Address of the newest connection.
     pub ip: String,
+    /// The `lastSeen` and `lastIp` this process last stored for the device, so a report that
+    /// changes nothing costs no read ([`Devices::seen_recently`]).
+    pub noted: Option<(i64, String)>,
 }
+
+/// How old a stored `lastSeen` may get before a report refreshes it.
+const LAST_SEEN_REFRESH_MS: i64 = 60_000;
 
 /// The registry.
 pub struct Devices {
@@ -187,6 +193,9 @@ impl Devices {
     /// Removes a device.
     pub fn delete(&self, id: &str) -> Result<DeviceRecord, DeviceError> {
         self.get(id)?;
+        if let Some(l) = self.live.write().expect("live lock").get_mut(id) {
+            l.noted = None;
+        }
         self.store
             .delete_device(id)?
             .ok_or_else(|| DeviceError::NotFound(format!("device {id} is not registered")))
@@ -317,12 +326,45 @@ impl Devices {
         if !ip.is_empty() {
             rec.last_ip = Some(ip);
         }
-        let stale = before.last_seen_ms.is_none_or(|t| now - t > 60_000);
+        let stale = before
+            .last_seen_ms
+            .is_none_or(|t| now - t > LAST_SEEN_REFRESH_MS);
         if rec != before || stale {
             rec.last_seen_ms = Some(now);
             self.store.put_device(&rec)?;
         }
+        if let Some(t) = rec.last_seen_ms {
+            let mut live = self.live.write().expect("live lock");
+            live.entry(id.to_string()).or_default().noted =
+                Some((t, rec.last_ip.clone().unwrap_or_default()));
+        }
         Ok(Some(rec))
+    }
+
+    /// Records a connection: `lastSeen` and `lastIp` (an unknown device is left alone).
+    pub fn note_connected(&self, id: &str, ip: &str) -> Result<(), StoreError> {
+        let Some(mut d) = self.store.get_device(id)? else {
+            return Ok(());
+        };
+        let now = now_ms();
+        d.last_seen_ms = Some(now);
+        d.last_ip = Some(ip.to_string());
+        self.store.put_device(&d)?;
+        let mut live = self.live.write().expect("live lock");
+        live.entry(id.to_string()).or_default().noted = Some((now, ip.to_string()));
+        Ok(())
+    }
+
+    /// True when a report that says nothing about the device (progress) would change nothing
+    /// of its record: [`Devices::note_report`] stored it less than a minute ago, from the
+    /// address it connects from now. Then the report needs no device read or write.
+    pub fn seen_recently(&self, id: &str) -> bool {
+        let live = self.live.read().expect("live lock");
+        live.get(id).is_some_and(|l| {
+            l.noted.as_ref().is_some_and(|(t, ip)| {
+                now_ms() - t <= LAST_SEEN_REFRESH_MS && (l.ip.is_empty() || l.ip == *ip)
+            })
+        })
     }
 }
 

@@ -176,6 +176,19 @@ pub struct Statistics {
     pub dropped_reports: BTreeMap<&'static str, u64>,
 }
 
+/// One chunk of [`Ota::create_upgrades_in`]: a result per device, and whether its command
+/// goes out once the chunk is durable.
+struct Chunk {
+    results: Vec<Result<TaskRecord, OtaError>>,
+    send: Vec<bool>,
+}
+
+impl Chunk {
+    fn iter(&self) -> std::slice::Iter<'_, Result<TaskRecord, OtaError>> {
+        self.results.iter()
+    }
+}
+
 /// Filters of the task list.
 #[derive(Debug, Default, Clone)]
 pub struct TaskFilter {
@@ -217,13 +230,6 @@ impl Ota {
         shutdown: CancellationToken,
         tracker: &tokio_util::task::TaskTracker,
     ) -> Result<(), StoreError> {
-        let dangling = self.store.prune_dangling()?;
-        if dangling > 0 {
-            tracing::warn!(
-                entries = dangling,
-                "removed active-task index entries of tasks a crash kept from being written"
-            );
-        }
         // A restart is not the devices' fault: give every active task a fresh stall window.
         let now = now_ms();
         for id in self.store.active_task_ids()? {
@@ -294,14 +300,13 @@ impl Ota {
         r.pop().expect("one result per device")
     }
 
-    /// The device and the released firmware a new task for it needs.
+    /// Checks that the firmware a new task for `device` needs is released (cached per type).
     fn upgrade_inputs(
         &self,
-        device_id: &str,
+        device: &crate::store::DeviceRecord,
         version: &str,
         firmware: &mut BTreeMap<String, FirmwareRecord>,
-    ) -> Result<crate::store::DeviceRecord, OtaError> {
-        let device = self.devices.get(device_id)?;
+    ) -> Result<(), OtaError> {
         if !firmware.contains_key(&device.device_type) {
             let fw = match self.firmware.get(&device.device_type, version) {
                 Ok(f) => f,
@@ -323,13 +328,14 @@ impl Ota {
                 fw.status.as_str()
             )));
         }
-        Ok(device)
+        Ok(())
     }
 
     /// Creates one task per device to `version` and sends the commands to the devices that
-    /// listen. Tasks are made durable in chunks (one batched write and one group-committed flush
-    /// per chunk) and each chunk's commands go out as soon as it is durable, so devices start
-    /// on their upgrade while later chunks are written. A task whose device listens is stored
+    /// listen. Tasks are written in chunks (one atomic batch each: 250 first, then 1,000) and a
+    /// chunk's commands go out as soon as a group-committed flush has made it durable; chunks
+    /// are built while earlier ones flush, so devices start on their upgrade while later
+    /// chunks are written. A task whose device listens is stored
     /// already marked "command sent" (startTime), so the command costs no second write; its
     /// startTime precedes delivery by the flush, and if the device vanished in those
     /// milliseconds the command goes out when it subscribes again (the task is still pending).
@@ -342,6 +348,24 @@ impl Ota {
         force: bool,
         campaign_id: Option<String>,
     ) -> Result<Vec<Result<TaskRecord, OtaError>>, OtaError> {
+        let devices = device_ids
+            .iter()
+            .map(|id| self.devices.get(id).map_err(OtaError::from))
+            .collect();
+        self.create_upgrades_of(devices, version, force, campaign_id)
+            .await
+    }
+
+    /// [`Ota::create_upgrades_in`] for devices the caller has read already (or the error of
+    /// reading one, returned in its place).
+    pub async fn create_upgrades_of(
+        &self,
+        devices: Vec<Result<crate::store::DeviceRecord, OtaError>>,
+        version: &str,
+        force: bool,
+        campaign_id: Option<String>,
+    ) -> Result<Vec<Result<TaskRecord, OtaError>>, OtaError> {
+        const FIRST_CHUNK: usize = 250;
         const CHUNK: usize = 1000;
         if !ids::valid_version(version) {
             let e = || {
@@ -349,55 +373,113 @@ impl Ota {
                     "version {version:?} must match [0-9A-Za-z.+-]{{1,64}}"
                 ))
             };
-            return Ok(device_ids.iter().map(|_| Err(e())).collect());
+            return Ok(devices.iter().map(|_| Err(e())).collect());
         }
         let mut firmware = BTreeMap::new();
         let mut seen = std::collections::HashSet::new();
-        let mut results = Vec::with_capacity(device_ids.len());
-        for chunk in device_ids.chunks(CHUNK) {
-            let first = results.len();
-            let mut to_send = Vec::new();
-            {
-                let _g = self.lock.lock().await;
-                let mut new = Vec::with_capacity(chunk.len());
-                for device_id in chunk {
-                    match self.new_task_for(
-                        device_id,
+        let total = devices.len();
+        // The first chunk is small so the first devices start at once; the rest go 1,000 at a
+        // time.
+        let mut devices = devices.into_iter().peekable();
+        let mut size = FIRST_CHUNK;
+        let chunks = std::iter::from_fn(move || {
+            devices.peek()?;
+            let c: Vec<_> = devices.by_ref().take(size).collect();
+            size = CHUNK;
+            Some(c)
+        });
+        // Two halves run at once: one builds and writes chunks, the other makes what was written
+        // durable and sends its commands. A flush covers every chunk written before it started,
+        // so while one runs the builder goes on, and the next flush takes all it wrote meanwhile.
+        let (tx, mut rx) = mpsc::unbounded_channel::<Chunk>();
+        let build = async move {
+            for chunk in chunks {
+                let c = self
+                    .write_chunk(
+                        chunk,
                         version,
                         force,
                         &campaign_id,
                         &mut firmware,
                         &mut seen,
-                    ) {
-                        Ok(mut t) => {
-                            if self.devices.live(&t.device_id).ready
-                                && let Outcome::Changed(n) =
-                                    state::apply(&t, &Input::CommandSent, now_ms())
-                            {
-                                t = n;
-                                to_send.push(results.len());
-                            }
-                            new.push(t.clone());
-                            results.push(Ok(t));
-                        }
-                        Err(OtaError::Store(e)) => return Err(e.into()),
-                        Err(e) => results.push(Err(e)),
+                    )
+                    .await?;
+                if tx.send(c).is_err() {
+                    break; // the other half failed; its error is returned
+                }
+            }
+            Ok::<_, OtaError>(())
+        };
+        let publish = async {
+            let mut results = Vec::with_capacity(total);
+            while let Some(first) = rx.recv().await {
+                let mut written = vec![first];
+                while let Ok(c) = rx.try_recv() {
+                    written.push(c);
+                }
+                self.store.flush().await?;
+                for c in written {
+                    for t in c.results.iter().flatten() {
+                        tracing::info!(device = %t.device_id, task = t.id, version = %version, "upgrade task created");
                     }
-                }
-                self.store.put_new_tasks(&new)?;
-            }
-            self.store.flush().await?;
-            for r in results[first..].iter().flatten() {
-                tracing::info!(device = %r.device_id, task = r.id, version = %version, "upgrade task created");
-            }
-            // Durable: tell the devices that listen.
-            for i in to_send {
-                if let Ok(t) = &results[i] {
-                    self.publish_command(t).await;
+                    // Durable: tell the devices that listen.
+                    for (r, send) in c.results.iter().zip(&c.send) {
+                        if let (Ok(t), true) = (r, send) {
+                            self.publish_command(t).await;
+                        }
+                    }
+                    results.extend(c.results);
                 }
             }
-        }
+            Ok::<_, OtaError>(results)
+        };
+        let (built, published) = tokio::join!(build, publish);
+        let results = published?;
+        built?;
         Ok(results)
+    }
+
+    /// Builds the tasks of one chunk of [`Ota::create_upgrades_in`] and writes them (not
+    /// flushed), under the lock.
+    async fn write_chunk(
+        &self,
+        chunk: Vec<Result<crate::store::DeviceRecord, OtaError>>,
+        version: &str,
+        force: bool,
+        campaign_id: &Option<String>,
+        firmware: &mut BTreeMap<String, FirmwareRecord>,
+        seen: &mut std::collections::HashSet<String>,
+    ) -> Result<Chunk, OtaError> {
+        let _g = self.lock.lock().await;
+        let mut c = Chunk {
+            results: Vec::with_capacity(chunk.len()),
+            send: Vec::with_capacity(chunk.len()),
+        };
+        for device in chunk {
+            let mut send = false;
+            match self.new_task_for(device, version, force, campaign_id, firmware, seen) {
+                Ok(mut t) => {
+                    if self.devices.live(&t.device_id).ready
+                        && let Outcome::Changed(n) = state::apply(&t, &Input::CommandSent, now_ms())
+                    {
+                        t = n;
+                        send = true;
+                    }
+                    c.results.push(Ok(t));
+                }
+                Err(OtaError::Store(e)) => return Err(e.into()),
+                Err(e) => c.results.push(Err(e)),
+            }
+            c.send.push(send);
+        }
+        // on the blocking pool: ~10 ms of sled work, and the other half of
+        // create_upgrades_of gets to run meanwhile
+        let store = self.store.clone();
+        let c =
+            tokio::task::spawn_blocking(move || store.put_new_tasks(c.iter().flatten()).map(|_| c))
+                .await
+                .map_err(|e| StoreError::Engine(format!("task write: {e}")))??;
+        Ok(c)
     }
 
     /// A new task (not stored) for one device of a batch, after the checks of
@@ -405,14 +487,16 @@ impl Ota {
     /// lock.
     fn new_task_for(
         &self,
-        device_id: &str,
+        device: Result<crate::store::DeviceRecord, OtaError>,
         version: &str,
         force: bool,
         campaign_id: &Option<String>,
         firmware: &mut BTreeMap<String, FirmwareRecord>,
         seen: &mut std::collections::HashSet<String>,
     ) -> Result<TaskRecord, OtaError> {
-        let device = self.upgrade_inputs(device_id, version, firmware)?;
+        let device = device?;
+        let device_id = device.id.as_str();
+        self.upgrade_inputs(&device, version, firmware)?;
         if !seen.insert(device.id.clone()) {
             return Err(OtaError::Conflict(format!(
                 "device {device_id} is listed twice"
@@ -828,9 +912,9 @@ impl Ota {
                     }
                 }
                 Ok(gateway::Report::Progress { msg_id, data }) => {
-                    let Some(_) = self.devices_note(m, None, None, None)? else {
+                    if !self.devices_seen(m)? {
                         return Ok(());
-                    };
+                    }
                     let task = match self.store.active_task(id)? {
                         Some(t) if t.msg_id == msg_id => Some(t),
                         _ => self.store.latest_task(id)?.filter(|t| t.msg_id == msg_id),
@@ -907,9 +991,9 @@ impl Ota {
             Inbound::AlibabaProgress => match alibaba::parse_progress(&m.payload) {
                 Err(why) => self.drop_report(&self.drops.malformed, id, &why),
                 Ok((_, step)) => {
-                    let Some(_) = self.devices_note(m, None, None, None)? else {
+                    if !self.devices_seen(m)? {
                         return Ok(());
-                    };
+                    }
                     let Some(t) = self.store.active_task(id)? else {
                         self.drop_report(
                             &self.drops.unknown_msg_id,
@@ -996,6 +1080,15 @@ impl Ota {
             },
         }
         Ok(())
+    }
+
+    /// [`Ota::devices_note`] for a report that says nothing about the device: false (counted)
+    /// for an unknown device; no store access when the device was noted recently.
+    fn devices_seen(&self, m: &InboundMessage) -> Result<bool, StoreError> {
+        if self.devices.seen_recently(&m.device_id) {
+            return Ok(true);
+        }
+        Ok(self.devices_note(m, None, None, None)?.is_some())
     }
 
     fn devices_note(
@@ -1096,10 +1189,8 @@ impl Ota {
             match &p {
                 Presence::Connected { id, ip, .. } => {
                     tracing::debug!(device = %id, ip = %ip, "device connected");
-                    if let Ok(Some(mut d)) = self.store.get_device(id) {
-                        d.last_seen_ms = Some(now_ms());
-                        d.last_ip = Some(ip.clone());
-                        let _ = self.store.put_device(&d);
+                    if let Err(e) = self.devices.note_connected(id, ip) {
+                        tracing::warn!(device = %id, error = %e, "recording the connection failed");
                     }
                 }
                 Presence::Ready { id, .. } if ready => {

@@ -6,13 +6,14 @@
 
 mod records;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 pub use records::{
     CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DELTA_SCHEMA,
     DEVICE_SCHEMA, DeltaRecord, DeltaStatus, DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord,
-    FirmwareStatus, MemberStatus, TASK_SCHEMA, TaskDelta, TaskEvent, TaskRecord, TaskStatus,
+    FirmwareStatus, MemberStatus, QueuedMembers, TASK_SCHEMA, TaskDelta, TaskEvent, TaskHead,
+    TaskRecord, TaskStatus,
 };
 
 /// A store failure.
@@ -50,11 +51,11 @@ pub struct Store {
     firmware: sled::Tree,
     devices: sled::Tree,
     tasks: sled::Tree,
-    device_tasks: sled::Tree,
-    active: sled::Tree,
+    index: std::sync::Arc<std::sync::Mutex<TaskIndex>>,
     deltas: sled::Tree,
     campaigns: sled::Tree,
     members: sled::Tree,
+    queued: sled::Tree,
 }
 
 /// Group commit: every `flush()` caller takes a ticket; one flush on the blocking pool covers
@@ -65,14 +66,6 @@ struct GroupCommit {
     /// (highest ticket covered by a finished flush, that flush's error). The lock is fair, so
     /// waiters are served in order and most find their ticket already covered.
     round: tokio::sync::Mutex<(u64, Option<String>)>,
-}
-
-fn device_task_key(device: &str, id: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(device.len() + 9);
-    k.extend_from_slice(device.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&id.to_be_bytes());
-    k
 }
 
 fn firmware_key(device_type: &str, version: &str) -> Vec<u8> {
@@ -125,11 +118,17 @@ impl Store {
         let firmware = db.open_tree("firmware")?;
         let devices = db.open_tree("devices")?;
         let tasks = db.open_tree("tasks")?;
-        let device_tasks = db.open_tree("device_tasks")?;
-        let active = db.open_tree("active_tasks")?;
+        // indexes of earlier versions, now kept in memory
+        for old in ["device_tasks", "active_tasks"] {
+            if db.tree_names().iter().any(|n| n == old.as_bytes()) {
+                db.drop_tree(old)?;
+            }
+        }
+        let index = TaskIndex::build(&tasks)?;
         let deltas = db.open_tree("deltas")?;
         let campaigns = db.open_tree("campaigns")?;
         let members = db.open_tree("campaign_members")?;
+        let queued = db.open_tree("campaign_queued")?;
         Ok(Store {
             group: std::sync::Arc::new(GroupCommit {
                 issued: std::sync::atomic::AtomicU64::new(0),
@@ -139,11 +138,11 @@ impl Store {
             firmware,
             devices,
             tasks,
-            device_tasks,
-            active,
+            index: std::sync::Arc::new(std::sync::Mutex::new(index)),
             deltas,
             campaigns,
             members,
+            queued,
         })
     }
 
@@ -363,78 +362,31 @@ impl Store {
         Ok(self.db.generate_id()? + 1)
     }
 
-    /// Writes a task and its indexes (device history, the device's active task) atomically.
+    /// Writes a task (one insert) and notes it in the in-memory indexes.
     pub fn put_task(&self, rec: &TaskRecord) -> Result<()> {
-        use sled::Transactional;
-        let id = rec.id.to_be_bytes();
-        let value = encode(rec);
-        let dkey = device_task_key(&rec.device_id, rec.id);
-        (&self.tasks, &self.device_tasks, &self.active)
-            .transaction(|(t, dt, a)| {
-                t.insert(&id, value.clone())?;
-                dt.insert(dkey.clone(), &[])?;
-                let current = a.get(rec.device_id.as_bytes())?;
-                if rec.status.is_active() {
-                    a.insert(rec.device_id.as_bytes(), &id)?;
-                } else if current.as_deref() == Some(&id[..]) {
-                    a.remove(rec.device_id.as_bytes())?;
-                }
-                Ok(())
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| {
-                StoreError::Engine(format!("{e:?}"))
-            })
-    }
-
-    /// Inserts new tasks, each its device's active task if active: three batched writes
-    /// instead of a transaction per task (~35 µs a task; a fleet's tasks go in at once). The
-    /// indexes are written before the tasks, so a crash in between can leave index entries
-    /// pointing at no task (readers skip them, [`Store::prune_dangling`] removes the active
-    /// ones at start) but never a task missing from its indexes.
-    pub fn put_new_tasks(&self, recs: &[TaskRecord]) -> Result<()> {
-        let mut tasks = sled::Batch::default();
-        let mut device_tasks = sled::Batch::default();
-        let mut active = sled::Batch::default();
-        for rec in recs {
-            let id = rec.id.to_be_bytes();
-            tasks.insert(&id, encode(rec));
-            device_tasks.insert(device_task_key(&rec.device_id, rec.id), &[]);
-            if rec.status.is_active() {
-                active.insert(rec.device_id.as_bytes(), &id);
-            }
-        }
-        self.active.apply_batch(active)?;
-        self.device_tasks.apply_batch(device_tasks)?;
-        self.tasks.apply_batch(tasks)?;
+        self.tasks.insert(rec.id.to_be_bytes(), encode(rec))?;
+        self.index().note(&rec.device_id, rec.id, rec.status);
         Ok(())
     }
 
-    /// Removes active-task entries whose task was never written (see [`Store::put_new_tasks`]).
-    /// Returns how many.
-    pub fn prune_dangling(&self) -> Result<usize> {
-        let mut n = 0;
-        for kv in self.active.iter() {
-            let (device, id) = kv?;
-            if !self.tasks.contains_key(&id)? {
-                self.active
-                    .compare_and_swap(&device, Some(&id), None::<&[u8]>)?
-                    .ok();
-                n += 1;
-            }
+    /// Inserts new tasks in one batch (atomic: after a crash all of them or none are there).
+    pub fn put_new_tasks<'a>(&self, recs: impl IntoIterator<Item = &'a TaskRecord>) -> Result<()> {
+        let recs: Vec<&TaskRecord> = recs.into_iter().collect();
+        let mut batch = sled::Batch::default();
+        for rec in &recs {
+            batch.insert(&rec.id.to_be_bytes(), encode(*rec));
         }
-        Ok(n)
+        self.tasks.apply_batch(batch)?;
+        let mut index = self.index();
+        for rec in recs {
+            index.note(&rec.device_id, rec.id, rec.status);
+        }
+        Ok(())
     }
 
-    /// Replaces `old` by `new` (same task). When neither the device nor "is active" changed, the
-    /// indexes are already right and this is a single insert instead of a transaction.
+    /// Replaces `old` by `new` (the same task).
     pub fn update_task(&self, old: &TaskRecord, new: &TaskRecord) -> Result<()> {
-        if old.id == new.id
-            && old.device_id == new.device_id
-            && old.status.is_active() == new.status.is_active()
-        {
-            self.tasks.insert(new.id.to_be_bytes(), encode(new))?;
-            return Ok(());
-        }
+        debug_assert_eq!((old.id, &old.device_id), (new.id, &new.device_id));
         self.put_task(new)
     }
 
@@ -446,35 +398,19 @@ impl Store {
 
     /// The device's active task, if any.
     pub fn active_task(&self, device: &str) -> Result<Option<TaskRecord>> {
-        match self.active.get(device.as_bytes())? {
-            Some(id) => {
-                let id = u64::from_be_bytes(id.as_ref().try_into().map_err(|_| {
-                    StoreError::Corrupt {
-                        key: device.to_string(),
-                        reason: "active index entry is not a task id".into(),
-                    }
-                })?);
-                self.get_task(id)
+        let id = {
+            let index = self.index();
+            match index.latest.get(device) {
+                Some(id) if index.active.contains(id) => *id,
+                _ => return Ok(None),
             }
-            None => Ok(None),
-        }
+        };
+        self.get_task(id)
     }
 
-    /// The ids of every active task.
+    /// The ids of every active task, oldest first.
     pub fn active_task_ids(&self) -> Result<Vec<u64>> {
-        self.active
-            .iter()
-            .values()
-            .map(|v| {
-                let v = v?;
-                Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
-                    StoreError::Corrupt {
-                        key: "active_tasks".into(),
-                        reason: "entry is not a task id".into(),
-                    }
-                })?))
-            })
-            .collect()
+        Ok(self.index().active.iter().copied().collect())
     }
 
     /// Active tasks whose target is (device type, version).
@@ -493,17 +429,11 @@ impl Store {
 
     /// The device's newest task, if any.
     pub fn latest_task(&self, device: &str) -> Result<Option<TaskRecord>> {
-        let mut prefix = device.as_bytes().to_vec();
-        prefix.push(0);
-        // newest first; an entry whose task was never written (a crash mid-batch) is skipped
-        for kv in self.device_tasks.scan_prefix(&prefix).rev() {
-            let (k, _) = kv?;
-            let id = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
-            if let Some(t) = self.get_task(id)? {
-                return Ok(Some(t));
-            }
+        let id = self.index().latest.get(device).copied();
+        match id {
+            Some(id) => self.get_task(id),
+            None => Ok(None),
         }
-        Ok(None)
     }
 
     /// Tasks newest first that pass `keep`, skipping `offset` and returning at most `limit`.
@@ -533,20 +463,68 @@ impl Store {
         Ok(out)
     }
 
-    /// Every task of a device, newest first.
-    pub fn device_task_ids(&self, device: &str) -> Result<Vec<u64>> {
-        let mut prefix = device.as_bytes().to_vec();
-        prefix.push(0);
-        self.device_tasks
-            .scan_prefix(&prefix)
-            .rev()
-            .map(|kv| {
-                let (k, _) = kv?;
-                Ok(u64::from_be_bytes(
-                    k[k.len() - 8..].try_into().expect("8 bytes"),
-                ))
-            })
-            .collect()
+    fn index(&self) -> std::sync::MutexGuard<'_, TaskIndex> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Which task is each device's newest, and which tasks are active — kept in memory, derived
+/// from the tasks tree when the store opens ([`TaskIndex::build`]) and updated on every task
+/// write, so a task costs one insert and the indexes can never disagree with the tasks after a
+/// crash. A device has at most one active task and it is its newest (a new task is refused
+/// while one is active, or replaces it only after cancelling it), so "active" is "newest and
+/// not final".
+#[derive(Default)]
+struct TaskIndex {
+    /// Device id -> its newest task id.
+    latest: HashMap<String, u64>,
+    /// Ids of active tasks.
+    active: BTreeSet<u64>,
+}
+
+impl TaskIndex {
+    /// Notes a written task.
+    fn note(&mut self, device: &str, id: u64, status: TaskStatus) {
+        let newest = match self.latest.get_mut(device) {
+            Some(l) if *l > id => false,
+            Some(l) => {
+                if *l != id {
+                    // a newer task: whatever the older one was, it is no longer the active one
+                    self.active.remove(l);
+                    *l = id;
+                }
+                true
+            }
+            None => {
+                self.latest.insert(device.to_string(), id);
+                true
+            }
+        };
+        if newest && status.is_active() {
+            self.active.insert(id);
+        } else {
+            self.active.remove(&id);
+        }
+    }
+
+    /// Reads the leading fields of every task, in id order (~1 µs a task).
+    fn build(tasks: &sled::Tree) -> Result<TaskIndex> {
+        let mut index = TaskIndex::default();
+        for kv in tasks.iter() {
+            let (k, v) = kv?;
+            if v.first() == Some(&BINARY) {
+                let head: TaskHead<'_> =
+                    postcard::from_bytes(&v[1..]).map_err(|e| StoreError::Corrupt {
+                        key: format!("task {}", hex::encode(&k)),
+                        reason: e.to_string(),
+                    })?;
+                index.note(&head.device_id, head.id, head.status);
+            } else {
+                let t: TaskRecord = decode(&k, &v)?;
+                index.note(&t.device_id, t.id, t.status);
+            }
+        }
+        Ok(index)
     }
 }
 
@@ -592,17 +570,56 @@ impl Store {
         Ok(())
     }
 
-    /// The members of a campaign, in device-id order.
+    /// Records the devices a campaign starts with, all queued (one insert; see
+    /// [`QueuedMembers`]).
+    pub fn put_queued_members(&self, q: &QueuedMembers) -> Result<()> {
+        self.queued.insert(q.campaign_id.as_bytes(), encode(q))?;
+        Ok(())
+    }
+
+    /// Inserts or replaces many campaign members in one batch (blocking: sled work for a whole
+    /// fleet; call it from the blocking pool).
+    pub fn put_members(&self, members: &[CampaignMember]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for m in members {
+            batch.insert(member_key(&m.campaign_id, &m.device_id), encode(m));
+        }
+        self.members.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The members of a campaign, in device-id order: its queued devices as queued members,
+    /// each replaced by its member record once it has one.
     pub fn list_members(&self, campaign: &str) -> Result<Vec<CampaignMember>> {
+        let mut all = std::collections::BTreeMap::new();
+        if let Some(v) = self.queued.get(campaign.as_bytes())? {
+            let q: QueuedMembers = decode(campaign.as_bytes(), &v)?;
+            for (device_id, wave) in q.devices {
+                all.insert(
+                    device_id.clone(),
+                    CampaignMember {
+                        schema: q.schema,
+                        campaign_id: q.campaign_id.clone(),
+                        device_id,
+                        wave,
+                        status: MemberStatus::Queued,
+                        task_id: None,
+                        attempts: 0,
+                        next_attempt_ms: 0,
+                        note: None,
+                        updated_at_ms: q.queued_at_ms,
+                    },
+                );
+            }
+        }
         let mut prefix = campaign.as_bytes().to_vec();
         prefix.push(0);
-        self.members
-            .scan_prefix(prefix)
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+        for kv in self.members.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            let m: CampaignMember = decode(&k, &v)?;
+            all.insert(m.device_id.clone(), m);
+        }
+        Ok(all.into_values().collect())
     }
 }
 
@@ -643,11 +660,16 @@ impl Store {
             };
             let k = hex::decode(k).map_err(|e| bad(e.to_string()))?;
             let val = hex::decode(val).map_err(|e| bad(e.to_string()))?;
+            if t == "device_tasks" || t == "active_tasks" {
+                // an earlier version's indexes (backups from before they moved into memory)
+                continue;
+            }
             let tree = self.db.open_tree(t).map_err(std::io::Error::other)?;
             tree.insert(k, val).map_err(std::io::Error::other)?;
             n += 1;
         }
         self.db.flush().map_err(std::io::Error::other)?;
+        *self.index() = TaskIndex::build(&self.tasks).map_err(std::io::Error::other)?;
         Ok(n)
     }
 }
@@ -789,26 +811,64 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn batched_tasks_are_indexed_and_dangling_entries_are_harmless() {
+    async fn task_indexes_follow_writes_and_are_rebuilt_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
+        // an earlier version's index trees are dropped on open
+        store.db.open_tree("active_tasks").unwrap();
         store
             .put_new_tasks(&[sample_task(1, "GW1"), sample_task(2, "GW2")])
             .unwrap();
         assert_eq!(store.active_task("GW1").unwrap().unwrap().id, 1);
         assert_eq!(store.latest_task("GW2").unwrap().unwrap().id, 2);
-        assert_eq!(store.device_task_ids("GW2").unwrap(), vec![2]);
+        assert_eq!(store.active_task_ids().unwrap(), vec![1, 2]);
 
-        // a crash after the indexes of task 3 were written but before the task itself
-        store.active.insert("GW1", &3u64.to_be_bytes()).unwrap();
-        store
-            .device_tasks
-            .insert(device_task_key("GW1", 3), &[])
-            .unwrap();
-        assert_eq!(store.latest_task("GW1").unwrap().unwrap().id, 1);
+        // GW1's task ends: still its latest, no longer active
+        let mut done = sample_task(1, "GW1");
+        done.status = TaskStatus::Completed;
+        store.update_task(&sample_task(1, "GW1"), &done).unwrap();
         assert!(store.active_task("GW1").unwrap().is_none());
-        assert_eq!(store.prune_dangling().unwrap(), 1);
-        assert_eq!(store.active_task_ids().unwrap(), vec![2]);
+        assert_eq!(store.latest_task("GW1").unwrap().unwrap().id, 1);
+        // a newer task for GW2 replaces the older one as latest and active
+        store.put_task(&sample_task(5, "GW2")).unwrap();
+        assert_eq!(store.active_task("GW2").unwrap().unwrap().id, 5);
+        assert_eq!(store.active_task_ids().unwrap(), vec![5]);
+        // rewriting an older task (its cancellation) does not move the device back to it
+        let mut old = sample_task(2, "GW2");
+        old.status = TaskStatus::Cancelled;
+        store.put_task(&old).unwrap();
+        assert_eq!(store.latest_task("GW2").unwrap().unwrap().id, 5);
+        assert_eq!(store.active_task_ids().unwrap(), vec![5]);
+        // a record written as JSON by an earlier version is indexed too
+        let legacy = sample_task(9, "GW9");
+        store
+            .tasks
+            .insert(9u64.to_be_bytes(), serde_json::to_vec(&legacy).unwrap())
+            .unwrap();
         store.flush().await.unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.db.tree_names().iter().any(|n| n == b"active_tasks"));
+        assert_eq!(
+            store.latest_task("GW1").unwrap().unwrap().status,
+            TaskStatus::Completed
+        );
+        assert!(store.active_task("GW1").unwrap().is_none());
+        assert_eq!(store.latest_task("GW2").unwrap().unwrap().id, 5);
+        assert_eq!(store.active_task("GW9").unwrap().unwrap(), legacy);
+        assert_eq!(store.active_task_ids().unwrap(), vec![5, 9]);
+    }
+
+    #[test]
+    fn task_head_is_the_leading_fields_of_a_task() {
+        let mut t = sample_task(42, "GW42");
+        t.status = TaskStatus::Verifying;
+        let bytes = encode(&t);
+        let head: TaskHead<'_> = postcard::from_bytes(&bytes[1..]).unwrap();
+        assert_eq!(
+            (head.schema, head.id, &*head.device_id, head.status),
+            (t.schema, 42, "GW42", TaskStatus::Verifying)
+        );
     }
 }

@@ -284,6 +284,23 @@ pub struct CampaignMember {
     pub updated_at_ms: i64,
 }
 
+/// The devices a campaign was created with, each queued in its wave: one record instead of a
+/// member record per device (a fleet campaign is created with one insert). [`Store::list_members`]
+/// expands it; a member record of the same device, written when the member moves on, wins.
+///
+/// [`Store::list_members`]: crate::store::Store::list_members
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedMembers {
+    /// Schema version.
+    pub schema: u32,
+    /// Campaign id.
+    pub campaign_id: String,
+    /// When they were queued, ms since the epoch.
+    pub queued_at_ms: i64,
+    /// (device id, wave index).
+    pub devices: Vec<(String, u32)>,
+}
+
 /// Current schema version of [`DeviceRecord`].
 pub const DEVICE_SCHEMA: u32 = 1;
 
@@ -407,6 +424,20 @@ pub struct TaskDelta {
     pub size: u64,
 }
 
+/// The leading fields of a stored [`TaskRecord`], decoded without the rest.
+#[derive(Debug, Deserialize)]
+pub struct TaskHead<'a> {
+    /// Schema version of the record.
+    pub schema: u32,
+    /// Task id.
+    pub id: u64,
+    /// The device.
+    #[serde(borrow)]
+    pub device_id: std::borrow::Cow<'a, str>,
+    /// Current state.
+    pub status: TaskStatus,
+}
+
 /// One upgrade task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRecord {
@@ -416,6 +447,9 @@ pub struct TaskRecord {
     pub id: u64,
     /// The device.
     pub device_id: String,
+    /// Current state. (schema, id, device_id, status) lead the record: the store reads just
+    /// them to build its indexes at start ([`TaskHead`]).
+    pub status: TaskStatus,
     /// Protocol of the device when the task was created.
     pub protocol: crate::protocol::Protocol,
     /// Device type / productKey.
@@ -434,8 +468,6 @@ pub struct TaskRecord {
     pub file_size: u64,
     /// Message id of the command.
     pub msg_id: String,
-    /// Current state.
-    pub status: TaskStatus,
     /// 0..=100
     pub progress: u8,
     /// Error code when failed.
