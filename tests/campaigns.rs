@@ -244,6 +244,56 @@ async fn failure_gate_pauses_and_the_brake_cancels_downloads() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_started_by_a_round_count_as_in_flight_at_once_and_the_brake_stops_them() {
+    // A round writes the members it started only in the next round; until then the campaign
+    // view and the brake must still see them in flight (their devices' newest tasks).
+    let s = Server::start().await;
+    s.release("1.0.1", "gateway", 1000).await;
+    s.release("1.0.2", "gateway", 400_000).await;
+    let sim = s.sim(&[
+        "--devices",
+        "4",
+        "--version",
+        "1.0.1",
+        "--register",
+        "--timeout",
+        "30",
+        "--id-prefix",
+        "QB",
+        "--slow",
+        "40",
+    ]);
+    s.wait_online(4).await;
+    let (_, c) = s
+        .post_json(
+            "/api/ota/campaigns",
+            json!({"name": "quick brake", "version": "1.0.2",
+            "targets": {"all": true}, "maxInFlight": 2}),
+        )
+        .await;
+    let id = c["data"]["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tasks(&s).await.len() < 2 {
+        assert!(Instant::now() < deadline, "the campaign started no task");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, now) = s.get_json(&format!("/api/ota/campaigns/{id}")).await;
+    assert_eq!(now["data"]["counts"]["queued"], 2, "{now}");
+    let (st, b) = s
+        .post_json(&format!("/api/ota/campaigns/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["data"]["counts"]["cancelled"], 4, "{b}");
+    let all = tasks(&s).await;
+    assert_eq!(all.len(), 2, "no task started after the brake");
+    for t in &all {
+        assert_eq!(t["status"], "cancelled", "{t}");
+    }
+    let (_, sum) = sim_result(sim, 60).await;
+    assert_eq!(sum["completed"], 0, "{sum}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_bodies_are_checked() {
     let s = Server::start().await;
     s.release("1.0.2", "gateway", 1000).await;

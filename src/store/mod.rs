@@ -860,6 +860,34 @@ mod tests {
         assert_eq!(store.active_task_ids().unwrap(), vec![5, 9]);
     }
 
+    #[tokio::test]
+    async fn queued_members_expand_and_member_records_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .put_queued_members(&QueuedMembers {
+                schema: CAMPAIGN_SCHEMA,
+                campaign_id: "c1".into(),
+                queued_at_ms: 5,
+                devices: vec![("GW3".into(), 1), ("GW1".into(), 0)],
+            })
+            .unwrap();
+        let mut moved = store.list_members("c1").unwrap().remove(1);
+        assert_eq!((moved.device_id.as_str(), moved.wave), ("GW3", 1));
+        moved.status = MemberStatus::InFlight;
+        moved.task_id = Some(9);
+        let mut joined = moved.clone();
+        joined.device_id = "GW2".into();
+        store.put_members(&[moved.clone(), joined]).unwrap();
+        let all = store.list_members("c1").unwrap();
+        let ids: Vec<&str> = all.iter().map(|m| m.device_id.as_str()).collect();
+        assert_eq!(ids, ["GW1", "GW2", "GW3"], "device-id order");
+        assert_eq!(all[0].status, MemberStatus::Queued);
+        assert_eq!(all[0].updated_at_ms, 5);
+        assert_eq!(all[2], moved, "the member record replaces the queued entry");
+        assert!(store.list_members("c2").unwrap().is_empty());
+    }
+
     #[test]
     fn task_head_is_the_leading_fields_of_a_task() {
         let mut t = sample_task(42, "GW42");
