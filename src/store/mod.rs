@@ -900,3 +900,31 @@ mod tests {
         );
     }
 }
+/// How long opening a store with 100,000 tasks takes, and how much of it is rebuilding the
+/// in-memory task indexes (a measurement, not a check of speed):
+/// `cargo test --release --lib -- --ignored index_build_time --nocapture`
+#[cfg(test)]
+mod timing {
+    #[test]
+    #[ignore]
+    fn index_build_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::Store::open(dir.path()).unwrap();
+        let n = 100_000u64;
+        let recs: Vec<_> = (1..=n)
+            .map(|i| super::sample_task(i, &format!("GW{}", i % 10_000)))
+            .collect();
+        for c in recs.chunks(1000) {
+            store.put_new_tasks(c).unwrap();
+        }
+        store.flush_blocking().unwrap();
+        drop(store);
+        let t = std::time::Instant::now();
+        let store = super::Store::open(dir.path()).unwrap();
+        eprintln!("open with {n} tasks: {:?}", t.elapsed());
+        let t = std::time::Instant::now();
+        let _ = super::TaskIndex::build(&store.tasks).unwrap();
+        eprintln!("index build alone: {:?}", t.elapsed());
+        assert_eq!(store.active_task_ids().unwrap().len(), 10_000);
+    }
+}
