@@ -467,8 +467,12 @@ impl Campaigns {
         })
     }
 
-    /// Creates a campaign from a spec; returns it with its plan.
-    pub async fn create(&self, s: &CampaignSpec) -> Result<(CampaignRecord, Plan), CampaignError> {
+    /// Creates a campaign from a spec; returns it with its plan and its members as created
+    /// (queued, or skipped for a conflict).
+    pub async fn create(
+        &self,
+        s: &CampaignSpec,
+    ) -> Result<(CampaignRecord, Plan, Vec<CampaignMember>), CampaignError> {
         let _g = self.lock.lock().await;
         let mut plan = self.plan(s)?;
         let mut c = plan.record.take().expect("planned");
@@ -502,7 +506,7 @@ impl Campaigns {
                 updated_at_ms: now,
             })
             .collect();
-        self.put_members(skipped).await?;
+        self.put_members(skipped.clone()).await?;
         self.store.put_campaign(&c)?;
         self.store.flush().await?;
         tracing::info!(
@@ -514,7 +518,29 @@ impl Campaigns {
         );
         drop(_g);
         self.wake();
-        Ok((c, plan))
+        let cid = &c.id;
+        let mut members: Vec<CampaignMember> = plan
+            .waves
+            .iter()
+            .enumerate()
+            .flat_map(|(k, w)| {
+                w.devices.iter().map(move |d| CampaignMember {
+                    schema: CAMPAIGN_SCHEMA,
+                    campaign_id: cid.clone(),
+                    device_id: d.id.clone(),
+                    wave: k as u32,
+                    status: MemberStatus::Queued,
+                    task_id: None,
+                    attempts: 0,
+                    next_attempt_ms: 0,
+                    note: None,
+                    updated_at_ms: now,
+                })
+            })
+            .collect();
+        members.extend(skipped);
+        members.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        Ok((c, plan, members))
     }
 
     /// Holds this service's write lock (backups take a consistent snapshot under it).
@@ -925,7 +951,7 @@ impl Campaigns {
                 }
             }
             // offline devices wait for their connection
-            if !self.devices.live(&m.device_id).ready {
+            if !self.devices.ready(&m.device_id) {
                 continue;
             }
             to_start.push((idx, dev));

@@ -211,6 +211,15 @@ impl Devices {
             .unwrap_or_default()
     }
 
+    /// Whether the device listens for commands now ([`Live::ready`], without copying the rest).
+    pub fn ready(&self, id: &str) -> bool {
+        self.live
+            .read()
+            .expect("live lock")
+            .get(id)
+            .is_some_and(|l| l.ready)
+    }
+
     /// Number of devices with at least one connection.
     /// Online devices as (gateway protocol, Alibaba protocol); Alibaba ids are `pk/dn`.
     pub fn online_by_protocol(&self) -> (usize, usize) {

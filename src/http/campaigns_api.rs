@@ -306,8 +306,8 @@ fn dto(st: &AppState, c: &CampaignRecord, members: &[CampaignMember]) -> Campaig
 /// POST /api/ota/campaigns
 pub async fn create(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let s = spec(&body)?;
-    let (c, plan) = st.campaigns.create(&s).await?;
-    let members = st.campaigns.members(&c.id)?;
+    // the campaign as created; its engine is already starting devices (GET shows them)
+    let (c, plan, members) = st.campaigns.create(&s).await?;
     let mut v = serde_json::to_value(dto(&st, &c, &members)).map_err(ApiError::internal)?;
     v["notes"] = serde_json::json!(plan.notes);
     Ok(ok_with(StatusCode::CREATED, v))

@@ -459,7 +459,7 @@ impl Ota {
             let mut send = false;
             match self.new_task_for(device, version, force, campaign_id, firmware, seen) {
                 Ok(mut t) => {
-                    if self.devices.live(&t.device_id).ready
+                    if self.devices.ready(&t.device_id)
                         && let Outcome::Changed(n) = state::apply(&t, &Input::CommandSent, now_ms())
                     {
                         t = n;
