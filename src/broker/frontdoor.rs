@@ -524,7 +524,11 @@ where
             .subscribe_allowed(&ctx.settings.topic_prefix, topic)
         {
             up.announce(&id, protocol);
-            let _ = ctx.presence.send(Presence::Ready { id, protocol });
+            let _ = ctx.presence.send(Presence::Ready {
+                id,
+                protocol,
+                at_ms: crate::firmware::now_ms(),
+            });
         }
     }
 
@@ -609,7 +613,11 @@ where
                 }
                 if let Some((id, protocol)) = ready {
                     // after the SUBACK: a command published now reaches the device
-                    let _ = ctx.presence.send(Presence::Ready { id, protocol });
+                    let _ = ctx.presence.send(Presence::Ready {
+                        id,
+                        protocol,
+                        at_ms: crate::firmware::now_ms(),
+                    });
                 }
                 None
             }
@@ -755,7 +763,11 @@ where
                             && let Some(i) = watched.iter().position(|w| w.0 == pkid)
                         {
                             let (_, id, protocol) = watched.swap_remove(i);
-                            let _ = presence.send(Presence::Ready { id, protocol });
+                            let _ = presence.send(Presence::Ready {
+                id,
+                protocol,
+                at_ms: crate::firmware::now_ms(),
+            });
                         }
                         if wr.write_all(&f).await.is_err() { break; }
                     }

@@ -101,7 +101,12 @@ pub enum Presence {
         ip: String,
     },
     /// The device subscribed to its command topic: commands published now reach it.
-    Ready { id: String, protocol: Protocol },
+    Ready {
+        id: String,
+        protocol: Protocol,
+        /// When it subscribed, ms since the epoch (commands sent before then may be lost).
+        at_ms: i64,
+    },
     /// A connection ended.
     Disconnected { id: String },
 }

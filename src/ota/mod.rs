@@ -101,6 +101,9 @@ pub struct Ota {
     /// Dropped reports by reason.
     pub drops: DropCounters,
     commands_sent: AtomicU64,
+    /// When [`Ota::spawn`] ran (ms since the epoch): it moves every active task's last
+    /// activity to then, so a device that subscribed before is re-sent its command anyway.
+    started_ms: std::sync::atomic::AtomicI64,
 }
 
 static DROP_LOG: RateLog = RateLog::new();
@@ -189,6 +192,18 @@ impl Chunk {
     }
 }
 
+/// A batch of reports [`Ota::ingest`] has stored (not yet flushed).
+struct Handled {
+    /// The devices' PUBACKs, released after the flush.
+    done: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// Every report of the batch was stored.
+    ok: bool,
+    /// Replies to publish after the flush.
+    out: Vec<(String, Vec<u8>)>,
+    /// Tasks whose command goes out (again) after the flush.
+    sends: Vec<u64>,
+}
+
 /// Filters of the task list.
 #[derive(Debug, Default, Clone)]
 pub struct TaskFilter {
@@ -219,6 +234,7 @@ impl Ota {
             lock: tokio::sync::Mutex::new(()),
             drops: DropCounters::default(),
             commands_sent: AtomicU64::new(0),
+            started_ms: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -232,6 +248,7 @@ impl Ota {
     ) -> Result<(), StoreError> {
         // A restart is not the devices' fault: give every active task a fresh stall window.
         let now = now_ms();
+        self.started_ms.store(now, Ordering::SeqCst);
         for id in self.store.active_task_ids()? {
             if let Some(mut t) = self.store.get_task(id)? {
                 t.last_activity_ms = t.last_activity_ms.max(now);
@@ -1124,53 +1141,75 @@ impl Ota {
         }
     }
 
-    /// Takes reports in batches: handle all, flush once, then release the devices' PUBACKs.
+    /// Takes reports in batches: handles a batch under the lock (writes, no flush) and hands it
+    /// to [`Ota::commit`], which releases its PUBACKs after a flush; the next batch is handled
+    /// while that flush runs, and the flush after it covers every batch handled meanwhile.
     async fn ingest(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<InboundMessage>,
         shutdown: CancellationToken,
     ) {
         const BATCH: usize = 1024;
+        let (tx, handled) = mpsc::unbounded_channel::<Handled>();
+        let committer = tokio::spawn(self.clone().commit(handled));
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             let n = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 n = rx.recv_many(&mut batch, BATCH) => n,
             };
             if n == 0 {
-                return;
+                break;
             }
-            let mut out = Vec::new();
-            let mut sends = Vec::new();
-            let ok = {
-                let g = self.lock.lock().await;
-                let mut ok = true;
+            let mut h = Handled {
+                done: Vec::with_capacity(n),
+                ok: true,
+                out: Vec::new(),
+                sends: Vec::new(),
+            };
+            {
+                let _g = self.lock.lock().await;
                 for m in &batch {
-                    if let Err(e) = self.handle(m, &mut out, &mut sends) {
+                    if let Err(e) = self.handle(m, &mut h.out, &mut h.sends) {
                         tracing::error!(error = %e, device = %m.device_id, "storing a report failed; the device will retry");
-                        ok = false;
+                        h.ok = false;
                         break;
                     }
                 }
-                drop(g);
-                ok && match self.store.flush().await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::error!(error = %e, "store flush failed; reports are not acknowledged");
-                        false
-                    }
+            }
+            h.done.extend(batch.drain(..).filter_map(|m| m.done));
+            if tx.send(h).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let _ = committer.await;
+    }
+
+    /// The second half of [`Ota::ingest`]: one flush for every batch handled so far, then their
+    /// PUBACKs (only for batches stored whole), replies and re-sent commands.
+    async fn commit(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Handled>) {
+        let mut ready = Vec::new();
+        while rx.recv_many(&mut ready, 64).await > 0 {
+            let flushed = match self.store.flush().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "store flush failed; reports are not acknowledged");
+                    false
                 }
             };
-            for m in batch.drain(..) {
-                if ok && let Some(done) = m.done {
-                    let _ = done.send(());
+            for h in ready.drain(..) {
+                if flushed && h.ok {
+                    for done in h.done {
+                        let _ = done.send(());
+                    }
                 }
-            }
-            for (topic, payload) in out {
-                let _ = self.broker.publish(topic, payload).await;
-            }
-            for id in sends {
-                let _ = self.send_command(id).await;
+                for (topic, payload) in h.out {
+                    let _ = self.broker.publish(topic, payload).await;
+                }
+                for id in h.sends {
+                    let _ = self.send_command(id).await;
+                }
             }
         }
     }
@@ -1193,10 +1232,16 @@ impl Ota {
                         tracing::warn!(device = %id, error = %e, "recording the connection failed");
                     }
                 }
-                Presence::Ready { id, .. } if ready => {
-                    // Re-send on connect: a command that never got an answer goes out again.
+                Presence::Ready { id, at_ms, .. } if ready => {
+                    // Re-send on connect: a command never sent, or one that never got an
+                    // answer, goes out again — not one sent since the device subscribed (a
+                    // firmware/get answered meanwhile, a campaign that just started), which it
+                    // got: a second copy could start a second attempt.
                     if let Ok(Some(t)) = self.store.active_task(id)
                         && t.status == TaskStatus::Pending
+                        && (t.start_time_ms.is_none()
+                            || t.last_activity_ms < *at_ms
+                            || *at_ms <= self.started_ms.load(Ordering::SeqCst))
                         && let Err(e) = self.send_command(t.id).await
                     {
                         tracing::warn!(device = %id, error = %e, "re-sending the command failed");

@@ -745,7 +745,18 @@ mod tests {
             h.await.unwrap();
         }
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
+        // sled's own threads may hold the directory lock a moment after the last handle goes
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match Store::open(dir.path()) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("reopening the store: {e}"),
+            }
+        };
         assert_eq!(store.list_firmware().unwrap().len(), 200);
     }
 
