@@ -18,19 +18,6 @@ fn init_tracing(json: bool) {
     }
 }
 
-/// The appliance allocates and frees in bursts (a fleet's tasks, a flood of reports): let glibc
-/// grow the heap 64 MiB at a time and keep up to 256 MiB of freed memory instead of asking the
-/// kernel on every burst (its defaults are 128 KiB each way; `sysmalloc` and the page faults
-/// behind it were ~6 % of the CPU of a 10,000-device upgrade). Untouched pad costs no RSS.
-fn tune_malloc() {
-    // SAFETY: plain integer tunables, set before any other thread exists.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Delta(cmd) = cli.command {
@@ -47,9 +34,6 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
         eprintln!("{msg}");
         return Ok(());
-    }
-    if matches!(cli.command, Command::Serve) {
-        tune_malloc();
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
