@@ -23,6 +23,42 @@ async fn wait_campaign(s: &Server, id: &str, secs: u64, pred: impl Fn(&Value) ->
     }
 }
 
+/// `n` simulated gateways on 1.0.1 that download slowly, online, and a campaign to 1.0.2 for
+/// all of them with `max_in_flight`: (server, simulator, campaign id).
+async fn slow_fleet_campaign(
+    n: usize,
+    prefix: &str,
+    max_in_flight: u32,
+) -> (Server, tokio::process::Child, String) {
+    let s = Server::start().await;
+    s.release("1.0.1", "gateway", 1000).await;
+    s.release("1.0.2", "gateway", 400_000).await;
+    let devices = n.to_string();
+    let sim = s.sim(&[
+        "--devices",
+        &devices,
+        "--version",
+        "1.0.1",
+        "--register",
+        "--timeout",
+        "30",
+        "--id-prefix",
+        prefix,
+        "--slow",
+        "40",
+    ]);
+    s.wait_online(n).await;
+    let (_, c) = s
+        .post_json(
+            "/api/ota/campaigns",
+            json!({"name": format!("brake {prefix}"), "version": "1.0.2",
+            "targets": {"all": true}, "maxInFlight": max_in_flight}),
+        )
+        .await;
+    let id = c["data"]["id"].as_str().unwrap().to_string();
+    (s, sim, id)
+}
+
 async fn tasks(s: &Server) -> Vec<Value> {
     s.get_json("/api/ota/tasks?limit=10000").await.1["data"]
         .as_array()
@@ -198,31 +234,7 @@ async fn failure_gate_pauses_and_the_brake_cancels_downloads() {
 
     // the brake while devices download slowly: their tasks end cancelled, the gateways get
     // ota_cancel and stop, no new task starts
-    let s = Server::start().await;
-    s.release("1.0.1", "gateway", 1000).await;
-    s.release("1.0.2", "gateway", 400_000).await;
-    let sim = s.sim(&[
-        "--devices",
-        "6",
-        "--version",
-        "1.0.1",
-        "--register",
-        "--timeout",
-        "30",
-        "--id-prefix",
-        "BR",
-        "--slow",
-        "40",
-    ]);
-    s.wait_online(6).await;
-    let (_, c) = s
-        .post_json(
-            "/api/ota/campaigns",
-            json!({"name": "brake", "version": "1.0.2",
-            "targets": {"all": true}, "maxInFlight": 3}),
-        )
-        .await;
-    let id = c["data"]["id"].as_str().unwrap().to_string();
+    let (s, sim, id) = slow_fleet_campaign(6, "BR", 3).await;
     wait_campaign(&s, &id, 30, |c| c["counts"]["downloading"] == 3).await;
     let (st, b) = s
         .post_json(&format!("/api/ota/campaigns/{id}/cancel"), json!({}))
@@ -247,31 +259,7 @@ async fn failure_gate_pauses_and_the_brake_cancels_downloads() {
 async fn members_started_by_a_round_count_as_in_flight_at_once_and_the_brake_stops_them() {
     // A round writes the members it started only in the next round; until then the campaign
     // view and the brake must still see them in flight (their devices' newest tasks).
-    let s = Server::start().await;
-    s.release("1.0.1", "gateway", 1000).await;
-    s.release("1.0.2", "gateway", 400_000).await;
-    let sim = s.sim(&[
-        "--devices",
-        "4",
-        "--version",
-        "1.0.1",
-        "--register",
-        "--timeout",
-        "30",
-        "--id-prefix",
-        "QB",
-        "--slow",
-        "40",
-    ]);
-    s.wait_online(4).await;
-    let (_, c) = s
-        .post_json(
-            "/api/ota/campaigns",
-            json!({"name": "quick brake", "version": "1.0.2",
-            "targets": {"all": true}, "maxInFlight": 2}),
-        )
-        .await;
-    let id = c["data"]["id"].as_str().unwrap().to_string();
+    let (s, sim, id) = slow_fleet_campaign(4, "QB", 2).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while tasks(&s).await.len() < 2 {
         assert!(Instant::now() < deadline, "the campaign started no task");

@@ -524,11 +524,7 @@ where
             .subscribe_allowed(&ctx.settings.topic_prefix, topic)
         {
             up.announce(&id, protocol);
-            let _ = ctx.presence.send(Presence::Ready {
-                id,
-                protocol,
-                at_ms: crate::firmware::now_ms(),
-            });
+            let _ = ctx.presence.send(Presence::ready(id, protocol));
         }
     }
 
@@ -613,11 +609,7 @@ where
                 }
                 if let Some((id, protocol)) = ready {
                     // after the SUBACK: a command published now reaches the device
-                    let _ = ctx.presence.send(Presence::Ready {
-                        id,
-                        protocol,
-                        at_ms: crate::firmware::now_ms(),
-                    });
+                    let _ = ctx.presence.send(Presence::ready(id, protocol));
                 }
                 None
             }
@@ -763,11 +755,7 @@ where
                             && let Some(i) = watched.iter().position(|w| w.0 == pkid)
                         {
                             let (_, id, protocol) = watched.swap_remove(i);
-                            let _ = presence.send(Presence::Ready {
-                id,
-                protocol,
-                at_ms: crate::firmware::now_ms(),
-            });
+                            let _ = presence.send(Presence::ready(id, protocol));
                         }
                         if wr.write_all(&f).await.is_err() { break; }
                     }

@@ -111,6 +111,17 @@ pub enum Presence {
     Disconnected { id: String },
 }
 
+impl Presence {
+    /// `Ready`, stamped now.
+    pub fn ready(id: String, protocol: Protocol) -> Presence {
+        Presence::Ready {
+            id,
+            protocol,
+            at_ms: crate::firmware::now_ms(),
+        }
+    }
+}
+
 /// Counters of refusals and drops (exported as metrics later).
 #[derive(Debug, Default)]
 pub struct Counters {
