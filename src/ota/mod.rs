@@ -186,10 +186,15 @@ struct Chunk {
     send: Vec<bool>,
 }
 
-impl Chunk {
-    fn iter(&self) -> std::slice::Iter<'_, Result<TaskRecord, OtaError>> {
-        self.results.iter()
-    }
+/// What every task of one [`Ota::create_upgrades_of`] call shares, and what it has seen so far.
+struct Batch<'a> {
+    version: &'a str,
+    force: bool,
+    campaign_id: Option<String>,
+    /// Released firmware by device type, read once.
+    firmware: BTreeMap<String, FirmwareRecord>,
+    /// Devices given a task by this call (a device listed twice is refused).
+    seen: std::collections::HashSet<String>,
 }
 
 /// A batch of reports [`Ota::ingest`] has stored (not yet flushed).
@@ -392,8 +397,13 @@ impl Ota {
             };
             return Ok(devices.iter().map(|_| Err(e())).collect());
         }
-        let mut firmware = BTreeMap::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut batch = Batch {
+            version,
+            force,
+            campaign_id,
+            firmware: BTreeMap::new(),
+            seen: std::collections::HashSet::new(),
+        };
         let total = devices.len();
         // The first chunk is small so the first devices start at once; the rest go 1,000 at a
         // time.
@@ -411,16 +421,7 @@ impl Ota {
         let (tx, mut rx) = mpsc::unbounded_channel::<Chunk>();
         let build = async move {
             for chunk in chunks {
-                let c = self
-                    .write_chunk(
-                        chunk,
-                        version,
-                        force,
-                        &campaign_id,
-                        &mut firmware,
-                        &mut seen,
-                    )
-                    .await?;
+                let c = self.write_chunk(chunk, &mut batch).await?;
                 if tx.send(c).is_err() {
                     break; // the other half failed; its error is returned
                 }
@@ -461,11 +462,7 @@ impl Ota {
     async fn write_chunk(
         &self,
         chunk: Vec<Result<crate::store::DeviceRecord, OtaError>>,
-        version: &str,
-        force: bool,
-        campaign_id: &Option<String>,
-        firmware: &mut BTreeMap<String, FirmwareRecord>,
-        seen: &mut std::collections::HashSet<String>,
+        batch: &mut Batch<'_>,
     ) -> Result<Chunk, OtaError> {
         let _g = self.lock.lock().await;
         let mut c = Chunk {
@@ -474,7 +471,7 @@ impl Ota {
         };
         for device in chunk {
             let mut send = false;
-            match self.new_task_for(device, version, force, campaign_id, firmware, seen) {
+            match self.new_task_for(device, batch) {
                 Ok(mut t) => {
                     if self.devices.ready(&t.device_id)
                         && let Outcome::Changed(n) = state::apply(&t, &Input::CommandSent, now_ms())
@@ -492,10 +489,11 @@ impl Ota {
         // on the blocking pool: ~10 ms of sled work, and the other half of
         // create_upgrades_of gets to run meanwhile
         let store = self.store.clone();
-        let c =
-            tokio::task::spawn_blocking(move || store.put_new_tasks(c.iter().flatten()).map(|_| c))
-                .await
-                .map_err(|e| StoreError::Engine(format!("task write: {e}")))??;
+        let c = tokio::task::spawn_blocking(move || {
+            store.put_new_tasks(c.results.iter().flatten()).map(|_| c)
+        })
+        .await
+        .map_err(|e| StoreError::Engine(format!("task write: {e}")))??;
         Ok(c)
     }
 
@@ -505,22 +503,18 @@ impl Ota {
     fn new_task_for(
         &self,
         device: Result<crate::store::DeviceRecord, OtaError>,
-        version: &str,
-        force: bool,
-        campaign_id: &Option<String>,
-        firmware: &mut BTreeMap<String, FirmwareRecord>,
-        seen: &mut std::collections::HashSet<String>,
+        batch: &mut Batch<'_>,
     ) -> Result<TaskRecord, OtaError> {
         let device = device?;
         let device_id = device.id.as_str();
-        self.upgrade_inputs(&device, version, firmware)?;
-        if !seen.insert(device.id.clone()) {
+        self.upgrade_inputs(&device, batch.version, &mut batch.firmware)?;
+        if !batch.seen.insert(device.id.clone()) {
             return Err(OtaError::Conflict(format!(
                 "device {device_id} is listed twice"
             )));
         }
         if let Some(active) = self.store.active_task(device_id)? {
-            if !force {
+            if !batch.force {
                 return Err(OtaError::Conflict(format!(
                     "device {device_id} already has an active task ({} to {}, {}): wait, cancel it, or pass force",
                     active.from_version.as_deref().unwrap_or("?"),
@@ -543,11 +537,11 @@ impl Ota {
             device.protocol,
             &device.device_type,
             device.firmware_version.clone(),
-            &firmware[&device.device_type],
-            force,
+            &batch.firmware[&device.device_type],
+            batch.force,
             &device.delta_formats,
         )?;
-        t.campaign_id = campaign_id.clone();
+        t.campaign_id = batch.campaign_id.clone();
         Ok(t)
     }
 
