@@ -674,6 +674,23 @@ impl Store {
     }
 }
 
+/// Opens a store a test has just dropped: sled's own threads may hold the directory lock a
+/// moment after the last handle goes, so this retries for up to 10 s.
+#[cfg(test)]
+pub(crate) fn reopen(dir: &Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Ok(s) => return s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopening the store: {e}"),
+        }
+    }
+}
+
 /// A pending gateway task for unit tests (no I/O).
 #[cfg(test)]
 pub(crate) fn sample_task(id: u64, device: &str) -> TaskRecord {
@@ -745,18 +762,7 @@ mod tests {
             h.await.unwrap();
         }
         drop(store);
-        // sled's own threads may hold the directory lock a moment after the last handle goes
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let store = loop {
-            match Store::open(dir.path()) {
-                Ok(s) => break s,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("reopening the store: {e}"),
-            }
-        };
+        let store = reopen(dir.path());
         assert_eq!(store.list_firmware().unwrap().len(), 200);
     }
 
@@ -779,7 +785,7 @@ mod tests {
         ));
         store.flush().await.unwrap();
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.get_firmware("gateway", "1.0.0").unwrap(), Some(b));
         assert_eq!(store.referenced_blobs().unwrap().len(), 1);
         assert!(store.delete_firmware("gateway", "1.0.0").unwrap().is_some());
@@ -859,7 +865,7 @@ mod tests {
         store.flush().await.unwrap();
         drop(store);
 
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert!(!store.db.tree_names().iter().any(|n| n == b"active_tasks"));
         assert_eq!(
             store.latest_task("GW1").unwrap().unwrap().status,
@@ -935,7 +941,7 @@ mod large {
         store.flush_blocking().unwrap();
         drop(store);
         let t = std::time::Instant::now();
-        let store = super::Store::open(dir.path()).unwrap();
+        let store = super::reopen(dir.path());
         eprintln!("open with {n} tasks: {:?}", t.elapsed());
         let t = std::time::Instant::now();
         let _ = super::TaskIndex::build(&store.tasks).unwrap();
