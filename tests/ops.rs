@@ -90,10 +90,17 @@ fn metrics_listener_must_be_loopback() {
     assert_eq!(e.key, "metrics.listen");
 }
 
-/// Every `.route("...")` of the router source, with sample values for its parameters.
+/// Every `.route("...")` of the HTTP sources, with sample values for its parameters. Read from
+/// the source so that a new route is walked without anyone remembering to add it here.
 fn routes() -> Vec<String> {
-    let src =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/http/mod.rs")).unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http");
+    let mut src = String::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "rs") {
+            src.push_str(&std::fs::read_to_string(p).unwrap());
+        }
+    }
     let mut out = Vec::new();
     let mut rest = src.as_str();
     while let Some(i) = rest.find(".route(") {
@@ -110,54 +117,95 @@ fn routes() -> Vec<String> {
                 .replace("{file}", "gateway_v1.0.1.bin"),
         );
     }
+    out.sort();
+    out.dedup();
     assert!(out.len() >= 20, "the walk found only {out:?}");
     out
 }
 
+/// What a listener in `ports.json` is, so the walk knows what it may answer unauthenticated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Listener {
+    /// The API listeners: everything but `/healthz` needs credentials.
+    Api,
+    /// The loopback metrics listener: `/metrics` and nothing else.
+    Metrics,
+    /// A device broker port (not HTTP).
+    Mqtt,
+}
+
+/// Every listener the app opened, from `ports.json`. A key this test does not know fails it:
+/// a new listener must be classified (and so walked) before it ships.
+fn listeners(data_dir: &std::path::Path) -> Vec<(String, u16, Listener)> {
+    let ports: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data_dir.join("ports.json")).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for (k, v) in ports.as_object().unwrap() {
+        let Some(port) = v.as_u64() else { continue };
+        let kind = match k.as_str() {
+            "https" | "http" => Listener::Api,
+            "metrics" => Listener::Metrics,
+            "mqtt" | "mqtts" => Listener::Mqtt,
+            other => panic!("ports.json names a listener the route walk does not know: {other}"),
+        };
+        out.push((k.clone(), port as u16, kind));
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_route_needs_credentials() {
-    let s = Server::start().await;
+async fn every_listener_refuses_every_route_without_credentials() {
+    // every optional listener on, so each one is walked
+    let s = Server::start_with(|c| c.metrics.listen = "127.0.0.1:0".into()).await;
     s.release("1.0.1", "gateway", 1000).await;
     s.register("GW1", "gateway", "secret-123").await;
     let plain = reqwest::Client::new();
-    for path in routes() {
-        for method in ["GET", "HEAD", "POST", "DELETE", "PUT"] {
-            for (base, client) in [(&s.base, &s.client), (&s.plain, &plain)] {
-                let url = format!(
-                    "{base}{}",
-                    path.replace(
-                        "/firmware/deltas/gateway_v1.0.1.bin",
-                        "/firmware/deltas/gateway_v1.0.0_to_v1.0.1.bsdiff"
-                    )
-                );
-                let r = client
-                    .request(method.parse().unwrap(), &url)
-                    .header("content-type", "application/json")
-                    .body(json!({}).to_string())
-                    .send()
-                    .await
-                    .unwrap();
-                let st = r.status().as_u16();
-                if path == "/healthz" {
-                    continue;
+    let found = listeners(s.dir.path());
+    let kinds: Vec<Listener> = found.iter().map(|l| l.2).collect();
+    for k in [Listener::Api, Listener::Metrics, Listener::Mqtt] {
+        assert!(kinds.contains(&k), "no {k:?} listener in {found:?}");
+    }
+    let mut walked = 0;
+    for (name, port, kind) in &found {
+        let (base, client) = match (name.as_str(), kind) {
+            (_, Listener::Mqtt) => continue,
+            ("https", _) => (format!("https://localhost:{port}"), &s.client),
+            _ => (format!("http://127.0.0.1:{port}"), &plain),
+        };
+        for path in routes() {
+            let path = path.replace(
+                "/firmware/deltas/gateway_v1.0.1.bin",
+                "/firmware/deltas/gateway_v1.0.0_to_v1.0.1.bsdiff",
+            );
+            let open = match kind {
+                Listener::Api => path == "/healthz",
+                _ => path == "/metrics",
+            };
+            for method in ["GET", "HEAD", "POST", "DELETE", "PUT", "PATCH"] {
+                for auth in [None, Some("Bearer not-the-token")] {
+                    let mut req = client
+                        .request(method.parse().unwrap(), format!("{base}{path}"))
+                        .header("content-type", "application/json")
+                        .body(json!({}).to_string());
+                    if let Some(a) = auth {
+                        req = req.header("authorization", a);
+                    }
+                    let st = req.send().await.unwrap().status().as_u16();
+                    walked += 1;
+                    if open {
+                        continue;
+                    }
+                    let refused = match kind {
+                        Listener::Api => st == 401 || st == 405,
+                        _ => st == 404 || st == 405,
+                    };
+                    assert!(
+                        refused,
+                        "{name} listener: {method} {path} answered {st} without credentials ({auth:?})"
+                    );
                 }
-                assert!(
-                    st == 401 || st == 405,
-                    "{method} {url} answered {st} without credentials"
-                );
-                // with a wrong token too
-                let r = client
-                    .request(method.parse().unwrap(), &url)
-                    .header("authorization", "Bearer not-the-token")
-                    .send()
-                    .await
-                    .unwrap();
-                let st = r.status().as_u16();
-                assert!(
-                    st == 401 || st == 405,
-                    "{method} {url} answered {st} to a wrong token"
-                );
             }
         }
     }
+    assert!(walked > 300, "walked only {walked} requests");
 }

@@ -106,12 +106,14 @@ async fn require_admin(State(st): State<AppState>, req: Request, next: Next) -> 
 }
 
 /// The router of the loopback-only metrics listener (`[metrics] listen`): `/metrics` without a
-/// token, nothing else.
+/// token and nothing else — every other path is 404 there, whatever the method. Anything added
+/// here is served to every local user without credentials (`tests/ops.rs` walks every route of
+/// every listener to hold this).
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics::metrics))
-        .route("/api/ota/backup", get(api::backup))
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(state)
 }
 
