@@ -23,7 +23,7 @@ use crate::ids;
 use crate::ota::{Ota, OtaError};
 use crate::store::{
     CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DeviceRecord,
-    FirmwareStatus, MemberStatus, QueuedMembers, Store, StoreError, TaskStatus,
+    Durable, FirmwareStatus, MemberStatus, QueuedMembers, Store, StoreError, TaskStatus,
 };
 
 /// Why a campaign request was refused.
@@ -472,7 +472,7 @@ impl Campaigns {
     pub async fn create(
         &self,
         s: &CampaignSpec,
-    ) -> Result<(CampaignRecord, Plan, Vec<CampaignMember>), CampaignError> {
+    ) -> Result<Durable<(CampaignRecord, Plan, Vec<CampaignMember>)>, CampaignError> {
         let _g = self.lock.lock().await;
         let mut plan = self.plan(s)?;
         let mut c = plan.record.take().expect("planned");
@@ -508,7 +508,7 @@ impl Campaigns {
             .collect();
         self.put_members(skipped.clone()).await?;
         self.store.put_campaign(&c)?;
-        self.store.flush().await?;
+        let stored = self.store.durable(()).await?;
         tracing::info!(
             campaign = c.id,
             name = c.name,
@@ -540,7 +540,7 @@ impl Campaigns {
             .collect();
         members.extend(skipped);
         members.sort_by(|a, b| a.device_id.cmp(&b.device_id));
-        Ok((c, plan, members))
+        Ok(stored.map(|()| (c, plan, members)))
     }
 
     /// Holds this service's write lock (backups take a consistent snapshot under it).
@@ -579,7 +579,11 @@ impl Campaigns {
     }
 
     /// pause / resume / cancel.
-    pub async fn act(&self, id: &str, action: &str) -> Result<CampaignRecord, CampaignError> {
+    pub async fn act(
+        &self,
+        id: &str,
+        action: &str,
+    ) -> Result<Durable<CampaignRecord>, CampaignError> {
         let _g = self.lock.lock().await;
         let mut c = self.get(id)?;
         let now = now_ms();
@@ -653,9 +657,8 @@ impl Campaigns {
                     m.updated_at_ms = now;
                     self.store.put_member(&m)?;
                 }
-                self.store.flush().await?;
                 tracing::warn!(campaign = id, "campaign cancelled");
-                return Ok(c);
+                return Ok(self.store.durable(c).await?);
             }
             other => {
                 return Err(CampaignError::NotFound(format!("no action {other:?}")));
@@ -663,7 +666,7 @@ impl Campaigns {
         }
         c.updated_at_ms = now;
         self.store.put_campaign(&c)?;
-        self.store.flush().await?;
+        let c = self.store.durable(c).await?;
         drop(_g);
         self.wake();
         Ok(c)
@@ -969,7 +972,8 @@ impl Campaigns {
                 .map_err(|e| match e {
                     OtaError::Store(e) => CampaignError::Store(e),
                     other => CampaignError::Conflict(other.to_string()),
-                })?;
+                })?
+                .into_inner();
             // started members are written by the next round ([`Campaigns::members_now`]);
             // the others now
             let mut refused = Vec::new();

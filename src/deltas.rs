@@ -314,7 +314,7 @@ impl Deltas {
         device_type: &str,
         to: &str,
         from: &str,
-    ) -> Result<DeltaRecord, DeltaError> {
+    ) -> Result<crate::store::Durable<DeltaRecord>, DeltaError> {
         if !ids::valid_version(from) {
             return Err(DeltaError::Invalid(format!(
                 "fromVersion {from:?} must match [0-9A-Za-z.+-]{{1,64}}"
@@ -350,8 +350,7 @@ impl Deltas {
             }
         };
         let d = self.queue(&source, &target)?;
-        self.store.flush().await?;
-        Ok(d)
+        Ok(self.store.durable(d).await?)
     }
 
     /// Deltas to a target.

@@ -12,7 +12,7 @@ use crate::broker::{Authenticator, Presence};
 use crate::firmware::now_ms;
 use crate::ids;
 use crate::protocol::Protocol;
-use crate::store::{DEVICE_SCHEMA, DeviceRecord, Store, StoreError};
+use crate::store::{DEVICE_SCHEMA, DeviceRecord, Durable, Store, StoreError};
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +103,30 @@ impl Devices {
         }
     }
 
-    /// Validates and stores a new device.
-    pub fn register(&self, nd: NewDevice) -> Result<DeviceRecord, DeviceError> {
+    /// Validates and stores a new device; returns once it is on disk.
+    pub async fn register(&self, nd: NewDevice) -> Result<Durable<DeviceRecord>, DeviceError> {
+        let rec = self.insert(nd)?;
+        Ok(self.store.durable(rec).await?)
+    }
+
+    /// Registers many devices (a bulk import) with one flush for all: a result per device, in
+    /// order; the outer error is the store failing.
+    pub async fn register_all(
+        &self,
+        list: Vec<Result<NewDevice, DeviceError>>,
+    ) -> Result<Durable<Vec<Result<DeviceRecord, DeviceError>>>, DeviceError> {
+        let mut out = Vec::with_capacity(list.len());
+        for nd in list {
+            match nd.and_then(|nd| self.insert(nd)) {
+                Err(DeviceError::Store(e)) => return Err(e.into()),
+                r => out.push(r),
+            }
+        }
+        Ok(self.store.durable(out).await?)
+    }
+
+    /// Validates and writes a new device (not flushed).
+    fn insert(&self, nd: NewDevice) -> Result<DeviceRecord, DeviceError> {
         if !ids::valid_device_id(&nd.id) {
             return Err(DeviceError::Invalid(format!(
                 "id {:?} must match [A-Za-z0-9_.:-]{{1,128}} (Alibaba devices: productKey/deviceName)",
@@ -190,15 +212,22 @@ impl Devices {
         Ok(self.store.list_devices()?)
     }
 
-    /// Removes a device.
-    pub fn delete(&self, id: &str) -> Result<DeviceRecord, DeviceError> {
+    /// Removes a device that has no active task; returns once the removal is on disk.
+    pub async fn delete(&self, id: &str) -> Result<Durable<DeviceRecord>, DeviceError> {
         self.get(id)?;
+        if self.store.active_task(id)?.is_some() {
+            return Err(DeviceError::Conflict(format!(
+                "device {id} has an active task: cancel it first"
+            )));
+        }
         if let Some(l) = self.live.write().expect("live lock").get_mut(id) {
             l.noted = None;
         }
-        self.store
+        let rec = self
+            .store
             .delete_device(id)?
-            .ok_or_else(|| DeviceError::NotFound(format!("device {id} is not registered")))
+            .ok_or_else(|| DeviceError::NotFound(format!("device {id} is not registered")))?;
+        Ok(self.store.durable(rec).await?)
     }
 
     /// Live state of a device.
@@ -408,8 +437,8 @@ mod tests {
         assert!(!secret_matches("garbage", "x"));
     }
 
-    #[test]
-    fn registration_rules_and_login() {
+    #[tokio::test]
+    async fn registration_rules_and_login() {
         let dir = tempfile::tempdir().unwrap();
         let d = Devices::new(Store::open(dir.path()).unwrap());
         let nd = |id: &str, p, t: Option<&str>| NewDevice {
@@ -419,24 +448,31 @@ mod tests {
             secret: "password1".into(),
             tags: vec![],
         };
-        d.register(nd("GW1", Protocol::Gateway, None)).unwrap();
+        let _ = d
+            .register(nd("GW1", Protocol::Gateway, None))
+            .await
+            .unwrap();
         assert!(matches!(
-            d.register(nd("GW1", Protocol::Gateway, None)),
+            d.register(nd("GW1", Protocol::Gateway, None)).await,
             Err(DeviceError::Conflict(_))
         ));
         assert!(matches!(
-            d.register(nd("a/b", Protocol::Gateway, None)),
+            d.register(nd("a/b", Protocol::Gateway, None)).await,
             Err(DeviceError::Invalid(_))
         ));
         assert!(matches!(
-            d.register(nd("oven", Protocol::Alibaba, None)),
+            d.register(nd("oven", Protocol::Alibaba, None)).await,
             Err(DeviceError::Invalid(_))
         ));
         assert!(matches!(
-            d.register(nd("pk/oven", Protocol::Alibaba, Some("other"))),
+            d.register(nd("pk/oven", Protocol::Alibaba, Some("other")))
+                .await,
             Err(DeviceError::Invalid(_))
         ));
-        let r = d.register(nd("pk/oven", Protocol::Alibaba, None)).unwrap();
+        let r = d
+            .register(nd("pk/oven", Protocol::Alibaba, None))
+            .await
+            .unwrap();
         assert_eq!(r.device_type, "pk");
         assert_eq!(
             d.authenticate("GW1", "password1"),

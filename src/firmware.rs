@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::blobs::{Blobs, StagedBlob};
 use crate::ids;
-use crate::store::{FIRMWARE_SCHEMA, FirmwareRecord, FirmwareStatus, Store, StoreError};
+use crate::store::{Durable, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareStatus, Store, StoreError};
 
 /// Why a firmware operation failed; `http` maps each to a status code.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +103,11 @@ impl FirmwareService {
 
     /// Commits a staged blob as a new `draft` firmware: blob renamed into place and fsynced,
     /// record inserted and flushed. `Conflict` if the version exists for that device type.
-    pub async fn create(&self, meta: NewFirmware, staged: StagedBlob) -> Result<FirmwareRecord> {
+    pub async fn create(
+        &self,
+        meta: NewFirmware,
+        staged: StagedBlob,
+    ) -> Result<Durable<FirmwareRecord>> {
         validate_key(&meta.device_type, &meta.version)?;
         if staged.size == 0 {
             return Err(FirmwareError::Invalid(
@@ -137,8 +141,7 @@ impl FirmwareService {
             .await
             .map_err(|e| std::io::Error::other(format!("blob commit task: {e}")))??;
         self.store.insert_firmware(&rec)?;
-        self.store.flush().await?;
-        Ok(rec)
+        Ok(self.store.durable(rec).await?)
     }
 
     /// One firmware.
@@ -199,7 +202,7 @@ impl FirmwareService {
         device_type: &str,
         version: &str,
         status: FirmwareStatus,
-    ) -> Result<FirmwareRecord> {
+    ) -> Result<Durable<FirmwareRecord>> {
         validate_key(device_type, version)?;
         let _guard = self.lock.lock().await;
         let old = self.get(device_type, version)?;
@@ -210,7 +213,7 @@ impl FirmwareService {
             )));
         }
         if old.status == status {
-            return Ok(old);
+            return Ok(self.store.durable(old).await?);
         }
         let now = now_ms();
         let mut new = old.clone();
@@ -220,12 +223,15 @@ impl FirmwareService {
             new.release_date_ms = Some(now);
         }
         self.store.update_firmware(&old, &new)?;
-        self.store.flush().await?;
-        Ok(new)
+        Ok(self.store.durable(new).await?)
     }
 
     /// Deletes a firmware and, if no other firmware shares its content, its blob.
-    pub async fn delete(&self, device_type: &str, version: &str) -> Result<FirmwareRecord> {
+    pub async fn delete(
+        &self,
+        device_type: &str,
+        version: &str,
+    ) -> Result<Durable<FirmwareRecord>> {
         validate_key(device_type, version)?;
         let _guard = self.lock.lock().await;
         let users = self.store.active_tasks_for(device_type, version)?;
@@ -240,7 +246,7 @@ impl FirmwareService {
             .store
             .delete_firmware(device_type, version)?
             .ok_or_else(|| not_found(device_type, version))?;
-        self.store.flush().await?;
+        let rec = self.store.durable(rec).await?;
         if !self.store.referenced_blobs()?.contains(&rec.sha256) {
             let blobs = self.blobs.clone();
             let sha = rec.sha256.clone();

@@ -292,7 +292,8 @@ pub async fn upload(
             },
             staged,
         )
-        .await?;
+        .await?
+        .into_inner();
     tracing::info!(device_type = %rec.device_type, version = %rec.version, size = rec.size, sha256 = %rec.sha256, "firmware uploaded");
     Ok(ok_with(StatusCode::CREATED, dto(&st, &rec)))
 }
@@ -352,7 +353,8 @@ pub async fn release(
     let rec = st
         .firmware
         .set_status(&t, &version, FirmwareStatus::Released)
-        .await?;
+        .await?
+        .into_inner();
     tracing::info!(device_type = %t, version = %version, "firmware released");
     queue_deltas(&st, &rec).await;
     Ok(ok(dto(&st, &rec)))
@@ -384,7 +386,11 @@ pub async fn set_status(
             b.status
         ))
     })?;
-    let rec = st.firmware.set_status(&t, &version, status).await?;
+    let rec = st
+        .firmware
+        .set_status(&t, &version, status)
+        .await?
+        .into_inner();
     tracing::info!(device_type = %t, version = %version, status = status.as_str(), "firmware status changed");
     if status == FirmwareStatus::Released {
         queue_deltas(&st, &rec).await;
@@ -410,7 +416,7 @@ pub async fn delete(
             format!("firmware {version} is the target of campaign {c}: cancel it first"),
         ));
     }
-    let rec = st.firmware.delete(&t, &version).await?;
+    let rec = st.firmware.delete(&t, &version).await?.into_inner();
     if let Ok(path) = st.firmware.blob_path(&rec) {
         st.fds.forget(&path);
     }

@@ -307,7 +307,7 @@ fn dto(st: &AppState, c: &CampaignRecord, members: &[CampaignMember]) -> Campaig
 pub async fn create(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let s = spec(&body)?;
     // the campaign as created; its engine is already starting devices (GET shows them)
-    let (c, plan, members) = st.campaigns.create(&s).await?;
+    let (c, plan, members) = st.campaigns.create(&s).await?.into_inner();
     let mut v = serde_json::to_value(dto(&st, &c, &members)).map_err(ApiError::internal)?;
     v["notes"] = serde_json::json!(plan.notes);
     Ok(ok_with(StatusCode::CREATED, v))
@@ -350,7 +350,7 @@ pub async fn act(
             "no campaign action {action:?}: pause, resume or cancel"
         )));
     }
-    let c = st.campaigns.act(&id, &action).await?;
+    let c = st.campaigns.act(&id, &action).await?.into_inner();
     let m = st.campaigns.members(&id)?;
     Ok(ok(dto(&st, &c, &m)))
 }

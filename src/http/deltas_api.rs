@@ -68,7 +68,11 @@ pub async fn request(
         )));
     }
     let b: RequestBody = json_body(&body)?;
-    let d = st.deltas.request(&t, &version, &b.from_version).await?;
+    let d = st
+        .deltas
+        .request(&t, &version, &b.from_version)
+        .await?
+        .into_inner();
     let status = match d.status {
         DeltaStatus::Queued | DeltaStatus::Building => StatusCode::ACCEPTED,
         _ => StatusCode::OK,

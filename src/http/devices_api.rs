@@ -206,7 +206,7 @@ fn new_device(b: RegisterBody) -> Result<NewDevice, ApiError> {
 /// POST /api/ota/devices
 pub async fn register(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let b: RegisterBody = json_body(&body)?;
-    let d = st.devices.register(new_device(b)?)?;
+    let d = st.devices.register(new_device(b)?).await?.into_inner();
     tracing::info!(device = %d.id, protocol = d.protocol.as_str(), "device registered");
     Ok(ok_with(StatusCode::CREATED, device_dto(&st, &d)))
 }
@@ -226,24 +226,33 @@ pub async fn import(State(st): State<AppState>, body: Bytes) -> Result<Response,
     if list.len() > 100_000 {
         return Err(ApiError::too_large("at most 100000 devices per import"));
     }
-    let mut results = Vec::with_capacity(list.len());
-    for v in list {
-        let id = v
-            .get("id")
-            .and_then(|i| i.as_str())
-            .unwrap_or("")
-            .to_string();
-        let r = serde_json::from_value::<RegisterBody>(v)
-            .map_err(|e| e.to_string())
-            .and_then(|b| new_device(b).map_err(|e| format!("{e:?}")))
-            .and_then(|nd| st.devices.register(nd).map_err(|e| e.to_string()));
-        results.push(ImportResult {
+    let ids: Vec<String> = list
+        .iter()
+        .map(|v| {
+            v.get("id")
+                .and_then(|i| i.as_str())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    let parsed = list
+        .into_iter()
+        .map(|v| {
+            let b = serde_json::from_value::<RegisterBody>(v)
+                .map_err(|e| DeviceError::Invalid(e.to_string()))?;
+            new_device(b).map_err(|e| DeviceError::Invalid(e.message().to_string()))
+        })
+        .collect();
+    let stored = st.devices.register_all(parsed).await?.into_inner();
+    let results: Vec<ImportResult> = ids
+        .into_iter()
+        .zip(stored)
+        .map(|(id, r)| ImportResult {
             id,
             ok: r.is_ok(),
-            error: r.err(),
-        });
-    }
-    st.store.flush().await.map_err(ApiError::internal)?;
+            error: r.err().map(|e| e.to_string()),
+        })
+        .collect();
     let imported = results.iter().filter(|r| r.ok).count();
     Ok(ok(
         serde_json::json!({"imported": imported, "failed": results.len() - imported, "results": results}),
@@ -292,20 +301,7 @@ pub async fn delete_device(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if st
-        .store
-        .active_task(&id)
-        .map_err(ApiError::internal)?
-        .is_some()
-    {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "CONFLICT",
-            format!("device {id} has an active task: cancel it first"),
-        ));
-    }
-    let d = st.devices.delete(&id)?;
-    st.store.flush().await.map_err(ApiError::internal)?;
+    let d = st.devices.delete(&id).await?;
     Ok(ok(device_dto(&st, &d)))
 }
 
@@ -324,7 +320,11 @@ pub async fn upgrade(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let b: UpgradeBody = json_body(&body)?;
-    let t = st.ota.create_upgrade(&device, &b.version, b.force).await?;
+    let t = st
+        .ota
+        .create_upgrade(&device, &b.version, b.force)
+        .await?
+        .into_inner();
     Ok(ok_with(StatusCode::CREATED, task_dto(&t)))
 }
 
@@ -341,7 +341,7 @@ pub async fn cancel(
     State(st): State<AppState>,
     Path(device): Path<String>,
 ) -> Result<Response, ApiError> {
-    let t = st.ota.cancel(&device).await?;
+    let t = st.ota.cancel(&device).await?.into_inner();
     tracing::info!(device = %device, task = t.id, "task cancelled");
     Ok(ok(task_dto(&t)))
 }

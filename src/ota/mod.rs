@@ -24,7 +24,7 @@ use crate::ids;
 use crate::protocol::{Inbound, Protocol, alibaba, gateway};
 use crate::ratelog::RateLog;
 use crate::store::{
-    FirmwareRecord, FirmwareStatus, Store, StoreError, TASK_SCHEMA, TaskRecord, TaskStatus,
+    Durable, FirmwareRecord, FirmwareStatus, Store, StoreError, TASK_SCHEMA, TaskRecord, TaskStatus,
 };
 use state::{Input, Outcome};
 
@@ -179,7 +179,7 @@ pub struct Statistics {
     pub dropped_reports: BTreeMap<&'static str, u64>,
 }
 
-/// One chunk of [`Ota::create_upgrades_in`]: a result per device, and whether its command
+/// One chunk of [`Ota::create_upgrades_of`]: a result per device, and whether its command
 /// goes out once the chunk is durable.
 struct Chunk {
     results: Vec<Result<TaskRecord, OtaError>>,
@@ -297,29 +297,19 @@ impl Ota {
         })
     }
 
-    /// Creates a task for `device_id` to `version` and sends the command if the device listens.
+    /// Creates a task for `device_id` to `version` and sends the command if the device listens;
+    /// returns once the task is on disk.
     pub async fn create_upgrade(
         &self,
         device_id: &str,
         version: &str,
         force: bool,
-    ) -> Result<TaskRecord, OtaError> {
-        self.create_upgrade_in(device_id, version, force, None)
-            .await
-    }
-
-    /// [`Ota::create_upgrade`] on behalf of a campaign (the task carries its id).
-    pub async fn create_upgrade_in(
-        &self,
-        device_id: &str,
-        version: &str,
-        force: bool,
-        campaign_id: Option<String>,
-    ) -> Result<TaskRecord, OtaError> {
-        let mut r = self
-            .create_upgrades_in(&[device_id.to_string()], version, force, campaign_id)
-            .await?;
-        r.pop().expect("one result per device")
+    ) -> Result<Durable<TaskRecord>, OtaError> {
+        let device = self.devices.get(device_id).map_err(OtaError::from);
+        self.create_upgrades_of(vec![device], version, force, None)
+            .await?
+            .map(|mut r| r.pop().expect("one result per device"))
+            .transpose()
     }
 
     /// Checks that the firmware a new task for `device` needs is released (cached per type).
@@ -353,8 +343,8 @@ impl Ota {
         Ok(())
     }
 
-    /// Creates one task per device to `version` and sends the commands to the devices that
-    /// listen. Tasks are written in chunks (one atomic batch each: 250 first, then 1,000) and a
+    /// Creates one task per device (read by the caller, or the error of reading it, returned
+    /// in its place) to `version` and sends the commands to the devices that listen. Tasks are written in chunks (one atomic batch each: 250 first, then 1,000) and a
     /// chunk's commands go out as soon as a group-committed flush has made it durable; chunks
     /// are built while earlier ones flush, so devices start on their upgrade while later
     /// chunks are written. A task whose device listens is stored
@@ -363,30 +353,13 @@ impl Ota {
     /// milliseconds the command goes out when it subscribes again (the task is still pending).
     /// Per-device refusals (unknown device, firmware not released, an active task without
     /// `force`) come back in place; the outer error is the store failing.
-    pub async fn create_upgrades_in(
-        &self,
-        device_ids: &[String],
-        version: &str,
-        force: bool,
-        campaign_id: Option<String>,
-    ) -> Result<Vec<Result<TaskRecord, OtaError>>, OtaError> {
-        let devices = device_ids
-            .iter()
-            .map(|id| self.devices.get(id).map_err(OtaError::from))
-            .collect();
-        self.create_upgrades_of(devices, version, force, campaign_id)
-            .await
-    }
-
-    /// [`Ota::create_upgrades_in`] for devices the caller has read already (or the error of
-    /// reading one, returned in its place).
     pub async fn create_upgrades_of(
         &self,
         devices: Vec<Result<crate::store::DeviceRecord, OtaError>>,
         version: &str,
         force: bool,
         campaign_id: Option<String>,
-    ) -> Result<Vec<Result<TaskRecord, OtaError>>, OtaError> {
+    ) -> Result<Durable<Vec<Result<TaskRecord, OtaError>>>, OtaError> {
         const FIRST_CHUNK: usize = 250;
         const CHUNK: usize = 1000;
         if !ids::valid_version(version) {
@@ -395,7 +368,10 @@ impl Ota {
                     "version {version:?} must match [0-9A-Za-z.+-]{{1,64}}"
                 ))
             };
-            return Ok(devices.iter().map(|_| Err(e())).collect());
+            return Ok(self
+                .store
+                .durable(devices.iter().map(|_| Err(e())).collect())
+                .await?);
         }
         let mut batch = Batch {
             version,
@@ -430,12 +406,13 @@ impl Ota {
         };
         let publish = async {
             let mut results = Vec::with_capacity(total);
+            let mut flushed = None;
             while let Some(first) = rx.recv().await {
                 let mut written = vec![first];
                 while let Ok(c) = rx.try_recv() {
                     written.push(c);
                 }
-                self.store.flush().await?;
+                flushed = Some(self.store.durable(()).await?);
                 for c in written {
                     for t in c.results.iter().flatten() {
                         tracing::info!(device = %t.device_id, task = t.id, version = %version, "upgrade task created");
@@ -449,7 +426,11 @@ impl Ota {
                     results.extend(c.results);
                 }
             }
-            Ok::<_, OtaError>(results)
+            // the last flush covers every chunk
+            Ok::<_, OtaError>(match flushed {
+                Some(d) => d.map(|()| results),
+                None => self.store.durable(results).await?,
+            })
         };
         let (built, published) = tokio::join!(build, publish);
         let results = published?;
@@ -457,7 +438,7 @@ impl Ota {
         Ok(results)
     }
 
-    /// Builds the tasks of one chunk of [`Ota::create_upgrades_in`] and writes them (not
+    /// Builds the tasks of one chunk of [`Ota::create_upgrades_of`] and writes them (not
     /// flushed), under the lock.
     async fn write_chunk(
         &self,
@@ -498,7 +479,7 @@ impl Ota {
     }
 
     /// A new task (not stored) for one device of a batch, after the checks of
-    /// [`Ota::create_upgrades_in`]; cancels a replaced active task when forced. Call under the
+    /// [`Ota::create_upgrades_of`]; cancels a replaced active task when forced. Call under the
     /// lock.
     fn new_task_for(
         &self,
@@ -724,7 +705,7 @@ impl Ota {
     }
 
     /// Cancels the device's active task.
-    pub async fn cancel(&self, device_id: &str) -> Result<TaskRecord, OtaError> {
+    pub async fn cancel(&self, device_id: &str) -> Result<Durable<TaskRecord>, OtaError> {
         self.devices.get(device_id)?;
         let t = {
             let _g = self.lock.lock().await;
@@ -747,7 +728,7 @@ impl Ota {
             self.store.put_task(&t)?;
             t
         };
-        self.store.flush().await?;
+        let t = self.store.durable(t).await?;
         if t.protocol == Protocol::Gateway {
             let c = gateway::Command {
                 msg_type: "ota_cancel".into(),

@@ -43,6 +43,40 @@ impl From<sled::Error> for StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
+/// A value whose writes are on disk. Only [`Store::durable`] makes one, after a flush that covers
+/// every write issued before it. Every mutation of a service returns one, so whoever answers a
+/// client ("201 Created", a PUBACK) has by its type waited for the flush: the rule "answer only
+/// after the covering flush" lives in the services, not in each handler.
+#[must_use = "a mutation answers with its durable result"]
+#[derive(Debug)]
+pub struct Durable<T>(T);
+
+impl<T> Durable<T> {
+    /// The value.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+
+    /// A durable result built from this one (nothing new was written since the flush).
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Durable<U> {
+        Durable(f(self.0))
+    }
+}
+
+impl<T, E> Durable<std::result::Result<T, E>> {
+    /// A durable outcome as a result: the flush covered the refusal as much as the success.
+    pub fn transpose(self) -> std::result::Result<Durable<T>, E> {
+        self.0.map(Durable)
+    }
+}
+
+impl<T> std::ops::Deref for Durable<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// Handle to the on-disk store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -166,6 +200,13 @@ impl Store {
             None => Ok(()),
             Some(e) => Err(StoreError::Engine(e.clone())),
         }
+    }
+
+    /// Flushes (see [`Store::flush`]) and hands `value` back as [`Durable`]: what a service
+    /// returns from a mutation once everything it wrote is on disk.
+    pub async fn durable<T>(&self, value: T) -> Result<Durable<T>> {
+        self.flush().await?;
+        Ok(Durable(value))
     }
 
     /// Blocking flush, for shutdown paths outside the runtime.

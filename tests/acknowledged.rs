@@ -1,0 +1,373 @@
+//! An acknowledged change is durable: for every mutating route of the API (read from the router
+//! source, so a new one cannot be forgotten), the real binary is killed with SIGKILL right after
+//! it answers, restarted on the same data dir, and the change must be there.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Proc, image, md5_hex};
+use serde_json::{Value, json};
+
+/// `(method, path)` of every route that changes something, from the `.route(` calls of the HTTP
+/// sources: each `post(`/`put(`/`patch(`/`delete(` in the method chain of a route.
+fn mutating_routes() -> Vec<(String, String)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http");
+    let mut src = String::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "rs") {
+            src.push_str(&std::fs::read_to_string(p).unwrap());
+        }
+    }
+    let mut out = Vec::new();
+    let mut rest = src.as_str();
+    while let Some(i) = rest.find(".route(") {
+        rest = &rest[i + 7..];
+        // the call's text up to its closing parenthesis
+        let mut depth = 1;
+        let end = rest
+            .char_indices()
+            .find(|&(_, c)| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                depth == 0
+            })
+            .map(|(i, _)| i)
+            .unwrap();
+        let call = &rest[..end];
+        let q = call.find('"').unwrap();
+        let path = &call[q + 1..q + 1 + call[q + 1..].find('"').unwrap()];
+        for m in ["post", "put", "patch", "delete"] {
+            let needle = format!("{m}(");
+            let named = call.match_indices(&needle).any(|(i, _)| {
+                i == 0
+                    || !(call.as_bytes()[i - 1].is_ascii_alphanumeric()
+                        || call.as_bytes()[i - 1] == b'_')
+            });
+            if named {
+                out.push((m.to_uppercase(), path.to_string()));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Routes that take a POST but change nothing.
+const READ_ONLY: &[(&str, &str)] = &[("POST", "/api/ota/campaigns/dry-run")];
+
+struct Appliance {
+    dir: tempfile::TempDir,
+    proc: Option<Proc>,
+    http: reqwest::Client,
+}
+
+impl Appliance {
+    async fn start() -> Appliance {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = Proc::spawn(dir.path(), "").await;
+        Appliance {
+            dir,
+            proc: Some(proc),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.proc.as_ref().unwrap().http)
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.data().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut r = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base()))
+            .bearer_auth(self.token());
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn upload(&self, version: &str, img: Vec<u8>) -> (u16, Value) {
+        let form = reqwest::multipart::Form::new()
+            .text("version", version.to_string())
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(img).file_name("fw.bin"),
+            );
+        let r = self
+            .http
+            .post(format!("{}/api/ota/firmware/upload", self.base()))
+            .bearer_auth(self.token())
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap())
+    }
+
+    /// SIGKILL at once, then a new process on the same data dir.
+    async fn kill_and_restart(&mut self) {
+        self.proc.take().unwrap().kill9();
+        self.proc = Some(Proc::spawn(self.dir.path(), "").await);
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, None).await
+    }
+}
+
+fn assert_ok(what: &str, (st, b): &(u16, Value)) {
+    assert!((200..300).contains(st), "{what}: {st} {b}");
+}
+
+/// Which of the routes a case below covers.
+fn covered() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("POST", "/api/ota/firmware/upload"),
+        ("POST", "/api/ota/firmware/{version}/release"),
+        ("POST", "/api/ota/firmware/{version}/status"),
+        ("POST", "/api/ota/firmware/{version}/deltas"),
+        ("DELETE", "/api/ota/firmware/{version}"),
+        ("POST", "/api/ota/devices"),
+        ("POST", "/api/ota/devices/import"),
+        ("DELETE", "/api/ota/devices/{id}"),
+        ("POST", "/api/ota/upgrade/{device}"),
+        ("POST", "/api/ota/task/{device}/cancel"),
+        ("POST", "/api/ota/campaigns"),
+        ("POST", "/api/ota/campaigns/{id}/{action}"),
+    ]
+}
+
+#[test]
+fn the_walk_covers_every_mutating_route() {
+    let found = mutating_routes();
+    assert!(found.len() >= 12, "{found:?}");
+    let covered = covered();
+    for (m, p) in &found {
+        if READ_ONLY.contains(&(m.as_str(), p.as_str())) {
+            continue;
+        }
+        assert!(
+            covered.contains(&(m.as_str(), p.as_str())),
+            "{m} {p} changes something but the kill -9 walk does not cover it: add a case"
+        );
+    }
+    for c in &covered {
+        assert!(
+            found.iter().any(|(m, p)| (m.as_str(), p.as_str()) == *c),
+            "{c:?} is covered but no longer a route"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_change_survives_a_kill_right_after_the_answer() {
+    let mut a = Appliance::start().await;
+    let img1 = image(300_000, 1);
+    let img2 = image(310_000, 2);
+
+    // POST upload
+    assert_ok("upload 1.0.1", &a.upload("1.0.1", img1.clone()).await);
+    a.kill_and_restart().await;
+    let (st, fw) = a.get("/api/ota/firmware/1.0.1").await;
+    assert_eq!(st, 200, "uploaded firmware lost: {fw}");
+    let got = a
+        .http
+        .get(format!("{}/firmware/gateway_v1.0.1.bin", a.base()))
+        .bearer_auth(a.token())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(md5_hex(&got), md5_hex(&img1));
+
+    // POST release
+    assert_ok(
+        "release",
+        &a.call("POST", "/api/ota/firmware/1.0.1/release", None)
+            .await,
+    );
+    a.kill_and_restart().await;
+    assert_eq!(
+        a.get("/api/ota/firmware/1.0.1").await.1["data"]["status"],
+        "released"
+    );
+
+    // POST status
+    assert_ok("upload 1.0.2", &a.upload("1.0.2", img2.clone()).await);
+    assert_ok(
+        "status",
+        &a.call(
+            "POST",
+            "/api/ota/firmware/1.0.2/status",
+            Some(json!({"status": "testing"})),
+        )
+        .await,
+    );
+    a.kill_and_restart().await;
+    assert_eq!(
+        a.get("/api/ota/firmware/1.0.2").await.1["data"]["status"],
+        "testing"
+    );
+
+    // DELETE firmware
+    assert_ok("upload 1.0.9", &a.upload("1.0.9", image(1000, 9)).await);
+    assert_ok(
+        "delete firmware",
+        &a.call("DELETE", "/api/ota/firmware/1.0.9", None).await,
+    );
+    a.kill_and_restart().await;
+    assert_eq!(a.get("/api/ota/firmware/1.0.9").await.0, 404);
+
+    // POST deltas (1.0.2 released first, then a delta from 1.0.1 requested)
+    assert_ok(
+        "release 1.0.2",
+        &a.call("POST", "/api/ota/firmware/1.0.2/release", None)
+            .await,
+    );
+    assert_ok(
+        "request delta",
+        &a.call(
+            "POST",
+            "/api/ota/firmware/1.0.2/deltas",
+            Some(json!({"fromVersion": "1.0.1"})),
+        )
+        .await,
+    );
+    a.kill_and_restart().await;
+    let (_, d) = a.get("/api/ota/firmware/1.0.2/deltas").await;
+    assert!(
+        d["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["fromVersion"] == "1.0.1"),
+        "requested delta lost: {d}"
+    );
+
+    // POST devices: several registrations, each answered, then the kill
+    for i in 0..10 {
+        assert_ok(
+            "register",
+            &a.call(
+                "POST",
+                "/api/ota/devices",
+                Some(json!({"id": format!("GW{i}"), "secret": "secret-123", "tags": ["a"]})),
+            )
+            .await,
+        );
+    }
+    a.kill_and_restart().await;
+    for i in 0..10 {
+        assert_eq!(
+            a.get(&format!("/api/ota/devices/GW{i}")).await.0,
+            200,
+            "registration of GW{i} was acknowledged and then lost"
+        );
+    }
+
+    // POST devices/import
+    let list: Vec<Value> = (0..20)
+        .map(|i| json!({"id": format!("IMP{i}"), "secret": "secret-123"}))
+        .collect();
+    assert_ok(
+        "import",
+        &a.call("POST", "/api/ota/devices/import", Some(Value::Array(list)))
+            .await,
+    );
+    a.kill_and_restart().await;
+    for i in 0..20 {
+        assert_eq!(a.get(&format!("/api/ota/devices/IMP{i}")).await.0, 200);
+    }
+
+    // DELETE devices/{id}
+    assert_ok(
+        "delete device",
+        &a.call("DELETE", "/api/ota/devices/IMP0", None).await,
+    );
+    a.kill_and_restart().await;
+    assert_eq!(a.get("/api/ota/devices/IMP0").await.0, 404);
+
+    // POST upgrade (the device is offline: the task waits for it)
+    let (st, t) = a
+        .call(
+            "POST",
+            "/api/ota/upgrade/GW1",
+            Some(json!({"version": "1.0.1"})),
+        )
+        .await;
+    assert_ok("upgrade", &(st, t.clone()));
+    a.kill_and_restart().await;
+    let (_, now) = a.get("/api/ota/task/GW1").await;
+    assert_eq!(now["data"]["id"], t["data"]["id"], "{now}");
+
+    // POST task cancel
+    assert_ok(
+        "cancel",
+        &a.call("POST", "/api/ota/task/GW1/cancel", None).await,
+    );
+    a.kill_and_restart().await;
+    assert_eq!(
+        a.get("/api/ota/task/GW1").await.1["data"]["status"],
+        "cancelled"
+    );
+
+    // POST campaigns, then each action
+    let (st, c) = a
+        .call(
+            "POST",
+            "/api/ota/campaigns",
+            Some(
+                json!({"name": "kill walk", "version": "1.0.2", "targets": {"all": true},
+                "startAt": "2099-01-01T00:00:00Z"}),
+            ),
+        )
+        .await;
+    assert_ok("campaign", &(st, c.clone()));
+    let id = c["data"]["id"].as_str().unwrap().to_string();
+    a.kill_and_restart().await;
+    assert_eq!(
+        a.get(&format!("/api/ota/campaigns/{id}")).await.1["data"]["status"],
+        "scheduled"
+    );
+    for (action, status) in [
+        ("pause", "paused"),
+        ("resume", "scheduled"),
+        ("cancel", "cancelled"),
+    ] {
+        assert_ok(
+            action,
+            &a.call("POST", &format!("/api/ota/campaigns/{id}/{action}"), None)
+                .await,
+        );
+        a.kill_and_restart().await;
+        assert_eq!(
+            a.get(&format!("/api/ota/campaigns/{id}")).await.1["data"]["status"],
+            status,
+            "{action} was acknowledged and then lost"
+        );
+    }
+    assert!(Path::new(&a.data()).exists());
+}
