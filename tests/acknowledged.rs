@@ -12,14 +12,7 @@ use serde_json::{Value, json};
 /// `(method, path)` of every route that changes something, from the `.route(` calls of the HTTP
 /// sources: each `post(`/`put(`/`patch(`/`delete(` in the method chain of a route.
 fn mutating_routes() -> Vec<(String, String)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http");
-    let mut src = String::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "rs") {
-            src.push_str(&std::fs::read_to_string(p).unwrap());
-        }
-    }
+    let src = common::http_sources();
     let mut out = Vec::new();
     let mut rest = src.as_str();
     while let Some(i) = rest.find(".route(") {

@@ -93,14 +93,7 @@ fn metrics_listener_must_be_loopback() {
 /// Every `.route("...")` of the HTTP sources, with sample values for its parameters. Read from
 /// the source so that a new route is walked without anyone remembering to add it here.
 fn routes() -> Vec<String> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http");
-    let mut src = String::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "rs") {
-            src.push_str(&std::fs::read_to_string(p).unwrap());
-        }
-    }
+    let src = common::http_sources();
     let mut out = Vec::new();
     let mut rest = src.as_str();
     while let Some(i) = rest.find(".route(") {

@@ -328,6 +328,22 @@ pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
+/// The text of every source file of the HTTP module (where every `.route(` is), for the tests
+/// that walk the routes.
+pub fn http_sources() -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/http");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect()
+}
+
 /// The `hangar` binary built for this test run.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hangar"))
