@@ -13,6 +13,7 @@ use serde::Deserialize;
 use super::AppState;
 use super::download::{self, BlobMeta};
 use super::error::{ApiError, ok, ok_with};
+use super::refusal::JsonBody;
 use super::wire::FirmwareDto;
 use crate::auth;
 use crate::firmware::{self, NewFirmware};
@@ -88,62 +89,6 @@ async fn text_field(mut field: Field<'_>, name: &str) -> Result<String, ApiError
         .map_err(|_| ApiError::bad_request(format!("form field {name} is not UTF-8")))
 }
 
-/// Aborts the blob writer, if any (its temp file is removed).
-async fn w_abort(writer: &mut Option<crate::blobs::BlobWriter>) {
-    if let Some(w) = writer.take() {
-        w.abort().await;
-    }
-}
-
-/// How much of a refused upload is read and discarded so that the client sees the 413: over
-/// HTTP/2 (curl's default on https) an answer sent before the body is read arrives as a stream
-/// reset. Only admins reach the upload route, so the budget is generous: twice the upload limit
-/// (at least 64 MiB) within 60 s; past it the stream is reset.
-struct DrainBudget {
-    bytes: u64,
-    until: tokio::time::Instant,
-}
-
-impl DrainBudget {
-    fn new(max_upload: u64) -> DrainBudget {
-        DrainBudget {
-            bytes: max_upload.saturating_mul(2).max(64 * 1024 * 1024),
-            until: tokio::time::Instant::now() + std::time::Duration::from_secs(60),
-        }
-    }
-}
-
-/// Discards the rest of one part; false once the budget is spent (the connection is then
-/// closed on the client rather than read to the end).
-async fn drain_field(field: &mut Field<'_>, budget: &mut DrainBudget) -> bool {
-    loop {
-        match tokio::time::timeout_at(budget.until, field.chunk()).await {
-            Ok(Ok(Some(c))) => {
-                let n = c.len() as u64;
-                if n > budget.bytes {
-                    return false;
-                }
-                budget.bytes -= n;
-            }
-            Ok(Ok(None)) => return true,
-            Ok(Err(_)) | Err(_) => return false,
-        }
-    }
-}
-
-/// Discards the remaining parts of a multipart body within the budget.
-async fn drain_rest(mp: &mut Multipart, budget: &mut DrainBudget) {
-    loop {
-        let mut field = match tokio::time::timeout_at(budget.until, mp.next_field()).await {
-            Ok(Ok(Some(f))) => f,
-            _ => return,
-        };
-        if !drain_field(&mut field, budget).await {
-            return;
-        }
-    }
-}
-
 fn multipart_err(e: axum::extract::multipart::MultipartError) -> ApiError {
     ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
 }
@@ -173,20 +118,10 @@ pub async fn upload(
         .and_then(|v| v.parse::<u64>().ok())
         && len > max.saturating_add(MULTIPART_OVERHEAD)
     {
-        let err = ApiError::too_large(format!(
+        // (the body is read and discarded, within a budget, by `refusal::drain_refused`)
+        return Err(ApiError::too_large(format!(
             "the upload is {len} bytes; the limit is {max} (http.max_upload_bytes)"
-        ));
-        // An HTTP/1.1 client waiting for `100 Continue` gets the answer without sending the
-        // body; anyone else (HTTP/2 above all) must see the body read, or the answer is lost
-        // in a stream reset.
-        let expects_continue = headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if !expects_continue && let Ok(mut mp) = mp {
-            let mut budget = DrainBudget::new(max);
-            drain_rest(&mut mp, &mut budget).await;
-        }
-        return Err(err);
+        )));
     }
     let mut mp = mp.map_err(|e| {
         ApiError::bad_request(format!(
@@ -194,18 +129,13 @@ pub async fn upload(
             e.body_text()
         ))
     })?;
-    let mut too_large = None;
-    let mut drain_more = false;
-    let mut budget = DrainBudget::new(max);
     let mut version: Option<String> = None;
     let mut device_type: Option<String> = None;
     let mut description = String::new();
     let mut force_upgrade = false;
     let mut staged = None;
 
-    while too_large.is_none()
-        && let Some(mut field) = mp.next_field().await.map_err(multipart_err)?
-    {
+    while let Some(mut field) = mp.next_field().await.map_err(multipart_err)? {
         let name = field.name().unwrap_or("").to_string();
         match name.as_str() {
             "file" => {
@@ -224,32 +154,29 @@ pub async fn upload(
                         .into());
                     }
                 }
-                let mut writer = Some(st.firmware.blobs().writer());
-                while let Some(w) = writer.as_mut() {
+                let mut w = st.firmware.blobs().writer();
+                loop {
                     let chunk = match field.chunk().await {
                         Ok(Some(c)) => c,
                         Ok(None) => break,
                         Err(e) => {
-                            w_abort(&mut writer).await;
+                            w.abort().await;
                             return Err(multipart_err(e));
                         }
                     };
                     if w.written() + chunk.len() as u64 > max {
-                        w_abort(&mut writer).await;
-                        too_large = Some(ApiError::too_large(format!(
+                        w.abort().await;
+                        return Err(ApiError::too_large(format!(
                             "the file is larger than {max} bytes (http.max_upload_bytes)"
                         )));
-                        drain_more = drain_field(&mut field, &mut budget).await;
-                        break;
                     }
                     if let Err(e) = w.write(chunk).await {
+                        w.abort().await;
                         return Err(ApiError::internal(format!("writing upload: {e}")));
                     }
                 }
-                let Some(writer) = writer else { continue };
                 staged = Some(
-                    writer
-                        .finish()
+                    w.finish()
                         .await
                         .map_err(|e| ApiError::internal(format!("finishing upload: {e}")))?,
                 );
@@ -268,12 +195,6 @@ pub async fn upload(
                 let _ = text_field(field, other).await?;
             }
         }
-    }
-    if let Some(e) = too_large {
-        if drain_more {
-            drain_rest(&mut mp, &mut budget).await;
-        }
-        return Err(e);
     }
     let staged = staged.ok_or_else(|| {
         ApiError::bad_request("the form has no `file` part: send the image as file=@image.bin")
@@ -361,7 +282,7 @@ pub async fn release(
 }
 
 #[derive(Deserialize)]
-struct StatusBody {
+pub struct StatusBody {
     status: String,
 }
 
@@ -376,10 +297,9 @@ pub async fn set_status(
     State(st): State<AppState>,
     Path(version): Path<String>,
     Query(q): Q,
-    body: Bytes,
+    JsonBody(b): JsonBody<StatusBody>,
 ) -> Result<Response, ApiError> {
     let t = device_type_param(&q)?;
-    let b: StatusBody = json_body(&body)?;
     let status = FirmwareStatus::parse(&b.status).ok_or_else(|| {
         ApiError::bad_request(format!(
             "status {:?} is not one of draft, testing, released, deprecated",

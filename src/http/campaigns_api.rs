@@ -5,15 +5,14 @@
 
 use std::collections::BTreeMap;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::api::json_body;
 use super::error::{ApiError, ok, ok_with};
+use super::refusal::JsonBody;
 use super::wire::rfc3339_ms;
 use crate::campaigns::{CampaignError, CampaignSpec, Plan};
 use crate::store::{CampaignMember, CampaignRecord, CampaignTargets, MemberStatus};
@@ -60,7 +59,7 @@ struct WindowBody {
 /// The campaign body of SPEC section 3.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CampaignBody {
+pub struct CampaignBody {
     name: String,
     #[serde(default = "gateway")]
     device_type: String,
@@ -90,9 +89,8 @@ fn gateway() -> String {
     "gateway".into()
 }
 
-fn spec(body: &Bytes) -> Result<CampaignSpec, ApiError> {
-    let b: CampaignBody = json_body(body)?;
-    Ok(CampaignSpec {
+fn spec(b: CampaignBody) -> CampaignSpec {
+    CampaignSpec {
         name: b.name,
         device_type: b.device_type,
         version: b.version,
@@ -113,7 +111,7 @@ fn spec(body: &Bytes) -> Result<CampaignSpec, ApiError> {
         force: b.force,
         retries: b.retries,
         dynamic: b.dynamic,
-    })
+    }
 }
 
 #[derive(Serialize)]
@@ -304,8 +302,11 @@ fn dto(st: &AppState, c: &CampaignRecord, members: &[CampaignMember]) -> Campaig
 }
 
 /// POST /api/ota/campaigns
-pub async fn create(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let s = spec(&body)?;
+pub async fn create(
+    State(st): State<AppState>,
+    JsonBody(b): JsonBody<CampaignBody>,
+) -> Result<Response, ApiError> {
+    let s = spec(b);
     // the campaign as created; its engine is already starting devices (GET shows them)
     let (c, plan, members) = st.campaigns.create(&s).await?.into_inner();
     let mut v = serde_json::to_value(dto(&st, &c, &members)).map_err(ApiError::internal)?;
@@ -314,8 +315,11 @@ pub async fn create(State(st): State<AppState>, body: Bytes) -> Result<Response,
 }
 
 /// POST /api/ota/campaigns/dry-run
-pub async fn dry_run(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let s = spec(&body)?;
+pub async fn dry_run(
+    State(st): State<AppState>,
+    JsonBody(b): JsonBody<CampaignBody>,
+) -> Result<Response, ApiError> {
+    let s = spec(b);
     let plan: Plan = st.campaigns.plan(&s)?;
     Ok(ok(plan))
 }

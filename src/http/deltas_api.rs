@@ -2,16 +2,16 @@
 //! `/firmware/deltas/{deviceType}_v{from}_to_v{to}.bsdiff` (same Range-capable path and
 //! authorisation as images; the patch is re-hashed before it is served).
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::AppState;
-use super::api::{Q, device_type_param, download_authorised, json_body};
+use super::api::{Q, device_type_param, download_authorised};
 use super::download::{self, BlobMeta};
 use super::error::{ApiError, ok, ok_with};
+use super::refusal::JsonBody;
 use super::wire::DeltaDto;
 use crate::deltas::DeltaError;
 use crate::store::DeltaStatus;
@@ -49,7 +49,7 @@ pub async fn list(
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RequestBody {
+pub struct RequestBody {
     from_version: String,
 }
 
@@ -59,7 +59,7 @@ pub async fn request(
     State(st): State<AppState>,
     Path(version): Path<String>,
     Query(q): Q,
-    body: Bytes,
+    JsonBody(b): JsonBody<RequestBody>,
 ) -> Result<Response, ApiError> {
     let t = device_type_param(&q)?;
     if !crate::ids::valid_version(&version) {
@@ -67,7 +67,6 @@ pub async fn request(
             "version {version:?} must match [0-9A-Za-z.+-]{{1,64}}"
         )));
     }
-    let b: RequestBody = json_body(&body)?;
     let d = st
         .deltas
         .request(&t, &version, &b.from_version)

@@ -4,15 +4,15 @@
 
 use std::collections::HashMap;
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::api::{json_body, paging};
+use super::api::paging;
 use super::error::{ApiError, ok, ok_with};
+use super::refusal::JsonBody;
 use super::wire::rfc3339_ms;
 use crate::devices::{DeviceError, NewDevice};
 use crate::ota::{OtaError, TaskFilter};
@@ -204,8 +204,10 @@ fn new_device(b: RegisterBody) -> Result<NewDevice, ApiError> {
 }
 
 /// POST /api/ota/devices
-pub async fn register(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let b: RegisterBody = json_body(&body)?;
+pub async fn register(
+    State(st): State<AppState>,
+    JsonBody(b): JsonBody<RegisterBody>,
+) -> Result<Response, ApiError> {
     let d = st.devices.register(new_device(b)?).await?.into_inner();
     tracing::info!(device = %d.id, protocol = d.protocol.as_str(), "device registered");
     Ok(ok_with(StatusCode::CREATED, device_dto(&st, &d)))
@@ -221,8 +223,10 @@ struct ImportResult {
 }
 
 /// POST /api/ota/devices/import — a JSON array of registration bodies; each is reported.
-pub async fn import(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let list: Vec<serde_json::Value> = json_body(&body)?;
+pub async fn import(
+    State(st): State<AppState>,
+    JsonBody(list): JsonBody<Vec<serde_json::Value>>,
+) -> Result<Response, ApiError> {
     if list.len() > 100_000 {
         return Err(ApiError::too_large("at most 100000 devices per import"));
     }
@@ -307,7 +311,7 @@ pub async fn delete_device(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UpgradeBody {
+pub struct UpgradeBody {
     version: String,
     #[serde(default)]
     force: bool,
@@ -317,9 +321,8 @@ struct UpgradeBody {
 pub async fn upgrade(
     State(st): State<AppState>,
     Path(device): Path<String>,
-    body: Bytes,
+    JsonBody(b): JsonBody<UpgradeBody>,
 ) -> Result<Response, ApiError> {
-    let b: UpgradeBody = json_body(&body)?;
     let t = st
         .ota
         .create_upgrade(&device, &b.version, b.force)

@@ -11,6 +11,7 @@ pub mod devices_api;
 pub mod download;
 pub mod error;
 pub mod metrics;
+pub mod refusal;
 pub mod wire;
 
 use std::sync::Arc;
@@ -97,10 +98,12 @@ async fn require_admin(State(st): State<AppState>, req: Request, next: Next) -> 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if !auth::bearer_matches(header, &st.admin_token) {
-        return error::ApiError::unauthorized(
+        let mut resp = error::ApiError::unauthorized(
             "missing or wrong admin token: send Authorization: Bearer <token from <data_dir>/admin.token>",
         )
         .into_response();
+        resp.extensions_mut().insert(refusal::Unauthenticated);
+        return resp;
     }
     next.run(req).await
 }
@@ -119,6 +122,11 @@ pub fn metrics_router(state: AppState) -> Router {
 
 /// The whole router.
 pub fn router(state: AppState) -> Router {
+    // an authenticated client's refused body is read up to twice the upload limit
+    let budget = refusal::DrainBudget {
+        bytes: state.max_upload_bytes.saturating_mul(2).max(64 << 20),
+        time: Duration::from_secs(60),
+    };
     let api = Router::new()
         .route(
             "/api/ota/firmware/upload",
@@ -140,7 +148,10 @@ pub fn router(state: AppState) -> Router {
             "/api/ota/devices",
             get(devices_api::list_devices).post(devices_api::register),
         )
-        .route("/api/ota/devices/import", post(devices_api::import))
+        .route(
+            "/api/ota/devices/import",
+            post(devices_api::import).layer(DefaultBodyLimit::max(64 << 20)),
+        )
         .route(
             "/api/ota/devices/{id}",
             get(devices_api::get_device).delete(devices_api::delete_device),
@@ -171,6 +182,9 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             metrics::track,
         ))
+        .layer(middleware::from_fn(move |req, next| {
+            refusal::drain_refused(budget, req, next)
+        }))
         .with_state(state)
 }
 

@@ -344,6 +344,27 @@ pub fn http_sources() -> String {
         .collect()
 }
 
+/// A stock tool a test drives (curl, mosquitto_pub, bspatch, ...), found on `PATH`. On a box
+/// without it the test is skipped with a message naming the Debian package; where
+/// `HANGAR_TEST_REQUIRE_TOOLS=1` (set by `.ci/run`, which installs them) a missing tool fails the
+/// test instead, so CI can never skip one silently.
+pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        let required = std::env::var("HANGAR_TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "{name} is needed by this test: apt-get install {package}"
+        );
+        eprintln!("SKIPPED: {name} is not installed (apt-get install {package})");
+    }
+    found
+}
+
 /// The `hangar` binary built for this test run.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hangar"))
