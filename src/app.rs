@@ -49,6 +49,9 @@ pub enum StartError {
     /// TLS material is missing or broken.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// Another process holds the data directory.
+    #[error(transparent)]
+    Locked(#[from] crate::datadir::LockError),
     /// The device broker could not start.
     #[error("starting the MQTT broker: {0}")]
     Broker(String),
@@ -93,6 +96,8 @@ pub struct App {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     store: Store,
+    /// Held while the appliance runs (restore and a second appliance are refused).
+    _lock: crate::datadir::DirLock,
 }
 
 /// `{"https":N,"http":N|null,"mqtt":N|null,"mqtts":N|null}`, written atomically.
@@ -145,6 +150,7 @@ impl App {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
         }
+        let lock = crate::datadir::lock(&data_dir)?;
 
         let store_dir = data_dir.join("store");
         let store = Store::open(&store_dir).map_err(|source| StartError::Store {
@@ -362,6 +368,7 @@ impl App {
             shutdown,
             tracker,
             store,
+            _lock: lock,
         })
     }
 

@@ -214,7 +214,17 @@ impl Write for HashWriter<'_> {
 /// Restores `file` into `data_dir` (blocking). Returns what was restored, for the operator.
 pub fn restore(file: &Path, data_dir: &Path, force: bool) -> io::Result<String> {
     let manifest = verify(file)?;
-    if data_dir.exists() && std::fs::read_dir(data_dir)?.next().is_some() {
+    // a running appliance holds the directory: refuse before touching anything
+    let held = |e: crate::datadir::LockError| io::Error::new(io::ErrorKind::ResourceBusy, e);
+    let _old = if data_dir.exists() {
+        Some(crate::datadir::lock(data_dir).map_err(held)?)
+    } else {
+        None
+    };
+    let occupied = data_dir.exists()
+        && std::fs::read_dir(data_dir)?
+            .any(|e| e.is_ok_and(|e| e.file_name() != crate::datadir::LOCK_FILE));
+    if occupied {
         if !force {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -237,6 +247,8 @@ pub fn restore(file: &Path, data_dir: &Path, force: bool) -> io::Result<String> 
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
     }
+    // no appliance may start on the directory while it is being filled
+    let _new = crate::datadir::lock(data_dir).map_err(held)?;
     let mut f = File::open(file)?;
     f.rewind()?;
     let mut ar = tar::Archive::new(BufReader::new(f));

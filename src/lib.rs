@@ -7,6 +7,7 @@
 //! - [`client`]: admin-API client used by the CLI; finds URL, token and CA from the config.
 //! - [`app`]: composition root: opens everything, binds listeners, writes `ports.json`, drains.
 //! - [`shutdown`]: SIGTERM/SIGINT -> one cancellation token; SIGHUP -> certificate reload.
+//! - [`datadir`]: the data directory's lock (one appliance or restore at a time, with its pid).
 //! - [`store`]: the only module that names sled; typed records with a schema version.
 //! - [`blobs`]: content-addressed image files (temp -> fsync -> rename -> dir fsync).
 //! - [`firmware`]: the firmware catalogue: create, list, latest, status, delete.
@@ -40,6 +41,7 @@ pub mod campaigns;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod datadir;
 pub mod delta;
 pub mod deltas;
 pub mod device;

@@ -139,3 +139,57 @@ async fn backup_restore_round_trip() {
     assert_eq!(c["data"][0]["name"], "kept", "{c}");
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_onto_a_running_appliance_is_refused_and_names_it() {
+    let work = tempfile::tempdir().unwrap();
+    let mut p = common::Proc::spawn(work.path(), "").await;
+    let data = work.path().join("data");
+    let tar = work.path().join("b.tar");
+    let (ok, _, err) = p.cli(&["backup", "--out", tar.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let out = Command::new(bin())
+        .args(["restore"])
+        .arg(&tar)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--force")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "restore onto a live dir succeeded: {err}"
+    );
+    assert!(err.contains(&format!("pid {}", p.pid())), "{err}");
+    // nothing was moved aside, and the appliance still serves from it
+    let siblings: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("data."))
+        .collect();
+    assert!(siblings.is_empty(), "{siblings:?}");
+    let (ok, _, err) = p.cli(&["firmware", "list"]);
+    assert!(ok, "{err}");
+    // a second appliance on the same dir is refused the same way
+    let cfg = test_config(&data);
+    match App::start(cfg).await {
+        Ok(_) => panic!("a second appliance started on a live data dir"),
+        Err(e) => assert!(e.to_string().contains(&format!("pid {}", p.pid())), "{e}"),
+    }
+    // once it stopped, the restore goes through
+    p.term();
+    let out = Command::new(bin())
+        .args(["restore"])
+        .arg(&tar)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--force")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
