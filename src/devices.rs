@@ -50,9 +50,30 @@ pub struct Live {
     pub ready: bool,
     /// Address of the newest connection.
     pub ip: String,
-    /// The `lastSeen` and `lastIp` this process last stored for the device, so a report that
-    /// changes nothing costs no read ([`Devices::seen_recently`]).
-    pub noted: Option<(i64, String)>,
+    /// What this process last stored for the device, so a report that changes nothing costs
+    /// no read ([`Devices::seen_recently`]).
+    pub noted: Option<Noted>,
+    /// When the device last sent anything (ms since the epoch), also a report that was then
+    /// dropped; the stored `lastSeen` is refreshed from it at most once a minute.
+    pub heard_ms: Option<i64>,
+}
+
+impl Live {
+    /// The device's `lastSeen`: the later of the stored one and what this process heard.
+    pub fn last_seen(&self, stored: Option<i64>) -> Option<i64> {
+        stored.max(self.heard_ms)
+    }
+}
+
+/// The `lastSeen`, `lastIp` and version last stored for a device.
+#[derive(Debug, Clone, Default)]
+pub struct Noted {
+    /// `lastSeen`, ms since the epoch.
+    pub at_ms: i64,
+    /// `lastIp`.
+    pub ip: String,
+    /// `firmwareVersion`.
+    pub version: Option<String>,
 }
 
 /// How old a stored `lastSeen` may get before a report refreshes it.
@@ -240,6 +261,14 @@ impl Devices {
             .unwrap_or_default()
     }
 
+    /// Notes that the device sent something now (see [`Live::heard_ms`]).
+    pub fn heard_from(&self, id: &str) {
+        let now = now_ms();
+        if let Some(l) = self.live.write().expect("live lock").get_mut(id) {
+            l.heard_ms = Some(now);
+        }
+    }
+
     /// Whether the device listens for commands now ([`Live::ready`], without copying the rest).
     pub fn ready(&self, id: &str) -> bool {
         self.live
@@ -371,12 +400,43 @@ impl Devices {
             rec.last_seen_ms = Some(now);
             self.store.put_device(&rec)?;
         }
+        self.remember(&rec);
+        Ok(Some(rec))
+    }
+
+    /// Keeps what was stored of `rec` in its live entry ([`Live::noted`]).
+    fn remember(&self, rec: &DeviceRecord) {
         if let Some(t) = rec.last_seen_ms {
             let mut live = self.live.write().expect("live lock");
-            live.entry(id.to_string()).or_default().noted =
-                Some((t, rec.last_ip.clone().unwrap_or_default()));
+            live.entry(rec.id.clone()).or_default().noted = Some(Noted {
+                at_ms: t,
+                ip: rec.last_ip.clone().unwrap_or_default(),
+                version: rec.firmware_version.clone(),
+            });
         }
-        Ok(Some(rec))
+    }
+
+    /// Records that the device runs `version` now (its task to that version completed); the
+    /// caller flushes. An unknown device is left alone.
+    pub fn note_version(&self, id: &str, version: &str) -> Result<(), StoreError> {
+        let Some(mut d) = self.store.get_device(id)? else {
+            return Ok(());
+        };
+        if d.firmware_version.as_deref() == Some(version) {
+            return Ok(());
+        }
+        d.firmware_version = Some(version.to_string());
+        self.store.put_device(&d)?;
+        self.remember(&d);
+        Ok(())
+    }
+
+    /// Lab mode (`mqtt.allow_anonymous`): registers a device that connected without
+    /// credentials, as soon as it says who it is (its user name or its first command-topic
+    /// subscription), so that an upgrade can be asked for before it ever publishes.
+    pub fn admit_anonymous(&self, id: &str, protocol: Protocol) -> Result<(), DeviceError> {
+        self.note_report(id, protocol, None, None, None, true)
+            .map(|_| ())
     }
 
     /// Records a connection: `lastSeen` and `lastIp` (an unknown device is left alone).
@@ -384,23 +444,24 @@ impl Devices {
         let Some(mut d) = self.store.get_device(id)? else {
             return Ok(());
         };
-        let now = now_ms();
-        d.last_seen_ms = Some(now);
+        d.last_seen_ms = Some(now_ms());
         d.last_ip = Some(ip.to_string());
         self.store.put_device(&d)?;
-        let mut live = self.live.write().expect("live lock");
-        live.entry(id.to_string()).or_default().noted = Some((now, ip.to_string()));
+        self.remember(&d);
         Ok(())
     }
 
-    /// True when a report that says nothing about the device (progress) would change nothing
-    /// of its record: [`Devices::note_report`] stored it less than a minute ago, from the
-    /// address it connects from now. Then the report needs no device read or write.
-    pub fn seen_recently(&self, id: &str) -> bool {
+    /// True when a report that says nothing about the device but, at most, the version it
+    /// runs (progress) would change nothing of its record: [`Devices::note_report`] stored it
+    /// less than a minute ago, from the address it connects from now, with that version. Then
+    /// the report needs no device read or write.
+    pub fn seen_recently(&self, id: &str, version: Option<&str>) -> bool {
         let live = self.live.read().expect("live lock");
         live.get(id).is_some_and(|l| {
-            l.noted.as_ref().is_some_and(|(t, ip)| {
-                now_ms() - t <= LAST_SEEN_REFRESH_MS && (l.ip.is_empty() || l.ip == *ip)
+            l.noted.as_ref().is_some_and(|n| {
+                now_ms() - n.at_ms <= LAST_SEEN_REFRESH_MS
+                    && (l.ip.is_empty() || l.ip == n.ip)
+                    && version.is_none_or(|v| n.version.as_deref() == Some(v))
             })
         })
     }

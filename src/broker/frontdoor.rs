@@ -139,6 +139,22 @@ struct Identity {
 }
 
 impl Identity {
+    /// The device this connection speaks for from its CONNECT: its login, or — an anonymous
+    /// lab device — the user name it gave, when that is a device id (`pk&dn` for Alibaba).
+    fn speaks_for(&self, login: Option<&rumqttd::protocol::Login>) -> Option<(String, Protocol)> {
+        if let Some(k) = &self.known {
+            return Some(k.clone());
+        }
+        let user = login?.username.as_str();
+        let id = crate::devices::id_from_username(user);
+        let protocol = if user.contains('&') {
+            Protocol::Alibaba
+        } else {
+            Protocol::Gateway
+        };
+        crate::ids::valid_device_id(&id).then_some((id, protocol))
+    }
+
     fn publish_kind(&self, prefix: &str, topic: &str) -> Option<(String, Protocol, Inbound)> {
         match (&self.known, &self.topics) {
             (Some((id, proto)), Some(t)) => t
@@ -331,6 +347,7 @@ impl Upstream<'_> {
                 id: id.to_string(),
                 protocol,
                 ip: self.peer.ip().to_string(),
+                anonymous: self.identity.known.is_none(),
             });
             self.announced = Some(id.to_string());
         }
@@ -513,8 +530,8 @@ where
         routes.close(&key, conn);
         return Err(e.to_string());
     }
-    if let Some((id, p)) = &l.identity.known {
-        up.announce(id, *p);
+    if let Some((id, p)) = l.identity.speaks_for(l.login.as_ref()) {
+        up.announce(&id, p);
     }
     // A resumed session listens again on what it subscribed to before.
     for (topic, qos) in &restored {
@@ -709,8 +726,8 @@ where
     let (mut brd, mut bwr) = backend.into_split();
     bwr.write_all(&rewritten).await.map_err(|e| e.to_string())?;
 
-    if let Some((id, p)) = &l.identity.known {
-        up.announce(id, *p);
+    if let Some((id, p)) = l.identity.speaks_for(l.login.as_ref()) {
+        up.announce(&id, p);
     }
 
     // Downstream: broker -> device, plus our acknowledgements, in order.

@@ -94,11 +94,13 @@ pub struct InboundMessage {
 /// Connection life of a device, for presence and command re-sending.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Presence {
-    /// A connection was accepted.
+    /// A connection was accepted (for an anonymous lab device: once it said who it is).
     Connected {
         id: String,
         protocol: Protocol,
         ip: String,
+        /// It did not log in with credentials (`mqtt.allow_anonymous`).
+        anonymous: bool,
     },
     /// The device subscribed to its command topic: commands published now reach it.
     Ready {

@@ -68,7 +68,7 @@ fn device_dto(st: &AppState, d: &DeviceRecord) -> DeviceDto {
         delta_formats: d.delta_formats.clone(),
         tags: d.tags.clone(),
         online: live.connections > 0,
-        last_seen: d.last_seen_ms.map(rfc3339_ms),
+        last_seen: live.last_seen(d.last_seen_ms).map(rfc3339_ms),
         ip: if live.ip.is_empty() {
             d.last_ip.clone()
         } else {
@@ -374,7 +374,26 @@ pub async fn list_tasks(
 
 /// GET /api/ota/statistics
 pub async fn statistics(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let mut v = serde_json::to_value(st.ota.statistics()?).map_err(ApiError::internal)?;
+    let s = st.ota.statistics()?;
+    let r = &s.reports;
+    let dropped: serde_json::Map<String, serde_json::Value> = r
+        .dropped
+        .iter()
+        .map(|(d, n)| (d.key().to_string(), (*n).into()))
+        .collect();
+    let mut v = serde_json::to_value(&s).map_err(ApiError::internal)?;
+    v["reports"] = serde_json::json!({
+        "countingSince": rfc3339_ms(r.since_ms),
+        "resetOnRestart": true,
+        "received": r.received,
+        "applied": r.applied,
+        "heartbeats": r.heartbeats,
+        "matchedWithoutMsgId": r.matched_without_msg_id,
+        "requests": r.requests,
+        "repeats": r.repeats,
+        "dropped": dropped,
+    });
+    v["droppedReports"] = v["reports"]["dropped"].clone();
     v["downloads"] = serde_json::to_value(st.traffic.summary()).map_err(ApiError::internal)?;
     Ok(ok(v))
 }

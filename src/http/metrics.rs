@@ -120,17 +120,13 @@ pub fn render(st: &AppState) -> Result<String, String> {
         g(&b.session_takeovers),
     );
     let dropped = Family::<Labels, Counter>::default();
-    let d = &st.ota.drops;
-    for (reason, v) in [
-        ("malformed", g(&d.malformed)),
-        ("unknown_msg_id", g(&d.unknown_msg_id)),
-        ("unknown_device", g(&d.unknown_device)),
-        ("stale", g(&d.stale)),
+    let r = st.ota.reports.snapshot();
+    for (reason, v) in r.dropped.iter().map(|(d, n)| (d.label(), *n)).chain([
         ("acl_denied", g(&b.acl_denied)),
         ("protocol_error", g(&b.protocol_errors)),
         ("publish_failure", g(&b.publish_failures)),
         ("no_subscriber", g(&b.publish_no_subscriber)),
-    ] {
+    ]) {
         dropped
             .get_or_create(&labels(&[("reason", reason)]))
             .inc_by(v);
@@ -139,6 +135,22 @@ pub fn render(st: &AppState) -> Result<String, String> {
         "mqtt_messages_dropped",
         "MQTT messages dropped, by reason",
         dropped,
+    );
+    let used = Family::<Labels, Counter>::default();
+    for (outcome, v) in [
+        ("applied", r.applied),
+        ("heartbeat", r.heartbeats),
+        ("matched_without_msg_id", r.matched_without_msg_id),
+        ("request", r.requests),
+        ("repeat", r.repeats),
+    ] {
+        used.get_or_create(&labels(&[("outcome", outcome)]))
+            .inc_by(v);
+    }
+    reg.register(
+        "reports_used",
+        "Device reports used, by what they were (dropped ones: mqtt_messages_dropped)",
+        used,
     );
     let auth = Family::<Labels, Counter>::default();
     auth.get_or_create(&labels(&[("listener", "mqtt")]))

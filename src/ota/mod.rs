@@ -4,6 +4,7 @@
 //! subscribes again, answers Alibaba `firmware/get`, and fails stalled tasks with `TIMEOUT`.
 //! Every task read-modify-write runs under one lock, so API calls and reports never race.
 
+pub mod counters;
 pub mod state;
 
 use crate::store::TaskDelta;
@@ -26,7 +27,8 @@ use crate::ratelog::RateLog;
 use crate::store::{
     Durable, FirmwareRecord, FirmwareStatus, Store, StoreError, TASK_SCHEMA, TaskRecord, TaskStatus,
 };
-use state::{Input, Outcome};
+use counters::{Dropped, ReportCounters, Used};
+use state::{Input, Outcome, Why};
 
 static SEND_LOG: RateLog = RateLog::new();
 
@@ -70,15 +72,6 @@ impl From<FirmwareError> for OtaError {
     }
 }
 
-/// Reports dropped, by reason (for statistics and metrics).
-#[derive(Debug, Default)]
-pub struct DropCounters {
-    pub malformed: AtomicU64,
-    pub unknown_msg_id: AtomicU64,
-    pub unknown_device: AtomicU64,
-    pub stale: AtomicU64,
-}
-
 /// Static settings of the service.
 #[derive(Clone)]
 pub struct OtaSettings {
@@ -98,8 +91,8 @@ pub struct Ota {
     signer: UrlSigner,
     settings: OtaSettings,
     lock: tokio::sync::Mutex<()>,
-    /// Dropped reports by reason.
-    pub drops: DropCounters,
+    /// What became of device reports since the start.
+    pub reports: ReportCounters,
     commands_sent: AtomicU64,
     /// When [`Ota::spawn`] ran (ms since the epoch): it moves every active task's last
     /// activity to then, so a device that subscribed before is re-sent its command anyway.
@@ -176,7 +169,8 @@ pub struct Statistics {
     pub by_campaign: BTreeMap<String, Stats>,
     pub devices: usize,
     pub online_devices: usize,
-    pub dropped_reports: BTreeMap<&'static str, u64>,
+    #[serde(skip)]
+    pub reports: counters::ReportCounts,
 }
 
 /// One chunk of [`Ota::create_upgrades_of`]: a result per device, and whether its command
@@ -237,7 +231,7 @@ impl Ota {
             signer,
             settings,
             lock: tokio::sync::Mutex::new(()),
-            drops: DropCounters::default(),
+            reports: ReportCounters::default(),
             commands_sent: AtomicU64::new(0),
             started_ms: std::sync::atomic::AtomicI64::new(0),
         }
@@ -584,6 +578,7 @@ impl Ota {
                     uuid: t.device_id.clone(),
                     timestamp: now_secs(),
                     data: gateway::UpgradeData {
+                        msg_id: t.msg_id.clone(),
                         version: t.to_version.clone(),
                         firmware_url: t.firmware_url.clone(),
                         md5: t.md5.clone(),
@@ -736,6 +731,7 @@ impl Ota {
                 uuid: t.device_id.clone(),
                 timestamp: now_secs(),
                 data: gateway::CancelData {
+                    msg_id: t.msg_id.clone(),
                     version: t.to_version.clone(),
                     reason: "cancelled by an operator".into(),
                 },
@@ -808,7 +804,6 @@ impl Ota {
                 by_campaign.entry(c.clone()).or_default().add(&t);
             }
         }
-        let d = &self.drops;
         Ok(Statistics {
             all: all.finish(),
             by_version: by_version
@@ -821,39 +816,49 @@ impl Ota {
                 .collect(),
             devices: self.devices.list()?.len(),
             online_devices: self.devices.online_count(),
-            dropped_reports: [
-                ("malformed", d.malformed.load(Ordering::Relaxed)),
-                ("unknownMsgId", d.unknown_msg_id.load(Ordering::Relaxed)),
-                ("unknownDevice", d.unknown_device.load(Ordering::Relaxed)),
-                ("ignored", d.stale.load(Ordering::Relaxed)),
-            ]
-            .into_iter()
-            .collect(),
+            reports: self.reports.snapshot(),
         })
     }
 
-    fn drop_report(&self, counter: &AtomicU64, device: &str, why: &str) {
-        counter.fetch_add(1, Ordering::Relaxed);
-        DROP_LOG.warn(&format!("dropped a report from {device}: {why}"));
+    /// Counts and logs (at most once a second) a report dropped for `why`.
+    fn drop_report(&self, device: &str, why: Dropped, detail: &str) {
+        self.reports.dropped(device, why);
+        DROP_LOG.warn(&format!(
+            "dropped a report from {device}: {}: {detail}",
+            why.says()
+        ));
     }
 
-    /// Applies an input to a task and persists the result (no flush).
-    fn apply_and_put(
-        &self,
-        t: &TaskRecord,
-        input: &Input,
-    ) -> Result<Option<TaskRecord>, StoreError> {
-        match state::apply(t, input, now_ms()) {
+    /// Applies an input to a task and persists the result (no flush). A task that completes
+    /// also sets its device's version to the target: a gateway that never sends a heartbeat
+    /// (the tutorial's) shows the version it now runs.
+    fn apply_and_put(&self, t: &TaskRecord, input: &Input) -> Result<Outcome, StoreError> {
+        let o = state::apply(t, input, now_ms());
+        match &o {
             Outcome::Changed(n) | Outcome::Touched(n) => {
-                self.store.update_task(t, &n)?;
-                Ok(Some(n))
+                self.store.update_task(t, n)?;
+                if n.status == TaskStatus::Completed && t.status != TaskStatus::Completed {
+                    self.devices.note_version(&n.device_id, &n.to_version)?;
+                }
             }
             Outcome::Ignored(why) => {
-                self.drops.stale.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(task = t.id, why, "input ignored");
-                Ok(None)
+                tracing::debug!(task = t.id, why = why.as_str(), "input ignored");
             }
         }
+        Ok(o)
+    }
+
+    /// [`Ota::apply_and_put`] for a progress report, counted as `how` when it is used.
+    fn apply_report(&self, t: &TaskRecord, input: &Input, how: Used) -> Result<(), StoreError> {
+        let id = &t.device_id;
+        match self.apply_and_put(t, input)? {
+            Outcome::Changed(_) | Outcome::Touched(_) => self.reports.used(id, how),
+            Outcome::Ignored(Why::Backwards) => {
+                self.drop_report(id, Dropped::Backwards, "an earlier state or less progress")
+            }
+            Outcome::Ignored(_) => self.reports.used(id, Used::Repeat),
+        }
+        Ok(())
     }
 
     /// A device could not use the delta it was offered: the task goes on with the full image
@@ -872,13 +877,15 @@ impl Ota {
             note: "the device failed with the delta: re-sending the full image".into(),
         });
         self.store.update_task(t, &n)?;
+        self.reports.used(&t.device_id, Used::Applied);
         tracing::info!(device = %t.device_id, task = t.id, "delta failed on the device; falling back to the full image");
         sends.push(t.id);
         Ok(())
     }
 
     /// Handles one report; persists without flushing. Replies to send after the flush are
-    /// pushed to `out`.
+    /// pushed to `out`. Every report from a registered device refreshes its `lastSeen`, also
+    /// one that is then dropped.
     fn handle(
         &self,
         m: &InboundMessage,
@@ -886,9 +893,15 @@ impl Ota {
         sends: &mut Vec<u64>,
     ) -> Result<(), StoreError> {
         let id = m.device_id.as_str();
+        self.reports.received();
+        self.devices.heard_from(id);
         match m.kind {
             Inbound::GatewayReport => match gateway::parse_report(&m.payload) {
-                Err(why) => self.drop_report(&self.drops.malformed, id, &why),
+                Err(why) => {
+                    if self.devices_seen(m, None)? {
+                        self.drop_report(id, Dropped::Malformed, &why);
+                    }
+                }
                 Ok(gateway::Report::Heartbeat(h)) => {
                     let Some(_) = self.devices_note(
                         m,
@@ -899,55 +912,21 @@ impl Ota {
                     else {
                         return Ok(());
                     };
+                    self.reports.used(id, Used::Heartbeat);
                     if let Some(t) = self.store.latest_task(id)? {
                         self.apply_and_put(&t, &Input::Version(h.firmware_version))?;
                     }
                 }
                 Ok(gateway::Report::Progress { msg_id, data }) => {
-                    if !self.devices_seen(m)? {
-                        return Ok(());
-                    }
-                    let task = match self.store.active_task(id)? {
-                        Some(t) if t.msg_id == msg_id => Some(t),
-                        _ => self.store.latest_task(id)?.filter(|t| t.msg_id == msg_id),
-                    };
-                    let Some(t) = task else {
-                        self.drop_report(
-                            &self.drops.unknown_msg_id,
-                            id,
-                            &format!("unknown msgId {msg_id:?}"),
-                        );
-                        return Ok(());
-                    };
-                    let status = match data.state {
-                        gateway::State::Pending => {
-                            // the device acknowledged the command: liveness only
-                            self.apply_and_put(&t, &Input::Alive)?;
-                            return Ok(());
-                        }
-                        gateway::State::Downloading => TaskStatus::Downloading,
-                        gateway::State::Verifying => TaskStatus::Verifying,
-                        gateway::State::Installing => TaskStatus::Installing,
-                        gateway::State::Completed => TaskStatus::Completed,
-                        gateway::State::Failed => TaskStatus::Failed,
-                    };
-                    if status == TaskStatus::Failed && t.delta.is_some() && t.status.is_active() {
-                        self.retry_without_delta(&t, sends)?;
-                        return Ok(());
-                    }
-                    let input = Input::Progress {
-                        status,
-                        progress: data.progress.map(|p| p as u8),
-                        error_code: gateway::error_code_text(&data.error_code).or_else(|| {
-                            (status == TaskStatus::Failed).then(|| "FAILED".to_string())
-                        }),
-                        error_message: data.error_message.map(|s| s.chars().take(512).collect()),
-                    };
-                    self.apply_and_put(&t, &input)?;
+                    self.gateway_progress(m, msg_id, data, sends)?
                 }
             },
             Inbound::AlibabaInform => match alibaba::parse_inform(&m.payload) {
-                Err(why) => self.drop_report(&self.drops.malformed, id, &why),
+                Err(why) => {
+                    if self.devices_seen(m, None)? {
+                        self.drop_report(id, Dropped::Malformed, &why);
+                    }
+                }
                 Ok(i) => {
                     let Some(_) = self.devices_note(
                         m,
@@ -958,12 +937,13 @@ impl Ota {
                     else {
                         return Ok(());
                     };
+                    self.reports.used(id, Used::Heartbeat);
                     if let Some(t) = self.store.latest_task(id)? {
                         // An Alibaba device informs its version when it starts: back on the old
                         // version after it reached step 100 means the new image did not take.
                         let old = t.from_version.as_deref() == Some(i.params.version.as_str());
                         if t.status == TaskStatus::Installing && old {
-                            if let Some(c) = self.apply_and_put(
+                            if let Outcome::Changed(c) = self.apply_and_put(
                                 &t,
                                 &Input::Progress {
                                     status: TaskStatus::Completed,
@@ -980,55 +960,61 @@ impl Ota {
                     }
                 }
             },
-            Inbound::AlibabaProgress => match alibaba::parse_progress(&m.payload) {
-                Err(why) => self.drop_report(&self.drops.malformed, id, &why),
-                Ok((_, step)) => {
-                    if !self.devices_seen(m)? {
+            Inbound::AlibabaProgress => {
+                let step = match alibaba::parse_progress(&m.payload) {
+                    Ok((_, step)) => step,
+                    Err(why) => {
+                        if self.devices_seen(m, None)? {
+                            self.drop_report(id, Dropped::Malformed, &why);
+                        }
                         return Ok(());
                     }
-                    let Some(t) = self.store.active_task(id)? else {
-                        self.drop_report(
-                            &self.drops.unknown_msg_id,
-                            id,
-                            "progress without an active task",
-                        );
-                        return Ok(());
-                    };
-                    let input = match step {
-                        alibaba::Step::Progress(n) if n < 100 => Input::Progress {
-                            status: TaskStatus::Downloading,
-                            progress: Some(n),
-                            error_code: None,
-                            error_message: None,
-                        },
-                        alibaba::Step::Progress(_) => Input::Progress {
-                            status: TaskStatus::Installing,
-                            progress: Some(100),
-                            error_code: None,
-                            error_message: None,
-                        },
-                        alibaba::Step::DownloadFailed | alibaba::Step::VerifyFailed
-                            if t.delta.is_some() =>
-                        {
-                            self.retry_without_delta(&t, sends)?;
-                            return Ok(());
-                        }
-                        failed => Input::Progress {
-                            status: TaskStatus::Failed,
-                            progress: None,
-                            error_code: failed.error_code().map(Into::into),
-                            error_message: None,
-                        },
-                    };
-                    self.apply_and_put(&t, &input)?;
+                };
+                if !self.devices_seen(m, None)? {
+                    return Ok(());
                 }
-            },
+                let Some(t) = self.store.active_task(id)? else {
+                    self.drop_report(id, Dropped::NoActiveTask, "progress");
+                    return Ok(());
+                };
+                let input = match step {
+                    alibaba::Step::Progress(n) if n < 100 => Input::Progress {
+                        status: TaskStatus::Downloading,
+                        progress: Some(n),
+                        error_code: None,
+                        error_message: None,
+                    },
+                    alibaba::Step::Progress(_) => Input::Progress {
+                        status: TaskStatus::Installing,
+                        progress: Some(100),
+                        error_code: None,
+                        error_message: None,
+                    },
+                    alibaba::Step::DownloadFailed | alibaba::Step::VerifyFailed
+                        if t.delta.is_some() =>
+                    {
+                        return self.retry_without_delta(&t, sends);
+                    }
+                    failed => Input::Progress {
+                        status: TaskStatus::Failed,
+                        progress: None,
+                        error_code: failed.error_code().map(Into::into),
+                        error_message: None,
+                    },
+                };
+                self.apply_report(&t, &input, Used::Applied)?;
+            }
             Inbound::AlibabaGet => match alibaba::parse_get(&m.payload) {
-                Err(why) => self.drop_report(&self.drops.malformed, id, &why),
+                Err(why) => {
+                    if self.devices_seen(m, None)? {
+                        self.drop_report(id, Dropped::Malformed, &why);
+                    }
+                }
                 Ok(g) => {
                     let Some(dev) = self.devices_note(m, None, None, None)? else {
                         return Ok(());
                     };
+                    self.reports.used(id, Used::Request);
                     let (pk, dn) = id.split_once('/').unwrap_or((id, ""));
                     let mut data = serde_json::json!({});
                     if let Some(t) = self.store.active_task(id)? {
@@ -1074,13 +1060,86 @@ impl Ota {
         Ok(())
     }
 
+    /// A gateway `ota_progress`: given to the task its msgId names (the device's active one,
+    /// or its newest), or — without a msgId, as the tutorial's simulator sends them — to the
+    /// device's one active task. While that task runs, `data.currentVersion` is the version the
+    /// device runs.
+    fn gateway_progress(
+        &self,
+        m: &InboundMessage,
+        msg_id: Option<String>,
+        data: gateway::ProgressData,
+        sends: &mut Vec<u64>,
+    ) -> Result<(), StoreError> {
+        let id = m.device_id.as_str();
+        if !self.devices_seen(m, None)? {
+            return Ok(());
+        }
+        let active = self.store.active_task(id)?;
+        let (task, how) = match &msg_id {
+            Some(mid) => match active {
+                Some(t) if t.msg_id == *mid => (Some(t), Used::Applied),
+                _ => (
+                    self.store.latest_task(id)?.filter(|t| t.msg_id == *mid),
+                    Used::Applied,
+                ),
+            },
+            None => match active {
+                Some(t) => (Some(t), Used::MatchedWithoutMsgId),
+                None => {
+                    self.drop_report(id, Dropped::NoMsgId, "and no active task to give it to");
+                    return Ok(());
+                }
+            },
+        };
+        let Some(t) = task else {
+            self.drop_report(
+                id,
+                Dropped::UnknownMsgId,
+                &format!("{:?}", msg_id.unwrap_or_default()),
+            );
+            return Ok(());
+        };
+        if !t.status.is_active() {
+            self.reports.used(id, Used::Repeat);
+            return Ok(());
+        }
+        if let Some(v) = data.current_version.as_deref()
+            && !self.devices.seen_recently(id, Some(v))
+        {
+            self.devices_note(m, Some(v), None, None)?;
+        }
+        let status = match data.state {
+            gateway::State::Pending => {
+                // the device acknowledged the command: liveness only
+                return self.apply_report(&t, &Input::Alive, how);
+            }
+            gateway::State::Downloading => TaskStatus::Downloading,
+            gateway::State::Verifying => TaskStatus::Verifying,
+            gateway::State::Installing => TaskStatus::Installing,
+            gateway::State::Completed => TaskStatus::Completed,
+            gateway::State::Failed => TaskStatus::Failed,
+        };
+        if status == TaskStatus::Failed && t.delta.is_some() {
+            return self.retry_without_delta(&t, sends);
+        }
+        let input = Input::Progress {
+            status,
+            progress: data.progress.map(|p| p as u8),
+            error_code: gateway::error_code_text(&data.error_code)
+                .or_else(|| (status == TaskStatus::Failed).then(|| "FAILED".to_string())),
+            error_message: data.error_message.map(|s| s.chars().take(512).collect()),
+        };
+        self.apply_report(&t, &input, how)
+    }
+
     /// [`Ota::devices_note`] for a report that says nothing about the device: false (counted)
     /// for an unknown device; no store access when the device was noted recently.
-    fn devices_seen(&self, m: &InboundMessage) -> Result<bool, StoreError> {
-        if self.devices.seen_recently(&m.device_id) {
+    fn devices_seen(&self, m: &InboundMessage, version: Option<&str>) -> Result<bool, StoreError> {
+        if self.devices.seen_recently(&m.device_id, version) {
             return Ok(true);
         }
-        Ok(self.devices_note(m, None, None, None)?.is_some())
+        Ok(self.devices_note(m, version, None, None)?.is_some())
     }
 
     fn devices_note(
@@ -1101,16 +1160,12 @@ impl Ota {
         ) {
             Ok(Some(d)) => Ok(Some(d)),
             Ok(None) => {
-                self.drop_report(
-                    &self.drops.unknown_device,
-                    &m.device_id,
-                    "device is not registered",
-                );
+                self.drop_report(&m.device_id, Dropped::UnknownDevice, "not registered");
                 Ok(None)
             }
             Err(DeviceError::Store(e)) => Err(e),
             Err(e) => {
-                self.drop_report(&self.drops.unknown_device, &m.device_id, &e.to_string());
+                self.drop_report(&m.device_id, Dropped::UnknownDevice, &e.to_string());
                 Ok(None)
             }
         }
@@ -1201,8 +1256,19 @@ impl Ota {
             };
             let ready = self.devices.on_presence(&p);
             match &p {
-                Presence::Connected { id, ip, .. } => {
+                Presence::Connected {
+                    id,
+                    ip,
+                    protocol,
+                    anonymous,
+                } => {
                     tracing::debug!(device = %id, ip = %ip, "device connected");
+                    if *anonymous
+                        && self.settings.allow_anonymous
+                        && let Err(e) = self.devices.admit_anonymous(id, *protocol)
+                    {
+                        tracing::warn!(device = %id, error = %e, "admitting an anonymous device failed");
+                    }
                     if let Err(e) = self.devices.note_connected(id, ip) {
                         tracing::warn!(device = %id, error = %e, "recording the connection failed");
                     }
@@ -1247,9 +1313,18 @@ impl Ota {
                 let Ok(Some(t)) = self.store.get_task(id) else {
                     continue;
                 };
-                if let Outcome::Changed(n) =
-                    state::apply(&t, &Input::StallCheck { timeout_ms }, now_ms())
-                {
+                let dropped = self
+                    .reports
+                    .recent_drops(&t.device_id)
+                    .map(|(n, why)| (n, why.says()));
+                if let Outcome::Changed(n) = state::apply(
+                    &t,
+                    &Input::StallCheck {
+                        timeout_ms,
+                        dropped,
+                    },
+                    now_ms(),
+                ) {
                     tracing::warn!(device = %n.device_id, task = n.id, "task failed: no report within tasks.stall_timeout_secs");
                     if self.store.put_task(&n).is_ok() {
                         changed = true;

@@ -27,8 +27,12 @@ pub enum Input {
     Alive,
     /// An operator cancelled it.
     Cancel { reason: String },
-    /// The stall sweep looked at it.
-    StallCheck { timeout_ms: i64 },
+    /// The stall sweep looked at it; `dropped` is how many of the device's reports were
+    /// dropped since one was last used, and why (so a timeout can say so).
+    StallCheck {
+        timeout_ms: i64,
+        dropped: Option<(u64, &'static str)>,
+    },
 }
 
 /// What to do with the task.
@@ -38,8 +42,39 @@ pub enum Outcome {
     Changed(TaskRecord),
     /// Nothing changes but liveness: persist `last_activity_ms` only (no history entry).
     Touched(TaskRecord),
-    /// Drop the input; the reason is for logs and counters.
-    Ignored(&'static str),
+    /// Drop the input, for this reason.
+    Ignored(Why),
+}
+
+/// Why an input changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// The task already ended (a repeated report, a late command).
+    Finished,
+    /// The target version confirmed again after completion.
+    Confirmed,
+    /// The report would move the task backwards (an earlier state or less progress).
+    Backwards,
+    /// A state no device reports (`pending`, `cancelled`).
+    Impossible,
+    /// Stall check: the command has not been sent yet.
+    NotSent,
+    /// Stall check: the task heard from its device recently.
+    NotStalled,
+}
+
+impl Why {
+    /// In words, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Why::Finished => "the task already ended",
+            Why::Confirmed => "target version confirmed again",
+            Why::Backwards => "stale report (would move backwards)",
+            Why::Impossible => "a state a device cannot report",
+            Why::NotSent => "command not sent yet",
+            Why::NotStalled => "not stalled",
+        }
+    }
 }
 
 fn rank(s: TaskStatus) -> u8 {
@@ -82,7 +117,7 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
     match input {
         Input::CommandSent => {
             if !t.status.is_active() {
-                return Outcome::Ignored("command for a finished task");
+                return Outcome::Ignored(Why::Finished);
             }
             let mut n = change(t, now, t.status, t.progress, "command sent".into());
             if n.start_time_ms.is_none() {
@@ -97,7 +132,7 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
             error_message,
         } => {
             if !t.status.is_active() {
-                return Outcome::Ignored("report for a finished task");
+                return Outcome::Ignored(Why::Finished);
             }
             match status {
                 TaskStatus::Failed => {
@@ -119,9 +154,7 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
                     100,
                     "device reported completed".into(),
                 )),
-                TaskStatus::Pending | TaskStatus::Cancelled => {
-                    Outcome::Ignored("state a device cannot report")
-                }
+                TaskStatus::Pending | TaskStatus::Cancelled => Outcome::Ignored(Why::Impossible),
                 s => {
                     let p = progress.unwrap_or(if rank(*s) > rank(t.status) {
                         0
@@ -129,7 +162,7 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
                         t.progress
                     });
                     if rank(*s) < rank(t.status) || (*s == t.status && p < t.progress) {
-                        return Outcome::Ignored("stale report (would move backwards)");
+                        return Outcome::Ignored(Why::Backwards);
                     }
                     if *s == t.status && p == t.progress {
                         return touch(t, now);
@@ -149,7 +182,7 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
                         format!("device runs {v}"),
                     ));
                 }
-                return Outcome::Ignored("target version confirmed again");
+                return Outcome::Ignored(Why::Confirmed);
             }
             let on_old = t.from_version.as_deref() == Some(v.as_str());
             if t.status == TaskStatus::Completed && on_old {
@@ -171,18 +204,18 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
             if t.status.is_active() {
                 return touch(t, now);
             }
-            Outcome::Ignored("version report for a finished task")
+            Outcome::Ignored(Why::Finished)
         }
         Input::Alive => {
             if t.status.is_active() {
                 touch(t, now)
             } else {
-                Outcome::Ignored("report for a finished task")
+                Outcome::Ignored(Why::Finished)
             }
         }
         Input::Cancel { reason } => {
             if !t.status.is_active() {
-                return Outcome::Ignored("task already finished");
+                return Outcome::Ignored(Why::Finished);
             }
             let mut n = change(
                 t,
@@ -195,12 +228,15 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
             n.error_message = Some(reason.clone());
             Outcome::Changed(n)
         }
-        Input::StallCheck { timeout_ms } => {
+        Input::StallCheck {
+            timeout_ms,
+            dropped,
+        } => {
             let Some(_) = t.start_time_ms else {
-                return Outcome::Ignored("command not sent yet");
+                return Outcome::Ignored(Why::NotSent);
             };
             if !t.status.is_active() || now - t.last_activity_ms < *timeout_ms {
-                return Outcome::Ignored("not stalled");
+                return Outcome::Ignored(Why::NotStalled);
             }
             let mut n = change(
                 t,
@@ -210,10 +246,13 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
                 "no report within the stall timeout".into(),
             );
             n.error_code = Some("TIMEOUT".into());
-            n.error_message = Some(format!(
-                "no report from the device for {} s",
-                (now - t.last_activity_ms) / 1000
-            ));
+            let silent = (now - t.last_activity_ms) / 1000;
+            n.error_message = Some(match dropped {
+                Some((count, why)) => {
+                    format!("{count} reports dropped: {why}; none usable for {silent} s")
+                }
+                None => format!("no report from the device for {silent} s"),
+            });
             Outcome::Changed(n)
         }
     }
@@ -350,28 +389,42 @@ mod tests {
         ));
     }
 
+    const STALL: Input = Input::StallCheck {
+        timeout_ms: 10,
+        dropped: None,
+    };
+
     #[test]
     fn stall_timeout_only_after_the_command_went_out() {
         let t = task();
-        assert!(matches!(
-            apply(&t, &Input::StallCheck { timeout_ms: 10 }, 1000),
-            Outcome::Ignored(_)
-        ));
+        assert!(matches!(apply(&t, &STALL, 1000), Outcome::Ignored(_)));
         let t = changed(apply(&t, &Input::CommandSent, 100));
-        assert!(matches!(
-            apply(&t, &Input::StallCheck { timeout_ms: 10 }, 109),
-            Outcome::Ignored(_)
-        ));
-        let f = changed(apply(&t, &Input::StallCheck { timeout_ms: 10 }, 110));
+        assert!(matches!(apply(&t, &STALL, 109), Outcome::Ignored(_)));
+        let f = changed(apply(&t, &STALL, 110));
         assert_eq!(
             (f.status, f.error_code.as_deref()),
             (Failed, Some("TIMEOUT"))
         );
+        assert!(
+            f.error_message
+                .unwrap()
+                .starts_with("no report from the device")
+        );
+        // a device whose reports were all dropped is not called silent
+        let dropped = Input::StallCheck {
+            timeout_ms: 10,
+            dropped: Some((12, "no msgId")),
+        };
+        let f = changed(apply(&t, &dropped, 110));
+        assert!(
+            f.error_message
+                .as_deref()
+                .unwrap()
+                .starts_with("12 reports dropped: no msgId"),
+            "{f:?}"
+        );
         let t = changed(apply(&t, &prog(Downloading, Some(5)), 200));
-        assert!(matches!(
-            apply(&t, &Input::StallCheck { timeout_ms: 10 }, 205),
-            Outcome::Ignored(_)
-        ));
+        assert!(matches!(apply(&t, &STALL, 205), Outcome::Ignored(_)));
     }
 
     #[test]

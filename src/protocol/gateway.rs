@@ -28,6 +28,10 @@ pub struct DeltaOffer {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct UpgradeData {
+    /// The command's msgId again: the tutorial's own gateway simulator reads it from `data`,
+    /// its backend writes it at the top level, and real gateways copy either.
+    #[serde(default)]
+    pub msg_id: String,
     pub version: String,
     pub firmware_url: String,
     pub md5: String,
@@ -53,6 +57,9 @@ pub struct Command<T> {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct CancelData {
+    /// The msgId of the cancelled task (as in [`UpgradeData`]).
+    #[serde(default)]
+    pub msg_id: String,
     pub version: String,
     pub reason: String,
 }
@@ -100,8 +107,11 @@ pub struct HeartbeatData {
 /// Any device -> server message on the report topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
-    /// `ota_progress`
-    Progress { msg_id: String, data: ProgressData },
+    /// `ota_progress`; `msg_id` is None when the report carries none (missing, null or "").
+    Progress {
+        msg_id: Option<String>,
+        data: ProgressData,
+    },
     /// `heartbeat`
     Heartbeat(HeartbeatData),
 }
@@ -121,7 +131,7 @@ pub fn parse_report(payload: &[u8]) -> Result<Report, String> {
         serde_json::from_slice(payload).map_err(|e| format!("malformed JSON: {e}"))?;
     match raw.msg_type.as_str() {
         "ota_progress" => {
-            let msg_id = raw.msg_id.ok_or("ota_progress without msgId")?;
+            let msg_id = raw.msg_id.filter(|m| !m.is_empty());
             let data: ProgressData = serde_json::from_value(raw.data)
                 .map_err(|e| format!("bad ota_progress data: {e}"))?;
             if let Some(p) = data.progress
@@ -178,7 +188,7 @@ mod tests {
  "data":{"state":"downloading","progress":45,"currentVersion":"1.0.1","targetVersion":"1.0.2","errorCode":null,"errorMessage":null}}"#;
         match parse_report(p).unwrap() {
             Report::Progress { msg_id, data } => {
-                assert_eq!(msg_id, "ota_1739260800000_k3j9x2");
+                assert_eq!(msg_id.as_deref(), Some("ota_1739260800000_k3j9x2"));
                 assert_eq!(data.state, State::Downloading);
                 assert_eq!(data.progress, Some(45));
             }
@@ -191,6 +201,21 @@ mod tests {
     }
 
     #[test]
+    fn a_report_without_msg_id_is_a_report_without_one() {
+        // the tutorial's simulator before the command carried msgId in data: the key is absent
+        for p in [
+            &br#"{"msgType":"ota_progress","data":{"state":"downloading","progress":10}}"#[..],
+            br#"{"msgType":"ota_progress","msgId":null,"data":{"state":"downloading"}}"#,
+            br#"{"msgType":"ota_progress","msgId":"","data":{"state":"downloading"}}"#,
+        ] {
+            assert!(matches!(
+                parse_report(p).unwrap(),
+                Report::Progress { msg_id: None, .. }
+            ));
+        }
+    }
+
+    #[test]
     fn rejects_bad_reports() {
         for bad in [
             &b"not json"[..],
@@ -198,7 +223,6 @@ mod tests {
             br#"{"msgType":"ota_progress","msgId":"x","data":{"state":"downloading","progress":101}}"#,
             br#"{"msgType":"ota_progress","msgId":"x","data":{"state":"downloading","progress":-1}}"#,
             br#"{"msgType":"ota_progress","msgId":"x","data":{"state":"flying"}}"#,
-            br#"{"msgType":"ota_progress","data":{"state":"downloading"}}"#,
             br#"{"msgType":"ota_progress","msgId":"x","data":{"state":"downloading","progress":"45"}}"#,
             br#"{"msgType":"heartbeat","data":{"firmwareVersion":"../1"}}"#,
             br#"{"msgType":"heartbeat","data":{}}"#,
