@@ -1254,7 +1254,6 @@ impl Ota {
                 _ = shutdown.cancelled() => return,
                 p = rx.recv() => match p { Some(p) => p, None => return },
             };
-            let ready = self.devices.on_presence(&p);
             match &p {
                 Presence::Connected {
                     id,
@@ -1262,6 +1261,7 @@ impl Ota {
                     protocol,
                     anonymous,
                 } => {
+                    self.devices.on_presence(&p);
                     tracing::debug!(device = %id, ip = %ip, "device connected");
                     if *anonymous
                         && self.settings.allow_anonymous
@@ -1273,22 +1273,39 @@ impl Ota {
                         tracing::warn!(device = %id, error = %e, "recording the connection failed");
                     }
                 }
-                Presence::Ready { id, at_ms, .. } if ready => {
-                    // Re-send on connect: a command never sent, or one that never got an
-                    // answer, goes out again — not one sent since the device subscribed (a
-                    // firmware/get answered meanwhile, a campaign that just started), which it
-                    // got: a second copy could start a second attempt.
-                    if let Ok(Some(t)) = self.store.active_task(id)
-                        && t.status == TaskStatus::Pending
-                        && (t.start_time_ms.is_none()
-                            || t.last_activity_ms < *at_ms
-                            || *at_ms <= self.started_ms.load(Ordering::SeqCst))
-                        && let Err(e) = self.send_command(t.id).await
+                Presence::Ready { id, at_ms, .. } => {
+                    // Under the task lock: a task being created right now either sees the
+                    // device ready (and sends its command itself) or is in the store before
+                    // this looks (and is sent from here) — never neither.
+                    let resend = {
+                        let _g = self.lock.lock().await;
+                        let ready = self.devices.on_presence(&p);
+                        // Re-send on connect: a command never sent, or one that never got an
+                        // answer, goes out again — not one sent since the device subscribed (a
+                        // firmware/get answered meanwhile, a campaign that just started),
+                        // which it got: a second copy could start a second attempt.
+                        match self.store.active_task(id) {
+                            Ok(Some(t))
+                                if ready
+                                    && t.status == TaskStatus::Pending
+                                    && (t.start_time_ms.is_none()
+                                        || t.last_activity_ms < *at_ms
+                                        || *at_ms <= self.started_ms.load(Ordering::SeqCst)) =>
+                            {
+                                Some(t.id)
+                            }
+                            _ => None,
+                        }
+                    };
+                    if let Some(task) = resend
+                        && let Err(e) = self.send_command(task).await
                     {
                         tracing::warn!(device = %id, error = %e, "re-sending the command failed");
                     }
                 }
-                _ => {}
+                Presence::Disconnected { .. } => {
+                    self.devices.on_presence(&p);
+                }
             }
         }
     }
