@@ -271,6 +271,7 @@ impl App {
                 public_url: public_url.clone(),
                 topic_prefix: config.mqtt.topic_prefix.clone(),
                 stall_timeout: Duration::from_secs(config.tasks.stall_timeout_secs),
+                reboot_grace: Duration::from_secs(config.tasks.reboot_grace_secs),
                 allow_anonymous: config.mqtt.allow_anonymous,
             },
         ));

@@ -109,6 +109,9 @@ pub struct AuthConfig {
 pub struct TasksConfig {
     /// Seconds without a report after which an active task fails with TIMEOUT.
     pub stall_timeout_secs: u64,
+    /// Seconds a device has, after its upgrade completed and after it (re)connected, to boot
+    /// the new image: the old version reported within them is not yet a rollback.
+    pub reboot_grace_secs: u64,
 }
 
 /// `[metrics]`
@@ -194,6 +197,7 @@ impl Default for TasksConfig {
     fn default() -> Self {
         TasksConfig {
             stall_timeout_secs: 600,
+            reboot_grace_secs: 120,
         }
     }
 }
@@ -372,6 +376,13 @@ impl Config {
             return Err(err(
                 "auth.url_ttl_secs",
                 "must be between 1 and 31622400 seconds (one year)".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&self.tasks.reboot_grace_secs) {
+            return Err(err(
+                "tasks.reboot_grace_secs",
+                "must be between 1 and 86400 seconds (longer than your devices take to reboot)"
+                    .into(),
             ));
         }
         if self.tasks.stall_timeout_secs == 0 {

@@ -50,6 +50,8 @@ pub struct Live {
     pub ready: bool,
     /// Address of the newest connection.
     pub ip: String,
+    /// When the newest connection was accepted (ms since the epoch).
+    pub connected_ms: i64,
     /// What this process last stored for the device, so a report that changes nothing costs
     /// no read ([`Devices::seen_recently`]).
     pub noted: Option<Noted>,
@@ -278,6 +280,25 @@ impl Devices {
             .is_some_and(|l| l.ready)
     }
 
+    /// Whether the device has a connection now.
+    pub fn is_online(&self, id: &str) -> bool {
+        self.live
+            .read()
+            .expect("live lock")
+            .get(id)
+            .is_some_and(|l| l.connections > 0)
+    }
+
+    /// When the device's newest connection was accepted, if it is connected.
+    pub fn connected_ms(&self, id: &str) -> Option<i64> {
+        self.live
+            .read()
+            .expect("live lock")
+            .get(id)
+            .filter(|l| l.connections > 0)
+            .map(|l| l.connected_ms)
+    }
+
     /// Number of devices with at least one connection.
     /// Online devices as (gateway protocol, Alibaba protocol); Alibaba ids are `pk/dn`.
     pub fn online_by_protocol(&self) -> (usize, usize) {
@@ -313,6 +334,7 @@ impl Devices {
                 let l = live.entry(id.clone()).or_default();
                 l.connections += 1;
                 l.ip = ip.clone();
+                l.connected_ms = now_ms();
                 false
             }
             Presence::Ready { id, .. } => {

@@ -389,7 +389,10 @@ async fn device(sh: Arc<Shared>, ident: Identity, n: usize, stop: CancellationTo
     let client_id = format!("sim-{}-{n}", std::process::id());
     let (link, mut rx) = Link::start(&ident, &sh.target, &client_id, Duration::from_secs(60));
     let mut permit = permit;
-    let running = Arc::new(std::sync::Mutex::new(sh.args.version.clone()));
+    let running = Arc::new(std::sync::Mutex::new(Running {
+        version: sh.args.version.clone(),
+        rebooting: false,
+    }));
     let done_once = Arc::new(AtomicBool::new(false));
     let mut current: Option<(String, CancellationToken, tokio::task::JoinHandle<()>)> = None;
     let mut up = false;
@@ -413,8 +416,15 @@ async fn device(sh: Arc<Shared>, ident: Identity, n: usize, stop: CancellationTo
                     sh.stats.connected.fetch_add(1, Ordering::Relaxed);
                     sh.stats.ever_connected.fetch_add(1, Ordering::Relaxed);
                 }
-                let v = running.lock().expect("poisoned").clone();
-                link.send(announce(&ident, &v)).await;
+                // a device between "completed" and its reboot says nothing now: it announces
+                // the version it runs once it has rebooted
+                let (v, rebooting) = {
+                    let r = running.lock().expect("poisoned");
+                    (r.version.clone(), r.rebooting)
+                };
+                if !rebooting {
+                    link.send(announce(&ident, &v)).await;
+                }
                 if let Some(m) = firmware_get(&ident) {
                     link.send(m).await;
                 }
@@ -449,7 +459,7 @@ async fn device(sh: Arc<Shared>, ident: Identity, n: usize, stop: CancellationTo
                     // a newer command (force) replaces the running attempt
                     current.take().expect("some").1.cancel();
                 }
-                let now = running.lock().expect("poisoned").clone();
+                let now = running.lock().expect("poisoned").version.clone();
                 if offer.version == now {
                     // already there (e.g. after a reboot the server re-sent): say so
                     link.send(announce(&ident, &now)).await;
@@ -478,6 +488,13 @@ async fn device(sh: Arc<Shared>, ident: Identity, n: usize, stop: CancellationTo
     }
 }
 
+/// What a simulated device runs.
+struct Running {
+    version: String,
+    /// Between reporting "completed" and having rebooted.
+    rebooting: bool,
+}
+
 enum End {
     Completed,
     RolledBack,
@@ -491,7 +508,7 @@ async fn attempt(
     ident: Identity,
     link: Sender,
     offer: Offer,
-    running: Arc<std::sync::Mutex<String>>,
+    running: Arc<std::sync::Mutex<Running>>,
     done_once: Arc<AtomicBool>,
     token: CancellationToken,
 ) {
@@ -502,6 +519,8 @@ async fn attempt(
         e = upgrade(&sh, &ident, &link, &offer, &running) => e,
         _ = token.cancelled() => End::Cancelled,
     };
+    // a cancelled attempt may have been rebooting
+    running.lock().expect("poisoned").rebooting = false;
     st.downloading.fetch_sub(1, Ordering::Relaxed);
     match end {
         End::Completed => st.completed.fetch_add(1, Ordering::Relaxed),
@@ -528,11 +547,11 @@ async fn upgrade(
     ident: &Identity,
     link: &Sender,
     offer: &Offer,
-    running: &std::sync::Mutex<String>,
+    running: &std::sync::Mutex<Running>,
 ) -> End {
     let args = &sh.args;
     let st = &sh.stats;
-    let current = running.lock().expect("poisoned").clone();
+    let current = running.lock().expect("poisoned").version.clone();
     if !offer.force && crate::ids::compare_versions(&offer.version, &current).is_lt() {
         let why = format!("{} is older than the running {current}", offer.version);
         link.send(failure_report(
@@ -705,13 +724,15 @@ async fn upgrade(
     link.send(stage_report(ident, offer, Stage::Completed, &current))
         .await;
     // reboot
+    running.lock().expect("poisoned").rebooting = true;
     tokio::time::sleep(Duration::from_millis(args.reboot_ms)).await;
+    running.lock().expect("poisoned").rebooting = false;
     if chance(args.bad_install_rate) {
         // the new image did not boot: the bootloader went back to the old one
         link.send(announce(ident, &current)).await;
         return End::RolledBack;
     }
-    *running.lock().expect("poisoned") = offer.version.clone();
+    running.lock().expect("poisoned").version = offer.version.clone();
     link.send(announce(ident, &offer.version)).await;
     End::Completed
 }

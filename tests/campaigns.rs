@@ -86,9 +86,17 @@ async fn canary_waves_with_deltas_complete_in_order() {
         "CW",
     ]);
     s.wait_online(20).await;
+    // every device has announced its version and delta formats (the dry run counts deltas)
     let deadline = Instant::now() + Duration::from_secs(20);
-    while s.get_json("/api/ota/devices/CW0020").await.1["data"]["firmwareVersion"] != "1.0.1" {
-        assert!(Instant::now() < deadline);
+    loop {
+        let (_, b) = s.get_json("/api/ota/devices?limit=100").await;
+        let ready = b["data"].as_array().unwrap().iter().filter(|d| {
+            d["firmwareVersion"] == "1.0.1" && d["deltaFormats"] == json!(["bsdiff40"])
+        });
+        if ready.count() == 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{b}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     s.release_bytes("1.0.2", "gateway", fixture("new.bin"))

@@ -15,7 +15,7 @@ use super::error::{ApiError, ok, ok_with};
 use super::refusal::JsonBody;
 use super::wire::rfc3339_ms;
 use crate::campaigns::{CampaignError, CampaignSpec, Plan};
-use crate::store::{CampaignMember, CampaignRecord, CampaignTargets, MemberStatus};
+use crate::store::{CampaignMember, CampaignRecord, CampaignTargets};
 
 impl From<CampaignError> for ApiError {
     fn from(e: CampaignError) -> ApiError {
@@ -132,6 +132,23 @@ struct SkippedDto {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
+struct RetryingDto {
+    device_id: String,
+    attempts: u32,
+    next_attempt_at: String,
+    last_error: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FailureDto {
+    code: String,
+    count: usize,
+    devices: Vec<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct CampaignDto {
     id: String,
     name: String,
@@ -142,6 +159,7 @@ struct CampaignDto {
     targets: serde_json::Value,
     total: usize,
     counts: BTreeMap<&'static str, u64>,
+    unconfirmed: u64,
     waves: Vec<WaveDto>,
     current_wave: Option<u32>,
     success_rate: f64,
@@ -149,6 +167,8 @@ struct CampaignDto {
     bytes_full: u64,
     bytes_delta: u64,
     eta_secs: Option<u64>,
+    retrying: Vec<RetryingDto>,
+    failures: Vec<FailureDto>,
     success_threshold: f64,
     failure_threshold: serde_json::Value,
     max_in_flight: u32,
@@ -164,125 +184,62 @@ struct CampaignDto {
     ended_at: Option<String>,
 }
 
-const STATES: [&str; 9] = [
-    "queued",
-    "pending",
-    "downloading",
-    "verifying",
-    "installing",
-    "completed",
-    "failed",
-    "cancelled",
-    "skipped",
-];
-
-fn dto(st: &AppState, c: &CampaignRecord, members: &[CampaignMember]) -> CampaignDto {
-    let empty = || {
-        STATES
-            .iter()
-            .map(|s| (*s, 0u64))
-            .collect::<BTreeMap<_, _>>()
-    };
-    let mut counts = empty();
-    let mut waves: Vec<WaveDto> = c
-        .waves
-        .iter()
-        .enumerate()
-        .map(|(i, p)| WaveDto {
-            wave: i as u32 + 1,
-            percent: *p,
-            devices: 0,
-            counts: empty(),
-        })
-        .collect();
-    let (mut bytes_full, mut bytes_delta) = (0u64, 0u64);
-    let mut skipped = Vec::new();
-    for m in members {
-        let task = m
-            .task_id
-            .and_then(|id| st.store.get_task(id).ok().flatten());
-        let state: &'static str = match m.status {
-            MemberStatus::Queued => "queued",
-            MemberStatus::InFlight => task.as_ref().map_or("pending", |t| t.status.as_str()),
-            MemberStatus::Succeeded => "completed",
-            MemberStatus::Failed => "failed",
-            MemberStatus::Skipped => "skipped",
-            MemberStatus::Cancelled => "cancelled",
-        };
-        if m.status == MemberStatus::Skipped {
-            skipped.push(SkippedDto {
-                device_id: m.device_id.clone(),
-                reason: m.note.clone().unwrap_or_default(),
-            });
-        }
-        if let Some(t) = &task
-            && t.status == crate::store::TaskStatus::Completed
-        {
-            match &t.delta {
-                Some(d) => bytes_delta += d.size,
-                None => bytes_full += t.file_size,
-            }
-        }
-        *counts.entry(state).or_default() += 1;
-        if let Some(w) = waves.get_mut(m.wave as usize) {
-            w.devices += 1;
-            *w.counts.entry(state).or_default() += 1;
-        }
-    }
-    let total = members.len();
-    let eligible = total as u64 - counts["skipped"];
-    let pct = |n: u64| {
-        if eligible == 0 {
-            0.0
-        } else {
-            (n as f64 * 10_000.0 / eligible as f64).round() / 100.0
-        }
-    };
-    let finished = counts["completed"] + counts["failed"];
-    let remaining = eligible.saturating_sub(finished + counts["cancelled"]);
-    let now = crate::firmware::now_ms();
-    let eta_secs = match (c.status.is_live(), c.started_at_ms) {
-        (true, Some(s)) if finished > 0 && remaining > 0 => {
-            Some(((now - s).max(0) as u64 / 1000) * remaining / finished)
-        }
-        (true, _) if remaining == 0 => Some(0),
-        _ => None,
-    };
-    let current_wave = c
-        .status
-        .is_live()
-        .then(|| {
-            waves
-                .iter()
-                .find(|w| {
-                    w.counts["queued"]
-                        + w.counts["pending"]
-                        + w.counts["downloading"]
-                        + w.counts["verifying"]
-                        + w.counts["installing"]
-                        > 0
-                })
-                .map(|w| w.wave)
-        })
-        .flatten();
-    CampaignDto {
+fn dto(
+    st: &AppState,
+    c: &CampaignRecord,
+    members: &[CampaignMember],
+) -> Result<CampaignDto, ApiError> {
+    let p = st
+        .campaigns
+        .progress(c, members)
+        .map_err(ApiError::internal)?;
+    Ok(CampaignDto {
         id: c.id.clone(),
         name: c.name.clone(),
         device_type: c.device_type.clone(),
         version: c.version.clone(),
         status: c.status.as_str(),
-        status_reason: c.status_reason.clone(),
+        status_reason: p.status_reason,
         targets: serde_json::json!({"all": c.targets.all, "deviceIds": c.targets.device_ids,
             "fromVersions": c.targets.from_versions, "tags": c.targets.tags}),
-        total,
-        success_rate: pct(counts["completed"]),
-        failure_rate: pct(counts["failed"]),
-        counts,
-        waves,
-        current_wave,
-        bytes_full,
-        bytes_delta,
-        eta_secs,
+        total: p.total,
+        counts: p.counts,
+        unconfirmed: p.unconfirmed,
+        waves: p
+            .waves
+            .into_iter()
+            .map(|w| WaveDto {
+                wave: w.wave,
+                percent: w.percent,
+                devices: w.devices,
+                counts: w.counts,
+            })
+            .collect(),
+        current_wave: p.current_wave,
+        success_rate: p.success_rate,
+        failure_rate: p.failure_rate,
+        bytes_full: p.bytes_full,
+        bytes_delta: p.bytes_delta,
+        eta_secs: p.eta_secs,
+        retrying: p
+            .retrying
+            .into_iter()
+            .map(|r| RetryingDto {
+                device_id: r.device_id,
+                attempts: r.attempts,
+                next_attempt_at: rfc3339_ms(r.next_attempt_ms),
+                last_error: r.last_error,
+            })
+            .collect(),
+        failures: p
+            .failures
+            .into_iter()
+            .map(|f| FailureDto {
+                code: f.code,
+                count: f.devices.len(),
+                devices: f.devices,
+            })
+            .collect(),
         success_threshold: c.success_threshold,
         failure_threshold: serde_json::json!({"percent": c.failure_percent, "minCount": c.failure_min_count}),
         max_in_flight: c.max_in_flight,
@@ -293,12 +250,16 @@ fn dto(st: &AppState, c: &CampaignRecord, members: &[CampaignMember]) -> Campaig
         force: c.force,
         retries: c.retries,
         dynamic: c.dynamic,
-        skipped,
+        skipped: p
+            .skipped
+            .into_iter()
+            .map(|(device_id, reason)| SkippedDto { device_id, reason })
+            .collect(),
         created_at: rfc3339_ms(c.created_at_ms),
         updated_at: rfc3339_ms(c.updated_at_ms),
         started_at: c.started_at_ms.map(rfc3339_ms),
         ended_at: c.ended_at_ms.map(rfc3339_ms),
-    }
+    })
 }
 
 /// POST /api/ota/campaigns
@@ -309,7 +270,7 @@ pub async fn create(
     let s = spec(b);
     // the campaign as created; its engine is already starting devices (GET shows them)
     let (c, plan, members) = st.campaigns.create(&s).await?.into_inner();
-    let mut v = serde_json::to_value(dto(&st, &c, &members)).map_err(ApiError::internal)?;
+    let mut v = serde_json::to_value(dto(&st, &c, &members)?).map_err(ApiError::internal)?;
     v["notes"] = serde_json::json!(plan.notes);
     Ok(ok_with(StatusCode::CREATED, v))
 }
@@ -329,7 +290,7 @@ pub async fn list(State(st): State<AppState>) -> Result<Response, ApiError> {
     let mut out = Vec::new();
     for c in st.campaigns.list()? {
         let m = st.campaigns.members(&c.id)?;
-        out.push(dto(&st, &c, &m));
+        out.push(dto(&st, &c, &m)?);
     }
     Ok(ok(out))
 }
@@ -341,7 +302,7 @@ pub async fn get_one(
 ) -> Result<Response, ApiError> {
     let c = st.campaigns.get(&id)?;
     let m = st.campaigns.members(&id)?;
-    Ok(ok(dto(&st, &c, &m)))
+    Ok(ok(dto(&st, &c, &m)?))
 }
 
 /// POST /api/ota/campaigns/{id}/{action} (pause, resume, cancel)
@@ -356,5 +317,5 @@ pub async fn act(
     }
     let c = st.campaigns.act(&id, &action).await?.into_inner();
     let m = st.campaigns.members(&id)?;
-    Ok(ok(dto(&st, &c, &m)))
+    Ok(ok(dto(&st, &c, &m)?))
 }

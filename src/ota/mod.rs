@@ -78,7 +78,19 @@ pub struct OtaSettings {
     pub public_url: String,
     pub topic_prefix: String,
     pub stall_timeout: Duration,
+    pub reboot_grace: Duration,
     pub allow_anonymous: bool,
+}
+
+/// Completed upgrades whose device has not yet shown that it booted the new image (kept in
+/// memory: after a restart a device gets a fresh grace, and announces again when it reconnects).
+#[derive(Default)]
+struct Settling {
+    /// Completed tasks whose device reported the target version since.
+    confirmed: std::collections::HashSet<u64>,
+    /// Tasks whose device announced its old version within the reboot grace: when the grace
+    /// ends (ms since the epoch) and the version; a rollback then, unless it confirms first.
+    suspects: std::collections::HashMap<u64, (i64, String)>,
 }
 
 /// The task engine.
@@ -93,6 +105,7 @@ pub struct Ota {
     lock: tokio::sync::Mutex<()>,
     /// What became of device reports since the start.
     pub reports: ReportCounters,
+    settling: std::sync::Mutex<Settling>,
     commands_sent: AtomicU64,
     /// When [`Ota::spawn`] ran (ms since the epoch): it moves every active task's last
     /// activity to then, so a device that subscribed before is re-sent its command anyway.
@@ -232,6 +245,7 @@ impl Ota {
             settings,
             lock: tokio::sync::Mutex::new(()),
             reports: ReportCounters::default(),
+            settling: Default::default(),
             commands_sent: AtomicU64::new(0),
             started_ms: std::sync::atomic::AtomicI64::new(0),
         }
@@ -848,6 +862,103 @@ impl Ota {
         Ok(o)
     }
 
+    /// When a device that reported its old version after installing `t` has had time to boot
+    /// the new image: the reboot grace after the install ended and after its newest connection
+    /// (after a reconnect a gateway first delivers "completed", then announces the version it
+    /// runs until it reboots).
+    fn boot_deadline(&self, t: &TaskRecord) -> i64 {
+        let installed = t.complete_time_ms.unwrap_or(t.updated_at_ms);
+        let connected = self.devices.connected_ms(&t.device_id).unwrap_or(0);
+        installed.max(connected) + self.settings.reboot_grace.as_millis() as i64
+    }
+
+    /// Applies the version a device says it runs to its newest task: completes it, confirms a
+    /// completed one, or — the old version — rolls it back once the device has had time to
+    /// boot the new image, and until then keeps it as a suspicion for the sweeper to decide.
+    fn apply_version(&self, t: &TaskRecord, version: String) -> Result<(), StoreError> {
+        let deadline = self.boot_deadline(t);
+        let settled = now_ms() >= deadline;
+        let o = self.apply_and_put(
+            t,
+            &Input::Version {
+                version: version.clone(),
+                settled,
+            },
+        )?;
+        let mut s = self.settling.lock().expect("settling lock");
+        match o {
+            Outcome::Ignored(Why::RebootGrace) => {
+                s.suspects.insert(t.id, (deadline, version));
+            }
+            Outcome::Ignored(Why::Confirmed) => {
+                s.suspects.remove(&t.id);
+                s.confirmed.insert(t.id);
+            }
+            Outcome::Changed(n) if n.status == TaskStatus::Completed => {
+                s.suspects.remove(&t.id);
+                s.confirmed.insert(t.id);
+            }
+            Outcome::Changed(n) if !n.status.is_active() => {
+                s.suspects.remove(&t.id);
+                s.confirmed.remove(&t.id);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether a completed task's device has shown it runs the new image: it reported the
+    /// target version since, or the reboot grace after completion passed with no sign of the
+    /// old one. Campaigns count a member as succeeded only then.
+    pub fn settled(&self, t: &TaskRecord, now: i64) -> bool {
+        if t.status != TaskStatus::Completed {
+            return false;
+        }
+        let s = self.settling.lock().expect("settling lock");
+        if s.suspects.contains_key(&t.id) {
+            return false;
+        }
+        s.confirmed.contains(&t.id)
+            || now
+                >= t.complete_time_ms.unwrap_or(t.updated_at_ms)
+                    + self.settings.reboot_grace.as_millis() as i64
+    }
+
+    /// Rolls back every suspect whose grace ended without the device confirming (under the
+    /// lock, no flush); returns whether anything changed.
+    fn decide_suspects(&self, now: i64) -> Result<bool, StoreError> {
+        let due: Vec<(u64, String)> = {
+            let mut s = self.settling.lock().expect("settling lock");
+            let due: Vec<(u64, String)> = s
+                .suspects
+                .iter()
+                .filter(|(_, (at, _))| *at <= now)
+                .map(|(id, (_, v))| (*id, v.clone()))
+                .collect();
+            for (id, _) in &due {
+                s.suspects.remove(id);
+            }
+            due
+        };
+        let mut changed = false;
+        for (id, version) in due {
+            let Some(t) = self.store.get_task(id)? else {
+                continue;
+            };
+            if let Outcome::Changed(n) = self.apply_and_put(
+                &t,
+                &Input::Version {
+                    version,
+                    settled: true,
+                },
+            )? {
+                tracing::warn!(device = %n.device_id, task = n.id, "rolled back: the device did not report the new version within tasks.reboot_grace_secs");
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
     /// [`Ota::apply_and_put`] for a progress report, counted as `how` when it is used.
     fn apply_report(&self, t: &TaskRecord, input: &Input, how: Used) -> Result<(), StoreError> {
         let id = &t.device_id;
@@ -914,7 +1025,7 @@ impl Ota {
                     };
                     self.reports.used(id, Used::Heartbeat);
                     if let Some(t) = self.store.latest_task(id)? {
-                        self.apply_and_put(&t, &Input::Version(h.firmware_version))?;
+                        self.apply_version(&t, h.firmware_version)?;
                     }
                 }
                 Ok(gateway::Report::Progress { msg_id, data }) => {
@@ -939,24 +1050,7 @@ impl Ota {
                     };
                     self.reports.used(id, Used::Heartbeat);
                     if let Some(t) = self.store.latest_task(id)? {
-                        // An Alibaba device informs its version when it starts: back on the old
-                        // version after it reached step 100 means the new image did not take.
-                        let old = t.from_version.as_deref() == Some(i.params.version.as_str());
-                        if t.status == TaskStatus::Installing && old {
-                            if let Outcome::Changed(c) = self.apply_and_put(
-                                &t,
-                                &Input::Progress {
-                                    status: TaskStatus::Completed,
-                                    progress: None,
-                                    error_code: None,
-                                    error_message: None,
-                                },
-                            )? {
-                                self.apply_and_put(&c, &Input::Version(i.params.version))?;
-                            }
-                        } else {
-                            self.apply_and_put(&t, &Input::Version(i.params.version))?;
-                        }
+                        self.apply_version(&t, i.params.version)?;
                     }
                 }
             },
@@ -1312,7 +1406,7 @@ impl Ota {
 
     async fn stall_sweeper(self: Arc<Self>, shutdown: CancellationToken) {
         let timeout_ms = self.settings.stall_timeout.as_millis() as i64;
-        let period = (self.settings.stall_timeout / 4)
+        let period = (self.settings.stall_timeout.min(self.settings.reboot_grace) / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1322,11 +1416,14 @@ impl Ota {
                 _ = tick.tick() => {}
             }
             let _g = self.lock.lock().await;
-            let mut changed = false;
-            let Ok(ids) = self.store.active_task_ids() else {
-                continue;
+            let mut changed = match self.decide_suspects(now_ms()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "deciding suspected rollbacks failed");
+                    false
+                }
             };
-            for id in ids {
+            for id in self.store.active_task_ids().unwrap_or_default() {
                 let Ok(Some(t)) = self.store.get_task(id) else {
                     continue;
                 };

@@ -21,8 +21,10 @@ pub enum Input {
         error_code: Option<String>,
         error_message: Option<String>,
     },
-    /// The device reported the version it runs (heartbeat / inform).
-    Version(String),
+    /// The device reported the version it runs (heartbeat / inform). `settled`: it has had
+    /// time to boot what it installed (the reboot grace passed since the task completed and
+    /// since the device last connected); an old version before then is not yet a rollback.
+    Version { version: String, settled: bool },
     /// The device answered without changing anything (e.g. `state: pending`): liveness only.
     Alive,
     /// An operator cancelled it.
@@ -61,7 +63,12 @@ pub enum Why {
     NotSent,
     /// Stall check: the task heard from its device recently.
     NotStalled,
+    /// The old version, within the reboot grace: not (yet) a rollback.
+    RebootGrace,
 }
+
+/// The error code of a device that came back on its old version.
+pub const ROLLED_BACK: &str = "ROLLED_BACK";
 
 impl Why {
     /// In words, for logs.
@@ -73,6 +80,7 @@ impl Why {
             Why::Impossible => "a state a device cannot report",
             Why::NotSent => "command not sent yet",
             Why::NotStalled => "not stalled",
+            Why::RebootGrace => "old version within the reboot grace",
         }
     }
 }
@@ -171,7 +179,10 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
                 }
             }
         }
-        Input::Version(v) => {
+        Input::Version {
+            version: v,
+            settled,
+        } => {
             if *v == t.to_version {
                 if t.status.is_active() {
                     return Outcome::Changed(change(
@@ -182,10 +193,33 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
                         format!("device runs {v}"),
                     ));
                 }
+                if t.status == TaskStatus::Failed && t.error_code.as_deref() == Some(ROLLED_BACK) {
+                    // it took longer than the reboot grace to boot the new image, but did
+                    let mut n = change(
+                        t,
+                        now,
+                        TaskStatus::Completed,
+                        100,
+                        format!("device runs {v} after all"),
+                    );
+                    n.error_code = None;
+                    n.error_message = None;
+                    return Outcome::Changed(n);
+                }
                 return Outcome::Ignored(Why::Confirmed);
             }
             let on_old = t.from_version.as_deref() == Some(v.as_str());
-            if t.status == TaskStatus::Completed && on_old {
+            // Alibaba devices inform their version when they start: step 100 is "installed,
+            // rebooting", so the next inform decides.
+            let installed = t.status == TaskStatus::Completed
+                || (t.protocol == crate::protocol::Protocol::Alibaba
+                    && t.status == TaskStatus::Installing
+                    && t.progress == 100);
+            if installed && on_old {
+                if !settled {
+                    // still booting, or not rebooted yet: decided when the grace ends
+                    return Outcome::Ignored(Why::RebootGrace);
+                }
                 let mut n = change(
                     t,
                     now,
@@ -193,12 +227,12 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
                     t.progress,
                     format!("device came back on {v}"),
                 );
-                n.error_code = Some("ROLLED_BACK".into());
+                n.error_code = Some(ROLLED_BACK.into());
                 n.error_message = Some(format!(
-                    "the device reported version {v} after completing the upgrade to {}",
+                    "the device reported version {v} after installing {} and having had time to boot it",
                     t.to_version
                 ));
-                // complete_time stays the moment the task ended first
+                // a completed task keeps the moment it ended first
                 return Outcome::Changed(n);
             }
             if t.status.is_active() {
@@ -363,30 +397,78 @@ mod tests {
         );
     }
 
+    fn version(v: &str, settled: bool) -> Input {
+        Input::Version {
+            version: v.into(),
+            settled,
+        }
+    }
+
     #[test]
     fn version_reports_complete_or_roll_back() {
         let t = changed(apply(&task(), &prog(Installing, Some(100)), 1));
-        assert!(matches!(
-            apply(&t, &Input::Version("1.0.1".into()), 2),
-            Outcome::Touched(_)
-        ));
-        let done = changed(apply(&t, &Input::Version("1.0.2".into()), 3));
+        // a gateway still installing may report from its old image
+        for settled in [false, true] {
+            assert!(matches!(
+                apply(&t, &version("1.0.1", settled), 2),
+                Outcome::Touched(_)
+            ));
+        }
+        let done = changed(apply(&t, &version("1.0.2", false), 3));
         assert_eq!((done.status, done.complete_time_ms), (Completed, Some(3)));
         assert!(matches!(
-            apply(&done, &Input::Version("1.0.2".into()), 4),
-            Outcome::Ignored(_)
+            apply(&done, &version("1.0.2", true), 4),
+            Outcome::Ignored(Why::Confirmed)
         ));
-        let rb = changed(apply(&done, &Input::Version("1.0.1".into()), 5));
+        // the old version before the device had time to boot the new one: not yet
+        assert!(matches!(
+            apply(&done, &version("1.0.1", false), 5),
+            Outcome::Ignored(Why::RebootGrace)
+        ));
+        let rb = changed(apply(&done, &version("1.0.1", true), 5));
         assert_eq!(
             (rb.status, rb.error_code.as_deref()),
-            (Failed, Some("ROLLED_BACK"))
+            (Failed, Some(ROLLED_BACK))
         );
         assert_eq!(rb.complete_time_ms, Some(3));
+        // it booted the new image after all, later than the grace: completed again
+        let back = changed(apply(&rb, &version("1.0.2", true), 9));
+        assert_eq!((back.status, back.error_code), (Completed, None));
         // an unrelated version after completion changes nothing
         assert!(matches!(
-            apply(&done, &Input::Version("0.9".into()), 6),
+            apply(&done, &version("0.9", true), 6),
+            Outcome::Ignored(Why::Finished)
+        ));
+        // a failure of another kind is not undone by a version report
+        let mut failed = done.clone();
+        failed.status = Failed;
+        failed.error_code = Some("DOWNLOAD_FAILED".into());
+        assert!(matches!(
+            apply(&failed, &version("1.0.2", true), 7),
             Outcome::Ignored(_)
         ));
+    }
+
+    #[test]
+    fn an_alibaba_device_back_on_its_old_version_after_step_100_rolled_back() {
+        let mut t = task();
+        t.protocol = crate::protocol::Protocol::Alibaba;
+        let t = changed(apply(&t, &prog(Downloading, Some(50)), 1));
+        // before step 100 the inform of the old version is just a sign of life
+        assert!(matches!(
+            apply(&t, &version("1.0.1", true), 2),
+            Outcome::Touched(_)
+        ));
+        let t = changed(apply(&t, &prog(Installing, Some(100)), 3));
+        assert!(matches!(
+            apply(&t, &version("1.0.1", false), 4),
+            Outcome::Ignored(Why::RebootGrace)
+        ));
+        let rb = changed(apply(&t, &version("1.0.1", true), 5));
+        assert_eq!(
+            (rb.status, rb.error_code.as_deref(), rb.complete_time_ms),
+            (Failed, Some(ROLLED_BACK), Some(5))
+        );
     }
 
     const STALL: Input = Input::StallCheck {

@@ -23,6 +23,8 @@ pub fn test_config(dir: &Path) -> Config {
     c.http.plain_listen = "127.0.0.1:0".into();
     c.mqtt.listen = "127.0.0.1:0".into();
     c.mqtt.tls_listen = "127.0.0.1:0".into();
+    // test devices "reboot" in 300 ms: a second is grace enough, and keeps rollbacks quick
+    c.tasks.reboot_grace_secs = 1;
     c
 }
 

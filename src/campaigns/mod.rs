@@ -17,6 +17,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod progress;
+
 use crate::devices::Devices;
 use crate::firmware::{FirmwareService, now_ms};
 use crate::ids;
@@ -156,6 +158,27 @@ pub fn in_window(window: Option<(u32, u32)>, now_ms: i64) -> bool {
         .with_timezone(&chrono::Local);
     let m = local.hour() * 60 + local.minute();
     (m + 1440 - start) % 1440 < dur
+}
+
+/// When the daily window is next open at or after `now_ms` (local time of the box): `now_ms`
+/// itself while it is open; `None` without a window.
+pub fn next_window_opening(window: Option<(u32, u32)>, now_ms: i64) -> Option<i64> {
+    use chrono::TimeZone;
+    let (start, _) = window?;
+    if in_window(window, now_ms) {
+        return Some(now_ms);
+    }
+    let now = chrono::DateTime::from_timestamp_millis(now_ms)?.with_timezone(&chrono::Local);
+    // today or the next days (a start inside a DST gap does not exist that day)
+    (0..3).find_map(|day| {
+        let date = now.date_naive() + chrono::Days::new(day);
+        let naive = date.and_hms_opt(start / 60, start % 60, 0)?;
+        let at = chrono::Local
+            .from_local_datetime(&naive)
+            .earliest()?
+            .timestamp_millis();
+        (at > now_ms).then_some(at)
+    })
 }
 
 fn backoff_ms(attempts: u32) -> i64 {
@@ -458,6 +481,9 @@ impl Campaigns {
             created_at_ms: now,
             updated_at_ms: now,
         };
+        if let Some(why) = progress::waiting_for_start(&record, now) {
+            notes.push(why);
+        }
         Ok(Plan {
             total: n,
             waves: planned,
@@ -566,6 +592,34 @@ impl Campaigns {
     pub fn members(&self, id: &str) -> Result<Vec<CampaignMember>, CampaignError> {
         let c = self.get(id)?;
         Ok(self.members_now(&c, now_ms())?.0)
+    }
+
+    /// Where a campaign stands ([`progress::compute`] over its members, their tasks, whether
+    /// their devices are online and whether completed ones showed the new version).
+    pub fn progress(
+        &self,
+        c: &CampaignRecord,
+        members: &[CampaignMember],
+    ) -> Result<progress::Progress, StoreError> {
+        let now = now_ms();
+        let tasks: Vec<Option<crate::store::TaskRecord>> = members
+            .iter()
+            .map(|m| match m.task_id {
+                Some(id) => self.store.get_task(id),
+                None => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        let views: Vec<progress::MemberView> = members
+            .iter()
+            .zip(&tasks)
+            .map(|(m, t)| progress::MemberView {
+                member: m,
+                task: t.as_ref(),
+                online: self.devices.is_online(&m.device_id),
+                settled: t.as_ref().is_none_or(|t| self.ota.settled(t, now)),
+            })
+            .collect();
+        Ok(progress::compute(c, &views, now))
     }
 
     /// Whether a live campaign targets this firmware (it may not be deleted).
@@ -789,25 +843,35 @@ impl Campaigns {
                 dirty = true;
             }
         }
-        // 1. follow the tasks
-        for m in members.iter_mut() {
-            if m.status != MemberStatus::InFlight {
+        // 1. follow the tasks — also of members that succeeded: a device that comes back on
+        // its old version after completing is a failure (retried if it has retries left)
+        let mut settled = HashSet::new();
+        for (i, m) in members.iter_mut().enumerate() {
+            if !matches!(m.status, MemberStatus::InFlight | MemberStatus::Succeeded) {
                 continue;
             }
             let Some(t) = m
                 .task_id
                 .and_then(|id| self.store.get_task(id).ok().flatten())
             else {
+                if m.status == MemberStatus::Succeeded {
+                    settled.insert(i); // it ran the target version already
+                }
                 continue;
             };
-            let next = match t.status {
-                TaskStatus::Completed => Some((MemberStatus::Succeeded, None)),
-                TaskStatus::Failed | TaskStatus::Cancelled => {
-                    let why = format!(
+            let next = match (m.status, t.status) {
+                (MemberStatus::InFlight, TaskStatus::Completed) => {
+                    Some((MemberStatus::Succeeded, None))
+                }
+                (_, TaskStatus::Failed | TaskStatus::Cancelled) => {
+                    let mut why = format!(
                         "{}: {}",
                         t.error_code.clone().unwrap_or_else(|| "FAILED".into()),
                         t.error_message.clone().unwrap_or_default()
                     );
+                    if m.status == MemberStatus::Succeeded {
+                        why = format!("after completing: {why}");
+                    }
                     if m.attempts <= c.retries && t.status == TaskStatus::Failed {
                         m.next_attempt_ms = now + backoff_ms(m.attempts - 1);
                         Some((MemberStatus::Queued, Some(format!("retrying after {why}"))))
@@ -823,6 +887,9 @@ impl Campaigns {
                 m.updated_at_ms = now;
                 self.store.put_member(m)?;
                 dirty = true;
+            }
+            if m.status == MemberStatus::Succeeded && self.ota.settled(&t, now) {
+                settled.insert(i);
             }
         }
         // 2. gates
@@ -850,17 +917,19 @@ impl Campaigns {
             tracing::warn!(campaign = c.id, reason = c.status_reason, "campaign paused");
             return Ok(true);
         }
-        let done = |m: &CampaignMember| {
-            matches!(
-                m.status,
-                MemberStatus::Succeeded
-                    | MemberStatus::Failed
-                    | MemberStatus::Skipped
-                    | MemberStatus::Cancelled
-            )
+        // ended: a success only once the device showed it runs the new image
+        let ended = |i: usize, m: &CampaignMember| match m.status {
+            MemberStatus::Succeeded => settled.contains(&i),
+            MemberStatus::Failed | MemberStatus::Skipped | MemberStatus::Cancelled => true,
+            MemberStatus::Queued | MemberStatus::InFlight => false,
         };
         let waves = c.waves.len() as u32;
-        let current = (0..waves).find(|w| members.iter().any(|m| m.wave == *w && !done(m)));
+        let current = (0..waves).find(|w| {
+            members
+                .iter()
+                .enumerate()
+                .any(|(i, m)| m.wave == *w && !ended(i, m))
+        });
         let Some(current) = current else {
             if c.status == CampaignStatus::Running {
                 c.status = CampaignStatus::Completed;
@@ -879,7 +948,11 @@ impl Campaigns {
                 .iter()
                 .filter(|m| m.wave == w && m.status != MemberStatus::Skipped)
                 .count();
-            let ok = count(MemberStatus::Succeeded, Some(w));
+            let ok = members
+                .iter()
+                .enumerate()
+                .filter(|(i, m)| m.wave == w && settled.contains(i))
+                .count();
             if in_wave > 0 && (ok as f64) * 100.0 < c.success_threshold * in_wave as f64 {
                 if c.status == CampaignStatus::Running {
                     c.status = CampaignStatus::Paused;
@@ -1022,6 +1095,15 @@ mod tests {
         // a window covering the whole day always matches
         assert!(in_window(Some((0, 1440)), now_ms()));
         assert!(backoff_ms(0) < backoff_ms(3));
+        // a window that opens in two hours opens in two hours, and one open now is open now
+        use chrono::Timelike;
+        let now = now_ms();
+        let local = chrono::Local::now();
+        let minute = local.hour() * 60 + local.minute();
+        let later = next_window_opening(Some(((minute + 120) % 1440, 30)), now).unwrap();
+        assert!((later - now - 7_200_000).abs() <= 60_000, "{}", later - now);
+        assert_eq!(next_window_opening(Some((minute, 10)), now), Some(now));
+        assert_eq!(next_window_opening(None, now), None);
         assert!(backoff_ms(100) <= 30 * 60_000);
     }
 }

@@ -1,0 +1,262 @@
+//! Campaigns tell the truth: devices that completed and came back on their old version are
+//! failures (in the counts, the verdict, the failures by code and the statistics); an appliance
+//! restart between a device's "completed" and its reboot is no rollback; devices waiting for a
+//! retry, and queued devices that are offline, are shown as such; a campaign that waits for
+//! its start time or its window says until when.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Server;
+use common::mqtt::Device;
+use serde_json::{Value, json};
+
+async fn wait_campaign(s: &Server, id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (st, b) = s.get_json(&format!("/api/ota/campaigns/{id}")).await;
+        assert_eq!(st, 200, "{b}");
+        if pred(&b["data"]) {
+            return b["data"].clone();
+        }
+        assert!(Instant::now() < deadline, "campaign never got there: {b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn sim_args<'a>(prefix: &'a str, n: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "--devices",
+        n,
+        "--version",
+        "1.0.1",
+        "--register",
+        "--timeout",
+        "60",
+        "--id-prefix",
+        prefix,
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// 5 healthy devices and 5 whose new image does not boot (back on 1.0.1 `reboot_ms` after
+/// reporting "completed"), one campaign over all ten that never pauses: (server, id).
+async fn half_rolled_back(
+    grace: u64,
+    reboot_ms: &str,
+) -> (Server, String, Vec<tokio::process::Child>) {
+    let s = Server::start_with(|c| c.tasks.reboot_grace_secs = grace).await;
+    s.release("1.0.1", "gateway", 1000).await;
+    s.release("1.0.2", "gateway", 20_000).await;
+    let ok = s.sim(&sim_args("OK", "5", &[]));
+    let rb = s.sim(&sim_args(
+        "RB",
+        "5",
+        &["--bad-install-rate", "1", "--reboot-ms", reboot_ms],
+    ));
+    s.wait_online(10).await;
+    let (st, c) = s
+        .post_json(
+            "/api/ota/campaigns",
+            json!({"name": "truth", "version": "1.0.2", "targets": {"all": true},
+                   "failureThreshold": {"percent": 100, "minCount": 100}}),
+        )
+        .await;
+    assert_eq!(st, 201, "{c}");
+    let id = c["data"]["id"].as_str().unwrap().to_string();
+    (s, id, vec![ok, rb])
+}
+
+fn assert_five_rolled_back(s: &Value) {
+    assert_eq!(s["counts"]["completed"], 5, "{s}");
+    assert_eq!(s["counts"]["failed"], 5, "{s}");
+    assert_eq!(s["successRate"], 50.0);
+    let f = &s["failures"][0];
+    assert_eq!(f["code"], "ROLLED_BACK", "{s}");
+    assert_eq!(f["count"], 5);
+    assert_eq!(
+        f["devices"],
+        json!(["RB0001", "RB0002", "RB0003", "RB0004", "RB0005"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_waits_for_its_devices_to_boot_the_new_version() {
+    // the grace (3 s) outlasts the reboot (0.3 s): the bad devices announce 1.0.1 within it,
+    // and the campaign may not call them succeeded while they might still roll back
+    let (s, id, _sims) = half_rolled_back(3, "300").await;
+    let done = wait_campaign(&s, &id, 60, |c| c["status"] == "completed").await;
+    assert_five_rolled_back(&done);
+    assert_eq!(done["statusReason"], "5 succeeded, 5 failed", "{done}");
+    let (_, stats) = s.get_json("/api/ota/statistics").await;
+    assert_eq!(stats["data"]["byCampaign"][&id]["successRate"], 50.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_after_the_campaign_ended_changes_its_counts_and_verdict() {
+    // the reboot (2.5 s) outlasts the grace (1 s): the campaign ends, then they come back old
+    let (s, id, _sims) = half_rolled_back(1, "2500").await;
+    wait_campaign(&s, &id, 60, |c| c["status"] == "completed").await;
+    let after = wait_campaign(&s, &id, 30, |c| c["counts"]["failed"] == 5).await;
+    assert_eq!(after["status"], "completed");
+    assert_five_rolled_back(&after);
+    assert_eq!(
+        after["statusReason"],
+        "5 succeeded, 5 failed (5 came back on their old version after the campaign ended)",
+        "{after}"
+    );
+}
+
+/// A gateway that reported "completed" and then, after the appliance restarted, reconnects
+/// announcing the version it still runs until it reboots, then the new one: no rollback. One
+/// that never shows the new version is rolled back once the grace has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_between_completed_and_reboot_is_no_rollback() {
+    let grace = 2;
+    let mut s = Server::start_with(|c| c.tasks.reboot_grace_secs = grace).await;
+    s.release("1.0.2", "gateway", 1000).await;
+    let mut msg = Vec::new();
+    for id in ["GW1", "GW2"] {
+        s.register(id, "gateway", "gw-secret-1").await;
+        let mut d = Device::connect(s.mqtt, id, Some((id, "gw-secret-1")), None).await;
+        d.expect_connected().await;
+        d.subscribe(&format!("hanqi/gateway/{id}/command")).await;
+        d.publish(
+            &format!("hanqi/gateway/{id}/report"),
+            json!({"msgType":"heartbeat","data":{"firmwareVersion":"1.0.1"}}),
+        )
+        .await;
+        s.wait_task_absent_or(id).await;
+        let (st, b) = s
+            .post_json(
+                &format!("/api/ota/upgrade/{id}"),
+                json!({"version": "1.0.2"}),
+            )
+            .await;
+        assert_eq!(st, 201, "{b}");
+        let (_, cmd) = d.message(10).await;
+        let m = cmd["msgId"].as_str().unwrap().to_string();
+        d.publish(
+            &format!("hanqi/gateway/{id}/report"),
+            json!({"msgType":"ota_progress","msgId":m,"data":{"state":"completed","progress":100}}),
+        )
+        .await;
+        s.wait_task(id, |t| t["status"] == "completed").await;
+        msg.push(d);
+    }
+    drop(msg);
+    s.restart_with(|c| c.tasks.reboot_grace_secs = grace).await;
+    // the appliance was down longer than the grace since the completions
+    tokio::time::sleep(Duration::from_secs(grace + 1)).await;
+    let mut back = Vec::new();
+    for id in ["GW1", "GW2"] {
+        let mut d = Device::connect(s.mqtt, id, Some((id, "gw-secret-1")), None).await;
+        d.expect_connected().await;
+        // still the old image: it has not rebooted yet
+        d.publish(
+            &format!("hanqi/gateway/{id}/report"),
+            json!({"msgType":"heartbeat","data":{"firmwareVersion":"1.0.1"}}),
+        )
+        .await;
+        back.push(d);
+    }
+    // GW1 reboots into the new image; GW2 never shows it
+    back[0]
+        .publish(
+            "hanqi/gateway/GW1/report",
+            json!({"msgType":"heartbeat","data":{"firmwareVersion":"1.0.2"}}),
+        )
+        .await;
+    let gw2 = s.wait_task("GW2", |t| t["status"] == "failed").await;
+    assert_eq!(gw2["errorCode"], "ROLLED_BACK", "{gw2}");
+    let (_, gw1) = s.get_json("/api/ota/task/GW1").await;
+    let gw1 = &gw1["data"];
+    assert_eq!(gw1["status"], "completed", "{gw1}");
+    let notes = gw1["events"].to_string();
+    assert!(!notes.contains("came back"), "GW1 was rolled back: {notes}");
+    let (_, d) = s.get_json("/api/ota/devices/GW1").await;
+    assert_eq!(d["data"]["firmwareVersion"], "1.0.2");
+}
+
+trait Waits {
+    async fn wait_task_absent_or(&self, id: &str);
+}
+
+impl Waits for Server {
+    /// Waits until the device's heartbeat was stored (its version is known).
+    async fn wait_task_absent_or(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.get_json(&format!("/api/ota/devices/{id}")).await.1["data"]["firmwareVersion"]
+            != "1.0.1"
+        {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_offline_devices_and_waits_are_shown_as_such() {
+    let s = Server::start().await;
+    s.release("1.0.1", "gateway", 1000).await;
+    s.release("1.0.2", "gateway", 20_000).await;
+    // three devices that fail every attempt, with retries to come; two that never connect
+    let _sim = s.sim(&sim_args("FL", "3", &["--fail-rate", "1"]));
+    s.wait_online(3).await;
+    for id in ["OFF1", "OFF2"] {
+        s.register(id, "gateway", "secret-123").await;
+    }
+    let (st, c) = s
+        .post_json(
+            "/api/ota/campaigns",
+            json!({"name": "retries", "version": "1.0.2", "targets": {"all": true}, "retries": 2,
+                   "failureThreshold": {"percent": 100, "minCount": 100}}),
+        )
+        .await;
+    assert_eq!(st, 201, "{c}");
+    let id = c["data"]["id"].as_str().unwrap().to_string();
+    let c = wait_campaign(&s, &id, 30, |c| c["counts"]["retrying"] == 3).await;
+    assert_eq!(c["counts"]["failed"], 0, "{c}");
+    assert_eq!(c["counts"]["offline"], 2, "{c}");
+    assert_eq!(c["counts"]["queued"], 0, "{c}");
+    let retrying: Vec<&str> = c["retrying"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["deviceId"].as_str().unwrap())
+        .collect();
+    assert_eq!(retrying, ["FL0001", "FL0002", "FL0003"], "{c}");
+    assert!(
+        c["retrying"][0]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("FAILED"),
+        "{c}"
+    );
+    let why = c["statusReason"].as_str().unwrap();
+    assert!(
+        why.contains("2 offline devices to connect") && why.contains("3 devices to be retried"),
+        "{why}"
+    );
+    assert!(c["failures"].as_array().unwrap().is_empty(), "{c}");
+
+    // a campaign for later says when
+    let (st, c) = s
+        .post_json(
+            "/api/ota/campaigns",
+            json!({"name": "later", "version": "1.0.2", "targets": {"deviceIds": ["OFF1"]},
+                   "startAt": "2099-01-01T02:00:00Z"}),
+        )
+        .await;
+    assert_eq!(st, 201, "{c}");
+    let why = c["data"]["statusReason"].as_str().unwrap();
+    assert!(why.starts_with("scheduled: starts at 2099-01-01"), "{why}");
+    assert!(
+        c["data"]["notes"]
+            .to_string()
+            .contains("scheduled: starts at"),
+        "{c}"
+    );
+}
