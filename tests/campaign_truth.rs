@@ -12,19 +12,6 @@ use common::Server;
 use common::mqtt::Device;
 use serde_json::{Value, json};
 
-async fn wait_campaign(s: &Server, id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let (st, b) = s.get_json(&format!("/api/ota/campaigns/{id}")).await;
-        assert_eq!(st, 200, "{b}");
-        if pred(&b["data"]) {
-            return b["data"].clone();
-        }
-        assert!(Instant::now() < deadline, "campaign never got there: {b}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn sim_args<'a>(prefix: &'a str, n: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
         "--devices",
@@ -87,7 +74,9 @@ async fn a_campaign_waits_for_its_devices_to_boot_the_new_version() {
     // the grace (3 s) outlasts the reboot (0.3 s): the bad devices announce 1.0.1 within it,
     // and the campaign may not call them succeeded while they might still roll back
     let (s, id, _sims) = half_rolled_back(3, "300").await;
-    let done = wait_campaign(&s, &id, 60, |c| c["status"] == "completed").await;
+    let done = s
+        .wait_campaign(&id, 60, |c| c["status"] == "completed")
+        .await;
     assert_five_rolled_back(&done);
     assert_eq!(done["statusReason"], "5 succeeded, 5 failed", "{done}");
     let (_, stats) = s.get_json("/api/ota/statistics").await;
@@ -98,8 +87,11 @@ async fn a_campaign_waits_for_its_devices_to_boot_the_new_version() {
 async fn a_rollback_after_the_campaign_ended_changes_its_counts_and_verdict() {
     // the reboot (2.5 s) outlasts the grace (1 s): the campaign ends, then they come back old
     let (s, id, _sims) = half_rolled_back(1, "2500").await;
-    wait_campaign(&s, &id, 60, |c| c["status"] == "completed").await;
-    let after = wait_campaign(&s, &id, 30, |c| c["counts"]["failed"] == 5).await;
+    s.wait_campaign(&id, 60, |c| c["status"] == "completed")
+        .await;
+    let after = s
+        .wait_campaign(&id, 30, |c| c["counts"]["failed"] == 5)
+        .await;
     assert_eq!(after["status"], "completed");
     assert_five_rolled_back(&after);
     assert_eq!(
@@ -217,7 +209,9 @@ async fn retries_offline_devices_and_waits_are_shown_as_such() {
         .await;
     assert_eq!(st, 201, "{c}");
     let id = c["data"]["id"].as_str().unwrap().to_string();
-    let c = wait_campaign(&s, &id, 30, |c| c["counts"]["retrying"] == 3).await;
+    let c = s
+        .wait_campaign(&id, 30, |c| c["counts"]["retrying"] == 3)
+        .await;
     assert_eq!(c["counts"]["failed"], 0, "{c}");
     assert_eq!(c["counts"]["offline"], 2, "{c}");
     assert_eq!(c["counts"]["queued"], 0, "{c}");

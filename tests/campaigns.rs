@@ -10,19 +10,6 @@ use std::time::{Duration, Instant};
 use common::{Server, bin, fixture, image, sim_result};
 use serde_json::{Value, json};
 
-async fn wait_campaign(s: &Server, id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let (st, b) = s.get_json(&format!("/api/ota/campaigns/{id}")).await;
-        assert_eq!(st, 200, "{b}");
-        if pred(&b["data"]) {
-            return b["data"].clone();
-        }
-        assert!(Instant::now() < deadline, "campaign never got there: {b}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// `n` simulated gateways on 1.0.1 that download slowly, online, and a campaign to 1.0.2 for
 /// all of them with `max_in_flight`: (server, simulator, campaign id).
 async fn slow_fleet_campaign(
@@ -136,7 +123,9 @@ async fn canary_waves_with_deltas_complete_in_order() {
     let (st, c) = s.post_json("/api/ota/campaigns", body).await;
     assert_eq!(st, 201, "{c}");
     let id = c["data"]["id"].as_str().unwrap().to_string();
-    let done = wait_campaign(&s, &id, 90, |c| c["status"] == "completed").await;
+    let done = s
+        .wait_campaign(&id, 90, |c| c["status"] == "completed")
+        .await;
     assert_eq!(done["counts"]["completed"], 20, "{done}");
     assert_eq!(done["successRate"], 100.0);
     assert_eq!(done["waves"][1]["devices"], 8);
@@ -218,7 +207,7 @@ async fn failure_gate_pauses_and_the_brake_cancels_downloads() {
         .await;
     assert_eq!(st, 201, "{c}");
     let id = c["data"]["id"].as_str().unwrap().to_string();
-    let paused = wait_campaign(&s, &id, 30, |c| c["status"] == "paused").await;
+    let paused = s.wait_campaign(&id, 30, |c| c["status"] == "paused").await;
     assert!(
         paused["statusReason"]
             .as_str()
@@ -243,7 +232,8 @@ async fn failure_gate_pauses_and_the_brake_cancels_downloads() {
     // the brake while devices download slowly: their tasks end cancelled, the gateways get
     // ota_cancel and stop, no new task starts
     let (s, sim, id) = slow_fleet_campaign(6, "BR", 3).await;
-    wait_campaign(&s, &id, 30, |c| c["counts"]["downloading"] == 3).await;
+    s.wait_campaign(&id, 30, |c| c["counts"]["downloading"] == 3)
+        .await;
     let (st, b) = s
         .post_json(&format!("/api/ota/campaigns/{id}/cancel"), json!({}))
         .await;
@@ -398,7 +388,8 @@ async fn campaign_bodies_are_checked() {
             .1["data"]["status"],
         "scheduled"
     );
-    wait_campaign(&s, &later_id, 10, |c| c["status"] == "running").await;
+    s.wait_campaign(&later_id, 10, |c| c["status"] == "running")
+        .await;
     s.register("GW4", "gateway", "secret-123").await;
     let now = chrono::Local::now();
     use chrono::Timelike;

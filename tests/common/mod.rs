@@ -221,6 +221,20 @@ impl Server {
         }
     }
 
+    /// Polls a campaign until `pred` holds (deadline `secs`).
+    pub async fn wait_campaign(&self, id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (st, b) = self.get_json(&format!("/api/ota/campaigns/{id}")).await;
+            assert_eq!(st, 200, "{b}");
+            if pred(&b["data"]) {
+                return b["data"].clone();
+            }
+            assert!(Instant::now() < deadline, "campaign never got there: {b}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A config file for client verbs (`sim`, admin verbs) pointing at this server's data dir,
     /// so they find it through ports.json, admin.token and the generated CA as SPEC 1 says.
     pub fn client_config(&self) -> PathBuf {
