@@ -60,10 +60,15 @@ pub enum Command {
         /// Target version.
         #[arg(long)]
         version: String,
-        /// Replace an active task instead of refusing.
+        /// Replace an active task instead of refusing, and reinstall the version it runs.
         #[arg(long)]
         force: bool,
+        /// Install a version older than the one the device runs.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
+    /// List upgrade tasks, newest first.
+    Tasks(TasksArgs),
     /// Rollouts in waves: create, list, show [--follow], pause, resume, cancel, dry-run.
     #[command(subcommand)]
     Campaign(CampaignCmd),
@@ -123,7 +128,7 @@ pub async fn backup(g: &Global, out: &std::path::Path) -> Result<(), CliError> {
 /// `hangar campaign ...`
 #[derive(Debug, Subcommand)]
 pub enum CampaignCmd {
-    /// Create a campaign from a JSON body (SPEC section 3) in FILE ("-" = stdin).
+    /// Create a campaign from a JSON body in FILE ("-" = stdin); prints it as JSON.
     Create {
         /// The body.
         file: PathBuf,
@@ -132,16 +137,23 @@ pub enum CampaignCmd {
     DryRun {
         /// The body.
         file: PathBuf,
+        /// Print the whole plan as JSON instead of a summary per wave.
+        #[arg(long)]
+        json: bool,
     },
     /// List campaigns.
     List,
-    /// Show one; --follow draws live per-wave progress bars until it ends.
+    /// Show one: status and why, waves, failures by error code, devices waiting for a retry;
+    /// --follow draws live per-wave progress bars until it ends.
     Show {
         /// Campaign id.
         id: String,
         /// Keep polling.
         #[arg(long)]
         follow: bool,
+        /// Print the API's JSON instead.
+        #[arg(long, conflicts_with = "follow")]
+        json: bool,
     },
     /// Stop starting devices (in-flight tasks go on).
     Pause {
@@ -189,40 +201,54 @@ pub async fn campaign(g: &Global, cmd: CampaignCmd) -> Result<(), CliError> {
                 .post("/api/ota/campaigns", &[], &read_body(&file)?)
                 .await?,
         ),
-        CampaignCmd::DryRun { file } => print_json(
-            &client
+        CampaignCmd::DryRun { file, json } => {
+            let plan = client
                 .post("/api/ota/campaigns/dry-run", &[], &read_body(&file)?)
-                .await?,
-        ),
-        CampaignCmd::List => {
-            let list = client.get("/api/ota/campaigns", &[]).await?;
-            println!(
-                "{:<8} {:<28} {:<12} {:<10} {:>6} {:>9} {:>6} {:>8}",
-                "ID", "NAME", "VERSION", "STATUS", "TOTAL", "COMPLETED", "FAILED", "SUCCESS%"
-            );
-            for c in list.as_array().cloned().unwrap_or_default() {
-                println!(
-                    "{:<8} {:<28} {:<12} {:<10} {:>6} {:>9} {:>6} {:>8}",
-                    c["id"].as_str().unwrap_or(""),
-                    c["name"]
-                        .as_str()
-                        .unwrap_or("")
-                        .chars()
-                        .take(28)
-                        .collect::<String>(),
-                    c["version"].as_str().unwrap_or(""),
-                    c["status"].as_str().unwrap_or(""),
-                    c["total"],
-                    c["counts"]["completed"],
-                    c["counts"]["failed"],
-                    c["successRate"],
-                );
+                .await?;
+            if json {
+                print_json(&plan);
+            } else {
+                print_plan(&plan);
             }
         }
-        CampaignCmd::Show { id, follow } => {
+        CampaignCmd::List => {
+            let (list, total) = client.get_list("/api/ota/campaigns", &[], None).await?;
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|c| {
+                    let n = |k: &str| c["counts"][k].as_u64().unwrap_or(0).to_string();
+                    vec![
+                        field(c, "id"),
+                        field(c, "name"),
+                        field(c, "version"),
+                        field(c, "status"),
+                        field(c, "total"),
+                        n("completed"),
+                        n("failed"),
+                        n("retrying"),
+                        format!("{:.1}", c["successRate"].as_f64().unwrap_or(0.0)),
+                        field(c, "statusReason"),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "ID", "NAME", "VERSION", "STATUS", "TOTAL", "DONE", "FAILED", "RETRYING",
+                    "SUCCESS%", "WHY",
+                ],
+                &rows,
+                &[4, 5, 6, 7, 8],
+            );
+            print_more(list.len(), total, "campaigns");
+        }
+        CampaignCmd::Show { id, follow, json } => {
             let path = format!("/api/ota/campaigns/{id}");
-            if !follow {
+            if json {
                 print_json(&client.get(&path, &[]).await?);
+                return Ok(());
+            }
+            if !follow {
+                print_campaign(&client.get(&path, &[]).await?);
                 return Ok(());
             }
             let multi = indicatif::MultiProgress::new();
@@ -275,6 +301,7 @@ pub async fn campaign(g: &Global, cmd: CampaignCmd) -> Result<(), CliError> {
                         b.finish();
                     }
                     head.finish();
+                    print_failures(&c);
                     return Ok(());
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -285,6 +312,162 @@ pub async fn campaign(g: &Global, cmd: CampaignCmd) -> Result<(), CliError> {
         CampaignCmd::Cancel { id } => campaign_action(&client, &id, "cancel").await?,
     }
     Ok(())
+}
+
+/// A percentage as people write it: "25%", "12.5%".
+fn percent(v: &Value) -> String {
+    let p = v.as_f64().unwrap_or(0.0);
+    if p.fract() == 0.0 {
+        format!("{p:.0}%")
+    } else {
+        format!("{p}%")
+    }
+}
+
+/// Bytes in words: "1.2 MB".
+fn bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} KB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
+
+/// A dry run, wave by wave.
+fn print_plan(plan: &Value) {
+    let waves = plan["waves"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = waves
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let list = w["devices"].as_array().cloned().unwrap_or_default();
+            let first: Vec<String> = list.iter().take(5).map(|d| field(d, "id")).collect();
+            let more = if list.len() > first.len() {
+                ", ..."
+            } else {
+                ""
+            };
+            vec![
+                (i + 1).to_string(),
+                percent(&w["percent"]),
+                list.len().to_string(),
+                field(w, "deltas"),
+                bytes(w["estimatedBytes"].as_u64().unwrap_or(0)),
+                format!("{}{more}", first.join(", ")),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "WAVE",
+            "UP TO",
+            "DEVICES",
+            "DELTAS",
+            "BYTES",
+            "FIRST DEVICES",
+        ],
+        &rows,
+        &[1, 2, 3, 4],
+    );
+    println!("{} devices in all", plan["total"]);
+    for c in plan["conflicts"].as_array().into_iter().flatten() {
+        println!("skipped {}: {}", field(c, "deviceId"), field(c, "reason"));
+    }
+    for n in plan["notes"].as_array().into_iter().flatten() {
+        println!("note: {}", n.as_str().map(sanitize).unwrap_or_default());
+    }
+}
+
+/// Failures by error code and devices waiting for a retry.
+fn print_failures(c: &Value) {
+    for f in c["failures"].as_array().into_iter().flatten() {
+        let devices: Vec<String> = f["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| d.as_str().map(sanitize).unwrap_or_default())
+            .collect();
+        println!(
+            "failed {} ({}): {}",
+            field(f, "code"),
+            f["count"],
+            devices.join(", ")
+        );
+    }
+    for r in c["retrying"].as_array().into_iter().flatten() {
+        println!(
+            "retrying {} after attempt {} ({}) at {}",
+            field(r, "deviceId"),
+            r["attempts"],
+            field(r, "lastError"),
+            field(r, "nextAttemptAt")
+        );
+    }
+}
+
+/// The states of a campaign's counts, in order, with their short column names.
+const CAMPAIGN_STATES: [(&str, &str); 11] = [
+    ("queued", "QUEUED"),
+    ("offline", "OFFLINE"),
+    ("retrying", "RETRYING"),
+    ("pending", "PENDING"),
+    ("downloading", "DOWNLOAD"),
+    ("verifying", "VERIFY"),
+    ("installing", "INSTALL"),
+    ("completed", "DONE"),
+    ("failed", "FAILED"),
+    ("cancelled", "CANCELLED"),
+    ("skipped", "SKIPPED"),
+];
+
+/// One campaign, for people: what it is, where it stands and why, its waves, its failures.
+fn print_campaign(c: &Value) {
+    println!(
+        "{} {:?}: {} {}, {}",
+        field(c, "id"),
+        field(c, "name"),
+        field(c, "deviceType"),
+        field(c, "version"),
+        field(c, "status")
+    );
+    if c["statusReason"].is_string() {
+        println!("  {}", field(c, "statusReason"));
+    }
+    let eta = c["etaSecs"]
+        .as_u64()
+        .map(|s| format!(", eta {s} s"))
+        .unwrap_or_default();
+    println!(
+        "  {} devices, success {}, failure {}, {} full + {} delta downloaded{eta}",
+        c["total"],
+        percent(&c["successRate"]),
+        percent(&c["failureRate"]),
+        bytes(c["bytesFull"].as_u64().unwrap_or(0)),
+        bytes(c["bytesDelta"].as_u64().unwrap_or(0)),
+    );
+    let rows: Vec<Vec<String>> = c["waves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            let mut r = vec![
+                field(w, "wave"),
+                percent(&w["percent"]),
+                field(w, "devices"),
+            ];
+            r.extend(
+                CAMPAIGN_STATES
+                    .iter()
+                    .map(|(k, _)| w["counts"][*k].as_u64().unwrap_or(0).to_string()),
+            );
+            r
+        })
+        .collect();
+    let mut headers = vec!["WAVE", "UP TO", "DEVICES"];
+    headers.extend(CAMPAIGN_STATES.iter().map(|(_, h)| *h));
+    print_table(&headers, &rows, &(1..headers.len()).collect::<Vec<_>>());
+    print_failures(c);
 }
 
 async fn campaign_action(client: &Client, id: &str, action: &str) -> Result<(), CliError> {
@@ -347,11 +530,65 @@ pub fn delta(cmd: DeltaCmd) -> anyhow::Result<()> {
     }
 }
 
+/// `hangar tasks` filters.
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// Only this status (pending, downloading, verifying, installing, completed, failed,
+    /// cancelled).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only tasks of this campaign.
+    #[arg(long)]
+    pub campaign: Option<String>,
+    /// Only tasks of this device.
+    #[arg(long)]
+    pub device: Option<String>,
+    #[command(flatten)]
+    pub paging: Paging,
+}
+
+/// How much of a list to show.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct Paging {
+    /// Show at most this many (a line at the end says how many more there are).
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+    /// Show all of them.
+    #[arg(long, conflicts_with = "limit")]
+    pub all: bool,
+}
+
+impl Paging {
+    fn limit(self) -> Option<usize> {
+        (!self.all).then_some(self.limit)
+    }
+}
+
 /// `hangar device ...`
 #[derive(Debug, Subcommand)]
 pub enum DeviceCmd {
     /// List devices.
-    List,
+    List {
+        /// Only devices with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only connected (true) or disconnected (false) devices.
+        #[arg(long)]
+        online: Option<bool>,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// Add or remove tags of a registered device.
+    Tag {
+        /// Device id.
+        id: String,
+        /// Tags to add, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        add: Vec<String>,
+        /// Tags to remove, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        remove: Vec<String>,
+    },
     /// Show one device.
     Show {
         /// Device id.
@@ -379,6 +616,10 @@ pub enum DeviceCmd {
     Import {
         /// The file.
         file: PathBuf,
+        /// Devices that exist get the file's tags (and secret, where given) instead of
+        /// being refused.
+        #[arg(long)]
+        update: bool,
     },
     /// Remove a device.
     Delete {
@@ -484,23 +725,96 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn print_firmware_table(list: &Value) {
-    let rows = list.as_array().cloned().unwrap_or_default();
-    println!(
-        "{:<16} {:<20} {:<11} {:>12}  {:<24}  SHA256",
-        "DEVICE TYPE", "VERSION", "STATUS", "SIZE", "CREATED"
-    );
+/// Prints rows under headers, every column as wide as its widest cell; the columns named in
+/// `right` are right-aligned (numbers). The last column is not padded.
+fn print_table(headers: &[&str], rows: &[Vec<String>], right: &[usize]) {
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, c) in cells.enumerate() {
+            let pad = width[i].saturating_sub(c.chars().count());
+            if i > 0 {
+                out.push_str("  ");
+            }
+            if right.contains(&i) {
+                out.extend(std::iter::repeat_n(' ', pad));
+                out.push_str(c);
+            } else {
+                out.push_str(c);
+                if i + 1 < width.len() {
+                    out.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(&mut headers.iter().copied());
+    for r in rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+}
+
+/// The "N more" line under a list that was cut.
+fn print_more(shown: usize, total: usize, what: &str) {
+    if total > shown {
         println!(
-            "{:<16} {:<20} {:<11} {:>12}  {:<24}  {}",
-            r["deviceType"].as_str().unwrap_or(""),
-            r["version"].as_str().unwrap_or(""),
-            r["status"].as_str().unwrap_or(""),
-            r["fileSize"].as_u64().unwrap_or(0),
-            r["createdAt"].as_str().unwrap_or(""),
-            &r["sha256"].as_str().unwrap_or("")[..16.min(r["sha256"].as_str().unwrap_or("").len())],
+            "... {} more {what} (of {total}): use --all, or --limit N",
+            total - shown
         );
     }
+}
+
+/// A string field of a JSON object, or `-`.
+fn field(v: &Value, key: &str) -> String {
+    match &v[key] {
+        Value::String(s) => sanitize(s),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Text from the appliance made safe for a terminal: control characters (ESC above all)
+/// become `?`.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+fn print_firmware_table(list: &[Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            let sha = field(r, "sha256");
+            vec![
+                field(r, "deviceType"),
+                field(r, "version"),
+                field(r, "status"),
+                field(r, "fileSize"),
+                field(r, "createdAt"),
+                sha.chars().take(16).collect(),
+                field(r, "description"),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "DEVICE TYPE",
+            "VERSION",
+            "STATUS",
+            "SIZE",
+            "CREATED",
+            "SHA256",
+            "DESCRIPTION",
+        ],
+        &rows,
+        &[3],
+    );
 }
 
 fn dt(t: &str) -> Vec<(&'static str, String)> {
@@ -558,7 +872,9 @@ pub async fn firmware(g: &Global, cmd: FirmwareCmd) -> Result<(), CliError> {
             if let Some(s) = status {
                 q.push(("status", s));
             }
-            print_firmware_table(&client.get("/api/ota/firmware", &q).await?);
+            let (list, total) = client.get_list("/api/ota/firmware", &q, None).await?;
+            print_firmware_table(&list);
+            print_more(list.len(), total, "firmware");
         }
         FirmwareCmd::Show {
             version,
@@ -615,8 +931,9 @@ fn path_id(id: &str) -> String {
     id.replace('%', "%25").replace('/', "%2F")
 }
 
-/// Parses a device import file (CSV or JSON) into registration bodies.
-pub fn parse_import(text: &str) -> Result<Vec<Value>, String> {
+/// Parses a device import file (CSV or JSON) into registration bodies; a CSV for new devices
+/// must have a `secret` column (`require_secret`), one that only updates need not.
+pub fn parse_import(text: &str, require_secret: bool) -> Result<Vec<Value>, String> {
     let t = text.trim_start();
     if t.starts_with('[') {
         return serde_json::from_str(t).map_err(|e| format!("not a JSON array: {e}"));
@@ -628,9 +945,11 @@ pub fn parse_import(text: &str) -> Result<Vec<Value>, String> {
         .split(',')
         .map(|h| h.trim().to_string())
         .collect();
-    if !header.iter().any(|h| h == "id") || !header.iter().any(|h| h == "secret") {
+    if !header.iter().any(|h| h == "id")
+        || (require_secret && !header.iter().any(|h| h == "secret"))
+    {
         return Err(
-            "the CSV header must name at least id and secret (id,deviceType,protocol,secret,tags)"
+            "the CSV header must name at least id and secret (id,deviceType,protocol,secret,tags; an --update needs only id)"
                 .into(),
         );
     }
@@ -671,23 +990,70 @@ pub fn parse_import(text: &str) -> Result<Vec<Value>, String> {
 pub async fn device(g: &Global, cmd: DeviceCmd) -> Result<(), CliError> {
     let client = Client::connect(&endpoint(g))?;
     match cmd {
-        DeviceCmd::List => {
-            let list = client.get("/api/ota/devices", &[]).await?;
-            println!(
-                "{:<32} {:<8} {:<16} {:<12} {:<7} LAST SEEN",
-                "ID", "PROTOCOL", "TYPE", "VERSION", "ONLINE"
-            );
-            for d in list.as_array().cloned().unwrap_or_default() {
-                println!(
-                    "{:<32} {:<8} {:<16} {:<12} {:<7} {}",
-                    d["id"].as_str().unwrap_or(""),
-                    d["protocol"].as_str().unwrap_or(""),
-                    d["deviceType"].as_str().unwrap_or(""),
-                    d["firmwareVersion"].as_str().unwrap_or("-"),
-                    d["online"].as_bool().unwrap_or(false),
-                    d["lastSeen"].as_str().unwrap_or("-"),
-                );
+        DeviceCmd::List {
+            tag,
+            online,
+            paging,
+        } => {
+            let mut q = Vec::new();
+            if let Some(t) = tag {
+                q.push(("tag", t));
             }
+            if let Some(o) = online {
+                q.push(("online", o.to_string()));
+            }
+            let (list, total) = client
+                .get_list("/api/ota/devices", &q, paging.limit())
+                .await?;
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|d| {
+                    let tags: Vec<String> = d["tags"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|t| t.as_str().map(sanitize))
+                        .collect();
+                    vec![
+                        field(d, "id"),
+                        field(d, "protocol"),
+                        field(d, "deviceType"),
+                        field(d, "firmwareVersion"),
+                        if d["online"] == true { "yes" } else { "no" }.into(),
+                        field(d, "lastSeen"),
+                        tags.join(","),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "ID",
+                    "PROTOCOL",
+                    "TYPE",
+                    "VERSION",
+                    "ONLINE",
+                    "LAST SEEN",
+                    "TAGS",
+                ],
+                &rows,
+                &[],
+            );
+            print_more(list.len(), total, "devices");
+        }
+        DeviceCmd::Tag { id, add, remove } => {
+            if add.is_empty() && remove.is_empty() {
+                return Err(CliError::Discover(
+                    "nothing to change: pass --add TAGS and/or --remove TAGS".into(),
+                ));
+            }
+            print_json(
+                &client
+                    .patch(
+                        &format!("/api/ota/devices/{}", path_id(&id)),
+                        &json!({"addTags": add, "removeTags": remove}),
+                    )
+                    .await?,
+            );
         }
         DeviceCmd::Show { id } => print_json(
             &client
@@ -707,15 +1073,20 @@ pub async fn device(g: &Global, cmd: DeviceCmd) -> Result<(), CliError> {
             }
             print_json(&client.post("/api/ota/devices", &[], &body).await?);
         }
-        DeviceCmd::Import { file } => {
+        DeviceCmd::Import { file, update } => {
             let text = std::fs::read_to_string(&file).map_err(|source| CliError::Io {
                 context: format!("reading {}", file.display()),
                 source,
             })?;
-            let list = parse_import(&text)
+            let list = parse_import(&text, !update)
                 .map_err(|e| CliError::Discover(format!("{}: {e}", file.display())))?;
+            let q = if update {
+                vec![("update", "true".to_string())]
+            } else {
+                vec![]
+            };
             let r = client
-                .post("/api/ota/devices/import", &[], &Value::Array(list))
+                .post("/api/ota/devices/import", &q, &Value::Array(list))
                 .await?;
             for line in r["results"].as_array().cloned().unwrap_or_default() {
                 if line["ok"] != true {
@@ -740,17 +1111,70 @@ pub async fn device(g: &Global, cmd: DeviceCmd) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `hangar upgrade DEVICE --version V`
-pub async fn upgrade(g: &Global, device: &str, version: &str, force: bool) -> Result<(), CliError> {
+/// `hangar upgrade DEVICE --version V [--force] [--allow-downgrade]`
+pub async fn upgrade(
+    g: &Global,
+    device: &str,
+    version: &str,
+    force: bool,
+    allow_downgrade: bool,
+) -> Result<(), CliError> {
     let client = Client::connect(&endpoint(g))?;
     let t = client
         .post(
             &format!("/api/ota/upgrade/{}", path_id(device)),
             &[],
-            &json!({"version": version, "force": force}),
+            &json!({"version": version, "force": force, "allowDowngrade": allow_downgrade}),
         )
         .await?;
     print_json(&t);
+    Ok(())
+}
+
+/// `hangar tasks [--status S] [--campaign C] [--device D] [--limit N | --all]`
+pub async fn tasks(g: &Global, a: TasksArgs) -> Result<(), CliError> {
+    let client = Client::connect(&endpoint(g))?;
+    let mut q = Vec::new();
+    if let Some(s) = a.status {
+        q.push(("status", s));
+    }
+    if let Some(c) = a.campaign {
+        q.push(("campaignId", c));
+    }
+    if let Some(d) = a.device {
+        q.push(("deviceId", d));
+    }
+    let (list, total) = client
+        .get_list("/api/ota/tasks", &q, a.paging.limit())
+        .await?;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|t| {
+            let error = match (&t["errorCode"], &t["errorMessage"]) {
+                (Value::String(c), Value::String(m)) => format!("{c}: {m}"),
+                (Value::String(c), _) => c.clone(),
+                _ => String::new(),
+            };
+            vec![
+                field(t, "id"),
+                field(t, "deviceId"),
+                format!("{} -> {}", field(t, "fromVersion"), field(t, "toVersion")),
+                field(t, "status"),
+                format!("{}%", t["progress"]),
+                field(t, "campaignId"),
+                field(t, "updatedAt"),
+                sanitize(&error),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "TASK", "DEVICE", "VERSION", "STATUS", "PROGRESS", "CAMPAIGN", "UPDATED", "ERROR",
+        ],
+        &rows,
+        &[0, 4],
+    );
+    print_more(list.len(), total, "tasks");
     Ok(())
 }
 

@@ -227,16 +227,68 @@ impl Client {
         }
     }
 
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<reqwest::Response, CliError> {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .query(query);
+        if let Some(b) = body {
+            r = r.json(b);
+        }
+        Ok(r.send().await?)
+    }
+
     /// GET an API path with query pairs; returns `data`.
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .query(query)
-            .send()
-            .await?;
-        Self::envelope(resp).await
+        Self::envelope(self.send(reqwest::Method::GET, path, query, None).await?).await
+    }
+
+    /// GET one page of a list: `data` and the total across pages (`X-Total-Count`).
+    pub async fn get_page(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<(Vec<Value>, Option<usize>), CliError> {
+        let resp = self.send(reqwest::Method::GET, path, query, None).await?;
+        let total = resp
+            .headers()
+            .get("x-total-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let data = Self::envelope(resp).await?;
+        Ok((data.as_array().cloned().unwrap_or_default(), total))
+    }
+
+    /// Up to `limit` items of a list (all with `None`), fetched a page of 1,000 at a time, and
+    /// the total across pages.
+    pub async fn get_list(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        limit: Option<usize>,
+    ) -> Result<(Vec<Value>, usize), CliError> {
+        const PAGE: usize = 1000;
+        let mut out = Vec::new();
+        loop {
+            let want = limit.map_or(PAGE, |l| (l - out.len()).min(PAGE));
+            let mut q = query.to_vec();
+            q.push(("limit", want.to_string()));
+            q.push(("offset", out.len().to_string()));
+            let (page, total) = self.get_page(path, &q).await?;
+            let got = page.len();
+            out.extend(page);
+            let total = total.unwrap_or(out.len());
+            if got < want || out.len() >= total || limit.is_some_and(|l| out.len() >= l) {
+                return Ok((out, total));
+            }
+        }
     }
 
     /// POST JSON to an API path; returns `data`.
@@ -246,27 +298,29 @@ impl Client {
         query: &[(&str, String)],
         body: &Value,
     ) -> Result<Value, CliError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .query(query)
-            .json(body)
-            .send()
-            .await?;
-        Self::envelope(resp).await
+        Self::envelope(
+            self.send(reqwest::Method::POST, path, query, Some(body))
+                .await?,
+        )
+        .await
+    }
+
+    /// PATCH JSON to an API path; returns `data`.
+    pub async fn patch(&self, path: &str, body: &Value) -> Result<Value, CliError> {
+        Self::envelope(
+            self.send(reqwest::Method::PATCH, path, &[], Some(body))
+                .await?,
+        )
+        .await
     }
 
     /// DELETE an API path; returns `data`.
     pub async fn delete(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
-        let resp = self
-            .http
-            .delete(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .query(query)
-            .send()
-            .await?;
-        Self::envelope(resp).await
+        Self::envelope(
+            self.send(reqwest::Method::DELETE, path, query, None)
+                .await?,
+        )
+        .await
     }
 
     /// GETs `path` into the file `out` (temp file, fsync, rename); returns the bytes written.

@@ -109,6 +109,44 @@ fn secret_matches(stored: &str, secret: &str) -> bool {
     hex::encode(h).as_bytes().ct_eq(hash.as_bytes()).into()
 }
 
+/// A device secret is 8 to 256 characters.
+fn check_secret(secret: &str) -> Result<(), DeviceError> {
+    if secret.len() < 8 || secret.len() > 256 {
+        return Err(DeviceError::Invalid(
+            "secret must be 8 to 256 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Tags are 1-64 printable characters, at most 64 of them.
+fn check_tags(tags: &[String]) -> Result<(), DeviceError> {
+    if tags.len() > 64 {
+        return Err(DeviceError::Invalid("at most 64 tags per device".into()));
+    }
+    for t in tags {
+        if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) {
+            return Err(DeviceError::Invalid(format!(
+                "tag {t:?} must be 1-64 printable characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A change to a registered device (`PATCH /api/ota/devices/{id}`, `device import --update`).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceChange {
+    /// Replace the tags with these.
+    pub tags: Option<Vec<String>>,
+    /// Add these tags (after `tags`).
+    pub add_tags: Vec<String>,
+    /// Remove these tags (after `add_tags`).
+    pub remove_tags: Vec<String>,
+    /// A new MQTT secret.
+    pub secret: Option<String>,
+}
+
 /// The API device id of an MQTT username: `pk&dn` (Alibaba's convention) -> `pk/dn`.
 pub fn id_from_username(username: &str) -> String {
     match username.split_once('&') {
@@ -133,19 +171,75 @@ impl Devices {
     }
 
     /// Registers many devices (a bulk import) with one flush for all: a result per device, in
-    /// order; the outer error is the store failing.
+    /// order; the outer error is the store failing. With `update`, a device that exists gets
+    /// the entry's tags (and secret) instead of being refused — but never another protocol or
+    /// device type.
     pub async fn register_all(
         &self,
         list: Vec<Result<NewDevice, DeviceError>>,
+        update: bool,
     ) -> Result<Durable<Vec<Result<DeviceRecord, DeviceError>>>, DeviceError> {
         let mut out = Vec::with_capacity(list.len());
         for nd in list {
-            match nd.and_then(|nd| self.insert(nd)) {
+            let r = nd.and_then(|nd| match self.store.get_device(&nd.id)? {
+                Some(old) if update => {
+                    let same_type = nd.device_type.as_ref().is_none_or(|t| *t == old.device_type);
+                    if old.protocol != nd.protocol || !same_type {
+                        return Err(DeviceError::Conflict(format!(
+                            "device {} is registered as {} {}: an update changes only tags and secret",
+                            nd.id,
+                            old.protocol.as_str(),
+                            old.device_type
+                        )));
+                    }
+                    self.apply_change(
+                        &nd.id,
+                        DeviceChange {
+                            tags: Some(nd.tags),
+                            // an entry without a secret keeps the one registered
+                            secret: (!nd.secret.is_empty()).then_some(nd.secret),
+                            ..DeviceChange::default()
+                        },
+                    )
+                }
+                _ => self.insert(nd),
+            });
+            match r {
                 Err(DeviceError::Store(e)) => return Err(e.into()),
                 r => out.push(r),
             }
         }
         Ok(self.store.durable(out).await?)
+    }
+
+    /// Changes a registered device's tags or secret; returns once the change is on disk.
+    pub async fn change(
+        &self,
+        id: &str,
+        change: DeviceChange,
+    ) -> Result<Durable<DeviceRecord>, DeviceError> {
+        let rec = self.apply_change(id, change)?;
+        Ok(self.store.durable(rec).await?)
+    }
+
+    fn apply_change(&self, id: &str, c: DeviceChange) -> Result<DeviceRecord, DeviceError> {
+        let mut d = self.get(id)?;
+        if let Some(tags) = c.tags {
+            d.tags = tags;
+        }
+        for t in c.add_tags {
+            if !d.tags.contains(&t) {
+                d.tags.push(t);
+            }
+        }
+        d.tags.retain(|t| !c.remove_tags.contains(t));
+        check_tags(&d.tags)?;
+        if let Some(secret) = c.secret {
+            check_secret(&secret)?;
+            d.secret_hash = hash_secret(&secret);
+        }
+        self.store.put_device(&d)?;
+        Ok(d)
     }
 
     /// Validates and writes a new device (not flushed).
@@ -182,18 +276,8 @@ impl Devices {
                 "deviceType {device_type:?} must match [A-Za-z0-9_-]{{1,64}}"
             )));
         }
-        if nd.secret.len() < 8 || nd.secret.len() > 256 {
-            return Err(DeviceError::Invalid(
-                "secret must be 8 to 256 characters".into(),
-            ));
-        }
-        for t in &nd.tags {
-            if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) {
-                return Err(DeviceError::Invalid(format!(
-                    "tag {t:?} must be 1-64 printable characters"
-                )));
-            }
-        }
+        check_secret(&nd.secret)?;
+        check_tags(&nd.tags)?;
         let rec = DeviceRecord {
             schema: DEVICE_SCHEMA,
             id: nd.id.clone(),

@@ -6,10 +6,13 @@ use hangar::config::Config;
 use tracing_subscriber::EnvFilter;
 
 fn init_tracing(json: bool) {
+    use std::io::IsTerminal;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("hangar=info"));
+    // colour codes only for a person at a terminal, never into journald or a log file
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -18,8 +21,48 @@ fn init_tracing(json: bool) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// An error as one line: its causes joined by ": ", each said once (a cause whose text the
+/// message already carries is not repeated). No backtrace: whatever `RUST_BACKTRACE` says, a
+/// refused request or a missing file is not a crash.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Serve | Command::Sim(_) | Command::Agent
+    ) {
+        // A listing piped into `head` ends quietly when `head` has read enough, as `ls` does
+        // (Rust ignores SIGPIPE, which makes println! panic on the closed pipe instead). The
+        // long-running verbs keep ignoring it: a peer closing a socket must not kill them.
+        // SAFETY: resetting a signal disposition to its default, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    match real_main(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hangar: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
     if let Command::Delta(cmd) = cli.command {
         // offline and CPU-bound: no async runtime (keeps its memory next to Debian's bsdiff)
         return hangar::cli::delta(cmd);
@@ -59,7 +102,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             version,
             force,
-        } => hangar::cli::upgrade(&cli.global, &device, &version, force).await?,
+            allow_downgrade,
+        } => hangar::cli::upgrade(&cli.global, &device, &version, force, allow_downgrade).await?,
+        Command::Tasks(a) => hangar::cli::tasks(&cli.global, a).await?,
         Command::Campaign(cmd) => hangar::cli::campaign(&cli.global, cmd).await?,
         Command::Sim(args) => {
             init_tracing(false);

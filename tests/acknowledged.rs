@@ -143,6 +143,7 @@ fn covered() -> Vec<(&'static str, &'static str)> {
         ("DELETE", "/api/ota/firmware/{version}"),
         ("POST", "/api/ota/devices"),
         ("POST", "/api/ota/devices/import"),
+        ("PATCH", "/api/ota/devices/{id}"),
         ("DELETE", "/api/ota/devices/{id}"),
         ("POST", "/api/ota/upgrade/{device}"),
         ("POST", "/api/ota/task/{device}/cancel"),
@@ -294,6 +295,22 @@ async fn every_acknowledged_change_survives_a_kill_right_after_the_answer() {
     for i in 0..20 {
         assert_eq!(a.get(&format!("/api/ota/devices/IMP{i}")).await.0, 200);
     }
+
+    // PATCH devices/{id}
+    assert_ok(
+        "tag",
+        &a.call(
+            "PATCH",
+            "/api/ota/devices/GW1",
+            Some(json!({"addTags": ["line-3"], "removeTags": ["a"]})),
+        )
+        .await,
+    );
+    a.kill_and_restart().await;
+    assert_eq!(
+        a.get("/api/ota/devices/GW1").await.1["data"]["tags"],
+        json!(["line-3"])
+    );
 
     // DELETE devices/{id}
     assert_ok(

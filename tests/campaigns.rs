@@ -546,7 +546,7 @@ async fn kill_nine_mid_campaign_loses_nothing_and_repeats_nothing() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = cli(&["device", "list"]);
-        if out.lines().filter(|l| l.contains(" true ")).count() >= 12 {
+        if out.lines().filter(|l| l.contains(" yes ")).count() >= 12 {
             break;
         }
         assert!(
@@ -566,7 +566,7 @@ async fn kill_nine_mid_campaign_loses_nothing_and_repeats_nothing() {
     wait_up().await;
     let deadline = Instant::now() + Duration::from_secs(90);
     let shown = loop {
-        let c: Value = serde_json::from_str(&cli(&["campaign", "show", &id])).unwrap();
+        let c: Value = serde_json::from_str(&cli(&["campaign", "show", &id, "--json"])).unwrap();
         if c["status"] == "completed" {
             break c;
         }
@@ -574,6 +574,37 @@ async fn kill_nine_mid_campaign_loses_nothing_and_repeats_nothing() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     assert_eq!(shown["counts"]["completed"], 12, "no device lost: {shown}");
+    // the same for people: the verdict, and a wave table whose columns line up
+    let text = cli(&["campaign", "show", &id]);
+    assert!(text.contains("12 succeeded, 0 failed"), "{text}");
+    let table: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()) || l.starts_with("WAVE"))
+        .collect();
+    let done_col = table[0].find("DONE").unwrap() + 4;
+    for row in &table[1..] {
+        assert!(row.as_bytes()[done_col - 1].is_ascii_digit(), "{text}");
+    }
+    let list = cli(&["campaign", "list"]);
+    let header = list.lines().next().unwrap();
+    let status_col = header.find("STATUS").unwrap();
+    assert!(
+        list.lines().nth(1).unwrap()[status_col..].starts_with("completed"),
+        "{list}"
+    );
+    let plan = cli(&["campaign", "dry-run", body.to_str().unwrap()]);
+    assert!(
+        plan.starts_with("WAVE") && plan.contains("devices in all"),
+        "{plan}"
+    );
+    let plan: Value = serde_json::from_str(&cli(&[
+        "campaign",
+        "dry-run",
+        "--json",
+        body.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert!(plan["waves"].is_array(), "{plan}");
     let (code, sum) = sim_result(sim, 60).await;
     assert_eq!(code, 0, "{sum}");
     assert_eq!(sum["completed"], 12, "{sum}");

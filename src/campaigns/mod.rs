@@ -1040,7 +1040,16 @@ impl Campaigns {
                 to_start.into_iter().map(|(i, d)| (i, Ok(d))).unzip();
             let results = self
                 .ota
-                .create_upgrades_of(devs, &c.version, c.force, Some(c.id.clone()))
+                .create_upgrades_of(
+                    devs,
+                    &crate::ota::Upgrade {
+                        version: c.version.clone(),
+                        force: c.force,
+                        // a forced campaign may also take devices back to an older version
+                        allow_downgrade: c.force,
+                        campaign_id: Some(c.id.clone()),
+                    },
+                )
                 .await
                 .map_err(|e| match e {
                     OtaError::Store(e) => CampaignError::Store(e),

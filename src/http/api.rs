@@ -57,6 +57,17 @@ pub(super) fn paging(q: &HashMap<String, String>) -> Result<(usize, usize), ApiE
     ))
 }
 
+/// A boolean query parameter (`true`/`false`, `1`/`0`; absent = false).
+pub(super) fn flag(q: &HashMap<String, String>, key: &str) -> Result<bool, ApiError> {
+    match q.get(key).map(String::as_str) {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1" | "") => Ok(true),
+        Some(v) => Err(ApiError::bad_request(format!(
+            "{key}={v:?} must be true or false"
+        ))),
+    }
+}
+
 fn dto(st: &AppState, r: &crate::store::FirmwareRecord) -> FirmwareDto {
     FirmwareDto::from_record(r, &st.public_url)
 }
@@ -245,7 +256,7 @@ pub async fn list(State(st): State<AppState>, Query(q): Q) -> Result<Response, A
         .take(limit)
         .map(|r| dto(&st, r))
         .collect();
-    Ok(ok(page))
+    Ok(super::error::ok_page(page, all.len()))
 }
 
 /// GET /api/ota/firmware/latest?deviceType=

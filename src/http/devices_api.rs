@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::api::paging;
-use super::error::{ApiError, ok, ok_with};
+use super::error::{ApiError, ok, ok_page, ok_with};
 use super::refusal::JsonBody;
 use super::wire::rfc3339_ms;
-use crate::devices::{DeviceError, NewDevice};
+use crate::devices::{DeviceChange, DeviceError, NewDevice};
 use crate::ota::{OtaError, TaskFilter};
 use crate::protocol::Protocol;
 use crate::store::{DeviceRecord, TaskRecord, TaskStatus};
@@ -182,6 +182,9 @@ pub struct RegisterBody {
     pub device_type: Option<String>,
     #[serde(default)]
     pub protocol: Option<String>,
+    /// Required to register; with `import?update=true` an existing device keeps its secret
+    /// when this is absent.
+    #[serde(default)]
     pub secret: String,
     #[serde(default)]
     pub tags: Vec<String>,
@@ -222,11 +225,14 @@ struct ImportResult {
     error: Option<String>,
 }
 
-/// POST /api/ota/devices/import — a JSON array of registration bodies; each is reported.
+/// POST /api/ota/devices/import[?update=true] — a JSON array of registration bodies; each is
+/// reported. With `update`, devices that exist get the entry's tags (and secret, if given).
 pub async fn import(
     State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
     JsonBody(list): JsonBody<Vec<serde_json::Value>>,
 ) -> Result<Response, ApiError> {
+    let update = super::api::flag(&q, "update")?;
     if list.len() > 100_000 {
         return Err(ApiError::too_large("at most 100000 devices per import"));
     }
@@ -247,7 +253,7 @@ pub async fn import(
             new_device(b).map_err(|e| DeviceError::Invalid(e.message().to_string()))
         })
         .collect();
-    let stored = st.devices.register_all(parsed).await?.into_inner();
+    let stored = st.devices.register_all(parsed, update).await?.into_inner();
     let results: Vec<ImportResult> = ids
         .into_iter()
         .zip(stored)
@@ -280,16 +286,60 @@ pub async fn list_devices(
         }
     };
     let all = st.devices.list()?;
-    let page: Vec<_> = all
+    let matching: Vec<_> = all
         .iter()
         .map(|d| device_dto(&st, d))
         .filter(|d| q.get("deviceType").is_none_or(|t| &d.device_type == t))
         .filter(|d| q.get("protocol").is_none_or(|p| d.protocol == p))
         .filter(|d| online.is_none_or(|o| d.online == o))
-        .skip(offset)
-        .take(limit)
+        .filter(|d| q.get("tag").is_none_or(|t| d.tags.contains(t)))
         .collect();
-    Ok(ok(page))
+    let total = matching.len();
+    let page: Vec<_> = matching.into_iter().skip(offset).take(limit).collect();
+    Ok(ok_page(page, total))
+}
+
+/// Body of `PATCH /api/ota/devices/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChangeBody {
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    add_tags: Vec<String>,
+    #[serde(default)]
+    remove_tags: Vec<String>,
+    #[serde(default)]
+    secret: Option<String>,
+}
+
+/// PATCH /api/ota/devices/{id} `{"tags":[...]}` (replace) and/or `{"addTags":[...],
+/// "removeTags":[...]}`, `{"secret":"..."}`
+pub async fn change_device(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ChangeBody>,
+) -> Result<Response, ApiError> {
+    if b.tags.is_none() && b.add_tags.is_empty() && b.remove_tags.is_empty() && b.secret.is_none() {
+        return Err(ApiError::bad_request(
+            "nothing to change: send tags, addTags, removeTags or secret",
+        ));
+    }
+    let d = st
+        .devices
+        .change(
+            &id,
+            DeviceChange {
+                tags: b.tags,
+                add_tags: b.add_tags,
+                remove_tags: b.remove_tags,
+                secret: b.secret,
+            },
+        )
+        .await?
+        .into_inner();
+    tracing::info!(device = %d.id, tags = ?d.tags, "device changed");
+    Ok(ok(device_dto(&st, &d)))
 }
 
 /// GET /api/ota/devices/{id}
@@ -309,12 +359,15 @@ pub async fn delete_device(
     Ok(ok(device_dto(&st, &d)))
 }
 
+/// Body of `POST /api/ota/upgrade/{deviceId}`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpgradeBody {
     version: String,
     #[serde(default)]
     force: bool,
+    #[serde(default)]
+    allow_downgrade: bool,
 }
 
 /// POST /api/ota/upgrade/{deviceId} `{"version":"1.0.2","force":false}`
@@ -325,7 +378,15 @@ pub async fn upgrade(
 ) -> Result<Response, ApiError> {
     let t = st
         .ota
-        .create_upgrade(&device, &b.version, b.force)
+        .create_upgrade(
+            &device,
+            &crate::ota::Upgrade {
+                version: b.version,
+                force: b.force,
+                allow_downgrade: b.allow_downgrade,
+                campaign_id: None,
+            },
+        )
         .await?
         .into_inner();
     Ok(ok_with(StatusCode::CREATED, task_dto(&t)))
@@ -368,8 +429,11 @@ pub async fn list_tasks(
         status,
         campaign_id: q.get("campaignId").cloned(),
     };
-    let tasks = st.ota.list_tasks(&f, limit, offset)?;
-    Ok(ok(tasks.iter().map(task_dto).collect::<Vec<_>>()))
+    let (tasks, total) = st.ota.list_tasks(&f, limit, offset)?;
+    Ok(ok_page(
+        tasks.iter().map(task_dto).collect::<Vec<_>>(),
+        total,
+    ))
 }
 
 /// GET /api/ota/statistics

@@ -105,6 +105,17 @@ pub fn ok<T: serde::Serialize>(data: T) -> Response {
     ok_with(StatusCode::OK, data)
 }
 
+/// One page of a list: the success envelope with the page as `data`, and the number of items
+/// across all pages (after the filters) in an `X-Total-Count` header.
+pub fn ok_page<T: serde::Serialize>(page: T, total: usize) -> Response {
+    let mut r = ok(page);
+    r.headers_mut().insert(
+        HeaderName::from_static("x-total-count"),
+        HeaderValue::from(total),
+    );
+    r
+}
+
 /// The success envelope with another status (e.g. 201).
 pub fn ok_with<T: serde::Serialize>(status: StatusCode, data: T) -> Response {
     (

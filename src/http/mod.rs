@@ -154,7 +154,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/api/ota/devices/{id}",
-            get(devices_api::get_device).delete(devices_api::delete_device),
+            get(devices_api::get_device)
+                .patch(devices_api::change_device)
+                .delete(devices_api::delete_device),
         )
         .route("/api/ota/upgrade/{device}", post(devices_api::upgrade))
         .route("/api/ota/task/{device}", get(devices_api::latest_task))

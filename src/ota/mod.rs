@@ -195,13 +195,24 @@ struct Chunk {
 
 /// What every task of one [`Ota::create_upgrades_of`] call shares, and what it has seen so far.
 struct Batch<'a> {
-    version: &'a str,
-    force: bool,
-    campaign_id: Option<String>,
+    ask: &'a Upgrade,
     /// Released firmware by device type, read once.
     firmware: BTreeMap<String, FirmwareRecord>,
     /// Devices given a task by this call (a device listed twice is refused).
     seen: std::collections::HashSet<String>,
+}
+
+/// What an upgrade asks for: the target version and how insistently.
+#[derive(Debug, Clone, Default)]
+pub struct Upgrade {
+    /// Target version (released).
+    pub version: String,
+    /// Replace an active task (cancelled), and reinstall the version the device runs.
+    pub force: bool,
+    /// Install a version older than the device runs.
+    pub allow_downgrade: bool,
+    /// The campaign on whose behalf (the task carries its id).
+    pub campaign_id: Option<String>,
 }
 
 /// A batch of reports [`Ota::ingest`] has stored (not yet flushed).
@@ -310,11 +321,10 @@ impl Ota {
     pub async fn create_upgrade(
         &self,
         device_id: &str,
-        version: &str,
-        force: bool,
+        ask: &Upgrade,
     ) -> Result<Durable<TaskRecord>, OtaError> {
         let device = self.devices.get(device_id).map_err(OtaError::from);
-        self.create_upgrades_of(vec![device], version, force, None)
+        self.create_upgrades_of(vec![device], ask)
             .await?
             .map(|mut r| r.pop().expect("one result per device"))
             .transpose()
@@ -364,10 +374,9 @@ impl Ota {
     pub async fn create_upgrades_of(
         &self,
         devices: Vec<Result<crate::store::DeviceRecord, OtaError>>,
-        version: &str,
-        force: bool,
-        campaign_id: Option<String>,
+        ask: &Upgrade,
     ) -> Result<Durable<Vec<Result<TaskRecord, OtaError>>>, OtaError> {
+        let version = ask.version.as_str();
         const FIRST_CHUNK: usize = 250;
         const CHUNK: usize = 1000;
         if !ids::valid_version(version) {
@@ -382,9 +391,7 @@ impl Ota {
                 .await?);
         }
         let mut batch = Batch {
-            version,
-            force,
-            campaign_id,
+            ask,
             firmware: BTreeMap::new(),
             seen: std::collections::HashSet::new(),
         };
@@ -496,14 +503,29 @@ impl Ota {
     ) -> Result<TaskRecord, OtaError> {
         let device = device?;
         let device_id = device.id.as_str();
-        self.upgrade_inputs(&device, batch.version, &mut batch.firmware)?;
+        let ask = batch.ask;
+        self.upgrade_inputs(&device, &ask.version, &mut batch.firmware)?;
+        if let Some(running) = device.firmware_version.as_deref() {
+            let order = ids::compare_versions(&ask.version, running);
+            if order.is_eq() && !ask.force {
+                return Err(OtaError::Conflict(format!(
+                    "device {device_id} already runs {running}: pass force to install it again"
+                )));
+            }
+            if order.is_lt() && !ask.allow_downgrade {
+                return Err(OtaError::Conflict(format!(
+                    "device {device_id} runs {running}, newer than {}: pass allowDowngrade (a campaign: force) to go back",
+                    ask.version
+                )));
+            }
+        }
         if !batch.seen.insert(device.id.clone()) {
             return Err(OtaError::Conflict(format!(
                 "device {device_id} is listed twice"
             )));
         }
         if let Some(active) = self.store.active_task(device_id)? {
-            if !batch.force {
+            if !ask.force {
                 return Err(OtaError::Conflict(format!(
                     "device {device_id} already has an active task ({} to {}, {}): wait, cancel it, or pass force",
                     active.from_version.as_deref().unwrap_or("?"),
@@ -527,10 +549,10 @@ impl Ota {
             &device.device_type,
             device.firmware_version.clone(),
             &batch.firmware[&device.device_type],
-            batch.force,
+            ask.force,
             &device.delta_formats,
         )?;
-        t.campaign_id = batch.campaign_id.clone();
+        t.campaign_id = ask.campaign_id.clone();
         Ok(t)
     }
 
@@ -771,13 +793,13 @@ impl Ota {
             .ok_or_else(|| OtaError::NotFound(format!("device {device_id} has no task")))
     }
 
-    /// Tasks newest first.
+    /// Tasks newest first: one page, and how many match in all.
     pub fn list_tasks(
         &self,
         f: &TaskFilter,
         limit: usize,
         offset: usize,
-    ) -> Result<Vec<TaskRecord>, OtaError> {
+    ) -> Result<(Vec<TaskRecord>, usize), OtaError> {
         Ok(self.store.list_tasks(
             |t| {
                 f.device_id.as_ref().is_none_or(|d| &t.device_id == d)
@@ -798,7 +820,7 @@ impl Ota {
 
     /// Every task (metrics).
     pub fn all_tasks(&self) -> Result<Vec<TaskRecord>, OtaError> {
-        Ok(self.store.list_tasks(|_| true, usize::MAX, 0)?)
+        Ok(self.store.list_tasks(|_| true, usize::MAX, 0)?.0)
     }
 
     /// Commands published to devices since the start.
@@ -811,7 +833,7 @@ impl Ota {
         let mut all = Stats::default();
         let mut by_version: BTreeMap<String, Stats> = BTreeMap::new();
         let mut by_campaign: BTreeMap<String, Stats> = BTreeMap::new();
-        for t in self.store.list_tasks(|_| true, usize::MAX, 0)? {
+        for t in self.store.list_tasks(|_| true, usize::MAX, 0)?.0 {
             all.add(&t);
             by_version.entry(t.to_version.clone()).or_default().add(&t);
             if let Some(c) = &t.campaign_id {

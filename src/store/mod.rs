@@ -483,25 +483,21 @@ impl Store {
         keep: impl Fn(&TaskRecord) -> bool,
         limit: usize,
         offset: usize,
-    ) -> Result<Vec<TaskRecord>> {
+    ) -> Result<(Vec<TaskRecord>, usize)> {
         let mut out = Vec::new();
-        let mut skipped = 0;
+        let mut matching = 0;
         for kv in self.tasks.iter().rev() {
             let (k, v) = kv?;
             let t: TaskRecord = decode(&k, &v)?;
             if !keep(&t) {
                 continue;
             }
-            if skipped < offset {
-                skipped += 1;
-                continue;
-            }
-            out.push(t);
-            if out.len() >= limit {
-                break;
+            matching += 1;
+            if matching > offset && out.len() < limit {
+                out.push(t);
             }
         }
-        Ok(out)
+        Ok((out, matching))
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, TaskIndex> {
