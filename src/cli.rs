@@ -472,7 +472,7 @@ fn print_campaign(c: &Value) {
 
 async fn campaign_action(client: &Client, id: &str, action: &str) -> Result<(), CliError> {
     let path = format!("/api/ota/campaigns/{id}/{action}");
-    print_json(&client.post(&path, &[], &json!({})).await?);
+    print_campaign(&client.post(&path, &[], &json!({})).await?);
     Ok(())
 }
 

@@ -376,9 +376,18 @@ pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
             !required,
             "{name} is needed by this test: apt-get install {package}"
         );
-        eprintln!("SKIPPED: {name} is not installed (apt-get install {package})");
+        skipped(format!(
+            "{name} is not installed (apt-get install {package})"
+        ));
     }
     found
+}
+
+/// Says that a test skipped a part, where a person sees it: on the process's stderr itself, not
+/// through `eprintln!`, which the test harness keeps to itself for tests that pass.
+pub fn skipped(what: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {what}");
 }
 
 /// The `hangar` binary built for this test run.
