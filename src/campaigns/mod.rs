@@ -208,16 +208,21 @@ impl Campaigns {
     /// Starts the engine loop.
     pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken, tracker: &TaskTracker) {
         let me = self.clone();
+        let ended = self.ota.ended();
         tracker.spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = me.wake.notified() => {}
+                    // tasks ended or were confirmed (on disk): a wave may be done
+                    _ = ended.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 if let Err(e) = me.tick().await {
                     tracing::error!(error = %e, "campaign round failed");
                 }
+                // at most ten rounds a second, however fast devices finish
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
     }

@@ -106,6 +106,10 @@ pub struct Ota {
     /// What became of device reports since the start.
     pub reports: ReportCounters,
     settling: std::sync::Mutex<Settling>,
+    /// A task ended or a completion was confirmed since the last flush ([`Ota::ended`]).
+    task_ended: std::sync::atomic::AtomicBool,
+    /// Notified once such a change is on disk: the campaign engine looks then.
+    ended: Arc<tokio::sync::Notify>,
     commands_sent: AtomicU64,
     /// When [`Ota::spawn`] ran (ms since the epoch): it moves every active task's last
     /// activity to then, so a device that subscribed before is re-sent its command anyway.
@@ -257,6 +261,8 @@ impl Ota {
             lock: tokio::sync::Mutex::new(()),
             reports: ReportCounters::default(),
             settling: Default::default(),
+            task_ended: Default::default(),
+            ended: Default::default(),
             commands_sent: AtomicU64::new(0),
             started_ms: std::sync::atomic::AtomicI64::new(0),
         }
@@ -865,6 +871,19 @@ impl Ota {
         ));
     }
 
+    /// Notified when tasks ended or were confirmed, once that is on disk (after the flush):
+    /// the campaign engine waits on it rather than only on its timer.
+    pub fn ended(&self) -> Arc<tokio::sync::Notify> {
+        self.ended.clone()
+    }
+
+    /// After a flush: tells [`Ota::ended`]'s waiters if a task ended meanwhile.
+    fn announce_ended(&self) {
+        if self.task_ended.swap(false, Ordering::SeqCst) {
+            self.ended.notify_one();
+        }
+    }
+
     /// Applies an input to a task and persists the result (no flush). A task that completes
     /// also sets its device's version to the target: a gateway that never sends a heartbeat
     /// (the tutorial's) shows the version it now runs.
@@ -873,6 +892,10 @@ impl Ota {
         match &o {
             Outcome::Changed(n) | Outcome::Touched(n) => {
                 self.store.update_task(t, n)?;
+                // it ended, or its end changed (rolled back, or back from a rollback)
+                if !n.status.is_active() && n.status != t.status {
+                    self.task_ended.store(true, Ordering::SeqCst);
+                }
                 if n.status == TaskStatus::Completed && t.status != TaskStatus::Completed {
                     self.devices.note_version(&n.device_id, &n.to_version)?;
                 }
@@ -914,7 +937,9 @@ impl Ota {
             }
             Outcome::Ignored(Why::Confirmed) => {
                 s.suspects.remove(&t.id);
-                s.confirmed.insert(t.id);
+                if s.confirmed.insert(t.id) {
+                    self.task_ended.store(true, Ordering::SeqCst);
+                }
             }
             Outcome::Changed(n) if n.status == TaskStatus::Completed => {
                 s.suspects.remove(&t.id);
@@ -1344,6 +1369,9 @@ impl Ota {
                     false
                 }
             };
+            if flushed {
+                self.announce_ended();
+            }
             for h in ready.drain(..) {
                 if flushed && h.ok {
                     for done in h.done {
@@ -1467,8 +1495,11 @@ impl Ota {
                     }
                 }
             }
-            if changed && let Err(e) = self.store.flush().await {
-                tracing::error!(error = %e, "flush after stall sweep failed");
+            if changed {
+                match self.store.flush().await {
+                    Ok(()) => self.announce_ended(),
+                    Err(e) => tracing::error!(error = %e, "flush after stall sweep failed"),
+                }
             }
         }
     }
