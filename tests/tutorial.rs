@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{Server, tool};
 use serde_json::json;
+use tokio::io::AsyncBufReadExt;
 
 /// The npm `mqtt` package, installed once per target dir (the tutorial's only dependency).
 fn mqtt_js(npm: &std::path::Path) -> PathBuf {
@@ -66,7 +67,25 @@ async fn the_tutorials_own_gateway_completes_its_upgrade() {
         .spawn()
         .unwrap();
 
-    // it only connects and subscribes: that is enough to be upgraded
+    // its console: it says when it is connected (and subscribes right then)
+    let mut out = tokio::io::BufReader::new(sim.stdout.take().unwrap()).lines();
+    let mut said = Vec::new();
+    let connected = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = out.next_line().await {
+            said.push(line.clone());
+            if line.contains("MQTT") && line.starts_with('✅') {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(connected, Ok(true)),
+        "the tutorial's gateway did not connect: {said:?}"
+    );
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    // it only connected and subscribed: that is enough to be upgraded
     let deadline = Instant::now() + Duration::from_secs(20);
     let task = loop {
         let (st, b) = s
