@@ -6,6 +6,7 @@
 #   ENGINE=rumqttd bench/mqtt.sh ...      Hangar with mqtt.engine = "rumqttd" (default "direct")
 #   CREATE=api bench/mqtt.sh ...          tasks created one HTTPS call per device (default:
 #                                         one campaign for the fleet)
+#   HANGAR_BIN=path bench/mqtt.sh ...     measure this hangar binary (A/B runs of two builds)
 #
 # mosquitto: listener on 127.0.0.1, allow_anonymous, max_connections -1, persistence false,
 #   max_queued_messages 0, max_inflight_messages 20 (as ../shared/bench/README.md). The bare
@@ -42,8 +43,9 @@ fi
 MOSQ=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-(cd "$ROOT" && cargo build --release -q && cargo build --release -q --bench mqttload)
-HANGAR="$ROOT/target/release/hangar"
+if [ -z "${HANGAR_BIN:-}" ]; then (cd "$ROOT" && cargo build --release -q); fi
+(cd "$ROOT" && cargo build --release -q --bench mqttload)
+HANGAR=${HANGAR_BIN:-$ROOT/target/release/hangar}
 LOAD=$(ls -t "$ROOT"/target/release/deps/mqttload-* | grep -v '\.d$' | head -1)
 
 # --- mosquitto ---------------------------------------------------------------------------

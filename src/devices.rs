@@ -58,12 +58,21 @@ pub struct Live {
     /// When the device last sent anything (ms since the epoch), also a report that was then
     /// dropped; the stored `lastSeen` is refreshed from it at most once a minute.
     pub heard_ms: Option<i64>,
+    /// The version the device's progress reports say it runs (`currentVersion`), when that is
+    /// not the stored one: kept here while its upgrade runs (no store write per report) and
+    /// stored when the upgrade ends ([`Devices::store_reported`], or the target on completion).
+    pub reported: Option<String>,
 }
 
 impl Live {
     /// The device's `lastSeen`: the later of the stored one and what this process heard.
     pub fn last_seen(&self, stored: Option<i64>) -> Option<i64> {
         stored.max(self.heard_ms)
+    }
+
+    /// The version the device runs: what its reports said last, else the stored one.
+    pub fn version<'a>(&'a self, stored: Option<&'a str>) -> Option<&'a str> {
+        self.reported.as_deref().or(stored)
     }
 }
 
@@ -347,6 +356,34 @@ impl Devices {
             .unwrap_or_default()
     }
 
+    /// A progress report says the device runs `version` ([`Live::reported`]): kept in memory
+    /// when it is not the stored version; nothing is written.
+    pub fn note_running(&self, id: &str, version: &str) {
+        let mut live = self.live.write().expect("live lock");
+        let Some(l) = live.get_mut(id) else { return };
+        let stored = l.noted.as_ref().and_then(|n| n.version.as_deref());
+        if stored == Some(version) {
+            l.reported = None;
+        } else if l.reported.as_deref() != Some(version) {
+            l.reported = Some(version.to_string());
+        }
+    }
+
+    /// Stores the version the device's reports said it runs, if that is not the stored one
+    /// (its upgrade ended other than completed); the caller flushes.
+    pub fn store_reported(&self, id: &str) -> Result<(), StoreError> {
+        let reported = self
+            .live
+            .read()
+            .expect("live lock")
+            .get(id)
+            .and_then(|l| l.reported.clone());
+        match reported {
+            Some(v) => self.note_version(id, &v),
+            None => Ok(()),
+        }
+    }
+
     /// Notes that the device sent something now (see [`Live::heard_ms`]).
     pub fn heard_from(&self, id: &str) {
         let now = now_ms();
@@ -507,18 +544,28 @@ impl Devices {
             self.store.put_device(&rec)?;
         }
         self.remember(&rec);
+        if version.is_some() {
+            self.forget_reported(id);
+        }
         Ok(Some(rec))
     }
 
     /// Keeps what was stored of `rec` in its live entry ([`Live::noted`]).
     fn remember(&self, rec: &DeviceRecord) {
-        if let Some(t) = rec.last_seen_ms {
-            let mut live = self.live.write().expect("live lock");
-            live.entry(rec.id.clone()).or_default().noted = Some(Noted {
-                at_ms: t,
-                ip: rec.last_ip.clone().unwrap_or_default(),
-                version: rec.firmware_version.clone(),
-            });
+        let Some(t) = rec.last_seen_ms else { return };
+        let mut live = self.live.write().expect("live lock");
+        live.entry(rec.id.clone()).or_default().noted = Some(Noted {
+            at_ms: t,
+            ip: rec.last_ip.clone().unwrap_or_default(),
+            version: rec.firmware_version.clone(),
+        });
+    }
+
+    /// Forgets what progress reports said the device runs: a newer word (a heartbeat, an
+    /// inform, a completion) was stored.
+    fn forget_reported(&self, id: &str) {
+        if let Some(l) = self.live.write().expect("live lock").get_mut(id) {
+            l.reported = None;
         }
     }
 
@@ -529,11 +576,13 @@ impl Devices {
             return Ok(());
         };
         if d.firmware_version.as_deref() == Some(version) {
+            self.forget_reported(id);
             return Ok(());
         }
         d.firmware_version = Some(version.to_string());
         self.store.put_device(&d)?;
         self.remember(&d);
+        self.forget_reported(id);
         Ok(())
     }
 

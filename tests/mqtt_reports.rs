@@ -156,3 +156,30 @@ async fn heartbeats_of_healthy_devices_are_not_dropped_reports() {
         assert_eq!(v, 0, "{k}: {r}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_without_heartbeats_is_known_by_its_reports_version() {
+    let mut s = Server::start().await;
+    s.register("GW1", "gateway", "gw1-secret").await;
+    s.release("1.0.2", "gateway", 1000).await;
+    let mut d = gateway(&s).await;
+    let (st, b) = s
+        .post_json("/api/ota/upgrade/GW1", json!({"version": "1.0.2"}))
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let (_, cmd) = d.message(10).await;
+    let msg = cmd["data"]["msgId"].as_str().unwrap().to_string();
+    let report = |state: &str| json!({"msgType":"ota_progress","msgId":msg,"data":{"state":state,"progress":10,"currentVersion":"1.0.1","errorCode":"E42"}});
+    d.publish(REPORT, report("downloading")).await;
+    s.wait_task("GW1", |t| t["status"] == "downloading").await;
+    // while it upgrades, the API shows what its reports say it runs
+    let (_, dev) = s.get_json("/api/ota/devices/GW1").await;
+    assert_eq!(dev["data"]["firmwareVersion"], "1.0.1", "{dev}");
+    d.publish(REPORT, report("failed")).await;
+    s.wait_task("GW1", |t| t["status"] == "failed").await;
+    drop(d);
+    // the failure stored it: it is still known after a restart
+    s.restart().await;
+    let (_, dev) = s.get_json("/api/ota/devices/GW1").await;
+    assert_eq!(dev["data"]["firmwareVersion"], "1.0.1", "{dev}");
+}

@@ -64,7 +64,9 @@ fn device_dto(st: &AppState, d: &DeviceRecord) -> DeviceDto {
         id: d.id.clone(),
         protocol: d.protocol.as_str(),
         device_type: d.device_type.clone(),
-        firmware_version: d.firmware_version.clone(),
+        firmware_version: live
+            .version(d.firmware_version.as_deref())
+            .map(str::to_string),
         delta_formats: d.delta_formats.clone(),
         tags: d.tags.clone(),
         online: live.connections > 0,

@@ -898,6 +898,9 @@ impl Ota {
                 }
                 if n.status == TaskStatus::Completed && t.status != TaskStatus::Completed {
                     self.devices.note_version(&n.device_id, &n.to_version)?;
+                } else if t.status.is_active() && !n.status.is_active() {
+                    // failed or cancelled: it runs what its reports said
+                    self.devices.store_reported(&n.device_id)?;
                 }
             }
             Outcome::Ignored(why) => {
@@ -1245,10 +1248,9 @@ impl Ota {
             self.reports.used(id, Used::Repeat);
             return Ok(());
         }
-        if let Some(v) = data.current_version.as_deref()
-            && !self.devices.seen_recently(id, Some(v))
-        {
-            self.devices_note(m, Some(v), None, None)?;
+        if let Some(v) = data.current_version.as_deref() {
+            // in memory while the upgrade runs; stored when it ends (see apply_and_put)
+            self.devices.note_running(id, v);
         }
         let status = match data.state {
             gateway::State::Pending => {
