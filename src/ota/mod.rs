@@ -1390,69 +1390,88 @@ impl Ota {
         }
     }
 
+    /// The presence worker: connections, SUBACKs of command topics (Ready) and disconnects,
+    /// in order, a batch of whatever is queued at a time. A batch with a Ready is handled under
+    /// the task lock (taken once for the batch): a task being created right now either sees the
+    /// device ready (and sends its command itself) or is in the store before the Ready looks
+    /// (and is sent from here) — never neither.
     async fn presence(
         self: Arc<Self>,
         mut rx: mpsc::UnboundedReceiver<Presence>,
         shutdown: CancellationToken,
     ) {
+        let mut batch = Vec::with_capacity(1024);
         loop {
-            let p = tokio::select! {
+            let n = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                p = rx.recv() => match p { Some(p) => p, None => return },
+                n = rx.recv_many(&mut batch, 1024) => n,
             };
-            match &p {
-                Presence::Connected {
-                    id,
-                    ip,
-                    protocol,
-                    anonymous,
-                } => {
-                    self.devices.on_presence(&p);
-                    tracing::debug!(device = %id, ip = %ip, "device connected");
-                    if *anonymous
-                        && self.settings.allow_anonymous
-                        && let Err(e) = self.devices.admit_anonymous(id, *protocol)
-                    {
-                        tracing::warn!(device = %id, error = %e, "admitting an anonymous device failed");
-                    }
-                    if let Err(e) = self.devices.note_connected(id, ip) {
-                        tracing::warn!(device = %id, error = %e, "recording the connection failed");
-                    }
-                }
-                Presence::Ready { id, at_ms, .. } => {
-                    // Under the task lock: a task being created right now either sees the
-                    // device ready (and sends its command itself) or is in the store before
-                    // this looks (and is sent from here) — never neither.
-                    let resend = {
-                        let _g = self.lock.lock().await;
-                        let ready = self.devices.on_presence(&p);
-                        // Re-send on connect: a command never sent, or one that never got an
-                        // answer, goes out again — not one sent since the device subscribed (a
-                        // firmware/get answered meanwhile, a campaign that just started),
-                        // which it got: a second copy could start a second attempt.
-                        match self.store.active_task(id) {
-                            Ok(Some(t))
-                                if ready
-                                    && t.status == TaskStatus::Pending
-                                    && (t.start_time_ms.is_none()
-                                        || t.last_activity_ms < *at_ms
-                                        || *at_ms <= self.started_ms.load(Ordering::SeqCst)) =>
-                            {
-                                Some(t.id)
-                            }
-                            _ => None,
-                        }
-                    };
-                    if let Some(task) = resend
-                        && let Err(e) = self.send_command(task).await
-                    {
-                        tracing::warn!(device = %id, error = %e, "re-sending the command failed");
-                    }
-                }
-                Presence::Disconnected { .. } => {
-                    self.devices.on_presence(&p);
+            if n == 0 {
+                return;
+            }
+            let locked = if batch.iter().any(|p| matches!(p, Presence::Ready { .. })) {
+                Some(self.lock.lock().await)
+            } else {
+                None
+            };
+            let mut resend = Vec::new();
+            for p in batch.drain(..) {
+                if let Some(task) = self.on_presence(&p) {
+                    resend.push((task, p));
                 }
             }
+            drop(locked);
+            for (task, p) in resend {
+                if let Err(e) = self.send_command(task).await {
+                    let id = match &p {
+                        Presence::Ready { id, .. } => id.as_str(),
+                        _ => "",
+                    };
+                    tracing::warn!(device = %id, error = %e, "re-sending the command failed");
+                }
+            }
+        }
+    }
+
+    /// One presence event; for a Ready, the task whose command goes out again, if any.
+    fn on_presence(&self, p: &Presence) -> Option<u64> {
+        let ready = self.devices.on_presence(p);
+        match p {
+            Presence::Connected {
+                id,
+                ip,
+                protocol,
+                anonymous,
+            } => {
+                tracing::debug!(device = %id, ip = %ip, "device connected");
+                if *anonymous
+                    && self.settings.allow_anonymous
+                    && let Err(e) = self.devices.admit_anonymous(id, *protocol)
+                {
+                    tracing::warn!(device = %id, error = %e, "admitting an anonymous device failed");
+                }
+                if let Err(e) = self.devices.note_connected(id, ip) {
+                    tracing::warn!(device = %id, error = %e, "recording the connection failed");
+                }
+                None
+            }
+            // Re-send on connect: a command never sent, or one that never got an answer, goes
+            // out again — not one sent since the device subscribed (a firmware/get answered
+            // meanwhile, a campaign that just started), which it got: a second copy could
+            // start a second attempt.
+            Presence::Ready { id, at_ms, .. } => match self.store.active_task(id) {
+                Ok(Some(t))
+                    if ready
+                        && t.status == TaskStatus::Pending
+                        && (t.start_time_ms.is_none()
+                            || t.last_activity_ms < *at_ms
+                            || *at_ms <= self.started_ms.load(Ordering::SeqCst)) =>
+                {
+                    Some(t.id)
+                }
+                _ => None,
+            },
+            Presence::Disconnected { .. } => None,
         }
     }
 
