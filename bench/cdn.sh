@@ -25,8 +25,9 @@ if ! need nginx || ! need h2load; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-(cd "$ROOT" && cargo build --release -q)
-HANGAR="$ROOT/target/release/hangar"
+# HANGAR_BIN=path measures another build (A/B runs)
+if [ -z "${HANGAR_BIN:-}" ]; then (cd "$ROOT" && cargo build --release -q); fi
+HANGAR=${HANGAR_BIN:-$ROOT/target/release/hangar}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 head -c $((10 * 1024 * 1024)) /dev/urandom > "$WORK/fw.bin"

@@ -107,6 +107,10 @@ impl Drop for Tap {
 
 /// The middleware (outermost on every listener's router).
 pub async fn drain_refused(budget: DrainBudget, req: Request, next: Next) -> Response {
+    if req.body().is_end_stream() {
+        // no body (a download, a GET): nothing can be left unread
+        return next.run(req).await;
+    }
     let waits_for_continue = req.version() <= Version::HTTP_11
         && req
             .headers()
