@@ -289,6 +289,12 @@ impl App {
             ota.clone(),
         );
         campaigns.spawn(shutdown.clone(), &tracker);
+        tracker.spawn(recover_store(
+            store.clone(),
+            // room for a few of sled's segments; uploads still wait for min_free_bytes
+            config.store.min_free_bytes.min(8 << 20),
+            shutdown.clone(),
+        ));
         ota.spawn(msg_rx, presence_rx, shutdown.clone(), &tracker)
             .map_err(|source| StartError::Store {
                 path: store_dir.clone(),
@@ -305,6 +311,7 @@ impl App {
             signer,
             public_url: public_url.clone(),
             max_upload_bytes: config.http.max_upload_bytes,
+            min_free_bytes: config.store.min_free_bytes,
             fds: Default::default(),
             campaigns,
             deltas,
@@ -423,4 +430,21 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         Err(_) => tracing::error!("internal: app still shared at shutdown"),
     }
     Ok(())
+}
+
+/// Reopens a store that failed (a full disk) once there is room again: looks every second.
+async fn recover_store(store: Store, min_free: u64, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if store.health().is_some()
+            && let Err(e) = store.recover(min_free).await
+        {
+            tracing::warn!(error = %e, "store not reopened yet; trying again");
+        }
+    }
 }

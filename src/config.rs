@@ -44,6 +44,8 @@ pub struct Config {
     pub delta: DeltaConfig,
     /// Prometheus metrics listener.
     pub metrics: MetricsConfig,
+    /// Free-space threshold of the data directory.
+    pub store: StoreConfig,
     /// Log output format.
     pub log: LogConfig,
 }
@@ -121,6 +123,24 @@ pub struct MetricsConfig {
     /// Extra loopback-only listener serving `/metrics` without a token; "" = none (the HTTPS
     /// listener always serves `/metrics` behind the admin token).
     pub listen: String,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Uploads are refused (507 DISK_FULL) when they would leave less than this many bytes free
+    /// on the data directory's filesystem, so the store keeps room for tasks and reports; a
+    /// store that failed on a full disk reopens once this much (at most 8 MiB) is free again.
+    pub min_free_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            min_free_bytes: 64 << 20,
+        }
+    }
 }
 
 /// `[delta]`

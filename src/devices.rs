@@ -85,6 +85,9 @@ pub struct Noted {
     pub ip: String,
     /// `firmwareVersion`.
     pub version: Option<String>,
+    /// [`Store::generation`] it was stored under: after the store reopened from disk (a full
+    /// disk), what was written but never flushed is gone, so an older note is not trusted.
+    pub generation: u64,
 }
 
 /// How old a stored `lastSeen` may get before a report refreshes it.
@@ -361,7 +364,12 @@ impl Devices {
     pub fn note_running(&self, id: &str, version: &str) {
         let mut live = self.live.write().expect("live lock");
         let Some(l) = live.get_mut(id) else { return };
-        let stored = l.noted.as_ref().and_then(|n| n.version.as_deref());
+        let generation = self.store.generation();
+        let stored = l
+            .noted
+            .as_ref()
+            .filter(|n| n.generation == generation)
+            .and_then(|n| n.version.as_deref());
         if stored == Some(version) {
             l.reported = None;
         } else if l.reported.as_deref() != Some(version) {
@@ -558,6 +566,7 @@ impl Devices {
             at_ms: t,
             ip: rec.last_ip.clone().unwrap_or_default(),
             version: rec.firmware_version.clone(),
+            generation: self.store.generation(),
         });
     }
 
@@ -611,10 +620,12 @@ impl Devices {
     /// less than a minute ago, from the address it connects from now, with that version. Then
     /// the report needs no device read or write.
     pub fn seen_recently(&self, id: &str, version: Option<&str>) -> bool {
+        let generation = self.store.generation();
         let live = self.live.read().expect("live lock");
         live.get(id).is_some_and(|l| {
             l.noted.as_ref().is_some_and(|n| {
-                now_ms() - n.at_ms <= LAST_SEEN_REFRESH_MS
+                n.generation == generation
+                    && now_ms() - n.at_ms <= LAST_SEEN_REFRESH_MS
                     && (l.ip.is_empty() || l.ip == n.ip)
                     && version.is_none_or(|v| n.version.as_deref() == Some(v))
             })

@@ -139,9 +139,21 @@ impl FirmwareService {
         let blobs = self.blobs.clone();
         tokio::task::spawn_blocking(move || blobs.commit(staged))
             .await
-            .map_err(|e| std::io::Error::other(format!("blob commit task: {e}")))??;
+            .map_err(|e| std::io::Error::other(format!("blob commit task: {e}")))?
+            .map_err(|e| self.io_failed(e))?;
         self.store.insert_firmware(&rec)?;
         Ok(self.store.durable(rec).await?)
+    }
+
+    /// A blob write failed: a full disk is the store's [`StoreError::DiskFull`].
+    fn io_failed(&self, e: std::io::Error) -> FirmwareError {
+        if crate::store::is_disk_full(&e) {
+            FirmwareError::Store(StoreError::DiskFull {
+                free_bytes: self.store.free_bytes().unwrap_or(0),
+            })
+        } else {
+            FirmwareError::Io(e)
+        }
     }
 
     /// One firmware.

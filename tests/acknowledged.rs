@@ -6,50 +6,8 @@ mod common;
 
 use std::path::Path;
 
-use common::{Proc, image, md5_hex};
+use common::{Proc, image, md5_hex, mutating_routes};
 use serde_json::{Value, json};
-
-/// `(method, path)` of every route that changes something, from the `.route(` calls of the HTTP
-/// sources: each `post(`/`put(`/`patch(`/`delete(` in the method chain of a route.
-fn mutating_routes() -> Vec<(String, String)> {
-    let src = common::http_sources();
-    let mut out = Vec::new();
-    let mut rest = src.as_str();
-    while let Some(i) = rest.find(".route(") {
-        rest = &rest[i + 7..];
-        // the call's text up to its closing parenthesis
-        let mut depth = 1;
-        let end = rest
-            .char_indices()
-            .find(|&(_, c)| {
-                match c {
-                    '(' => depth += 1,
-                    ')' => depth -= 1,
-                    _ => {}
-                }
-                depth == 0
-            })
-            .map(|(i, _)| i)
-            .unwrap();
-        let call = &rest[..end];
-        let q = call.find('"').unwrap();
-        let path = &call[q + 1..q + 1 + call[q + 1..].find('"').unwrap()];
-        for m in ["post", "put", "patch", "delete"] {
-            let needle = format!("{m}(");
-            let named = call.match_indices(&needle).any(|(i, _)| {
-                i == 0
-                    || !(call.as_bytes()[i - 1].is_ascii_alphanumeric()
-                        || call.as_bytes()[i - 1] == b'_')
-            });
-            if named {
-                out.push((m.to_uppercase(), path.to_string()));
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
 
 /// Routes that take a POST but change nothing.
 const READ_ONLY: &[(&str, &str)] = &[("POST", "/api/ota/campaigns/dry-run")];

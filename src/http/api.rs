@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::AppState;
 use super::download::{self, BlobMeta};
 use super::error::{ApiError, ok, ok_with};
-use super::refusal::JsonBody;
+use super::refusal::{ApiPath, JsonBody};
 use super::wire::FirmwareDto;
 use crate::auth;
 use crate::firmware::{self, NewFirmware};
@@ -72,17 +72,39 @@ fn dto(st: &AppState, r: &crate::store::FirmwareRecord) -> FirmwareDto {
     FirmwareDto::from_record(r, &st.public_url)
 }
 
-/// GET /healthz
+/// GET /healthz — 200 while the appliance serves; `state` is `ok`, or `degraded` with the
+/// reasons while writes cannot succeed (a full disk) or uploads are refused for lack of room.
+/// Downloads and reads keep working in both.
 pub async fn healthz(State(st): State<AppState>) -> Response {
-    match st.store.size_on_disk() {
-        Ok(_) => ok(serde_json::json!({"store": "ok", "version": env!("CARGO_PKG_VERSION")})),
-        Err(e) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UNAVAILABLE",
-            format!("store is not available: {e}"),
-        )
-        .into_response(),
+    let free = st.store.free_bytes();
+    let mut reasons = Vec::new();
+    if let Some(d) = st.store.health() {
+        reasons.push(format!(
+            "store: {} (since {})",
+            d.reason,
+            chrono::DateTime::from_timestamp_millis(d.since_ms)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default()
+        ));
+    } else if let Err(e) = st.store.size_on_disk() {
+        reasons.push(format!("store: {e}"));
     }
+    if let Some(f) = free
+        && f < st.min_free_bytes
+    {
+        reasons.push(format!(
+            "low disk space: {f} bytes free, below store.min_free_bytes ({}): uploads are refused",
+            st.min_free_bytes
+        ));
+    }
+    let state = if reasons.is_empty() { "ok" } else { "degraded" };
+    ok(serde_json::json!({
+        "state": state,
+        "store": if st.store.health().is_some() { "degraded" } else { "ok" },
+        "reasons": reasons,
+        "freeBytes": free,
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
 }
 
 /// Reads a small text field with a size cap.
@@ -101,6 +123,15 @@ async fn text_field(mut field: Field<'_>, name: &str) -> Result<String, ApiError
 }
 
 fn multipart_err(e: axum::extract::multipart::MultipartError) -> ApiError {
+    // the innermost cause says what was wrong (e.g. the part-header bound of `partguard`)
+    let mut cause: &dyn std::error::Error = &e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let why = cause.to_string();
+    if why.contains("a part's headers are longer") {
+        return ApiError::bad_request(why);
+    }
     ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
 }
 
@@ -114,19 +145,70 @@ fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
     }
 }
 
+/// Free text stored and later printed (descriptions): no control characters but tab and
+/// line feed, so nothing a client sends can move a terminal's cursor or colour a listing.
+pub(super) fn check_free_text(name: &str, v: &str) -> Result<(), ApiError> {
+    match v
+        .chars()
+        .find(|c| c.is_control() && *c != '\t' && *c != '\n')
+    {
+        Some(c) => Err(ApiError::bad_request(format!(
+            "{name} contains the control character U+{:04X}: send printable text",
+            c as u32
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses an upload that would leave less than `[store] min_free_bytes` free.
+fn check_room(st: &AppState, coming: u64) -> Result<(), ApiError> {
+    let Some(free) = st.store.free_bytes() else {
+        return Ok(());
+    };
+    if free < st.min_free_bytes.saturating_add(coming) {
+        return Err(ApiError::disk_full(
+            free,
+            &format!(
+                "the upload was refused: it would leave less than {} bytes free (store.min_free_bytes)",
+                st.min_free_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An error writing the uploaded file: a full disk is a 507, anything else a 500.
+fn write_failed(st: &AppState, e: std::io::Error, what: &str) -> ApiError {
+    if crate::store::is_disk_full(&e) {
+        ApiError::disk_full(
+            st.store.free_bytes().unwrap_or(0),
+            "the upload was not stored",
+        )
+    } else {
+        ApiError::internal(format!("{what}: {e}"))
+    }
+}
+
+/// How often (bytes written) a streaming upload looks at the free space again.
+const ROOM_CHECK_EVERY: u64 = 16 << 20;
+
 /// POST /api/ota/firmware/upload — multipart `file`, `version`, `deviceType`, `description`,
 /// `forceUpgrade`. The file streams to disk through the blob writer; nothing is visible until
-/// the blob is fsynced and the record flushed.
+/// the blob is fsynced and the record flushed. Fields are taken as sent (no trimming), each at
+/// most once; part headers are bounded ([`super::partguard`]).
 pub async fn upload(
     State(st): State<AppState>,
-    headers: HeaderMap,
-    mp: Result<Multipart, MultipartRejection>,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    use axum::extract::FromRequest;
+    use futures_util::StreamExt;
     let max = st.max_upload_bytes;
-    if let Some(len) = headers
+    let length = req
+        .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = length
         && len > max.saturating_add(MULTIPART_OVERHEAD)
     {
         // (the body is read and discarded, within a budget, by `refusal::drain_refused`)
@@ -134,17 +216,47 @@ pub async fn upload(
             "the upload is {len} bytes; the limit is {max} (http.max_upload_bytes)"
         )));
     }
-    let mut mp = mp.map_err(|e| {
-        ApiError::bad_request(format!(
-            "expected a multipart/form-data body with a `file` part: {}",
-            e.body_text()
-        ))
-    })?;
+    check_room(&st, length.unwrap_or(0))?;
+    let boundary = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(multer_boundary);
+    let req = match boundary {
+        Some(b) => {
+            let (parts, body) = req.into_parts();
+            let mut guard = super::partguard::PartGuard::new(&b);
+            let body = body.into_data_stream().map(move |chunk| {
+                let chunk = chunk?;
+                guard.feed(&chunk).map_err(axum::Error::new)?;
+                Ok::<_, axum::Error>(chunk)
+            });
+            axum::extract::Request::from_parts(parts, axum::body::Body::from_stream(body))
+        }
+        None => req,
+    };
+    let mut mp = Multipart::from_request(req, &())
+        .await
+        .map_err(|e: MultipartRejection| {
+            ApiError::bad_request(format!(
+                "expected a multipart/form-data body with a `file` part: {}",
+                e.body_text()
+            ))
+        })?;
     let mut version: Option<String> = None;
     let mut device_type: Option<String> = None;
-    let mut description = String::new();
-    let mut force_upgrade = false;
+    let mut description: Option<String> = None;
+    let mut force_upgrade: Option<bool> = None;
     let mut staged = None;
+    let once = |name: &str, seen: bool| {
+        if seen {
+            Err(ApiError::bad_request(format!(
+                "the form has more than one `{name}` part: send each field once"
+            )))
+        } else {
+            Ok(())
+        }
+    };
 
     while let Some(mut field) = mp.next_field().await.map_err(multipart_err)? {
         let name = field.name().unwrap_or("").to_string();
@@ -166,6 +278,7 @@ pub async fn upload(
                     }
                 }
                 let mut w = st.firmware.blobs().writer();
+                let mut next_check = ROOM_CHECK_EVERY;
                 loop {
                     let chunk = match field.chunk().await {
                         Ok(Some(c)) => c,
@@ -181,25 +294,44 @@ pub async fn upload(
                             "the file is larger than {max} bytes (http.max_upload_bytes)"
                         )));
                     }
+                    if w.written() >= next_check {
+                        next_check += ROOM_CHECK_EVERY;
+                        if let Err(e) = check_room(&st, 0) {
+                            w.abort().await;
+                            return Err(e);
+                        }
+                    }
                     if let Err(e) = w.write(chunk).await {
                         w.abort().await;
-                        return Err(ApiError::internal(format!("writing upload: {e}")));
+                        return Err(write_failed(&st, e, "writing upload"));
                     }
                 }
                 staged = Some(
                     w.finish()
                         .await
-                        .map_err(|e| ApiError::internal(format!("finishing upload: {e}")))?,
+                        .map_err(|e| write_failed(&st, e, "finishing upload"))?,
                 );
             }
-            "version" => version = Some(text_field(field, "version").await?.trim().to_string()),
-            "deviceType" => {
-                device_type = Some(text_field(field, "deviceType").await?.trim().to_string())
+            "version" => {
+                once("version", version.is_some())?;
+                version = Some(text_field(field, "version").await?);
             }
-            "description" => description = text_field(field, "description").await?,
+            "deviceType" => {
+                once("deviceType", device_type.is_some())?;
+                device_type = Some(text_field(field, "deviceType").await?);
+            }
+            "description" => {
+                once("description", description.is_some())?;
+                let d = text_field(field, "description").await?;
+                check_free_text("description", &d)?;
+                description = Some(d);
+            }
             "forceUpgrade" => {
-                force_upgrade =
-                    parse_bool("forceUpgrade", &text_field(field, "forceUpgrade").await?)?
+                once("forceUpgrade", force_upgrade.is_some())?;
+                force_upgrade = Some(parse_bool(
+                    "forceUpgrade",
+                    &text_field(field, "forceUpgrade").await?,
+                )?);
             }
             other => {
                 // Unknown parts are read (bounded) and ignored.
@@ -219,8 +351,8 @@ pub async fn upload(
             NewFirmware {
                 device_type,
                 version,
-                description,
-                force_upgrade,
+                description: description.unwrap_or_default(),
+                force_upgrade: force_upgrade.unwrap_or(false),
             },
             staged,
         )
@@ -228,6 +360,24 @@ pub async fn upload(
         .into_inner();
     tracing::info!(device_type = %rec.device_type, version = %rec.version, size = rec.size, sha256 = %rec.sha256, "firmware uploaded");
     Ok(ok_with(StatusCode::CREATED, dto(&st, &rec)))
+}
+
+/// The boundary of a `multipart/form-data` content type.
+fn multer_boundary(content_type: &str) -> Option<String> {
+    let mut parts = content_type.split(';');
+    if !parts
+        .next()?
+        .trim()
+        .eq_ignore_ascii_case("multipart/form-data")
+    {
+        return None;
+    }
+    parts.find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_string())
+    })
 }
 
 /// GET /api/ota/firmware?deviceType=&status=&limit=&offset=
@@ -268,7 +418,7 @@ pub async fn latest(State(st): State<AppState>, Query(q): Q) -> Result<Response,
 /// GET /api/ota/firmware/{version}?deviceType=
 pub async fn get_one(
     State(st): State<AppState>,
-    Path(version): Path<String>,
+    ApiPath(version): ApiPath<String>,
     Query(q): Q,
 ) -> Result<Response, ApiError> {
     let t = device_type_param(&q)?;
@@ -278,7 +428,7 @@ pub async fn get_one(
 /// POST /api/ota/firmware/{version}/release?deviceType=
 pub async fn release(
     State(st): State<AppState>,
-    Path(version): Path<String>,
+    ApiPath(version): ApiPath<String>,
     Query(q): Q,
 ) -> Result<Response, ApiError> {
     let t = device_type_param(&q)?;
@@ -306,7 +456,7 @@ pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<
 /// POST /api/ota/firmware/{version}/status?deviceType= `{"status": "..."}`
 pub async fn set_status(
     State(st): State<AppState>,
-    Path(version): Path<String>,
+    ApiPath(version): ApiPath<String>,
     Query(q): Q,
     JsonBody(b): JsonBody<StatusBody>,
 ) -> Result<Response, ApiError> {
@@ -332,7 +482,7 @@ pub async fn set_status(
 /// DELETE /api/ota/firmware/{version}?deviceType=
 pub async fn delete(
     State(st): State<AppState>,
-    Path(version): Path<String>,
+    ApiPath(version): ApiPath<String>,
     Query(q): Q,
 ) -> Result<Response, ApiError> {
     let t = device_type_param(&q)?;
@@ -389,7 +539,7 @@ fn query_token(uri: &Uri) -> Option<std::borrow::Cow<'_, str>> {
 /// GET/HEAD /firmware/{fileName} — admin token or a signed `?token=`.
 pub async fn download(
     State(st): State<AppState>,
-    Path(file_name): Path<String>,
+    file_name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     req: axum::extract::Request,
 ) -> Response {
     let (method, uri, headers) = (req.method(), req.uri(), req.headers());
@@ -399,6 +549,10 @@ pub async fn download(
         )
         .into_response();
     }
+    let file_name = match file_name {
+        Ok(Path(f)) => f,
+        Err(e) => return super::refusal::path_refused(&e).into_response(),
+    };
     let Some((device_type, version)) = ids::parse_firmware_file_name(&file_name) else {
         return ApiError::bad_request(format!(
             "{file_name:?} is not a firmware file name: expected {{deviceType}}_v{{version}}.bin"

@@ -5,14 +5,14 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::{ApiError, ok, ok_with};
-use super::refusal::JsonBody;
+use super::refusal::{ApiPath, JsonBody};
 use super::wire::rfc3339_ms;
 use crate::campaigns::{CampaignError, CampaignSpec, Plan};
 use crate::store::{CampaignMember, CampaignRecord, CampaignTargets};
@@ -23,7 +23,7 @@ impl From<CampaignError> for ApiError {
             CampaignError::Invalid(m) => ApiError::bad_request(m),
             CampaignError::NotFound(m) => ApiError::not_found(m),
             CampaignError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
-            CampaignError::Store(e) => ApiError::internal(e),
+            CampaignError::Store(e) => e.into(),
         }
     }
 }
@@ -298,7 +298,7 @@ pub async fn list(State(st): State<AppState>) -> Result<Response, ApiError> {
 /// GET /api/ota/campaigns/{id}
 pub async fn get_one(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let c = st.campaigns.get(&id)?;
     let m = st.campaigns.members(&id)?;
@@ -308,7 +308,7 @@ pub async fn get_one(
 /// POST /api/ota/campaigns/{id}/{action} (pause, resume, cancel)
 pub async fn act(
     State(st): State<AppState>,
-    Path((id, action)): Path<(String, String)>,
+    ApiPath((id, action)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     if !matches!(action.as_str(), "pause" | "resume" | "cancel") {
         return Err(ApiError::not_found(format!(

@@ -2,7 +2,7 @@
 //! `/firmware/deltas/{deviceType}_v{from}_to_v{to}.bsdiff` (same Range-capable path and
 //! authorisation as images; the patch is re-hashed before it is served).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -11,7 +11,7 @@ use super::AppState;
 use super::api::{Q, device_type_param, download_authorised};
 use super::download::{self, BlobMeta};
 use super::error::{ApiError, ok, ok_with};
-use super::refusal::JsonBody;
+use super::refusal::{ApiPath, JsonBody};
 use super::wire::DeltaDto;
 use crate::deltas::DeltaError;
 use crate::store::DeltaStatus;
@@ -23,7 +23,7 @@ impl From<DeltaError> for ApiError {
             DeltaError::NotFound(m) => ApiError::not_found(m),
             DeltaError::Busy(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "BUSY", m),
             DeltaError::Corrupt(m) => ApiError::internal(m),
-            DeltaError::Store(e) => ApiError::internal(e),
+            DeltaError::Store(e) => e.into(),
         }
     }
 }
@@ -31,7 +31,7 @@ impl From<DeltaError> for ApiError {
 /// GET /api/ota/firmware/{version}/deltas?deviceType=
 pub async fn list(
     State(st): State<AppState>,
-    Path(version): Path<String>,
+    ApiPath(version): ApiPath<String>,
     Query(q): Q,
 ) -> Result<Response, ApiError> {
     let t = device_type_param(&q)?;
@@ -57,7 +57,7 @@ pub struct RequestBody {
 /// queued or building, 200 when it exists already.
 pub async fn request(
     State(st): State<AppState>,
-    Path(version): Path<String>,
+    ApiPath(version): ApiPath<String>,
     Query(q): Q,
     JsonBody(b): JsonBody<RequestBody>,
 ) -> Result<Response, ApiError> {
@@ -82,7 +82,7 @@ pub async fn request(
 /// GET/HEAD /firmware/deltas/{file}
 pub async fn download(
     State(st): State<AppState>,
-    Path(file): Path<String>,
+    ApiPath(file): ApiPath<String>,
     req: axum::extract::Request,
 ) -> Response {
     let (method, uri, headers) = (req.method(), req.uri(), req.headers());

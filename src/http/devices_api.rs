@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::api::paging;
 use super::error::{ApiError, ok, ok_page, ok_with};
-use super::refusal::JsonBody;
+use super::refusal::{ApiPath, JsonBody};
 use super::wire::rfc3339_ms;
 use crate::devices::{DeviceChange, DeviceError, NewDevice};
 use crate::ota::{OtaError, TaskFilter};
@@ -25,7 +25,7 @@ impl From<DeviceError> for ApiError {
             DeviceError::Invalid(m) => ApiError::bad_request(m),
             DeviceError::NotFound(m) => ApiError::not_found(m),
             DeviceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
-            DeviceError::Store(e) => ApiError::internal(e),
+            DeviceError::Store(e) => e.into(),
         }
     }
 }
@@ -36,7 +36,7 @@ impl From<OtaError> for ApiError {
             OtaError::Invalid(m) => ApiError::bad_request(m),
             OtaError::NotFound(m) => ApiError::not_found(m),
             OtaError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
-            OtaError::Store(e) => ApiError::internal(e),
+            OtaError::Store(e) => e.into(),
         }
     }
 }
@@ -319,7 +319,7 @@ pub struct ChangeBody {
 /// "removeTags":[...]}`, `{"secret":"..."}`
 pub async fn change_device(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     JsonBody(b): JsonBody<ChangeBody>,
 ) -> Result<Response, ApiError> {
     if b.tags.is_none() && b.add_tags.is_empty() && b.remove_tags.is_empty() && b.secret.is_none() {
@@ -347,7 +347,7 @@ pub async fn change_device(
 /// GET /api/ota/devices/{id}
 pub async fn get_device(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     Ok(ok(device_dto(&st, &st.devices.get(&id)?)))
 }
@@ -355,7 +355,7 @@ pub async fn get_device(
 /// DELETE /api/ota/devices/{id}
 pub async fn delete_device(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let d = st.devices.delete(&id).await?;
     Ok(ok(device_dto(&st, &d)))
@@ -375,7 +375,7 @@ pub struct UpgradeBody {
 /// POST /api/ota/upgrade/{deviceId} `{"version":"1.0.2","force":false}`
 pub async fn upgrade(
     State(st): State<AppState>,
-    Path(device): Path<String>,
+    ApiPath(device): ApiPath<String>,
     JsonBody(b): JsonBody<UpgradeBody>,
 ) -> Result<Response, ApiError> {
     let t = st
@@ -397,7 +397,7 @@ pub async fn upgrade(
 /// GET /api/ota/task/{deviceId}
 pub async fn latest_task(
     State(st): State<AppState>,
-    Path(device): Path<String>,
+    ApiPath(device): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     Ok(ok(task_dto(&st.ota.latest_task(&device)?)))
 }
@@ -405,7 +405,7 @@ pub async fn latest_task(
 /// POST /api/ota/task/{deviceId}/cancel
 pub async fn cancel(
     State(st): State<AppState>,
-    Path(device): Path<String>,
+    ApiPath(device): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let t = st.ota.cancel(&device).await?.into_inner();
     tracing::info!(device = %device, task = t.id, "task cancelled");

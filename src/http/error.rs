@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::firmware::FirmwareError;
+use crate::store::StoreError;
 
 /// An API error: HTTP status, machine-readable code, human message (lower-case, says what to do).
 #[derive(Debug)]
@@ -15,6 +16,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// Extra members of the envelope (e.g. `freeBytes` of a 507).
+    fields: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -25,6 +28,7 @@ impl ApiError {
             code,
             message: message.into(),
             headers: Vec::new(),
+            fields: Vec::new(),
         }
     }
 
@@ -61,6 +65,25 @@ impl ApiError {
         )
     }
 
+    /// 507 DISK_FULL: the data directory's filesystem has no room; says how much there is.
+    pub fn disk_full(free_bytes: u64, what: &str) -> ApiError {
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "DISK_FULL",
+            format!(
+                "{what}: the data directory's disk is full ({free_bytes} bytes free); free space \
+                 there and retry — the appliance recovers by itself"
+            ),
+        )
+        .with_field("freeBytes", free_bytes.into())
+    }
+
+    /// Adds a member to the envelope.
+    pub fn with_field(mut self, name: &'static str, value: serde_json::Value) -> ApiError {
+        self.fields.push((name, value));
+        self
+    }
+
     /// Adds a response header (e.g. `Content-Range` on 416).
     pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
         self.headers.push((name, value));
@@ -80,12 +103,33 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"status": false, "message": self.message, "error": self.code}));
+        let mut body = json!({"status": false, "message": self.message, "error": self.code});
+        for (k, v) in self.fields {
+            body[k] = v;
+        }
+        let body = Json(body);
         let mut resp = (self.status, body).into_response();
         for (k, v) in self.headers {
             resp.headers_mut().insert(k, v);
         }
         resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::DiskFull { free_bytes } => {
+                ApiError::disk_full(free_bytes, "nothing was changed")
+            }
+            StoreError::Unavailable(m) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                format!("the store is reopening after a failure ({m}); retry in a moment"),
+            )
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1")),
+            other => ApiError::internal(other),
+        }
     }
 }
 
@@ -95,6 +139,7 @@ impl From<FirmwareError> for ApiError {
             FirmwareError::Invalid(m) => ApiError::bad_request(m),
             FirmwareError::NotFound(m) => ApiError::not_found(m),
             FirmwareError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
+            FirmwareError::Store(e) => e.into(),
             other => ApiError::internal(other),
         }
     }

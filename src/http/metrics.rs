@@ -303,6 +303,24 @@ pub fn render(st: &AppState) -> Result<String, String> {
         "Size of the store on disk (records; images are separate files)",
         st.store.size_on_disk().unwrap_or(0) as i64,
     );
+    gauge(
+        &mut reg,
+        "store_degraded",
+        "1 while the store cannot write (a full disk) and recovers by itself, else 0",
+        i64::from(st.store.health().is_some()),
+    );
+    counter(
+        &mut reg,
+        "store_recoveries",
+        "Times the store was reopened after a write failure",
+        st.store.recoveries(),
+    );
+    gauge(
+        &mut reg,
+        "data_dir_free_bytes",
+        "Bytes free on the data directory's filesystem",
+        st.store.free_bytes().unwrap_or(0).min(i64::MAX as u64) as i64,
+    );
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)

@@ -11,6 +11,7 @@ pub mod devices_api;
 pub mod download;
 pub mod error;
 pub mod metrics;
+pub mod partguard;
 pub mod refusal;
 pub mod wire;
 
@@ -64,6 +65,8 @@ pub struct Inner {
     pub public_url: String,
     /// Upload limit.
     pub max_upload_bytes: u64,
+    /// Free bytes an upload must leave on the data directory's filesystem.
+    pub min_free_bytes: u64,
     /// Open descriptors of recently served images.
     pub fds: download::FdCache,
     /// Campaign engine.
@@ -205,6 +208,10 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // A header line with a control character (or a malformed name) is dropped, as nginx
+        // does by default, and the request answered normally — with the envelope if it is
+        // refused — instead of hyper's bodiless 400 and a closed connection.
+        .ignore_invalid_headers(true)
         // Also caps hyper's per-connection write queue: with page-cache reads answering at once,
         // a larger value lets every download buffer that much body (1 MiB: ~600 MiB for 1,000).
         .max_buf_size(HTTP1_MAX_BUF);

@@ -194,3 +194,33 @@ where
         Ok(JsonBody(super::api::json_body(&bytes)?))
     }
 }
+
+/// The path-parameter extractor whose refusal (a percent-encoded parameter that is not UTF-8,
+/// `/api/ota/devices/%FF`) is the envelope rather than axum's plain-text rejection.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| ApiPath(v))
+            .map_err(|e| path_refused(&e))
+    }
+}
+
+/// A path parameter that could not be read, as the envelope.
+pub fn path_refused(e: &axum::extract::rejection::PathRejection) -> ApiError {
+    ApiError::bad_request(format!(
+        "the request path is not valid: {}: percent-encode UTF-8 text",
+        e.body_text().trim_start_matches("Invalid URL: ")
+    ))
+}

@@ -17,11 +17,21 @@ pub use records::{
 };
 
 /// A store failure.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The engine failed (I/O, corruption).
     #[error("store engine: {0}")]
     Engine(String),
+    /// The filesystem of the store is full: nothing was written. The store recovers by itself
+    /// once space is freed ([`Store::recover`]).
+    #[error("the data directory's disk is full ({free_bytes} bytes free)")]
+    DiskFull {
+        /// Bytes free for the appliance on that filesystem when the write failed.
+        free_bytes: u64,
+    },
+    /// The store is being reopened after a failure; try again in a moment.
+    #[error("the store is reopening after a failure: {0}")]
+    Unavailable(String),
     /// A stored record could not be decoded.
     #[error("stored record {key} is unreadable: {reason}")]
     Corrupt {
@@ -35,9 +45,28 @@ pub enum StoreError {
     Conflict(String),
 }
 
+impl StoreError {
+    /// The engine can no longer write: its I/O failed (a full disk or worse).
+    fn breaks_engine(&self) -> bool {
+        matches!(self, StoreError::Engine(_) | StoreError::DiskFull { .. })
+    }
+}
+
+/// Whether an I/O error says the filesystem (or the quota) is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        // sled wraps the OS error in a custom one and keeps only its text
+        || e.to_string().contains("No space left on device")
+}
+
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError::Engine(e.to_string())
+        match e {
+            sled::Error::Io(io) if is_disk_full(&io) => StoreError::DiskFull { free_bytes: 0 },
+            other => StoreError::Engine(other.to_string()),
+        }
     }
 }
 
@@ -77,19 +106,52 @@ impl<T> std::ops::Deref for Durable<T> {
     }
 }
 
-/// Handle to the on-disk store. Cheap to clone.
+/// Handle to the on-disk store. Cheap to clone: clones share the engine, its health and its
+/// group commit.
+///
+/// After an I/O failure (a full disk) sled refuses every later write until it is reopened,
+/// and what it still reads may include writes that were never flushed. So the first failure
+/// marks the store degraded ([`Store::health`]); [`Store::recover`] then reopens the engine from
+/// disk — which holds exactly what was flushed, i.e. everything ever acknowledged — once there
+/// is room again, and bumps [`Store::generation`] so caches of what was stored are dropped.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
+    slot: std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<Engine>>>>,
     group: std::sync::Arc<GroupCommit>,
+    health: std::sync::Arc<HealthState>,
+    dir: std::sync::Arc<std::path::PathBuf>,
+}
+
+/// The open sled database and its trees.
+struct Engine {
+    db: sled::Db,
     firmware: sled::Tree,
     devices: sled::Tree,
     tasks: sled::Tree,
-    index: std::sync::Arc<std::sync::Mutex<TaskIndex>>,
+    index: std::sync::Mutex<TaskIndex>,
     deltas: sled::Tree,
     campaigns: sled::Tree,
     members: sled::Tree,
     queued: sled::Tree,
+}
+
+/// Why the store cannot write, since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Degraded {
+    /// What failed, for `/healthz` and the log.
+    pub reason: String,
+    /// It was the disk being full (recovery waits for free space).
+    pub disk_full: bool,
+    /// When it started, ms since the epoch.
+    pub since_ms: i64,
+}
+
+#[derive(Default)]
+struct HealthState {
+    degraded: std::sync::Mutex<Option<Degraded>>,
+    generation: std::sync::atomic::AtomicU64,
+    /// Times the engine was reopened after a failure.
+    recoveries: std::sync::atomic::AtomicU64,
 }
 
 /// Group commit: every `flush()` caller takes a ticket; one flush on the blocking pool covers
@@ -99,7 +161,7 @@ struct GroupCommit {
     issued: std::sync::atomic::AtomicU64,
     /// (highest ticket covered by a finished flush, that flush's error). The lock is fair, so
     /// waiters are served in order and most find their ticket already covered.
-    round: tokio::sync::Mutex<(u64, Option<String>)>,
+    round: tokio::sync::Mutex<(u64, Option<StoreError>)>,
 }
 
 fn firmware_key(device_type: &str, version: &str) -> Vec<u8> {
@@ -142,9 +204,328 @@ pub fn decode_record<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> 
     decode(b"(exported)", bytes)
 }
 
+/// Bytes available to unprivileged writers on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir`. Blocking; call at start-up.
     pub fn open(dir: &Path) -> Result<Store> {
+        let engine = Engine::open(dir)?;
+        Ok(Store {
+            slot: std::sync::Arc::new(std::sync::RwLock::new(Some(std::sync::Arc::new(engine)))),
+            group: std::sync::Arc::new(GroupCommit {
+                issued: std::sync::atomic::AtomicU64::new(0),
+                round: tokio::sync::Mutex::new((0, None)),
+            }),
+            health: std::sync::Arc::default(),
+            dir: std::sync::Arc::new(dir.to_path_buf()),
+        })
+    }
+
+    fn engine(&self) -> Result<std::sync::Arc<Engine>> {
+        self.slot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("reopening".into()))
+    }
+
+    /// Runs `f` on the engine; an I/O failure marks the store degraded and a full disk is
+    /// reported with the free bytes.
+    fn with<T>(&self, f: impl FnOnce(&Engine) -> Result<T>) -> Result<T> {
+        let r = f(&*self.engine()?);
+        r.map_err(|e| self.failed(e))
+    }
+
+    /// Notes a failure: degrade on I/O errors, fill in the free bytes of a full disk.
+    fn failed(&self, e: StoreError) -> StoreError {
+        if !e.breaks_engine() {
+            return e;
+        }
+        let e = match e {
+            StoreError::DiskFull { .. } => StoreError::DiskFull {
+                free_bytes: free_bytes(&self.dir).unwrap_or(0),
+            },
+            other => other,
+        };
+        let mut d = self
+            .health
+            .degraded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if d.is_none() {
+            tracing::error!(error = %e, dir = %self.dir.display(),
+                "store: a write failed; writes are refused until the store is reopened");
+            *d = Some(Degraded {
+                reason: match &e {
+                    StoreError::DiskFull { .. } => {
+                        "disk full: writes are refused until space is freed".into()
+                    }
+                    other => other.to_string(),
+                },
+                disk_full: matches!(e, StoreError::DiskFull { .. }),
+                since_ms: crate::firmware::now_ms(),
+            });
+        }
+        e
+    }
+
+    /// Why the store cannot write now, if it cannot.
+    pub fn health(&self) -> Option<Degraded> {
+        self.health
+            .degraded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Bumped each time the engine is reopened: whatever a caller remembers of what it stored
+    /// under an older generation may have been lost with the unflushed writes.
+    pub fn generation(&self) -> u64 {
+        self.health
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Times the engine was reopened after a failure since the start.
+    pub fn recoveries(&self) -> u64 {
+        self.health
+            .recoveries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes free on the store's filesystem.
+    pub fn free_bytes(&self) -> Option<u64> {
+        free_bytes(&self.dir)
+    }
+
+    /// If the store is degraded and (for a full disk) at least `min_free` bytes are free again,
+    /// reopens the engine from disk; `Ok(true)` once it is healthy again. Writes never flushed
+    /// before the failure are gone with it — none of them was acknowledged.
+    pub async fn recover(&self, min_free: u64) -> Result<bool> {
+        let Some(d) = self.health() else {
+            return Ok(true);
+        };
+        if d.disk_full && self.free_bytes().unwrap_or(0) < min_free {
+            return Ok(false);
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.reopen_blocking())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("reopen task: {e}")))??;
+        Ok(true)
+    }
+
+    fn reopen_blocking(&self) -> Result<()> {
+        use std::time::{Duration, Instant};
+        // Block new operations while the old engine drains, then drop it: sled locks its
+        // directory, so the old handles must be gone before it opens again.
+        let taken = self.slot.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut old) = taken {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match std::sync::Arc::try_unwrap(old) {
+                    Ok(engine) => {
+                        drop(engine);
+                        break;
+                    }
+                    Err(still) if Instant::now() < deadline => {
+                        old = still;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(still) => {
+                        // a long operation (a backup) holds it: try again later
+                        *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(still);
+                        return Err(StoreError::Unavailable("the store is busy".into()));
+                    }
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let engine = loop {
+            match Engine::open(&self.dir) {
+                Ok(e) => break e,
+                // sled's own threads may hold the directory lock a moment after the last handle
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(engine));
+        self.health
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.health
+            .recoveries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self
+            .health
+            .degraded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        tracing::warn!(dir = %self.dir.display(), "store reopened: writes are accepted again");
+        Ok(())
+    }
+
+    /// Makes every previous write durable. Concurrent callers share one flush (group commit);
+    /// the flush itself runs on the blocking pool.
+    pub async fn flush(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let ticket = self.group.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut round = self.group.round.lock().await;
+        if round.0 < ticket {
+            // Everything written before this point is covered by the flush we start now.
+            let target = self.group.issued.load(Ordering::SeqCst);
+            let r = match self.engine() {
+                Ok(engine) => tokio::task::spawn_blocking(move || engine.flush_blocking())
+                    .await
+                    .map_err(|e| StoreError::Engine(format!("flush task: {e}")))
+                    .and_then(|r| r),
+                Err(e) => Err(e),
+            };
+            *round = (target, r.err().map(|e| self.failed(e)));
+        }
+        match &round.1 {
+            None => Ok(()),
+            Some(e) => Err(e.clone()),
+        }
+    }
+
+    /// Flushes (see [`Store::flush`]) and hands `value` back as [`Durable`]: what a service
+    /// returns from a mutation once everything it wrote is on disk.
+    pub async fn durable<T>(&self, value: T) -> Result<Durable<T>> {
+        self.flush().await?;
+        Ok(Durable(value))
+    }
+
+    /// Writes every record of every tree as JSON lines `{"tree","key","value"}` (hex), for
+    /// backups. The caller quiesces writers for a consistent snapshot.
+    pub fn export(&self, w: &mut dyn std::io::Write) -> std::io::Result<u64> {
+        self.engine().map_err(std::io::Error::other)?.export(w)
+    }
+
+    /// Loads lines written by [`Store::export`] into this (empty) store and flushes.
+    pub fn import(&self, r: impl std::io::BufRead) -> std::io::Result<u64> {
+        self.engine().map_err(std::io::Error::other)?.import(r)
+    }
+
+    /// Inserts new tasks in one batch (atomic: after a crash all of them or none are there).
+    pub fn put_new_tasks<'a>(&self, recs: impl IntoIterator<Item = &'a TaskRecord>) -> Result<()> {
+        self.with(|e| e.put_new_tasks(recs))
+    }
+
+    /// Tasks newest first that pass `keep`, skipping `offset` and returning at most `limit`;
+    /// and how many pass `keep` in all.
+    pub fn list_tasks(
+        &self,
+        keep: impl Fn(&TaskRecord) -> bool,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<TaskRecord>, usize)> {
+        self.with(|e| e.list_tasks(keep, limit, offset))
+    }
+}
+
+/// The typed operations of [`Store`]: each runs on the engine through [`Store::with`].
+macro_rules! delegate {
+    ($( $(#[$doc:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
+        impl Store {
+            $(
+                $(#[$doc])*
+                pub fn $name(&self $(, $arg: $ty)*) -> Result<$ret> {
+                    self.with(|e| e.$name($($arg),*))
+                }
+            )*
+        }
+    };
+}
+
+delegate! {
+    /// Blocking flush, for shutdown paths outside the runtime.
+    fn flush_blocking(&self) -> ();
+    /// Bytes the store occupies on disk.
+    fn size_on_disk(&self) -> u64;
+    /// Inserts a new firmware record; `Conflict` if (deviceType, version) exists.
+    fn insert_firmware(&self, rec: &FirmwareRecord) -> ();
+    /// One firmware record.
+    fn get_firmware(&self, device_type: &str, version: &str) -> Option<FirmwareRecord>;
+    /// Every firmware record, in key order.
+    fn list_firmware(&self) -> Vec<FirmwareRecord>;
+    /// Replaces `old` by `new` atomically; `Conflict` if the stored record is no longer `old`.
+    /// Compares decoded records, so a record stored in the older JSON encoding updates too.
+    fn update_firmware(&self, old: &FirmwareRecord, new: &FirmwareRecord) -> ();
+    /// Removes a firmware record, returning it.
+    fn delete_firmware(&self, device_type: &str, version: &str) -> Option<FirmwareRecord>;
+    /// The sha256 of every blob some record refers to (for orphan collection): firmware images
+    /// and built deltas.
+    fn referenced_blobs(&self) -> HashSet<String>;
+    /// Inserts or replaces a delta record.
+    fn put_delta(&self, rec: &DeltaRecord) -> ();
+    /// One delta record.
+    fn get_delta(&self, device_type: &str, from: &str, to: &str) -> Option<DeltaRecord>;
+    /// Delta records: all, or those to one target `(deviceType, version)`.
+    fn list_deltas(&self, target: Option<(&str, &str)>) -> Vec<DeltaRecord>;
+    /// Removes one delta record.
+    fn delete_delta(&self, device_type: &str, from: &str, to: &str) -> ();
+    /// Registers a new device; `Conflict` if the id exists.
+    fn insert_device(&self, rec: &DeviceRecord) -> ();
+    /// Writes a device record (insert or replace).
+    fn put_device(&self, rec: &DeviceRecord) -> ();
+    /// One device.
+    fn get_device(&self, id: &str) -> Option<DeviceRecord>;
+    /// Every device, by id.
+    fn list_devices(&self) -> Vec<DeviceRecord>;
+    /// Removes a device, returning it.
+    fn delete_device(&self, id: &str) -> Option<DeviceRecord>;
+    /// A new task id, larger than every earlier one (also across restarts).
+    fn next_task_id(&self) -> u64;
+    /// Writes a task (one insert) and notes it in the in-memory indexes.
+    fn put_task(&self, rec: &TaskRecord) -> ();
+    /// Replaces `old` by `new` (the same task).
+    fn update_task(&self, old: &TaskRecord, new: &TaskRecord) -> ();
+    /// One task.
+    fn get_task(&self, id: u64) -> Option<TaskRecord>;
+    /// The device's active task, if any.
+    fn active_task(&self, device: &str) -> Option<TaskRecord>;
+    /// The ids of every active task, oldest first.
+    fn active_task_ids(&self) -> Vec<u64>;
+    /// Active tasks whose target is (device type, version).
+    fn active_tasks_for(&self, device_type: &str, version: &str) -> Vec<TaskRecord>;
+    /// The device's newest task, if any.
+    fn latest_task(&self, device: &str) -> Option<TaskRecord>;
+    /// A new campaign id (`c1`, `c2`, ...).
+    fn next_campaign_id(&self) -> String;
+    /// Inserts or replaces a campaign.
+    fn put_campaign(&self, c: &CampaignRecord) -> ();
+    /// One campaign.
+    fn get_campaign(&self, id: &str) -> Option<CampaignRecord>;
+    /// Every campaign.
+    fn list_campaigns(&self) -> Vec<CampaignRecord>;
+    /// Inserts or replaces a campaign member.
+    fn put_member(&self, m: &CampaignMember) -> ();
+    /// Records the devices a campaign starts with, all queued (one insert; see
+    /// [`QueuedMembers`]).
+    fn put_queued_members(&self, q: &QueuedMembers) -> ();
+    /// Inserts or replaces many campaign members in one batch (blocking: sled work for a whole
+    /// fleet; call it from the blocking pool).
+    fn put_members(&self, members: &[CampaignMember]) -> ();
+    /// The members of a campaign, in device-id order: its queued devices as queued members,
+    /// each replaced by its member record once it has one.
+    fn list_members(&self, campaign: &str) -> Vec<CampaignMember>;
+}
+
+impl Engine {
+    fn open(dir: &Path) -> Result<Engine> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
@@ -163,16 +544,12 @@ impl Store {
         let campaigns = db.open_tree("campaigns")?;
         let members = db.open_tree("campaign_members")?;
         let queued = db.open_tree("campaign_queued")?;
-        Ok(Store {
-            group: std::sync::Arc::new(GroupCommit {
-                issued: std::sync::atomic::AtomicU64::new(0),
-                round: tokio::sync::Mutex::new((0, None)),
-            }),
+        Ok(Engine {
             db,
             firmware,
             devices,
             tasks,
-            index: std::sync::Arc::new(std::sync::Mutex::new(index)),
+            index: std::sync::Mutex::new(index),
             deltas,
             campaigns,
             members,
@@ -180,48 +557,16 @@ impl Store {
         })
     }
 
-    /// Makes every previous write durable. Concurrent callers share one flush (group commit);
-    /// the flush itself runs on the blocking pool.
-    pub async fn flush(&self) -> Result<()> {
-        use std::sync::atomic::Ordering;
-        let ticket = self.group.issued.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut round = self.group.round.lock().await;
-        if round.0 < ticket {
-            // Everything written before this point is covered by the flush we start now.
-            let target = self.group.issued.load(Ordering::SeqCst);
-            let db = self.db.clone();
-            let r = tokio::task::spawn_blocking(move || db.flush().map(|_| ()))
-                .await
-                .map_err(|e| format!("flush task: {e}"))
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            *round = (target, r.err());
-        }
-        match &round.1 {
-            None => Ok(()),
-            Some(e) => Err(StoreError::Engine(e.clone())),
-        }
-    }
-
-    /// Flushes (see [`Store::flush`]) and hands `value` back as [`Durable`]: what a service
-    /// returns from a mutation once everything it wrote is on disk.
-    pub async fn durable<T>(&self, value: T) -> Result<Durable<T>> {
-        self.flush().await?;
-        Ok(Durable(value))
-    }
-
-    /// Blocking flush, for shutdown paths outside the runtime.
-    pub fn flush_blocking(&self) -> Result<()> {
+    fn flush_blocking(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
     }
 
-    /// Bytes the store occupies on disk.
-    pub fn size_on_disk(&self) -> Result<u64> {
+    fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)
     }
 
-    /// Inserts a new firmware record; `Conflict` if (deviceType, version) exists.
-    pub fn insert_firmware(&self, rec: &FirmwareRecord) -> Result<()> {
+    fn insert_firmware(&self, rec: &FirmwareRecord) -> Result<()> {
         let key = firmware_key(&rec.device_type, &rec.version);
         match self
             .firmware
@@ -235,8 +580,7 @@ impl Store {
         }
     }
 
-    /// One firmware record.
-    pub fn get_firmware(&self, device_type: &str, version: &str) -> Result<Option<FirmwareRecord>> {
+    fn get_firmware(&self, device_type: &str, version: &str) -> Result<Option<FirmwareRecord>> {
         let key = firmware_key(device_type, version);
         self.firmware
             .get(&key)?
@@ -244,8 +588,7 @@ impl Store {
             .transpose()
     }
 
-    /// Every firmware record, in key order.
-    pub fn list_firmware(&self) -> Result<Vec<FirmwareRecord>> {
+    fn list_firmware(&self) -> Result<Vec<FirmwareRecord>> {
         self.firmware
             .iter()
             .map(|kv| {
@@ -255,9 +598,7 @@ impl Store {
             .collect()
     }
 
-    /// Replaces `old` by `new` atomically; `Conflict` if the stored record is no longer `old`.
-    /// Compares decoded records, so a record stored in the older JSON encoding updates too.
-    pub fn update_firmware(&self, old: &FirmwareRecord, new: &FirmwareRecord) -> Result<()> {
+    fn update_firmware(&self, old: &FirmwareRecord, new: &FirmwareRecord) -> Result<()> {
         let key = firmware_key(&old.device_type, &old.version);
         let conflict = || StoreError::Conflict(format!("{}/{}", old.device_type, old.version));
         let Some(raw) = self.firmware.get(&key)? else {
@@ -275,12 +616,7 @@ impl Store {
         }
     }
 
-    /// Removes a firmware record, returning it.
-    pub fn delete_firmware(
-        &self,
-        device_type: &str,
-        version: &str,
-    ) -> Result<Option<FirmwareRecord>> {
+    fn delete_firmware(&self, device_type: &str, version: &str) -> Result<Option<FirmwareRecord>> {
         let key = firmware_key(device_type, version);
         self.firmware
             .remove(&key)?
@@ -288,9 +624,7 @@ impl Store {
             .transpose()
     }
 
-    /// The sha256 of every blob some record refers to (for orphan collection): firmware images
-    /// and built deltas.
-    pub fn referenced_blobs(&self) -> Result<HashSet<String>> {
+    fn referenced_blobs(&self) -> Result<HashSet<String>> {
         let mut set: HashSet<String> = self
             .list_firmware()?
             .into_iter()
@@ -308,9 +642,8 @@ fn delta_key(device_type: &str, to: &str, from: &str) -> Vec<u8> {
     k
 }
 
-impl Store {
-    /// Inserts or replaces a delta record.
-    pub fn put_delta(&self, rec: &DeltaRecord) -> Result<()> {
+impl Engine {
+    fn put_delta(&self, rec: &DeltaRecord) -> Result<()> {
         self.deltas.insert(
             delta_key(&rec.device_type, &rec.to_version, &rec.from_version),
             encode(rec),
@@ -318,19 +651,12 @@ impl Store {
         Ok(())
     }
 
-    /// One delta record.
-    pub fn get_delta(
-        &self,
-        device_type: &str,
-        from: &str,
-        to: &str,
-    ) -> Result<Option<DeltaRecord>> {
+    fn get_delta(&self, device_type: &str, from: &str, to: &str) -> Result<Option<DeltaRecord>> {
         let key = delta_key(device_type, to, from);
         self.deltas.get(&key)?.map(|v| decode(&key, &v)).transpose()
     }
 
-    /// Delta records: all, or those to one target `(deviceType, version)`.
-    pub fn list_deltas(&self, target: Option<(&str, &str)>) -> Result<Vec<DeltaRecord>> {
+    fn list_deltas(&self, target: Option<(&str, &str)>) -> Result<Vec<DeltaRecord>> {
         let iter = match target {
             Some((dt, v)) => {
                 let mut prefix = firmware_key(dt, v);
@@ -346,16 +672,14 @@ impl Store {
         .collect()
     }
 
-    /// Removes one delta record.
-    pub fn delete_delta(&self, device_type: &str, from: &str, to: &str) -> Result<()> {
+    fn delete_delta(&self, device_type: &str, from: &str, to: &str) -> Result<()> {
         self.deltas.remove(delta_key(device_type, to, from))?;
         Ok(())
     }
 }
 
-impl Store {
-    /// Registers a new device; `Conflict` if the id exists.
-    pub fn insert_device(&self, rec: &DeviceRecord) -> Result<()> {
+impl Engine {
+    fn insert_device(&self, rec: &DeviceRecord) -> Result<()> {
         match self
             .devices
             .compare_and_swap(rec.id.as_bytes(), None::<&[u8]>, Some(encode(rec)))?
@@ -365,22 +689,19 @@ impl Store {
         }
     }
 
-    /// Writes a device record (insert or replace).
-    pub fn put_device(&self, rec: &DeviceRecord) -> Result<()> {
+    fn put_device(&self, rec: &DeviceRecord) -> Result<()> {
         self.devices.insert(rec.id.as_bytes(), encode(rec))?;
         Ok(())
     }
 
-    /// One device.
-    pub fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+    fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
         self.devices
             .get(id.as_bytes())?
             .map(|v| decode(id.as_bytes(), &v))
             .transpose()
     }
 
-    /// Every device, by id.
-    pub fn list_devices(&self) -> Result<Vec<DeviceRecord>> {
+    fn list_devices(&self) -> Result<Vec<DeviceRecord>> {
         self.devices
             .iter()
             .map(|kv| {
@@ -390,28 +711,24 @@ impl Store {
             .collect()
     }
 
-    /// Removes a device, returning it.
-    pub fn delete_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+    fn delete_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
         self.devices
             .remove(id.as_bytes())?
             .map(|v| decode(id.as_bytes(), &v))
             .transpose()
     }
 
-    /// A new task id, larger than every earlier one (also across restarts).
-    pub fn next_task_id(&self) -> Result<u64> {
+    fn next_task_id(&self) -> Result<u64> {
         Ok(self.db.generate_id()? + 1)
     }
 
-    /// Writes a task (one insert) and notes it in the in-memory indexes.
-    pub fn put_task(&self, rec: &TaskRecord) -> Result<()> {
+    fn put_task(&self, rec: &TaskRecord) -> Result<()> {
         self.tasks.insert(rec.id.to_be_bytes(), encode(rec))?;
         self.index().note(&rec.device_id, rec.id, rec.status);
         Ok(())
     }
 
-    /// Inserts new tasks in one batch (atomic: after a crash all of them or none are there).
-    pub fn put_new_tasks<'a>(&self, recs: impl IntoIterator<Item = &'a TaskRecord>) -> Result<()> {
+    fn put_new_tasks<'a>(&self, recs: impl IntoIterator<Item = &'a TaskRecord>) -> Result<()> {
         let recs: Vec<&TaskRecord> = recs.into_iter().collect();
         let mut batch = sled::Batch::default();
         for rec in &recs {
@@ -425,20 +742,17 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces `old` by `new` (the same task).
-    pub fn update_task(&self, old: &TaskRecord, new: &TaskRecord) -> Result<()> {
+    fn update_task(&self, old: &TaskRecord, new: &TaskRecord) -> Result<()> {
         debug_assert_eq!((old.id, &old.device_id), (new.id, &new.device_id));
         self.put_task(new)
     }
 
-    /// One task.
-    pub fn get_task(&self, id: u64) -> Result<Option<TaskRecord>> {
+    fn get_task(&self, id: u64) -> Result<Option<TaskRecord>> {
         let key = id.to_be_bytes();
         self.tasks.get(key)?.map(|v| decode(&key, &v)).transpose()
     }
 
-    /// The device's active task, if any.
-    pub fn active_task(&self, device: &str) -> Result<Option<TaskRecord>> {
+    fn active_task(&self, device: &str) -> Result<Option<TaskRecord>> {
         let id = {
             let index = self.index();
             match index.latest.get(device) {
@@ -449,13 +763,11 @@ impl Store {
         self.get_task(id)
     }
 
-    /// The ids of every active task, oldest first.
-    pub fn active_task_ids(&self) -> Result<Vec<u64>> {
+    fn active_task_ids(&self) -> Result<Vec<u64>> {
         Ok(self.index().active.iter().copied().collect())
     }
 
-    /// Active tasks whose target is (device type, version).
-    pub fn active_tasks_for(&self, device_type: &str, version: &str) -> Result<Vec<TaskRecord>> {
+    fn active_tasks_for(&self, device_type: &str, version: &str) -> Result<Vec<TaskRecord>> {
         let mut out = Vec::new();
         for id in self.active_task_ids()? {
             if let Some(t) = self.get_task(id)?
@@ -468,8 +780,7 @@ impl Store {
         Ok(out)
     }
 
-    /// The device's newest task, if any.
-    pub fn latest_task(&self, device: &str) -> Result<Option<TaskRecord>> {
+    fn latest_task(&self, device: &str) -> Result<Option<TaskRecord>> {
         let id = self.index().latest.get(device).copied();
         match id {
             Some(id) => self.get_task(id),
@@ -477,8 +788,7 @@ impl Store {
         }
     }
 
-    /// Tasks newest first that pass `keep`, skipping `offset` and returning at most `limit`.
-    pub fn list_tasks(
+    fn list_tasks(
         &self,
         keep: impl Fn(&TaskRecord) -> bool,
         limit: usize,
@@ -569,28 +879,24 @@ fn member_key(campaign: &str, device: &str) -> Vec<u8> {
     firmware_key(campaign, device)
 }
 
-impl Store {
-    /// A new campaign id (`c1`, `c2`, ...).
-    pub fn next_campaign_id(&self) -> Result<String> {
+impl Engine {
+    fn next_campaign_id(&self) -> Result<String> {
         Ok(format!("c{}", self.db.generate_id()? + 1))
     }
 
-    /// Inserts or replaces a campaign.
-    pub fn put_campaign(&self, c: &CampaignRecord) -> Result<()> {
+    fn put_campaign(&self, c: &CampaignRecord) -> Result<()> {
         self.campaigns.insert(c.id.as_bytes(), encode(c))?;
         Ok(())
     }
 
-    /// One campaign.
-    pub fn get_campaign(&self, id: &str) -> Result<Option<CampaignRecord>> {
+    fn get_campaign(&self, id: &str) -> Result<Option<CampaignRecord>> {
         self.campaigns
             .get(id.as_bytes())?
             .map(|v| decode(id.as_bytes(), &v))
             .transpose()
     }
 
-    /// Every campaign.
-    pub fn list_campaigns(&self) -> Result<Vec<CampaignRecord>> {
+    fn list_campaigns(&self) -> Result<Vec<CampaignRecord>> {
         self.campaigns
             .iter()
             .map(|kv| {
@@ -600,23 +906,18 @@ impl Store {
             .collect()
     }
 
-    /// Inserts or replaces a campaign member.
-    pub fn put_member(&self, m: &CampaignMember) -> Result<()> {
+    fn put_member(&self, m: &CampaignMember) -> Result<()> {
         self.members
             .insert(member_key(&m.campaign_id, &m.device_id), encode(m))?;
         Ok(())
     }
 
-    /// Records the devices a campaign starts with, all queued (one insert; see
-    /// [`QueuedMembers`]).
-    pub fn put_queued_members(&self, q: &QueuedMembers) -> Result<()> {
+    fn put_queued_members(&self, q: &QueuedMembers) -> Result<()> {
         self.queued.insert(q.campaign_id.as_bytes(), encode(q))?;
         Ok(())
     }
 
-    /// Inserts or replaces many campaign members in one batch (blocking: sled work for a whole
-    /// fleet; call it from the blocking pool).
-    pub fn put_members(&self, members: &[CampaignMember]) -> Result<()> {
+    fn put_members(&self, members: &[CampaignMember]) -> Result<()> {
         let mut batch = sled::Batch::default();
         for m in members {
             batch.insert(member_key(&m.campaign_id, &m.device_id), encode(m));
@@ -625,9 +926,7 @@ impl Store {
         Ok(())
     }
 
-    /// The members of a campaign, in device-id order: its queued devices as queued members,
-    /// each replaced by its member record once it has one.
-    pub fn list_members(&self, campaign: &str) -> Result<Vec<CampaignMember>> {
+    fn list_members(&self, campaign: &str) -> Result<Vec<CampaignMember>> {
         let mut all = std::collections::BTreeMap::new();
         if let Some(v) = self.queued.get(campaign.as_bytes())? {
             let q: QueuedMembers = decode(campaign.as_bytes(), &v)?;
@@ -660,10 +959,8 @@ impl Store {
     }
 }
 
-impl Store {
-    /// Writes every record of every tree as JSON lines `{"tree","key","value"}` (hex), for
-    /// backups. The caller quiesces writers for a consistent snapshot.
-    pub fn export(&self, w: &mut dyn std::io::Write) -> std::io::Result<u64> {
+impl Engine {
+    fn export(&self, w: &mut dyn std::io::Write) -> std::io::Result<u64> {
         let mut n = 0;
         for name in self.db.tree_names() {
             let tree = self.db.open_tree(&name).map_err(std::io::Error::other)?;
@@ -679,8 +976,7 @@ impl Store {
         Ok(n)
     }
 
-    /// Loads lines written by [`Store::export`] into this (empty) store and flushes.
-    pub fn import(&self, r: impl std::io::BufRead) -> std::io::Result<u64> {
+    fn import(&self, r: impl std::io::BufRead) -> std::io::Result<u64> {
         let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
         let mut n = 0;
         for line in r.lines() {
@@ -836,11 +1132,15 @@ mod tests {
         let a = rec("1.0.0");
         let key = firmware_key("gateway", "1.0.0");
         store
+            .engine()
+            .unwrap()
             .firmware
             .insert(&key, serde_json::to_vec(&a).unwrap())
             .unwrap();
         let t = sample_task(7, "GW7");
         store
+            .engine()
+            .unwrap()
             .tasks
             .insert(7u64.to_be_bytes(), serde_json::to_vec(&t).unwrap())
             .unwrap();
@@ -852,11 +1152,16 @@ mod tests {
         let mut b = a.clone();
         b.status = FirmwareStatus::Released;
         store.update_firmware(&a, &b).unwrap();
-        let raw = store.firmware.get(&key).unwrap().unwrap();
+        let raw = store.engine().unwrap().firmware.get(&key).unwrap().unwrap();
         assert_eq!(raw[0], BINARY, "rewritten in the binary encoding");
         assert_eq!(store.get_firmware("gateway", "1.0.0").unwrap(), Some(b));
         // neither encoding: a clear error naming the key, not a panic
-        store.firmware.insert(&key, &b"garbage"[..]).unwrap();
+        store
+            .engine()
+            .unwrap()
+            .firmware
+            .insert(&key, &b"garbage"[..])
+            .unwrap();
         assert!(matches!(
             store.get_firmware("gateway", "1.0.0"),
             Err(StoreError::Corrupt { .. })
@@ -869,7 +1174,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         // an earlier version's index trees are dropped on open
-        store.db.open_tree("active_tasks").unwrap();
+        store
+            .engine()
+            .unwrap()
+            .db
+            .open_tree("active_tasks")
+            .unwrap();
         store
             .put_new_tasks(&[sample_task(1, "GW1"), sample_task(2, "GW2")])
             .unwrap();
@@ -896,6 +1206,8 @@ mod tests {
         // a record written as JSON by an earlier version is indexed too
         let legacy = sample_task(9, "GW9");
         store
+            .engine()
+            .unwrap()
             .tasks
             .insert(9u64.to_be_bytes(), serde_json::to_vec(&legacy).unwrap())
             .unwrap();
@@ -903,7 +1215,15 @@ mod tests {
         drop(store);
 
         let store = reopen(dir.path());
-        assert!(!store.db.tree_names().iter().any(|n| n == b"active_tasks"));
+        assert!(
+            !store
+                .engine()
+                .unwrap()
+                .db
+                .tree_names()
+                .iter()
+                .any(|n| n == b"active_tasks")
+        );
         assert_eq!(
             store.latest_task("GW1").unwrap().unwrap().status,
             TaskStatus::Completed
@@ -981,7 +1301,7 @@ mod large {
         let store = super::reopen(dir.path());
         eprintln!("open with {n} tasks: {:?}", t.elapsed());
         let t = std::time::Instant::now();
-        let _ = super::TaskIndex::build(&store.tasks).unwrap();
+        let _ = super::TaskIndex::build(&store.engine().unwrap().tasks).unwrap();
         eprintln!("index rebuild alone: {:?}", t.elapsed());
         // every device's newest task is the active one, older ones are not
         let active = store.active_task_ids().unwrap();

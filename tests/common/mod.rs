@@ -360,6 +360,48 @@ pub fn http_sources() -> String {
         .collect()
 }
 
+/// `(method, path)` of every route that changes something, from the `.route(` calls of the HTTP
+/// sources: each `post(`/`put(`/`patch(`/`delete(` in the method chain of a route.
+pub fn mutating_routes() -> Vec<(String, String)> {
+    let src = http_sources();
+    let mut out = Vec::new();
+    let mut rest = src.as_str();
+    while let Some(i) = rest.find(".route(") {
+        rest = &rest[i + 7..];
+        // the call's text up to its closing parenthesis
+        let mut depth = 1;
+        let end = rest
+            .char_indices()
+            .find(|&(_, c)| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                depth == 0
+            })
+            .map(|(i, _)| i)
+            .unwrap();
+        let call = &rest[..end];
+        let q = call.find('"').unwrap();
+        let path = &call[q + 1..q + 1 + call[q + 1..].find('"').unwrap()];
+        for m in ["post", "put", "patch", "delete"] {
+            let needle = format!("{m}(");
+            let named = call.match_indices(&needle).any(|(i, _)| {
+                i == 0
+                    || !(call.as_bytes()[i - 1].is_ascii_alphanumeric()
+                        || call.as_bytes()[i - 1] == b'_')
+            });
+            if named {
+                out.push((m.to_uppercase(), path.to_string()));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// A stock tool a test drives (curl, mosquitto_pub, bspatch, ...), found on `PATH`. On a box
 /// without it the test is skipped with a message naming the Debian package; where
 /// `HANGAR_TEST_REQUIRE_TOOLS=1` (set by `.ci/run`, which installs them) a missing tool fails the
