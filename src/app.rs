@@ -247,6 +247,8 @@ impl App {
                     topic_prefix: config.mqtt.topic_prefix.clone(),
                     allow_anonymous: config.mqtt.allow_anonymous,
                     max_connections: config.mqtt.max_connections,
+                    max_pending_connections: config.mqtt.max_pending_connections,
+                    max_pending_per_address: config.mqtt.max_pending_per_address,
                     max_packet_bytes: config.mqtt.max_packet_bytes,
                     engine: crate::broker::Engine::from_config(&config.mqtt.engine),
                 },

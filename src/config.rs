@@ -86,8 +86,13 @@ pub struct MqttConfig {
     pub topic_prefix: String,
     /// Admit devices without credentials (labs only).
     pub allow_anonymous: bool,
-    /// Most device connections at once (both listeners together).
+    /// Most device connections at once (both listeners together), counting logged-in ones.
     pub max_connections: usize,
+    /// Most connections at once that have not logged in yet; a newcomer beyond it takes the
+    /// place of the oldest.
+    pub max_pending_connections: usize,
+    /// Most of those from one source address.
+    pub max_pending_per_address: usize,
     /// Largest MQTT packet a device may send, bytes.
     pub max_packet_bytes: usize,
     /// Who carries messages to devices: "direct" (the front door routes them itself) or
@@ -198,6 +203,8 @@ impl Default for MqttConfig {
             topic_prefix: "hanqi".into(),
             allow_anonymous: false,
             max_connections: 20_000,
+            max_pending_connections: 2048,
+            max_pending_per_address: 512,
             max_packet_bytes: 256 * 1024,
             engine: "direct".into(),
         }
@@ -356,6 +363,20 @@ impl Config {
                 "mqtt.max_connections",
                 "must be between 1 and 1000000".into(),
             ));
+        }
+        for (key, v) in [
+            (
+                "mqtt.max_pending_connections",
+                self.mqtt.max_pending_connections,
+            ),
+            (
+                "mqtt.max_pending_per_address",
+                self.mqtt.max_pending_per_address,
+            ),
+        ] {
+            if v == 0 || v > 1_000_000 {
+                return Err(err(key, "must be between 1 and 1000000".into()));
+            }
         }
         if !(1024..=256 * 1024 * 1024).contains(&self.mqtt.max_packet_bytes) {
             return Err(err(

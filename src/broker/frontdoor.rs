@@ -29,11 +29,12 @@ use super::{BrokerError, Counters, DoorContext, InboundMessage, Presence};
 use crate::protocol::{self, Inbound, Protocol};
 use crate::ratelog::RateLog;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 static DENIED_LOG: RateLog = RateLog::new();
 static ERROR_LOG: RateLog = RateLog::new();
+static VIOLATION_LOG: RateLog = RateLog::new();
+
+/// How a connection closed for a malformed packet starts its reason (logged as a warning).
+const VIOLATION: &str = "MQTT protocol violation";
 
 pub(super) fn bind(addr: &str, key: &str) -> Result<TcpListener, BrokerError> {
     crate::net::bind_listener(addr)
@@ -63,29 +64,42 @@ pub(super) async fn accept_loop(
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let Ok(_permit) = ctx.connections.try_acquire() else {
-                ERROR_LOG.warn("mqtt.max_connections reached: connection refused");
-                return;
-            };
-            let result = match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(s)) => serve(s, peer, &ctx, shutdown).await,
-                        Ok(Err(e)) => {
-                            Counters::inc(&ctx.counters.tls_handshake_failures);
-                            Err(format!("TLS handshake: {e}"))
-                        }
-                        Err(_) => {
-                            Counters::inc(&ctx.counters.tls_handshake_failures);
-                            Err("TLS handshake timed out".into())
+            // Not yet authenticated: a place in the pre-auth gate, not a connection permit.
+            let ticket = ctx.preauth.admit(peer.ip());
+            let evicted = ticket.evicted.clone();
+            let deadline = ticket.deadline;
+            let work = async {
+                match tls {
+                    Some(acceptor) => {
+                        match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => serve(s, peer, &ctx, shutdown, ticket).await,
+                            Ok(Err(e)) => {
+                                Counters::inc(&ctx.counters.tls_handshake_failures);
+                                Err(format!("TLS handshake: {e}"))
+                            }
+                            Err(_) => {
+                                Counters::inc(&ctx.counters.tls_handshake_failures);
+                                Err("TLS handshake timed out".into())
+                            }
                         }
                     }
+                    None => serve(stream, peer, &ctx, shutdown, ticket).await,
                 }
-                None => serve(stream, peer, &ctx, shutdown).await,
+            };
+            tokio::pin!(work);
+            let result = tokio::select! {
+                r = &mut work => r,
+                // (once logged in, the ticket is gone and nobody cancels this)
+                _ = evicted.cancelled() => {
+                    Err("closed before logging in, to make room for a newer connection".into())
+                }
             };
             if let Err(e) = result {
-                tracing::debug!(peer = %peer, error = %e, "MQTT connection closed");
+                if e.starts_with(VIOLATION) {
+                    VIOLATION_LOG.warn(&format!("{e} from {peer}: connection closed"));
+                } else {
+                    tracing::debug!(peer = %peer, error = %e, "MQTT connection closed");
+                }
             }
         });
     }
@@ -98,7 +112,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Option<(u8, Bytes)>, String> {
     loop {
-        if let Some(f) = packet::take_frame(buf, max).map_err(|e| e.to_string())? {
+        if let Some(f) = packet::take_frame(buf, max).map_err(|e| format!("{VIOLATION}: {e}"))? {
             return Ok(Some(f));
         }
         if buf.capacity() - buf.len() < 256 {
@@ -234,6 +248,7 @@ async fn login<R, W>(
     buf: &mut BytesMut,
     peer: SocketAddr,
     ctx: &DoorContext,
+    ticket: &super::preauth::Ticket,
 ) -> Result<Login, String>
 where
     R: AsyncRead + Unpin,
@@ -241,13 +256,19 @@ where
 {
     let max = ctx.settings.max_packet_bytes;
     let prefix = &ctx.settings.topic_prefix;
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, read_frame(rd, buf, max))
+    let first = tokio::time::timeout(ticket.deadline, read_frame(rd, buf, max))
         .await
-        .map_err(|_| "no CONNECT within 10 s".to_string())??;
+        .map_err(|_| format!("no CONNECT within {} s", ticket.deadline.as_secs()))?
+        .inspect_err(|e| {
+            if e.starts_with(VIOLATION) {
+                Counters::inc(&ctx.counters.protocol_errors);
+            }
+        })?;
     let Some((kind::CONNECT, frame)) = first else {
         Counters::inc(&ctx.counters.protocol_errors);
         return Err("first packet is not CONNECT".into());
     };
+    ticket.spoke();
     let Packet::Connect(connect, props, will, will_props, login) = packet::decode(&frame, max)
         .map_err(|e| {
             Counters::inc(&ctx.counters.protocol_errors);
@@ -467,13 +488,21 @@ async fn serve<S>(
     peer: SocketAddr,
     ctx: &Arc<DoorContext>,
     shutdown: CancellationToken,
+    ticket: super::preauth::Ticket,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(io);
     let mut buf = BytesMut::with_capacity(512);
-    let l = login(&mut rd, &mut wr, &mut buf, peer, ctx).await?;
+    let l = login(&mut rd, &mut wr, &mut buf, peer, ctx, &ticket).await?;
+    drop(ticket);
+    // Only logged-in connections count against mqtt.max_connections.
+    let Ok(_permit) = ctx.connections.try_acquire() else {
+        ERROR_LOG.warn("mqtt.max_connections reached: connection refused");
+        let _ = wr.write_all(&packet::connack(3)).await;
+        return Err("mqtt.max_connections reached".into());
+    };
     let mut up = Upstream {
         ctx,
         peer,

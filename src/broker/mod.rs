@@ -16,6 +16,7 @@
 
 mod frontdoor;
 pub mod packet;
+pub mod preauth;
 mod routes;
 
 use std::net::SocketAddr;
@@ -40,8 +41,12 @@ pub struct BrokerSettings {
     pub topic_prefix: String,
     /// Admit unknown devices (labs).
     pub allow_anonymous: bool,
-    /// Most device connections at once.
+    /// Most logged-in device connections at once.
     pub max_connections: usize,
+    /// Most connections not logged in yet ([`preauth`]).
+    pub max_pending_connections: usize,
+    /// Most of those from one address.
+    pub max_pending_per_address: usize,
     /// Largest MQTT packet accepted, bytes.
     pub max_packet_bytes: usize,
     /// Who carries messages to devices.
@@ -167,6 +172,8 @@ pub struct Broker {
     pub mqtts: Option<SocketAddr>,
     /// Refusal and traffic counters.
     pub counters: Arc<Counters>,
+    /// Connections that have not logged in yet.
+    pub preauth: Arc<preauth::PreAuth>,
     downstream: Arc<Downstream>,
 }
 
@@ -190,6 +197,8 @@ pub(crate) struct DoorContext {
     pub presence: mpsc::UnboundedSender<Presence>,
     pub counters: Arc<Counters>,
     pub connections: tokio::sync::Semaphore,
+    /// Connections that have not logged in yet ([`preauth`]).
+    pub preauth: Arc<preauth::PreAuth>,
     /// Connections to rumqttd still waiting for its CONNACK. Bounded so that rumqttd's accept
     /// queue (1024) never overflows: dropped SYNs cost seconds of TCP retransmission backoff.
     /// Measured with bench/mqtt.sh at 6,600 devices: 128 -> 7.4 s, 256 -> 9.0 s, 900 -> 19.5 s.
@@ -293,6 +302,10 @@ impl Broker {
         let counters = Arc::new(Counters::default());
         let ctx = Arc::new(DoorContext {
             connections: tokio::sync::Semaphore::new(settings.max_connections),
+            preauth: preauth::PreAuth::new(
+                settings.max_pending_connections,
+                settings.max_pending_per_address,
+            ),
             backend_handshakes: Arc::new(tokio::sync::Semaphore::new(128)),
             settings: settings.clone(),
             backend: downstream.clone(),
@@ -336,6 +349,7 @@ impl Broker {
             mqtt,
             mqtts,
             counters,
+            preauth: ctx.preauth.clone(),
             downstream,
         })
     }

@@ -119,6 +119,21 @@ pub fn render(st: &AppState) -> Result<String, String> {
         "Connections closed because another took over their client id",
         g(&b.session_takeovers),
     );
+    gauge(
+        &mut reg,
+        "mqtt_pending_connections",
+        "Connections that have not logged in yet",
+        st.broker.preauth.waiting() as i64,
+    );
+    counter(
+        &mut reg,
+        "mqtt_pending_evicted",
+        "Connections closed before logging in to make room for a newer one",
+        st.broker
+            .preauth
+            .evicted
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
     let dropped = Family::<Labels, Counter>::default();
     let r = st.ota.reports.snapshot();
     for (reason, v) in r.dropped.iter().map(|(d, n)| (d.label(), *n)).chain([
