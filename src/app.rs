@@ -314,6 +314,7 @@ impl App {
             public_url: public_url.clone(),
             max_upload_bytes: config.http.max_upload_bytes,
             min_free_bytes: config.store.min_free_bytes,
+            body_idle_timeout: Duration::from_secs(config.http.body_idle_timeout_secs),
             fds: Default::default(),
             campaigns,
             deltas,

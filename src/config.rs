@@ -62,6 +62,9 @@ pub struct HttpConfig {
     pub public_url: String,
     /// Largest accepted firmware upload in bytes.
     pub max_upload_bytes: u64,
+    /// Longest pause (seconds) of a client in the middle of a request body before the request
+    /// is abandoned and the connection closed.
+    pub body_idle_timeout_secs: u64,
 }
 
 /// `[tls]`
@@ -191,6 +194,7 @@ impl Default for HttpConfig {
             plain_listen: "127.0.0.1:8018".into(),
             public_url: String::new(),
             max_upload_bytes: 1 << 30,
+            body_idle_timeout_secs: 30,
         }
     }
 }
@@ -328,6 +332,12 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !(1..=3600).contains(&self.http.body_idle_timeout_secs) {
+            return Err(err(
+                "http.body_idle_timeout_secs",
+                "must be between 1 and 3600".into(),
+            ));
         }
         if self.http.max_upload_bytes == 0 {
             return Err(err(

@@ -270,3 +270,52 @@ async fn upload_fields_are_taken_strictly() {
     assert_eq!(st, 201, "{b}");
     assert_eq!(b["data"]["description"], "fixes:\n\t- the modem");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_upload_bodies_are_cut_off_and_counted() {
+    let s = Server::start_with(|c| c.http.body_idle_timeout_secs = 1).await;
+    let addr = s.plain.trim_start_matches("http://").to_string();
+    let mut stalled = Vec::new();
+    for i in 0..20 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /api/ota/firmware/upload HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 1000000\r\n\r\n--B\r\nContent-Disposition: form-data; name=\"version\"\r\n\r\n1.0.{i}\r\n--B\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n",
+            s.auth()
+        );
+        c.write_all(head.as_bytes()).await.unwrap();
+        c.write_all(&[7u8; 5000]).await.unwrap();
+        stalled.push(c);
+    }
+    // each one ends: the server gives up on the body (the answer, if any, is an error)
+    for (i, c) in stalled.iter_mut().enumerate() {
+        let mut out = Vec::new();
+        let r =
+            tokio::time::timeout(std::time::Duration::from_secs(20), c.read_to_end(&mut out)).await;
+        assert!(r.is_ok(), "stalled body {i} was still open after 20 s");
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 4") || text.starts_with("HTTP/1.1 5"),
+            "{i}: {text}"
+        );
+    }
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .header("authorization", s.auth())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let n: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("hangar_http_body_timeouts_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(n >= 20.0, "{n} body timeouts counted");
+    // nothing was stored
+    let (_, list) = s.get_json("/api/ota/firmware").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0, "{list}");
+}

@@ -442,26 +442,11 @@ mod tests {
             ("CONNECT password without user", raw(0x10, &connect(0x42))),
             ("CONNECT will QoS without will", raw(0x10, &connect(0x0A))),
             ("CONNECT with flags", raw(0x11, &connect(0x02))),
-            (
-                "QoS 1 PUBLISH pkid 0",
-                raw(0x32, &publish("a/b", Some(0))),
-            ),
-            (
-                "QoS 2 PUBLISH pkid 0",
-                raw(0x34, &publish("a/b", Some(0))),
-            ),
-            (
-                "QoS 0 PUBLISH with DUP",
-                raw(0x38, &publish("a/b", None)),
-            ),
-            (
-                "PUBLISH with a wildcard",
-                raw(0x30, &publish("a/+", None)),
-            ),
-            (
-                "PUBLISH with an empty topic",
-                raw(0x30, &publish("", None)),
-            ),
+            ("QoS 1 PUBLISH pkid 0", raw(0x32, &publish("a/b", Some(0)))),
+            ("QoS 2 PUBLISH pkid 0", raw(0x34, &publish("a/b", Some(0)))),
+            ("QoS 0 PUBLISH with DUP", raw(0x38, &publish("a/b", None))),
+            ("PUBLISH with a wildcard", raw(0x30, &publish("a/+", None))),
+            ("PUBLISH with an empty topic", raw(0x30, &publish("", None))),
             ("SUBSCRIBE pkid 0", raw(0x82, &sub(0, "a", 0))),
             ("UNSUBSCRIBE pkid 0", raw(0xA2, &unsub(0, "a"))),
             ("SUBSCRIBE flags 0", raw(0x80, &sub(1, "a", 0))),

@@ -29,6 +29,8 @@ pub struct HttpMetrics {
     requests: Mutex<HashMap<(String, &'static str, u16), u64>>,
     /// Requests refused for a missing or wrong admin token / signed URL.
     pub auth_failures: AtomicU64,
+    /// Request bodies cut off because the client paused longer than `http.body_idle_timeout_secs`.
+    pub body_timeouts: std::sync::Arc<AtomicU64>,
 }
 
 /// Middleware: counts every request by matched route, method and status.
@@ -175,6 +177,12 @@ pub fn render(st: &AppState) -> Result<String, String> {
     auth.get_or_create(&labels(&[("listener", "http")]))
         .inc_by(st.http_metrics.auth_failures.load(Ordering::Relaxed));
     reg.register("auth_failures", "Refused logins and requests", auth);
+    counter(
+        &mut reg,
+        "http_body_timeouts",
+        "Request bodies cut off because the client sent nothing for http.body_idle_timeout_secs",
+        st.http_metrics.body_timeouts.load(Ordering::Relaxed),
+    );
     counter(
         &mut reg,
         "mqtt_connections_accepted",

@@ -67,6 +67,8 @@ pub struct Inner {
     pub max_upload_bytes: u64,
     /// Free bytes an upload must leave on the data directory's filesystem.
     pub min_free_bytes: u64,
+    /// Longest pause of a client in the middle of a request body.
+    pub body_idle_timeout: Duration,
     /// Open descriptors of recently served images.
     pub fds: download::FdCache,
     /// Campaign engine.
@@ -130,6 +132,10 @@ pub fn router(state: AppState) -> Router {
         bytes: state.max_upload_bytes.saturating_mul(2).max(64 << 20),
         time: Duration::from_secs(60),
     };
+    let idle = refusal::IdleLimit {
+        after: state.body_idle_timeout,
+        count: state.http_metrics.body_timeouts.clone(),
+    };
     let api = Router::new()
         .route(
             "/api/ota/firmware/upload",
@@ -188,7 +194,7 @@ pub fn router(state: AppState) -> Router {
             metrics::track,
         ))
         .layer(middleware::from_fn(move |req, next| {
-            refusal::drain_refused(budget, req, next)
+            refusal::drain_refused(budget, idle.clone(), req, next)
         }))
         .with_state(state)
 }

@@ -62,6 +62,19 @@ pub struct Tap {
     inner: Option<Body>,
     ended: bool,
     shared: Arc<Shared>,
+    idle: IdleLimit,
+    /// Armed while the client sends nothing.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// How long a client may send nothing in the middle of a request body, and the count of
+/// bodies abandoned for it (`hangar_http_body_timeouts_total`).
+#[derive(Clone)]
+pub struct IdleLimit {
+    /// Longest pause between two chunks.
+    pub after: Duration,
+    /// Bodies cut off so far.
+    pub count: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl http_body::Body for Tap {
@@ -77,8 +90,24 @@ impl http_body::Body for Tap {
             return Poll::Ready(None);
         };
         let r = Pin::new(inner).poll_frame(cx);
-        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.ended = true;
+        match &r {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.ended = true,
+            Poll::Ready(Some(Ok(_))) => self.stall = None,
+            Poll::Pending => {
+                let after = self.idle.after;
+                let stall = self
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+                if stall.as_mut().poll(cx).is_ready() {
+                    self.ended = true;
+                    self.inner = None;
+                    self.idle.count.fetch_add(1, Ordering::Relaxed);
+                    return Poll::Ready(Some(Err(axum::Error::new(format!(
+                        "the client sent nothing of the request body for {} s",
+                        after.as_secs()
+                    )))));
+                }
+            }
         }
         r
     }
@@ -106,7 +135,12 @@ impl Drop for Tap {
 }
 
 /// The middleware (outermost on every listener's router).
-pub async fn drain_refused(budget: DrainBudget, req: Request, next: Next) -> Response {
+pub async fn drain_refused(
+    budget: DrainBudget,
+    idle: IdleLimit,
+    req: Request,
+    next: Next,
+) -> Response {
     if req.body().is_end_stream() {
         // no body (a download, a GET): nothing can be left unread
         return next.run(req).await;
@@ -125,6 +159,8 @@ pub async fn drain_refused(budget: DrainBudget, req: Request, next: Next) -> Res
         inner: Some(body),
         ended: false,
         shared: shared.clone(),
+        idle,
+        stall: None,
     };
     let resp = next.run(Request::from_parts(parts, Body::new(tap))).await;
     if !(resp.status().is_client_error() || resp.status().is_server_error()) {
