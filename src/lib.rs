@@ -47,6 +47,8 @@ pub mod deltas;
 pub mod device;
 pub mod devices;
 pub mod firmware;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod ids;
 pub mod net;

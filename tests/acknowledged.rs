@@ -6,86 +6,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{Proc, image, md5_hex, mutating_routes};
+use common::{Appliance, image, md5_hex, mutating_routes};
 use serde_json::{Value, json};
 
 /// Routes that take a POST but change nothing.
 const READ_ONLY: &[(&str, &str)] = &[("POST", "/api/ota/campaigns/dry-run")];
-
-struct Appliance {
-    dir: tempfile::TempDir,
-    proc: Option<Proc>,
-    http: reqwest::Client,
-}
-
-impl Appliance {
-    async fn start() -> Appliance {
-        let dir = tempfile::tempdir().unwrap();
-        let proc = Proc::spawn(dir.path(), "").await;
-        Appliance {
-            dir,
-            proc: Some(proc),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    fn data(&self) -> std::path::PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.proc.as_ref().unwrap().http)
-    }
-
-    fn token(&self) -> String {
-        std::fs::read_to_string(self.data().join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_string()
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = self
-            .http
-            .request(method.parse().unwrap(), format!("{}{path}", self.base()))
-            .bearer_auth(self.token());
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let r = r.send().await.unwrap();
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn upload(&self, version: &str, img: Vec<u8>) -> (u16, Value) {
-        let form = reqwest::multipart::Form::new()
-            .text("version", version.to_string())
-            .part(
-                "file",
-                reqwest::multipart::Part::bytes(img).file_name("fw.bin"),
-            );
-        let r = self
-            .http
-            .post(format!("{}/api/ota/firmware/upload", self.base()))
-            .bearer_auth(self.token())
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap())
-    }
-
-    /// SIGKILL at once, then a new process on the same data dir.
-    async fn kill_and_restart(&mut self) {
-        self.proc.take().unwrap().kill9();
-        self.proc = Some(Proc::spawn(self.dir.path(), "").await);
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        self.call("GET", path, None).await
-    }
-}
 
 fn assert_ok(what: &str, (st, b): &(u16, Value)) {
     assert!((200..300).contains(st), "{what}: {st} {b}");

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Proc, image};
+use common::{Appliance, image};
 use serde_json::{Value, json};
 
 /// A tmpfs mounted for the test, unmounted when dropped.
@@ -66,37 +66,19 @@ impl Drop for Tmpfs {
 
 struct Site {
     fs: Tmpfs,
-    proc: Option<Proc>,
-    http: reqwest::Client,
+    a: Appliance,
 }
 
 const EXTRA: &str = "[store]\nmin_free_bytes = 2097152\n";
 
+impl std::ops::Deref for Site {
+    type Target = Appliance;
+    fn deref(&self) -> &Appliance {
+        &self.a
+    }
+}
+
 impl Site {
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.proc.as_ref().unwrap().http)
-    }
-
-    fn token(&self) -> String {
-        std::fs::read_to_string(self.fs.path().join("data/admin.token"))
-            .unwrap()
-            .trim()
-            .to_string()
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = self
-            .http
-            .request(method.parse().unwrap(), format!("{}{path}", self.base()))
-            .bearer_auth(self.token());
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let r = r.send().await.unwrap();
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap_or(Value::Null))
-    }
-
     async fn register(&self, id: &str) -> (u16, Value) {
         self.call(
             "POST",
@@ -104,25 +86,6 @@ impl Site {
             Some(json!({"id": id, "secret": "s3cret-s3cret", "protocol": "gateway"})),
         )
         .await
-    }
-
-    async fn upload(&self, version: &str, img: Vec<u8>) -> (u16, Value) {
-        let form = reqwest::multipart::Form::new()
-            .text("version", version.to_string())
-            .part(
-                "file",
-                reqwest::multipart::Part::bytes(img).file_name("fw.bin"),
-            );
-        let r = self
-            .http
-            .post(format!("{}/api/ota/firmware/upload", self.base()))
-            .bearer_auth(self.token())
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap_or(Value::Null))
     }
 
     async fn health(&self) -> Value {
@@ -193,12 +156,8 @@ async fn a_full_disk_refuses_writes_with_507_keeps_serving_and_recovers_by_itsel
     let Some(fs) = Tmpfs::mount("40m") else {
         return;
     };
-    let proc = Proc::spawn(fs.path(), EXTRA).await;
-    let mut site = Site {
-        fs,
-        proc: Some(proc),
-        http: reqwest::Client::new(),
-    };
+    let a = Appliance::start_in(fs.path(), EXTRA).await;
+    let mut site = Site { fs, a };
     let mut acked = Vec::new();
     for i in 0..20 {
         let id = format!("before-{i:02}");
@@ -260,9 +219,9 @@ async fn a_full_disk_refuses_writes_with_507_keeps_serving_and_recovers_by_itsel
     let filler = site.fs.fill();
     let refused = site.register_until_full("second", &mut acked).await;
     assert_disk_full("second episode", &refused);
-    site.proc.take().unwrap().kill9();
+    site.a.kill();
     std::fs::remove_file(&filler).unwrap();
-    site.proc = Some(Proc::spawn(site.fs.path(), EXTRA).await);
+    site.a.restart().await;
 
     for id in &acked {
         let (st, body) = site

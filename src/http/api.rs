@@ -363,7 +363,7 @@ pub async fn upload(
 }
 
 /// The boundary of a `multipart/form-data` content type.
-fn multer_boundary(content_type: &str) -> Option<String> {
+pub(crate) fn multer_boundary(content_type: &str) -> Option<String> {
     let mut parts = content_type.split(';');
     if !parts
         .next()?

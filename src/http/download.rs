@@ -57,7 +57,7 @@ fn last_modified(ms: i64) -> SystemTime {
 }
 
 /// Does an `If-Match` / `If-None-Match` list contain our tag? `weak` = weak comparison.
-fn etag_list_matches(value: &str, ours: &str, weak: bool) -> bool {
+pub(crate) fn etag_list_matches(value: &str, ours: &str, weak: bool) -> bool {
     value.split(',').map(str::trim).any(|t| {
         if t == "*" {
             return true;
@@ -74,14 +74,14 @@ fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
 }
 
 /// Outcome of the Range header for a file of `len` bytes.
-enum RangePlan {
+pub(crate) enum RangePlan {
     Full,
     Single(RangeInclusive<u64>),
     Multi(Vec<RangeInclusive<u64>>),
     Unsatisfiable,
 }
 
-fn plan_ranges(value: &str, len: u64) -> RangePlan {
+pub(crate) fn plan_ranges(value: &str, len: u64) -> RangePlan {
     use http_range_header::RangeUnsatisfiableError as E;
     let max = NonZeroUsize::new(MAX_RANGES).expect("nonzero");
     let parsed = match http_range_header::parse_range_header_with_max_ranges(value, max) {

@@ -575,3 +575,99 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// The binary (`Proc`) on a data directory that outlives it: killed and restarted at will.
+pub struct Appliance {
+    root: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    extra: String,
+    pub proc: Option<Proc>,
+    pub http: reqwest::Client,
+}
+
+impl Appliance {
+    /// In a fresh temp dir, default config.
+    pub async fn start() -> Appliance {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Appliance::start_in(dir.path(), "").await;
+        a._dir = Some(dir);
+        a
+    }
+
+    /// In `root` (which the caller keeps), with extra config text.
+    pub async fn start_in(root: &Path, extra_toml: &str) -> Appliance {
+        let proc = Proc::spawn(root, extra_toml).await;
+        Appliance {
+            root: root.to_path_buf(),
+            _dir: None,
+            extra: extra_toml.to_string(),
+            proc: Some(proc),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.proc.as_ref().unwrap().http)
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut r = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base()))
+            .bearer_auth(self.token());
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn upload(&self, version: &str, img: Vec<u8>) -> (u16, Value) {
+        let form = reqwest::multipart::Form::new()
+            .text("version", version.to_string())
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(img).file_name("fw.bin"),
+            );
+        let r = self
+            .http
+            .post(format!("{}/api/ota/firmware/upload", self.base()))
+            .bearer_auth(self.token())
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// SIGKILL at once, then a new process on the same data dir.
+    pub async fn kill_and_restart(&mut self) {
+        self.kill();
+        self.restart().await;
+    }
+
+    pub fn kill(&mut self) {
+        self.proc.take().unwrap().kill9();
+    }
+
+    pub async fn restart(&mut self) {
+        self.proc = Some(Proc::spawn(&self.root, &self.extra).await);
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, None).await
+    }
+}

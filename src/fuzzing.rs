@@ -1,0 +1,174 @@
+//! Entry points of the fuzz targets (`fuzz/`, cargo-fuzz on nightly), one per parser that takes
+//! bytes from outside. `tests/fuzz_corpora.rs` replays every checked-in corpus file and crash
+//! through the same functions on stable, so a fixed crash stays fixed. Each function must
+//! neither panic nor allocate beyond a bound for any input; where a result has an invariant
+//! (ranges inside the file, a patch no longer than allowed), it asserts it.
+
+use bytes::BytesMut;
+
+use crate::broker::packet;
+use crate::protocol::{self, Inbound, alibaba, gateway};
+
+/// Largest packet the MQTT target accepts (like a small `mqtt.max_packet_bytes`).
+const MAX_PACKET: usize = 64 * 1024;
+
+/// MQTT framing and what the front door does with each frame: the 3.1.1 checks, the PUBLISH
+/// header, rumqttd's CONNECT/SUBSCRIBE decoding, topic classification and both device JSON
+/// protocols on every PUBLISH payload. The input arrives in chunks whose sizes come from the
+/// input itself, as from a socket.
+pub fn mqtt_stream(data: &[u8]) {
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(split % 64) + 1;
+    let mut buf = BytesMut::new();
+    for chunk in rest.chunks(step) {
+        buf.extend_from_slice(chunk);
+        loop {
+            match packet::take_frame(&mut buf, MAX_PACKET) {
+                Ok(Some((ty, frame))) => {
+                    assert!(frame.len() <= MAX_PACKET + 5);
+                    if ty == packet::kind::PUBLISH
+                        && let Ok(p) = packet::parse_publish(&frame)
+                    {
+                        device_report(&p.topic, &p.payload);
+                    }
+                    let _ = packet::decode(&frame, MAX_PACKET);
+                    let _ = packet::ack_pkid(&frame);
+                }
+                Ok(None) => break,
+                Err(_) => return, // the connection would be closed
+            }
+        }
+    }
+}
+
+/// What the front door and the task engine read from a device report.
+fn device_report(topic: &str, payload: &[u8]) {
+    if let Some((_proto, _id, kind)) = protocol::classify_report_topic("hanqi", topic) {
+        match kind {
+            Inbound::GatewayReport => {
+                let _ = gateway::parse_report(payload);
+            }
+            Inbound::AlibabaInform => {
+                let _ = alibaba::parse_inform(payload);
+            }
+            Inbound::AlibabaProgress => {
+                let _ = alibaba::parse_progress(payload);
+            }
+            Inbound::AlibabaGet => {
+                let _ = alibaba::parse_get(payload);
+            }
+        }
+    }
+    // and every parser on every payload, whatever the topic
+    let _ = gateway::parse_report(payload);
+    let _ = alibaba::parse_inform(payload);
+    let _ = alibaba::parse_progress(payload);
+    let _ = alibaba::parse_get(payload);
+}
+
+/// Both device JSON protocols on a raw payload.
+pub fn device_json(data: &[u8]) {
+    device_report("hanqi/gateway/GW1/report", data);
+    device_report("/sys/pk/dn/thing/ota/firmware/get", data);
+}
+
+/// The multipart part-header bound and the boundary parameter of a Content-Type: the first
+/// line is the Content-Type, the rest the body, in chunks sized by the input.
+pub fn multipart(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let (ct, body) = text.split_once('\n').unwrap_or((&text, ""));
+    let Some(boundary) = crate::http::api::multer_boundary(ct) else {
+        return;
+    };
+    if boundary.is_empty() {
+        return;
+    }
+    let step = (body.len() % 97) + 1;
+    let mut g = crate::http::partguard::PartGuard::new(&boundary);
+    for c in body.as_bytes().chunks(step) {
+        if g.feed(c).is_err() {
+            return;
+        }
+    }
+}
+
+/// Range, If-Range's entity tag and If-None-Match of a download: lines 1-3 of the input, the
+/// file length from line 4.
+pub fn range(data: &[u8]) {
+    use crate::http::download::{RangePlan, etag_list_matches, plan_ranges};
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.split('\n');
+    let (range, tag, inm) = (
+        lines.next().unwrap_or(""),
+        lines.next().unwrap_or(""),
+        lines.next().unwrap_or(""),
+    );
+    let len = lines
+        .next()
+        .and_then(|l| l.trim().parse::<u64>().ok())
+        .unwrap_or(1000);
+    let inside = |r: &std::ops::RangeInclusive<u64>| r.start() <= r.end() && *r.end() < len;
+    match plan_ranges(range, len) {
+        RangePlan::Full | RangePlan::Unsatisfiable => {}
+        RangePlan::Single(r) => assert!(inside(&r), "{r:?} outside {len}"),
+        RangePlan::Multi(rs) => {
+            assert!(rs.len() > 1);
+            let total: u64 = rs.iter().map(|r| r.end() - r.start() + 1).sum();
+            assert!(total < len);
+            assert!(rs.iter().all(inside));
+        }
+    }
+    let _ = etag_list_matches(inm, tag, true);
+    let _ = etag_list_matches(inm, tag, false);
+    let _ = httpdate::parse_http_date(tag);
+}
+
+/// `hangar.toml`: parsing and validation.
+pub fn config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = crate::config::Config::from_toml(text, "fuzz.toml");
+    }
+}
+
+/// Most bytes a hostile patch may make the device side produce.
+const MAX_PATCHED: u64 = 1 << 20;
+
+/// A BSDIFF40 patch applied on the device side: the first byte says how long the old image is
+/// (from the input after it), the rest is the patch.
+pub fn bspatch(data: &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let cut = (usize::from(n) * 4).min(rest.len());
+    let (old, patch) = rest.split_at(cut);
+    let mut out = Counting(0);
+    if let Ok(written) = crate::delta::apply(old, patch, MAX_PATCHED, &mut out) {
+        assert!(written <= MAX_PATCHED && out.0 == written);
+    }
+    assert!(out.0 <= MAX_PATCHED, "wrote {} bytes", out.0);
+}
+
+/// A writer that counts and drops what it gets.
+struct Counting(u64);
+
+impl std::io::Write for Counting {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len() as u64;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every target by name (the directory names under `fuzz/corpus`).
+pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("mqtt_stream", mqtt_stream),
+    ("device_json", device_json),
+    ("multipart", multipart),
+    ("range", range),
+    ("config", config),
+    ("bspatch", bspatch),
+];

@@ -1,0 +1,321 @@
+//! The crash harness: `kill -9` at random points while the real binary uploads, releases,
+//! registers, creates tasks and campaigns, builds deltas and streams a backup, then a restart
+//! and the invariants: every acknowledged change is there; every listed firmware downloads with
+//! its md5 and sha256; the blobs on disk are exactly the referenced hashes; nothing is left in
+//! `tmp/`; no device has more than one active task and every task's state is a known one.
+//!
+//! `cargo test` runs a few rounds; `bench/chaos.sh` runs 100 (`HANGAR_CHAOS_ROUNDS`) and prints
+//! tried / survived. `HANGAR_CHAOS_SEED` repeats a run.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Appliance, image, md5_hex, sha256_hex};
+use serde_json::{Value, json};
+
+/// What the appliance acknowledged (2xx) before it was killed.
+#[derive(Default)]
+struct Acked {
+    firmware: BTreeSet<String>,
+    released: BTreeSet<String>,
+    devices: BTreeSet<String>,
+    tasks: BTreeSet<String>,
+    campaigns: BTreeSet<String>,
+}
+
+/// A small deterministic generator (xorshift), seeded per run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const ACTIONS: [&str; 7] = [
+    "upload", "release", "register", "upgrade", "campaign", "delta", "backup",
+];
+
+/// Runs one action against the appliance, recording what it acknowledged.
+async fn act(a: Arc<Appliance>, action: &str, round: u64, acked: Arc<Mutex<Acked>>) {
+    let ok = |st: u16| (200..300).contains(&st);
+    let released: Vec<String> = acked.lock().unwrap().released.iter().cloned().collect();
+    let devices: Vec<String> = acked.lock().unwrap().devices.iter().cloned().collect();
+    match action {
+        "upload" => {
+            let v = format!("1.{round}.0");
+            let (st, _) = a
+                .upload(&v, image(400_000 + round as usize * 997, round))
+                .await;
+            if ok(st) {
+                acked.lock().unwrap().firmware.insert(v);
+            }
+        }
+        "release" => {
+            let drafts: Vec<String> = {
+                let g = acked.lock().unwrap();
+                g.firmware.difference(&g.released).cloned().collect()
+            };
+            for v in drafts {
+                let (st, _) = a
+                    .call("POST", &format!("/api/ota/firmware/{v}/release"), None)
+                    .await;
+                if ok(st) {
+                    acked.lock().unwrap().released.insert(v);
+                }
+            }
+        }
+        "register" => {
+            for i in 0..5 {
+                let id = format!("CH{round:03}-{i}");
+                let (st, _) = a
+                    .call(
+                        "POST",
+                        "/api/ota/devices",
+                        Some(json!({"id": id, "protocol": "gateway", "secret": "chaos-secret", "tags": ["chaos"]})),
+                    )
+                    .await;
+                if ok(st) {
+                    acked.lock().unwrap().devices.insert(id);
+                }
+            }
+        }
+        "upgrade" => {
+            let Some(v) = released.last() else { return };
+            for d in devices.iter().rev().take(3) {
+                let (st, _) = a
+                    .call(
+                        "POST",
+                        &format!("/api/ota/upgrade/{d}"),
+                        Some(json!({"version": v, "force": true})),
+                    )
+                    .await;
+                if ok(st) {
+                    acked.lock().unwrap().tasks.insert(d.clone());
+                }
+            }
+        }
+        "campaign" => {
+            let Some(v) = released.first() else { return };
+            let (st, body) = a
+                .call(
+                    "POST",
+                    "/api/ota/campaigns",
+                    Some(json!({"name": format!("chaos {round}"), "version": v, "deviceType": "gateway",
+                        "targets": {"tags": ["chaos"]}, "waves": [{"percent": 50}, {"percent": 100}]})),
+                )
+                .await;
+            if ok(st)
+                && let Some(id) = body["data"]["id"].as_str()
+            {
+                acked.lock().unwrap().campaigns.insert(id.to_string());
+            }
+        }
+        "delta" => {
+            if released.len() < 2 {
+                return;
+            }
+            let (from, to) = (&released[0], &released[released.len() - 1]);
+            let _ = a
+                .call(
+                    "POST",
+                    &format!("/api/ota/firmware/{to}/deltas"),
+                    Some(json!({"fromVersion": from})),
+                )
+                .await;
+        }
+        "backup" => {
+            if let Ok(r) = a
+                .http
+                .get(format!("{}/api/ota/backup", a.base()))
+                .bearer_auth(a.token())
+                .send()
+                .await
+            {
+                let _ = r.bytes().await;
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Files under `dir`, recursively (names only).
+fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(file_names(&p));
+            } else {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The invariants after a restart; `Err` says which broke.
+async fn check(a: &Appliance, acked: &Acked) -> Result<(), String> {
+    let (_, fw) = a.get("/api/ota/firmware?limit=10000").await;
+    let listed: Vec<Value> = fw["data"].as_array().cloned().unwrap_or_default();
+    let versions: BTreeSet<String> = listed
+        .iter()
+        .filter_map(|f| f["version"].as_str().map(String::from))
+        .collect();
+    for v in &acked.firmware {
+        if !versions.contains(v) {
+            return Err(format!("acknowledged firmware {v} is gone"));
+        }
+    }
+    let mut referenced = BTreeSet::new();
+    for f in &listed {
+        let v = f["version"].as_str().unwrap();
+        if acked.released.contains(v) && f["status"] != "released" {
+            return Err(format!("acknowledged release of {v} is gone: {f}"));
+        }
+        let body = a
+            .http
+            .get(format!(
+                "{}/firmware/{}",
+                a.base(),
+                f["fileName"].as_str().unwrap()
+            ))
+            .bearer_auth(a.token())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .bytes()
+            .await
+            .map_err(|e| e.to_string())?;
+        if md5_hex(&body) != f["md5"] || sha256_hex(&body) != f["sha256"] {
+            return Err(format!("firmware {v} does not download as listed"));
+        }
+        referenced.insert(f["sha256"].as_str().unwrap().to_string());
+        let (_, deltas) = a.get(&format!("/api/ota/firmware/{v}/deltas")).await;
+        for d in deltas["data"].as_array().into_iter().flatten() {
+            if let Some(s) = d["sha256"].as_str() {
+                referenced.insert(s.to_string());
+            }
+        }
+    }
+    let on_disk: BTreeSet<String> = file_names(&a.data().join("blobs")).into_iter().collect();
+    if on_disk != referenced {
+        return Err(format!(
+            "blobs on disk {:?} are not the referenced {:?}",
+            on_disk.difference(&referenced).collect::<Vec<_>>(),
+            referenced.difference(&on_disk).collect::<Vec<_>>()
+        ));
+    }
+    let tmp = file_names(&a.data().join("tmp"));
+    if !tmp.is_empty() {
+        return Err(format!("left in tmp/: {tmp:?}"));
+    }
+    for d in &acked.devices {
+        if a.get(&format!("/api/ota/devices/{d}")).await.0 != 200 {
+            return Err(format!("acknowledged device {d} is gone"));
+        }
+    }
+    for d in &acked.tasks {
+        if a.get(&format!("/api/ota/task/{d}")).await.0 != 200 {
+            return Err(format!("acknowledged task of {d} is gone"));
+        }
+    }
+    for c in &acked.campaigns {
+        if a.get(&format!("/api/ota/campaigns/{c}")).await.0 != 200 {
+            return Err(format!("acknowledged campaign {c} is gone"));
+        }
+    }
+    let (_, tasks) = a.get("/api/ota/tasks?limit=10000").await;
+    let mut active: HashMap<String, u32> = HashMap::new();
+    for t in tasks["data"].as_array().into_iter().flatten() {
+        let status = t["status"].as_str().unwrap_or("");
+        match status {
+            "pending" | "downloading" | "verifying" | "installing" => {
+                *active
+                    .entry(t["deviceId"].as_str().unwrap_or("").to_string())
+                    .or_default() += 1;
+            }
+            "completed" | "failed" | "cancelled" => {}
+            other => return Err(format!("task in an unknown state {other:?}: {t}")),
+        }
+    }
+    if let Some((d, n)) = active.iter().find(|(_, n)| **n > 1) {
+        return Err(format!("device {d} has {n} active tasks"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_points_keeps_every_invariant() {
+    let rounds: u64 = std::env::var("HANGAR_CHAOS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(14);
+    let seed: u64 = std::env::var("HANGAR_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    let mut rng = Rng(seed);
+    let mut a = Appliance::start().await;
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let mut survived = 0;
+    for round in 0..rounds {
+        // the first rounds build a fleet to act on, then anything goes
+        let action = if round < ACTIONS.len() as u64 {
+            ACTIONS[round as usize]
+        } else {
+            ACTIONS[rng.below(ACTIONS.len() as u64) as usize]
+        };
+        let delay = Duration::from_millis(rng.below(60));
+        let shared = Arc::new(a);
+        let work = tokio::spawn(act(shared.clone(), action, round, acked.clone()));
+        tokio::time::sleep(delay).await;
+        // kill -9 wherever the action is now; the client side then fails (a failed call is no
+        // acknowledgement) and lets go of the appliance
+        let pid = shared.proc.as_ref().unwrap().pid();
+        // SAFETY: a plain syscall on our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = tokio::time::timeout(Duration::from_secs(60), work)
+            .await
+            .expect("the action did not end after the kill");
+        let mut owned = Arc::try_unwrap(shared)
+            .unwrap_or_else(|_| panic!("the action still holds the appliance"));
+        owned.kill();
+        owned.restart().await;
+        a = owned;
+        let result = check(&a, &acked.lock().unwrap()).await;
+        match result {
+            Ok(()) => survived += 1,
+            Err(e) => panic!("round {round} ({action}, killed after {delay:?}, seed {seed}): {e}"),
+        }
+    }
+    use std::io::Write;
+    let g = acked.lock().unwrap();
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "chaos: seed {seed}: {rounds} kills tried, {survived} survived; acknowledged and checked: {} firmware, {} releases, {} devices, {} tasks, {} campaigns",
+        g.firmware.len(),
+        g.released.len(),
+        g.devices.len(),
+        g.tasks.len(),
+        g.campaigns.len(),
+    );
+    drop(g);
+    assert_eq!(survived, rounds);
+}
