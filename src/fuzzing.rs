@@ -163,8 +163,11 @@ impl std::io::Write for Counting {
     }
 }
 
+/// A fuzz target: any bytes in, no panic out.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (the directory names under `fuzz/corpus`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("mqtt_stream", mqtt_stream),
     ("device_json", device_json),
     ("multipart", multipart),
