@@ -17,7 +17,7 @@ use common::{Appliance, image, md5_hex, sha256_hex};
 use serde_json::{Value, json};
 
 /// What the appliance acknowledged (2xx) before it was killed.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Acked {
     firmware: BTreeSet<String>,
     released: BTreeSet<String>,
@@ -299,7 +299,8 @@ async fn kill_9_at_random_points_keeps_every_invariant() {
         owned.kill();
         owned.restart().await;
         a = owned;
-        let result = check(&a, &acked.lock().unwrap()).await;
+        let snapshot = acked.lock().unwrap().clone();
+        let result = check(&a, &snapshot).await;
         match result {
             Ok(()) => survived += 1,
             Err(e) => panic!("round {round} ({action}, killed after {delay:?}, seed {seed}): {e}"),
