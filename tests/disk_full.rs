@@ -2,7 +2,8 @@
 //! the free bytes, `/healthz` and `/metrics` say the store is degraded, downloads keep working,
 //! the store recovers by itself once space is freed, and nothing acknowledged is lost — across
 //! the episode and across a `kill -9` inside it. Needs root (to mount the tmpfs): skipped, and
-//! says so, elsewhere; `.ci/run` runs it as root.
+//! says so, elsewhere; `.ci/run` runs it as root. Covered while full: upload, registration, a
+//! device report (no PUBACK), a delta request, a backup download and firmware downloads.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::mqtt::Device;
 use common::{Appliance, image};
 use serde_json::{Value, json};
 
@@ -166,6 +168,45 @@ async fn a_full_disk_refuses_writes_with_507_keeps_serving_and_recovers_by_itsel
     }
     let img = image(300_000, 7);
     assert_eq!(site.upload("1.0.0", img.clone()).await.0, 201);
+    // a device with an upgrade in flight, to report while the disk is full
+    assert_eq!(site.upload("0.9.0", image(290_000, 6)).await.0, 201);
+    for v in ["0.9.0", "1.0.0"] {
+        let (st, b) = site
+            .call("POST", &format!("/api/ota/firmware/{v}/release"), None)
+            .await;
+        assert_eq!(st, 200, "{b}");
+    }
+    let (st, b) = site
+        .call(
+            "POST",
+            "/api/ota/devices",
+            Some(json!({"id": "GWR", "secret": "s3cret-s3cret", "protocol": "gateway"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let mqtt: u16 = {
+        let p: Value =
+            serde_json::from_str(&std::fs::read_to_string(site.data().join("ports.json")).unwrap())
+                .unwrap();
+        p["mqtt"].as_u64().unwrap() as u16
+    };
+    let mut dev = Device::connect(mqtt, "gwr", Some(("GWR", "s3cret-s3cret")), None).await;
+    dev.expect_connected().await;
+    dev.subscribe("hanqi/gateway/GWR/command").await;
+    let (st, b) = site
+        .call(
+            "POST",
+            "/api/ota/upgrade/GWR",
+            Some(json!({"version": "1.0.0"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let (_, cmd) = dev.message(10).await;
+    let msg_id = cmd["msgId"].as_str().unwrap().to_string();
+    let progress = |p: u32| {
+        json!({"msgId": msg_id, "msgType": "ota_progress", "deviceId": "GWR",
+            "data": {"msgId": msg_id, "state": "downloading", "progress": p}})
+    };
 
     // an upload that would leave less than min_free_bytes is refused before the disk is full
     let (st, body) = site.upload("1.0.1", image(39 << 20, 8)).await;
@@ -183,6 +224,28 @@ async fn a_full_disk_refuses_writes_with_507_keeps_serving_and_recovers_by_itsel
     // and stays refused (no acknowledgement of a write that is not on disk)
     let (st, body) = site.register("during-again").await;
     assert_eq!(st, 507, "{body}");
+    // a device report cannot be stored: no PUBACK, the connection closes, the device resends later
+    dev.publish("hanqi/gateway/GWR/report", progress(40)).await;
+    dev.expect_closed(10).await;
+    // a delta cannot be queued: the envelope, not a 500
+    let (st, body) = site
+        .call(
+            "POST",
+            "/api/ota/firmware/1.0.0/deltas",
+            Some(json!({"fromVersion": "0.9.0"})),
+        )
+        .await;
+    assert!(
+        st == 507 || st == 202,
+        "delta request on a full disk: {st} {body}"
+    );
+    if st == 507 {
+        assert_disk_full("delta request", &body);
+    }
+    // a backup is assembled on the data disk before it is sent: it says why it cannot be
+    let (st, body) = site.call("GET", "/api/ota/backup", None).await;
+    assert_eq!(st, 507, "backup on a full disk: {body}");
+    assert_disk_full("backup", &body);
 
     let h = site.health().await;
     assert_eq!(h["state"], "degraded", "{h}");
@@ -213,7 +276,32 @@ async fn a_full_disk_refuses_writes_with_507_keeps_serving_and_recovers_by_itsel
     assert!(site.metric("hangar_store_recoveries_total").await >= 1.0);
     assert_eq!(site.register("after-1").await.0, 201);
     acked.push("after-1".into());
+    // the device reconnects and its report is taken now
+    let mut dev = Device::connect(mqtt, "gwr", Some(("GWR", "s3cret-s3cret")), None).await;
+    dev.expect_connected().await;
+    dev.publish("hanqi/gateway/GWR/report", progress(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, t) = site.call("GET", "/api/ota/task/GWR", None).await;
+        if t["data"]["progress"] == 60 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the report after recovery was not taken: {t}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(site.upload("1.0.3", image(50_000, 10)).await.0, 201);
+    let backup = site
+        .http
+        .get(format!("{}/api/ota/backup", site.base()))
+        .bearer_auth(site.token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(backup.status(), 200, "backup after recovery");
+    assert!(backup.bytes().await.unwrap().len() > 600_000);
 
     // a second episode, ended by kill -9 while the store is degraded
     let filler = site.fs.fill();

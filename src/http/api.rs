@@ -638,7 +638,16 @@ pub async fn backup(State(st): State<AppState>) -> Result<Response, ApiError> {
     })
     .await
     .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
+    .map_err(|e| {
+        if crate::store::is_disk_full(&e) {
+            ApiError::disk_full(
+                st.store.free_bytes().unwrap_or(0),
+                "the backup is assembled in <data_dir>/tmp/ before it is sent and did not fit",
+            )
+        } else {
+            ApiError::internal(e)
+        }
+    })?;
     let len = file.metadata().map_err(ApiError::internal)?.len();
     let stream =
         tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
