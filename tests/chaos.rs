@@ -111,7 +111,7 @@ async fn act(a: Arc<Appliance>, action: &str, round: u64, acked: Arc<Mutex<Acked
                     "POST",
                     "/api/ota/campaigns",
                     Some(json!({"name": format!("chaos {round}"), "version": v, "deviceType": "gateway",
-                        "targets": {"tags": ["chaos"]}, "waves": [{"percent": 50}, {"percent": 100}]})),
+                        "targets": {"tags": ["chaos"]}, "waves": [50, 100]})),
                 )
                 .await;
             if ok(st)
