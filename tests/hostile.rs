@@ -1,0 +1,154 @@
+//! Hostile clients all at once against the real binary: a pre-auth flood and slowloris senders on
+//! both MQTT ports, TLS handshakes that never finish and headers that never end on HTTPS, 1,000
+//! concurrent uploads, download clients that never read. Meanwhile a real device logs in and
+//! gets its command, and the API answers; the server's peak memory stays bounded.
+
+mod common;
+
+use common::mqtt::Device;
+use common::{Appliance, image};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Peak resident memory allowed for the whole episode (measured: 176 MiB on 2026-12-01).
+const MAX_PEAK_RSS_KB: u64 = 384 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_do_not_stop_real_devices_and_memory_stays_bounded() {
+    let a = Appliance::start().await;
+    let ports: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.data().join("ports.json")).unwrap())
+            .unwrap();
+    let port = |k: &str| ports[k].as_u64().unwrap() as u16;
+    let (mqtt, mqtts, https) = (port("mqtt"), port("mqtts"), port("https"));
+    let (st, b) = a
+        .call(
+            "POST",
+            "/api/ota/devices",
+            Some(json!({"id": "GW1", "secret": "gw1-secret", "protocol": "gateway"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let big = image(5 << 20, 1);
+    assert_eq!(a.upload("1.0.0", big).await.0, 201);
+    assert_eq!(
+        a.call("POST", "/api/ota/firmware/1.0.0/release", None)
+            .await
+            .0,
+        200
+    );
+
+    let mut held = Vec::new();
+    // pre-auth flood and slowloris on both MQTT ports: idle sockets and a CONNECT one byte at a time
+    for p in [mqtt, mqtts] {
+        for _ in 0..600 {
+            held.push(TcpStream::connect(("127.0.0.1", p)).await.unwrap());
+        }
+    }
+    for _ in 0..100 {
+        let mut c = TcpStream::connect(("127.0.0.1", mqtt)).await.unwrap();
+        c.write_all(&[0x10, 0x20, 0x00]).await.unwrap();
+        held.push(c);
+    }
+    // HTTPS: handshakes that never start, headers that never end (plain listener)
+    for _ in 0..300 {
+        held.push(TcpStream::connect(("127.0.0.1", https)).await.unwrap());
+    }
+    let plain = a.base().trim_start_matches("http://").to_string();
+    for _ in 0..300 {
+        let mut c = TcpStream::connect(&plain).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        held.push(c);
+    }
+    // downloads that are never read: the request is sent, the body never consumed
+    for _ in 0..50 {
+        let mut c = TcpStream::connect(&plain).await.unwrap();
+        c.write_all(
+            format!(
+                "GET /firmware/gateway_v1.0.0.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+                a.token()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        held.push(c);
+    }
+    // 1,000 concurrent uploads of 64 KiB
+    let uploads: Vec<_> = (0..1000)
+        .map(|i| {
+            let http = a.http.clone();
+            let url = format!("{}/api/ota/firmware/upload", a.base());
+            let token = a.token();
+            tokio::spawn(async move {
+                let form = reqwest::multipart::Form::new()
+                    .text("version", format!("2.0.{i}"))
+                    .part(
+                        "file",
+                        reqwest::multipart::Part::bytes(image(64 << 10, 100 + i))
+                            .file_name("fw.bin"),
+                    );
+                http.post(url)
+                    .bearer_auth(token)
+                    .multipart(form)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+
+    // meanwhile: a real device logs in on each port, subscribes and gets its command
+    let mut devices = Vec::new();
+    for (p, tls) in [(mqtt, None), (mqtts, Some(a.data()))] {
+        let mut d = Device::connect(
+            p,
+            &format!("gw1-{p}"),
+            Some(("GW1", "gw1-secret")),
+            tls.as_deref(),
+        )
+        .await;
+        d.expect_connected().await;
+        d.subscribe("hanqi/gateway/GW1/command").await;
+        devices.push(d);
+    }
+    let (st, b) = a
+        .call(
+            "POST",
+            "/api/ota/upgrade/GW1",
+            Some(json!({"version": "1.0.0"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let (topic, cmd) = devices[1].message(20).await;
+    assert_eq!(topic, "hanqi/gateway/GW1/command");
+    assert_eq!(cmd["msgType"], "ota_upgrade", "{cmd}");
+
+    let mut created = 0;
+    for u in uploads {
+        if let Ok(Ok(201)) = u.await {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 1000, "every upload was taken");
+    let (st, list) = a.get("/api/ota/firmware?limit=2000").await;
+    assert_eq!(st, 200);
+    assert_eq!(list["data"].as_array().unwrap().len(), 1001);
+
+    let peak = a.proc.as_ref().unwrap().status_kb("VmHWM");
+    assert!(
+        peak < MAX_PEAK_RSS_KB,
+        "peak RSS {peak} kB over {MAX_PEAK_RSS_KB} kB"
+    );
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "hostile: {} hostile sockets held, 1000 uploads taken, peak RSS {} MiB",
+        held.len(),
+        peak / 1024
+    );
+    drop(held);
+}
