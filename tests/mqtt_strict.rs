@@ -218,6 +218,7 @@ async fn idle_strangers_never_lock_a_registered_device_out() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name}: {text}"))
     };
-    assert!(value("hangar_mqtt_pending_connections") <= 32.0);
+    // (fresh sockets are admitted up to 4x the per-address budget, then the oldest goes)
+    assert!(value("hangar_mqtt_pending_connections") <= 64.0);
     assert!(value("hangar_mqtt_pending_evicted_total") >= 200.0);
 }

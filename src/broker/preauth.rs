@@ -1,9 +1,11 @@
 //! Connections that have not authenticated yet. They get a budget of their own, smaller than
 //! `mqtt.max_connections` (which only authenticated devices count against), a limit per source
 //! address, and less time to send CONNECT while the budget is more than half used. When either
-//! is full, a newcomer takes the place of the oldest waiting connection — preferring one that
-//! has not even finished sending its first packet — so strangers holding sockets open can delay
-//! a device by one round trip but never lock it out.
+//! is full, a newcomer takes the place of the oldest connection that has waited at least
+//! [`STALE`] — preferring one that has not even delivered its CONNECT — so strangers holding
+//! sockets open can never lock a device out. A burst of real devices (thousands connecting in
+//! the same second, e.g. after a site's power cut) is all fresh: it is admitted beyond the
+//! budget, up to [`HARD`] times it, where the oldest goes whatever its age.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -17,9 +19,14 @@ use tokio_util::sync::CancellationToken;
 pub const DEADLINE: Duration = Duration::from_secs(10);
 /// ... and while more than half of the budget is in use.
 pub const DEADLINE_UNDER_PRESSURE: Duration = Duration::from_secs(2);
+/// A waiting connection this old may be evicted to make room.
+pub const STALE: Duration = Duration::from_secs(1);
+/// Beyond this many times a budget, the oldest is evicted whatever its age.
+pub const HARD: usize = 4;
 
 struct Waiting {
     ip: IpAddr,
+    since: std::time::Instant,
     evict: CancellationToken,
     /// It delivered its CONNECT (it is being authenticated now).
     spoke: Arc<AtomicBool>,
@@ -93,11 +100,16 @@ impl PreAuth {
     /// that address when the address is at its limit) if needed.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Ticket {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.per_ip.get(&ip).copied().unwrap_or(0) >= self.per_ip {
-            self.evict_oldest(&mut st, Some(ip));
+        let from_ip = st.per_ip.get(&ip).copied().unwrap_or(0);
+        if from_ip >= self.per_ip * HARD {
+            self.evict_oldest(&mut st, Some(ip), Duration::ZERO);
+        } else if from_ip >= self.per_ip {
+            self.evict_oldest(&mut st, Some(ip), STALE);
         }
-        if st.waiting.len() >= self.max {
-            self.evict_oldest(&mut st, None);
+        if st.waiting.len() >= self.max * HARD {
+            self.evict_oldest(&mut st, None, Duration::ZERO);
+        } else if st.waiting.len() >= self.max {
+            self.evict_oldest(&mut st, None, STALE);
         }
         let deadline = if st.waiting.len() * 2 >= self.max {
             DEADLINE_UNDER_PRESSURE
@@ -112,6 +124,7 @@ impl PreAuth {
             id,
             Waiting {
                 ip,
+                since: std::time::Instant::now(),
                 evict: evicted.clone(),
                 spoke: spoke.clone(),
             },
@@ -135,11 +148,14 @@ impl PreAuth {
             .len()
     }
 
-    fn evict_oldest(&self, st: &mut State, of: Option<IpAddr>) {
+    /// Evicts the oldest waiting connection (of `of`, if given) that has waited `min_age`,
+    /// one that has not delivered its CONNECT first.
+    fn evict_oldest(&self, st: &mut State, of: Option<IpAddr>, min_age: Duration) {
+        let now = std::time::Instant::now();
         let candidates = || {
-            st.waiting
-                .iter()
-                .filter(|(_, w)| of.is_none_or(|ip| w.ip == ip))
+            st.waiting.iter().filter(move |(_, w)| {
+                of.is_none_or(|ip| w.ip == ip) && now.duration_since(w.since) >= min_age
+            })
         };
         let victim = candidates()
             .find(|(_, w)| !w.spoke.load(Ordering::Relaxed))
@@ -163,27 +179,46 @@ mod tests {
         IpAddr::from([10, 0, 0, n])
     }
 
+    fn age(gate: &PreAuth, t: &Ticket, by: Duration) {
+        let mut st = gate.state.lock().unwrap();
+        let w = st.waiting.get_mut(&t.id).unwrap();
+        w.since -= by;
+    }
+
     #[test]
-    fn the_oldest_silent_connection_makes_room() {
+    fn the_oldest_stale_silent_connection_makes_room() {
         let gate = PreAuth::new(4, 3);
         let a = gate.admit(ip(1));
         let b = gate.admit(ip(1));
-        a.spoke();
         let c = gate.admit(ip(1));
-        // the address is at its limit: the oldest that has not spoken (b) goes, not a
+        // the address is at its limit, but nobody is stale: a burst is admitted
         let d = gate.admit(ip(1));
-        assert!(b.evicted.is_cancelled() && !a.evicted.is_cancelled());
-        assert!(!c.evicted.is_cancelled() && !d.evicted.is_cancelled());
-        assert_eq!(gate.waiting(), 3);
-        // the budget is full with another address: the oldest silent of all goes (c)
-        let e = gate.admit(ip(2));
         assert_eq!(gate.waiting(), 4);
-        let f = gate.admit(ip(3));
+        assert!(![&a, &b, &c, &d].iter().any(|t| t.evicted.is_cancelled()));
+        assert_eq!(d.deadline, DEADLINE_UNDER_PRESSURE);
+        // once stale, the oldest that has not spoken goes (b), not a, which spoke
+        for t in [&a, &b, &c] {
+            age(&gate, t, STALE);
+        }
+        a.spoke();
+        let e = gate.admit(ip(1));
+        assert!(b.evicted.is_cancelled() && !a.evicted.is_cancelled());
+        // the budget is over with another address: the oldest stale silent of all goes (c)
+        let f = gate.admit(ip(2));
         assert!(c.evicted.is_cancelled());
         assert_eq!(gate.waiting(), 4);
-        assert_eq!(f.deadline, DEADLINE_UNDER_PRESSURE);
         drop((a, b, c, d, e, f));
         assert_eq!(gate.waiting(), 0);
         assert_eq!(gate.admit(ip(1)).deadline, DEADLINE);
+    }
+
+    #[test]
+    fn beyond_the_hard_limit_the_oldest_goes_whatever_its_age() {
+        let gate = PreAuth::new(2, 100);
+        let first = gate.admit(ip(1));
+        let rest: Vec<Ticket> = (0..2 * HARD).map(|i| gate.admit(ip(i as u8))).collect();
+        assert!(first.evicted.is_cancelled());
+        assert_eq!(gate.waiting(), 2 * HARD);
+        drop(rest);
     }
 }
