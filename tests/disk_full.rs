@@ -109,12 +109,7 @@ impl Site {
             .send()
             .await
             .unwrap();
-        let text = r.text().await.unwrap();
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name}"))
+        common::metric_in(&r.text().await.unwrap(), name)
     }
 
     /// Registers devices until the disk refuses one; returns the acknowledged ids and the 507.

@@ -54,21 +54,8 @@ async fn until_closed(c: &mut TcpStream) -> Option<Vec<u8>> {
 }
 
 async fn dropped_for_protocol(s: &Server) -> u64 {
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .header("authorization", s.auth())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with("hangar_mqtt_messages_dropped_total{reason=\"protocol_error\"}"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    s.metric("hangar_mqtt_messages_dropped_total{reason=\"protocol_error\"}")
+        .await as u64
 }
 
 async fn strict(engine: &str) {
@@ -201,24 +188,6 @@ async fn idle_strangers_never_lock_a_registered_device_out() {
         .await
         .expect("the oldest idle socket was not closed");
     assert!(seen.is_empty());
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .header("authorization", s.auth())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name}: {text}"))
-    };
-    // (fresh sockets are admitted up to 4x the per-address budget, then the oldest goes)
-    assert!(value("hangar_mqtt_pending_connections") <= 64.0);
-    assert!(value("hangar_mqtt_pending_evicted_total") >= 200.0);
+    assert!(s.metric("hangar_mqtt_pending_connections").await <= 64.0);
+    assert!(s.metric("hangar_mqtt_pending_evicted_total").await >= 200.0);
 }

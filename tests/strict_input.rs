@@ -298,22 +298,7 @@ async fn stalled_upload_bodies_are_cut_off_and_counted() {
             "{i}: {text}"
         );
     }
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .header("authorization", s.auth())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let n: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("hangar_http_body_timeouts_total "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let n = s.metric("hangar_http_body_timeouts_total").await;
     assert!(n >= 20.0, "{n} body timeouts counted");
     // nothing was stored
     let (_, list) = s.get_json("/api/ota/firmware").await;

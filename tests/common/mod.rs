@@ -101,6 +101,21 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// The value of one metric (`name` with its labels, if any, as /metrics prints it).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .header("authorization", self.auth())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metric_in(&text, name)
+    }
+
     pub fn auth(&self) -> String {
         format!("Bearer {}", self.token)
     }
@@ -400,6 +415,15 @@ pub fn mutating_routes() -> Vec<(String, String)> {
     out.sort();
     out.dedup();
     out
+}
+
+/// The value of the metric line `name value` in a /metrics text; panics if there is none.
+pub fn metric_in(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
 }
 
 /// A stock tool a test drives (curl, mosquitto_pub, bspatch, ...), found on `PATH`. On a box
