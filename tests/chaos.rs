@@ -2,7 +2,8 @@
 //! registers, creates tasks and campaigns, builds deltas and streams a backup, then a restart
 //! and the invariants: every acknowledged change is there; every listed firmware downloads with
 //! its md5 and sha256; the blobs on disk are exactly the referenced hashes; nothing is left in
-//! `tmp/`; no device has more than one active task and every task's state is a known one.
+//! `tmp/`; no device has more than one active task and every task's state is a known one; every
+//! campaign member is counted once, and no campaign counts more in flight than it has tasks.
 //!
 //! `cargo test` runs a few rounds; `bench/chaos.sh` runs 100 (`HANGAR_CHAOS_ROUNDS`) and prints
 //! tried / survived. `HANGAR_CHAOS_SEED` repeats a run.
@@ -230,12 +231,51 @@ async fn check(a: &Appliance, acked: &Acked) -> Result<(), String> {
             return Err(format!("acknowledged task of {d} is gone"));
         }
     }
+    let (_, tasks) = a.get("/api/ota/tasks?limit=10000").await;
     for c in &acked.campaigns {
-        if a.get(&format!("/api/ota/campaigns/{c}")).await.0 != 200 {
+        let (st, body) = a.get(&format!("/api/ota/campaigns/{c}")).await;
+        if st != 200 {
             return Err(format!("acknowledged campaign {c} is gone"));
         }
+        // every member is counted once, in one state and one wave; no more in flight than
+        // the campaign has active tasks
+        let d = &body["data"];
+        let total = d["total"].as_u64().unwrap_or(0);
+        let counted: u64 = d["counts"]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0);
+        let in_waves: u64 = d["waves"]
+            .as_array()
+            .map(|w| w.iter().filter_map(|w| w["devices"].as_u64()).sum())
+            .unwrap_or(0);
+        if counted != total || in_waves != total {
+            return Err(format!(
+                "campaign {c}: {total} members, {counted} counted, {in_waves} in waves: {d}"
+            ));
+        }
+        let in_flight: u64 = ["pending", "downloading", "verifying", "installing"]
+            .iter()
+            .filter_map(|k| d["counts"][k].as_u64())
+            .sum();
+        let active = tasks["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| {
+                t["campaignId"] == c.as_str()
+                    && matches!(
+                        t["status"].as_str(),
+                        Some("pending" | "downloading" | "verifying" | "installing")
+                    )
+            })
+            .count() as u64;
+        if in_flight > active {
+            return Err(format!(
+                "campaign {c} counts {in_flight} in flight but has {active} active tasks: {d}"
+            ));
+        }
     }
-    let (_, tasks) = a.get("/api/ota/tasks?limit=10000").await;
     let mut active: HashMap<String, u32> = HashMap::new();
     for t in tasks["data"].as_array().into_iter().flatten() {
         let status = t["status"].as_str().unwrap_or("");
