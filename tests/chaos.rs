@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::mqtt::Device;
 use common::{Appliance, image, md5_hex, sha256_hex};
 use serde_json::{Value, json};
 
@@ -25,6 +26,8 @@ struct Acked {
     devices: BTreeSet<String>,
     tasks: BTreeSet<String>,
     campaigns: BTreeSet<String>,
+    /// Device -> (task id, highest progress whose report got its PUBACK).
+    reports: HashMap<String, (String, i64)>,
 }
 
 /// A small deterministic generator (xorshift), seeded per run.
@@ -42,8 +45,8 @@ impl Rng {
     }
 }
 
-const ACTIONS: [&str; 7] = [
-    "upload", "release", "register", "upgrade", "campaign", "delta", "backup",
+const ACTIONS: [&str; 8] = [
+    "upload", "release", "register", "upgrade", "report", "campaign", "delta", "backup",
 ];
 
 /// Runs one action against the appliance, recording what it acknowledged.
@@ -103,6 +106,58 @@ async fn act(a: Arc<Appliance>, action: &str, round: u64, acked: Arc<Mutex<Acked
                 if ok(st) {
                     acked.lock().unwrap().tasks.insert(d.clone());
                 }
+            }
+        }
+        "report" => {
+            // a device with a task in flight reports progress; a PUBACK acknowledges it
+            let tasked: Vec<String> = acked.lock().unwrap().tasks.iter().cloned().collect();
+            let Some(d) = tasked.last() else { return };
+            let (st, t) = a.get(&format!("/api/ota/task/{d}")).await;
+            let (Some(msg_id), Some(task_id)) =
+                (t["data"]["msgId"].as_str(), t["data"]["id"].as_str())
+            else {
+                return;
+            };
+            if st != 200
+                || t["data"]["status"] == "completed"
+                || t["data"]["status"] == "failed"
+                || t["data"]["status"] == "cancelled"
+            {
+                return;
+            }
+            let ports: Value = serde_json::from_str(
+                &std::fs::read_to_string(a.data().join("ports.json")).unwrap(),
+            )
+            .unwrap();
+            let port = ports["mqtt"].as_u64().unwrap() as u16;
+            let mut dev =
+                Device::connect(port, &format!("chaos-{d}"), Some((d, "chaos-secret")), None).await;
+            if !matches!(
+                dev.next(5).await,
+                common::mqtt::Seen::Connected(rumqttc::ConnectReturnCode::Success)
+            ) {
+                return;
+            }
+            let start = t["data"]["progress"].as_i64().unwrap_or(0);
+            for (n, p) in (start + 1..=(start + 40).min(99)).step_by(3).enumerate() {
+                dev.publish(
+                    &format!("hanqi/gateway/{d}/report"),
+                    json!({"msgType": "ota_progress", "msgId": msg_id,
+                        "data": {"state": "downloading", "progress": p}}),
+                )
+                .await;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while dev.acked.load(std::sync::atomic::Ordering::SeqCst) < n as u64 + 1 {
+                    if tokio::time::Instant::now() > deadline {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                acked
+                    .lock()
+                    .unwrap()
+                    .reports
+                    .insert(d.clone(), (task_id.to_string(), p));
             }
         }
         "campaign" => {
@@ -231,6 +286,20 @@ async fn check(a: &Appliance, acked: &Acked) -> Result<(), String> {
             return Err(format!("acknowledged task of {d} is gone"));
         }
     }
+    for (d, (task_id, progress)) in &acked.reports {
+        let (_, t) = a.get(&format!("/api/ota/task/{d}")).await;
+        let t = &t["data"];
+        let same = t["id"].as_str() == Some(task_id.as_str());
+        let active = matches!(
+            t["status"].as_str(),
+            Some("pending" | "downloading" | "verifying" | "installing")
+        );
+        if same && active && t["progress"].as_i64().unwrap_or(-1) < *progress {
+            return Err(format!(
+                "device {d}: a report of progress {progress} was acknowledged, the task says {t}"
+            ));
+        }
+    }
     let (_, tasks) = a.get("/api/ota/tasks?limit=10000").await;
     for c in &acked.campaigns {
         let (st, body) = a.get(&format!("/api/ota/campaigns/{c}")).await;
@@ -350,12 +419,13 @@ async fn kill_9_at_random_points_keeps_every_invariant() {
     let g = acked.lock().unwrap();
     let _ = writeln!(
         std::io::stderr().lock(),
-        "chaos: seed {seed}: {rounds} kills tried, {survived} survived; acknowledged and checked: {} firmware, {} releases, {} devices, {} tasks, {} campaigns",
+        "chaos: seed {seed}: {rounds} kills tried, {survived} survived; acknowledged and checked: {} firmware, {} releases, {} devices, {} tasks, {} campaigns, reports of {} devices",
         g.firmware.len(),
         g.released.len(),
         g.devices.len(),
         g.tasks.len(),
         g.campaigns.len(),
+        g.reports.len(),
     );
     drop(g);
     assert_eq!(survived, rounds);

@@ -27,6 +27,8 @@ pub enum Seen {
 pub struct Device {
     pub client: AsyncClient,
     pub rx: mpsc::UnboundedReceiver<Seen>,
+    /// PUBACKs received so far (acknowledged QoS 1 publishes).
+    pub acked: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -74,6 +76,8 @@ impl Device {
         }
         let (client, mut ev) = AsyncClient::new(o, 64);
         let (tx, rx) = mpsc::unbounded_channel();
+        let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let acks = acked.clone();
         let task = tokio::spawn(async move {
             loop {
                 match ev.poll().await {
@@ -97,6 +101,9 @@ impl Device {
                             payload: p.payload.to_vec(),
                         });
                     }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         let _ = tx.send(Seen::Closed(e.to_string()));
@@ -105,7 +112,12 @@ impl Device {
                 }
             }
         });
-        Device { client, rx, task }
+        Device {
+            client,
+            rx,
+            acked,
+            task,
+        }
     }
 
     /// Waits for the next event, failing the test after `secs`.
