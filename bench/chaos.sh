@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HANGAR_CHAOS_ROUNDS="${1:-100}"
 [ -n "${2:-}" ] && export HANGAR_CHAOS_SEED="$2"
-cargo test --test chaos -- --nocapture 2>&1 | grep -E "chaos:|panicked|round [0-9]+|test result"
+cargo test --test chaos -- --nocapture 2>&1 | grep -E "^chaos: |panicked at|round [0-9]+ \(|^test result"
