@@ -125,11 +125,7 @@ async fn act(a: Arc<Appliance>, action: &str, round: u64, acked: Arc<Mutex<Acked
             {
                 return;
             }
-            let ports: Value = serde_json::from_str(
-                &std::fs::read_to_string(a.data().join("ports.json")).unwrap(),
-            )
-            .unwrap();
-            let port = ports["mqtt"].as_u64().unwrap() as u16;
+            let port = a.running().mqtt;
             let mut dev =
                 Device::connect(port, &format!("chaos-{d}"), Some((d, "chaos-secret")), None).await;
             if !matches!(
@@ -397,7 +393,7 @@ async fn kill_9_at_random_points_keeps_every_invariant() {
         tokio::time::sleep(delay).await;
         // kill -9 wherever the action is now; the client side then fails (a failed call is no
         // acknowledgement) and lets go of the appliance
-        let pid = shared.proc.as_ref().unwrap().pid();
+        let pid = shared.running().pid();
         // SAFETY: a plain syscall on our own child.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let _ = tokio::time::timeout(Duration::from_secs(60), work)

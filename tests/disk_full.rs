@@ -111,17 +111,6 @@ impl Site {
         r.json::<Value>().await.unwrap()["data"].clone()
     }
 
-    async fn metric(&self, name: &str) -> f64 {
-        let r = self
-            .http
-            .get(format!("{}/metrics", self.base()))
-            .bearer_auth(self.token())
-            .send()
-            .await
-            .unwrap();
-        common::metric_in(&r.text().await.unwrap(), name)
-    }
-
     /// Registers devices until the disk refuses one; returns the acknowledged ids and the 507.
     async fn register_until_full(&self, prefix: &str, acked: &mut Vec<String>) -> Value {
         for i in 0..100_000 {
@@ -189,12 +178,7 @@ async fn a_full_disk_refuses_writes_with_507_keeps_serving_and_recovers_by_itsel
         )
         .await;
     assert_eq!(st, 201, "{b}");
-    let mqtt: u16 = {
-        let p: Value =
-            serde_json::from_str(&std::fs::read_to_string(site.data().join("ports.json")).unwrap())
-                .unwrap();
-        p["mqtt"].as_u64().unwrap() as u16
-    };
+    let mqtt = site.running().mqtt;
     let mut dev = Device::connect(mqtt, "gwr", Some(("GWR", "s3cret-s3cret")), None).await;
     dev.expect_connected().await;
     dev.subscribe("hanqi/gateway/GWR/command").await;

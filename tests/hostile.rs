@@ -7,7 +7,7 @@ mod common;
 
 use common::mqtt::Device;
 use common::{Appliance, image};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -43,11 +43,8 @@ async fn hostile_clients_do_not_stop_real_devices_and_memory_stays_bounded() {
         ));
     }
     let a = Appliance::start().await;
-    let ports: Value =
-        serde_json::from_str(&std::fs::read_to_string(a.data().join("ports.json")).unwrap())
-            .unwrap();
-    let port = |k: &str| ports[k].as_u64().unwrap() as u16;
-    let (mqtt, mqtts, https) = (port("mqtt"), port("mqtts"), port("https"));
+    let p = a.running();
+    let (mqtt, mqtts, https) = (p.mqtt, p.mqtts, p.https);
     let (st, b) = a
         .call(
             "POST",
@@ -165,7 +162,7 @@ async fn hostile_clients_do_not_stop_real_devices_and_memory_stays_bounded() {
     assert_eq!(st, 200);
     assert_eq!(list["data"].as_array().unwrap().len(), n_uploads + 1);
 
-    let peak = a.proc.as_ref().unwrap().status_kb("VmHWM");
+    let peak = a.running().status_kb("VmHWM");
     assert!(
         peak < MAX_PEAK_RSS_KB,
         "peak RSS {peak} kB over {MAX_PEAK_RSS_KB} kB"

@@ -78,7 +78,8 @@ fn dto(st: &AppState, r: &crate::store::FirmwareRecord) -> FirmwareDto {
 pub async fn healthz(State(st): State<AppState>) -> Response {
     let free = st.store.free_bytes();
     let mut reasons = Vec::new();
-    if let Some(d) = st.store.health() {
+    let degraded = st.store.health();
+    if let Some(d) = &degraded {
         reasons.push(format!(
             "store: {} (since {})",
             d.reason,
@@ -100,7 +101,7 @@ pub async fn healthz(State(st): State<AppState>) -> Response {
     let state = if reasons.is_empty() { "ok" } else { "degraded" };
     ok(serde_json::json!({
         "state": state,
-        "store": if st.store.health().is_some() { "degraded" } else { "ok" },
+        "store": if degraded.is_some() { "degraded" } else { "ok" },
         "reasons": reasons,
         "freeBytes": free,
         "version": env!("CARGO_PKG_VERSION"),
@@ -177,17 +178,17 @@ fn check_room(st: &AppState, coming: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// An error writing the uploaded file: a full disk is a 507, anything else a 500.
-fn write_failed(st: &AppState, e: std::io::Error, what: &str) -> ApiError {
+/// An error writing to the data disk: a full disk is a 507 saying `refused`, anything else a
+/// 500 logged with `what`.
+fn write_failed(st: &AppState, e: std::io::Error, what: &str, refused: &str) -> ApiError {
     if crate::store::is_disk_full(&e) {
-        ApiError::disk_full(
-            st.store.free_bytes().unwrap_or(0),
-            "the upload was not stored",
-        )
+        ApiError::disk_full(st.store.free_bytes().unwrap_or(0), refused)
     } else {
         ApiError::internal(format!("{what}: {e}"))
     }
 }
+
+const UPLOAD_NOT_STORED: &str = "the upload was not stored";
 
 /// How often (bytes written) a streaming upload looks at the free space again.
 const ROOM_CHECK_EVERY: u64 = 16 << 20;
@@ -303,14 +304,13 @@ pub async fn upload(
                     }
                     if let Err(e) = w.write(chunk).await {
                         w.abort().await;
-                        return Err(write_failed(&st, e, "writing upload"));
+                        return Err(write_failed(&st, e, "writing upload", UPLOAD_NOT_STORED));
                     }
                 }
-                staged = Some(
-                    w.finish()
-                        .await
-                        .map_err(|e| write_failed(&st, e, "finishing upload"))?,
-                );
+                staged =
+                    Some(w.finish().await.map_err(|e| {
+                        write_failed(&st, e, "finishing upload", UPLOAD_NOT_STORED)
+                    })?);
             }
             "version" => {
                 once("version", version.is_some())?;
@@ -639,14 +639,12 @@ pub async fn backup(State(st): State<AppState>) -> Result<Response, ApiError> {
     .await
     .map_err(ApiError::internal)?
     .map_err(|e| {
-        if crate::store::is_disk_full(&e) {
-            ApiError::disk_full(
-                st.store.free_bytes().unwrap_or(0),
-                "the backup is assembled in <data_dir>/tmp/ before it is sent and did not fit",
-            )
-        } else {
-            ApiError::internal(e)
-        }
+        write_failed(
+            &st,
+            e,
+            "writing the backup",
+            "the backup is assembled in <data_dir>/tmp/ before it is sent and did not fit",
+        )
     })?;
     let len = file.metadata().map_err(ApiError::internal)?.len();
     let stream =

@@ -492,6 +492,8 @@ pub struct Proc {
     pub config: PathBuf,
     pub https: u16,
     pub http: u16,
+    pub mqtt: u16,
+    pub mqtts: u16,
 }
 
 impl Proc {
@@ -534,6 +536,8 @@ impl Proc {
             config,
             https: ports["https"].as_u64().unwrap() as u16,
             http: ports["http"].as_u64().unwrap() as u16,
+            mqtt: ports["mqtt"].as_u64().unwrap() as u16,
+            mqtts: ports["mqtts"].as_u64().unwrap_or(0) as u16,
         };
         let c = reqwest::Client::new();
         loop {
@@ -693,5 +697,22 @@ impl Appliance {
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.call("GET", path, None).await
+    }
+
+    /// The running process (ports, pid).
+    pub fn running(&self) -> &Proc {
+        self.proc.as_ref().expect("the appliance is running")
+    }
+
+    /// The value of one metric, as [`Server::metric`].
+    pub async fn metric(&self, name: &str) -> f64 {
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.base()))
+            .bearer_auth(self.token())
+            .send()
+            .await
+            .unwrap();
+        metric_in(&r.text().await.unwrap(), name)
     }
 }
