@@ -1,21 +1,25 @@
 //! The crash harness: `kill -9` at random points while the real binary uploads, releases,
-//! registers, creates tasks and campaigns, builds deltas and streams a backup, then a restart
-//! and the invariants: every acknowledged change is there; every listed firmware downloads with
-//! its md5 and sha256; the blobs on disk are exactly the referenced hashes; nothing is left in
-//! `tmp/`; no device has more than one active task and every task's state is a known one; every
-//! campaign member is counted once, and no campaign counts more in flight than it has tasks.
+//! registers, creates tasks and campaigns, runs campaign rounds for devices that come online
+//! and report (some finish, some stop half-way), builds deltas and streams a backup, then a
+//! restart and the invariants: every acknowledged change is there (PUBACKed progress and
+//! completions too); every listed firmware downloads with its md5 and sha256; the blobs on disk
+//! are exactly the referenced hashes; nothing is left in `tmp/`; no device has more than one
+//! active task and every task's state is a known one; every campaign member is counted once,
+//! each in-flight state counts exactly the members whose newest campaign task is in it, the
+//! completed count lies between the completed tasks and those plus the members that needed no
+//! task, and every listed failure has a failed task with that error code.
 //!
 //! `cargo test` runs a few rounds; `bench/chaos.sh` runs 100 (`HANGAR_CHAOS_ROUNDS`) and prints
 //! tried / survived. `HANGAR_CHAOS_SEED` repeats a run.
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::mqtt::Device;
-use common::{Appliance, image, md5_hex, sha256_hex};
+use common::{Appliance, file_names, image, md5_hex, sha256_hex};
 use serde_json::{Value, json};
 
 /// What the appliance acknowledged (2xx) before it was killed.
@@ -28,6 +32,10 @@ struct Acked {
     campaigns: BTreeSet<String>,
     /// Device -> (task id, highest progress whose report got its PUBACK).
     reports: HashMap<String, (String, i64)>,
+    /// msgId -> device, of every task whose "completed" report got its PUBACK.
+    completed: BTreeMap<String, String>,
+    /// Device -> the version it runs after its last acknowledged completion.
+    runs: HashMap<String, String>,
 }
 
 /// A small deterministic generator (xorshift), seeded per run.
@@ -45,9 +53,18 @@ impl Rng {
     }
 }
 
-const ACTIONS: [&str; 8] = [
-    "upload", "release", "register", "upgrade", "report", "campaign", "delta", "backup",
+const ACTIONS: [&str; 9] = [
+    "upload", "release", "register", "upgrade", "report", "campaign", "online", "delta", "backup",
 ];
+
+/// How long after its start an action may be killed: most act within tens of milliseconds;
+/// "online" lasts while campaign rounds give its devices tasks and they report back.
+fn kill_window_ms(action: &str) -> u64 {
+    match action {
+        "online" => 2500,
+        _ => 60,
+    }
+}
 
 /// Runs one action against the appliance, recording what it acknowledged.
 async fn act(a: Arc<Appliance>, action: &str, round: u64, acked: Arc<Mutex<Acked>>) {
@@ -172,6 +189,99 @@ async fn act(a: Arc<Appliance>, action: &str, round: u64, acked: Arc<Mutex<Acked
                 acked.lock().unwrap().campaigns.insert(id.to_string());
             }
         }
+        "online" => {
+            // a few tagged devices come online: campaign rounds give them tasks, and each
+            // reports its command completed; a PUBACK acknowledges the completion
+            let port = a.running().mqtt;
+            let mut online = Vec::new();
+            for d in devices.iter().rev().take(6) {
+                let mut dev = Device::connect(
+                    port,
+                    &format!("chaos-on-{d}"),
+                    Some((d, "chaos-secret")),
+                    None,
+                )
+                .await;
+                if !matches!(
+                    tokio::time::timeout(Duration::from_secs(5), dev.rx.recv()).await,
+                    Ok(Some(common::mqtt::Seen::Connected(
+                        rumqttc::ConnectReturnCode::Success
+                    )))
+                ) {
+                    return;
+                }
+                if dev
+                    .client
+                    .subscribe(
+                        format!("hanqi/gateway/{d}/command"),
+                        rumqttc::QoS::AtLeastOnce,
+                    )
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let runs = acked.lock().unwrap().runs.get(d).cloned();
+                dev.publish(
+                    &format!("hanqi/gateway/{d}/report"),
+                    json!({"msgType": "heartbeat",
+                        "data": {"firmwareVersion": runs.as_deref().unwrap_or("0.0.1"), "deviceType": "gateway"}}),
+                )
+                .await;
+                online.push((d.clone(), dev));
+            }
+            // each device answers its commands on its own while the rounds go on
+            let until = tokio::time::Instant::now() + Duration::from_secs(3);
+            let mut answering = tokio::task::JoinSet::new();
+            for (i, (d, mut dev)) in online.into_iter().enumerate() {
+                let acked = acked.clone();
+                let stop_half_way = (i as u64 + round).is_multiple_of(3);
+                answering.spawn(async move {
+                    let mut sent = dev.acked.load(std::sync::atomic::Ordering::SeqCst);
+                    while let Ok(Some(seen)) = tokio::time::timeout_at(until, dev.rx.recv()).await {
+                        let common::mqtt::Seen::Message { payload, .. } = seen else {
+                            continue;
+                        };
+                        let Ok(cmd) = serde_json::from_slice::<Value>(&payload) else {
+                            continue;
+                        };
+                        let (Some(msg_id), Some(version)) =
+                            (cmd["msgId"].as_str(), cmd["data"]["version"].as_str())
+                        else {
+                            continue;
+                        };
+                        if cmd["msgType"] != "ota_upgrade" {
+                            continue;
+                        }
+                        // some stop half-way (a task left in flight), the others finish
+                        let (state, progress) = if stop_half_way {
+                            ("downloading", 50)
+                        } else {
+                            ("completed", 100)
+                        };
+                        dev.publish(
+                            &format!("hanqi/gateway/{d}/report"),
+                            json!({"msgType": "ota_progress", "msgId": msg_id,
+                                "data": {"state": state, "progress": progress}}),
+                        )
+                        .await;
+                        sent += 1;
+                        while dev.acked.load(std::sync::atomic::Ordering::SeqCst) < sent {
+                            if tokio::time::Instant::now() > until {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        if !stop_half_way {
+                            let mut g = acked.lock().unwrap();
+                            g.completed.insert(msg_id.to_string(), d.clone());
+                            g.runs.insert(d.clone(), version.to_string());
+                        }
+                    }
+                });
+            }
+            while answering.join_next().await.is_some() {}
+        }
         "delta" => {
             if released.len() < 2 {
                 return;
@@ -200,20 +310,12 @@ async fn act(a: Arc<Appliance>, action: &str, round: u64, acked: Arc<Mutex<Acked
     }
 }
 
-/// Files under `dir`, recursively (names only).
-fn file_names(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(file_names(&p));
-            } else {
-                out.push(e.file_name().to_string_lossy().into_owned());
-            }
-        }
-    }
-    out
+/// A task's number, for "newest".
+fn task_no(t: &Value) -> u64 {
+    let id = t["id"].as_str().unwrap_or("");
+    id.trim_start_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap_or(0)
 }
 
 /// The invariants after a restart; `Err` says which broke.
@@ -319,25 +421,82 @@ async fn check(a: &Appliance, acked: &Acked) -> Result<(), String> {
                 "campaign {c}: {total} members, {counted} counted, {in_waves} in waves: {d}"
             ));
         }
-        let in_flight: u64 = ["pending", "downloading", "verifying", "installing"]
-            .iter()
-            .filter_map(|k| d["counts"][k].as_u64())
-            .sum();
-        let active = tasks["data"]
+        // state by state: a member is counted in the state of its newest task in this
+        // campaign while that task is in flight or completed; a failed device is failed (or
+        // waits for its retry) with its task's error code
+        let mut newest: BTreeMap<&str, &Value> = BTreeMap::new();
+        for t in tasks["data"].as_array().into_iter().flatten() {
+            if t["campaignId"] != c.as_str() {
+                continue;
+            }
+            let dev = t["deviceId"].as_str().unwrap_or("");
+            if newest.get(dev).is_none_or(|n| task_no(n) < task_no(t)) {
+                newest.insert(dev, t);
+            }
+        }
+        for s in ["pending", "downloading", "verifying", "installing"] {
+            let by_tasks = newest.values().filter(|t| t["status"] == s).count() as u64;
+            let counted = d["counts"][s].as_u64().unwrap_or(0);
+            if by_tasks != counted {
+                return Err(format!(
+                    "campaign {c} counts {counted} {s} but {by_tasks} of its members' newest tasks are {s}: {d}"
+                ));
+            }
+        }
+        // completed: those whose task completed, and members that needed no task (they ran
+        // the target version already)
+        let completed = newest
+            .values()
+            .filter(|t| t["status"] == "completed")
+            .count() as u64;
+        let untasked = total.saturating_sub(newest.len() as u64);
+        let counted = d["counts"]["completed"].as_u64().unwrap_or(0);
+        if counted < completed || counted > completed + untasked {
+            return Err(format!(
+                "campaign {c} counts {counted} completed; {completed} of its members' tasks completed and {untasked} members have no task: {d}"
+            ));
+        }
+        let failed_or_retrying = d["counts"]["failed"].as_u64().unwrap_or(0)
+            + d["counts"]["retrying"].as_u64().unwrap_or(0)
+            + d["counts"]["cancelled"].as_u64().unwrap_or(0);
+        let ended_badly = newest
+            .values()
+            .filter(|t| t["status"] == "failed" || t["status"] == "cancelled")
+            .count() as u64;
+        if failed_or_retrying < ended_badly {
+            return Err(format!(
+                "campaign {c}: {ended_badly} members' tasks failed or were cancelled, {failed_or_retrying} counted so: {d}"
+            ));
+        }
+        for g in d["failures"].as_array().into_iter().flatten() {
+            let code = g["code"].as_str().unwrap_or("");
+            for dev in g["devices"].as_array().into_iter().flatten() {
+                let dev = dev.as_str().unwrap_or("");
+                let t = newest.get(dev);
+                let agrees = match t {
+                    None => code == "NOT_STARTED",
+                    Some(t) => t["status"] == "failed" && t["errorCode"] == code,
+                };
+                if !agrees {
+                    return Err(format!(
+                        "campaign {c} lists {dev} failed with {code}, its task is {t:?}"
+                    ));
+                }
+            }
+        }
+    }
+    for (msg_id, dev) in &acked.completed {
+        let (_, ts) = a
+            .get(&format!("/api/ota/tasks?deviceId={dev}&limit=10000"))
+            .await;
+        let t = ts["data"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|t| {
-                t["campaignId"] == c.as_str()
-                    && matches!(
-                        t["status"].as_str(),
-                        Some("pending" | "downloading" | "verifying" | "installing")
-                    )
-            })
-            .count() as u64;
-        if in_flight > active {
+            .find(|t| t["msgId"] == msg_id.as_str());
+        if t.is_none_or(|t| t["status"] != "completed") {
             return Err(format!(
-                "campaign {c} counts {in_flight} in flight but has {active} active tasks: {d}"
+                "{dev}'s report that task {msg_id} completed was acknowledged, the task is {t:?}"
             ));
         }
     }
@@ -387,7 +546,7 @@ async fn kill_9_at_random_points_keeps_every_invariant() {
         } else {
             ACTIONS[rng.below(ACTIONS.len() as u64) as usize]
         };
-        let delay = Duration::from_millis(rng.below(60));
+        let delay = Duration::from_millis(rng.below(kill_window_ms(action)));
         let shared = Arc::new(a);
         let work = tokio::spawn(act(shared.clone(), action, round, acked.clone()));
         tokio::time::sleep(delay).await;
@@ -415,13 +574,14 @@ async fn kill_9_at_random_points_keeps_every_invariant() {
     let g = acked.lock().unwrap();
     let _ = writeln!(
         std::io::stderr().lock(),
-        "chaos: seed {seed}: {rounds} kills tried, {survived} survived; acknowledged and checked: {} firmware, {} releases, {} devices, {} tasks, {} campaigns, reports of {} devices",
+        "chaos: seed {seed}: {rounds} kills tried, {survived} survived; acknowledged and checked: {} firmware, {} releases, {} devices, {} tasks, {} campaigns, reports of {} devices, {} completions",
         g.firmware.len(),
         g.released.len(),
         g.devices.len(),
         g.tasks.len(),
         g.campaigns.len(),
         g.reports.len(),
+        g.completed.len(),
     );
     drop(g);
     assert_eq!(survived, rounds);

@@ -320,19 +320,25 @@ impl Server {
     }
 }
 
+/// How many files are under `p`, recursively.
 pub fn count_files(p: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    rd.map(|e| {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            count_files(&e.path())
-        } else {
-            1
+    file_names(p).len()
+}
+
+/// Files under `dir`, recursively (names only).
+pub fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(file_names(&p));
+            } else {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
         }
-    })
-    .sum()
+    }
+    out
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so images are not trivially compressible.
