@@ -293,6 +293,7 @@ impl App {
         campaigns.spawn(shutdown.clone(), &tracker);
         tracker.spawn(recover_store(
             store.clone(),
+            deltas.clone(),
             // room for a few of sled's segments; uploads still wait for min_free_bytes
             config.store.min_free_bytes.min(8 << 20),
             shutdown.clone(),
@@ -436,7 +437,13 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
 }
 
 /// Reopens a store that failed (a full disk) once there is room again: looks every second.
-async fn recover_store(store: Store, min_free: u64, shutdown: tokio_util::sync::CancellationToken) {
+/// Then builds the deltas whose outcome the failed store could not record.
+async fn recover_store(
+    store: Store,
+    deltas: Arc<crate::deltas::Deltas>,
+    min_free: u64,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -444,10 +451,17 @@ async fn recover_store(store: Store, min_free: u64, shutdown: tokio_util::sync::
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if store.health().is_some()
-            && let Err(e) = store.recover(min_free).await
-        {
-            tracing::warn!(error = %e, "store not reopened yet; trying again");
+        if store.health().is_none() {
+            continue;
+        }
+        match store.recover(min_free).await {
+            Ok(true) => {
+                if let Err(e) = deltas.requeue_unfinished() {
+                    tracing::warn!(error = %e, "cannot queue the unfinished deltas again");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "store not reopened yet; trying again"),
         }
     }
 }

@@ -152,22 +152,7 @@ impl Deltas {
             .expect("poisoned")
             .take()
             .expect("spawned once");
-        let unfinished: Vec<DeltaRecord> = self
-            .store
-            .list_deltas(None)?
-            .into_iter()
-            .filter(|d| matches!(d.status, DeltaStatus::Queued | DeltaStatus::Building))
-            .collect();
-        for mut d in unfinished {
-            d.status = DeltaStatus::Queued;
-            self.store.put_delta(&d)?;
-            if self.try_enqueue(&d).is_err() {
-                self.fail(
-                    &mut d,
-                    "the delta queue was full at start; request it again",
-                );
-            }
-        }
+        self.requeue_unfinished()?;
         let me = self.clone();
         let sem = Arc::new(Semaphore::new(self.settings.workers.max(1)));
         let t2 = tracker.clone();
@@ -188,6 +173,27 @@ impl Deltas {
                 });
             }
         });
+        Ok(())
+    }
+
+    /// Queues again what the store says is queued or building but no worker has: what a
+    /// previous run left, or what a build could not record before the store failed (a full
+    /// disk; called again once the store is back). A job queued twice is built once: the
+    /// worker skips a delta that is no longer queued.
+    pub fn requeue_unfinished(&self) -> Result<(), StoreError> {
+        let unfinished: Vec<DeltaRecord> = self
+            .store
+            .list_deltas(None)?
+            .into_iter()
+            .filter(|d| matches!(d.status, DeltaStatus::Queued | DeltaStatus::Building))
+            .collect();
+        for mut d in unfinished {
+            d.status = DeltaStatus::Queued;
+            self.store.put_delta(&d)?;
+            if self.try_enqueue(&d).is_err() {
+                self.fail(&mut d, "the delta queue was full; request it again");
+            }
+        }
         Ok(())
     }
 
@@ -536,9 +542,20 @@ impl Deltas {
             if patch.len() as f64 >= max_ratio * new.len() as f64 {
                 return Ok(Built::NotWorthIt(patch.len() as u64));
             }
-            let staged = blobs.stage_bytes(&patch).map_err(|e| e.to_string())?;
+            let stored = |e: std::io::Error| {
+                if crate::store::is_disk_full(&e) {
+                    format!(
+                        "the data disk is full ({} bytes free): the {} byte patch could not be stored; request it again once there is room",
+                        blobs.free_bytes().unwrap_or(0),
+                        patch.len()
+                    )
+                } else {
+                    format!("storing the patch: {e}")
+                }
+            };
+            let staged = blobs.stage_bytes(&patch).map_err(stored)?;
             let (sha, md5, size) = (staged.sha256.clone(), staged.md5.clone(), staged.size);
-            blobs.commit(staged).map_err(|e| e.to_string())?;
+            blobs.commit(staged).map_err(stored)?;
             Ok(Built::Stored { sha, md5, size })
         })
         .await

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::mqtt::Device;
-use common::{Appliance, image};
+use common::{Appliance, file_names, image};
 use serde_json::{Value, json};
 
 /// A tmpfs mounted for the test, unmounted when dropped.
@@ -313,4 +313,113 @@ async fn a_full_disk_refuses_writes_with_507_keeps_serving_and_recovers_by_itsel
         assert_eq!(st, 200, "acknowledged firmware {v} was lost: {body}");
     }
     assert_eq!(site.register("after-restart").await.0, 201);
+}
+
+/// A delta that is being built when the disk fills up: its patch cannot be stored, so it does
+/// not become ready; it says why, leaves nothing in `tmp/` or `blobs/`, is never stuck
+/// "building", and is built once space returns (by itself, or when asked again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_build_that_meets_a_full_disk_fails_cleanly_and_builds_once_space_returns() {
+    let Some(fs) = Tmpfs::mount("48m") else {
+        return;
+    };
+    let a = Appliance::start_in(fs.path(), EXTRA).await;
+    let site = Site { fs, a };
+    let old = image(3 << 20, 21);
+    let mut new = old.clone();
+    for i in (0..new.len()).step_by(4099) {
+        new[i] ^= 0x5a;
+    }
+    for (v, img) in [("0.9.0", old), ("1.0.0", new.clone())] {
+        assert_eq!(site.upload(v, img).await.0, 201);
+        let (st, b) = site
+            .call("POST", &format!("/api/ota/firmware/{v}/release"), None)
+            .await;
+        assert_eq!(st, 200, "{b}");
+    }
+    let ask = || async {
+        site.call(
+            "POST",
+            "/api/ota/firmware/1.0.0/deltas",
+            Some(json!({"fromVersion": "0.9.0"})),
+        )
+        .await
+    };
+    let (st, b) = ask().await;
+    assert_eq!(st, 202, "{b}");
+    // the build of a 3 MiB pair takes far longer than filling the disk
+    let filler = site.fs.fill();
+    let delta = || async {
+        let (_, l) = site
+            .call("GET", "/api/ota/firmware/1.0.0/deltas", None)
+            .await;
+        l["data"][0].clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ended = loop {
+        let d = delta().await;
+        if d["status"] != "queued" && d["status"] != "building" {
+            break d;
+        }
+        // a store that could not record the outcome is degraded; that is an ending too
+        if site.health().await["store"] == "degraded" {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "the build never ended: {d}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(
+        ended["status"], "ready",
+        "a patch was stored on a full disk: {ended}"
+    );
+    if ended["status"] == "failed" {
+        let why = ended["error"].as_str().unwrap_or("");
+        assert!(
+            why.contains("disk is full") && why.contains("bytes free"),
+            "the failure does not say the disk is full: {ended}"
+        );
+    }
+    let tmp = file_names(&site.data().join("tmp"));
+    assert!(tmp.is_empty(), "a partial patch was left in tmp/: {tmp:?}");
+
+    // space returns: the delta is built, by itself or when asked again
+    std::fs::remove_file(&filler).unwrap();
+    site.wait_healthy().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ready = loop {
+        let d = delta().await;
+        if d["status"] == "ready" {
+            break d;
+        }
+        if d["status"] == "failed" {
+            let (st, b) = ask().await;
+            assert_eq!(st, 202, "asking again after space returned: {b}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the delta was not built after space returned: {d}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let patch = site
+        .http
+        .get(format!(
+            "{}/firmware/deltas/{}",
+            site.base(),
+            ready["url"].as_str().unwrap().rsplit('/').next().unwrap()
+        ))
+        .bearer_auth(site.token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patch.status(), 200, "{ready}");
+    let patch = patch.bytes().await.unwrap();
+    assert_eq!(common::sha256_hex(&patch), ready["sha256"], "{ready}");
+    let blobs = file_names(&site.data().join("blobs"));
+    assert_eq!(
+        blobs.len(),
+        3,
+        "two images and one patch, nothing else: {blobs:?}"
+    );
+    assert!(file_names(&site.data().join("tmp")).is_empty());
 }
