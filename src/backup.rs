@@ -94,7 +94,7 @@ pub fn write(data_dir: &Path, store_dump: &[u8], out: &mut File) -> io::Result<M
     let mut manifest = Manifest {
         format: FORMAT.into(),
         version: 1,
-        created_at: chrono::Utc::now().to_rfc3339(),
+        created_at: crate::time::now_utc().to_rfc3339(),
         files: BTreeMap::new(),
     };
     manifest.files.insert(
@@ -119,7 +119,7 @@ pub fn write(data_dir: &Path, store_dump: &[u8], out: &mut File) -> io::Result<M
         let mut h = tar::Header::new_gnu();
         h.set_size(len);
         h.set_mode(0o600);
-        h.set_mtime(crate::firmware::now_ms() as u64 / 1000);
+        h.set_mtime(crate::time::now_ms() as u64 / 1000);
         h
     };
     tar.append_data(
@@ -237,7 +237,7 @@ pub fn restore(file: &Path, data_dir: &Path, force: bool) -> io::Result<String> 
         let aside = PathBuf::from(format!(
             "{}.replaced-{}",
             data_dir.display(),
-            crate::firmware::now_ms() / 1000
+            crate::time::now_ms() / 1000
         ));
         std::fs::rename(data_dir, &aside)?;
         eprintln!("moved the old data dir to {}", aside.display());

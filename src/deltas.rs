@@ -20,11 +20,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::blobs::Blobs;
-use crate::firmware::{FirmwareService, now_ms};
+use crate::firmware::FirmwareService;
 use crate::ids;
 use crate::store::{
     DELTA_SCHEMA, DeltaRecord, DeltaStatus, FirmwareRecord, FirmwareStatus, Store, StoreError,
 };
+use crate::time::now_ms;
 
 /// `[delta]` settings.
 #[derive(Debug, Clone)]

@@ -9,10 +9,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::broker::{Authenticator, Presence};
-use crate::firmware::now_ms;
 use crate::ids;
 use crate::protocol::Protocol;
 use crate::store::{DEVICE_SCHEMA, DeviceRecord, Durable, Store, StoreError};
+use crate::time::now_ms;
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use crate::blobs::{Blobs, StagedBlob};
 use crate::ids;
 use crate::store::{Durable, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareStatus, Store, StoreError};
+use crate::time::now_ms;
 
 /// Why a firmware operation failed; `http` maps each to a status code.
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +50,6 @@ pub struct FirmwareService {
     store: Store,
     blobs: Blobs,
     lock: tokio::sync::Mutex<()>,
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 fn not_found(device_type: &str, version: &str) -> FirmwareError {

@@ -58,5 +58,6 @@ pub mod ratelog;
 pub mod shutdown;
 pub mod sim;
 pub mod store;
+pub mod time;
 pub mod tls;
 pub mod traffic;

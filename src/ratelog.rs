@@ -20,7 +20,7 @@ impl RateLog {
 
     /// Logs `msg` as a warning unless this site logged less than a second ago.
     pub fn warn(&self, msg: &str) {
-        let now = chrono::Utc::now().timestamp_millis();
+        let now = crate::time::now_ms();
         let last = self.last_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 1000
             && self

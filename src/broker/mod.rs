@@ -124,7 +124,7 @@ impl Presence {
         Presence::Ready {
             id,
             protocol,
-            at_ms: crate::firmware::now_ms(),
+            at_ms: crate::time::now_ms(),
         }
     }
 }

@@ -20,13 +20,14 @@ use tokio_util::task::TaskTracker;
 pub mod progress;
 
 use crate::devices::Devices;
-use crate::firmware::{FirmwareService, now_ms};
+use crate::firmware::FirmwareService;
 use crate::ids;
 use crate::ota::{Ota, OtaError};
 use crate::store::{
     CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DeviceRecord,
     Durable, FirmwareStatus, MemberStatus, QueuedMembers, Store, StoreError, TaskStatus,
 };
+use crate::time::now_ms;
 
 /// Why a campaign request was refused.
 #[derive(Debug, thiserror::Error)]

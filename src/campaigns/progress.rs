@@ -595,7 +595,7 @@ mod tests {
         assert!(why.contains("(in 4 h 0 min)"), "{why}");
         // a window that is closed now, whatever the local zone: opening in the future
         c.start_at_ms = 0;
-        let now = crate::firmware::now_ms();
+        let now = crate::time::now_ms();
         use chrono::Timelike;
         let local = chrono::Local::now();
         let minute = local.hour() * 60 + local.minute();

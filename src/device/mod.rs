@@ -237,12 +237,7 @@ impl Failure {
 /// A message to publish: topic and payload.
 pub type Outgoing = (String, Vec<u8>);
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::time::now_secs;
 
 fn next_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};

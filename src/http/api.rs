@@ -526,7 +526,7 @@ pub(super) fn download_authorised(st: &AppState, uri: &Uri, headers: &HeaderMap)
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
         &st.admin_token,
-    ) || query_token(uri).is_some_and(|t| st.signer.verify(uri.path(), &t, auth::now_secs()))
+    ) || query_token(uri).is_some_and(|t| st.signer.verify(uri.path(), &t, crate::time::now_secs()))
 }
 
 /// The `token` query parameter, if any (no allocation unless present).
@@ -651,7 +651,7 @@ pub async fn backup(State(st): State<AppState>) -> Result<Response, ApiError> {
         tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
     let name = format!(
         "hangar-backup-{}.tar",
-        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+        crate::time::now_utc().format("%Y%m%dT%H%M%SZ")
     );
     Response::builder()
         .status(StatusCode::OK)

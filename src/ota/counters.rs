@@ -108,7 +108,7 @@ pub struct ReportCounters {
 impl Default for ReportCounters {
     fn default() -> Self {
         ReportCounters {
-            since_ms: crate::firmware::now_ms(),
+            since_ms: crate::time::now_ms(),
             received: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),

@@ -17,16 +17,18 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{UrlSigner, now_secs};
+use crate::auth::UrlSigner;
 use crate::broker::{Broker, InboundMessage, Presence};
 use crate::devices::{DeviceError, Devices};
-use crate::firmware::{FirmwareError, FirmwareService, now_ms};
+use crate::firmware::{FirmwareError, FirmwareService};
 use crate::ids;
 use crate::protocol::{Inbound, Protocol, alibaba, gateway};
 use crate::ratelog::RateLog;
 use crate::store::{
     Durable, FirmwareRecord, FirmwareStatus, Store, StoreError, TASK_SCHEMA, TaskRecord, TaskStatus,
 };
+use crate::time::now_ms;
+use crate::time::now_secs;
 use counters::{Dropped, ReportCounters, Used};
 use state::{Input, Outcome, Why};
 

@@ -273,7 +273,7 @@ impl Store {
                     other => other.to_string(),
                 },
                 disk_full: matches!(e, StoreError::DiskFull { .. }),
-                since_ms: crate::firmware::now_ms(),
+                since_ms: crate::time::now_ms(),
             });
         }
         e
