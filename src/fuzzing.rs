@@ -14,7 +14,7 @@ const MAX_PACKET: usize = 64 * 1024;
 
 /// MQTT framing and what the front door does with each frame: the 3.1.1 checks, the PUBLISH
 /// header, rumqttd's CONNECT/SUBSCRIBE decoding, topic classification and both device JSON
-/// protocols on every PUBLISH payload. The input arrives in chunks whose sizes come from the
+/// protocols on every PUBLISH payload ([`mqtt_session`] follows one connection's login and ACL). The input arrives in chunks whose sizes come from the
 /// input itself, as from a socket.
 pub fn mqtt_stream(data: &[u8]) {
     let Some((&split, rest)) = data.split_first() else {
@@ -41,6 +41,38 @@ pub fn mqtt_stream(data: &[u8]) {
             }
         }
     }
+}
+
+/// Credentials the session target knows: a gateway and an Alibaba device.
+struct FuzzDevices;
+
+impl crate::broker::Authenticator for FuzzDevices {
+    fn authenticate(&self, username: &str, password: &str) -> Option<(String, protocol::Protocol)> {
+        match (username, password) {
+            ("GW1", "gw-secret") => Some(("GW1".into(), protocol::Protocol::Gateway)),
+            ("pk1&dn1", "ali-secret") => Some(("pk1/dn1".into(), protocol::Protocol::Alibaba)),
+            _ => None,
+        }
+    }
+}
+
+/// A whole connection through the front door's decisions: the first byte picks the chunk size
+/// and whether anonymous lab devices are allowed; then CONNECT (logged in as `GW1`/`gw-secret`
+/// or `pk1&dn1`/`ali-secret`, refused, or anonymous), and every PUBLISH topic and SUBSCRIBE
+/// filter against that connection's ACL, which must never let it touch another device's topic.
+pub fn mqtt_session(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(first % 64) + 1;
+    crate::broker::replay_session(
+        &FuzzDevices,
+        first & 0x80 != 0,
+        "hanqi",
+        rest,
+        step,
+        MAX_PACKET,
+    );
 }
 
 /// What the front door and the task engine read from a device report.
@@ -169,6 +201,7 @@ pub type Target = fn(&[u8]);
 /// Every target by name (the directory names under `fuzz/corpus`).
 pub const TARGETS: &[(&str, Target)] = &[
     ("mqtt_stream", mqtt_stream),
+    ("mqtt_session", mqtt_session),
     ("device_json", device_json),
     ("multipart", multipart),
     ("range", range),

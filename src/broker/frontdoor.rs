@@ -241,6 +241,170 @@ impl Login {
     }
 }
 
+/// What a refused CONNECT is counted as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    AuthFailure,
+    ProtocolError,
+    AclDenied,
+}
+
+/// A refused CONNECT: its CONNACK return code, what is counted, why (the connection's end
+/// reason) and, for refusals worth a warning, what to log.
+#[derive(Debug)]
+struct Refusal {
+    code: u8,
+    counted: Counted,
+    reason: &'static str,
+    log: Option<String>,
+}
+
+/// The decision on a decoded CONNECT, with no I/O: who the connection speaks for and what it
+/// may touch, or why it is refused.
+fn admit(
+    auth: &dyn super::Authenticator,
+    allow_anonymous: bool,
+    prefix: &str,
+    connect: &Connect,
+    will: Option<&LastWill>,
+    login: Option<&rumqttd::protocol::Login>,
+) -> Result<Identity, Refusal> {
+    let known = login.and_then(|l| auth.authenticate(&l.username, &l.password));
+    if known.is_none() && !allow_anonymous {
+        let user = login.map(|l| l.username.as_str()).unwrap_or("");
+        return Err(Refusal {
+            code: if login.is_some() { 4 } else { 5 },
+            counted: Counted::AuthFailure,
+            reason: "login refused",
+            log: Some(format!("MQTT login refused for user {user:?}")),
+        });
+    }
+    if connect.client_id.is_empty() && !connect.clean_session {
+        // MQTT 3.1.1 3.1.3-8: a session needs a client id to be found again
+        return Err(Refusal {
+            code: 2,
+            counted: Counted::ProtocolError,
+            reason: "empty client id with clean_session = false",
+            log: None,
+        });
+    }
+    let identity = Identity {
+        topics: known
+            .as_ref()
+            .map(|(id, p)| protocol::device_topics(*p, prefix, id)),
+        known,
+    };
+    if let Some(w) = will {
+        let topic = String::from_utf8_lossy(&w.topic).into_owned();
+        if identity.publish_kind(prefix, &topic).is_none() {
+            return Err(Refusal {
+                code: 5,
+                counted: Counted::AclDenied,
+                reason: "will topic not allowed",
+                log: Some(format!("MQTT will on {topic:?} refused")),
+            });
+        }
+    }
+    Ok(identity)
+}
+
+/// Replays a byte stream through the front door's decisions, as a fuzz target
+/// ([`crate::fuzzing::mqtt_session`]): framing with the 3.1.1 checks, the CONNECT decision
+/// against `auth`, then every PUBLISH topic and SUBSCRIBE filter against the ACL. Panics if
+/// the ACL ever lets a connection touch a topic that is not its device's.
+pub(crate) fn replay_session(
+    auth: &dyn super::Authenticator,
+    allow_anonymous: bool,
+    prefix: &str,
+    data: &[u8],
+    step: usize,
+    max: usize,
+) {
+    let mut buf = BytesMut::new();
+    let mut identity: Option<Identity> = None;
+    for chunk in data.chunks(step.max(1)) {
+        buf.extend_from_slice(chunk);
+        loop {
+            let (ty, frame) = match packet::take_frame(&mut buf, max) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => return, // closed
+            };
+            let Some(id) = &identity else {
+                if ty != kind::CONNECT {
+                    return;
+                }
+                let Ok(Packet::Connect(connect, _, will, _, login)) = packet::decode(&frame, max)
+                else {
+                    return;
+                };
+                match admit(
+                    auth,
+                    allow_anonymous,
+                    prefix,
+                    &connect,
+                    will.as_ref(),
+                    login.as_ref(),
+                ) {
+                    Ok(i) => {
+                        assert!(allow_anonymous || i.known.is_some());
+                        identity = Some(i);
+                        continue;
+                    }
+                    Err(_) => return,
+                }
+            };
+            let own = |dev: &str, p: Protocol| -> protocol::DeviceTopics {
+                if let Some((k, kp)) = &id.known {
+                    assert_eq!(
+                        (k.as_str(), *kp),
+                        (dev, p),
+                        "a login speaks for another device"
+                    );
+                }
+                assert!(
+                    crate::ids::valid_device_id(dev),
+                    "an invalid device id {dev:?}"
+                );
+                protocol::device_topics(p, prefix, dev)
+            };
+            match ty {
+                kind::CONNECT => return, // a second CONNECT closes the connection
+                kind::PUBLISH => {
+                    let Ok(p) = packet::parse_publish(&frame) else {
+                        return;
+                    };
+                    if let Some((dev, proto, k)) = id.publish_kind(prefix, &p.topic) {
+                        let t = own(&dev, proto);
+                        assert!(
+                            t.publish.iter().any(|(tp, tk)| *tp == p.topic && *tk == k),
+                            "{dev} may publish on {:?}",
+                            p.topic
+                        );
+                    }
+                }
+                kind::SUBSCRIBE => {
+                    let Ok(Packet::Subscribe(sub, _)) = packet::decode(&frame, max) else {
+                        return;
+                    };
+                    for f in &sub.filters {
+                        if let Some((dev, proto, first)) = id.subscribe_allowed(prefix, &f.path) {
+                            let t = own(&dev, proto);
+                            assert!(
+                                t.subscribe.contains(&f.path),
+                                "{dev} may subscribe to {:?}",
+                                f.path
+                            );
+                            assert_eq!(first, t.subscribe[0] == f.path);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Reads and checks CONNECT; answers refusals itself.
 async fn login<R, W>(
     rd: &mut R,
@@ -278,38 +442,28 @@ where
         return Err("bad CONNECT".into());
     };
 
-    let known = login
-        .as_ref()
-        .and_then(|l| ctx.auth.authenticate(&l.username, &l.password));
-    if known.is_none() && !ctx.settings.allow_anonymous {
-        Counters::inc(&ctx.counters.auth_failures);
-        let user = login.as_ref().map(|l| l.username.as_str()).unwrap_or("");
-        DENIED_LOG.warn(&format!("MQTT login refused for user {user:?} from {peer}"));
-        let code = if login.is_some() { 4 } else { 5 };
-        let _ = wr.write_all(&packet::connack(code)).await;
-        return Err("login refused".into());
-    }
-    if connect.client_id.is_empty() && !connect.clean_session {
-        // MQTT 3.1.1 3.1.3-8: a session needs a client id to be found again
-        Counters::inc(&ctx.counters.protocol_errors);
-        let _ = wr.write_all(&packet::connack(2)).await;
-        return Err("empty client id with clean_session = false".into());
-    }
-    let identity = Identity {
-        topics: known
-            .as_ref()
-            .map(|(id, p)| protocol::device_topics(*p, prefix, id)),
-        known,
-    };
-    if let Some(w) = &will {
-        let topic = String::from_utf8_lossy(&w.topic).into_owned();
-        if identity.publish_kind(prefix, &topic).is_none() {
-            Counters::inc(&ctx.counters.acl_denied);
-            DENIED_LOG.warn(&format!("MQTT will on {topic:?} refused from {peer}"));
-            let _ = wr.write_all(&packet::connack(5)).await;
-            return Err("will topic not allowed".into());
+    let identity = match admit(
+        ctx.auth.as_ref(),
+        ctx.settings.allow_anonymous,
+        prefix,
+        &connect,
+        will.as_ref(),
+        login.as_ref(),
+    ) {
+        Ok(identity) => identity,
+        Err(r) => {
+            Counters::inc(match r.counted {
+                Counted::AuthFailure => &ctx.counters.auth_failures,
+                Counted::ProtocolError => &ctx.counters.protocol_errors,
+                Counted::AclDenied => &ctx.counters.acl_denied,
+            });
+            if let Some(why) = &r.log {
+                DENIED_LOG.warn(&format!("{why} from {peer}"));
+            }
+            let _ = wr.write_all(&packet::connack(r.code)).await;
+            return Err(r.reason.into());
         }
-    }
+    };
     Counters::inc(&ctx.counters.connections_accepted);
     let scope = identity
         .known

@@ -15,6 +15,7 @@
 //! ~900 connections/s; the direct engine a few KB and one socket (BENCHMARKS.md).
 
 mod frontdoor;
+pub(crate) use frontdoor::replay_session;
 pub mod packet;
 pub mod preauth;
 mod routes;
