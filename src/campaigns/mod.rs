@@ -17,7 +17,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+#[cfg(test)]
+mod fixtures;
 pub mod progress;
+pub mod round;
+
+use round::backoff_ms;
 
 use crate::devices::Devices;
 use crate::firmware::FirmwareService;
@@ -25,7 +30,7 @@ use crate::ids;
 use crate::ota::{Ota, OtaError};
 use crate::store::{
     CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DeviceRecord,
-    Durable, FirmwareStatus, MemberStatus, QueuedMembers, Store, StoreError, TaskStatus,
+    Durable, FirmwareStatus, MemberStatus, QueuedMembers, Store, StoreError,
 };
 use crate::time::now_ms;
 
@@ -180,10 +185,6 @@ pub fn next_window_opening(window: Option<(u32, u32)>, now_ms: i64) -> Option<i6
             .timestamp_millis();
         (at > now_ms).then_some(at)
     })
-}
-
-fn backoff_ms(attempts: u32) -> i64 {
-    (30_000i64 << attempts.min(6)).min(30 * 60_000)
 }
 
 impl Campaigns {
@@ -526,16 +527,14 @@ impl Campaigns {
             .conflicts
             .iter()
             .map(|conflict| CampaignMember {
-                schema: CAMPAIGN_SCHEMA,
-                campaign_id: c.id.clone(),
-                device_id: conflict.device_id.clone(),
-                wave: (c.waves.len() - 1) as u32,
                 status: MemberStatus::Skipped,
-                task_id: None,
-                attempts: 0,
-                next_attempt_ms: 0,
                 note: Some(conflict.reason.clone()),
-                updated_at_ms: now,
+                ..CampaignMember::queued(
+                    &c.id,
+                    &conflict.device_id,
+                    (c.waves.len() - 1) as u32,
+                    now,
+                )
             })
             .collect();
         self.put_members(skipped.clone()).await?;
@@ -556,18 +555,9 @@ impl Campaigns {
             .iter()
             .enumerate()
             .flat_map(|(k, w)| {
-                w.devices.iter().map(move |d| CampaignMember {
-                    schema: CAMPAIGN_SCHEMA,
-                    campaign_id: cid.clone(),
-                    device_id: d.id.clone(),
-                    wave: k as u32,
-                    status: MemberStatus::Queued,
-                    task_id: None,
-                    attempts: 0,
-                    next_attempt_ms: 0,
-                    note: None,
-                    updated_at_ms: now,
-                })
+                w.devices
+                    .iter()
+                    .map(move |d| CampaignMember::queued(cid, &d.id, k as u32, now))
             })
             .collect();
         members.extend(skipped);
@@ -795,250 +785,62 @@ impl Campaigns {
         Ok(())
     }
 
-    async fn round(&self, mut c: CampaignRecord, now: i64) -> Result<bool, CampaignError> {
-        let mut dirty = false;
-        if c.status == CampaignStatus::Scheduled {
-            if now < c.start_at_ms || !in_window(c.window, now) {
-                return Ok(false);
-            }
-            c.status = CampaignStatus::Running;
-            c.started_at_ms = Some(now);
-            c.status_reason = None;
-            c.updated_at_ms = now;
-            self.store.put_campaign(&c)?;
-            tracing::info!(campaign = c.id, "campaign running");
-            dirty = true;
+    /// One round of one campaign: gather the facts, [`round::decide`], write what changed in
+    /// one batch, then create the tasks of the members it starts.
+    async fn round(&self, c: CampaignRecord, now: i64) -> Result<bool, CampaignError> {
+        if c.status == CampaignStatus::Scheduled
+            && (now < c.start_at_ms || !in_window(c.window, now))
+        {
+            return Ok(false);
         }
-        let (mut members, adopted) = self.members_now(&c, now)?;
+        let (members, adopted) = self.members_now(&c, now)?;
         if !adopted.is_empty() {
             tracing::debug!(
                 campaign = c.id,
                 members = adopted.len(),
                 "members in flight recorded"
             );
-            let started = adopted.iter().map(|&i| members[i].clone()).collect();
-            self.put_members(started).await?;
-            dirty = true;
         }
-        // dynamic: devices that joined the target set since
-        if c.dynamic && c.status == CampaignStatus::Running {
-            let have: HashSet<String> = members.iter().map(|m| m.device_id.clone()).collect();
-            let claimed = self.claimed(Some(&c.id))?;
-            for d in self.store.list_devices()? {
-                if have.contains(&d.id)
-                    || claimed.contains_key(&d.id)
-                    || !self.device_matches(&c.targets, &c.device_type, &d)
-                {
-                    continue;
+        let plan = round::decide(&c, members, &EngineFacts(self), now)?;
+        for e in &plan.events {
+            match e {
+                round::Event::Running => tracing::info!(campaign = c.id, "campaign running"),
+                round::Event::Joined(d) => {
+                    tracing::info!(campaign = c.id, device = d, "device joined the campaign")
                 }
-                let m = CampaignMember {
-                    schema: CAMPAIGN_SCHEMA,
-                    campaign_id: c.id.clone(),
-                    device_id: d.id.clone(),
-                    wave: (c.waves.len() - 1) as u32,
-                    status: MemberStatus::Queued,
-                    task_id: None,
-                    attempts: 0,
-                    next_attempt_ms: 0,
-                    note: Some("joined later (dynamic campaign)".into()),
-                    updated_at_ms: now,
-                };
-                self.store.put_member(&m)?;
-                tracing::info!(campaign = c.id, device = d.id, "device joined the campaign");
-                members.push(m);
-                dirty = true;
+                round::Event::Paused => {
+                    let reason = plan
+                        .campaign
+                        .as_ref()
+                        .and_then(|c| c.status_reason.as_deref());
+                    tracing::warn!(campaign = c.id, reason, "campaign paused")
+                }
+                round::Event::Completed { succeeded, failed } => {
+                    tracing::info!(campaign = c.id, succeeded, failed, "campaign completed")
+                }
             }
         }
-        // 1. follow the tasks — also of members that succeeded: a device that comes back on
-        // its old version after completing is a failure (retried if it has retries left)
-        let mut settled = HashSet::new();
-        for (i, m) in members.iter_mut().enumerate() {
-            if !matches!(m.status, MemberStatus::InFlight | MemberStatus::Succeeded) {
-                continue;
-            }
-            let Some(t) = m
-                .task_id
-                .and_then(|id| self.store.get_task(id).ok().flatten())
-            else {
-                if m.status == MemberStatus::Succeeded {
-                    settled.insert(i); // it ran the target version already
-                }
-                continue;
-            };
-            let next = match (m.status, t.status) {
-                (MemberStatus::InFlight, TaskStatus::Completed) => {
-                    Some((MemberStatus::Succeeded, None))
-                }
-                (_, TaskStatus::Failed | TaskStatus::Cancelled) => {
-                    let mut why = format!(
-                        "{}: {}",
-                        t.error_code.clone().unwrap_or_else(|| "FAILED".into()),
-                        t.error_message.clone().unwrap_or_default()
-                    );
-                    if m.status == MemberStatus::Succeeded {
-                        why = format!("after completing: {why}");
-                    }
-                    if m.attempts <= c.retries && t.status == TaskStatus::Failed {
-                        m.next_attempt_ms = now + backoff_ms(m.attempts - 1);
-                        Some((MemberStatus::Queued, Some(format!("retrying after {why}"))))
-                    } else {
-                        Some((MemberStatus::Failed, Some(why)))
-                    }
-                }
-                _ => None,
-            };
-            if let Some((st, note)) = next {
-                m.status = st;
-                m.note = note;
-                m.updated_at_ms = now;
-                self.store.put_member(m)?;
-                dirty = true;
-            }
-            if m.status == MemberStatus::Succeeded && self.ota.settled(&t, now) {
-                settled.insert(i);
-            }
-        }
-        // 2. gates
-        let count = |st: MemberStatus, wave: Option<u32>| {
-            members
-                .iter()
-                .filter(|m| m.status == st && wave.is_none_or(|w| m.wave == w))
-                .count()
-        };
-        let failed = count(MemberStatus::Failed, None) as u32;
-        let succeeded = count(MemberStatus::Succeeded, None) as u32;
-        let new_failures = failed.saturating_sub(c.failures_acknowledged);
-        let finished = failed + succeeded;
-        if c.status == CampaignStatus::Running
-            && new_failures >= c.failure_min_count.max(1)
-            && (new_failures as f64) * 100.0 >= c.failure_percent * finished.max(1) as f64
-        {
-            c.status = CampaignStatus::Paused;
-            c.status_reason = Some(format!(
-                "failure threshold crossed: {failed} of {finished} finished devices failed (threshold {}% and at least {}); resume to continue",
-                c.failure_percent, c.failure_min_count
-            ));
-            c.updated_at_ms = now;
-            self.store.put_campaign(&c)?;
-            tracing::warn!(campaign = c.id, reason = c.status_reason, "campaign paused");
-            return Ok(true);
-        }
-        // ended: a success only once the device showed it runs the new image
-        let ended = |i: usize, m: &CampaignMember| match m.status {
-            MemberStatus::Succeeded => settled.contains(&i),
-            MemberStatus::Failed | MemberStatus::Skipped | MemberStatus::Cancelled => true,
-            MemberStatus::Queued | MemberStatus::InFlight => false,
-        };
-        let waves = c.waves.len() as u32;
-        let current = (0..waves).find(|w| {
-            members
-                .iter()
-                .enumerate()
-                .any(|(i, m)| m.wave == *w && !ended(i, m))
-        });
-        let Some(current) = current else {
-            if c.status == CampaignStatus::Running {
-                c.status = CampaignStatus::Completed;
-                c.ended_at_ms = Some(now);
-                c.status_reason = Some(format!("{succeeded} succeeded, {failed} failed"));
-                c.updated_at_ms = now;
+        let mut dirty = plan.is_dirty() || !adopted.is_empty();
+        let mut write: Vec<usize> = plan.changed.clone();
+        write.extend(adopted);
+        write.sort_unstable();
+        write.dedup();
+        let round::RoundPlan {
+            campaign,
+            mut members,
+            start,
+            ..
+        } = plan;
+        self.put_members(write.iter().map(|&i| members[i].clone()).collect())
+            .await?;
+        let c = match campaign {
+            Some(c) => {
                 self.store.put_campaign(&c)?;
-                tracing::info!(campaign = c.id, succeeded, failed, "campaign completed");
-                return Ok(true);
+                c
             }
-            return Ok(dirty);
+            None => c,
         };
-        // the success gate of every earlier wave
-        for w in 0..current {
-            let in_wave = members
-                .iter()
-                .filter(|m| m.wave == w && m.status != MemberStatus::Skipped)
-                .count();
-            let ok = members
-                .iter()
-                .enumerate()
-                .filter(|(i, m)| m.wave == w && settled.contains(i))
-                .count();
-            if in_wave > 0 && (ok as f64) * 100.0 < c.success_threshold * in_wave as f64 {
-                if c.status == CampaignStatus::Running {
-                    c.status = CampaignStatus::Paused;
-                    c.status_reason = Some(format!(
-                        "wave {} reached {ok} of {in_wave} succeeded, below the success threshold of {}%; resume to continue",
-                        w + 1,
-                        c.success_threshold
-                    ));
-                    c.failures_acknowledged = failed;
-                    c.updated_at_ms = now;
-                    self.store.put_campaign(&c)?;
-                    tracing::warn!(campaign = c.id, reason = c.status_reason, "campaign paused");
-                    return Ok(true);
-                }
-                return Ok(dirty);
-            }
-        }
-        if c.status != CampaignStatus::Running || !in_window(c.window, now) {
-            return Ok(dirty);
-        }
-        // 3. start devices of the waves that are open, up to maxInFlight
-        let mut in_flight = count(MemberStatus::InFlight, None) as u32;
-        let mut to_start = Vec::new();
-        for (idx, m) in members.iter_mut().enumerate() {
-            if in_flight >= c.max_in_flight {
-                break;
-            }
-            if m.status != MemberStatus::Queued || m.wave > current || m.next_attempt_ms > now {
-                continue;
-            }
-            let dev = match self.devices.get(&m.device_id) {
-                Ok(d) => d,
-                Err(_) => {
-                    m.status = MemberStatus::Skipped;
-                    m.note = Some("the device was deleted".into());
-                    m.updated_at_ms = now;
-                    self.store.put_member(m)?;
-                    dirty = true;
-                    continue;
-                }
-            };
-            if dev.firmware_version.as_deref() == Some(c.version.as_str()) {
-                m.status = MemberStatus::Succeeded;
-                m.note = Some("already runs the target version".into());
-                m.updated_at_ms = now;
-                self.store.put_member(m)?;
-                dirty = true;
-                continue;
-            }
-            // a task of ours may exist already (created before a crash): adopt it
-            if let Some(t) = self.store.active_task(&m.device_id)? {
-                if t.campaign_id.as_deref() == Some(c.id.as_str()) {
-                    m.status = MemberStatus::InFlight;
-                    m.task_id = Some(t.id);
-                    m.attempts = m.attempts.max(1);
-                    m.updated_at_ms = now;
-                    self.store.put_member(m)?;
-                    in_flight += 1;
-                    dirty = true;
-                    continue;
-                }
-                if !c.force {
-                    m.status = MemberStatus::Skipped;
-                    m.note = Some(format!(
-                        "conflict: the device has active task {} (to {}) not from this campaign",
-                        t.id, t.to_version
-                    ));
-                    m.updated_at_ms = now;
-                    self.store.put_member(m)?;
-                    dirty = true;
-                    continue;
-                }
-            }
-            // offline devices wait for their connection
-            if !self.devices.ready(&m.device_id) {
-                continue;
-            }
-            to_start.push((idx, dev));
-            in_flight += 1;
-        }
+        let to_start = start;
         // create the tasks in one batch (durable in chunks, commands out as each chunk is);
         // a member is recorded in flight only with its task id
         if !to_start.is_empty() {
@@ -1094,6 +896,54 @@ impl Campaigns {
             }
         }
         Ok(dirty)
+    }
+}
+
+/// The engine's view of the world, for [`round::decide`].
+struct EngineFacts<'a>(&'a Campaigns);
+
+impl round::Facts for EngineFacts<'_> {
+    type Error = StoreError;
+
+    fn task(&self, id: u64) -> Result<Option<crate::store::TaskRecord>, StoreError> {
+        self.0.store.get_task(id)
+    }
+
+    fn settled(&self, task: &crate::store::TaskRecord, now: i64) -> bool {
+        self.0.ota.settled(task, now)
+    }
+
+    fn device(&self, id: &str) -> Result<Option<round::DeviceFacts>, StoreError> {
+        let record = match self.0.devices.get(id) {
+            Ok(d) => d,
+            Err(crate::devices::DeviceError::Store(e)) => return Err(e),
+            Err(_) => return Ok(None),
+        };
+        Ok(Some(round::DeviceFacts {
+            active_task: self.0.store.active_task(id)?,
+            ready: self.0.devices.ready(id),
+            record,
+        }))
+    }
+
+    fn joining(
+        &self,
+        c: &CampaignRecord,
+        members: &HashSet<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let claimed = self.0.claimed(Some(&c.id))?;
+        Ok(self
+            .0
+            .store
+            .list_devices()?
+            .into_iter()
+            .filter(|d| {
+                !members.contains(d.id.as_str())
+                    && !claimed.contains_key(&d.id)
+                    && self.0.device_matches(&c.targets, &c.device_type, d)
+            })
+            .map(|d| d.id)
+            .collect())
     }
 }
 

@@ -405,50 +405,8 @@ fn running_reason(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{CAMPAIGN_SCHEMA, CampaignTargets, TaskStatus};
-
-    fn campaign(status: CampaignStatus) -> CampaignRecord {
-        CampaignRecord {
-            schema: CAMPAIGN_SCHEMA,
-            id: "c1".into(),
-            name: "n".into(),
-            device_type: "gateway".into(),
-            version: "1.0.2".into(),
-            targets: CampaignTargets::default(),
-            waves: vec![50.0, 100.0],
-            success_threshold: 100.0,
-            failure_percent: 100.0,
-            failure_min_count: 1,
-            max_in_flight: 50,
-            start_at_ms: 0,
-            window: None,
-            force: false,
-            retries: 1,
-            dynamic: false,
-            status,
-            status_reason: None,
-            failures_acknowledged: 0,
-            started_at_ms: Some(0),
-            ended_at_ms: None,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-        }
-    }
-
-    fn member(id: &str, wave: u32, status: MemberStatus, attempts: u32) -> CampaignMember {
-        CampaignMember {
-            schema: CAMPAIGN_SCHEMA,
-            campaign_id: "c1".into(),
-            device_id: id.into(),
-            wave,
-            status,
-            task_id: Some(1),
-            attempts,
-            next_attempt_ms: 90_000,
-            note: Some("retrying after DOWNLOAD_FAILED: cut".into()),
-            updated_at_ms: 0,
-        }
-    }
+    use crate::campaigns::fixtures::{campaign, member};
+    use crate::store::TaskStatus;
 
     fn task(status: TaskStatus, code: Option<&str>, done_at: i64) -> TaskRecord {
         let mut t = crate::store::sample_task(1, "x");

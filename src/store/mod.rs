@@ -931,21 +931,10 @@ impl Engine {
         if let Some(v) = self.queued.get(campaign.as_bytes())? {
             let q: QueuedMembers = decode(campaign.as_bytes(), &v)?;
             for (device_id, wave) in q.devices {
-                all.insert(
-                    device_id.clone(),
-                    CampaignMember {
-                        schema: q.schema,
-                        campaign_id: q.campaign_id.clone(),
-                        device_id,
-                        wave,
-                        status: MemberStatus::Queued,
-                        task_id: None,
-                        attempts: 0,
-                        next_attempt_ms: 0,
-                        note: None,
-                        updated_at_ms: q.queued_at_ms,
-                    },
-                );
+                let mut m =
+                    CampaignMember::queued(&q.campaign_id, &device_id, wave, q.queued_at_ms);
+                m.schema = q.schema;
+                all.insert(device_id, m);
             }
         }
         let mut prefix = campaign.as_bytes().to_vec();

@@ -284,6 +284,24 @@ pub struct CampaignMember {
     pub updated_at_ms: i64,
 }
 
+impl CampaignMember {
+    /// A member of `campaign_id` that waits for its first attempt, as of `at_ms`.
+    pub fn queued(campaign_id: &str, device_id: &str, wave: u32, at_ms: i64) -> CampaignMember {
+        CampaignMember {
+            schema: CAMPAIGN_SCHEMA,
+            campaign_id: campaign_id.to_string(),
+            device_id: device_id.to_string(),
+            wave,
+            status: MemberStatus::Queued,
+            task_id: None,
+            attempts: 0,
+            next_attempt_ms: 0,
+            note: None,
+            updated_at_ms: at_ms,
+        }
+    }
+}
+
 /// The devices a campaign was created with, each queued in its wave: one record instead of a
 /// member record per device (a fleet campaign is created with one insert). [`Store::list_members`]
 /// expands it; a member record of the same device, written when the member moves on, wins.
