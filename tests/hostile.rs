@@ -1,6 +1,7 @@
 //! Hostile clients all at once against the real binary: a pre-auth flood and slowloris senders on
-//! both MQTT ports, TLS handshakes that never finish and headers that never end on HTTPS, 1,000
-//! concurrent uploads, download clients that never read. Meanwhile a real device logs in and
+//! both MQTT ports, TLS handshakes that never start, and headers that never end both after a
+//! finished TLS handshake and on the plain listener, 1,000 concurrent uploads, download clients
+//! that never read. Meanwhile a real device logs in and
 //! gets its command, and the API answers; the server's peak memory stays bounded.
 
 mod common;
@@ -77,6 +78,19 @@ async fn hostile_clients_do_not_stop_real_devices_and_memory_stays_bounded() {
     // HTTPS: handshakes that never start, headers that never end (plain listener)
     for _ in 0..scale(300) {
         held.push(TcpStream::connect(("127.0.0.1", https)).await.unwrap());
+    }
+    // slowloris on HTTPS itself: the handshake done, then headers that never end
+    let tls = tokio_rustls::TlsConnector::from(common::mqtt::tls_config(&a.data()));
+    let mut held_tls = Vec::new();
+    for _ in 0..scale(200) {
+        let tcp = TcpStream::connect(("127.0.0.1", https)).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = tls.connect(name, tcp).await.expect("TLS handshake");
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            .await
+            .unwrap();
+        c.flush().await.unwrap();
+        held_tls.push(c);
     }
     let plain = a.base().trim_start_matches("http://").to_string();
     for _ in 0..scale(300) {
@@ -171,8 +185,9 @@ async fn hostile_clients_do_not_stop_real_devices_and_memory_stays_bounded() {
     let _ = writeln!(
         std::io::stderr().lock(),
         "hostile: {} hostile sockets held, {n_uploads} uploads taken, peak RSS {} MiB",
-        held.len(),
+        held.len() + held_tls.len(),
         peak / 1024
     );
     drop(held);
+    drop(held_tls);
 }
