@@ -215,7 +215,7 @@ async fn failure_gate_pauses_and_the_brake_cancels_downloads() {
             .contains("failure threshold"),
         "{paused}"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.campaign_rounds_pass(2).await;
     let n = tasks(&s).await.len();
     assert!(n <= 3, "a paused campaign starts nothing new: {n} tasks");
     let (st, b) = s
@@ -239,7 +239,7 @@ async fn failure_gate_pauses_and_the_brake_cancels_downloads() {
         .await;
     assert_eq!(st, 200, "{b}");
     assert_eq!(b["data"]["counts"]["cancelled"], 6, "{b}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.campaign_rounds_pass(2).await;
     let all = tasks(&s).await;
     assert_eq!(all.len(), 3, "no task started after the brake");
     for t in &all {
@@ -374,14 +374,14 @@ async fn campaign_bodies_are_checked() {
     assert_eq!(st, 409);
     // scheduled: not before its start time, and not outside its window
     s.register("GW3", "gateway", "secret-123").await;
-    let later = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
+    let later = (chrono::Utc::now() + chrono::Duration::seconds(5)).to_rfc3339();
     let (st, b) = post(json!({"name": "later", "version": "1.0.2",
         "targets": {"deviceIds": ["GW3"]}, "startAt": later}))
     .await;
     assert_eq!(st, 201, "{b}");
     assert_eq!(b["data"]["status"], "scheduled");
     let later_id = b["data"]["id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.campaign_rounds_pass(2).await;
     assert_eq!(
         s.get_json(&format!("/api/ota/campaigns/{later_id}"))
             .await
@@ -400,7 +400,7 @@ async fn campaign_bodies_are_checked() {
     .await;
     assert_eq!(st, 201, "{b}");
     let night = b["data"]["id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.campaign_rounds_pass(2).await;
     assert_eq!(
         s.get_json(&format!("/api/ota/campaigns/{night}")).await.1["data"]["status"],
         "scheduled",

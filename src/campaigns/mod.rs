@@ -145,6 +145,9 @@ pub struct Campaigns {
     ota: Arc<Ota>,
     wake: Notify,
     lock: tokio::sync::Mutex<()>,
+    /// Engine rounds over every live campaign finished so far (what tests and operators wait
+    /// for instead of a time: "two more rounds and it still did not start").
+    rounds: std::sync::atomic::AtomicU64,
 }
 
 fn parse_hhmm(s: &str) -> Option<u32> {
@@ -204,6 +207,7 @@ impl Campaigns {
             ota,
             wake: Notify::new(),
             lock: tokio::sync::Mutex::new(()),
+            rounds: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -223,10 +227,16 @@ impl Campaigns {
                 if let Err(e) = me.tick().await {
                     tracing::error!(error = %e, "campaign round failed");
                 }
+                me.rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // at most ten rounds a second, however fast devices finish
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
+    }
+
+    /// Engine rounds finished since the start (failed ones included).
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes the engine look now (a device connected, a task ended).

@@ -236,6 +236,12 @@ pub fn render(st: &AppState) -> Result<String, String> {
             .set(list.iter().filter(|c| c.status.as_str() == s).count() as i64);
     }
     reg.register("campaigns", "Campaigns by state", camps);
+    counter(
+        &mut reg,
+        "campaign_rounds",
+        "Campaign engine rounds finished",
+        st.campaigns.rounds(),
+    );
 
     // downloads
     let t = st.traffic.summary();

@@ -116,6 +116,20 @@ impl Server {
         metric_in(&text, name)
     }
 
+    /// Returns once the campaign engine has finished `n` more rounds than now: what a test
+    /// waits for before asserting that a campaign did *not* do something.
+    pub async fn campaign_rounds_pass(&self, n: u64) {
+        let from = self.metric("hangar_campaign_rounds_total").await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.metric("hangar_campaign_rounds_total").await < from + n as f64 {
+            assert!(
+                Instant::now() < deadline,
+                "the campaign engine stopped going round"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn auth(&self) -> String {
         format!("Bearer {}", self.token)
     }
