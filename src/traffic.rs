@@ -7,8 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
-
 /// What a counter counts.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Served {
@@ -47,8 +45,7 @@ pub struct Traffic {
 }
 
 /// Totals and per-firmware figures (camelCase in JSON).
-#[derive(Debug, Serialize, Default, Clone, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TrafficSummary {
     /// Bytes of full images sent.
     pub bytes_full: u64,
@@ -65,8 +62,7 @@ pub struct TrafficSummary {
 }
 
 /// One firmware's traffic.
-#[derive(Debug, Serialize, Default, Clone, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FirmwareTraffic {
     /// Device type.
     pub device_type: String,

@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -83,8 +82,7 @@ pub struct CampaignSpec {
 }
 
 /// A device of a plan.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct PlannedDevice {
     /// Device id.
     pub id: String,
@@ -97,8 +95,7 @@ pub struct PlannedDevice {
 }
 
 /// A wave of a plan.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct PlannedWave {
     /// Cumulative percent.
     pub percent: f64,
@@ -111,8 +108,7 @@ pub struct PlannedWave {
 }
 
 /// A device left out of a plan, and why.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct Conflict {
     /// Device id.
     pub device_id: String,
@@ -121,8 +117,7 @@ pub struct Conflict {
 }
 
 /// The result of planning (dry run, or the start of a create).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct Plan {
     /// Target set size (after conflicts).
     pub total: usize,
@@ -132,7 +127,6 @@ pub struct Plan {
     pub conflicts: Vec<Conflict>,
     /// Remarks (e.g. a start time in the past).
     pub notes: Vec<String>,
-    #[serde(skip)]
     record: Option<CampaignRecord>,
 }
 

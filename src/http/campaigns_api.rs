@@ -282,7 +282,7 @@ pub async fn dry_run(
 ) -> Result<Response, ApiError> {
     let s = spec(b);
     let plan: Plan = st.campaigns.plan(&s)?;
-    Ok(ok(plan))
+    Ok(ok(super::wire::PlanDto::from(&plan)))
 }
 
 /// GET /api/ota/campaigns

@@ -447,7 +447,8 @@ pub async fn statistics(State(st): State<AppState>) -> Result<Response, ApiError
         .iter()
         .map(|(d, n)| (d.key().to_string(), (*n).into()))
         .collect();
-    let mut v = serde_json::to_value(&s).map_err(ApiError::internal)?;
+    let mut v =
+        serde_json::to_value(super::wire::StatisticsDto::from(&s)).map_err(ApiError::internal)?;
     v["reports"] = serde_json::json!({
         "countingSince": rfc3339_ms(r.since_ms),
         "resetOnRestart": true,
@@ -460,6 +461,7 @@ pub async fn statistics(State(st): State<AppState>) -> Result<Response, ApiError
         "dropped": dropped,
     });
     v["droppedReports"] = v["reports"]["dropped"].clone();
-    v["downloads"] = serde_json::to_value(st.traffic.summary()).map_err(ApiError::internal)?;
+    v["downloads"] = serde_json::to_value(super::wire::TrafficDto::from(&st.traffic.summary()))
+        .map_err(ApiError::internal)?;
     Ok(ok(v))
 }

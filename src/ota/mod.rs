@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -132,8 +131,7 @@ fn new_msg_id() -> String {
 }
 
 /// Statistics of a set of tasks.
-#[derive(Debug, Default, Serialize, Clone)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub total: u64,
     pub completed: u64,
@@ -143,7 +141,6 @@ pub struct Stats {
     pub success_rate: f64,
     pub failure_rate: f64,
     pub avg_duration_secs: Option<f64>,
-    #[serde(skip)]
     duration_sum_ms: i64,
 }
 
@@ -179,16 +176,13 @@ impl Stats {
 }
 
 /// `GET /api/ota/statistics`
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug)]
 pub struct Statistics {
-    #[serde(flatten)]
     pub all: Stats,
     pub by_version: BTreeMap<String, Stats>,
     pub by_campaign: BTreeMap<String, Stats>,
     pub devices: usize,
     pub online_devices: usize,
-    #[serde(skip)]
     pub reports: counters::ReportCounts,
 }
 
