@@ -42,25 +42,8 @@ pub struct DeltaSettings {
     pub queue: usize,
 }
 
-/// Why a delta request was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum DeltaError {
-    /// Bad request (versions, order).
-    #[error("{0}")]
-    Invalid(String),
-    /// A version does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// The queue is full.
-    #[error("{0}")]
-    Busy(String),
-    /// The stored patch is damaged.
-    #[error("{0}")]
-    Corrupt(String),
-    /// Store failure.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
+/// Why a delta request failed: the one service error ([`crate::error::ServiceError`]).
+pub type DeltaError = crate::error::ServiceError;
 
 type Job = (String, String, String); // (deviceType, from, to)
 

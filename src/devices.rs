@@ -14,22 +14,8 @@ use crate::protocol::Protocol;
 use crate::store::{DEVICE_SCHEMA, DeviceRecord, Durable, Store, StoreError};
 use crate::time::now_ms;
 
-/// Why a registry operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// Bad input (400).
-    #[error("{0}")]
-    Invalid(String),
-    /// No such device (404).
-    #[error("{0}")]
-    NotFound(String),
-    /// Already registered (409).
-    #[error("{0}")]
-    Conflict(String),
-    /// Store failure (500).
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
+/// Why a registry operation failed: the one service error ([`crate::error::ServiceError`]).
+pub type DeviceError = crate::error::ServiceError;
 
 /// A registration request.
 #[derive(Debug, Clone)]

@@ -10,25 +10,8 @@ use crate::ids;
 use crate::store::{Durable, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareStatus, Store, StoreError};
 use crate::time::now_ms;
 
-/// Why a firmware operation failed; `http` maps each to a status code.
-#[derive(Debug, thiserror::Error)]
-pub enum FirmwareError {
-    /// Bad input (400).
-    #[error("{0}")]
-    Invalid(String),
-    /// No such firmware (404).
-    #[error("{0}")]
-    NotFound(String),
-    /// Conflicts with what is stored (409).
-    #[error("{0}")]
-    Conflict(String),
-    /// The store failed (500).
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Disk I/O failed (500).
-    #[error("firmware storage: {0}")]
-    Io(#[from] std::io::Error),
-}
+/// Why a firmware operation failed: the one service error ([`crate::error::ServiceError`]).
+pub type FirmwareError = crate::error::ServiceError;
 
 type Result<T> = std::result::Result<T, FirmwareError>;
 

@@ -46,6 +46,7 @@ pub mod delta;
 pub mod deltas;
 pub mod device;
 pub mod devices;
+pub mod error;
 pub mod firmware;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -33,22 +33,8 @@ use crate::store::{
 };
 use crate::time::now_ms;
 
-/// Why a campaign request was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum CampaignError {
-    /// Bad input (400).
-    #[error("{0}")]
-    Invalid(String),
-    /// Unknown campaign (404).
-    #[error("{0}")]
-    NotFound(String),
-    /// Version not released, wrong state (409).
-    #[error("{0}")]
-    Conflict(String),
-    /// Store failure.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
+/// Why a campaign request failed: the one service error ([`crate::error::ServiceError`]).
+pub type CampaignError = crate::error::ServiceError;
 
 /// What an operator asks for (validated by [`Campaigns::plan`]).
 #[derive(Debug, Clone, Default)]

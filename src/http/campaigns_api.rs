@@ -14,19 +14,8 @@ use super::AppState;
 use super::error::{ApiError, ok, ok_with};
 use super::refusal::{ApiPath, JsonBody};
 use super::wire::rfc3339_ms;
-use crate::campaigns::{CampaignError, CampaignSpec, Plan};
+use crate::campaigns::{CampaignSpec, Plan};
 use crate::store::{CampaignMember, CampaignRecord, CampaignTargets};
-
-impl From<CampaignError> for ApiError {
-    fn from(e: CampaignError) -> ApiError {
-        match e {
-            CampaignError::Invalid(m) => ApiError::bad_request(m),
-            CampaignError::NotFound(m) => ApiError::not_found(m),
-            CampaignError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
-            CampaignError::Store(e) => e.into(),
-        }
-    }
-}
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -13,20 +13,7 @@ use super::download::{self, BlobMeta};
 use super::error::{ApiError, ok, ok_with};
 use super::refusal::{ApiPath, JsonBody};
 use super::wire::DeltaDto;
-use crate::deltas::DeltaError;
 use crate::store::DeltaStatus;
-
-impl From<DeltaError> for ApiError {
-    fn from(e: DeltaError) -> ApiError {
-        match e {
-            DeltaError::Invalid(m) => ApiError::bad_request(m),
-            DeltaError::NotFound(m) => ApiError::not_found(m),
-            DeltaError::Busy(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "BUSY", m),
-            DeltaError::Corrupt(m) => ApiError::internal(m),
-            DeltaError::Store(e) => e.into(),
-        }
-    }
-}
 
 /// GET /api/ota/firmware/{version}/deltas?deviceType=
 pub async fn list(

@@ -15,31 +15,9 @@ use super::error::{ApiError, ok, ok_page, ok_with};
 use super::refusal::{ApiPath, JsonBody};
 use super::wire::rfc3339_ms;
 use crate::devices::{DeviceChange, DeviceError, NewDevice};
-use crate::ota::{OtaError, TaskFilter};
+use crate::ota::TaskFilter;
 use crate::protocol::Protocol;
 use crate::store::{DeviceRecord, TaskRecord, TaskStatus};
-
-impl From<DeviceError> for ApiError {
-    fn from(e: DeviceError) -> ApiError {
-        match e {
-            DeviceError::Invalid(m) => ApiError::bad_request(m),
-            DeviceError::NotFound(m) => ApiError::not_found(m),
-            DeviceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
-            DeviceError::Store(e) => e.into(),
-        }
-    }
-}
-
-impl From<OtaError> for ApiError {
-    fn from(e: OtaError) -> ApiError {
-        match e {
-            OtaError::Invalid(m) => ApiError::bad_request(m),
-            OtaError::NotFound(m) => ApiError::not_found(m),
-            OtaError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
-            OtaError::Store(e) => e.into(),
-        }
-    }
-}
 
 /// A device as the API shows it.
 #[derive(Debug, Serialize)]

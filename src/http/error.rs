@@ -6,7 +6,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::firmware::FirmwareError;
+use crate::error::ServiceError;
 use crate::store::StoreError;
 
 /// An API error: HTTP status, machine-readable code, human message (lower-case, says what to do).
@@ -133,14 +133,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<FirmwareError> for ApiError {
-    fn from(e: FirmwareError) -> ApiError {
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> ApiError {
         match e {
-            FirmwareError::Invalid(m) => ApiError::bad_request(m),
-            FirmwareError::NotFound(m) => ApiError::not_found(m),
-            FirmwareError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
-            FirmwareError::Store(e) => e.into(),
-            other => ApiError::internal(other),
+            ServiceError::Invalid(m) => ApiError::bad_request(m),
+            ServiceError::NotFound(m) => ApiError::not_found(m),
+            ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
+            ServiceError::Busy(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "BUSY", m),
+            ServiceError::Store(e) => e.into(),
+            other @ (ServiceError::Corrupt(_) | ServiceError::Io(_)) => ApiError::internal(other),
         }
     }
 }

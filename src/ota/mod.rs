@@ -33,45 +33,8 @@ use state::{Input, Outcome, Why};
 
 static SEND_LOG: RateLog = RateLog::new();
 
-/// Why a task operation failed; `http` maps each to a status.
-#[derive(Debug, thiserror::Error)]
-pub enum OtaError {
-    /// 400
-    #[error("{0}")]
-    Invalid(String),
-    /// 404
-    #[error("{0}")]
-    NotFound(String),
-    /// 409
-    #[error("{0}")]
-    Conflict(String),
-    /// 500
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl From<DeviceError> for OtaError {
-    fn from(e: DeviceError) -> Self {
-        match e {
-            DeviceError::Invalid(m) => OtaError::Invalid(m),
-            DeviceError::NotFound(m) => OtaError::NotFound(m),
-            DeviceError::Conflict(m) => OtaError::Conflict(m),
-            DeviceError::Store(s) => OtaError::Store(s),
-        }
-    }
-}
-
-impl From<FirmwareError> for OtaError {
-    fn from(e: FirmwareError) -> Self {
-        match e {
-            FirmwareError::Invalid(m) => OtaError::Invalid(m),
-            FirmwareError::NotFound(m) => OtaError::NotFound(m),
-            FirmwareError::Conflict(m) => OtaError::Conflict(m),
-            FirmwareError::Store(s) => OtaError::Store(s),
-            FirmwareError::Io(e) => OtaError::Store(StoreError::Engine(e.to_string())),
-        }
-    }
-}
+/// Why a task operation failed: the one service error ([`crate::error::ServiceError`]).
+pub type OtaError = crate::error::ServiceError;
 
 /// Static settings of the service.
 #[derive(Clone)]
@@ -325,7 +288,7 @@ impl Ota {
         device_id: &str,
         ask: &Upgrade,
     ) -> Result<Durable<TaskRecord>, OtaError> {
-        let device = self.devices.get(device_id).map_err(OtaError::from);
+        let device = self.devices.get(device_id);
         self.create_upgrades_of(vec![device], ask)
             .await?
             .map(|mut r| r.pop().expect("one result per device"))
@@ -348,7 +311,7 @@ impl Ota {
                         device.device_type
                     )));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             };
             firmware.insert(device.device_type.clone(), fw);
         }
