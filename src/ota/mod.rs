@@ -4,6 +4,7 @@
 //! subscribes again, answers Alibaba `firmware/get`, and fails stalled tasks with `TIMEOUT`.
 //! Every task read-modify-write runs under one lock, so API calls and reports never race.
 
+pub mod commands;
 pub mod counters;
 pub mod state;
 
@@ -569,86 +570,6 @@ impl Ota {
         })
     }
 
-    /// The command payload (and its topic) for a task.
-    fn command(&self, t: &TaskRecord) -> (String, Vec<u8>) {
-        match t.protocol {
-            Protocol::Gateway => {
-                let c = gateway::Command {
-                    msg_type: "ota_upgrade".into(),
-                    msg_id: t.msg_id.clone(),
-                    uuid: t.device_id.clone(),
-                    timestamp: now_secs(),
-                    data: gateway::UpgradeData {
-                        msg_id: t.msg_id.clone(),
-                        version: t.to_version.clone(),
-                        firmware_url: t.firmware_url.clone(),
-                        md5: t.md5.clone(),
-                        file_size: t.file_size,
-                        force_upgrade: t.force,
-                        sha256: t.sha256.clone(),
-                        delta: t.delta.as_ref().map(|d| gateway::DeltaOffer {
-                            from_version: d.from_version.clone(),
-                            url: d.url.clone(),
-                            md5: d.md5.clone(),
-                            size: d.size,
-                            format: crate::delta::FORMAT.into(),
-                        }),
-                    },
-                };
-                (
-                    gateway::command_topic(&self.settings.topic_prefix, &t.device_id),
-                    serde_json::to_vec(&c).expect("json"),
-                )
-            }
-            Protocol::Alibaba => {
-                let (pk, dn) = t.device_id.split_once('/').unwrap_or((&t.device_id, ""));
-                let u = alibaba::Upgrade {
-                    code: "1000".into(),
-                    data: self.alibaba_data(t),
-                    id: now_ms() as u64,
-                    message: "success".into(),
-                };
-                (
-                    alibaba::upgrade_topic(pk, dn),
-                    serde_json::to_vec(&u).expect("json"),
-                )
-            }
-        }
-    }
-
-    fn alibaba_data(&self, t: &TaskRecord) -> alibaba::UpgradeData {
-        match &t.delta {
-            // isDiff: the url/size/md5 of the patch (Alibaba's convention); our extension fields
-            // carry the full image so the device can verify the result and fall back
-            Some(d) => alibaba::UpgradeData {
-                size: d.size,
-                version: t.to_version.clone(),
-                url: d.url.clone(),
-                md5: d.md5.clone(),
-                sign: d.md5.clone(),
-                sign_method: "Md5".into(),
-                is_diff: 1,
-                ext: Some(alibaba::DiffExtension {
-                    from_version: d.from_version.clone(),
-                    full_url: t.firmware_url.clone(),
-                    full_size: t.file_size,
-                    full_md5: t.md5.clone(),
-                    sha256: t.sha256.clone(),
-                }),
-            },
-            None => alibaba::UpgradeData {
-                size: t.file_size,
-                version: t.to_version.clone(),
-                url: t.firmware_url.clone(),
-                md5: t.md5.clone(),
-                sign: t.md5.clone(),
-                sign_method: "Md5".into(),
-                is_diff: 0,
-                ext: None,
-            },
-        }
-    }
-
     /// Publishes a task's command (with a freshly signed URL) and records it as sent. A device
     /// that stopped listening gets it when it subscribes again.
     async fn send_command(&self, task_id: u64) -> Result<TaskRecord, OtaError> {
@@ -684,7 +605,7 @@ impl Ota {
     /// Publishes a task's command; false (logged at most once a second) if it did not go out —
     /// the device gets it when it subscribes again.
     async fn publish_command(&self, t: &TaskRecord) -> bool {
-        let (topic, payload) = self.command(t);
+        let (topic, payload) = commands::upgrade(&self.settings.topic_prefix, t, now_ms());
         match self.broker.publish(topic, payload).await {
             Ok(()) => {
                 self.commands_sent.fetch_add(1, Ordering::Relaxed);
@@ -725,23 +646,13 @@ impl Ota {
             t
         };
         let t = self.store.durable(t).await?;
-        if t.protocol == Protocol::Gateway {
-            let c = gateway::Command {
-                msg_type: "ota_cancel".into(),
-                msg_id: t.msg_id.clone(),
-                uuid: t.device_id.clone(),
-                timestamp: now_secs(),
-                data: gateway::CancelData {
-                    msg_id: t.msg_id.clone(),
-                    version: t.to_version.clone(),
-                    reason: "cancelled by an operator".into(),
-                },
-            };
-            let topic = gateway::command_topic(&self.settings.topic_prefix, &t.device_id);
-            let _ = self
-                .broker
-                .publish(topic, serde_json::to_vec(&c).expect("json"))
-                .await;
+        if let Some((topic, payload)) = commands::cancel(
+            &self.settings.topic_prefix,
+            &t,
+            "cancelled by an operator",
+            now_secs(),
+        ) {
+            let _ = self.broker.publish(topic, payload).await;
         }
         Ok(t)
     }
@@ -1121,7 +1032,7 @@ impl Ota {
                     let (pk, dn) = id.split_once('/').unwrap_or((id, ""));
                     let mut data = serde_json::json!({});
                     if let Some(t) = self.store.active_task(id)? {
-                        data = serde_json::to_value(self.alibaba_data(&t)).expect("json");
+                        data = serde_json::to_value(commands::alibaba_data(&t)).expect("json");
                         if t.start_time_ms.is_none() {
                             sends.push(t.id);
                         }
@@ -1145,7 +1056,7 @@ impl Ota {
                         let t = state::apply(&t, &Input::CommandSent, now_ms());
                         if let Outcome::Changed(t) = t {
                             self.store.put_task(&t)?;
-                            data = serde_json::to_value(self.alibaba_data(&t)).expect("json");
+                            data = serde_json::to_value(commands::alibaba_data(&t)).expect("json");
                         }
                     }
                     let reply = alibaba::GetReply {
