@@ -33,8 +33,34 @@ static DENIED_LOG: RateLog = RateLog::new();
 static ERROR_LOG: RateLog = RateLog::new();
 static VIOLATION_LOG: RateLog = RateLog::new();
 
-/// How a connection closed for a malformed packet starts its reason (logged as a warning).
-const VIOLATION: &str = "MQTT protocol violation";
+/// Why a device connection ended. Only a [`Closed::Violation`] is counted as a protocol error
+/// (once, where the connection ends) and warned about; refusals at CONNECT are counted where
+/// they are decided ([`admit`]); the rest is logged at debug level.
+#[derive(Debug, thiserror::Error)]
+enum Closed {
+    /// A packet MQTT 3.1.1 says to close the connection for.
+    #[error("MQTT protocol violation: {0}")]
+    Violation(String),
+    /// Refused at CONNECT (a CONNACK with the code was sent) or beyond a limit.
+    #[error("{0}")]
+    Refused(&'static str),
+    /// A publish on a topic that is not the device's (counted as an ACL denial).
+    #[error("publish not allowed")]
+    Denied,
+    /// The device's socket failed or stopped reading.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// An ordinary end: the device went away, its keep-alive expired, another connection took
+    /// its session, a report could not be persisted, the server stops.
+    #[error("{0}")]
+    Ended(String),
+}
+
+impl Closed {
+    fn ended(why: impl Into<String>) -> Closed {
+        Closed::Ended(why.into())
+    }
+}
 
 pub(super) fn bind(addr: &str, key: &str) -> Result<TcpListener, BrokerError> {
     crate::net::bind_listener(addr)
@@ -75,11 +101,11 @@ pub(super) async fn accept_loop(
                             Ok(Ok(s)) => serve(s, peer, &ctx, shutdown, ticket).await,
                             Ok(Err(e)) => {
                                 Counters::inc(&ctx.counters.tls_handshake_failures);
-                                Err(format!("TLS handshake: {e}"))
+                                Err(Closed::ended(format!("TLS handshake: {e}")))
                             }
                             Err(_) => {
                                 Counters::inc(&ctx.counters.tls_handshake_failures);
-                                Err("TLS handshake timed out".into())
+                                Err(Closed::ended("TLS handshake timed out"))
                             }
                         }
                     }
@@ -91,15 +117,16 @@ pub(super) async fn accept_loop(
                 r = &mut work => r,
                 // (once logged in, the ticket is gone and nobody cancels this)
                 _ = evicted.cancelled() => {
-                    Err("closed before logging in, to make room for a newer connection".into())
+                    Err(Closed::ended("closed before logging in, to make room for a newer connection"))
                 }
             };
-            if let Err(e) = result {
-                if e.starts_with(VIOLATION) {
+            match result {
+                Err(e @ Closed::Violation(_)) => {
+                    Counters::inc(&ctx.counters.protocol_errors);
                     VIOLATION_LOG.warn(&format!("{e} from {peer}: connection closed"));
-                } else {
-                    tracing::debug!(peer = %peer, error = %e, "MQTT connection closed");
                 }
+                Err(e) => tracing::debug!(peer = %peer, error = %e, "MQTT connection closed"),
+                Ok(()) => {}
             }
         });
     }
@@ -110,15 +137,17 @@ async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     max: usize,
-) -> Result<Option<(u8, Bytes)>, String> {
+) -> Result<Option<(u8, Bytes)>, Closed> {
     loop {
-        if let Some(f) = packet::take_frame(buf, max).map_err(|e| format!("{VIOLATION}: {e}"))? {
+        if let Some(f) =
+            packet::take_frame(buf, max).map_err(|e| Closed::Violation(e.to_string()))?
+        {
             return Ok(Some(f));
         }
         if buf.capacity() - buf.len() < 256 {
             buf.reserve(2048);
         }
-        let n = rd.read_buf(buf).await.map_err(|e| e.to_string())?;
+        let n = rd.read_buf(buf).await?;
         if n == 0 {
             return Ok(None);
         }
@@ -126,13 +155,13 @@ async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 /// Connects to rumqttd, waiting up to 5 s for it to listen (right after start-up).
-async fn connect_backend(addr: SocketAddr) -> Result<TcpStream, String> {
+async fn connect_backend(addr: SocketAddr) -> Result<TcpStream, Closed> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         match TcpStream::connect(addr).await {
             Ok(s) => return Ok(s),
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(format!("embedded broker: {e}"));
+                return Err(Closed::ended(format!("embedded broker: {e}")));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
@@ -413,7 +442,7 @@ async fn login<R, W>(
     peer: SocketAddr,
     ctx: &DoorContext,
     ticket: &super::preauth::Ticket,
-) -> Result<Login, String>
+) -> Result<Login, Closed>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -422,24 +451,17 @@ where
     let prefix = &ctx.settings.topic_prefix;
     let first = tokio::time::timeout(ticket.deadline, read_frame(rd, buf, max))
         .await
-        .map_err(|_| format!("no CONNECT within {} s", ticket.deadline.as_secs()))?
-        .inspect_err(|e| {
-            if e.starts_with(VIOLATION) {
-                Counters::inc(&ctx.counters.protocol_errors);
-            }
-        })?;
+        .map_err(|_| {
+            Closed::ended(format!("no CONNECT within {} s", ticket.deadline.as_secs()))
+        })??;
     let Some((kind::CONNECT, frame)) = first else {
-        Counters::inc(&ctx.counters.protocol_errors);
-        return Err("first packet is not CONNECT".into());
+        return Err(Closed::Violation("first packet is not CONNECT".into()));
     };
     ticket.spoke();
-    let Packet::Connect(connect, props, will, will_props, login) = packet::decode(&frame, max)
-        .map_err(|e| {
-            Counters::inc(&ctx.counters.protocol_errors);
-            format!("bad CONNECT: {e}")
-        })?
+    let Packet::Connect(connect, props, will, will_props, login) =
+        packet::decode(&frame, max).map_err(|e| Closed::Violation(format!("bad CONNECT: {e}")))?
     else {
-        return Err("bad CONNECT".into());
+        return Err(Closed::Violation("bad CONNECT".into()));
     };
 
     let identity = match admit(
@@ -461,7 +483,7 @@ where
                 DENIED_LOG.warn(&format!("{why} from {peer}"));
             }
             let _ = wr.write_all(&packet::connack(r.code)).await;
-            return Err(r.reason.into());
+            return Err(Closed::Refused(r.reason));
         }
     };
     Counters::inc(&ctx.counters.connections_accepted);
@@ -529,12 +551,9 @@ impl Upstream<'_> {
     }
 
     /// A device PUBLISH: checked against its report topics and handed to the OTA service.
-    async fn report(&mut self, frame: &Bytes) -> Result<Option<PendingAck>, String> {
+    async fn report(&mut self, frame: &Bytes) -> Result<Option<PendingAck>, Closed> {
         let ctx = self.ctx;
-        let p = packet::parse_publish(frame).map_err(|e| {
-            Counters::inc(&ctx.counters.protocol_errors);
-            e.to_string()
-        })?;
+        let p = packet::parse_publish(frame).map_err(|e| Closed::Violation(e.to_string()))?;
         let Some((device_id, proto, kind)) = self
             .identity
             .publish_kind(&ctx.settings.topic_prefix, &p.topic)
@@ -544,7 +563,7 @@ impl Upstream<'_> {
                 "MQTT publish on {:?} refused for {} from {}: not one of its report topics",
                 p.topic, self.scope, self.peer
             ));
-            return Err("publish not allowed".into());
+            return Err(Closed::Denied);
         };
         self.announce(&device_id, proto);
         Counters::inc(&ctx.counters.messages_in);
@@ -563,7 +582,7 @@ impl Upstream<'_> {
             done,
         };
         if ctx.messages.send(msg).await.is_err() {
-            return Err("server stopping".into());
+            return Err(Closed::ended("server stopping"));
         }
         Ok(wait.map(|done| PendingAck {
             kind: if p.qos == 1 {
@@ -578,12 +597,11 @@ impl Upstream<'_> {
 
     /// A SUBSCRIBE: every filter must be one of the device's command topics. A packet with any
     /// other filter is refused as a whole (SUBACK 0x80 for each filter; counted and logged).
-    fn subscribe(&mut self, frame: &Bytes) -> Result<Subscription, String> {
+    fn subscribe(&mut self, frame: &Bytes) -> Result<Subscription, Closed> {
         let ctx = self.ctx;
         let Ok(Packet::Subscribe(sub, _)) = packet::decode(frame, ctx.settings.max_packet_bytes)
         else {
-            Counters::inc(&ctx.counters.protocol_errors);
-            return Err("bad SUBSCRIBE".into());
+            return Err(Closed::Violation("bad SUBSCRIBE".into()));
         };
         let mut watch = None;
         for f in &sub.filters {
@@ -643,7 +661,7 @@ async fn serve<S>(
     ctx: &Arc<DoorContext>,
     shutdown: CancellationToken,
     ticket: super::preauth::Ticket,
-) -> Result<(), String>
+) -> Result<(), Closed>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -655,7 +673,7 @@ where
     let Ok(_permit) = ctx.connections.try_acquire() else {
         ERROR_LOG.warn("mqtt.max_connections reached: connection refused");
         let _ = wr.write_all(&packet::connack(3)).await;
-        return Err("mqtt.max_connections reached".into());
+        return Err(Closed::Refused("mqtt.max_connections reached"));
     };
     let mut up = Upstream {
         ctx,
@@ -698,7 +716,7 @@ async fn direct<S>(
     up: &mut Upstream<'_>,
     routes: &Routes,
     shutdown: CancellationToken,
-) -> Result<(), String>
+) -> Result<(), Closed>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -711,7 +729,7 @@ where
     let (out, mut outbox) = mpsc::channel::<Bytes>(OUTBOX);
     if let Err(e) = send(&mut wr, &packet::connack_accepted(present)).await {
         routes.close(&key, conn);
-        return Err(e.to_string());
+        return Err(e.into());
     }
     if let Some((id, p)) = l.identity.speaks_for(l.login.as_ref()) {
         up.announce(&id, p);
@@ -737,36 +755,33 @@ where
     let mut pending: FuturesOrdered<futures_util::future::BoxFuture<'static, Option<Bytes>>> =
         FuturesOrdered::new();
     let mut graceful = false;
-    let result: Result<(), String> = loop {
+    let result: Result<(), Closed> = loop {
         let frame = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
             _ = taken_over.cancelled() => {
                 Counters::inc(&ctx.counters.session_takeovers);
-                break Err("a new connection with the same client id took the session over".into());
+                break Err(Closed::ended("a new connection with the same client id took the session over"));
             }
             ack = pending.next(), if !pending.is_empty() => match ack {
                 Some(Some(b)) => {
-                    if let Err(e) = send(&mut wr, &b).await { break Err(e.to_string()); }
+                    if let Err(e) = send(&mut wr, &b).await { break Err(e.into()); }
                     continue;
                 }
                 // the report could not be persisted: let the device send it again
-                _ => break Err("report not persisted".into()),
+                _ => break Err(Closed::ended("report not persisted")),
             },
             Some(b) = outbox.recv() => {
-                if let Err(e) = send(&mut wr, &b).await { break Err(e.to_string()); }
+                if let Err(e) = send(&mut wr, &b).await { break Err(e.into()); }
                 continue;
             }
-            _ = &mut expiry => break Err("keep-alive expired".into()),
+            _ = &mut expiry => break Err(Closed::ended("keep-alive expired")),
             f = read_frame(&mut rd, &mut buf, max) => f,
         };
         let (ty, frame) = match frame {
             Ok(Some(f)) => f,
-            Ok(None) => break Err("connection closed without DISCONNECT".into()),
-            Err(e) => {
-                Counters::inc(&ctx.counters.protocol_errors);
-                break Err(e);
-            }
+            Ok(None) => break Err(Closed::ended("connection closed without DISCONNECT")),
+            Err(e) => break Err(e),
         };
         if let Some(d) = idle {
             expiry.as_mut().reset(tokio::time::Instant::now() + d);
@@ -792,7 +807,7 @@ where
                     Ok(Subscription::Allowed(sub, ready)) => (sub, ready),
                     Ok(Subscription::Refused(suback)) => {
                         if let Err(e) = send(&mut wr, &suback).await {
-                            break Err(e.to_string());
+                            break Err(e.into());
                         }
                         continue;
                     }
@@ -805,7 +820,7 @@ where
                     codes.push(qos);
                 }
                 if let Err(e) = send(&mut wr, &packet::suback(sub.pkid, &codes)).await {
-                    break Err(e.to_string());
+                    break Err(e.into());
                 }
                 if let Some((id, protocol)) = ready {
                     // after the SUBACK: a command published now reaches the device
@@ -815,8 +830,7 @@ where
             }
             kind::UNSUBSCRIBE => {
                 let Ok(Packet::Unsubscribe(u, _)) = packet::decode(&frame, max) else {
-                    Counters::inc(&ctx.counters.protocol_errors);
-                    break Err("bad UNSUBSCRIBE".into());
+                    break Err(Closed::Violation("bad UNSUBSCRIBE".into()));
                 };
                 for f in &u.filters {
                     routes.unsubscribe(&key, conn, f);
@@ -830,19 +844,17 @@ where
                 graceful = true;
                 break Ok(());
             }
-            kind::CONNECT => {
-                Counters::inc(&ctx.counters.protocol_errors);
-                break Err("second CONNECT".into());
-            }
+            kind::CONNECT => break Err(Closed::Violation("second CONNECT".into())),
             other => {
-                Counters::inc(&ctx.counters.protocol_errors);
-                break Err(format!("unexpected packet type {other} from a client"));
+                break Err(Closed::Violation(format!(
+                    "unexpected packet type {other} from a client"
+                )));
             }
         };
         if let Some(b) = answer
             && let Err(e) = send(&mut wr, &b).await
         {
-            break Err(e.to_string());
+            break Err(e.into());
         }
     };
     routes.close(&key, conn);
@@ -875,7 +887,7 @@ async fn relay<S>(
     up: &mut Upstream<'_>,
     backend: SocketAddr,
     shutdown: CancellationToken,
-) -> Result<(), String>
+) -> Result<(), Closed>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -897,17 +909,19 @@ where
         l.will_props.clone(),
         l.login.clone(),
     ))
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Closed::ended(format!("rewriting CONNECT: {e}")))?;
     let handshake = ctx
         .backend_handshakes
         .clone()
         .acquire_owned()
         .await
-        .map_err(|_| "server stopping".to_string())?;
+        .map_err(|_| Closed::ended("server stopping"))?;
     let backend = connect_backend(backend).await?;
     let _ = backend.set_nodelay(true);
     let (mut brd, mut bwr) = backend.into_split();
-    bwr.write_all(&rewritten).await.map_err(|e| e.to_string())?;
+    bwr.write_all(&rewritten)
+        .await
+        .map_err(|e| Closed::ended(format!("embedded broker: {e}")))?;
 
     if let Some((id, p)) = l.identity.speaks_for(l.login.as_ref()) {
         up.announce(&id, p);
@@ -970,12 +984,12 @@ where
     let mut qos2: HashSet<u16> = HashSet::new();
     let mut backend_ping =
         tokio::time::interval_at(tokio::time::Instant::now() + BACKEND_PING, BACKEND_PING);
-    let result: Result<(), String> = loop {
+    let result: Result<(), Closed> = loop {
         let next = async {
             match idle {
                 Some(d) => tokio::time::timeout(d, read_frame(&mut rd, &mut buf, max))
                     .await
-                    .map_err(|_| "keep-alive expired".to_string())?,
+                    .map_err(|_| Closed::ended("keep-alive expired"))?,
                 None => read_frame(&mut rd, &mut buf, max).await,
             }
         };
@@ -984,7 +998,7 @@ where
             _ = backend_ping.tick() => {
                 swallow.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if bwr.write_all(&PINGREQ).await.is_err() {
-                    break Err("embedded broker closed".into());
+                    break Err(Closed::ended("embedded broker closed"));
                 }
                 continue;
             }
@@ -993,10 +1007,7 @@ where
         let (ty, frame) = match frame {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
-            Err(e) => {
-                Counters::inc(&ctx.counters.protocol_errors);
-                break Err(e);
-            }
+            Err(e) => break Err(e),
         };
         match ty {
             kind::PUBLISH => match up.report(&frame).await {
@@ -1052,20 +1063,17 @@ where
                         .await;
                 }
                 if bwr.write_all(&frame).await.is_err() {
-                    break Err("embedded broker closed".into());
+                    break Err(Closed::ended("embedded broker closed"));
                 }
             }
-            kind::CONNECT => {
-                Counters::inc(&ctx.counters.protocol_errors);
-                break Err("second CONNECT".into());
-            }
+            kind::CONNECT => break Err(Closed::Violation("second CONNECT".into())),
             kind::DISCONNECT => {
                 let _ = bwr.write_all(&frame).await;
                 break Ok(());
             }
             _ => {
                 if bwr.write_all(&frame).await.is_err() {
-                    break Err("embedded broker closed".into());
+                    break Err(Closed::ended("embedded broker closed"));
                 }
             }
         }
