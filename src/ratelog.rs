@@ -1,5 +1,6 @@
-//! Rate-limited warnings: a flood of bad input (malformed reports, refused logins) is counted
-//! and logged at most once per second per call site, with how many were suppressed.
+//! Rate-limited warnings: a flood of bad input (malformed reports, refused logins) is logged at
+//! most once per second per call site, with how many were suppressed. [`RateLog::admit`] guards
+//! an ordinary structured `tracing` event, so suppressed ones cost no formatting.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -18,8 +19,11 @@ impl RateLog {
         }
     }
 
-    /// Logs `msg` as a warning unless this site logged less than a second ago.
-    pub fn warn(&self, msg: &str) {
+    /// Whether this call site may log now (it has not for a second): `Some(suppressed)` with
+    /// how many events it swallowed since its last one, `None` to stay quiet (counted). Guards
+    /// a normal structured event, so nothing is formatted while suppressed:
+    /// `if let Some(suppressed) = LOG.admit() { tracing::warn!(device, suppressed, "...") }`.
+    pub fn admit(&self) -> Option<u64> {
         let now = crate::time::now_ms();
         let last = self.last_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 1000
@@ -28,14 +32,10 @@ impl RateLog {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
-            if suppressed > 0 {
-                tracing::warn!(suppressed, "{msg}");
-            } else {
-                tracing::warn!("{msg}");
-            }
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
         } else {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
         }
     }
 }
@@ -43,5 +43,23 @@ impl RateLog {
 impl Default for RateLog {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn one_event_a_second_with_the_count_of_those_swallowed() {
+        let log = RateLog::new();
+        assert_eq!(log.admit(), Some(0));
+        assert_eq!(log.admit(), None);
+        assert_eq!(log.admit(), None);
+        tokio::time::advance(std::time::Duration::from_millis(999)).await;
+        assert_eq!(log.admit(), None);
+        tokio::time::advance(std::time::Duration::from_millis(1)).await;
+        assert_eq!(log.admit(), Some(3));
+        assert_eq!(log.admit(), None);
     }
 }

@@ -11,9 +11,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 pub fn now_ms() -> i64 {
     let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| d.as_nanos() as i128)
         .unwrap_or(0);
-    wall + skew_ms()
+    ((wall + skew_ns()) / 1_000_000) as i64
 }
 
 /// Seconds since the Unix epoch.
@@ -26,14 +26,15 @@ pub fn now_utc() -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(now_ms()).unwrap_or_default()
 }
 
-/// How far tokio's clock is ahead of the real monotonic clock (0 unless paused and advanced).
-fn skew_ms() -> i64 {
+/// How far tokio's clock is ahead of the real monotonic clock, in nanoseconds (0 unless paused
+/// and advanced).
+fn skew_ns() -> i128 {
     let real = Instant::now();
     let tokio = tokio::time::Instant::now().into_std();
     if tokio >= real {
-        (tokio - real).as_millis() as i64
+        (tokio - real).as_nanos() as i128
     } else {
-        -((real - tokio).as_millis() as i64)
+        -((real - tokio).as_nanos() as i128)
     }
 }
 

@@ -121,9 +121,11 @@ pub(super) async fn accept_loop(
                 }
             };
             match result {
-                Err(e @ Closed::Violation(_)) => {
+                Err(Closed::Violation(what)) => {
                     Counters::inc(&ctx.counters.protocol_errors);
-                    VIOLATION_LOG.warn(&format!("{e} from {peer}: connection closed"));
+                    if let Some(suppressed) = VIOLATION_LOG.admit() {
+                        tracing::warn!(%peer, violation = what, suppressed, "MQTT protocol violation: connection closed");
+                    }
                 }
                 Err(e) => tracing::debug!(peer = %peer, error = %e, "MQTT connection closed"),
                 Ok(()) => {}
@@ -479,8 +481,10 @@ where
                 Counted::ProtocolError => &ctx.counters.protocol_errors,
                 Counted::AclDenied => &ctx.counters.acl_denied,
             });
-            if let Some(why) = &r.log {
-                DENIED_LOG.warn(&format!("{why} from {peer}"));
+            if let Some(why) = &r.log
+                && let Some(suppressed) = DENIED_LOG.admit()
+            {
+                tracing::warn!(%peer, suppressed, "{why}");
             }
             let _ = wr.write_all(&packet::connack(r.code)).await;
             return Err(Closed::Refused(r.reason));
@@ -559,10 +563,15 @@ impl Upstream<'_> {
             .publish_kind(&ctx.settings.topic_prefix, &p.topic)
         else {
             Counters::inc(&ctx.counters.acl_denied);
-            DENIED_LOG.warn(&format!(
-                "MQTT publish on {:?} refused for {} from {}: not one of its report topics",
-                p.topic, self.scope, self.peer
-            ));
+            if let Some(suppressed) = DENIED_LOG.admit() {
+                tracing::warn!(
+                    topic = p.topic,
+                    device = self.scope,
+                    peer = %self.peer,
+                    suppressed,
+                    "MQTT publish refused: not one of the device's report topics"
+                );
+            }
             return Err(Closed::Denied);
         };
         self.announce(&device_id, proto);
@@ -613,10 +622,15 @@ impl Upstream<'_> {
                 Some(_) => {}
                 None => {
                     Counters::inc(&ctx.counters.acl_denied);
-                    DENIED_LOG.warn(&format!(
-                        "MQTT subscribe to {:?} refused for {} from {}: not one of its command topics",
-                        f.path, self.scope, self.peer
-                    ));
+                    if let Some(suppressed) = DENIED_LOG.admit() {
+                        tracing::warn!(
+                            filter = f.path,
+                            device = self.scope,
+                            peer = %self.peer,
+                            suppressed,
+                            "MQTT subscribe refused: not one of the device's command topics"
+                        );
+                    }
                     return Ok(Subscription::Refused(packet::suback(
                         sub.pkid,
                         &vec![0x80; sub.filters.len()],
@@ -671,7 +685,9 @@ where
     drop(ticket);
     // Only logged-in connections count against mqtt.max_connections.
     let Ok(_permit) = ctx.connections.try_acquire() else {
-        ERROR_LOG.warn("mqtt.max_connections reached: connection refused");
+        if let Some(suppressed) = ERROR_LOG.admit() {
+            tracing::warn!(%peer, suppressed, "mqtt.max_connections reached: connection refused");
+        }
         let _ = wr.write_all(&packet::connack(3)).await;
         return Err(Closed::Refused("mqtt.max_connections reached"));
     };

@@ -612,10 +612,15 @@ impl Ota {
                 true
             }
             Err(e) => {
-                SEND_LOG.warn(&format!(
-                    "command for device {} not sent ({e}); it is re-sent when the device subscribes again",
-                    t.device_id
-                ));
+                if let Some(suppressed) = SEND_LOG.admit() {
+                    tracing::warn!(
+                        device = %t.device_id,
+                        task = t.id,
+                        error = %e,
+                        suppressed,
+                        "command not sent; it is re-sent when the device subscribes again"
+                    );
+                }
                 false
             }
         }
@@ -735,10 +740,16 @@ impl Ota {
     /// Counts and logs (at most once a second) a report dropped for `why`.
     fn drop_report(&self, device: &str, why: Dropped, detail: &str) {
         self.reports.dropped(device, why);
-        DROP_LOG.warn(&format!(
-            "dropped a report from {device}: {}: {detail}",
-            why.says()
-        ));
+        if let Some(suppressed) = DROP_LOG.admit() {
+            tracing::warn!(
+                device,
+                reason = why.key(),
+                why = why.says(),
+                detail,
+                suppressed,
+                "dropped a report"
+            );
+        }
     }
 
     /// Notified when tasks ended or were confirmed, once that is on disk (after the flush):
