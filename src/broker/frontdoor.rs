@@ -112,6 +112,9 @@ pub(super) async fn accept_loop(
                     None => serve(stream, peer, &ctx, shutdown, ticket).await,
                 }
             };
+            // one span per connection; `device` is filled in once it has logged in
+            let span = tracing::info_span!("mqtt", %peer, device = tracing::field::Empty);
+            let work = tracing::Instrument::instrument(work, span);
             tokio::pin!(work);
             let result = tokio::select! {
                 r = &mut work => r,
@@ -683,6 +686,7 @@ where
     let mut buf = BytesMut::with_capacity(512);
     let l = login(&mut rd, &mut wr, &mut buf, peer, ctx, &ticket).await?;
     drop(ticket);
+    tracing::Span::current().record("device", l.scope.as_str());
     // Only logged-in connections count against mqtt.max_connections.
     let Ok(_permit) = ctx.connections.try_acquire() else {
         if let Some(suppressed) = ERROR_LOG.admit() {

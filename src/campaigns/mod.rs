@@ -766,7 +766,8 @@ impl Campaigns {
                 c.status,
                 CampaignStatus::Scheduled | CampaignStatus::Running | CampaignStatus::Paused
             ) {
-                dirty |= self.round(c, now).await?;
+                let span = tracing::info_span!("campaign_round", campaign = %c.id);
+                dirty |= tracing::Instrument::instrument(self.round(c, now), span).await?;
             }
         }
         if dirty {

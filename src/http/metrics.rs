@@ -33,7 +33,8 @@ pub struct HttpMetrics {
     pub body_timeouts: std::sync::Arc<AtomicU64>,
 }
 
-/// Middleware: counts every request by matched route, method and status.
+/// Middleware: runs every request in an `http` span (method, route, status) and counts it by
+/// matched route, method and status.
 pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -48,8 +49,11 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
         axum::http::Method::PUT => "PUT",
         _ => "OTHER",
     };
-    let resp = next.run(req).await;
+    // one span per request: what the handlers log carries the route and method
+    let span = tracing::info_span!("http", method, route = %route, status = tracing::field::Empty);
+    let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     let status = resp.status().as_u16();
+    span.record("status", status);
     if status == 401 {
         st.http_metrics
             .auth_failures

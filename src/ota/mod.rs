@@ -1224,6 +1224,8 @@ impl Ota {
             {
                 let _g = self.lock.lock().await;
                 for m in &batch {
+                    // a span per report (debug level: free at the default filter, 50k a second)
+                    let _span = tracing::debug_span!("report", device = %m.device_id).entered();
                     if let Err(e) = self.handle(m, &mut h.out, &mut h.sends) {
                         tracing::error!(error = %e, device = %m.device_id, "storing a report failed; the device will retry");
                         h.ok = false;
