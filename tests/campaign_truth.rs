@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Server;
 use common::mqtt::Device;
@@ -179,13 +179,10 @@ trait Waits {
 impl Waits for Server {
     /// Waits until the device's heartbeat was stored (its version is known).
     async fn wait_task_absent_or(&self, id: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.get_json(&format!("/api/ota/devices/{id}")).await.1["data"]["firmwareVersion"]
-            != "1.0.1"
-        {
-            assert!(Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_for(&format!("/api/ota/devices/{id}"), 10, |d| {
+            d["firmwareVersion"] == "1.0.1"
+        })
+        .await;
     }
 }
 

@@ -39,21 +39,11 @@ async fn wait_deltas(
     dt: &str,
     pred: impl Fn(&[Value]) -> bool,
 ) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (st, b) = s
-            .get_json(&format!(
-                "/api/ota/firmware/{version}/deltas?deviceType={dt}"
-            ))
-            .await;
-        assert_eq!(st, 200, "{b}");
-        let list = b["data"].as_array().unwrap().clone();
-        if pred(&list) {
-            return list;
-        }
-        assert!(Instant::now() < deadline, "deltas never got there: {b}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let path = format!("/api/ota/firmware/{version}/deltas?deviceType={dt}");
+    let list = s
+        .wait_for(&path, 60, |d| d.as_array().is_some_and(|l| pred(l)))
+        .await;
+    list.as_array().unwrap().clone()
 }
 
 async fn fetch(s: &Server, url: &str) -> (u16, Vec<u8>) {

@@ -37,18 +37,7 @@ trait WaitDevice {
 
 impl WaitDevice for Server {
     async fn wait_device(&self, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let (_, b) = self.get_json("/api/ota/devices/GW1").await;
-            if pred(&b["data"]) {
-                return b["data"].clone();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "device never matched: {b}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        self.wait_for("/api/ota/devices/GW1", 10, pred).await
     }
 }
 

@@ -20,20 +20,10 @@ fn no_msg_id(state: &str, p: u8) -> Value {
            "data":{"state":state,"progress":p,"currentVersion":"1.0.1","targetVersion":"1.0.2"}})
 }
 
-async fn reports(s: &Server) -> Value {
-    s.get_json("/api/ota/statistics").await.1["data"]["reports"].clone()
-}
-
 async fn wait_reports(s: &Server, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = reports(s).await;
-        if pred(&r) {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "counters never got there: {r}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.wait_for("/api/ota/statistics", 10, |d| pred(&d["reports"]))
+        .await["reports"]
+        .clone()
 }
 
 async fn gateway(s: &Server) -> Device {

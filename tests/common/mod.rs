@@ -233,35 +233,33 @@ impl Server {
         assert_eq!(st, 200, "{b}");
     }
 
-    /// Polls the device's newest task until `pred` holds (deadline 15 s).
-    pub async fn wait_task(&self, device: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let path = format!("/api/ota/task/{}", device.replace('/', "%2F"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    /// Polls `GET path` until `pred` holds for its `data` (deadline `secs`); returns it. The
+    /// one polling loop of the tests: what they wait for is a state the API shows.
+    pub async fn wait_for(&self, path: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
-            let (st, b) = self.get_json(&path).await;
+            let (st, b) = self.get_json(path).await;
             if st == 200 && pred(&b["data"]) {
                 return b["data"].clone();
             }
             assert!(
-                std::time::Instant::now() < deadline,
-                "task never reached the expected state: {b}"
+                Instant::now() < deadline,
+                "GET {path} never got there in {secs} s: {st} {b}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
+    /// Polls the device's newest task until `pred` holds (deadline 15 s).
+    pub async fn wait_task(&self, device: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let path = format!("/api/ota/task/{}", device.replace('/', "%2F"));
+        self.wait_for(&path, 15, pred).await
+    }
+
     /// Polls a campaign until `pred` holds (deadline `secs`).
     pub async fn wait_campaign(&self, id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let (st, b) = self.get_json(&format!("/api/ota/campaigns/{id}")).await;
-            assert_eq!(st, 200, "{b}");
-            if pred(&b["data"]) {
-                return b["data"].clone();
-            }
-            assert!(Instant::now() < deadline, "campaign never got there: {b}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.wait_for(&format!("/api/ota/campaigns/{id}"), secs, pred)
+            .await
     }
 
     /// A config file for client verbs (`sim`, admin verbs) pointing at this server's data dir,
@@ -299,21 +297,10 @@ impl Server {
 
     /// Polls until `n` devices are online (deadline 60 s).
     pub async fn wait_online(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (_, b) = self
-                .get_json("/api/ota/devices?online=true&limit=10000")
-                .await;
-            let have = b["data"].as_array().map_or(0, Vec::len);
-            if have >= n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {have} of {n} devices came online"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.wait_for("/api/ota/devices?online=true&limit=10000", 60, |d| {
+            d.as_array().map_or(0, Vec::len) >= n
+        })
+        .await;
     }
 
     /// The download statistics of one version.
