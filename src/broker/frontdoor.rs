@@ -284,13 +284,14 @@ enum Counted {
 }
 
 /// A refused CONNECT: its CONNACK return code, what is counted, why (the connection's end
-/// reason) and, for refusals worth a warning, what to log.
+/// reason) and, for refusals worth a warning, what was refused (the user name, the will topic)
+/// as a log field.
 #[derive(Debug)]
 struct Refusal {
     code: u8,
     counted: Counted,
     reason: &'static str,
-    log: Option<String>,
+    warn_about: Option<String>,
 }
 
 /// The decision on a decoded CONNECT, with no I/O: who the connection speaks for and what it
@@ -310,7 +311,7 @@ fn admit(
             code: if login.is_some() { 4 } else { 5 },
             counted: Counted::AuthFailure,
             reason: "login refused",
-            log: Some(format!("MQTT login refused for user {user:?}")),
+            warn_about: Some(user.to_string()),
         });
     }
     if connect.client_id.is_empty() && !connect.clean_session {
@@ -319,7 +320,7 @@ fn admit(
             code: 2,
             counted: Counted::ProtocolError,
             reason: "empty client id with clean_session = false",
-            log: None,
+            warn_about: None,
         });
     }
     let identity = Identity {
@@ -335,7 +336,7 @@ fn admit(
                 code: 5,
                 counted: Counted::AclDenied,
                 reason: "will topic not allowed",
-                log: Some(format!("MQTT will on {topic:?} refused")),
+                warn_about: Some(topic),
             });
         }
     }
@@ -484,10 +485,10 @@ where
                 Counted::ProtocolError => &ctx.counters.protocol_errors,
                 Counted::AclDenied => &ctx.counters.acl_denied,
             });
-            if let Some(why) = &r.log
+            if let Some(what) = &r.warn_about
                 && let Some(suppressed) = DENIED_LOG.admit()
             {
-                tracing::warn!(%peer, suppressed, "{why}");
+                tracing::warn!(%peer, refused = %what, reason = r.reason, suppressed, "MQTT CONNECT refused");
             }
             let _ = wr.write_all(&packet::connack(r.code)).await;
             return Err(Closed::Refused(r.reason));
