@@ -134,11 +134,6 @@ impl Blobs {
         }
     }
 
-    /// Bytes free on the filesystem holding the blobs (the data disk).
-    pub fn free_bytes(&self) -> Option<u64> {
-        crate::store::free_bytes(&self.root)
-    }
-
     /// Stages bytes already in memory (a computed patch): temp file, hashed, fsynced. Blocking.
     pub fn stage_bytes(&self, bytes: &[u8]) -> io::Result<StagedBlob> {
         let mut name = [0u8; 16];

@@ -497,6 +497,7 @@ impl Deltas {
         };
         let threads = self.settings.threads;
         let blobs = self.blobs.clone();
+        let store = self.store.clone();
         let started = Instant::now();
         let (src_sha, dst_sha) = (src.sha256.clone(), dst.sha256.clone());
         let max_ratio = self.settings.max_ratio;
@@ -530,7 +531,7 @@ impl Deltas {
                 if crate::store::is_disk_full(&e) {
                     format!(
                         "the data disk is full ({} bytes free): the {} byte patch could not be stored; request it again once there is room",
-                        blobs.free_bytes().unwrap_or(0),
+                        store.free_bytes().unwrap_or(0),
                         patch.len()
                     )
                 } else {

@@ -69,10 +69,7 @@ async fn every_acknowledged_change_survives_a_kill_right_after_the_answer() {
     let (st, fw) = a.get("/api/ota/firmware/1.0.1").await;
     assert_eq!(st, 200, "uploaded firmware lost: {fw}");
     let got = a
-        .http
-        .get(format!("{}/firmware/gateway_v1.0.1.bin", a.base()))
-        .bearer_auth(a.token())
-        .send()
+        .fetch("/firmware/gateway_v1.0.1.bin")
         .await
         .unwrap()
         .bytes()

@@ -296,13 +296,7 @@ async fn act(a: Arc<Appliance>, action: &str, round: u64, acked: Arc<Mutex<Acked
                 .await;
         }
         "backup" => {
-            if let Ok(r) = a
-                .http
-                .get(format!("{}/api/ota/backup", a.base()))
-                .bearer_auth(a.token())
-                .send()
-                .await
-            {
+            if let Ok(r) = a.fetch("/api/ota/backup").await {
                 let _ = r.bytes().await;
             }
         }
@@ -338,14 +332,7 @@ async fn check(a: &Appliance, acked: &Acked) -> Result<(), String> {
             return Err(format!("acknowledged release of {v} is gone: {f}"));
         }
         let body = a
-            .http
-            .get(format!(
-                "{}/firmware/{}",
-                a.base(),
-                f["fileName"].as_str().unwrap()
-            ))
-            .bearer_auth(a.token())
-            .send()
+            .fetch(&format!("/firmware/{}", f["fileName"].as_str().unwrap()))
             .await
             .map_err(|e| e.to_string())?
             .bytes()

@@ -248,13 +248,7 @@ async fn a_full_disk_refuses_writes_with_507_keeps_serving_and_recovers_by_itsel
     // reads and downloads keep working
     let (st, list) = site.call("GET", "/api/ota/firmware", None).await;
     assert_eq!(st, 200, "{list}");
-    let dl = site
-        .http
-        .get(format!("{}/firmware/gateway_v1.0.0.bin", site.base()))
-        .bearer_auth(site.token())
-        .send()
-        .await
-        .unwrap();
+    let dl = site.fetch("/firmware/gateway_v1.0.0.bin").await.unwrap();
     assert_eq!(dl.status(), 200);
     assert_eq!(dl.bytes().await.unwrap().as_ref(), &img[..]);
 
@@ -282,13 +276,7 @@ async fn a_full_disk_refuses_writes_with_507_keeps_serving_and_recovers_by_itsel
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(site.upload("1.0.3", image(50_000, 10)).await.0, 201);
-    let backup = site
-        .http
-        .get(format!("{}/api/ota/backup", site.base()))
-        .bearer_auth(site.token())
-        .send()
-        .await
-        .unwrap();
+    let backup = site.fetch("/api/ota/backup").await.unwrap();
     assert_eq!(backup.status(), 200, "backup after recovery");
     assert!(backup.bytes().await.unwrap().len() > 600_000);
 
@@ -401,15 +389,9 @@ async fn a_delta_build_that_meets_a_full_disk_fails_cleanly_and_builds_once_spac
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let file = ready["url"].as_str().unwrap().rsplit('/').next().unwrap();
     let patch = site
-        .http
-        .get(format!(
-            "{}/firmware/deltas/{}",
-            site.base(),
-            ready["url"].as_str().unwrap().rsplit('/').next().unwrap()
-        ))
-        .bearer_auth(site.token())
-        .send()
+        .fetch(&format!("/firmware/deltas/{file}"))
         .await
         .unwrap();
     assert_eq!(patch.status(), 200, "{ready}");

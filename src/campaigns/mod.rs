@@ -779,9 +779,7 @@ impl Campaigns {
     /// One round of one campaign: gather the facts, [`round::decide`], write what changed in
     /// one batch, then create the tasks of the members it starts.
     async fn round(&self, c: CampaignRecord, now: i64) -> Result<bool, CampaignError> {
-        if c.status == CampaignStatus::Scheduled
-            && (now < c.start_at_ms || !in_window(c.window, now))
-        {
+        if round::waits_to_start(&c, now) {
             return Ok(false);
         }
         let (members, adopted) = self.members_now(&c, now)?;
@@ -819,7 +817,7 @@ impl Campaigns {
         let round::RoundPlan {
             campaign,
             mut members,
-            start,
+            start: to_start,
             ..
         } = plan;
         self.put_members(write.iter().map(|&i| members[i].clone()).collect())
@@ -831,7 +829,6 @@ impl Campaigns {
             }
             None => c,
         };
-        let to_start = start;
         // create the tasks in one batch (durable in chunks, commands out as each chunk is);
         // a member is recorded in flight only with its task id
         if !to_start.is_empty() {
@@ -861,14 +858,7 @@ impl Campaigns {
             for (&i, r) in idx.iter().zip(results) {
                 let m = &mut members[i];
                 match r {
-                    Ok(t) => {
-                        m.status = MemberStatus::InFlight;
-                        m.task_id = Some(t.id);
-                        m.attempts += 1;
-                        m.note = None;
-                        m.updated_at_ms = now;
-                        continue;
-                    }
+                    Ok(_) => continue,
                     Err(OtaError::Conflict(why)) => {
                         m.status = MemberStatus::Skipped;
                         m.note = Some(format!("conflict: {why}"));

@@ -97,6 +97,12 @@ impl RoundPlan {
     }
 }
 
+/// A scheduled campaign whose start time has not come or whose window is closed: its round
+/// does nothing (checked before the engine reads any member).
+pub fn waits_to_start(c: &CampaignRecord, now: i64) -> bool {
+    c.status == CampaignStatus::Scheduled && (now < c.start_at_ms || !in_window(c.window, now))
+}
+
 /// One round of `c` over `members` at `now`.
 pub fn decide<F: Facts>(
     c: &CampaignRecord,
@@ -111,10 +117,10 @@ pub fn decide<F: Facts>(
     let mut c = c.clone();
     let mut changed_campaign = false;
     let mut changed: Vec<bool> = vec![false; plan.members.len()];
+    if waits_to_start(&c, now) {
+        return Ok(plan);
+    }
     if c.status == CampaignStatus::Scheduled {
-        if now < c.start_at_ms || !in_window(c.window, now) {
-            return Ok(plan);
-        }
         c.status = CampaignStatus::Running;
         c.started_at_ms = Some(now);
         c.status_reason = None;

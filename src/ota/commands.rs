@@ -14,7 +14,7 @@ pub fn upgrade(prefix: &str, t: &TaskRecord, now_ms: i64) -> (String, Vec<u8>) {
                 msg_type: "ota_upgrade".into(),
                 msg_id: t.msg_id.clone(),
                 uuid: t.device_id.clone(),
-                timestamp: (now_ms / 1000).max(0) as u64,
+                timestamp: secs(now_ms),
                 data: gateway::UpgradeData {
                     msg_id: t.msg_id.clone(),
                     version: t.to_version.clone(),
@@ -87,12 +87,17 @@ pub fn alibaba_data(t: &TaskRecord) -> alibaba::UpgradeData {
     }
 }
 
-/// The cancel command of a task, if its protocol has one.
+/// A gateway command's `timestamp`: seconds since the epoch.
+fn secs(now_ms: i64) -> u64 {
+    (now_ms / 1000).max(0) as u64
+}
+
+/// The cancel command of a task, if its protocol has one; `now_ms` stamps it.
 pub fn cancel(
     prefix: &str,
     t: &TaskRecord,
     reason: &str,
-    now_secs: u64,
+    now_ms: i64,
 ) -> Option<(String, Vec<u8>)> {
     if t.protocol != Protocol::Gateway {
         return None;
@@ -101,7 +106,7 @@ pub fn cancel(
         msg_type: "ota_cancel".into(),
         msg_id: t.msg_id.clone(),
         uuid: t.device_id.clone(),
-        timestamp: now_secs,
+        timestamp: secs(now_ms),
         data: gateway::CancelData {
             msg_id: t.msg_id.clone(),
             version: t.to_version.clone(),

@@ -27,8 +27,7 @@ use crate::ratelog::RateLog;
 use crate::store::{
     Durable, FirmwareRecord, FirmwareStatus, Store, StoreError, TASK_SCHEMA, TaskRecord, TaskStatus,
 };
-use crate::time::now_ms;
-use crate::time::now_secs;
+use crate::time::{now_ms, now_secs};
 use counters::{Dropped, ReportCounters, Used};
 use state::{Input, Outcome, Why};
 
@@ -655,7 +654,7 @@ impl Ota {
             &self.settings.topic_prefix,
             &t,
             "cancelled by an operator",
-            now_secs(),
+            now_ms(),
         ) {
             let _ = self.broker.publish(topic, payload).await;
         }

@@ -706,6 +706,16 @@ impl Appliance {
         self.call("GET", path, None).await
     }
 
+    /// `GET path` with the admin token, the response as it comes (downloads, backups); `Err`
+    /// when the appliance does not answer.
+    pub async fn fetch(&self, path: &str) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .get(format!("{}{path}", self.base()))
+            .bearer_auth(self.token())
+            .send()
+            .await
+    }
+
     /// The running process (ports, pid).
     pub fn running(&self) -> &Proc {
         self.proc.as_ref().expect("the appliance is running")
@@ -713,13 +723,7 @@ impl Appliance {
 
     /// The value of one metric, as [`Server::metric`].
     pub async fn metric(&self, name: &str) -> f64 {
-        let r = self
-            .http
-            .get(format!("{}/metrics", self.base()))
-            .bearer_auth(self.token())
-            .send()
-            .await
-            .unwrap();
+        let r = self.fetch("/metrics").await.unwrap();
         metric_in(&r.text().await.unwrap(), name)
     }
 }
