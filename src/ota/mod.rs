@@ -6,6 +6,7 @@
 
 pub mod commands;
 pub mod counters;
+pub mod reports;
 pub mod state;
 
 use crate::store::TaskDelta;
@@ -22,13 +23,14 @@ use crate::broker::{Broker, InboundMessage, Presence};
 use crate::devices::{DeviceError, Devices};
 use crate::firmware::{FirmwareError, FirmwareService};
 use crate::ids;
-use crate::protocol::{Inbound, Protocol, alibaba, gateway};
+use crate::protocol::{Protocol, alibaba};
 use crate::ratelog::RateLog;
 use crate::store::{
     Durable, FirmwareRecord, FirmwareStatus, Store, StoreError, TASK_SCHEMA, TaskRecord, TaskStatus,
 };
 use crate::time::{now_ms, now_secs};
 use counters::{Dropped, ReportCounters, Used};
+use reports::Report;
 use state::{Input, Outcome, Why};
 
 static SEND_LOG: RateLog = RateLog::new();
@@ -770,7 +772,7 @@ impl Ota {
     fn apply_and_put(&self, t: &TaskRecord, input: &Input) -> Result<Outcome, StoreError> {
         let o = state::apply(t, input, now_ms());
         match &o {
-            Outcome::Changed(n) | Outcome::Touched(n) => {
+            Outcome::Changed(n) | Outcome::Touched(n) | Outcome::Resend(n) => {
                 self.store.update_task(t, n)?;
                 // it ended, or its end changed (rolled back, or back from a rollback)
                 if !n.status.is_active() && n.status != t.status {
@@ -889,44 +891,9 @@ impl Ota {
         Ok(changed)
     }
 
-    /// [`Ota::apply_and_put`] for a progress report, counted as `how` when it is used.
-    fn apply_report(&self, t: &TaskRecord, input: &Input, how: Used) -> Result<(), StoreError> {
-        let id = &t.device_id;
-        match self.apply_and_put(t, input)? {
-            Outcome::Changed(_) | Outcome::Touched(_) => self.reports.used(id, how),
-            Outcome::Ignored(Why::Backwards) => {
-                self.drop_report(id, Dropped::Backwards, "an earlier state or less progress")
-            }
-            Outcome::Ignored(_) => self.reports.used(id, Used::Repeat),
-        }
-        Ok(())
-    }
-
-    /// A device could not use the delta it was offered: the task goes on with the full image
-    /// (the command is re-sent without the delta after the flush), without operator action.
-    fn retry_without_delta(&self, t: &TaskRecord, sends: &mut Vec<u64>) -> Result<(), StoreError> {
-        let now = now_ms();
-        let mut n = t.clone();
-        n.delta = None;
-        n.updated_at_ms = now;
-        n.last_activity_ms = now;
-        n.start_time_ms = n.start_time_ms.or(Some(now));
-        n.events.push(crate::store::TaskEvent {
-            at_ms: now,
-            status: n.status,
-            progress: n.progress,
-            note: "the device failed with the delta: re-sending the full image".into(),
-        });
-        self.store.update_task(t, &n)?;
-        self.reports.used(&t.device_id, Used::Applied);
-        tracing::info!(device = %t.device_id, task = t.id, "delta failed on the device; falling back to the full image");
-        sends.push(t.id);
-        Ok(())
-    }
-
     /// Handles one report; persists without flushing. Replies to send after the flush are
-    /// pushed to `out`. Every report from a registered device refreshes its `lastSeen`, also
-    /// one that is then dropped.
+    /// pushed to `out`, tasks whose command goes out again to `sends`. Every report from a
+    /// registered device refreshes its `lastSeen`, also one that is then dropped.
     fn handle(
         &self,
         m: &InboundMessage,
@@ -936,224 +903,136 @@ impl Ota {
         let id = m.device_id.as_str();
         self.reports.received();
         self.devices.heard_from(id);
-        match m.kind {
-            Inbound::GatewayReport => match gateway::parse_report(&m.payload) {
-                Err(why) => {
-                    if self.devices_seen(m, None)? {
-                        self.drop_report(id, Dropped::Malformed, &why);
-                    }
+        match reports::interpret(&m.kind, &m.payload) {
+            Report::Malformed(why) => {
+                if self.devices_seen(m, None)? {
+                    self.drop_report(id, Dropped::Malformed, &why);
                 }
-                Ok(gateway::Report::Heartbeat(h)) => {
-                    let Some(_) = self.devices_note(
-                        m,
-                        Some(&h.firmware_version),
-                        h.device_type.as_deref(),
-                        h.delta_formats.as_deref(),
-                    )?
-                    else {
-                        return Ok(());
-                    };
-                    self.reports.used(id, Used::Heartbeat);
-                    if let Some(t) = self.store.latest_task(id)? {
-                        self.apply_version(&t, h.firmware_version)?;
-                    }
-                }
-                Ok(gateway::Report::Progress { msg_id, data }) => {
-                    self.gateway_progress(m, msg_id, data, sends)?
-                }
-            },
-            Inbound::AlibabaInform => match alibaba::parse_inform(&m.payload) {
-                Err(why) => {
-                    if self.devices_seen(m, None)? {
-                        self.drop_report(id, Dropped::Malformed, &why);
-                    }
-                }
-                Ok(i) => {
-                    let Some(_) = self.devices_note(
-                        m,
-                        Some(&i.params.version),
-                        None,
-                        i.params.delta_formats.as_deref(),
-                    )?
-                    else {
-                        return Ok(());
-                    };
-                    self.reports.used(id, Used::Heartbeat);
-                    if let Some(t) = self.store.latest_task(id)? {
-                        self.apply_version(&t, i.params.version)?;
-                    }
-                }
-            },
-            Inbound::AlibabaProgress => {
-                let step = match alibaba::parse_progress(&m.payload) {
-                    Ok((_, step)) => step,
-                    Err(why) => {
-                        if self.devices_seen(m, None)? {
-                            self.drop_report(id, Dropped::Malformed, &why);
-                        }
-                        return Ok(());
-                    }
-                };
-                if !self.devices_seen(m, None)? {
-                    return Ok(());
-                }
-                let Some(t) = self.store.active_task(id)? else {
-                    self.drop_report(id, Dropped::NoActiveTask, "progress");
-                    return Ok(());
-                };
-                let input = match step {
-                    alibaba::Step::Progress(n) if n < 100 => Input::Progress {
-                        status: TaskStatus::Downloading,
-                        progress: Some(n),
-                        error_code: None,
-                        error_message: None,
-                    },
-                    alibaba::Step::Progress(_) => Input::Progress {
-                        status: TaskStatus::Installing,
-                        progress: Some(100),
-                        error_code: None,
-                        error_message: None,
-                    },
-                    alibaba::Step::DownloadFailed | alibaba::Step::VerifyFailed
-                        if t.delta.is_some() =>
-                    {
-                        return self.retry_without_delta(&t, sends);
-                    }
-                    failed => Input::Progress {
-                        status: TaskStatus::Failed,
-                        progress: None,
-                        error_code: failed.error_code().map(Into::into),
-                        error_message: None,
-                    },
-                };
-                self.apply_report(&t, &input, Used::Applied)?;
             }
-            Inbound::AlibabaGet => match alibaba::parse_get(&m.payload) {
-                Err(why) => {
-                    if self.devices_seen(m, None)? {
-                        self.drop_report(id, Dropped::Malformed, &why);
+            Report::Version {
+                version,
+                device_type,
+                delta_formats,
+            } => {
+                let noted = self.devices_note(
+                    m,
+                    Some(&version),
+                    device_type.as_deref(),
+                    delta_formats.as_deref(),
+                )?;
+                if noted.is_some() {
+                    self.reports.used(id, Used::Heartbeat);
+                    if let Some(t) = self.store.latest_task(id)? {
+                        self.apply_version(&t, version)?;
                     }
                 }
-                Ok(g) => {
-                    let Some(dev) = self.devices_note(m, None, None, None)? else {
-                        return Ok(());
-                    };
+            }
+            Report::Progress {
+                target,
+                step,
+                running,
+            } => {
+                if self.devices_seen(m, None)? {
+                    self.progress(id, &target, &step, running.as_deref(), sends)?;
+                }
+            }
+            Report::Get { request_id } => {
+                if let Some(dev) = self.devices_note(m, None, None, None)? {
                     self.reports.used(id, Used::Request);
-                    let (pk, dn) = id.split_once('/').unwrap_or((id, ""));
-                    let mut data = serde_json::json!({});
-                    if let Some(t) = self.store.active_task(id)? {
-                        data = serde_json::to_value(commands::alibaba_data(&t)).expect("json");
-                        if t.start_time_ms.is_none() {
-                            sends.push(t.id);
-                        }
-                    } else if let Ok(fw) = self.firmware.latest(&dev.device_type)
-                        && dev
-                            .firmware_version
-                            .as_deref()
-                            .is_none_or(|v| ids::compare_versions(&fw.version, v).is_gt())
-                    {
-                        let t = self
-                            .new_task(
-                                id,
-                                dev.protocol,
-                                &dev.device_type,
-                                dev.firmware_version.clone(),
-                                &fw,
-                                false,
-                                &dev.delta_formats,
-                            )
-                            .map_err(|e| StoreError::Engine(e.to_string()))?;
-                        let t = state::apply(&t, &Input::CommandSent, now_ms());
-                        if let Outcome::Changed(t) = t {
-                            self.store.put_task(&t)?;
-                            data = serde_json::to_value(commands::alibaba_data(&t)).expect("json");
-                        }
-                    }
-                    let reply = alibaba::GetReply {
-                        code: 200,
-                        data,
-                        id: g.id,
-                    };
-                    out.push((
-                        alibaba::get_reply_topic(pk, dn),
-                        serde_json::to_vec(&reply).expect("json"),
-                    ));
+                    out.push(self.answer_get(&dev, request_id, sends)?);
                 }
-            },
+            }
         }
         Ok(())
     }
 
-    /// A gateway `ota_progress`: given to the task its msgId names (the device's active one,
-    /// or its newest), or — without a msgId, as the tutorial's simulator sends them — to the
-    /// device's one active task. While that task runs, `data.currentVersion` is the version the
-    /// device runs.
-    fn gateway_progress(
+    /// A progress report of a known device: applied to the task it is for ([`reports::pick`]).
+    /// While that task runs, `running` is the version the device runs.
+    fn progress(
         &self,
-        m: &InboundMessage,
-        msg_id: Option<String>,
-        data: gateway::ProgressData,
+        id: &str,
+        target: &reports::Target,
+        step: &reports::Step,
+        running: Option<&str>,
         sends: &mut Vec<u64>,
     ) -> Result<(), StoreError> {
-        let id = m.device_id.as_str();
-        if !self.devices_seen(m, None)? {
-            return Ok(());
-        }
         let active = self.store.active_task(id)?;
-        let (task, how) = match &msg_id {
-            Some(mid) => match active {
-                Some(t) if t.msg_id == *mid => (Some(t), Used::Applied),
-                _ => (
-                    self.store.latest_task(id)?.filter(|t| t.msg_id == *mid),
-                    Used::Applied,
-                ),
-            },
-            None => match active {
-                Some(t) => (Some(t), Used::MatchedWithoutMsgId),
-                None => {
-                    self.drop_report(id, Dropped::NoMsgId, "and no active task to give it to");
-                    return Ok(());
-                }
-            },
+        let (t, how) = match reports::pick(target, active, || self.store.latest_task(id))? {
+            Ok(found) => found,
+            Err((why, detail)) => {
+                self.drop_report(id, why, &detail);
+                return Ok(());
+            }
         };
-        let Some(t) = task else {
-            self.drop_report(
-                id,
-                Dropped::UnknownMsgId,
-                &format!("{:?}", msg_id.unwrap_or_default()),
-            );
-            return Ok(());
-        };
-        if !t.status.is_active() {
-            self.reports.used(id, Used::Repeat);
-            return Ok(());
-        }
-        if let Some(v) = data.current_version.as_deref() {
+        if let Some(v) = running
+            && t.status.is_active()
+        {
             // in memory while the upgrade runs; stored when it ends (see apply_and_put)
             self.devices.note_running(id, v);
         }
-        let status = match data.state {
-            gateway::State::Pending => {
-                // the device acknowledged the command: liveness only
-                return self.apply_report(&t, &Input::Alive, how);
+        match self.apply_and_put(&t, &step.input())? {
+            Outcome::Resend(_) => {
+                self.reports.used(id, how);
+                tracing::info!(device = %id, task = t.id, "delta failed on the device; falling back to the full image");
+                sends.push(t.id);
             }
-            gateway::State::Downloading => TaskStatus::Downloading,
-            gateway::State::Verifying => TaskStatus::Verifying,
-            gateway::State::Installing => TaskStatus::Installing,
-            gateway::State::Completed => TaskStatus::Completed,
-            gateway::State::Failed => TaskStatus::Failed,
-        };
-        if status == TaskStatus::Failed && t.delta.is_some() {
-            return self.retry_without_delta(&t, sends);
+            Outcome::Changed(_) | Outcome::Touched(_) => self.reports.used(id, how),
+            Outcome::Ignored(Why::Backwards) => {
+                self.drop_report(id, Dropped::Backwards, "an earlier state or less progress")
+            }
+            Outcome::Ignored(_) => self.reports.used(id, Used::Repeat),
         }
-        let input = Input::Progress {
-            status,
-            progress: data.progress.map(|p| p as u8),
-            error_code: gateway::error_code_text(&data.error_code)
-                .or_else(|| (status == TaskStatus::Failed).then(|| "FAILED".to_string())),
-            error_message: data.error_message.map(|s| s.chars().take(512).collect()),
+        Ok(())
+    }
+
+    /// The reply to an Alibaba `firmware/get`: the device's active task (its command goes out
+    /// too if it never did), or a new task to the newest release above the version it runs, or
+    /// an empty `data`.
+    fn answer_get(
+        &self,
+        dev: &crate::store::DeviceRecord,
+        request_id: String,
+        sends: &mut Vec<u64>,
+    ) -> Result<(String, Vec<u8>), StoreError> {
+        let id = dev.id.as_str();
+        let mut data = serde_json::json!({});
+        if let Some(t) = self.store.active_task(id)? {
+            data = serde_json::to_value(commands::alibaba_data(&t)).expect("json");
+            if t.start_time_ms.is_none() {
+                sends.push(t.id);
+            }
+        } else if let Ok(fw) = self.firmware.latest(&dev.device_type)
+            && dev
+                .firmware_version
+                .as_deref()
+                .is_none_or(|v| ids::compare_versions(&fw.version, v).is_gt())
+        {
+            let t = self
+                .new_task(
+                    id,
+                    dev.protocol,
+                    &dev.device_type,
+                    dev.firmware_version.clone(),
+                    &fw,
+                    false,
+                    &dev.delta_formats,
+                )
+                .map_err(|e| StoreError::Engine(e.to_string()))?;
+            if let Outcome::Changed(t) = state::apply(&t, &Input::CommandSent, now_ms()) {
+                self.store.put_task(&t)?;
+                data = serde_json::to_value(commands::alibaba_data(&t)).expect("json");
+            }
+        }
+        let (pk, dn) = id.split_once('/').unwrap_or((id, ""));
+        let reply = alibaba::GetReply {
+            code: 200,
+            data,
+            id: request_id,
         };
-        self.apply_report(&t, &input, how)
+        Ok((
+            alibaba::get_reply_topic(pk, dn),
+            serde_json::to_vec(&reply).expect("json"),
+        ))
     }
 
     /// [`Ota::devices_note`] for a report that says nothing about the device: false (counted)
@@ -1337,17 +1216,14 @@ impl Ota {
                 }
                 None
             }
-            // Re-send on connect: a command never sent, or one that never got an answer, goes
-            // out again — not one sent since the device subscribed (a firmware/get answered
-            // meanwhile, a campaign that just started), which it got: a second copy could
-            // start a second attempt.
             Presence::Ready { id, at_ms, .. } => match self.store.active_task(id) {
                 Ok(Some(t))
-                    if ready
-                        && t.status == TaskStatus::Pending
-                        && (t.start_time_ms.is_none()
-                            || t.last_activity_ms < *at_ms
-                            || *at_ms <= self.started_ms.load(Ordering::SeqCst)) =>
+                    if state::resend_on_ready(
+                        &t,
+                        ready,
+                        *at_ms,
+                        self.started_ms.load(Ordering::SeqCst),
+                    ) =>
                 {
                     Some(t.id)
                 }

@@ -5,7 +5,9 @@
 //! state, is stale); final states take no more reports, except that a device which comes back
 //! on the old version after `completed` turns the task `failed / ROLLED_BACK`; the device
 //! reporting the target version completes an active task; an active task that hears nothing
-//! for the stall timeout fails with `TIMEOUT`.
+//! for the stall timeout fails with `TIMEOUT`; a failure that may be the delta's, while a
+//! delta was offered, re-sends the command with the full image instead of failing; a command
+//! goes out again when its device subscribes, unless it got it since.
 
 use crate::store::{TaskEvent, TaskRecord, TaskStatus};
 
@@ -20,6 +22,8 @@ pub enum Input {
         progress: Option<u8>,
         error_code: Option<String>,
         error_message: Option<String>,
+        /// A failure the delta may have caused (see [`super::reports::Step::Failed`]).
+        delta_may_be_why: bool,
     },
     /// The device reported the version it runs (heartbeat / inform). `settled`: it has had
     /// time to boot what it installed (the reboot grace passed since the task completed and
@@ -44,6 +48,9 @@ pub enum Outcome {
     Changed(TaskRecord),
     /// Nothing changes but liveness: persist `last_activity_ms` only (no history entry).
     Touched(TaskRecord),
+    /// Persist this new version of the task and send its command again (a delta failed on
+    /// the device: the task goes on with the full image, without operator action).
+    Resend(TaskRecord),
     /// Drop the input, for this reason.
     Ignored(Why),
 }
@@ -138,11 +145,24 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
             progress,
             error_code,
             error_message,
+            delta_may_be_why,
         } => {
             if !t.status.is_active() {
                 return Outcome::Ignored(Why::Finished);
             }
             match status {
+                TaskStatus::Failed if *delta_may_be_why && t.delta.is_some() => {
+                    let mut n = change(
+                        t,
+                        now,
+                        t.status,
+                        t.progress,
+                        "the device failed with the delta: re-sending the full image".into(),
+                    );
+                    n.delta = None;
+                    n.start_time_ms = n.start_time_ms.or(Some(now));
+                    Outcome::Resend(n)
+                }
                 TaskStatus::Failed => {
                     let mut n = change(
                         t,
@@ -292,6 +312,17 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
     }
 }
 
+/// Whether a device that just subscribed to its command topic (at `ready_ms`; `ready`: the
+/// registry counts it subscribed) is sent its pending task's command again: one never sent, or
+/// sent before the subscription and not answered since, or sent before this process started
+/// (`started_ms`) — not one sent since it subscribed (a `firmware/get` answered meanwhile, a
+/// campaign that just started), which it got: a second copy could start a second attempt.
+pub fn resend_on_ready(t: &TaskRecord, ready: bool, ready_ms: i64, started_ms: i64) -> bool {
+    ready
+        && t.status == TaskStatus::Pending
+        && (t.start_time_ms.is_none() || t.last_activity_ms < ready_ms || ready_ms <= started_ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +338,7 @@ mod tests {
             progress: p,
             error_code: None,
             error_message: None,
+            delta_may_be_why: false,
         }
     }
 
@@ -388,6 +420,7 @@ mod tests {
                 progress: None,
                 error_code: Some("MD5_MISMATCH".into()),
                 error_message: Some("bad".into()),
+                delta_may_be_why: false,
             },
             5,
         ));
@@ -532,5 +565,91 @@ mod tests {
             7,
         ));
         assert_eq!((c.status, c.complete_time_ms), (Cancelled, Some(7)));
+    }
+
+    fn with_delta() -> TaskRecord {
+        let mut t = task();
+        t.delta = Some(crate::store::TaskDelta {
+            from_version: "1.0.1".into(),
+            url: "d".into(),
+            md5: "m".into(),
+            size: 1,
+        });
+        t
+    }
+
+    fn fail(code: &str, delta_may_be_why: bool) -> Input {
+        Input::Progress {
+            status: Failed,
+            progress: None,
+            error_code: Some(code.into()),
+            error_message: None,
+            delta_may_be_why,
+        }
+    }
+
+    #[test]
+    fn a_delta_failure_retries_with_the_full_image_once() {
+        let t = changed(apply(&with_delta(), &prog(Downloading, Some(40)), 10));
+        let Outcome::Resend(r) = apply(&t, &fail("DOWNLOAD_FAILED", true), 20) else {
+            panic!("not re-sent");
+        };
+        // the same stage and progress, the delta gone, said in the history; not ended
+        assert_eq!(
+            (r.status, r.progress, r.delta.is_none(), r.complete_time_ms),
+            (Downloading, 40, true, None)
+        );
+        assert_eq!(r.last_activity_ms, 20);
+        assert!(r.events.last().unwrap().note.contains("full image"));
+        // a second failure (no delta now) fails the task
+        assert_eq!(
+            changed(apply(&r, &fail("DOWNLOAD_FAILED", true), 30)).status,
+            Failed
+        );
+        // a failure the delta cannot have caused fails at once
+        assert_eq!(
+            changed(apply(&t, &fail("INSTALL_FAILED", false), 20)).status,
+            Failed
+        );
+        // a never-sent task that fails gets a start time with its resend
+        let Outcome::Resend(r) = apply(&with_delta(), &fail("FAILED", true), 5) else {
+            panic!("not re-sent");
+        };
+        assert_eq!(r.start_time_ms, Some(5));
+        // an ended task takes no failure
+        let mut done = with_delta();
+        done.status = Completed;
+        assert_eq!(
+            apply(&done, &fail("FAILED", true), 5),
+            Outcome::Ignored(Why::Finished)
+        );
+    }
+
+    #[test]
+    fn a_pending_command_goes_out_again_on_subscribe_unless_it_was_got() {
+        let never = task();
+        let mut sent = task();
+        sent.start_time_ms = Some(100);
+        sent.last_activity_ms = 100;
+        let mut running = sent.clone();
+        running.status = Downloading;
+        // (task, registry says subscribed, subscribed at, process started at, resend?)
+        let table = [
+            (&never, true, 50, 0, true),
+            (&never, false, 50, 0, false),
+            // sent before it subscribed, no answer since
+            (&sent, true, 150, 0, true),
+            // sent after it subscribed: it has it
+            (&sent, true, 90, 0, false),
+            (&sent, true, 100, 0, false),
+            // subscribed before this process started: sent again regardless
+            (&sent, true, 90, 95, true),
+            (&sent, true, 95, 95, true),
+            // it answered: no longer pending
+            (&running, true, 150, 0, false),
+        ];
+        for (i, (t, ready, at, started, want)) in table.into_iter().enumerate() {
+            assert_eq!(resend_on_ready(t, ready, at, started), want, "row {i}");
+        }
     }
 }
