@@ -18,103 +18,27 @@ use tokio_util::task::TaskTracker;
 
 #[cfg(test)]
 mod fixtures;
+pub mod plan;
 pub mod progress;
 pub mod round;
+pub mod spec;
+
+pub use plan::Plan;
+pub use spec::{CampaignSpec, in_window, next_window_opening};
 
 use round::backoff_ms;
 
 use crate::devices::Devices;
 use crate::firmware::FirmwareService;
-use crate::ids;
 use crate::ota::{Ota, OtaError};
 use crate::store::{
-    CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DeviceRecord,
-    Durable, FirmwareStatus, MemberStatus, QueuedMembers, Store, StoreError,
+    CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, DeviceRecord, Durable,
+    FirmwareStatus, MemberStatus, QueuedMembers, Store, StoreError,
 };
 use crate::time::now_ms;
 
 /// Why a campaign request failed: the one service error ([`crate::error::ServiceError`]).
 pub type CampaignError = crate::error::ServiceError;
-
-/// What an operator asks for (validated by [`Campaigns::plan`]).
-#[derive(Debug, Clone, Default)]
-pub struct CampaignSpec {
-    /// Name.
-    pub name: String,
-    /// Device type.
-    pub device_type: String,
-    /// Target version.
-    pub version: String,
-    /// Targets.
-    pub targets: CampaignTargets,
-    /// Cumulative percentages; default `[100]`.
-    pub waves: Option<Vec<f64>>,
-    /// Default 100.
-    pub success_threshold: Option<f64>,
-    /// Default (100 %, 1): never pauses unless everything fails.
-    pub failure_threshold: Option<(f64, u32)>,
-    /// Default 50.
-    pub max_in_flight: Option<u32>,
-    /// RFC 3339; default now.
-    pub start_at: Option<String>,
-    /// ("HH:MM", minutes).
-    pub window: Option<(String, u32)>,
-    /// Forced upgrade.
-    pub force: bool,
-    /// Default 0.
-    pub retries: Option<u32>,
-    /// Default false.
-    pub dynamic: bool,
-}
-
-/// A device of a plan.
-#[derive(Debug, Clone)]
-pub struct PlannedDevice {
-    /// Device id.
-    pub id: String,
-    /// Version it reports.
-    pub firmware_version: Option<String>,
-    /// Whether it would get a delta.
-    pub delta: bool,
-    /// Bytes it would download.
-    pub bytes: u64,
-}
-
-/// A wave of a plan.
-#[derive(Debug, Clone)]
-pub struct PlannedWave {
-    /// Cumulative percent.
-    pub percent: f64,
-    /// Devices in this wave.
-    pub devices: Vec<PlannedDevice>,
-    /// How many of them get a delta.
-    pub deltas: usize,
-    /// Estimated bytes.
-    pub estimated_bytes: u64,
-}
-
-/// A device left out of a plan, and why.
-#[derive(Debug, Clone)]
-pub struct Conflict {
-    /// Device id.
-    pub device_id: String,
-    /// Why.
-    pub reason: String,
-}
-
-/// The result of planning (dry run, or the start of a create).
-#[derive(Debug, Clone)]
-pub struct Plan {
-    /// Target set size (after conflicts).
-    pub total: usize,
-    /// Waves.
-    pub waves: Vec<PlannedWave>,
-    /// Devices another live campaign already claims (skipped).
-    pub conflicts: Vec<Conflict>,
-    /// Remarks (e.g. a start time in the past).
-    pub notes: Vec<String>,
-    record: Option<CampaignRecord>,
-}
 
 /// The campaign engine.
 pub struct Campaigns {
@@ -128,46 +52,6 @@ pub struct Campaigns {
     /// Engine rounds over every live campaign finished so far (what tests and operators wait
     /// for instead of a time: "two more rounds and it still did not start").
     rounds: std::sync::atomic::AtomicU64,
-}
-
-fn parse_hhmm(s: &str) -> Option<u32> {
-    let (h, m) = s.split_once(':')?;
-    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
-    (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
-}
-
-/// Whether `now_ms` falls in the daily window (local time of the box).
-pub fn in_window(window: Option<(u32, u32)>, now_ms: i64) -> bool {
-    let Some((start, dur)) = window else {
-        return true;
-    };
-    use chrono::Timelike;
-    let local = chrono::DateTime::from_timestamp_millis(now_ms)
-        .unwrap_or_default()
-        .with_timezone(&chrono::Local);
-    let m = local.hour() * 60 + local.minute();
-    (m + 1440 - start) % 1440 < dur
-}
-
-/// When the daily window is next open at or after `now_ms` (local time of the box): `now_ms`
-/// itself while it is open; `None` without a window.
-pub fn next_window_opening(window: Option<(u32, u32)>, now_ms: i64) -> Option<i64> {
-    use chrono::TimeZone;
-    let (start, _) = window?;
-    if in_window(window, now_ms) {
-        return Some(now_ms);
-    }
-    let now = chrono::DateTime::from_timestamp_millis(now_ms)?.with_timezone(&chrono::Local);
-    // today or the next days (a start inside a DST gap does not exist that day)
-    (0..3).find_map(|day| {
-        let date = now.date_naive() + chrono::Days::new(day);
-        let naive = date.and_hms_opt(start / 60, start % 60, 0)?;
-        let at = chrono::Local
-            .from_local_datetime(&naive)
-            .earliest()?
-            .timestamp_millis();
-        (at > now_ms).then_some(at)
-    })
 }
 
 impl Campaigns {
@@ -224,24 +108,6 @@ impl Campaigns {
         self.wake.notify_one();
     }
 
-    fn device_matches(&self, t: &CampaignTargets, dt: &str, d: &DeviceRecord) -> bool {
-        if d.device_type != dt {
-            return false;
-        }
-        if t.all {
-            return true;
-        }
-        if !t.device_ids.is_empty() {
-            return t.device_ids.contains(&d.id);
-        }
-        let version_ok = t.from_versions.is_empty()
-            || d.firmware_version
-                .as_ref()
-                .is_some_and(|v| t.from_versions.contains(v));
-        let tags_ok = t.tags.iter().all(|tag| d.tags.contains(tag));
-        version_ok && tags_ok
-    }
-
     /// Devices claimed by live campaigns other than `except`.
     fn claimed(&self, except: Option<&str>) -> Result<BTreeMap<String, String>, StoreError> {
         let mut m = BTreeMap::new();
@@ -260,234 +126,30 @@ impl Campaigns {
 
     /// Validates a spec and works out waves, deltas and bytes, without creating anything.
     pub fn plan(&self, s: &CampaignSpec) -> Result<Plan, CampaignError> {
-        let bad = |m: String| Err(CampaignError::Invalid(m));
-        if s.name.trim().is_empty() || s.name.len() > 200 {
-            return bad("name must be 1-200 characters".into());
-        }
-        if !ids::valid_device_type(&s.device_type) {
-            return bad(format!("deviceType {:?} is not valid", s.device_type));
-        }
-        if !ids::valid_version(&s.version) {
-            return bad(format!("version {:?} is not valid", s.version));
-        }
-        let t = &s.targets;
-        let kinds = t.all as u8
-            + (!t.device_ids.is_empty()) as u8
-            + (!t.from_versions.is_empty() || !t.tags.is_empty()) as u8;
-        if kinds != 1 {
-            return bad("targets must be exactly one of {\"all\":true}, {\"deviceIds\":[...]} or {\"fromVersions\":[...],\"tags\":[...]}".into());
-        }
-        for id in &t.device_ids {
-            if !ids::valid_device_id(id) {
-                return bad(format!("device id {id:?} is not valid"));
-            }
-        }
-        for v in &t.from_versions {
-            if !ids::valid_version(v) {
-                return bad(format!("fromVersions entry {v:?} is not valid"));
-            }
-        }
-        let waves = s.waves.clone().unwrap_or_else(|| vec![100.0]);
-        if waves.is_empty() || waves.len() > 100 {
-            return bad(
-                "waves must list 1 to 100 cumulative percentages, e.g. [10, 50, 100]".into(),
-            );
-        }
-        let mut prev = 0.0;
-        for w in &waves {
-            if !(w.is_finite() && *w > prev && *w <= 100.0) {
-                return bad(format!(
-                    "waves must increase strictly within (0, 100]: {waves:?}"
-                ));
-            }
-            prev = *w;
-        }
-        if prev != 100.0 {
-            return bad(format!(
-                "the last wave must be 100 (the whole target set): {waves:?}"
-            ));
-        }
-        let success = s.success_threshold.unwrap_or(100.0);
-        if !(0.0..=100.0).contains(&success) {
-            return bad("successThreshold must be between 0 and 100".into());
-        }
-        let (fail_pct, fail_min) = s.failure_threshold.unwrap_or((100.0, 1));
-        if !(0.0..=100.0).contains(&fail_pct) {
-            return bad("failureThreshold.percent must be between 0 and 100".into());
-        }
-        let max_in_flight = s.max_in_flight.unwrap_or(50);
-        if max_in_flight == 0 || max_in_flight > 100_000 {
-            return bad("maxInFlight must be between 1 and 100000".into());
-        }
-        let retries = s.retries.unwrap_or(0);
-        if retries > 10 {
-            return bad("retries must be between 0 and 10".into());
-        }
-        let window = match &s.window {
-            None => None,
-            Some((start, dur)) => {
-                let st = parse_hhmm(start).ok_or_else(|| {
-                    CampaignError::Invalid(format!("window.start {start:?} is not HH:MM"))
-                })?;
-                if *dur == 0 || *dur > 1440 {
-                    return bad("window.durationMinutes must be between 1 and 1440".into());
-                }
-                Some((st, *dur))
-            }
-        };
-        let now = now_ms();
-        let mut notes = Vec::new();
-        let start_at_ms = match &s.start_at {
-            None => now,
-            Some(t) => {
-                let at = chrono::DateTime::parse_from_rfc3339(t)
-                    .map_err(|e| CampaignError::Invalid(format!("startAt {t:?}: {e}")))?
-                    .timestamp_millis();
-                if at < now {
-                    notes.push(format!("startAt {t} is in the past: starting now"));
-                    now
-                } else {
-                    at
-                }
-            }
-        };
-        match self.firmware.get(&s.device_type, &s.version) {
-            Ok(f) if f.status == FirmwareStatus::Released => {}
+        let (c, notes) = spec::validate(s, now_ms())?;
+        let fw = match self.firmware.get(&c.device_type, &c.version) {
+            Ok(f) if f.status == FirmwareStatus::Released => f,
             Ok(f) => {
                 return Err(CampaignError::Conflict(format!(
                     "firmware {} for {} is {}, not released",
-                    s.version,
-                    s.device_type,
+                    c.version,
+                    c.device_type,
                     f.status.as_str()
                 )));
             }
             Err(_) => {
                 return Err(CampaignError::Conflict(format!(
                     "firmware {} for device type {} does not exist",
-                    s.version, s.device_type
+                    c.version, c.device_type
                 )));
             }
-        }
-        let fw = self
-            .firmware
-            .get(&s.device_type, &s.version)
-            .map_err(|e| CampaignError::Conflict(e.to_string()))?;
-        let all = self.store.list_devices()?;
-        let mut matched: Vec<DeviceRecord> = all
-            .into_iter()
-            .filter(|d| self.device_matches(t, &s.device_type, d))
-            .collect();
-        if !t.device_ids.is_empty() {
-            let known: HashSet<&str> = matched.iter().map(|d| d.id.as_str()).collect();
-            let missing: Vec<&String> = t
-                .device_ids
-                .iter()
-                .filter(|i| !known.contains(i.as_str()))
-                .collect();
-            if !missing.is_empty() {
-                return bad(format!(
-                    "devices not registered with device type {}: {missing:?}",
-                    s.device_type
-                ));
-            }
-        }
-        matched.sort_by(|a, b| a.id.cmp(&b.id));
-        let claimed = self.claimed(None)?;
-        let mut conflicts = Vec::new();
-        matched.retain(|d| match claimed.get(&d.id) {
-            Some(c) => {
-                conflicts.push(Conflict {
-                    device_id: d.id.clone(),
-                    reason: format!("claimed by running campaign {c}"),
-                });
-                false
-            }
-            None => true,
-        });
-        if matched.is_empty() && conflicts.is_empty() {
-            return bad(format!(
-                "empty target set: no registered device of type {} matches the targets",
-                s.device_type
-            ));
-        }
-        if matched.is_empty() {
-            notes.push(format!(
-                "every matching device ({}) is claimed by another running campaign: nothing to do",
-                conflicts.len()
-            ));
-        }
-        let n = matched.len();
-        let mut planned = Vec::new();
-        let mut i = 0usize;
-        for (k, w) in waves.iter().enumerate() {
-            let upto = if k + 1 == waves.len() {
-                n
-            } else {
-                ((w * n as f64 / 100.0).ceil() as usize).clamp(n.min(1), n)
-            };
-            let mut devs = Vec::new();
-            while i < upto {
-                let d = &matched[i];
-                let accepts = d.delta_formats.iter().any(|f| f == crate::delta::FORMAT);
-                let delta = accepts
-                    .then(|| {
-                        self.deltas.offer(
-                            &s.device_type,
-                            d.firmware_version.as_deref()?,
-                            &s.version,
-                        )
-                    })
-                    .flatten();
-                devs.push(PlannedDevice {
-                    id: d.id.clone(),
-                    firmware_version: d.firmware_version.clone(),
-                    delta: delta.is_some(),
-                    bytes: delta.and_then(|d| d.size).unwrap_or(fw.size),
-                });
-                i += 1;
-            }
-            planned.push(PlannedWave {
-                percent: *w,
-                deltas: devs.iter().filter(|d| d.delta).count(),
-                estimated_bytes: devs.iter().map(|d| d.bytes).sum(),
-                devices: devs,
-            });
-        }
-        let record = CampaignRecord {
-            schema: CAMPAIGN_SCHEMA,
-            id: String::new(),
-            name: s.name.trim().to_string(),
-            device_type: s.device_type.clone(),
-            version: s.version.clone(),
-            targets: t.clone(),
-            waves,
-            success_threshold: success,
-            failure_percent: fail_pct,
-            failure_min_count: fail_min,
-            max_in_flight,
-            start_at_ms,
-            window,
-            force: s.force,
-            retries,
-            dynamic: s.dynamic,
-            status: CampaignStatus::Scheduled,
-            status_reason: None,
-            failures_acknowledged: 0,
-            started_at_ms: None,
-            ended_at_ms: None,
-            created_at_ms: now,
-            updated_at_ms: now,
         };
-        if let Some(why) = progress::waiting_for_start(&record, now) {
-            notes.push(why);
-        }
-        Ok(Plan {
-            total: n,
-            waves: planned,
-            conflicts,
-            notes,
-            record: Some(record),
-        })
+        let offer = |d: &DeviceRecord| {
+            let from = d.firmware_version.as_deref()?;
+            Some(self.deltas.offer(&c.device_type, from, &c.version)?.size)
+        };
+        let (devices, claimed) = (self.store.list_devices()?, self.claimed(None)?);
+        plan::plan(c.clone(), notes, devices, &claimed, offer, fw.size)
     }
 
     /// Creates a campaign from a spec; returns it with its plan and its members as created
@@ -921,35 +583,9 @@ impl round::Facts for EngineFacts<'_> {
             .filter(|d| {
                 !members.contains(d.id.as_str())
                     && !claimed.contains_key(&d.id)
-                    && self.0.device_matches(&c.targets, &c.device_type, d)
+                    && plan::targets(&c.targets, &c.device_type, d)
             })
             .map(|d| d.id)
             .collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn windows_wrap_midnight() {
-        assert!(in_window(None, 0));
-        assert_eq!(parse_hhmm("02:00"), Some(120));
-        assert_eq!(parse_hhmm("24:00"), None);
-        assert_eq!(parse_hhmm("2:00"), None);
-        // a window covering the whole day always matches
-        assert!(in_window(Some((0, 1440)), now_ms()));
-        assert!(backoff_ms(0) < backoff_ms(3));
-        // a window that opens in two hours opens in two hours, and one open now is open now
-        use chrono::Timelike;
-        let now = now_ms();
-        let local = chrono::Local::now();
-        let minute = local.hour() * 60 + local.minute();
-        let later = next_window_opening(Some(((minute + 120) % 1440, 30)), now).unwrap();
-        assert!((later - now - 7_200_000).abs() <= 60_000, "{}", later - now);
-        assert_eq!(next_window_opening(Some((minute, 10)), now), Some(now));
-        assert_eq!(next_window_opening(None, now), None);
-        assert!(backoff_ms(100) <= 30 * 60_000);
     }
 }
