@@ -103,228 +103,332 @@ pub fn waits_to_start(c: &CampaignRecord, now: i64) -> bool {
     c.status == CampaignStatus::Scheduled && (now < c.start_at_ms || !in_window(c.window, now))
 }
 
-/// One round of `c` over `members` at `now`.
+/// One round of `c` over `members` at `now`, phase by phase (see the module docs).
 pub fn decide<F: Facts>(
     c: &CampaignRecord,
     members: Vec<CampaignMember>,
     facts: &F,
     now: i64,
 ) -> Result<RoundPlan, F::Error> {
-    let mut plan = RoundPlan {
-        members,
-        ..RoundPlan::default()
+    if waits_to_start(c, now) {
+        return Ok(RoundPlan {
+            members,
+            ..RoundPlan::default()
+        });
+    }
+    let mut r = Round {
+        changed: vec![false; members.len()],
+        plan: RoundPlan {
+            members,
+            ..RoundPlan::default()
+        },
+        c: c.clone(),
+        campaign_changed: false,
+        settled: HashSet::new(),
+        facts,
+        now,
     };
-    let mut c = c.clone();
-    let mut changed_campaign = false;
-    let mut changed: Vec<bool> = vec![false; plan.members.len()];
-    if waits_to_start(&c, now) {
-        return Ok(plan);
+    r.start_if_scheduled();
+    r.take_in_joiners()?;
+    r.follow_tasks()?;
+    if r.failure_gate() {
+        return Ok(r.finish());
     }
-    if c.status == CampaignStatus::Scheduled {
-        c.status = CampaignStatus::Running;
-        c.started_at_ms = Some(now);
-        c.status_reason = None;
-        c.updated_at_ms = now;
-        changed_campaign = true;
-        plan.events.push(Event::Running);
+    let Some(current) = r.current_wave() else {
+        r.complete();
+        return Ok(r.finish());
+    };
+    if r.success_gates(current) || r.c.status != CampaignStatus::Running {
+        return Ok(r.finish());
     }
-    // dynamic: devices that joined the target set since
-    if c.dynamic && c.status == CampaignStatus::Running {
-        let have: HashSet<&str> = plan.members.iter().map(|m| m.device_id.as_str()).collect();
-        let joining = facts.joining(&c, &have)?;
+    if in_window(r.c.window, now) {
+        r.start_queued(current)?;
+    }
+    Ok(r.finish())
+}
+
+/// A round in the making.
+struct Round<'a, F> {
+    c: CampaignRecord,
+    plan: RoundPlan,
+    /// Per member: its record is to be written.
+    changed: Vec<bool>,
+    campaign_changed: bool,
+    /// Members that succeeded and whose device showed the new image (or needed no task).
+    settled: HashSet<usize>,
+    facts: &'a F,
+    now: i64,
+}
+
+impl<F: Facts> Round<'_, F> {
+    fn finish(mut self) -> RoundPlan {
+        self.plan.campaign = self.campaign_changed.then_some(self.c);
+        self.plan.changed = (self.changed.iter().enumerate())
+            .filter_map(|(i, ch)| ch.then_some(i))
+            .collect();
+        self.plan
+    }
+
+    /// The campaign changes state (and says why).
+    fn set_status(&mut self, status: CampaignStatus, reason: Option<String>, event: Event) {
+        self.c.status = status;
+        self.c.status_reason = reason;
+        self.c.updated_at_ms = self.now;
+        self.campaign_changed = true;
+        self.plan.events.push(event);
+    }
+
+    /// Member `i` changes state.
+    fn set_member(&mut self, i: usize, status: MemberStatus, note: Option<String>) {
+        let m = &mut self.plan.members[i];
+        m.status = status;
+        m.note = note;
+        m.updated_at_ms = self.now;
+        self.changed[i] = true;
+    }
+
+    fn count(&self, st: MemberStatus) -> u32 {
+        self.plan.members.iter().filter(|m| m.status == st).count() as u32
+    }
+
+    /// A scheduled campaign whose time came starts.
+    fn start_if_scheduled(&mut self) {
+        if self.c.status == CampaignStatus::Scheduled {
+            self.c.started_at_ms = Some(self.now);
+            self.set_status(CampaignStatus::Running, None, Event::Running);
+        }
+    }
+
+    /// Dynamic: devices that joined the target set since, into the last wave.
+    fn take_in_joiners(&mut self) -> Result<(), F::Error> {
+        if !self.c.dynamic || self.c.status != CampaignStatus::Running {
+            return Ok(());
+        }
+        let have: HashSet<&str> = (self.plan.members.iter())
+            .map(|m| m.device_id.as_str())
+            .collect();
+        let joining = self.facts.joining(&self.c, &have)?;
+        let last = (self.c.waves.len() - 1) as u32;
         for d in joining {
-            let mut m = CampaignMember::queued(&c.id, &d, (c.waves.len() - 1) as u32, now);
+            let mut m = CampaignMember::queued(&self.c.id, &d, last, self.now);
             m.note = Some("joined later (dynamic campaign)".into());
-            plan.members.push(m);
-            changed.push(true);
-            plan.events.push(Event::Joined(d));
+            self.plan.members.push(m);
+            self.changed.push(true);
+            self.plan.events.push(Event::Joined(d));
         }
+        Ok(())
     }
-    // follow the tasks — also of members that succeeded: a device that comes back on its old
-    // version after completing is a failure (retried if it has retries left)
-    let mut settled = HashSet::new();
-    for (i, m) in plan.members.iter_mut().enumerate() {
-        if !matches!(m.status, MemberStatus::InFlight | MemberStatus::Succeeded) {
-            continue;
-        }
-        let Some(t) = (match m.task_id {
-            Some(id) => facts.task(id)?,
-            None => None,
-        }) else {
-            if m.status == MemberStatus::Succeeded {
-                settled.insert(i); // it ran the target version already
+
+    /// Follows the members' tasks — also of members that succeeded: a device that comes back
+    /// on its old version after completing is a failure (retried if it has retries left).
+    fn follow_tasks(&mut self) -> Result<(), F::Error> {
+        for i in 0..self.plan.members.len() {
+            let m = &self.plan.members[i];
+            if !matches!(m.status, MemberStatus::InFlight | MemberStatus::Succeeded) {
+                continue;
             }
-            continue;
-        };
-        let next = match (m.status, t.status) {
-            (MemberStatus::InFlight, TaskStatus::Completed) => {
-                Some((MemberStatus::Succeeded, None))
-            }
-            (_, TaskStatus::Failed | TaskStatus::Cancelled) => {
-                let mut why = format!(
-                    "{}: {}",
-                    t.error_code.clone().unwrap_or_else(|| "FAILED".into()),
-                    t.error_message.clone().unwrap_or_default()
-                );
+            let Some(t) = (match m.task_id {
+                Some(id) => self.facts.task(id)?,
+                None => None,
+            }) else {
                 if m.status == MemberStatus::Succeeded {
-                    why = format!("after completing: {why}");
+                    self.settled.insert(i); // it ran the target version already
                 }
-                if m.attempts <= c.retries && t.status == TaskStatus::Failed {
-                    m.next_attempt_ms = now + backoff_ms(m.attempts.saturating_sub(1));
-                    Some((MemberStatus::Queued, Some(format!("retrying after {why}"))))
-                } else {
-                    Some((MemberStatus::Failed, Some(why)))
+                continue;
+            };
+            if let Some((st, note, next_attempt)) = after_task(m, &t, self.c.retries, self.now) {
+                if let Some(at) = next_attempt {
+                    self.plan.members[i].next_attempt_ms = at;
                 }
+                self.set_member(i, st, note);
             }
-            _ => None,
-        };
-        if let Some((st, note)) = next {
-            m.status = st;
-            m.note = note;
-            m.updated_at_ms = now;
-            changed[i] = true;
+            if self.plan.members[i].status == MemberStatus::Succeeded
+                && self.facts.settled(&t, self.now)
+            {
+                self.settled.insert(i);
+            }
         }
-        if m.status == MemberStatus::Succeeded && facts.settled(&t, now) {
-            settled.insert(i);
-        }
+        Ok(())
     }
-    let finish =
-        |mut plan: RoundPlan, c: CampaignRecord, changed_campaign: bool, changed: Vec<bool>| {
-            plan.campaign = changed_campaign.then_some(c);
-            plan.changed = changed
-                .iter()
-                .enumerate()
-                .filter_map(|(i, ch)| ch.then_some(i))
-                .collect();
-            plan
-        };
-    // gates
-    let members = &plan.members;
-    let count = |st: MemberStatus| members.iter().filter(|m| m.status == st).count() as u32;
-    let failed = count(MemberStatus::Failed);
-    let succeeded = count(MemberStatus::Succeeded);
-    let new_failures = failed.saturating_sub(c.failures_acknowledged);
-    let finished = failed + succeeded;
-    if c.status == CampaignStatus::Running
-        && new_failures >= c.failure_min_count.max(1)
-        && (new_failures as f64) * 100.0 >= c.failure_percent * finished.max(1) as f64
-    {
-        c.status = CampaignStatus::Paused;
-        c.status_reason = Some(format!(
+
+    /// The failure gate: failures since the last resume at or above both thresholds pause.
+    fn failure_gate(&mut self) -> bool {
+        let (failed, succeeded) = (
+            self.count(MemberStatus::Failed),
+            self.count(MemberStatus::Succeeded),
+        );
+        let c = &self.c;
+        let new_failures = failed.saturating_sub(c.failures_acknowledged);
+        let finished = failed + succeeded;
+        if c.status != CampaignStatus::Running
+            || new_failures < c.failure_min_count.max(1)
+            || (new_failures as f64) * 100.0 < c.failure_percent * finished.max(1) as f64
+        {
+            return false;
+        }
+        let why = format!(
             "failure threshold crossed: {failed} of {finished} finished devices failed (threshold {}% and at least {}); resume to continue",
             c.failure_percent, c.failure_min_count
-        ));
-        c.updated_at_ms = now;
-        plan.events.push(Event::Paused);
-        return Ok(finish(plan, c, true, changed));
+        );
+        self.set_status(CampaignStatus::Paused, Some(why), Event::Paused);
+        true
     }
-    // ended: a success only once the device showed it runs the new image
-    let ended = |i: usize, m: &CampaignMember| match m.status {
-        MemberStatus::Succeeded => settled.contains(&i),
-        MemberStatus::Failed | MemberStatus::Skipped | MemberStatus::Cancelled => true,
-        MemberStatus::Queued | MemberStatus::InFlight => false,
-    };
-    let waves = c.waves.len() as u32;
-    let current = (0..waves).find(|w| {
-        members
-            .iter()
-            .enumerate()
-            .any(|(i, m)| m.wave == *w && !ended(i, m))
-    });
-    let Some(current) = current else {
-        if c.status == CampaignStatus::Running {
-            c.status = CampaignStatus::Completed;
-            c.ended_at_ms = Some(now);
-            c.status_reason = Some(format!("{succeeded} succeeded, {failed} failed"));
-            c.updated_at_ms = now;
-            plan.events.push(Event::Completed { succeeded, failed });
-            return Ok(finish(plan, c, true, changed));
+
+    /// Member `i` has ended: a success only once the device showed it runs the new image.
+    fn ended(&self, i: usize) -> bool {
+        match self.plan.members[i].status {
+            MemberStatus::Succeeded => self.settled.contains(&i),
+            MemberStatus::Failed | MemberStatus::Skipped | MemberStatus::Cancelled => true,
+            MemberStatus::Queued | MemberStatus::InFlight => false,
         }
-        return Ok(finish(plan, c, changed_campaign, changed));
-    };
-    // the success gate of every earlier wave
-    for w in 0..current {
-        let in_wave = members
-            .iter()
-            .filter(|m| m.wave == w && m.status != MemberStatus::Skipped)
-            .count();
-        let ok = members
-            .iter()
-            .enumerate()
-            .filter(|(i, m)| m.wave == w && settled.contains(i))
-            .count();
-        if in_wave > 0 && (ok as f64) * 100.0 < c.success_threshold * in_wave as f64 {
-            if c.status == CampaignStatus::Running {
-                c.status = CampaignStatus::Paused;
-                c.status_reason = Some(format!(
+    }
+
+    /// The first wave with a member that has not ended; none once all have.
+    fn current_wave(&self) -> Option<u32> {
+        let members = &self.plan.members;
+        (0..self.c.waves.len() as u32)
+            .find(|w| (0..members.len()).any(|i| members[i].wave == *w && !self.ended(i)))
+    }
+
+    /// Every member ended: a running campaign completes.
+    fn complete(&mut self) {
+        if self.c.status != CampaignStatus::Running {
+            return;
+        }
+        let (failed, succeeded) = (
+            self.count(MemberStatus::Failed),
+            self.count(MemberStatus::Succeeded),
+        );
+        self.c.ended_at_ms = Some(self.now);
+        let why = format!("{succeeded} succeeded, {failed} failed");
+        self.set_status(
+            CampaignStatus::Completed,
+            Some(why),
+            Event::Completed { succeeded, failed },
+        );
+    }
+
+    /// The success gate of every wave before `current`: one below the threshold stops the
+    /// round (and pauses a running campaign). Returns whether it stopped.
+    fn success_gates(&mut self, current: u32) -> bool {
+        for w in 0..current {
+            let members = &self.plan.members;
+            let in_wave = (members.iter())
+                .filter(|m| m.wave == w && m.status != MemberStatus::Skipped)
+                .count();
+            let ok = (0..members.len())
+                .filter(|i| members[*i].wave == w && self.settled.contains(i))
+                .count();
+            if in_wave == 0 || (ok as f64) * 100.0 >= self.c.success_threshold * in_wave as f64 {
+                continue;
+            }
+            if self.c.status == CampaignStatus::Running {
+                let why = format!(
                     "wave {} reached {ok} of {in_wave} succeeded, below the success threshold of {}%; resume to continue",
                     w + 1,
-                    c.success_threshold
-                ));
-                c.failures_acknowledged = failed;
-                c.updated_at_ms = now;
-                plan.events.push(Event::Paused);
-                return Ok(finish(plan, c, true, changed));
+                    self.c.success_threshold
+                );
+                self.c.failures_acknowledged = self.count(MemberStatus::Failed);
+                self.set_status(CampaignStatus::Paused, Some(why), Event::Paused);
             }
-            return Ok(finish(plan, c, changed_campaign, changed));
+            return true;
         }
+        false
     }
-    if c.status != CampaignStatus::Running || !in_window(c.window, now) {
-        return Ok(finish(plan, c, changed_campaign, changed));
-    }
-    // start devices of the waves that are open, up to maxInFlight
-    let mut in_flight = count(MemberStatus::InFlight);
-    for (idx, m) in plan.members.iter_mut().enumerate() {
-        if in_flight >= c.max_in_flight {
-            break;
-        }
-        if m.status != MemberStatus::Queued || m.wave > current || m.next_attempt_ms > now {
-            continue;
-        }
-        let Some(dev) = facts.device(&m.device_id)? else {
-            m.status = MemberStatus::Skipped;
-            m.note = Some("the device was deleted".into());
-            m.updated_at_ms = now;
-            changed[idx] = true;
-            continue;
-        };
-        if dev.record.firmware_version.as_deref() == Some(c.version.as_str()) {
-            m.status = MemberStatus::Succeeded;
-            m.note = Some("already runs the target version".into());
-            m.updated_at_ms = now;
-            changed[idx] = true;
-            continue;
-        }
-        // a task of ours may exist already (created before a crash): adopt it
-        if let Some(t) = &dev.active_task {
-            if t.campaign_id.as_deref() == Some(c.id.as_str()) {
-                m.status = MemberStatus::InFlight;
-                m.task_id = Some(t.id);
-                m.attempts = m.attempts.max(1);
-                m.updated_at_ms = now;
-                changed[idx] = true;
-                in_flight += 1;
+
+    /// Starts queued members of the open waves (up to `current`) whose backoff ended, up to
+    /// `maxInFlight`; settles those that need no task or cannot have one.
+    fn start_queued(&mut self, current: u32) -> Result<(), F::Error> {
+        let mut in_flight = self.count(MemberStatus::InFlight);
+        for idx in 0..self.plan.members.len() {
+            if in_flight >= self.c.max_in_flight {
+                break;
+            }
+            let m = &self.plan.members[idx];
+            if m.status != MemberStatus::Queued || m.wave > current || m.next_attempt_ms > self.now
+            {
                 continue;
             }
-            if !c.force {
-                m.status = MemberStatus::Skipped;
-                m.note = Some(format!(
-                    "conflict: the device has active task {} (to {}) not from this campaign",
-                    t.id, t.to_version
-                ));
-                m.updated_at_ms = now;
-                changed[idx] = true;
+            let Some(dev) = self.facts.device(&m.device_id)? else {
+                self.set_member(
+                    idx,
+                    MemberStatus::Skipped,
+                    Some("the device was deleted".into()),
+                );
+                continue;
+            };
+            if dev.record.firmware_version.as_deref() == Some(self.c.version.as_str()) {
+                let note = Some("already runs the target version".into());
+                self.set_member(idx, MemberStatus::Succeeded, note);
                 continue;
             }
+            // a task of ours may exist already (created before a crash): adopt it
+            if let Some(t) = &dev.active_task {
+                if t.campaign_id.as_deref() == Some(self.c.id.as_str()) {
+                    let m = &mut self.plan.members[idx];
+                    m.task_id = Some(t.id);
+                    m.attempts = m.attempts.max(1);
+                    let note = m.note.take();
+                    self.set_member(idx, MemberStatus::InFlight, note);
+                    in_flight += 1;
+                    continue;
+                }
+                if !self.c.force {
+                    let note = format!(
+                        "conflict: the device has active task {} (to {}) not from this campaign",
+                        t.id, t.to_version
+                    );
+                    self.set_member(idx, MemberStatus::Skipped, Some(note));
+                    continue;
+                }
+            }
+            // offline devices wait for their connection
+            if !dev.ready {
+                continue;
+            }
+            self.plan.start.push((idx, dev.record));
+            in_flight += 1;
         }
-        // offline devices wait for their connection
-        if !dev.ready {
-            continue;
-        }
-        plan.start.push((idx, dev.record));
-        in_flight += 1;
+        Ok(())
     }
-    Ok(finish(plan, c, changed_campaign, changed))
+}
+
+/// What an in-flight or succeeded member becomes after its task `t`: succeeded once it
+/// completed; after a failure (also one after completing: a rollback) queued again with the
+/// next attempt's time while retries are left, else failed; after a cancel, failed. `None`:
+/// no change.
+fn after_task(
+    m: &CampaignMember,
+    t: &TaskRecord,
+    retries: u32,
+    now: i64,
+) -> Option<(MemberStatus, Option<String>, Option<i64>)> {
+    match (m.status, t.status) {
+        (MemberStatus::InFlight, TaskStatus::Completed) => {
+            Some((MemberStatus::Succeeded, None, None))
+        }
+        (_, TaskStatus::Failed | TaskStatus::Cancelled) => {
+            let mut why = format!(
+                "{}: {}",
+                t.error_code.as_deref().unwrap_or("FAILED"),
+                t.error_message.as_deref().unwrap_or_default()
+            );
+            if m.status == MemberStatus::Succeeded {
+                why = format!("after completing: {why}");
+            }
+            if m.attempts <= retries && t.status == TaskStatus::Failed {
+                let at = now + backoff_ms(m.attempts.saturating_sub(1));
+                Some((
+                    MemberStatus::Queued,
+                    Some(format!("retrying after {why}")),
+                    Some(at),
+                ))
+            } else {
+                Some((MemberStatus::Failed, Some(why), None))
+            }
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -736,5 +840,49 @@ mod tests {
         let p = decide(&c, vec![in_flight("a", 0, 1), queued("b", 0)], &w, NOW).unwrap();
         assert_eq!(p.members[0].status, MemberStatus::Succeeded);
         assert!(p.start.is_empty());
+    }
+
+    #[test]
+    fn failure_gate_edges() {
+        // (failed, succeeded, percent, at least, acknowledged, pauses)
+        let table = [
+            (1, 1, 50.0, 1, 0, true), // exactly the percentage
+            (1, 2, 50.0, 1, 0, false),
+            (2, 2, 50.0, 3, 0, false), // under the minimum count
+            (3, 3, 50.0, 3, 0, true),
+            (3, 3, 50.0, 3, 1, false), // one acknowledged by a resume
+            (1, 99, 1.0, 1, 0, true),
+            (1, 0, 100.0, 0, 0, true), // a minimum of 0 counts as 1
+            (0, 5, 0.0, 0, 0, false),
+        ];
+        for (i, (failed, ok, percent, min, acked, pauses)) in table.into_iter().enumerate() {
+            let mut c = campaign(CampaignStatus::Running);
+            (
+                c.failure_percent,
+                c.failure_min_count,
+                c.failures_acknowledged,
+            ) = (percent, min, acked);
+            c.success_threshold = 0.0;
+            let mut members: Vec<CampaignMember> = (0..failed + ok)
+                .map(|k| {
+                    let mut m = in_flight(&format!("d{k}"), 0, 0);
+                    m.task_id = None;
+                    m.status = if k < failed {
+                        MemberStatus::Failed
+                    } else {
+                        MemberStatus::Succeeded
+                    };
+                    m
+                })
+                .collect();
+            members.push(queued("later", 1));
+            let p = decide(&c, members, &World::default(), NOW).unwrap();
+            assert_eq!(
+                p.events == [Event::Paused],
+                pauses,
+                "row {i}: {:?}",
+                p.events
+            );
+        }
     }
 }

@@ -467,4 +467,35 @@ mod validate_tests {
             assert!(validate(&ok, NOW).is_ok(), "{ok:?}");
         }
     }
+
+    #[test]
+    fn window_edges_in_local_time() {
+        use chrono::TimeZone;
+        let at = |h, m| {
+            chrono::Local
+                .with_ymd_and_hms(2026, 6, 10, h, m, 0)
+                .earliest()
+                .unwrap()
+                .timestamp_millis()
+        };
+        // 23:30 for an hour: open 23:30..00:29, closed at 00:30 and at 23:29
+        let w = Some((23 * 60 + 30, 60));
+        let table = [
+            ((23, 29), false),
+            ((23, 30), true),
+            ((23, 59), true),
+            ((0, 0), true),
+            ((0, 29), true),
+            ((0, 30), false),
+            ((12, 0), false),
+        ];
+        for ((h, m), open) in table {
+            assert_eq!(in_window(w, at(h, m)), open, "{h:02}:{m:02}");
+        }
+        // closed at 00:30: it opens next at 23:30 the same day; open: now
+        assert_eq!(next_window_opening(w, at(0, 30)), Some(at(23, 30)));
+        assert_eq!(next_window_opening(w, at(23, 45)), Some(at(23, 45)));
+        // the whole day: always open
+        assert!(in_window(Some((600, 1440)), at(9, 59)));
+    }
 }
