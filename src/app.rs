@@ -322,6 +322,7 @@ impl App {
             traffic: Default::default(),
             http_metrics: Default::default(),
             data_dir: data_dir.clone(),
+            cert: cert.clone(),
         });
         let mut metrics_port = None;
         if !config.metrics.listen.is_empty() {

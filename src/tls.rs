@@ -212,6 +212,9 @@ pub fn load_certified_key(paths: &CertPaths) -> Result<CertifiedKey, TlsError> {
 pub struct ReloadableCert {
     paths: CertPaths,
     current: RwLock<Arc<CertifiedKey>>,
+    /// Reloads that swapped the certificate, and those that failed (the old one stayed).
+    pub reloads: std::sync::atomic::AtomicU64,
+    pub reload_failures: std::sync::atomic::AtomicU64,
 }
 
 impl ReloadableCert {
@@ -221,13 +224,19 @@ impl ReloadableCert {
         Ok(Arc::new(ReloadableCert {
             paths,
             current: RwLock::new(Arc::new(ck)),
+            reloads: Default::default(),
+            reload_failures: Default::default(),
         }))
     }
 
-    /// Re-reads the files; on error the old certificate stays in use.
+    /// Re-reads the files; on error the old certificate stays in use. Counted either way.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let ck = load_certified_key(&self.paths)?;
+        use std::sync::atomic::Ordering::Relaxed;
+        let ck = load_certified_key(&self.paths).inspect_err(|_| {
+            self.reload_failures.fetch_add(1, Relaxed);
+        })?;
         *self.current.write().expect("cert lock poisoned") = Arc::new(ck);
+        self.reloads.fetch_add(1, Relaxed);
         Ok(())
     }
 

@@ -187,6 +187,18 @@ pub fn render(st: &AppState) -> Result<String, String> {
         "Request bodies cut off because the client sent nothing for http.body_idle_timeout_secs",
         st.http_metrics.body_timeouts.load(Ordering::Relaxed),
     );
+    let reloads = Family::<Labels, Counter>::default();
+    reloads
+        .get_or_create(&labels(&[("result", "ok")]))
+        .inc_by(st.cert.reloads.load(Ordering::Relaxed));
+    reloads
+        .get_or_create(&labels(&[("result", "failed")]))
+        .inc_by(st.cert.reload_failures.load(Ordering::Relaxed));
+    reg.register(
+        "tls_reloads",
+        "TLS certificate reloads on SIGHUP (a failed one keeps the certificate in use)",
+        reloads,
+    );
     counter(
         &mut reg,
         "mqtt_connections_accepted",

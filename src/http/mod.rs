@@ -81,6 +81,8 @@ pub struct Inner {
     pub data_dir: std::path::PathBuf,
     /// Request counters of the HTTP layer.
     pub http_metrics: metrics::HttpMetrics,
+    /// The served certificate (its reload counters).
+    pub cert: Arc<crate::tls::ReloadableCert>,
 }
 
 impl AppState {
