@@ -103,27 +103,18 @@ impl Server {
 
     /// The value of one metric (`name` with its labels, if any, as /metrics prints it).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(self.url("/metrics"))
-            .header("authorization", self.auth())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metric_in(&text, name)
+        scrape(&self.client, &self.url("/metrics"), &self.token, name).await
     }
 
     /// Returns once the campaign engine has finished `n` more rounds than now: what a test
     /// waits for before asserting that a campaign did *not* do something.
     pub async fn campaign_rounds_pass(&self, n: u64) {
         let from = self.metric("hangar_campaign_rounds_total").await;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // a round at least every 1.1 s (its timer, then its rest)
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30 + 2 * n);
         while self.metric("hangar_campaign_rounds_total").await < from + n as f64 {
             assert!(
-                Instant::now() < deadline,
+                tokio::time::Instant::now() < deadline,
                 "the campaign engine stopped going round"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -233,17 +224,18 @@ impl Server {
         assert_eq!(st, 200, "{b}");
     }
 
-    /// Polls `GET path` until `pred` holds for its `data` (deadline `secs`); returns it. The
-    /// one polling loop of the tests: what they wait for is a state the API shows.
+    /// Polls `GET path` until `pred` holds for its `data` (deadline `secs` on tokio's clock:
+    /// virtual seconds in a paused-time test); returns it. The one polling loop of the tests:
+    /// what they wait for is a state the API shows.
     pub async fn wait_for(&self, path: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
             let (st, b) = self.get_json(path).await;
             if st == 200 && pred(&b["data"]) {
                 return b["data"].clone();
             }
             assert!(
-                Instant::now() < deadline,
+                tokio::time::Instant::now() < deadline,
                 "GET {path} never got there in {secs} s: {st} {b}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -425,6 +417,20 @@ pub fn mutating_routes() -> Vec<(String, String)> {
 }
 
 /// The value of the metric line `name value` in a /metrics text; panics if there is none.
+/// One metric of `GET url` with the admin token.
+pub async fn scrape(client: &reqwest::Client, url: &str, token: &str, name: &str) -> f64 {
+    let text = client
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_in(&text, name)
+}
+
 pub fn metric_in(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
@@ -575,6 +581,14 @@ impl Proc {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// One metric, read over the plain listener with the admin token in the data dir.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let data = self.config.parent().unwrap().join("data");
+        let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+        let url = format!("http://127.0.0.1:{}/metrics", self.http);
+        scrape(&reqwest::Client::new(), &url, token.trim(), name).await
     }
 
     pub fn pid(&self) -> i32 {
