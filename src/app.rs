@@ -13,8 +13,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, UrlSigner};
 use crate::blobs::Blobs;
-use crate::broker::{Broker, BrokerSettings};
-use crate::config::Config;
+use crate::broker::Broker;
+use crate::config::{Config, Listen};
 use crate::devices::Devices;
 use crate::firmware::FirmwareService;
 use crate::http;
@@ -119,12 +119,18 @@ fn write_ports(
     std::fs::rename(&tmp, &path)
 }
 
-fn bind(key: &'static str, addr: &str) -> Result<TcpListener, StartError> {
-    crate::net::bind_listener(addr).map_err(|source| StartError::Bind {
-        key,
-        addr: addr.into(),
-        source,
-    })
+/// Binds a configured listener; `None` when it is off.
+fn bind(key: &'static str, listen: Listen) -> Result<Option<TcpListener>, StartError> {
+    let Some(addr) = listen.addr() else {
+        return Ok(None);
+    };
+    crate::net::bind_listener(addr)
+        .map(Some)
+        .map_err(|source| StartError::Bind {
+            key,
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// The base URL for links: `http.public_url`, or `https://<first non-loopback IP>:<port>`.
@@ -203,12 +209,9 @@ impl App {
         let cert = tls::ReloadableCert::load(cert_paths.clone())?;
         let tls_config = tls::server_config(cert.clone(), &[b"h2", b"http/1.1"]);
 
-        let https_listener = bind("http.listen", &config.http.listen)?;
-        let plain_listener = if config.http.plain_listen.is_empty() {
-            None
-        } else {
-            Some(bind("http.plain_listen", &config.http.plain_listen)?)
-        };
+        let https_listener =
+            bind("http.listen", config.http.listen)?.expect("validated: http.listen is on");
+        let plain_listener = bind("http.plain_listen", config.http.plain_listen)?;
         let https = https_listener
             .local_addr()
             .map_err(io_ctx("reading the HTTPS address"))?;
@@ -224,13 +227,7 @@ impl App {
             store.clone(),
             blobs,
             firmware.clone(),
-            crate::deltas::DeltaSettings {
-                workers: config.delta.workers,
-                threads: config.delta.threads,
-                max_memory_bytes: config.delta.max_memory_bytes,
-                max_ratio: config.delta.max_ratio,
-                queue: config.delta.queue,
-            },
+            config.delta.clone(),
         );
         let devices = Arc::new(Devices::new(store.clone()));
         let shutdown = CancellationToken::new();
@@ -241,17 +238,7 @@ impl App {
         let mqtt_tls = tls::server_config(cert.clone(), &[]); // no ALPN: MQTT clients need none
         let broker = Arc::new(
             Broker::start(
-                BrokerSettings {
-                    listen: config.mqtt.listen.clone(),
-                    tls_listen: config.mqtt.tls_listen.clone(),
-                    topic_prefix: config.mqtt.topic_prefix.clone(),
-                    allow_anonymous: config.mqtt.allow_anonymous,
-                    max_connections: config.mqtt.max_connections,
-                    max_pending_connections: config.mqtt.max_pending_connections,
-                    max_pending_per_address: config.mqtt.max_pending_per_address,
-                    max_packet_bytes: config.mqtt.max_packet_bytes,
-                    engine: crate::broker::Engine::from_config(&config.mqtt.engine),
-                },
+                config.mqtt.clone(),
                 Some(tokio_rustls::TlsAcceptor::from(mqtt_tls)),
                 devices.clone(),
                 msg_tx,
@@ -325,8 +312,7 @@ impl App {
             cert: cert.clone(),
         });
         let mut metrics_port = None;
-        if !config.metrics.listen.is_empty() {
-            let l = bind("metrics.listen", &config.metrics.listen)?;
+        if let Some(l) = bind("metrics.listen", config.metrics.listen)? {
             let addr = l
                 .local_addr()
                 .map_err(io_ctx("reading the metrics address"))?;

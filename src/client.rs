@@ -2,12 +2,12 @@
 //! `--url`/`--token`/`--ca` (or `HANGAR_URL`/`HANGAR_TOKEN`/`HANGAR_CA`), else the config file's
 //! data dir (`ports.json`, `admin.token`, `certs/ca.pem`), so nobody types a token on the box.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Listen};
 
 /// Why a CLI verb failed.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +106,7 @@ impl Client {
                 let port = ports["https"]
                     .as_u64()
                     .ok_or_else(|| CliError::Discover("ports.json has no https port".into()))?;
-                let listen: SocketAddr = l.config.http.listen.parse().expect("validated");
+                let listen = l.config.http.listen.addr().expect("validated: on");
                 let ip = loopback_for(listen.ip());
                 format!("https://{}", crate::net::url_host_port(ip, port as u16))
             }
@@ -131,27 +131,28 @@ impl Client {
             let p = data_dir.as_ref()?.join("certs").join("ca.pem");
             p.exists().then_some(p)
         });
-        let from_ports = |key: &str, scheme: &str, listen: fn(&Config) -> &str| -> Option<String> {
-            let l = loaded.as_ref()?;
-            let text = std::fs::read_to_string(data_dir.as_ref()?.join("ports.json")).ok()?;
-            let ports: Value = serde_json::from_str(&text).ok()?;
-            let port = ports[key].as_u64()?;
-            let listen: SocketAddr = listen(&l.config).parse().ok()?;
-            let ip = loopback_for(listen.ip());
-            Some(format!(
-                "{scheme}://{}",
-                crate::net::url_host_port(ip, port as u16)
-            ))
-        };
+        let from_ports =
+            |key: &str, scheme: &str, listen: fn(&Config) -> Listen| -> Option<String> {
+                let l = loaded.as_ref()?;
+                let text = std::fs::read_to_string(data_dir.as_ref()?.join("ports.json")).ok()?;
+                let ports: Value = serde_json::from_str(&text).ok()?;
+                let port = ports[key].as_u64()?;
+                let listen = listen(&l.config).addr()?;
+                let ip = loopback_for(listen.ip());
+                Some(format!(
+                    "{scheme}://{}",
+                    crate::net::url_host_port(ip, port as u16)
+                ))
+            };
         let mqtt = ep
             .mqtt
             .clone()
-            .or_else(|| from_ports("mqtt", "mqtt", |c| &c.mqtt.listen));
+            .or_else(|| from_ports("mqtt", "mqtt", |c| c.mqtt.listen));
         let mqtts = ep
             .mqtt
             .clone()
             .filter(|u| u.starts_with("mqtts://"))
-            .or_else(|| from_ports("mqtts", "mqtts", |c| &c.mqtt.tls_listen));
+            .or_else(|| from_ports("mqtts", "mqtts", |c| c.mqtt.tls_listen));
         let mut builder = reqwest::Client::builder().use_rustls_tls();
         let mut ca_pem = None;
         if let Some(ca) = &ca {

@@ -24,6 +24,95 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// A listen address: `IP:port` (port 0 = any free port), or `""` where a listener may be off.
+/// Parsed when the config is read: a bad address is refused with its key, never at bind time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Listen(Option<SocketAddr>);
+
+impl Listen {
+    /// No listener.
+    pub const OFF: Listen = Listen(None);
+
+    /// A listener on `addr`.
+    pub fn at(addr: SocketAddr) -> Listen {
+        Listen(Some(addr))
+    }
+
+    /// Any free port on 127.0.0.1 (tests, tools).
+    pub fn loopback_any_port() -> Listen {
+        Listen::at(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The address, unless the listener is off.
+    pub fn addr(self) -> Option<SocketAddr> {
+        self.0
+    }
+
+    /// Whether this is a fixed port (not off, not port 0).
+    fn fixed(self) -> bool {
+        self.0.is_some_and(|a| a.port() != 0)
+    }
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if s.is_empty() {
+            return Ok(Listen::OFF);
+        }
+        s.parse().map(Listen::at).map_err(|_| {
+            format!(
+                "{s:?} is not an IP:port address (e.g. \"0.0.0.0:8443\"; port 0 = any free port)"
+            )
+        })
+    }
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+    fn try_from(s: String) -> Result<Listen, String> {
+        s.parse()
+    }
+}
+
+impl From<Listen> for String {
+    fn from(l: Listen) -> String {
+        l.to_string()
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Who carries the server's messages to devices (`mqtt.engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttEngine {
+    /// The front door routes them itself: one socket and a few KB per device.
+    #[default]
+    Direct,
+    /// The embedded rumqttd behind the front door (three sockets, ~60 KB per device).
+    Rumqttd,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// The whole appliance configuration. Every field has a default (see `config/hangar.toml`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -55,9 +144,9 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// HTTPS listen address (API + downloads).
-    pub listen: String,
+    pub listen: Listen,
     /// Plain HTTP listen address; "" disables it.
-    pub plain_listen: String,
+    pub plain_listen: Listen,
     /// Base URL for links handed to devices; "" = derived from the first non-loopback IP.
     pub public_url: String,
     /// Largest accepted firmware upload in bytes.
@@ -82,9 +171,9 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// Plain MQTT listen address.
-    pub listen: String,
+    pub listen: Listen,
     /// MQTTS listen address; "" disables it.
-    pub tls_listen: String,
+    pub tls_listen: Listen,
     /// First topic level of the gateway protocol.
     pub topic_prefix: String,
     /// Admit devices without credentials (labs only).
@@ -98,9 +187,8 @@ pub struct MqttConfig {
     pub max_pending_per_address: usize,
     /// Largest MQTT packet a device may send, bytes.
     pub max_packet_bytes: usize,
-    /// Who carries messages to devices: "direct" (the front door routes them itself) or
-    /// "rumqttd" (the embedded rumqttd behind the front door).
-    pub engine: String,
+    /// Who carries messages to devices.
+    pub engine: MqttEngine,
 }
 
 /// `[auth]`
@@ -130,7 +218,7 @@ pub struct TasksConfig {
 pub struct MetricsConfig {
     /// Extra loopback-only listener serving `/metrics` without a token; "" = none (the HTTPS
     /// listener always serves `/metrics` behind the admin token).
-    pub listen: String,
+    pub listen: Listen,
 }
 
 /// `[store]`
@@ -180,18 +268,18 @@ impl Default for DeltaConfig {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// "text" or "json".
-    pub format: String,
+    /// Text lines or JSON objects.
+    pub format: LogFormat,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
-            listen: "0.0.0.0:8443".into(),
-            plain_listen: "127.0.0.1:8018".into(),
+            listen: Listen::at(SocketAddr::from(([0, 0, 0, 0], 8443))),
+            plain_listen: Listen::at(SocketAddr::from(([127, 0, 0, 1], 8018))),
             public_url: String::new(),
             max_upload_bytes: 1 << 30,
             body_idle_timeout_secs: 30,
@@ -202,15 +290,15 @@ impl Default for HttpConfig {
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
-            listen: "0.0.0.0:1883".into(),
-            tls_listen: "0.0.0.0:8883".into(),
+            listen: Listen::at(SocketAddr::from(([0, 0, 0, 0], 1883))),
+            tls_listen: Listen::at(SocketAddr::from(([0, 0, 0, 0], 8883))),
             topic_prefix: "hanqi".into(),
             allow_anonymous: false,
             max_connections: 20_000,
             max_pending_connections: 2048,
             max_pending_per_address: 512,
             max_packet_bytes: 256 * 1024,
-            engine: "direct".into(),
+            engine: MqttEngine::Direct,
         }
     }
 }
@@ -229,14 +317,6 @@ impl Default for TasksConfig {
         TasksConfig {
             stall_timeout_secs: 600,
             reboot_grace_secs: 120,
-        }
-    }
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: "text".into(),
         }
     }
 }
@@ -295,199 +375,24 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks every value; the first problem is returned with its key.
+    /// Checks every value; the first problem is returned with its key. Addresses and enums
+    /// were checked by parsing; what is left are ranges and combinations, section by section.
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let err = |key: &str, reason: String| ConfigError {
-            file: file.to_string(),
-            key: key.to_string(),
-            reason,
-        };
-        let addr = |key: &str, v: &str, optional: bool| -> Result<(), ConfigError> {
-            if optional && v.is_empty() {
-                return Ok(());
-            }
-            v.parse::<SocketAddr>().map(|_| ()).map_err(|_| {
-                err(
-                    key,
-                    format!("{v:?} is not an IP:port address (e.g. \"0.0.0.0:8443\"; port 0 = any free port)"),
-                )
-            })
-        };
-        addr("http.listen", &self.http.listen, false)?;
-        addr("http.plain_listen", &self.http.plain_listen, true)?;
-        addr("mqtt.listen", &self.mqtt.listen, false)?;
-        addr("mqtt.tls_listen", &self.mqtt.tls_listen, true)?;
-        if !self.http.public_url.is_empty() {
-            let u = &self.http.public_url;
-            let ok = (u.starts_with("https://") || u.starts_with("http://"))
-                && u.split("://").nth(1).is_some_and(|rest| !rest.is_empty())
-                && !u.contains(char::is_whitespace)
-                && !u.contains('?')
-                && !u.contains('#');
-            if !ok {
-                return Err(err(
-                    "http.public_url",
-                    format!(
-                        "{u:?} must be an http:// or https:// base URL without query, e.g. \"https://hangar.local:8443\""
-                    ),
-                ));
-            }
-        }
-        if !(1..=3600).contains(&self.http.body_idle_timeout_secs) {
-            return Err(err(
-                "http.body_idle_timeout_secs",
-                "must be between 1 and 3600".into(),
-            ));
-        }
-        if self.http.max_upload_bytes == 0 {
-            return Err(err(
-                "http.max_upload_bytes",
-                "must be greater than 0".into(),
-            ));
-        }
-        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
-            let key = if self.tls.cert.is_empty() {
-                "tls.cert"
-            } else {
-                "tls.key"
-            };
-            return Err(err(
-                key,
-                "tls.cert and tls.key must be set together (or both left empty to generate a certificate)".into(),
-            ));
-        }
-        let prefix = &self.mqtt.topic_prefix;
-        if prefix.is_empty()
-            || prefix.len() > 64
-            || !prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(err(
-                "mqtt.topic_prefix",
-                format!("{prefix:?} must be 1-64 characters of [A-Za-z0-9_-] (one topic level)"),
-            ));
-        }
-        if self.mqtt.max_connections == 0 || self.mqtt.max_connections > 1_000_000 {
-            return Err(err(
-                "mqtt.max_connections",
-                "must be between 1 and 1000000".into(),
-            ));
-        }
-        for (key, v) in [
-            (
-                "mqtt.max_pending_connections",
-                self.mqtt.max_pending_connections,
-            ),
-            (
-                "mqtt.max_pending_per_address",
-                self.mqtt.max_pending_per_address,
-            ),
-        ] {
-            if v == 0 || v > 1_000_000 {
-                return Err(err(key, "must be between 1 and 1000000".into()));
-            }
-        }
-        if !(1024..=256 * 1024 * 1024).contains(&self.mqtt.max_packet_bytes) {
-            return Err(err(
-                "mqtt.max_packet_bytes",
-                "must be between 1024 and 268435456 (MQTT's limit)".into(),
-            ));
-        }
-        if !matches!(self.mqtt.engine.as_str(), "direct" | "rumqttd") {
-            return Err(err(
-                "mqtt.engine",
-                format!(
-                    "{:?} is not an engine: use \"direct\" or \"rumqttd\"",
-                    self.mqtt.engine
-                ),
-            ));
-        }
-        if self.mqtt.listen == self.mqtt.tls_listen
-            || self.http.listen == self.mqtt.listen
-            || self.http.listen == self.mqtt.tls_listen
-        {
-            let same = [&self.http.listen, &self.mqtt.listen, &self.mqtt.tls_listen];
-            if same.iter().filter(|a| !a.ends_with(":0")).count() >= 2 {
-                return Err(err(
-                    "mqtt.listen",
-                    "http.listen, mqtt.listen and mqtt.tls_listen must be different addresses"
-                        .into(),
-                ));
-            }
-        }
-        let token = &self.auth.admin_token;
-        if !token.is_empty() && (token.len() < 16 || !token.chars().all(|c| c.is_ascii_graphic())) {
-            return Err(err(
-                "auth.admin_token",
-                "must be at least 16 printable ASCII characters without spaces (or \"\" to generate one)".into(),
-            ));
-        }
-        if self.auth.url_ttl_secs == 0 || self.auth.url_ttl_secs > 366 * 86_400 {
-            return Err(err(
-                "auth.url_ttl_secs",
-                "must be between 1 and 31622400 seconds (one year)".into(),
-            ));
-        }
-        if !(1..=86_400).contains(&self.tasks.reboot_grace_secs) {
-            return Err(err(
-                "tasks.reboot_grace_secs",
-                "must be between 1 and 86400 seconds (longer than your devices take to reboot)"
-                    .into(),
-            ));
-        }
-        if self.tasks.stall_timeout_secs == 0 {
-            return Err(err(
-                "tasks.stall_timeout_secs",
-                "must be greater than 0".into(),
-            ));
-        }
-        if !self.metrics.listen.is_empty() {
-            match self.metrics.listen.parse::<SocketAddr>() {
-                Ok(a) if a.ip().is_loopback() => {}
-                Ok(_) => {
-                    return Err(err(
-                        "metrics.listen",
-                        "must be a loopback address (e.g. \"127.0.0.1:9464\"): it has no authentication".into(),
-                    ));
-                }
-                Err(_) => {
-                    return Err(err(
-                        "metrics.listen",
-                        format!("{:?} is not an IP:port address", self.metrics.listen),
-                    ));
-                }
-            }
-        }
-        if !(1..=64).contains(&self.delta.workers) {
-            return Err(err("delta.workers", "must be between 1 and 64".into()));
-        }
-        if self.delta.threads > 256 {
-            return Err(err(
-                "delta.threads",
-                "must be between 0 (one per core) and 256".into(),
-            ));
-        }
-        if self.delta.max_memory_bytes < (16 << 20) {
-            return Err(err(
-                "delta.max_memory_bytes",
-                "must be at least 16777216 (16 MiB)".into(),
-            ));
-        }
-        if !(self.delta.max_ratio > 0.0 && self.delta.max_ratio <= 1.0) {
-            return Err(err(
-                "delta.max_ratio",
-                "must be greater than 0 and at most 1".into(),
-            ));
-        }
-        if !(1..=100_000).contains(&self.delta.queue) {
-            return Err(err("delta.queue", "must be between 1 and 100000".into()));
-        }
-        if self.log.format != "text" && self.log.format != "json" {
-            return Err(err(
-                "log.format",
-                format!("{:?} is not one of \"text\", \"json\"", self.log.format),
-            ));
+        let sections = [
+            self.http.check(),
+            self.tls.check(),
+            self.mqtt.check(&self.http),
+            self.auth.check(),
+            self.tasks.check(),
+            self.metrics.check(),
+            self.delta.check(),
+        ];
+        for r in sections {
+            r.map_err(|(key, reason)| ConfigError {
+                file: file.to_string(),
+                key: key.to_string(),
+                reason,
+            })?;
         }
         Ok(())
     }
@@ -522,6 +427,183 @@ impl Config {
             }
         }
         dir
+    }
+}
+
+/// A problem of one section: its dotted key and what is wrong.
+type Check = Result<(), (&'static str, String)>;
+
+/// `Err((key, reason))` unless `ok`.
+fn ensure(ok: bool, key: &'static str, reason: impl Into<String>) -> Check {
+    if ok {
+        Ok(())
+    } else {
+        Err((key, reason.into()))
+    }
+}
+
+impl HttpConfig {
+    fn check(&self) -> Check {
+        ensure(
+            self.listen.addr().is_some(),
+            "http.listen",
+            "the HTTPS listener cannot be off: give an IP:port address",
+        )?;
+        let u = &self.public_url;
+        let url_ok = (u.starts_with("https://") || u.starts_with("http://"))
+            && u.split("://").nth(1).is_some_and(|rest| !rest.is_empty())
+            && !u.contains(char::is_whitespace)
+            && !u.contains('?')
+            && !u.contains('#');
+        ensure(
+            u.is_empty() || url_ok,
+            "http.public_url",
+            format!(
+                "{u:?} must be an http:// or https:// base URL without query, e.g. \"https://hangar.local:8443\""
+            ),
+        )?;
+        ensure(
+            (1..=3600).contains(&self.body_idle_timeout_secs),
+            "http.body_idle_timeout_secs",
+            "must be between 1 and 3600",
+        )?;
+        ensure(
+            self.max_upload_bytes > 0,
+            "http.max_upload_bytes",
+            "must be greater than 0",
+        )
+    }
+}
+
+impl TlsConfig {
+    fn check(&self) -> Check {
+        ensure(
+            self.cert.is_empty() == self.key.is_empty(),
+            if self.cert.is_empty() {
+                "tls.cert"
+            } else {
+                "tls.key"
+            },
+            "tls.cert and tls.key must be set together (or both left empty to generate a certificate)",
+        )
+    }
+}
+
+impl MqttConfig {
+    fn check(&self, http: &HttpConfig) -> Check {
+        ensure(
+            self.listen.addr().is_some(),
+            "mqtt.listen",
+            "the MQTT listener cannot be off: give an IP:port address",
+        )?;
+        let prefix = &self.topic_prefix;
+        ensure(
+            !prefix.is_empty()
+                && prefix.len() <= 64
+                && prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+            "mqtt.topic_prefix",
+            format!("{prefix:?} must be 1-64 characters of [A-Za-z0-9_-] (one topic level)"),
+        )?;
+        for (key, v) in [
+            ("mqtt.max_connections", self.max_connections),
+            ("mqtt.max_pending_connections", self.max_pending_connections),
+            ("mqtt.max_pending_per_address", self.max_pending_per_address),
+        ] {
+            ensure(
+                (1..=1_000_000).contains(&v),
+                key,
+                "must be between 1 and 1000000",
+            )?;
+        }
+        ensure(
+            (1024..=256 * 1024 * 1024).contains(&self.max_packet_bytes),
+            "mqtt.max_packet_bytes",
+            "must be between 1024 and 268435456 (MQTT's limit)",
+        )?;
+        let fixed = [http.listen, self.listen, self.tls_listen]
+            .into_iter()
+            .filter(|l| l.fixed())
+            .map(|l| l.addr())
+            .collect::<Vec<_>>();
+        let distinct: std::collections::HashSet<_> = fixed.iter().collect();
+        ensure(
+            distinct.len() == fixed.len(),
+            "mqtt.listen",
+            "http.listen, mqtt.listen and mqtt.tls_listen must be different addresses",
+        )
+    }
+}
+
+impl AuthConfig {
+    fn check(&self) -> Check {
+        let token = &self.admin_token;
+        ensure(
+            token.is_empty() || (token.len() >= 16 && token.chars().all(|c| c.is_ascii_graphic())),
+            "auth.admin_token",
+            "must be at least 16 printable ASCII characters without spaces (or \"\" to generate one)",
+        )?;
+        ensure(
+            (1..=366 * 86_400).contains(&self.url_ttl_secs),
+            "auth.url_ttl_secs",
+            "must be between 1 and 31622400 seconds (one year)",
+        )
+    }
+}
+
+impl TasksConfig {
+    fn check(&self) -> Check {
+        ensure(
+            (1..=86_400).contains(&self.reboot_grace_secs),
+            "tasks.reboot_grace_secs",
+            "must be between 1 and 86400 seconds (longer than your devices take to reboot)",
+        )?;
+        ensure(
+            self.stall_timeout_secs > 0,
+            "tasks.stall_timeout_secs",
+            "must be greater than 0",
+        )
+    }
+}
+
+impl MetricsConfig {
+    fn check(&self) -> Check {
+        ensure(
+            self.listen.addr().is_none_or(|a| a.ip().is_loopback()),
+            "metrics.listen",
+            "must be a loopback address (e.g. \"127.0.0.1:9464\"): it has no authentication",
+        )
+    }
+}
+
+impl DeltaConfig {
+    fn check(&self) -> Check {
+        ensure(
+            (1..=64).contains(&self.workers),
+            "delta.workers",
+            "must be between 1 and 64",
+        )?;
+        ensure(
+            self.threads <= 256,
+            "delta.threads",
+            "must be between 0 (one per core) and 256",
+        )?;
+        ensure(
+            self.max_memory_bytes >= 16 << 20,
+            "delta.max_memory_bytes",
+            "must be at least 16777216 (16 MiB)",
+        )?;
+        ensure(
+            self.max_ratio > 0.0 && self.max_ratio <= 1.0,
+            "delta.max_ratio",
+            "must be greater than 0 and at most 1",
+        )?;
+        ensure(
+            (1..=100_000).contains(&self.queue),
+            "delta.queue",
+            "must be between 1 and 100000",
+        )
     }
 }
 
@@ -600,11 +682,46 @@ mod tests {
             ("[auth]\nurl_ttl_secs = 0\n", "auth.url_ttl_secs"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             ("[http]\nlisten = 5\n", "http.listen"),
+            ("[http]\nlisten = \"\"\n", "http.listen"),
+            ("[mqtt]\nlisten = \"\"\n", "mqtt.listen"),
+            ("[http]\nlisten = \"0.0.0.0:1883\"\n", "mqtt.listen"),
+            ("[metrics]\nlisten = \"0.0.0.0:9464\"\n", "metrics.listen"),
+            ("[metrics]\nlisten = \"localhost:9464\"\n", "metrics.listen"),
+            ("[delta]\nmax_ratio = 0.0\n", "delta.max_ratio"),
+            (
+                "[tasks]\nreboot_grace_secs = 0\n",
+                "tasks.reboot_grace_secs",
+            ),
         ];
         for (text, key) in cases {
             let e = Config::from_toml(text, "f.toml").unwrap_err();
             assert_eq!(e.key, key, "{text}: {e}");
             assert!(!e.reason.is_empty());
         }
+    }
+
+    #[test]
+    fn addresses_and_enums_are_typed() {
+        let c = Config::from_toml(
+            "[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"[::1]:8883\"\nengine = \"rumqttd\"\n[log]\nformat = \"json\"\n",
+            "f.toml",
+        )
+        .unwrap();
+        // port 0 may repeat: every listener picks its own free port
+        assert_eq!(c.http.listen, Listen::loopback_any_port());
+        assert_eq!(c.http.plain_listen, Listen::OFF);
+        assert_eq!(
+            c.mqtt.tls_listen.addr(),
+            Some("[::1]:8883".parse().unwrap())
+        );
+        assert_eq!(
+            (c.mqtt.engine, c.log.format),
+            (MqttEngine::Rumqttd, LogFormat::Json)
+        );
+        // and they print as they are written
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("plain_listen = \"\""), "{text}");
+        assert!(text.contains("tls_listen = \"[::1]:8883\""), "{text}");
+        assert_eq!(Config::from_toml(&text, "again").unwrap(), c);
     }
 }

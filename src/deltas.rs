@@ -20,27 +20,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::blobs::Blobs;
+use crate::config::DeltaConfig;
 use crate::firmware::FirmwareService;
 use crate::ids;
 use crate::store::{
     DELTA_SCHEMA, DeltaRecord, DeltaStatus, FirmwareRecord, FirmwareStatus, Store, StoreError,
 };
 use crate::time::now_ms;
-
-/// `[delta]` settings.
-#[derive(Debug, Clone)]
-pub struct DeltaSettings {
-    /// Deltas computed at once.
-    pub workers: usize,
-    /// Search threads per computation (0 = cores).
-    pub threads: usize,
-    /// Memory guard.
-    pub max_memory_bytes: u64,
-    /// Size ratio above which a patch is not offered.
-    pub max_ratio: f64,
-    /// Queue capacity.
-    pub queue: usize,
-}
 
 /// Why a delta request failed: the one service error ([`crate::error::ServiceError`]).
 pub type DeltaError = crate::error::ServiceError;
@@ -67,7 +53,7 @@ pub struct Deltas {
     store: Store,
     blobs: Blobs,
     firmware: Arc<FirmwareService>,
-    settings: DeltaSettings,
+    settings: DeltaConfig,
     tx: mpsc::Sender<Job>,
     rx: Mutex<Option<mpsc::Receiver<Job>>>,
     verified: Mutex<HashMap<String, (u64, SystemTime)>>,
@@ -109,7 +95,7 @@ impl Deltas {
         store: Store,
         blobs: Blobs,
         firmware: Arc<FirmwareService>,
-        settings: DeltaSettings,
+        settings: DeltaConfig,
     ) -> Arc<Deltas> {
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         Arc::new(Deltas {

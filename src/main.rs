@@ -88,7 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => {
             let loaded = Config::load(cli.global.config.as_deref())?;
-            init_tracing(loaded.config.log.format == "json");
+            init_tracing(loaded.config.log.format == hangar::config::LogFormat::Json);
             match &loaded.source {
                 Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
                 None => tracing::info!("no config file: running on built-in defaults"),

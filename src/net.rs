@@ -77,12 +77,9 @@ pub fn url_host_port(ip: IpAddr, port: u16) -> String {
     }
 }
 
-/// A TCP listener on `addr` ("ip:port"; port 0 = any free port) with SO_REUSEADDR and a
-/// backlog of 4096, so that connection storms (a fleet reconnecting) are not dropped at SYN.
-pub fn bind_listener(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
-    let sa: std::net::SocketAddr = addr.parse().map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an IP:port address")
-    })?;
+/// A TCP listener on `sa` (port 0 = any free port) with SO_REUSEADDR and a backlog of 4096,
+/// so that connection storms (a fleet reconnecting) are not dropped at SYN.
+pub fn bind_listener(sa: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if sa.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

@@ -7,6 +7,7 @@ mod common;
 
 use common::mqtt::Device;
 use common::*;
+use hangar::config::MqttEngine;
 use serde_json::{Value, json};
 
 const REPORT: &str = "hanqi/gateway/GW1/report";
@@ -43,16 +44,16 @@ impl WaitDevice for Server {
 
 #[tokio::test]
 async fn upgrade_one_gateway_end_to_end() {
-    one_gateway_end_to_end("direct").await;
+    one_gateway_end_to_end(MqttEngine::Direct).await;
 }
 
 #[tokio::test]
 async fn upgrade_one_gateway_end_to_end_through_rumqttd() {
-    one_gateway_end_to_end("rumqttd").await;
+    one_gateway_end_to_end(MqttEngine::Rumqttd).await;
 }
 
-async fn one_gateway_end_to_end(engine: &str) {
-    let s = Server::start_with(|c| c.mqtt.engine = engine.into()).await;
+async fn one_gateway_end_to_end(engine: MqttEngine) {
+    let s = Server::start_with(|c| c.mqtt.engine = engine).await;
     s.register("GW1", "gateway", "gw1-secret").await;
     let img = s.release("1.0.2", "gateway", 300_000).await;
     let mut d = online_gateway(&s).await;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::mqtt::{Device, Seen};
 use common::*;
+use hangar::config::MqttEngine;
 use serde_json::json;
 
 async fn refused(port: u16, creds: Option<(&str, &str)>) -> bool {
@@ -37,16 +38,16 @@ async fn logins_are_checked() {
 
 #[tokio::test]
 async fn devices_stay_on_their_own_topics() {
-    own_topics_only("direct").await;
+    own_topics_only(MqttEngine::Direct).await;
 }
 
 #[tokio::test]
 async fn devices_stay_on_their_own_topics_through_rumqttd() {
-    own_topics_only("rumqttd").await;
+    own_topics_only(MqttEngine::Rumqttd).await;
 }
 
-async fn own_topics_only(engine: &str) {
-    let s = Server::start_with(|c| c.mqtt.engine = engine.into()).await;
+async fn own_topics_only(engine: MqttEngine) {
+    let s = Server::start_with(|c| c.mqtt.engine = engine).await;
     s.register("GW1", "gateway", "gw1-secret").await;
     s.register("GW2", "gateway", "gw2-secret").await;
     s.release("1.0.2", "gateway", 1000).await;

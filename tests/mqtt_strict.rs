@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::Server;
+use hangar::config::MqttEngine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -58,8 +59,7 @@ async fn dropped_for_protocol(s: &Server) -> u64 {
         .await as u64
 }
 
-async fn strict(engine: &str) {
-    let engine = engine.to_string();
+async fn strict(engine: MqttEngine) {
     let s = Server::start_with(|c| c.mqtt.engine = engine).await;
     s.register("GW1", "gateway", "gw1-secret").await;
     let sub = |first: u8, pkid: u16, filter: &str, qos: Option<u8>| {
@@ -143,12 +143,12 @@ async fn strict(engine: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_packets_close_the_connection() {
-    strict("direct").await;
+    strict(MqttEngine::Direct).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_packets_close_the_connection_through_rumqttd() {
-    strict("rumqttd").await;
+    strict(MqttEngine::Rumqttd).await;
 }
 
 /// Strangers holding idle sockets cannot lock a device out: only logged-in connections count

@@ -7,11 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::Server;
+use hangar::config::Listen;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_prometheus_text_behind_the_token() {
-    let s = Server::start_with(|c| c.metrics.listen = "127.0.0.1:0".into()).await;
+    let s = Server::start_with(|c| c.metrics.listen = Listen::loopback_any_port()).await;
     s.release("1.0.1", "gateway", 10_000).await;
     s.register("GW1", "gateway", "secret-123").await;
     let dev = common::mqtt::Device::connect(s.mqtt, "c1", Some(("GW1", "secret-123")), None).await;
@@ -85,7 +86,7 @@ async fn metrics_are_prometheus_text_behind_the_token() {
 #[test]
 fn metrics_listener_must_be_loopback() {
     let mut c = hangar::config::Config::default();
-    c.metrics.listen = "0.0.0.0:9464".into();
+    c.metrics.listen = "0.0.0.0:9464".parse().unwrap();
     let e = c.validate("test.toml").unwrap_err();
     assert_eq!(e.key, "metrics.listen");
 }
@@ -149,7 +150,7 @@ fn listeners(data_dir: &std::path::Path) -> Vec<(String, u16, Listener)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_listener_refuses_every_route_without_credentials() {
     // every optional listener on, so each one is walked
-    let s = Server::start_with(|c| c.metrics.listen = "127.0.0.1:0".into()).await;
+    let s = Server::start_with(|c| c.metrics.listen = Listen::loopback_any_port()).await;
     s.release("1.0.1", "gateway", 1000).await;
     s.register("GW1", "gateway", "secret-123").await;
     let plain = reqwest::Client::new();

@@ -62,9 +62,12 @@ impl Closed {
     }
 }
 
-pub(super) fn bind(addr: &str, key: &str) -> Result<TcpListener, BrokerError> {
-    crate::net::bind_listener(addr)
-        .map_err(|e| BrokerError::Start(format!("cannot listen on {key} = {addr}: {e}")))
+pub(super) fn bind(addr: crate::config::Listen, key: &str) -> Result<TcpListener, BrokerError> {
+    let at = addr
+        .addr()
+        .ok_or_else(|| BrokerError::Start(format!("{key} is off")))?;
+    crate::net::bind_listener(at)
+        .map_err(|e| BrokerError::Start(format!("cannot listen on {key} = {at}: {e}")))
 }
 
 pub(super) async fn accept_loop(

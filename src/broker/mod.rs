@@ -31,48 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::protocol::{Inbound, Protocol};
 
-/// Settings of the broker, from `[mqtt]`.
-#[derive(Debug, Clone)]
-pub struct BrokerSettings {
-    /// Plain MQTT listen address.
-    pub listen: String,
-    /// MQTTS listen address; "" disables.
-    pub tls_listen: String,
-    /// Gateway protocol topic prefix.
-    pub topic_prefix: String,
-    /// Admit unknown devices (labs).
-    pub allow_anonymous: bool,
-    /// Most logged-in device connections at once.
-    pub max_connections: usize,
-    /// Most connections not logged in yet ([`preauth`]).
-    pub max_pending_connections: usize,
-    /// Most of those from one address.
-    pub max_pending_per_address: usize,
-    /// Largest MQTT packet accepted, bytes.
-    pub max_packet_bytes: usize,
-    /// Who carries messages to devices.
-    pub engine: Engine,
-}
-
-/// Who carries the server's messages to devices (`mqtt.engine`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    /// The front door routes them itself: one socket and a few KB per device.
-    Direct,
-    /// The embedded rumqttd behind the front door (three sockets, ~60 KB per device).
-    Rumqttd,
-}
-
-impl Engine {
-    /// From the config value ("direct" | "rumqttd"; validated by `config`).
-    pub fn from_config(s: &str) -> Engine {
-        if s == "rumqttd" {
-            Engine::Rumqttd
-        } else {
-            Engine::Direct
-        }
-    }
-}
+use crate::config::{MqttConfig, MqttEngine};
 
 /// Looks up device credentials; implemented by the device registry.
 pub trait Authenticator: Send + Sync + 'static {
@@ -191,7 +150,7 @@ pub(crate) enum Downstream {
 
 /// Everything a front-door connection needs.
 pub(crate) struct DoorContext {
-    pub settings: BrokerSettings,
+    pub settings: MqttConfig,
     pub backend: Arc<Downstream>,
     pub auth: Arc<dyn Authenticator>,
     pub messages: mpsc::Sender<InboundMessage>,
@@ -211,7 +170,7 @@ fn reserve_loopback_port() -> std::io::Result<SocketAddr> {
     l.local_addr()
 }
 
-fn rumqttd_config(backend: SocketAddr, s: &BrokerSettings) -> rumqttd::Config {
+fn rumqttd_config(backend: SocketAddr, s: &MqttConfig) -> rumqttd::Config {
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,
         max_payload_size: s.max_packet_bytes,
@@ -247,7 +206,7 @@ fn rumqttd_config(backend: SocketAddr, s: &BrokerSettings) -> rumqttd::Config {
 /// No readiness probe (rumqttd logs every half-open probe as an error): the front door retries
 /// its first connection to the backend for a few seconds instead.
 fn start_rumqttd(
-    settings: &BrokerSettings,
+    settings: &MqttConfig,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<(SocketAddr, rumqttd::local::LinkTx), BrokerError> {
@@ -282,7 +241,7 @@ impl Broker {
     /// Starts rumqttd on a private loopback port and the front door on the configured
     /// listeners. Returns once everything accepts connections.
     pub async fn start(
-        settings: BrokerSettings,
+        settings: MqttConfig,
         tls: Option<tokio_rustls::TlsAcceptor>,
         auth: Arc<dyn Authenticator>,
         messages: mpsc::Sender<InboundMessage>,
@@ -291,8 +250,8 @@ impl Broker {
         tracker: &TaskTracker,
     ) -> Result<Broker, BrokerError> {
         let downstream = Arc::new(match settings.engine {
-            Engine::Direct => Downstream::Direct(Arc::new(routes::Routes::default())),
-            Engine::Rumqttd => {
+            MqttEngine::Direct => Downstream::Direct(Arc::new(routes::Routes::default())),
+            MqttEngine::Rumqttd => {
                 let (addr, link) = start_rumqttd(&settings, shutdown.clone(), tracker)?;
                 Downstream::Rumqttd {
                     addr,
@@ -315,7 +274,7 @@ impl Broker {
             presence,
             counters: counters.clone(),
         });
-        let plain = frontdoor::bind(&settings.listen, "mqtt.listen")?;
+        let plain = frontdoor::bind(settings.listen, "mqtt.listen")?;
         let mqtt = plain
             .local_addr()
             .map_err(|e| BrokerError::Start(e.to_string()))?;
@@ -325,9 +284,9 @@ impl Broker {
             ctx.clone(),
             shutdown.clone(),
         ));
-        let mqtts = match (&tls, settings.tls_listen.is_empty()) {
-            (Some(acceptor), false) => {
-                let l = frontdoor::bind(&settings.tls_listen, "mqtt.tls_listen")?;
+        let mqtts = match (&tls, settings.tls_listen.addr().is_some()) {
+            (Some(acceptor), true) => {
+                let l = frontdoor::bind(settings.tls_listen, "mqtt.tls_listen")?;
                 let a = l
                     .local_addr()
                     .map_err(|e| BrokerError::Start(e.to_string()))?;

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hangar::app::App;
-use hangar::config::Config;
+use hangar::config::{Config, Listen};
 use serde_json::Value;
 
 /// A config for tests: everything on 127.0.0.1 port 0, data in `dir`.
@@ -19,10 +19,9 @@ pub fn test_config(dir: &Path) -> Config {
         data_dir: dir.to_string_lossy().into_owned(),
         ..Config::default()
     };
-    c.http.listen = "127.0.0.1:0".into();
-    c.http.plain_listen = "127.0.0.1:0".into();
-    c.mqtt.listen = "127.0.0.1:0".into();
-    c.mqtt.tls_listen = "127.0.0.1:0".into();
+    let any = Listen::loopback_any_port();
+    (c.http.listen, c.http.plain_listen) = (any, any);
+    (c.mqtt.listen, c.mqtt.tls_listen) = (any, any);
     // test devices "reboot" in 300 ms: a second is grace enough, and keeps rollbacks quick
     c.tasks.reboot_grace_secs = 1;
     c
