@@ -6,8 +6,8 @@
 
 use bytes::BytesMut;
 
-use crate::broker::packet;
 use crate::protocol::{self, Inbound, alibaba, gateway};
+use crate::server::broker::packet;
 
 /// Largest packet the MQTT target accepts (like a small `mqtt.max_packet_bytes`).
 const MAX_PACKET: usize = 64 * 1024;
@@ -46,7 +46,7 @@ pub fn mqtt_stream(data: &[u8]) {
 /// Credentials the session target knows: a gateway and an Alibaba device.
 struct FuzzDevices;
 
-impl crate::broker::Authenticator for FuzzDevices {
+impl crate::server::broker::Authenticator for FuzzDevices {
     fn authenticate(&self, username: &str, password: &str) -> Option<(String, protocol::Protocol)> {
         match (username, password) {
             ("GW1", "gw-secret") => Some(("GW1".into(), protocol::Protocol::Gateway)),
@@ -65,7 +65,7 @@ pub fn mqtt_session(data: &[u8]) {
         return;
     };
     let step = usize::from(first % 64) + 1;
-    crate::broker::replay_session(
+    crate::server::broker::replay_session(
         &FuzzDevices,
         first & 0x80 != 0,
         "hanqi",
@@ -111,14 +111,14 @@ pub fn device_json(data: &[u8]) {
 pub fn multipart(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let (ct, body) = text.split_once('\n').unwrap_or((&text, ""));
-    let Some(boundary) = crate::http::api::multer_boundary(ct) else {
+    let Some(boundary) = crate::server::http::firmware_api::multer_boundary(ct) else {
         return;
     };
     if boundary.is_empty() {
         return;
     }
     let step = (body.len() % 97) + 1;
-    let mut g = crate::http::partguard::PartGuard::new(&boundary);
+    let mut g = crate::server::http::partguard::PartGuard::new(&boundary);
     for c in body.as_bytes().chunks(step) {
         if g.feed(c).is_err() {
             return;
@@ -129,7 +129,7 @@ pub fn multipart(data: &[u8]) {
 /// Range, If-Range's entity tag and If-None-Match of a download: lines 1-3 of the input, the
 /// file length from line 4.
 pub fn range(data: &[u8]) {
-    use crate::http::download::{RangePlan, etag_list_matches, plan_ranges};
+    use crate::server::http::download::{RangePlan, etag_list_matches, plan_ranges};
     let text = String::from_utf8_lossy(data);
     let mut lines = text.split('\n');
     let (range, tag, inm) = (
@@ -176,7 +176,7 @@ pub fn bspatch(data: &[u8]) {
     let cut = (usize::from(n) * 4).min(rest.len());
     let (old, patch) = rest.split_at(cut);
     let mut out = Counting(0);
-    if let Ok(written) = crate::delta::apply(old, patch, MAX_PATCHED, &mut out) {
+    if let Ok(written) = crate::bsdiff::apply(old, patch, MAX_PATCHED, &mut out) {
         assert!(written <= MAX_PATCHED && out.0 == written);
     }
     assert!(out.0 <= MAX_PATCHED, "wrote {} bytes", out.0);

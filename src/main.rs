@@ -73,7 +73,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         force,
     } = &cli.command
     {
-        let msg = hangar::backup::restore(file, data_dir, *force)
+        let msg = hangar::server::backup::restore(file, data_dir, *force)
             .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
         eprintln!("{msg}");
         return Ok(());
@@ -93,7 +93,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
                 None => tracing::info!("no config file: running on built-in defaults"),
             }
-            hangar::app::serve(loaded.config).await?;
+            hangar::server::app::serve(loaded.config).await?;
         }
         Command::Firmware(cmd) => hangar::cli::firmware(&cli.global, cmd).await?,
         Command::Config(cmd) => hangar::cli::config(cmd)?,
@@ -108,8 +108,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Campaign(cmd) => hangar::cli::campaign(&cli.global, cmd).await?,
         Command::Sim(args) => {
             init_tracing(false);
-            let client = hangar::client::Client::connect(&hangar::cli::endpoint(&cli.global))?;
-            let code = hangar::sim::run(client, args).await?;
+            let client = hangar::cli::client::Client::connect(&hangar::cli::endpoint(&cli.global))?;
+            let appliance = hangar::device::sim::Appliance {
+                http: client.http().clone(),
+                base: client.base().to_string(),
+                token: client.token().to_string(),
+                mqtt_url: client.mqtt_url(args.tls)?.to_string(),
+                ca_pem: client.ca_pem().map(<[u8]>::to_vec),
+            };
+            let code = hangar::device::sim::run(appliance, args).await?;
             std::process::exit(code);
         }
         Command::Agent => {
@@ -119,8 +126,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .config
                 .clone()
                 .unwrap_or_else(|| "/etc/hangar/agent.toml".into());
-            let cfg = hangar::agent::AgentConfig::load(&path)?;
-            hangar::agent::Agent::new(cfg)?.run().await?;
+            let cfg = hangar::device::agent::AgentConfig::load(&path)?;
+            hangar::device::agent::Agent::new(cfg)?.run().await?;
         }
         Command::Delta(_) | Command::Restore { .. } => {
             unreachable!("handled before the runtime starts")

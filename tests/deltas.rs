@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 fn bspatch(old: &[u8], patch: &[u8]) -> Vec<u8> {
     let Some(tool) = common::tool("bspatch", "bsdiff") else {
         let mut out = Vec::new();
-        hangar::delta::apply(old, patch, 1 << 30, &mut out).unwrap();
+        hangar::bsdiff::apply(old, patch, 1 << 30, &mut out).unwrap();
         return out;
     };
     let d = tempfile::tempdir().unwrap();

@@ -220,7 +220,7 @@ fn parse_multipart(body: &[u8], boundary: &str) -> Vec<(String, Vec<u8>)> {
 #[tokio::test]
 async fn signed_urls_and_unauthorised_access() {
     let (s, img) = setup().await;
-    let signer = hangar::auth::UrlSigner::load_or_create(s.dir.path(), 3600).unwrap();
+    let signer = hangar::server::auth::UrlSigner::load_or_create(s.dir.path(), 3600).unwrap();
     let now = hangar::time::now_secs();
     let token = signer.sign(PATH, now);
     let r = s

@@ -128,11 +128,11 @@ pub enum FetchError {
 
 impl FetchError {
     /// The SPEC 4 failure this is reported as, and its message.
-    pub fn failure(&self) -> (super::Failure, String) {
+    pub fn failure(&self) -> (super::client::Failure, String) {
         match self {
-            FetchError::Download(m) => (super::Failure::Download, m.clone()),
-            FetchError::Verify(m) => (super::Failure::Verify, m.clone()),
-            FetchError::Storage(e) => (super::Failure::Install, e.to_string()),
+            FetchError::Download(m) => (super::client::Failure::Download, m.clone()),
+            FetchError::Verify(m) => (super::client::Failure::Verify, m.clone()),
+            FetchError::Storage(e) => (super::client::Failure::Install, e.to_string()),
         }
     }
 }
@@ -329,6 +329,79 @@ pub async fn fetch(
         }
     }
     verify(rx, expect)
+}
+
+/// [`fetch`] that says how far it got while it runs: `report(p)` for every tenth below 100
+/// (awaited between chunks: the device's `Downloading(p)` report), `on_bytes(have, total)` after
+/// every chunk.
+#[allow(clippy::too_many_arguments)]
+pub async fn fetch_reporting<F: Future<Output = ()>>(
+    http: &reqwest::Client,
+    url: &str,
+    expect: &Expect,
+    sink: &mut dyn Sink,
+    rx: &mut Received,
+    opts: &Options,
+    mut on_bytes: impl FnMut(u64, u64) + Send,
+    mut report: impl FnMut(u8) -> F,
+) -> Result<(), FetchError> {
+    let (tx, mut tenths) = tokio::sync::mpsc::unbounded_channel::<u8>();
+    let mut deciles = Deciles::default();
+    let mut progress = move |have: u64, total: u64| {
+        on_bytes(have, total);
+        if let Some(p) = deciles.step(have, total) {
+            let _ = tx.send(p);
+        }
+    };
+    let fut = fetch(http, url, expect, sink, rx, opts, &mut progress);
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            r = &mut fut => return r,
+            Some(p) = tenths.recv() => if p < 100 {
+                report(p).await;
+            }
+        }
+    }
+}
+
+/// A delta attempt's download: the whole patch in memory (patches are small next to the image),
+/// checked against the size and md5 the command gave, four tries.
+pub async fn fetch_patch(
+    http: &reqwest::Client,
+    d: &super::client::DeltaOffer,
+) -> Result<Vec<u8>, String> {
+    let mut patch = Memory::default();
+    fetch(
+        http,
+        &d.url,
+        &Expect {
+            size: d.size,
+            md5: d.md5.clone(),
+            sha256: None,
+        },
+        &mut patch,
+        &mut Received::default(),
+        &Options {
+            max_attempts: 4,
+            ..Default::default()
+        },
+        &mut |_, _| {},
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(patch.0)
+}
+
+/// A delta attempt's result: `base` patched with `patch` and verified against the full image's
+/// size, md5 and sha256 (blocking: call it on the blocking pool).
+pub fn patched(base: &[u8], patch: &[u8], full: &Expect) -> Result<Vec<u8>, String> {
+    let mut img = Vec::with_capacity(full.size as usize);
+    crate::bsdiff::apply(base, patch, full.size, &mut img).map_err(|e| e.to_string())?;
+    let mut rx = Received::default();
+    rx.feed(&img);
+    verify(&rx, full).map_err(|e| e.to_string())?;
+    Ok(img)
 }
 
 /// Checks size, md5 and sha256 of what was received.

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hangar::app::App;
 use hangar::config::{Config, Listen};
+use hangar::server::app::App;
 use serde_json::Value;
 
 /// A config for tests: everything on 127.0.0.1 port 0, data in `dir`.
@@ -360,7 +360,7 @@ pub fn sha256_hex(b: &[u8]) -> String {
 /// The text of every source file of the HTTP module (where every `.route(` is), for the tests
 /// that walk the routes.
 pub fn http_sources() -> String {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/http");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/server/http");
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())

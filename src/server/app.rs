@@ -1,0 +1,454 @@
+//! Composition root: opens the data dir, store and blobs (collecting orphans), loads credentials
+//! and certificates, binds every listener, writes `ports.json`, spawns the servers and returns
+//! the bound addresses. [`App::shutdown`] stops and drains everything and flushes the store last.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Listen};
+use crate::server::auth::{self, UrlSigner};
+use crate::server::blobs::Blobs;
+use crate::server::broker::Broker;
+use crate::server::certs;
+use crate::server::firmware::FirmwareService;
+use crate::server::http;
+use crate::server::ota::{Ota, OtaSettings};
+use crate::server::registry::Devices;
+use crate::server::store::Store;
+
+/// How long open HTTP connections may take to finish after shutdown starts.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why the appliance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file or directory problem, with what we were doing.
+    #[error("{context}: {source}")]
+    Io {
+        /// What failed.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error(
+        "opening the store in {path}: {source} (if the store is locked, another hangar is running with this data dir: stop it or use another data_dir)"
+    )]
+    Store {
+        /// The store directory.
+        path: PathBuf,
+        /// The cause.
+        source: crate::server::store::StoreError,
+    },
+    /// TLS material is missing or broken.
+    #[error(transparent)]
+    Tls(#[from] certs::TlsError),
+    /// Another process holds the data directory.
+    #[error(transparent)]
+    Locked(#[from] crate::server::datadir::LockError),
+    /// The device broker could not start.
+    #[error("starting the MQTT broker: {0}")]
+    Broker(String),
+    /// A listener could not be bound.
+    #[error(
+        "cannot listen on {key} = {addr}: {source} (is another process using it? use port 0 for any free port)"
+    )]
+    Bind {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let context = context.into();
+    move |source| StartError::Io { context, source }
+}
+
+/// A running appliance.
+pub struct App {
+    /// Bound HTTPS address.
+    pub https: SocketAddr,
+    /// Bound plain HTTP address, if enabled.
+    pub http: Option<SocketAddr>,
+    /// Bound MQTT address (device front door).
+    pub mqtt: SocketAddr,
+    /// Bound MQTTS address, if enabled.
+    pub mqtts: Option<SocketAddr>,
+    /// The data directory in use.
+    pub data_dir: PathBuf,
+    /// The admin token in use.
+    pub admin_token: String,
+    /// The generated CA certificate clients should trust (None for a site certificate).
+    pub ca_file: Option<PathBuf>,
+    /// The base URL put into links.
+    pub public_url: String,
+    cert: Arc<certs::ReloadableCert>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    store: Store,
+    /// Held while the appliance runs (restore and a second appliance are refused).
+    _lock: crate::server::datadir::DirLock,
+}
+
+/// `{"https":N,"http":N|null,"mqtt":N|null,"mqtts":N|null}`, written atomically.
+fn write_ports(
+    data_dir: &Path,
+    https: u16,
+    http: Option<u16>,
+    mqtt: u16,
+    mqtts: Option<u16>,
+    metrics: Option<u16>,
+) -> std::io::Result<()> {
+    let mut v = serde_json::json!({"https": https, "http": http, "mqtt": mqtt, "mqtts": mqtts});
+    if let Some(m) = metrics {
+        v["metrics"] = m.into();
+    }
+    let path = data_dir.join("ports.json");
+    let tmp = data_dir.join(".ports.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&v).expect("json"))?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Binds a configured listener; `None` when it is off.
+fn bind(key: &'static str, listen: Listen) -> Result<Option<TcpListener>, StartError> {
+    let Some(addr) = listen.addr() else {
+        return Ok(None);
+    };
+    crate::net::bind_listener(addr)
+        .map(Some)
+        .map_err(|source| StartError::Bind {
+            key,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// The base URL for links: `http.public_url`, or `https://<first non-loopback IP>:<port>`.
+fn public_url(config: &Config, https: SocketAddr) -> String {
+    if !config.http.public_url.is_empty() {
+        return config.http.public_url.trim_end_matches('/').to_string();
+    }
+    let ip = if https.ip().is_unspecified() {
+        crate::net::first_non_loopback()
+    } else {
+        https.ip()
+    };
+    format!("https://{}", crate::net::url_host_port(ip, https.port()))
+}
+
+impl App {
+    /// Starts everything; returns once every listener is bound and serving.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let data_dir = config.data_dir();
+        std::fs::create_dir_all(&data_dir)
+            .map_err(io_ctx(format!("creating data dir {}", data_dir.display())))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
+        }
+        let lock = crate::server::datadir::lock(&data_dir)?;
+
+        let store_dir = data_dir.join("store");
+        let store = Store::open(&store_dir).map_err(|source| StartError::Store {
+            path: store_dir.clone(),
+            source,
+        })?;
+        let blobs = Blobs::open(&data_dir).map_err(io_ctx("opening the blob directory"))?;
+        let keep = store
+            .referenced_blobs()
+            .map_err(|source| StartError::Store {
+                path: store_dir.clone(),
+                source,
+            })?;
+        let removed = blobs
+            .collect_orphans(&keep)
+            .map_err(io_ctx("collecting orphan blobs"))?;
+        if removed > 0 {
+            tracing::warn!(
+                removed,
+                "removed blobs that no record refers to (left by an interrupted upload or delete)"
+            );
+        }
+
+        let (admin_token, created) =
+            auth::load_or_create_admin_token(&data_dir, &config.auth.admin_token)
+                .map_err(io_ctx("loading the admin token"))?;
+        if config.auth.admin_token.is_empty() {
+            let path = data_dir.join(auth::TOKEN_FILE);
+            if created {
+                tracing::info!(path = %path.display(), "generated the admin token");
+            } else {
+                tracing::info!(path = %path.display(), "admin token");
+            }
+        }
+        let signer = UrlSigner::load_or_create(&data_dir, config.auth.url_ttl_secs)
+            .map_err(io_ctx("loading the URL-signing secret"))?;
+
+        let (cert_paths, generated) = certs::ensure_certificates(&config.tls, &data_dir)?;
+        match (&cert_paths.ca, generated) {
+            (Some(ca), true) => {
+                tracing::info!(ca = %ca.display(), cert = %cert_paths.cert.display(), "generated a self-signed CA and server certificate; clients should trust the CA")
+            }
+            (Some(ca), false) => {
+                tracing::info!(ca = %ca.display(), cert = %cert_paths.cert.display(), "TLS certificate (generated earlier)")
+            }
+            (None, _) => {
+                tracing::info!(cert = %cert_paths.cert.display(), key = %cert_paths.key.display(), "TLS certificate (site-provided)")
+            }
+        }
+        let cert = certs::ReloadableCert::load(cert_paths.clone())?;
+        let tls_config = certs::server_config(cert.clone(), &[b"h2", b"http/1.1"]);
+
+        let https_listener =
+            bind("http.listen", config.http.listen)?.expect("validated: http.listen is on");
+        let plain_listener = bind("http.plain_listen", config.http.plain_listen)?;
+        let https = https_listener
+            .local_addr()
+            .map_err(io_ctx("reading the HTTPS address"))?;
+        let http_addr = plain_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()
+            .map_err(io_ctx("reading the HTTP address"))?;
+        let public_url = public_url(&config, https);
+
+        let firmware = Arc::new(FirmwareService::new(store.clone(), blobs.clone()));
+        let deltas = crate::server::deltas::Deltas::new(
+            store.clone(),
+            blobs,
+            firmware.clone(),
+            config.delta.clone(),
+        );
+        let devices = Arc::new(Devices::new(store.clone()));
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let (msg_tx, msg_rx) = tokio::sync::mpsc::channel(16 * 1024);
+        let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mqtt_tls = certs::server_config(cert.clone(), &[]); // no ALPN: MQTT clients need none
+        let broker = Arc::new(
+            Broker::start(
+                config.mqtt.clone(),
+                Some(tokio_rustls::TlsAcceptor::from(mqtt_tls)),
+                devices.clone(),
+                msg_tx,
+                presence_tx,
+                shutdown.clone(),
+                &tracker,
+            )
+            .await
+            .map_err(|e| StartError::Broker(e.to_string()))?,
+        );
+        let ota = Arc::new(Ota::new(
+            store.clone(),
+            devices.clone(),
+            firmware.clone(),
+            deltas.clone(),
+            broker.clone(),
+            signer.clone(),
+            OtaSettings {
+                public_url: public_url.clone(),
+                topic_prefix: config.mqtt.topic_prefix.clone(),
+                stall_timeout: Duration::from_secs(config.tasks.stall_timeout_secs),
+                reboot_grace: Duration::from_secs(config.tasks.reboot_grace_secs),
+                allow_anonymous: config.mqtt.allow_anonymous,
+            },
+        ));
+        deltas
+            .spawn(shutdown.clone(), &tracker)
+            .map_err(|source| StartError::Store {
+                path: store_dir.clone(),
+                source,
+            })?;
+        let campaigns = crate::server::campaigns::Campaigns::new(
+            store.clone(),
+            devices.clone(),
+            firmware.clone(),
+            deltas.clone(),
+            ota.clone(),
+        );
+        campaigns.spawn(shutdown.clone(), &tracker);
+        tracker.spawn(recover_store(
+            store.clone(),
+            deltas.clone(),
+            // room for a few of sled's segments; uploads still wait for min_free_bytes
+            config.store.min_free_bytes.min(8 << 20),
+            shutdown.clone(),
+        ));
+        ota.spawn(msg_rx, presence_rx, shutdown.clone(), &tracker)
+            .map_err(|source| StartError::Store {
+                path: store_dir.clone(),
+                source,
+            })?;
+
+        let state = http::AppState::new(http::Inner {
+            firmware,
+            devices,
+            ota,
+            broker: broker.clone(),
+            store: store.clone(),
+            admin_token: admin_token.clone(),
+            signer,
+            public_url: public_url.clone(),
+            max_upload_bytes: config.http.max_upload_bytes,
+            min_free_bytes: config.store.min_free_bytes,
+            body_idle_timeout: Duration::from_secs(config.http.body_idle_timeout_secs),
+            fds: Default::default(),
+            campaigns,
+            deltas,
+            traffic: Default::default(),
+            http_metrics: Default::default(),
+            data_dir: data_dir.clone(),
+            cert: cert.clone(),
+        });
+        let mut metrics_port = None;
+        if let Some(l) = bind("metrics.listen", config.metrics.listen)? {
+            let addr = l
+                .local_addr()
+                .map_err(io_ctx("reading the metrics address"))?;
+            metrics_port = Some(addr.port());
+            tracing::info!(%addr, "metrics listener (loopback, no token)");
+            tracker.spawn(http::serve(
+                l,
+                None,
+                http::metrics_router(state.clone()),
+                shutdown.clone(),
+                DRAIN_DEADLINE,
+            ));
+        }
+        let router = http::router(state);
+        tracker.spawn(http::serve(
+            https_listener,
+            Some(tokio_rustls::TlsAcceptor::from(tls_config)),
+            router.clone(),
+            shutdown.clone(),
+            DRAIN_DEADLINE,
+        ));
+        if let Some(l) = plain_listener {
+            tracker.spawn(http::serve(
+                l,
+                None,
+                router,
+                shutdown.clone(),
+                DRAIN_DEADLINE,
+            ));
+        }
+        write_ports(
+            &data_dir,
+            https.port(),
+            http_addr.map(|a| a.port()),
+            broker.mqtt.port(),
+            broker.mqtts.map(|a| a.port()),
+            metrics_port,
+        )
+        .map_err(io_ctx("writing ports.json"))?;
+        tracing::info!(https = %https, http = ?http_addr, mqtt = %broker.mqtt, mqtts = ?broker.mqtts, public_url = %public_url, data_dir = %data_dir.display(), "hangar is serving");
+
+        Ok(App {
+            https,
+            http: http_addr,
+            mqtt: broker.mqtt,
+            mqtts: broker.mqtts,
+            data_dir,
+            admin_token,
+            ca_file: cert_paths.ca.clone(),
+            public_url,
+            cert,
+            shutdown,
+            tracker,
+            store,
+            _lock: lock,
+        })
+    }
+
+    /// The token that stops the appliance when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Re-reads the TLS certificate files (SIGHUP).
+    pub fn reload_certificate(&self) {
+        match self.cert.reload() {
+            Ok(()) => {
+                tracing::info!(cert = %self.cert.paths().cert.display(), "reloaded the TLS certificate")
+            }
+            Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
+        }
+    }
+
+    /// Waits until the shutdown token fires, drains the servers, then flushes the store.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final store flush failed");
+        }
+        tracing::info!("stopped");
+    }
+
+    /// Cancels and waits (for tests and embedding).
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+/// `hangar serve`: start, tell systemd we are ready, run until SIGTERM/SIGINT, drain, flush.
+pub async fn serve(config: Config) -> Result<(), StartError> {
+    let signals = crate::server::shutdown::Signals::install()
+        .map_err(io_ctx("installing signal handlers"))?;
+    let app = Arc::new(App::start(config).await?);
+    let token = app.shutdown_token();
+    let hup_app = app.clone();
+    let watcher = tokio::spawn(signals.watch(token.clone(), move || hup_app.reload_certificate()));
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    token.cancelled().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = watcher.await; // drops the watcher's clone of the app
+    match Arc::try_unwrap(app) {
+        Ok(app) => app.wait().await,
+        Err(_) => tracing::error!("internal: app still shared at shutdown"),
+    }
+    Ok(())
+}
+
+/// Reopens a store that failed (a full disk) once there is room again: looks every second.
+/// Then builds the deltas whose outcome the failed store could not record.
+async fn recover_store(
+    store: Store,
+    deltas: Arc<crate::server::deltas::Deltas>,
+    min_free: u64,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if store.health().is_none() {
+            continue;
+        }
+        match store.recover(min_free).await {
+            Ok(true) => {
+                if let Err(e) = deltas.requeue_unfinished() {
+                    tracing::warn!(error = %e, "cannot queue the unfinished deltas again");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "store not reopened yet; trying again"),
+        }
+    }
+}

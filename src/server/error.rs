@@ -1,0 +1,33 @@
+//! The one error every service returns (firmware, devices, tasks, campaigns, deltas): what kind
+//! of refusal it is and why, in words for the operator, or the failure underneath. The HTTP
+//! layer maps it to a status and the envelope in exactly one place (`http::error`); the CLI
+//! prints the message. Each service names it after itself (`FirmwareError`, `OtaError`, ...) so
+//! signatures say where an error comes from, but there is nothing to translate between them.
+
+use crate::server::store::StoreError;
+
+/// Why a service operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Bad input (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// No such thing (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Conflicts with what is stored, or the wrong state for it (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Not now: a queue is full (503, try again later).
+    #[error("{0}")]
+    Busy(String),
+    /// Stored data is damaged (500; logged).
+    #[error("{0}")]
+    Corrupt(String),
+    /// The store failed: full disk (507), reopening (503) or worse (500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// File I/O outside the store failed (500; logged).
+    #[error("storage: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,388 @@
+//! `GET /metrics`: Prometheus text exposition (prometheus-client encodes it; nothing is
+//! hand-written). Counters that live elsewhere (broker, OTA drops, traffic, deltas) are read at
+//! scrape time into a fresh registry; the HTTP request counts by route and status are kept here by
+//! a middleware.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::AppState;
+use crate::server::store::TaskStatus;
+
+type Labels = Vec<(String, String)>;
+
+/// What the HTTP layer counts itself.
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    requests: Mutex<HashMap<(String, &'static str, u16), u64>>,
+    /// Requests refused for a missing or wrong admin token / signed URL.
+    pub auth_failures: AtomicU64,
+    /// Request bodies cut off because the client paused longer than `http.body_idle_timeout_secs`.
+    pub body_timeouts: std::sync::Arc<AtomicU64>,
+}
+
+/// Middleware: runs every request in an `http` span (method, route, status) and counts it by
+/// matched route, method and status.
+pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method: &'static str = match *req.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::HEAD => "HEAD",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::PUT => "PUT",
+        _ => "OTHER",
+    };
+    // one span per request: what the handlers log carries the route and method
+    let span = tracing::info_span!("http", method, route = %route, status = tracing::field::Empty);
+    let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    let status = resp.status().as_u16();
+    span.record("status", status);
+    if status == 401 {
+        st.http_metrics
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    *st.http_metrics
+        .requests
+        .lock()
+        .expect("poisoned")
+        .entry((route, method, status))
+        .or_default() += 1;
+    resp
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(v);
+    reg.register(name, help, c);
+}
+
+fn gauge(reg: &mut Registry, name: &str, help: &str, v: i64) {
+    let g = Gauge::<i64>::default();
+    g.set(v);
+    reg.register(name, help, g);
+}
+
+/// Builds the exposition text.
+pub fn render(st: &AppState) -> Result<String, String> {
+    let mut reg = Registry::with_prefix("hangar");
+
+    // devices and MQTT
+    let (gw, ali) = st.devices.online_by_protocol();
+    let online = Family::<Labels, Gauge>::default();
+    online
+        .get_or_create(&labels(&[("protocol", "gateway")]))
+        .set(gw as i64);
+    online
+        .get_or_create(&labels(&[("protocol", "alibaba")]))
+        .set(ali as i64);
+    reg.register(
+        "connected_devices",
+        "Devices with an open MQTT connection",
+        online,
+    );
+    let b = &st.broker.counters;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    counter(
+        &mut reg,
+        "mqtt_messages_in",
+        "Device reports received",
+        g(&b.messages_in),
+    );
+    counter(
+        &mut reg,
+        "mqtt_messages_out",
+        "Messages sent to devices",
+        g(&b.messages_out),
+    );
+    counter(
+        &mut reg,
+        "mqtt_session_takeovers",
+        "Connections closed because another took over their client id",
+        g(&b.session_takeovers),
+    );
+    gauge(
+        &mut reg,
+        "mqtt_pending_connections",
+        "Connections that have not logged in yet",
+        st.broker.preauth.waiting() as i64,
+    );
+    counter(
+        &mut reg,
+        "mqtt_pending_evicted",
+        "Connections closed before logging in to make room for a newer one",
+        st.broker
+            .preauth
+            .evicted
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let dropped = Family::<Labels, Counter>::default();
+    let r = st.ota.reports.snapshot();
+    for (reason, v) in r.dropped.iter().map(|(d, n)| (d.label(), *n)).chain([
+        ("acl_denied", g(&b.acl_denied)),
+        ("protocol_error", g(&b.protocol_errors)),
+        ("publish_failure", g(&b.publish_failures)),
+        ("no_subscriber", g(&b.publish_no_subscriber)),
+    ]) {
+        dropped
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(v);
+    }
+    reg.register(
+        "mqtt_messages_dropped",
+        "MQTT messages dropped, by reason",
+        dropped,
+    );
+    let used = Family::<Labels, Counter>::default();
+    for (outcome, v) in [
+        ("applied", r.applied),
+        ("heartbeat", r.heartbeats),
+        ("matched_without_msg_id", r.matched_without_msg_id),
+        ("request", r.requests),
+        ("repeat", r.repeats),
+    ] {
+        used.get_or_create(&labels(&[("outcome", outcome)]))
+            .inc_by(v);
+    }
+    reg.register(
+        "reports_used",
+        "Device reports used, by what they were (dropped ones: mqtt_messages_dropped)",
+        used,
+    );
+    let auth = Family::<Labels, Counter>::default();
+    auth.get_or_create(&labels(&[("listener", "mqtt")]))
+        .inc_by(g(&b.auth_failures));
+    auth.get_or_create(&labels(&[("listener", "mqtt_tls_handshake")]))
+        .inc_by(g(&b.tls_handshake_failures));
+    auth.get_or_create(&labels(&[("listener", "http")]))
+        .inc_by(st.http_metrics.auth_failures.load(Ordering::Relaxed));
+    reg.register("auth_failures", "Refused logins and requests", auth);
+    counter(
+        &mut reg,
+        "http_body_timeouts",
+        "Request bodies cut off because the client sent nothing for http.body_idle_timeout_secs",
+        st.http_metrics.body_timeouts.load(Ordering::Relaxed),
+    );
+    let reloads = Family::<Labels, Counter>::default();
+    reloads
+        .get_or_create(&labels(&[("result", "ok")]))
+        .inc_by(st.cert.reloads.load(Ordering::Relaxed));
+    reloads
+        .get_or_create(&labels(&[("result", "failed")]))
+        .inc_by(st.cert.reload_failures.load(Ordering::Relaxed));
+    reg.register(
+        "tls_reloads",
+        "TLS certificate reloads on SIGHUP (a failed one keeps the certificate in use)",
+        reloads,
+    );
+    counter(
+        &mut reg,
+        "mqtt_connections_accepted",
+        "MQTT connections accepted",
+        g(&b.connections_accepted),
+    );
+    counter(
+        &mut reg,
+        "commands_sent",
+        "Upgrade commands sent to devices",
+        st.ota.commands_sent(),
+    );
+
+    // tasks
+    let tasks = st.ota.all_tasks().map_err(|e| e.to_string())?;
+    let by_state = Family::<Labels, Gauge>::default();
+    for s in [
+        TaskStatus::Pending,
+        TaskStatus::Downloading,
+        TaskStatus::Verifying,
+        TaskStatus::Installing,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ] {
+        by_state
+            .get_or_create(&labels(&[("state", s.as_str())]))
+            .set(tasks.iter().filter(|t| t.status == s).count() as i64);
+    }
+    reg.register("tasks", "Upgrade tasks by state", by_state);
+    let durations = Histogram::new(exponential_buckets(5.0, 2.0, 12));
+    for t in &tasks {
+        if t.status == TaskStatus::Completed
+            && let (Some(a), Some(b)) = (t.start_time_ms, t.complete_time_ms)
+        {
+            durations.observe((b - a).max(0) as f64 / 1000.0);
+        }
+    }
+    reg.register(
+        "task_duration_seconds",
+        "From command to completion, completed tasks",
+        durations,
+    );
+
+    // campaigns
+    let camps = Family::<Labels, Gauge>::default();
+    let list = st.campaigns.list().map_err(|e| e.to_string())?;
+    for s in ["scheduled", "running", "paused", "completed", "cancelled"] {
+        camps
+            .get_or_create(&labels(&[("state", s)]))
+            .set(list.iter().filter(|c| c.status.as_str() == s).count() as i64);
+    }
+    reg.register("campaigns", "Campaigns by state", camps);
+    counter(
+        &mut reg,
+        "campaign_rounds",
+        "Campaign engine rounds finished",
+        st.campaigns.rounds(),
+    );
+
+    // downloads
+    let t = st.traffic.summary();
+    let bytes = Family::<Labels, Counter>::default();
+    bytes
+        .get_or_create(&labels(&[("kind", "full")]))
+        .inc_by(t.bytes_full);
+    bytes
+        .get_or_create(&labels(&[("kind", "delta")]))
+        .inc_by(t.bytes_delta);
+    reg.register("download_bytes", "Bytes of images and deltas sent", bytes);
+    counter(
+        &mut reg,
+        "download_bytes_saved",
+        "Full-image bytes deltas made unnecessary",
+        t.bytes_saved,
+    );
+    counter(
+        &mut reg,
+        "download_requests",
+        "Download requests with a body",
+        t.requests,
+    );
+    counter(
+        &mut reg,
+        "download_range_requests",
+        "Download requests answered 206",
+        t.range_requests,
+    );
+    gauge(
+        &mut reg,
+        "active_downloads",
+        "Download bodies being sent now",
+        st.traffic.active(),
+    );
+
+    // HTTP
+    let reqs = Family::<Labels, Counter>::default();
+    for ((route, method, status), n) in st.http_metrics.requests.lock().expect("poisoned").iter() {
+        reqs.get_or_create(&labels(&[
+            ("route", route),
+            ("method", method),
+            ("status", &status.to_string()),
+        ]))
+        .inc_by(*n);
+    }
+    reg.register(
+        "http_requests",
+        "HTTP requests by route, method and status",
+        reqs,
+    );
+
+    // deltas and store
+    let dc = &st.deltas.counters;
+    gauge(
+        &mut reg,
+        "delta_queue_length",
+        "Deltas waiting for a worker",
+        g(&dc.queued) as i64,
+    );
+    counter(&mut reg, "deltas_built", "Deltas built", g(&dc.built));
+    counter(
+        &mut reg,
+        "deltas_failed",
+        "Delta builds that failed",
+        g(&dc.failed),
+    );
+    counter(
+        &mut reg,
+        "deltas_skipped",
+        "Deltas not worth offering",
+        g(&dc.skipped),
+    );
+    let gen_time = Histogram::new(exponential_buckets(0.05, 2.0, 12));
+    for d in st.deltas.all().map_err(|e| e.to_string())? {
+        if let Some(ms) = d.build_ms {
+            gen_time.observe(ms as f64 / 1000.0);
+        }
+    }
+    reg.register(
+        "delta_generation_seconds",
+        "Time to build each stored delta",
+        gen_time,
+    );
+    gauge(
+        &mut reg,
+        "store_size_bytes",
+        "Size of the store on disk (records; images are separate files)",
+        st.store.size_on_disk().unwrap_or(0) as i64,
+    );
+    gauge(
+        &mut reg,
+        "store_degraded",
+        "1 while the store cannot write (a full disk) and recovers by itself, else 0",
+        i64::from(st.store.health().is_some()),
+    );
+    counter(
+        &mut reg,
+        "store_recoveries",
+        "Times the store was reopened after a write failure",
+        st.store.recoveries(),
+    );
+    gauge(
+        &mut reg,
+        "data_dir_free_bytes",
+        "Bytes free on the data directory's filesystem",
+        st.store.free_bytes().unwrap_or(0).min(i64::MAX as u64) as i64,
+    );
+    let mut out = String::new();
+    encode(&mut out, &reg).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// GET /metrics
+pub async fn metrics(State(st): State<AppState>) -> Response {
+    match render(&st) {
+        Ok(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => super::error::ApiError::internal(e).into_response(),
+    }
+}

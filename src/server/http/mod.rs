@@ -1,0 +1,301 @@
+//! HTTP: the only module that names hyper and axum. Builds the router (admin API behind the
+//! bearer token, `/healthz` open, `/firmware/...` with token or signed URL) and serves it on a
+//! listener, plain or TLS. The TLS handshake runs inside each connection's task with a timeout,
+//! never in the accept loop, so one idle client cannot stall the others. On shutdown the accept
+//! loop stops and open connections drain until a deadline.
+
+pub mod campaigns_api;
+pub mod deltas_api;
+pub mod devices_api;
+pub mod download;
+pub mod error;
+pub mod firmware_api;
+pub mod metrics;
+pub mod partguard;
+pub mod refusal;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::auth::{self, UrlSigner};
+use crate::server::firmware::FirmwareService;
+use crate::server::store::Store;
+
+/// How long a client may take to finish the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's HTTP/1 read buffer limit and write-queue bound, per connection.
+const HTTP1_MAX_BUF: usize = 64 * 1024;
+/// How long an HTTP/1 client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything the handlers need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// The shared state behind [`AppState`].
+pub struct Inner {
+    /// Firmware catalogue.
+    pub firmware: Arc<FirmwareService>,
+    /// Device registry.
+    pub devices: Arc<crate::server::registry::Devices>,
+    /// Task engine.
+    pub ota: Arc<crate::server::ota::Ota>,
+    /// Device broker (counters).
+    pub broker: Arc<crate::server::broker::Broker>,
+    /// Store handle (health, stats).
+    pub store: Store,
+    /// Admin bearer token.
+    pub admin_token: String,
+    /// Signed-URL signer.
+    pub signer: UrlSigner,
+    /// Base URL for links (no trailing slash).
+    pub public_url: String,
+    /// Upload limit.
+    pub max_upload_bytes: u64,
+    /// Free bytes an upload must leave on the data directory's filesystem.
+    pub min_free_bytes: u64,
+    /// Longest pause of a client in the middle of a request body.
+    pub body_idle_timeout: Duration,
+    /// Open descriptors of recently served images.
+    pub fds: download::FdCache,
+    /// Campaign engine.
+    pub campaigns: Arc<crate::server::campaigns::Campaigns>,
+    /// Delta packages.
+    pub deltas: Arc<crate::server::deltas::Deltas>,
+    /// Bytes served per image and delta.
+    pub traffic: Arc<crate::server::traffic::Traffic>,
+    /// The data directory (backups).
+    pub data_dir: std::path::PathBuf,
+    /// Request counters of the HTTP layer.
+    pub http_metrics: metrics::HttpMetrics,
+    /// The served certificate (its reload counters).
+    pub cert: Arc<crate::server::certs::ReloadableCert>,
+}
+
+impl AppState {
+    /// Wraps the shared state.
+    pub fn new(inner: Inner) -> AppState {
+        AppState(Arc::new(inner))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+async fn require_admin(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !auth::bearer_matches(header, &st.admin_token) {
+        let mut resp = error::ApiError::unauthorized(
+            "missing or wrong admin token: send Authorization: Bearer <token from <data_dir>/admin.token>",
+        )
+        .into_response();
+        resp.extensions_mut().insert(refusal::Unauthenticated);
+        return resp;
+    }
+    next.run(req).await
+}
+
+/// The router of the loopback-only metrics listener (`[metrics] listen`): `/metrics` without a
+/// token and nothing else — every other path is 404 there, whatever the method. Anything added
+/// here is served to every local user without credentials (`tests/ops.rs` walks every route of
+/// every listener to hold this).
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::metrics))
+        .fallback(firmware_api::not_found)
+        .method_not_allowed_fallback(firmware_api::method_not_allowed)
+        .with_state(state)
+}
+
+/// The whole router.
+pub fn router(state: AppState) -> Router {
+    // an authenticated client's refused body is read up to twice the upload limit
+    let budget = refusal::DrainBudget {
+        bytes: state.max_upload_bytes.saturating_mul(2).max(64 << 20),
+        time: Duration::from_secs(60),
+    };
+    let idle = refusal::IdleLimit {
+        after: state.body_idle_timeout,
+        count: state.http_metrics.body_timeouts.clone(),
+    };
+    let api = Router::new()
+        .route(
+            "/api/ota/firmware/upload",
+            post(firmware_api::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/ota/firmware", get(firmware_api::list))
+        .route("/api/ota/firmware/latest", get(firmware_api::latest))
+        .route(
+            "/api/ota/firmware/{version}",
+            get(firmware_api::get_one).delete(firmware_api::delete),
+        )
+        .route(
+            "/api/ota/firmware/{version}/release",
+            post(firmware_api::release),
+        )
+        .route(
+            "/api/ota/firmware/{version}/status",
+            post(firmware_api::set_status),
+        )
+        .route(
+            "/api/ota/firmware/{version}/deltas",
+            get(deltas_api::list).post(deltas_api::request),
+        )
+        .route(
+            "/api/ota/devices",
+            get(devices_api::list_devices).post(devices_api::register),
+        )
+        .route(
+            "/api/ota/devices/import",
+            post(devices_api::import).layer(DefaultBodyLimit::max(64 << 20)),
+        )
+        .route(
+            "/api/ota/devices/{id}",
+            get(devices_api::get_device)
+                .patch(devices_api::change_device)
+                .delete(devices_api::delete_device),
+        )
+        .route("/api/ota/upgrade/{device}", post(devices_api::upgrade))
+        .route("/api/ota/task/{device}", get(devices_api::latest_task))
+        .route("/api/ota/task/{device}/cancel", post(devices_api::cancel))
+        .route("/api/ota/tasks", get(devices_api::list_tasks))
+        .route("/api/ota/statistics", get(devices_api::statistics))
+        .route(
+            "/api/ota/campaigns",
+            get(campaigns_api::list).post(campaigns_api::create),
+        )
+        .route("/api/ota/campaigns/dry-run", post(campaigns_api::dry_run))
+        .route("/api/ota/campaigns/{id}", get(campaigns_api::get_one))
+        .route("/api/ota/campaigns/{id}/{action}", post(campaigns_api::act))
+        .route("/metrics", get(metrics::metrics))
+        .route("/api/ota/backup", get(firmware_api::backup))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .route("/healthz", get(firmware_api::healthz))
+        .route("/firmware/{file}", get(firmware_api::download))
+        .route("/firmware/deltas/{file}", get(deltas_api::download))
+        .merge(api)
+        .fallback(firmware_api::not_found)
+        .method_not_allowed_fallback(firmware_api::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .layer(middleware::from_fn(move |req, next| {
+            refusal::drain_refused(budget, idle.clone(), req, next)
+        }))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` fires, then drains open connections for up
+/// to `drain`. With `tls`, every connection does its handshake in its own task with a timeout.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    router: Router,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // A header line with a control character (or a malformed name) is dropped, as nginx
+        // does by default, and the request answered normally — with the envelope if it is
+        // refused — instead of hyper's bodiless 400 and a closed connection.
+        .ignore_invalid_headers(true)
+        // Also caps hyper's per-connection write queue: with page-cache reads answering at once,
+        // a larger value lets every download buffer that much body (1 MiB: ~600 MiB for 1,000).
+        .max_buf_size(HTTP1_MAX_BUF);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(4 * 1024 * 1024)
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, scheme, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => {
+                    let tls_stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(peer = %peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
+                }
+                None => {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            scheme,
+            "connections still open after the drain deadline; closing them"
+        );
+    }
+}

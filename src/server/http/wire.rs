@@ -1,0 +1,281 @@
+//! JSON shapes of the HTTP API (camelCase, as in the source document). Built from store records
+//! and domain values, never stored themselves; nothing outside `http` derives `Serialize` for
+//! the API, so a rename in the domain cannot change a response.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::ids;
+use crate::server::store::FirmwareRecord;
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-02-11T10:00:00.000Z`.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A firmware as the API shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FirmwareDto {
+    pub version: String,
+    pub device_type: String,
+    pub file_name: String,
+    pub file_url: String,
+    pub file_size: u64,
+    pub md5: String,
+    pub sha256: String,
+    pub description: String,
+    pub status: &'static str,
+    pub force_upgrade: bool,
+    pub release_date: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl FirmwareDto {
+    /// `public_url` is the base for `fileUrl` (no trailing slash).
+    pub fn from_record(r: &FirmwareRecord, public_url: &str) -> FirmwareDto {
+        let file_name = ids::firmware_file_name(&r.device_type, &r.version);
+        FirmwareDto {
+            file_url: format!("{public_url}/firmware/{file_name}"),
+            file_name,
+            version: r.version.clone(),
+            device_type: r.device_type.clone(),
+            file_size: r.size,
+            md5: r.md5.clone(),
+            sha256: r.sha256.clone(),
+            description: r.description.clone(),
+            status: r.status.as_str(),
+            force_upgrade: r.force_upgrade,
+            release_date: r.release_date_ms.map(rfc3339_ms),
+            created_at: rfc3339_ms(r.created_at_ms),
+            updated_at: rfc3339_ms(r.updated_at_ms),
+        }
+    }
+}
+
+/// A delta as the API shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeltaDto {
+    pub device_type: String,
+    pub from_version: String,
+    pub to_version: String,
+    pub status: &'static str,
+    pub format: &'static str,
+    pub url: Option<String>,
+    pub size: Option<u64>,
+    pub md5: Option<String>,
+    pub sha256: Option<String>,
+    pub full_size: u64,
+    pub ratio: Option<f64>,
+    pub error: Option<String>,
+    pub build_ms: Option<u64>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl DeltaDto {
+    /// `public_url` is the base for `url` (no trailing slash); the URL needs the admin token.
+    pub fn from_record(d: &crate::server::store::DeltaRecord, public_url: &str) -> DeltaDto {
+        let ready = d.status == crate::server::store::DeltaStatus::Ready;
+        DeltaDto {
+            device_type: d.device_type.clone(),
+            from_version: d.from_version.clone(),
+            to_version: d.to_version.clone(),
+            status: d.status.as_str(),
+            format: crate::bsdiff::FORMAT,
+            url: ready.then(|| format!("{public_url}{}", crate::server::deltas::url_path(d))),
+            size: d.size,
+            md5: d.md5.clone(),
+            sha256: d.sha256.clone(),
+            full_size: d.full_size,
+            ratio: d
+                .size
+                .map(|s| (s as f64 / d.full_size.max(1) as f64 * 10000.0).round() / 10000.0),
+            error: d.error.clone(),
+            build_ms: d.build_ms,
+            created_at: rfc3339_ms(d.created_at_ms),
+            updated_at: rfc3339_ms(d.updated_at_ms),
+        }
+    }
+}
+
+/// A campaign plan as the dry run shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanDto {
+    pub total: usize,
+    pub waves: Vec<PlannedWaveDto>,
+    pub conflicts: Vec<ConflictDto>,
+    pub notes: Vec<String>,
+}
+
+/// A wave of a plan.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedWaveDto {
+    pub percent: f64,
+    pub devices: Vec<PlannedDeviceDto>,
+    pub deltas: usize,
+    pub estimated_bytes: u64,
+}
+
+/// A device of a plan.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedDeviceDto {
+    pub id: String,
+    pub firmware_version: Option<String>,
+    pub delta: bool,
+    pub bytes: u64,
+}
+
+/// A device a plan leaves out, and why.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictDto {
+    pub device_id: String,
+    pub reason: String,
+}
+
+impl From<&crate::server::campaigns::Plan> for PlanDto {
+    fn from(p: &crate::server::campaigns::Plan) -> PlanDto {
+        PlanDto {
+            total: p.total,
+            waves: p
+                .waves
+                .iter()
+                .map(|w| PlannedWaveDto {
+                    percent: w.percent,
+                    devices: w
+                        .devices
+                        .iter()
+                        .map(|d| PlannedDeviceDto {
+                            id: d.id.clone(),
+                            firmware_version: d.firmware_version.clone(),
+                            delta: d.delta,
+                            bytes: d.bytes,
+                        })
+                        .collect(),
+                    deltas: w.deltas,
+                    estimated_bytes: w.estimated_bytes,
+                })
+                .collect(),
+            conflicts: p
+                .conflicts
+                .iter()
+                .map(|c| ConflictDto {
+                    device_id: c.device_id.clone(),
+                    reason: c.reason.clone(),
+                })
+                .collect(),
+            notes: p.notes.clone(),
+        }
+    }
+}
+
+/// Task figures of a set of tasks (all, one version, one campaign).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsDto {
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub active: u64,
+    pub success_rate: f64,
+    pub failure_rate: f64,
+    pub avg_duration_secs: Option<f64>,
+}
+
+impl From<&crate::server::ota::Stats> for StatsDto {
+    fn from(s: &crate::server::ota::Stats) -> StatsDto {
+        StatsDto {
+            total: s.total,
+            completed: s.completed,
+            failed: s.failed,
+            cancelled: s.cancelled,
+            active: s.active,
+            success_rate: s.success_rate,
+            failure_rate: s.failure_rate,
+            avg_duration_secs: s.avg_duration_secs,
+        }
+    }
+}
+
+/// `GET /api/ota/statistics` without its `reports` and `downloads` members.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatisticsDto {
+    #[serde(flatten)]
+    pub all: StatsDto,
+    pub by_version: BTreeMap<String, StatsDto>,
+    pub by_campaign: BTreeMap<String, StatsDto>,
+    pub devices: usize,
+    pub online_devices: usize,
+}
+
+impl From<&crate::server::ota::Statistics> for StatisticsDto {
+    fn from(s: &crate::server::ota::Statistics) -> StatisticsDto {
+        let each = |m: &BTreeMap<String, crate::server::ota::Stats>| {
+            m.iter().map(|(k, v)| (k.clone(), v.into())).collect()
+        };
+        StatisticsDto {
+            all: (&s.all).into(),
+            by_version: each(&s.by_version),
+            by_campaign: each(&s.by_campaign),
+            devices: s.devices,
+            online_devices: s.online_devices,
+        }
+    }
+}
+
+/// Download traffic: totals and per firmware.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficDto {
+    pub bytes_full: u64,
+    pub bytes_delta: u64,
+    pub bytes_saved: u64,
+    pub requests: u64,
+    pub range_requests: u64,
+    pub per_firmware: Vec<FirmwareTrafficDto>,
+}
+
+/// One firmware's download traffic.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FirmwareTrafficDto {
+    pub device_type: String,
+    pub version: String,
+    pub bytes_full: u64,
+    pub bytes_delta: u64,
+    pub bytes_saved: u64,
+}
+
+impl From<&crate::server::traffic::TrafficSummary> for TrafficDto {
+    fn from(t: &crate::server::traffic::TrafficSummary) -> TrafficDto {
+        TrafficDto {
+            bytes_full: t.bytes_full,
+            bytes_delta: t.bytes_delta,
+            bytes_saved: t.bytes_saved,
+            requests: t.requests,
+            range_requests: t.range_requests,
+            per_firmware: t
+                .per_firmware
+                .iter()
+                .map(|f| FirmwareTrafficDto {
+                    device_type: f.device_type.clone(),
+                    version: f.version.clone(),
+                    bytes_full: f.bytes_full,
+                    bytes_delta: f.bytes_delta,
+                    bytes_saved: f.bytes_saved,
+                })
+                .collect(),
+        }
+    }
+}

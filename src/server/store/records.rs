@@ -1,0 +1,513 @@
+//! Stored record types. They carry a schema version and are never sent on the wire as they are:
+//! `http` maps them to its own JSON types.
+
+use serde::{Deserialize, Serialize};
+
+/// Current schema version of [`FirmwareRecord`].
+pub const FIRMWARE_SCHEMA: u32 = 1;
+
+/// Lifecycle of a firmware image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirmwareStatus {
+    /// Uploaded, not offered to devices.
+    Draft,
+    /// Being tried on test devices.
+    Testing,
+    /// Offered to devices; the newest released version is "latest".
+    Released,
+    /// No longer offered.
+    Deprecated,
+}
+
+impl FirmwareStatus {
+    /// Parses the API spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "draft" => Some(Self::Draft),
+            "testing" => Some(Self::Testing),
+            "released" => Some(Self::Released),
+            "deprecated" => Some(Self::Deprecated),
+            _ => None,
+        }
+    }
+
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Draft => "draft",
+            Self::Testing => "testing",
+            Self::Released => "released",
+            Self::Deprecated => "deprecated",
+        }
+    }
+}
+
+/// One firmware image as stored. The image itself is a blob named by `sha256`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// `[A-Za-z0-9_-]{1,64}`
+    pub device_type: String,
+    /// `[0-9A-Za-z.+-]{1,64}`
+    pub version: String,
+    /// Hex sha256 of the image; also the blob's name.
+    pub sha256: String,
+    /// Hex md5 of the image.
+    pub md5: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Free text from the uploader.
+    pub description: String,
+    /// Lifecycle state.
+    pub status: FirmwareStatus,
+    /// Devices must install it even when they would defer.
+    pub force_upgrade: bool,
+    /// Milliseconds since the epoch of the first release.
+    pub release_date_ms: Option<i64>,
+    /// Milliseconds since the epoch of the upload.
+    pub created_at_ms: i64,
+    /// Milliseconds since the epoch of the last change.
+    pub updated_at_ms: i64,
+}
+
+/// Current schema version of [`DeltaRecord`].
+pub const DELTA_SCHEMA: u32 = 1;
+
+/// Where a delta stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeltaStatus {
+    /// Waiting for a worker.
+    Queued,
+    /// Being computed.
+    Building,
+    /// Stored and offered.
+    Ready,
+    /// Could not be built (see `error`).
+    Failed,
+    /// Built but not worth it (not smaller than `delta.max_ratio` of the image); not offered.
+    Skipped,
+}
+
+impl DeltaStatus {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Building => "building",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// A BSDIFF40 patch from one version to another of the same device type. The patch is a blob
+/// named by `sha256` once `Ready`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// Device type of both images.
+    pub device_type: String,
+    /// The version the patch applies to.
+    pub from_version: String,
+    /// The version it produces.
+    pub to_version: String,
+    /// sha256 of the source image.
+    pub from_sha256: String,
+    /// sha256 of the target image.
+    pub to_sha256: String,
+    /// Where it stands.
+    pub status: DeltaStatus,
+    /// Patch sha256 (blob name), when built.
+    pub sha256: Option<String>,
+    /// Patch md5, when built.
+    pub md5: Option<String>,
+    /// Patch size, when built.
+    pub size: Option<u64>,
+    /// Size of the target image (for ratios and savings).
+    pub full_size: u64,
+    /// Why it failed or was skipped.
+    pub error: Option<String>,
+    /// Milliseconds spent computing it.
+    pub build_ms: Option<u64>,
+    /// Milliseconds since the epoch.
+    pub created_at_ms: i64,
+    /// Milliseconds since the epoch.
+    pub updated_at_ms: i64,
+}
+
+/// Current schema version of [`CampaignRecord`] and [`CampaignMember`].
+pub const CAMPAIGN_SCHEMA: u32 = 1;
+
+/// Lifecycle of a campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CampaignStatus {
+    /// Waiting for `startAt` (or its window).
+    Scheduled,
+    /// Starting devices wave by wave.
+    Running,
+    /// Stopped starting devices (operator or failure gate); in-flight tasks go on.
+    Paused,
+    /// Every device finished.
+    Completed,
+    /// Emergency brake pulled.
+    Cancelled,
+}
+
+impl CampaignStatus {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Still claims its devices.
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Scheduled | Self::Running | Self::Paused)
+    }
+}
+
+/// Which devices a campaign targets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CampaignTargets {
+    /// Every device of the device type.
+    pub all: bool,
+    /// Exactly these devices.
+    pub device_ids: Vec<String>,
+    /// Devices reporting one of these versions.
+    pub from_versions: Vec<String>,
+    /// Devices carrying every one of these tags.
+    pub tags: Vec<String>,
+}
+
+/// A rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CampaignRecord {
+    /// Schema version.
+    pub schema: u32,
+    /// `c` + a number.
+    pub id: String,
+    /// Operator's name for it.
+    pub name: String,
+    /// Device type of the targets.
+    pub device_type: String,
+    /// Target version (released).
+    pub version: String,
+    /// Target selection.
+    pub targets: CampaignTargets,
+    /// Cumulative wave sizes in percent of the target set, increasing, last 100.
+    pub waves: Vec<f64>,
+    /// Percent of a wave completed before the next starts.
+    pub success_threshold: f64,
+    /// Failure gate: percent of finished devices...
+    pub failure_percent: f64,
+    /// ... and at least this many failures.
+    pub failure_min_count: u32,
+    /// Devices upgrading at once.
+    pub max_in_flight: u32,
+    /// Start time, ms since the epoch.
+    pub start_at_ms: i64,
+    /// Daily window: (start minute of the day, local time; duration in minutes).
+    pub window: Option<(u32, u32)>,
+    /// Forced upgrade (also replaces a device's active task).
+    pub force: bool,
+    /// Retries per device after a failure.
+    pub retries: u32,
+    /// Devices that join the target set later join the campaign.
+    pub dynamic: bool,
+    /// Where it stands.
+    pub status: CampaignStatus,
+    /// Why it is paused / what happened last.
+    pub status_reason: Option<String>,
+    /// Failures the operator acknowledged by resuming (the gate counts failures beyond these).
+    pub failures_acknowledged: u32,
+    /// When it started running.
+    pub started_at_ms: Option<i64>,
+    /// When it completed or was cancelled.
+    pub ended_at_ms: Option<i64>,
+    /// Milliseconds since the epoch.
+    pub created_at_ms: i64,
+    /// Milliseconds since the epoch.
+    pub updated_at_ms: i64,
+}
+
+/// Where one device of a campaign stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberStatus {
+    /// Not started (its wave has not come, it is offline, or it waits for a retry).
+    Queued,
+    /// Has a task.
+    InFlight,
+    /// Runs the target version.
+    Succeeded,
+    /// Failed after its retries.
+    Failed,
+    /// Not upgraded by this campaign (conflict, deleted device); see `note`.
+    Skipped,
+    /// The campaign was cancelled before it finished.
+    Cancelled,
+}
+
+/// One device of a campaign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignMember {
+    /// Schema version.
+    pub schema: u32,
+    /// Campaign id.
+    pub campaign_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// Wave index (0-based).
+    pub wave: u32,
+    /// Where it stands.
+    pub status: MemberStatus,
+    /// Its current or last task.
+    pub task_id: Option<u64>,
+    /// Tasks started for it.
+    pub attempts: u32,
+    /// Not before this time (retry backoff), ms since the epoch.
+    pub next_attempt_ms: i64,
+    /// Why it was skipped, or the last failure.
+    pub note: Option<String>,
+    /// Milliseconds since the epoch.
+    pub updated_at_ms: i64,
+}
+
+impl CampaignMember {
+    /// A member of `campaign_id` that waits for its first attempt, as of `at_ms`.
+    pub fn queued(campaign_id: &str, device_id: &str, wave: u32, at_ms: i64) -> CampaignMember {
+        CampaignMember {
+            schema: CAMPAIGN_SCHEMA,
+            campaign_id: campaign_id.to_string(),
+            device_id: device_id.to_string(),
+            wave,
+            status: MemberStatus::Queued,
+            task_id: None,
+            attempts: 0,
+            next_attempt_ms: 0,
+            note: None,
+            updated_at_ms: at_ms,
+        }
+    }
+}
+
+/// The devices a campaign was created with, each queued in its wave: one record instead of a
+/// member record per device (a fleet campaign is created with one insert). [`Store::list_members`]
+/// expands it; a member record of the same device, written when the member moves on, wins.
+///
+/// [`Store::list_members`]: crate::server::store::Store::list_members
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedMembers {
+    /// Schema version.
+    pub schema: u32,
+    /// Campaign id.
+    pub campaign_id: String,
+    /// When they were queued, ms since the epoch.
+    pub queued_at_ms: i64,
+    /// (device id, wave index).
+    pub devices: Vec<(String, u32)>,
+}
+
+/// Current schema version of [`DeviceRecord`].
+pub const DEVICE_SCHEMA: u32 = 1;
+
+/// One registered device. Online state is not stored (it is a property of live connections).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// Gateway id, or `{productKey}/{deviceName}` for Alibaba devices.
+    pub id: String,
+    /// Protocol spoken.
+    pub protocol: crate::protocol::Protocol,
+    /// Device type (the productKey for Alibaba devices).
+    pub device_type: String,
+    /// `salt$sha256(salt || secret)` in hex; empty for devices admitted anonymously.
+    pub secret_hash: String,
+    /// Free labels for campaign targeting.
+    pub tags: Vec<String>,
+    /// Last version the device reported.
+    pub firmware_version: Option<String>,
+    /// Patch formats the device declared.
+    pub delta_formats: Vec<String>,
+    /// Milliseconds since the epoch of the last message or connection.
+    pub last_seen_ms: Option<i64>,
+    /// Address of the last connection.
+    pub last_ip: Option<String>,
+    /// Registered by an admin (false: auto-registered in anonymous mode).
+    pub registered: bool,
+    /// Milliseconds since the epoch of registration.
+    pub created_at_ms: i64,
+}
+
+/// Current schema version of [`TaskRecord`].
+pub const TASK_SCHEMA: u32 = 1;
+
+/// States of an upgrade task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    /// Created; command not yet acknowledged by any report.
+    Pending,
+    /// The device downloads.
+    Downloading,
+    /// The device verifies the image.
+    Verifying,
+    /// The device installs.
+    Installing,
+    /// Done (final unless the device comes back on the old version).
+    Completed,
+    /// Failed with an error code (final).
+    Failed,
+    /// Cancelled by an operator (final).
+    Cancelled,
+}
+
+impl TaskStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [TaskStatus; 7] = [
+        TaskStatus::Pending,
+        TaskStatus::Downloading,
+        TaskStatus::Verifying,
+        TaskStatus::Installing,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ];
+
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Downloading => "downloading",
+            TaskStatus::Verifying => "verifying",
+            TaskStatus::Installing => "installing",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the API spelling.
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// Still in flight (not completed, failed or cancelled).
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Pending
+                | TaskStatus::Downloading
+                | TaskStatus::Verifying
+                | TaskStatus::Installing
+        )
+    }
+}
+
+/// One entry of a task's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// Milliseconds since the epoch.
+    pub at_ms: i64,
+    /// Status after the event.
+    pub status: TaskStatus,
+    /// Progress after the event.
+    pub progress: u8,
+    /// What happened (e.g. "command sent", "report", "heartbeat 1.0.2").
+    pub note: String,
+}
+
+/// A delta offered with a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskDelta {
+    /// Version the patch applies to.
+    pub from_version: String,
+    /// Signed URL of the patch.
+    pub url: String,
+    /// md5 of the patch.
+    pub md5: String,
+    /// Size of the patch.
+    pub size: u64,
+}
+
+/// The leading fields of a stored [`TaskRecord`], decoded without the rest.
+#[derive(Debug, Deserialize)]
+pub struct TaskHead<'a> {
+    /// Schema version of the record.
+    pub schema: u32,
+    /// Task id.
+    pub id: u64,
+    /// The device.
+    #[serde(borrow)]
+    pub device_id: std::borrow::Cow<'a, str>,
+    /// Current state.
+    pub status: TaskStatus,
+}
+
+/// One upgrade task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// Monotonic id (newer tasks have larger ids).
+    pub id: u64,
+    /// The device.
+    pub device_id: String,
+    /// Current state. (schema, id, device_id, status) lead the record: the store reads just
+    /// them to build its indexes at start ([`TaskHead`]).
+    pub status: TaskStatus,
+    /// Protocol of the device when the task was created.
+    pub protocol: crate::protocol::Protocol,
+    /// Device type / productKey.
+    pub device_type: String,
+    /// Version the device reported when the task was created.
+    pub from_version: Option<String>,
+    /// Target version.
+    pub to_version: String,
+    /// Signed download URL sent in the command.
+    pub firmware_url: String,
+    /// md5 of the full image.
+    pub md5: String,
+    /// sha256 of the full image.
+    pub sha256: String,
+    /// Size of the full image.
+    pub file_size: u64,
+    /// Message id of the command.
+    pub msg_id: String,
+    /// 0..=100
+    pub progress: u8,
+    /// Error code when failed.
+    pub error_code: Option<String>,
+    /// Error text when failed.
+    pub error_message: Option<String>,
+    /// Campaign that created it.
+    pub campaign_id: Option<String>,
+    /// Delta offered, if any.
+    pub delta: Option<TaskDelta>,
+    /// Forced upgrade flag sent to the device.
+    pub force: bool,
+    /// When the command was first sent.
+    pub start_time_ms: Option<i64>,
+    /// When the task reached a final state.
+    pub complete_time_ms: Option<i64>,
+    /// Last report or command activity (for the stall timeout).
+    pub last_activity_ms: i64,
+    /// Milliseconds since the epoch.
+    pub created_at_ms: i64,
+    /// Milliseconds since the epoch.
+    pub updated_at_ms: i64,
+    /// History, oldest first.
+    pub events: Vec<TaskEvent>,
+}
