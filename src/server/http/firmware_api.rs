@@ -5,18 +5,16 @@ use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::multipart::{Field, MultipartRejection};
-use axum::extract::{Multipart, Path, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Multipart, Query, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::Response;
 use serde::Deserialize;
 
 use super::AppState;
-use super::download::{self, BlobMeta};
 use super::error::{ApiError, ok, ok_with};
 use super::refusal::{ApiPath, JsonBody};
 use super::wire::FirmwareDto;
 use crate::ids;
-use crate::server::auth;
 use crate::server::firmware::{self, NewFirmware};
 use crate::server::store::FirmwareStatus;
 
@@ -517,73 +515,6 @@ async fn queue_deltas(st: &AppState, rec: &crate::server::store::FirmwareRecord)
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "queuing deltas"),
     }
-}
-
-/// Whether a download request carries the admin token or a valid signed `?token=`.
-pub(super) fn download_authorised(st: &AppState, uri: &Uri, headers: &HeaderMap) -> bool {
-    auth::bearer_matches(
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok()),
-        &st.admin_token,
-    ) || query_token(uri).is_some_and(|t| st.signer.verify(uri.path(), &t, crate::time::now_secs()))
-}
-
-/// The `token` query parameter, if any (no allocation unless present).
-fn query_token(uri: &Uri) -> Option<std::borrow::Cow<'_, str>> {
-    form_urlencoded::parse(uri.query()?.as_bytes())
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v)
-}
-
-/// GET/HEAD /firmware/{fileName} — admin token or a signed `?token=`.
-pub async fn download(
-    State(st): State<AppState>,
-    file_name: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    req: axum::extract::Request,
-) -> Response {
-    let (method, uri, headers) = (req.method(), req.uri(), req.headers());
-    if !download_authorised(&st, uri, headers) {
-        return ApiError::unauthorized(
-            "downloads need the admin token (Authorization: Bearer ...) or a valid signed URL (?token=...)",
-        )
-        .into_response();
-    }
-    let file_name = match file_name {
-        Ok(Path(f)) => f,
-        Err(e) => return super::refusal::path_refused(&e).into_response(),
-    };
-    let Some((device_type, version)) = ids::parse_firmware_file_name(&file_name) else {
-        return ApiError::bad_request(format!(
-            "{file_name:?} is not a firmware file name: expected {{deviceType}}_v{{version}}.bin"
-        ))
-        .into_response();
-    };
-    let rec = match st.firmware.get(device_type, version) {
-        Ok(r) => r,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let path = match st.firmware.blob_path(&rec) {
-        Ok(p) => p,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    download::serve(
-        BlobMeta {
-            path,
-            size: rec.size,
-            sha256: rec.sha256,
-            modified_ms: rec.created_at_ms,
-            counter: Some(st.traffic.counter(
-                crate::server::traffic::Served::Full(rec.device_type.clone(), rec.version.clone()),
-                (rec.size, 0),
-            )),
-            file_name,
-        },
-        &st.fds,
-        method,
-        headers,
-    )
-    .await
 }
 
 /// Any path no route knows.

@@ -8,6 +8,7 @@ pub mod campaigns_api;
 pub mod deltas_api;
 pub mod devices_api;
 pub mod download;
+pub mod downloads_api;
 pub mod error;
 pub mod firmware_api;
 pub mod metrics;
@@ -192,8 +193,8 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(firmware_api::healthz))
-        .route("/firmware/{file}", get(firmware_api::download))
-        .route("/firmware/deltas/{file}", get(deltas_api::download))
+        .route("/firmware/{file}", get(downloads_api::firmware))
+        .route("/firmware/deltas/{file}", get(downloads_api::delta))
         .merge(api)
         .fallback(firmware_api::not_found)
         .method_not_allowed_fallback(firmware_api::method_not_allowed)

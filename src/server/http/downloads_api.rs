@@ -1,0 +1,125 @@
+//! The two downloads devices make: `GET/HEAD /firmware/{deviceType}_v{version}.bin` (an image)
+//! and `/firmware/deltas/{deviceType}_v{from}_to_v{to}.bsdiff` (a patch, re-hashed before it is
+//! served). One path for both: the admin token or a signed `?token=` first (also before a bad
+//! path is refused), then the file name, then [`super::download::serve`] (conditional requests
+//! and Range), counted by [`crate::server::traffic`].
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Uri, header};
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::download::{self, BlobMeta};
+use super::error::ApiError;
+use crate::ids;
+use crate::server::auth;
+use crate::server::traffic::Served;
+
+/// Whether a download request carries the admin token or a valid signed `?token=`.
+fn authorised(st: &AppState, uri: &Uri, headers: &HeaderMap) -> bool {
+    auth::bearer_matches(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+        &st.admin_token,
+    ) || query_token(uri).is_some_and(|t| st.signer.verify(uri.path(), &t, crate::time::now_secs()))
+}
+
+/// The `token` query parameter, if any (no allocation unless present).
+fn query_token(uri: &Uri) -> Option<std::borrow::Cow<'_, str>> {
+    form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+}
+
+/// Checks the credentials, then serves the blob `resolve` finds for the file name.
+async fn serve_file(
+    st: &AppState,
+    file: Result<Path<String>, PathRejection>,
+    req: axum::extract::Request,
+    resolve: impl AsyncFnOnce(String) -> Result<BlobMeta, ApiError>,
+) -> Response {
+    let (method, uri, headers) = (req.method(), req.uri(), req.headers());
+    if !authorised(st, uri, headers) {
+        return ApiError::unauthorized(
+            "downloads need the admin token (Authorization: Bearer ...) or a valid signed URL (?token=...)",
+        )
+        .into_response();
+    }
+    let file = match file {
+        Ok(Path(f)) => f,
+        Err(e) => return super::refusal::path_refused(&e).into_response(),
+    };
+    match resolve(file).await {
+        Ok(meta) => download::serve(meta, &st.fds, method, headers).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// GET/HEAD /firmware/{fileName} — a released or deprecated image.
+pub async fn firmware(
+    State(st): State<AppState>,
+    file: Result<Path<String>, PathRejection>,
+    req: axum::extract::Request,
+) -> Response {
+    serve_file(&st, file, req, async |file_name| {
+        let Some((device_type, version)) = ids::parse_firmware_file_name(&file_name) else {
+            return Err(ApiError::bad_request(format!(
+                "{file_name:?} is not a firmware file name: expected {{deviceType}}_v{{version}}.bin"
+            )));
+        };
+        let rec = st.firmware.get(device_type, version)?;
+        let path = st.firmware.blob_path(&rec)?;
+        let served = Served::Full(rec.device_type.clone(), rec.version.clone());
+        Ok(BlobMeta {
+            path,
+            size: rec.size,
+            sha256: rec.sha256,
+            modified_ms: rec.created_at_ms,
+            counter: Some(st.traffic.counter(served, (rec.size, 0))),
+            file_name,
+        })
+    })
+    .await
+}
+
+/// GET/HEAD /firmware/deltas/{file} — a ready patch, re-hashed before it is served (a corrupt
+/// one is withdrawn).
+pub async fn delta(
+    State(st): State<AppState>,
+    file: Result<Path<String>, PathRejection>,
+    req: axum::extract::Request,
+) -> Response {
+    serve_file(&st, file, req, async |file| {
+        let Some((dt, from, to)) = crate::server::deltas::parse_file_name(&file) else {
+            return Err(ApiError::bad_request(format!(
+                "{file:?} is not a delta file name: expected {{deviceType}}_v{{from}}_to_v{{to}}.bsdiff"
+            )));
+        };
+        let d = st
+            .deltas
+            .offer(dt, from, to)
+            .ok_or_else(|| ApiError::not_found(format!("no ready delta {from} -> {to} for {dt}")))?;
+        let path = match st.deltas.verified_path(&d).await {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(p) = st.deltas.patch_path(&d) {
+                    st.fds.forget(&p);
+                }
+                return Err(e.into());
+            }
+        };
+        let size = d.size.unwrap_or(0);
+        let served = Served::Delta(d.device_type.clone(), d.from_version, d.to_version);
+        Ok(BlobMeta {
+            path,
+            size,
+            sha256: d.sha256.unwrap_or_default(),
+            modified_ms: d.updated_at_ms,
+            counter: Some(st.traffic.counter(served, (d.full_size, size))),
+            file_name: file,
+        })
+    })
+    .await
+}
