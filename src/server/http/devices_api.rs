@@ -7,34 +7,17 @@ use std::collections::HashMap;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::AppState;
 use super::error::{ApiError, ok, ok_page, ok_with};
 use super::firmware_api::paging;
 use super::refusal::{ApiPath, JsonBody};
-use super::wire::rfc3339_ms;
+use super::wire::{DeviceDto, ImportResult, rfc3339_ms, task_dto};
 use crate::protocol::Protocol;
 use crate::server::ota::TaskFilter;
 use crate::server::registry::{DeviceChange, DeviceError, NewDevice};
-use crate::server::store::{DeviceRecord, TaskRecord, TaskStatus};
-
-/// A device as the API shows it.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeviceDto {
-    pub id: String,
-    pub protocol: &'static str,
-    pub device_type: String,
-    pub firmware_version: Option<String>,
-    pub delta_formats: Vec<String>,
-    pub tags: Vec<String>,
-    pub online: bool,
-    pub last_seen: Option<String>,
-    pub ip: Option<String>,
-    pub registered: bool,
-    pub created_at: String,
-}
+use crate::server::store::{DeviceRecord, TaskStatus};
 
 fn device_dto(st: &AppState, d: &DeviceRecord) -> DeviceDto {
     let live = st.devices.live(&d.id);
@@ -56,100 +39,6 @@ fn device_dto(st: &AppState, d: &DeviceRecord) -> DeviceDto {
         },
         registered: d.registered,
         created_at: rfc3339_ms(d.created_at_ms),
-    }
-}
-
-/// One history entry.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EventDto {
-    pub at: String,
-    pub status: &'static str,
-    pub progress: u8,
-    pub note: String,
-}
-
-/// The `delta` of a task.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TaskDeltaDto {
-    pub from_version: String,
-    pub url: String,
-    pub md5: String,
-    pub size: u64,
-}
-
-/// A task as the API shows it (SPEC 3; `gatewayId` repeats `deviceId` as in the source document).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TaskDto {
-    pub id: String,
-    pub device_id: String,
-    pub gateway_id: String,
-    pub protocol: &'static str,
-    pub device_type: String,
-    pub from_version: Option<String>,
-    pub to_version: String,
-    pub firmware_url: String,
-    pub md5: String,
-    pub sha256: String,
-    pub file_size: u64,
-    pub msg_id: String,
-    pub status: &'static str,
-    pub progress: u8,
-    pub error_code: Option<String>,
-    pub error_message: Option<String>,
-    pub campaign_id: Option<String>,
-    pub delta: Option<TaskDeltaDto>,
-    pub force: bool,
-    pub start_time: Option<String>,
-    pub complete_time: Option<String>,
-    pub created_at: String,
-    pub updated_at: String,
-    pub events: Vec<EventDto>,
-}
-
-/// Builds the API shape of a task.
-pub fn task_dto(t: &TaskRecord) -> TaskDto {
-    TaskDto {
-        id: t.id.to_string(),
-        device_id: t.device_id.clone(),
-        gateway_id: t.device_id.clone(),
-        protocol: t.protocol.as_str(),
-        device_type: t.device_type.clone(),
-        from_version: t.from_version.clone(),
-        to_version: t.to_version.clone(),
-        firmware_url: t.firmware_url.clone(),
-        md5: t.md5.clone(),
-        sha256: t.sha256.clone(),
-        file_size: t.file_size,
-        msg_id: t.msg_id.clone(),
-        status: t.status.as_str(),
-        progress: t.progress,
-        error_code: t.error_code.clone(),
-        error_message: t.error_message.clone(),
-        campaign_id: t.campaign_id.clone(),
-        delta: t.delta.as_ref().map(|d| TaskDeltaDto {
-            from_version: d.from_version.clone(),
-            url: d.url.clone(),
-            md5: d.md5.clone(),
-            size: d.size,
-        }),
-        force: t.force,
-        start_time: t.start_time_ms.map(rfc3339_ms),
-        complete_time: t.complete_time_ms.map(rfc3339_ms),
-        created_at: rfc3339_ms(t.created_at_ms),
-        updated_at: rfc3339_ms(t.updated_at_ms),
-        events: t
-            .events
-            .iter()
-            .map(|e| EventDto {
-                at: rfc3339_ms(e.at_ms),
-                status: e.status.as_str(),
-                progress: e.progress,
-                note: e.note.clone(),
-            })
-            .collect(),
     }
 }
 
@@ -194,15 +83,6 @@ pub async fn register(
     let d = st.devices.register(new_device(b)?).await?.into_inner();
     tracing::info!(device = %d.id, protocol = d.protocol.as_str(), "device registered");
     Ok(ok_with(StatusCode::CREATED, device_dto(&st, &d)))
-}
-
-/// One line of the import result.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ImportResult {
-    id: String,
-    ok: bool,
-    error: Option<String>,
 }
 
 /// POST /api/ota/devices/import[?update=true] — a JSON array of registration bodies; each is

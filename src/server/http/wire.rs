@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::ids;
-use crate::server::store::FirmwareRecord;
+use crate::server::campaigns::progress::Progress;
+use crate::server::store::{CampaignRecord, FirmwareRecord, TaskRecord};
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-02-11T10:00:00.000Z`.
 pub fn rfc3339_ms(ms: i64) -> String {
@@ -277,5 +278,268 @@ impl From<&crate::server::traffic::TrafficSummary> for TrafficDto {
                 })
                 .collect(),
         }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaveDto {
+    pub wave: u32,
+    pub percent: f64,
+    pub devices: usize,
+    pub counts: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedDto {
+    pub device_id: String,
+    pub reason: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryingDto {
+    pub device_id: String,
+    pub attempts: u32,
+    pub next_attempt_at: String,
+    pub last_error: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureDto {
+    pub code: String,
+    pub count: usize,
+    pub devices: Vec<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CampaignDto {
+    pub id: String,
+    pub name: String,
+    pub device_type: String,
+    pub version: String,
+    pub status: &'static str,
+    pub status_reason: Option<String>,
+    pub targets: serde_json::Value,
+    pub total: usize,
+    pub counts: BTreeMap<&'static str, u64>,
+    pub unconfirmed: u64,
+    pub waves: Vec<WaveDto>,
+    pub current_wave: Option<u32>,
+    pub success_rate: f64,
+    pub failure_rate: f64,
+    pub bytes_full: u64,
+    pub bytes_delta: u64,
+    pub eta_secs: Option<u64>,
+    pub retrying: Vec<RetryingDto>,
+    pub failures: Vec<FailureDto>,
+    pub success_threshold: f64,
+    pub failure_threshold: serde_json::Value,
+    pub max_in_flight: u32,
+    pub start_at: String,
+    pub window: Option<serde_json::Value>,
+    pub force: bool,
+    pub retries: u32,
+    pub dynamic: bool,
+    pub skipped: Vec<SkippedDto>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+}
+
+impl CampaignDto {
+    /// A campaign and where it stands.
+    pub fn new(c: &CampaignRecord, p: Progress) -> CampaignDto {
+        CampaignDto {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            device_type: c.device_type.clone(),
+            version: c.version.clone(),
+            status: c.status.as_str(),
+            status_reason: p.status_reason,
+            targets: serde_json::json!({"all": c.targets.all, "deviceIds": c.targets.device_ids,
+                "fromVersions": c.targets.from_versions, "tags": c.targets.tags}),
+            total: p.total,
+            counts: p.counts,
+            unconfirmed: p.unconfirmed,
+            waves: p
+                .waves
+                .into_iter()
+                .map(|w| WaveDto {
+                    wave: w.wave,
+                    percent: w.percent,
+                    devices: w.devices,
+                    counts: w.counts,
+                })
+                .collect(),
+            current_wave: p.current_wave,
+            success_rate: p.success_rate,
+            failure_rate: p.failure_rate,
+            bytes_full: p.bytes_full,
+            bytes_delta: p.bytes_delta,
+            eta_secs: p.eta_secs,
+            retrying: p
+                .retrying
+                .into_iter()
+                .map(|r| RetryingDto {
+                    device_id: r.device_id,
+                    attempts: r.attempts,
+                    next_attempt_at: rfc3339_ms(r.next_attempt_ms),
+                    last_error: r.last_error,
+                })
+                .collect(),
+            failures: p
+                .failures
+                .into_iter()
+                .map(|f| FailureDto {
+                    code: f.code,
+                    count: f.devices.len(),
+                    devices: f.devices,
+                })
+                .collect(),
+            success_threshold: c.success_threshold,
+            failure_threshold: serde_json::json!({"percent": c.failure_percent, "minCount": c.failure_min_count}),
+            max_in_flight: c.max_in_flight,
+            start_at: rfc3339_ms(c.start_at_ms),
+            window: c.window.map(|(s, d)| {
+                serde_json::json!({"start": format!("{:02}:{:02}", s / 60, s % 60), "durationMinutes": d})
+            }),
+            force: c.force,
+            retries: c.retries,
+            dynamic: c.dynamic,
+            skipped: p
+                .skipped
+                .into_iter()
+                .map(|(device_id, reason)| SkippedDto { device_id, reason })
+                .collect(),
+            created_at: rfc3339_ms(c.created_at_ms),
+            updated_at: rfc3339_ms(c.updated_at_ms),
+            started_at: c.started_at_ms.map(rfc3339_ms),
+            ended_at: c.ended_at_ms.map(rfc3339_ms),
+        }
+    }
+}
+
+/// One history entry.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventDto {
+    pub at: String,
+    pub status: &'static str,
+    pub progress: u8,
+    pub note: String,
+}
+
+/// The `delta` of a task.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskDeltaDto {
+    pub from_version: String,
+    pub url: String,
+    pub md5: String,
+    pub size: u64,
+}
+
+/// A task as the API shows it (SPEC 3; `gatewayId` repeats `deviceId` as in the source document).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskDto {
+    pub id: String,
+    pub device_id: String,
+    pub gateway_id: String,
+    pub protocol: &'static str,
+    pub device_type: String,
+    pub from_version: Option<String>,
+    pub to_version: String,
+    pub firmware_url: String,
+    pub md5: String,
+    pub sha256: String,
+    pub file_size: u64,
+    pub msg_id: String,
+    pub status: &'static str,
+    pub progress: u8,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub campaign_id: Option<String>,
+    pub delta: Option<TaskDeltaDto>,
+    pub force: bool,
+    pub start_time: Option<String>,
+    pub complete_time: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub events: Vec<EventDto>,
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceDto {
+    pub id: String,
+    pub protocol: &'static str,
+    pub device_type: String,
+    pub firmware_version: Option<String>,
+    pub delta_formats: Vec<String>,
+    pub tags: Vec<String>,
+    pub online: bool,
+    pub last_seen: Option<String>,
+    pub ip: Option<String>,
+    pub registered: bool,
+    pub created_at: String,
+}
+
+/// One line of the import result.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportResult {
+    pub id: String,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+/// Builds the API shape of a task.
+pub fn task_dto(t: &TaskRecord) -> TaskDto {
+    TaskDto {
+        id: t.id.to_string(),
+        device_id: t.device_id.clone(),
+        gateway_id: t.device_id.clone(),
+        protocol: t.protocol.as_str(),
+        device_type: t.device_type.clone(),
+        from_version: t.from_version.clone(),
+        to_version: t.to_version.clone(),
+        firmware_url: t.firmware_url.clone(),
+        md5: t.md5.clone(),
+        sha256: t.sha256.clone(),
+        file_size: t.file_size,
+        msg_id: t.msg_id.clone(),
+        status: t.status.as_str(),
+        progress: t.progress,
+        error_code: t.error_code.clone(),
+        error_message: t.error_message.clone(),
+        campaign_id: t.campaign_id.clone(),
+        delta: t.delta.as_ref().map(|d| TaskDeltaDto {
+            from_version: d.from_version.clone(),
+            url: d.url.clone(),
+            md5: d.md5.clone(),
+            size: d.size,
+        }),
+        force: t.force,
+        start_time: t.start_time_ms.map(rfc3339_ms),
+        complete_time: t.complete_time_ms.map(rfc3339_ms),
+        created_at: rfc3339_ms(t.created_at_ms),
+        updated_at: rfc3339_ms(t.updated_at_ms),
+        events: t
+            .events
+            .iter()
+            .map(|e| EventDto {
+                at: rfc3339_ms(e.at_ms),
+                status: e.status.as_str(),
+                progress: e.progress,
+                note: e.note.clone(),
+            })
+            .collect(),
     }
 }
