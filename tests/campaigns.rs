@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, bin, fixture, image, sim_result};
+use common::{Appliance, Server, bin, fixture, image, sim_result};
 use serde_json::{Value, json};
 
 /// `n` simulated gateways on 1.0.1 that download slowly, online, and a campaign to 1.0.2 for
@@ -414,99 +414,19 @@ async fn campaign_bodies_are_checked() {
     assert_eq!(st, 404);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_mid_campaign_loses_nothing_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = dir.path().join("hangar.toml");
-    // fixed for this test only, so the devices find the appliance again after the restart
-    let (https, http, mqtt, mqtts) = (free_port(), free_port(), free_port(), free_port());
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{https}\"\nplain_listen = \"127.0.0.1:{http}\"\n[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\ntls_listen = \"127.0.0.1:{mqtts}\"\n",
-            data.to_string_lossy()
-        ),
-    )
-    .unwrap();
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let start = || {
-        Killed(
-            std::process::Command::new(bin())
-                .args(["serve", "--config"])
-                .arg(&config)
-                .env("RUST_LOG", "hangar=warn")
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(bin())
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let wait_up = || async {
-        let c = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = c
-                .get(format!("http://127.0.0.1:{http}/healthz"))
-                .send()
-                .await
-                && r.status() == 200
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the appliance did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let mut server = start();
-    wait_up().await;
+    let mut a = Appliance::start_in(dir.path(), "").await;
+    let config = a.running().config.clone();
     let fw1 = dir.path().join("fw1");
     let fw2 = dir.path().join("fw2");
     std::fs::write(&fw1, image(1000, 1)).unwrap();
     std::fs::write(&fw2, image(200_000, 2)).unwrap();
-    cli(&[
-        "firmware",
-        "upload",
-        fw1.to_str().unwrap(),
-        "--version",
-        "1.0.1",
-    ]);
-    cli(&["firmware", "release", "1.0.1"]);
-    cli(&[
-        "firmware",
-        "upload",
-        fw2.to_str().unwrap(),
-        "--version",
-        "1.0.2",
-    ]);
-    cli(&["firmware", "release", "1.0.2"]);
+    for (fw, v) in [(&fw1, "1.0.1"), (&fw2, "1.0.2")] {
+        a.cli(&["firmware", "upload", fw.to_str().unwrap(), "--version", v]);
+        a.cli(&["firmware", "release", v]);
+    }
     let sim = tokio::process::Command::new(bin())
         .args(["--config"])
         .arg(&config)
@@ -545,7 +465,7 @@ async fn kill_nine_mid_campaign_loses_nothing_and_repeats_nothing() {
     // wait for the devices, then start the campaign through the CLI
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = cli(&["device", "list"]);
+        let out = a.cli(&["device", "list"]);
         if out.lines().filter(|l| l.contains(" yes ")).count() >= 12 {
             break;
         }
@@ -556,17 +476,14 @@ async fn kill_nine_mid_campaign_loses_nothing_and_repeats_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let created: Value =
-        serde_json::from_str(&cli(&["campaign", "create", body.to_str().unwrap()])).unwrap();
+        serde_json::from_str(&a.cli(&["campaign", "create", body.to_str().unwrap()])).unwrap();
     let id = created["id"].as_str().unwrap().to_string();
-    // kill -9 while the first tasks download (200 KB at 100 KB/s)
+    // kill -9 while the first tasks download (200 KB at 100 KB/s), restart on the same ports
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    server.0.kill().unwrap();
-    server.0.wait().unwrap();
-    server = start();
-    wait_up().await;
+    a.kill_and_restart().await;
     let deadline = Instant::now() + Duration::from_secs(90);
     let shown = loop {
-        let c: Value = serde_json::from_str(&cli(&["campaign", "show", &id, "--json"])).unwrap();
+        let c: Value = serde_json::from_str(&a.cli(&["campaign", "show", &id, "--json"])).unwrap();
         if c["status"] == "completed" {
             break c;
         }
@@ -575,7 +492,7 @@ async fn kill_nine_mid_campaign_loses_nothing_and_repeats_nothing() {
     };
     assert_eq!(shown["counts"]["completed"], 12, "no device lost: {shown}");
     // the same for people: the verdict, and a wave table whose columns line up
-    let text = cli(&["campaign", "show", &id]);
+    let text = a.cli(&["campaign", "show", &id]);
     assert!(text.contains("12 succeeded, 0 failed"), "{text}");
     let table: Vec<&str> = text
         .lines()
@@ -585,25 +502,21 @@ async fn kill_nine_mid_campaign_loses_nothing_and_repeats_nothing() {
     for row in &table[1..] {
         assert!(row.as_bytes()[done_col - 1].is_ascii_digit(), "{text}");
     }
-    let list = cli(&["campaign", "list"]);
+    let list = a.cli(&["campaign", "list"]);
     let header = list.lines().next().unwrap();
     let status_col = header.find("STATUS").unwrap();
     assert!(
         list.lines().nth(1).unwrap()[status_col..].starts_with("completed"),
         "{list}"
     );
-    let plan = cli(&["campaign", "dry-run", body.to_str().unwrap()]);
+    let plan = a.cli(&["campaign", "dry-run", body.to_str().unwrap()]);
     assert!(
         plan.starts_with("WAVE") && plan.contains("devices in all"),
         "{plan}"
     );
-    let plan: Value = serde_json::from_str(&cli(&[
-        "campaign",
-        "dry-run",
-        "--json",
-        body.to_str().unwrap(),
-    ]))
-    .unwrap();
+    let plan: Value =
+        serde_json::from_str(&a.cli(&["campaign", "dry-run", "--json", body.to_str().unwrap()]))
+            .unwrap();
     assert!(plan["waves"].is_array(), "{plan}");
     let (code, sum) = sim_result(sim, 60).await;
     assert_eq!(code, 0, "{sum}");
@@ -612,5 +525,4 @@ async fn kill_nine_mid_campaign_loses_nothing_and_repeats_nothing() {
         sum["attempts"], 12,
         "no device got a second command for its upgrade: {sum}"
     );
-    drop(server);
 }

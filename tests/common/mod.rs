@@ -509,14 +509,22 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Writes a config into `dir` and starts the binary; waits for ports.json and /healthz.
+    /// Writes a config into `dir` and starts the binary on free ports; waits for ports.json and
+    /// /healthz.
     pub async fn spawn(dir: &Path, extra_toml: &str) -> Proc {
+        Proc::spawn_on(dir, extra_toml, [0; 4]).await
+    }
+
+    /// [`Proc::spawn`] on these ports (https, http, mqtt, mqtts; 0 = any free one): a restart on
+    /// the ports of the process before it, so devices and clients find it again.
+    pub async fn spawn_on(dir: &Path, extra_toml: &str, ports: [u16; 4]) -> Proc {
         let config = dir.join("hangar.toml");
         let data = dir.join("data");
+        let [https, http, mqtt, mqtts] = ports;
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n",
+                "data_dir = {:?}\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:{https}\"\nplain_listen = \"127.0.0.1:{http}\"\n[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\ntls_listen = \"127.0.0.1:{mqtts}\"\n",
                 data.to_string_lossy()
             ),
         )
@@ -627,6 +635,8 @@ impl Drop for Proc {
 /// The binary (`Proc`) on a data directory that outlives it: killed and restarted at will.
 pub struct Appliance {
     root: PathBuf,
+    /// The ports of the first start (https, http, mqtt, mqtts), kept across restarts.
+    ports: [u16; 4],
     _dir: Option<tempfile::TempDir>,
     extra: String,
     pub proc: Option<Proc>,
@@ -646,6 +656,7 @@ impl Appliance {
     pub async fn start_in(root: &Path, extra_toml: &str) -> Appliance {
         let proc = Proc::spawn(root, extra_toml).await;
         Appliance {
+            ports: [proc.https, proc.http, proc.mqtt, proc.mqtts],
             root: root.to_path_buf(),
             _dir: None,
             extra: extra_toml.to_string(),
@@ -711,8 +722,18 @@ impl Appliance {
         self.proc.take().unwrap().kill9();
     }
 
+    /// A CLI verb against it (its config file); panics with stderr when the verb fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.running().cli(args);
+        assert!(ok, "{args:?}: {err}");
+        out
+    }
+
+    /// Starts it again on the ports it had (a device or a `hangar sim` reconnects as it would
+    /// to a real appliance after a crash).
     pub async fn restart(&mut self) {
-        self.proc = Some(Proc::spawn(&self.root, &self.extra).await);
+        let ports = self.ports;
+        self.proc = Some(Proc::spawn_on(&self.root, &self.extra, ports).await);
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
