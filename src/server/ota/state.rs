@@ -151,30 +151,7 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
                 return Outcome::Ignored(Why::Finished);
             }
             match status {
-                TaskStatus::Failed if *delta_may_be_why && t.delta.is_some() => {
-                    let mut n = change(
-                        t,
-                        now,
-                        t.status,
-                        t.progress,
-                        "the device failed with the delta: re-sending the full image".into(),
-                    );
-                    n.delta = None;
-                    n.start_time_ms = n.start_time_ms.or(Some(now));
-                    Outcome::Resend(n)
-                }
-                TaskStatus::Failed => {
-                    let mut n = change(
-                        t,
-                        now,
-                        TaskStatus::Failed,
-                        t.progress,
-                        format!("failed: {}", error_code.as_deref().unwrap_or("FAILED")),
-                    );
-                    n.error_code = Some(error_code.clone().unwrap_or_else(|| "FAILED".into()));
-                    n.error_message = error_message.clone();
-                    Outcome::Changed(n)
-                }
+                TaskStatus::Failed => failed(t, now, error_code, error_message, *delta_may_be_why),
                 TaskStatus::Completed => Outcome::Changed(change(
                     t,
                     now,
@@ -183,83 +160,10 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
                     "device reported completed".into(),
                 )),
                 TaskStatus::Pending | TaskStatus::Cancelled => Outcome::Ignored(Why::Impossible),
-                s => {
-                    let p = progress.unwrap_or(if rank(*s) > rank(t.status) {
-                        0
-                    } else {
-                        t.progress
-                    });
-                    if rank(*s) < rank(t.status) || (*s == t.status && p < t.progress) {
-                        return Outcome::Ignored(Why::Backwards);
-                    }
-                    if *s == t.status && p == t.progress {
-                        return touch(t, now);
-                    }
-                    Outcome::Changed(change(t, now, *s, p, format!("{} {p}%", s.as_str())))
-                }
+                s => advanced(t, now, *s, *progress),
             }
         }
-        Input::Version {
-            version: v,
-            settled,
-        } => {
-            if *v == t.to_version {
-                if t.status.is_active() {
-                    return Outcome::Changed(change(
-                        t,
-                        now,
-                        TaskStatus::Completed,
-                        100,
-                        format!("device runs {v}"),
-                    ));
-                }
-                if t.status == TaskStatus::Failed && t.error_code.as_deref() == Some(ROLLED_BACK) {
-                    // it took longer than the reboot grace to boot the new image, but did
-                    let mut n = change(
-                        t,
-                        now,
-                        TaskStatus::Completed,
-                        100,
-                        format!("device runs {v} after all"),
-                    );
-                    n.error_code = None;
-                    n.error_message = None;
-                    return Outcome::Changed(n);
-                }
-                return Outcome::Ignored(Why::Confirmed);
-            }
-            let on_old = t.from_version.as_deref() == Some(v.as_str());
-            // Alibaba devices inform their version when they start: step 100 is "installed,
-            // rebooting", so the next inform decides.
-            let installed = t.status == TaskStatus::Completed
-                || (t.protocol == crate::protocol::Protocol::Alibaba
-                    && t.status == TaskStatus::Installing
-                    && t.progress == 100);
-            if installed && on_old {
-                if !settled {
-                    // still booting, or not rebooted yet: decided when the grace ends
-                    return Outcome::Ignored(Why::RebootGrace);
-                }
-                let mut n = change(
-                    t,
-                    now,
-                    TaskStatus::Failed,
-                    t.progress,
-                    format!("device came back on {v}"),
-                );
-                n.error_code = Some(ROLLED_BACK.into());
-                n.error_message = Some(format!(
-                    "the device reported version {v} after installing {} and having had time to boot it",
-                    t.to_version
-                ));
-                // a completed task keeps the moment it ended first
-                return Outcome::Changed(n);
-            }
-            if t.status.is_active() {
-                return touch(t, now);
-            }
-            Outcome::Ignored(Why::Finished)
-        }
+        Input::Version { version, settled } => runs(t, now, version, *settled),
         Input::Alive => {
             if t.status.is_active() {
                 touch(t, now)
@@ -285,33 +189,146 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
         Input::StallCheck {
             timeout_ms,
             dropped,
-        } => {
-            let Some(_) = t.start_time_ms else {
-                return Outcome::Ignored(Why::NotSent);
-            };
-            if !t.status.is_active() || now - t.last_activity_ms < *timeout_ms {
-                return Outcome::Ignored(Why::NotStalled);
-            }
-            let mut n = change(
-                t,
-                now,
-                TaskStatus::Failed,
-                t.progress,
-                "no report within the stall timeout".into(),
-            );
-            n.error_code = Some("TIMEOUT".into());
-            let silent = (now - t.last_activity_ms) / 1000;
-            n.error_message = Some(match dropped {
-                Some((count, why)) => {
-                    format!("{count} reports dropped: {why}; none usable for {silent} s")
-                }
-                None => format!("no report from the device for {silent} s"),
-            });
-            Outcome::Changed(n)
-        }
+        } => stalled(t, now, *timeout_ms, *dropped),
     }
 }
 
+/// A failure report: the full image again when the delta may be why (and one was offered),
+/// else `failed` with the device's code.
+fn failed(
+    t: &TaskRecord,
+    now: i64,
+    code: &Option<String>,
+    message: &Option<String>,
+    delta_may_be_why: bool,
+) -> Outcome {
+    if delta_may_be_why && t.delta.is_some() {
+        let note = "the device failed with the delta: re-sending the full image";
+        let mut n = change(t, now, t.status, t.progress, note.into());
+        n.delta = None;
+        n.start_time_ms = n.start_time_ms.or(Some(now));
+        return Outcome::Resend(n);
+    }
+    let code = code.as_deref().unwrap_or("FAILED");
+    let mut n = change(
+        t,
+        now,
+        TaskStatus::Failed,
+        t.progress,
+        format!("failed: {code}"),
+    );
+    n.error_code = Some(code.into());
+    n.error_message = message.clone();
+    Outcome::Changed(n)
+}
+
+/// A stage report (`downloading`, `verifying`, `installing`): forward only; a repeat touches.
+fn advanced(t: &TaskRecord, now: i64, s: TaskStatus, progress: Option<u8>) -> Outcome {
+    let p = progress.unwrap_or(if rank(s) > rank(t.status) {
+        0
+    } else {
+        t.progress
+    });
+    if rank(s) < rank(t.status) || (s == t.status && p < t.progress) {
+        return Outcome::Ignored(Why::Backwards);
+    }
+    if s == t.status && p == t.progress {
+        return touch(t, now);
+    }
+    Outcome::Changed(change(t, now, s, p, format!("{} {p}%", s.as_str())))
+}
+
+/// The device says it runs `v`: the target completes (or undoes a rollback), the old version
+/// after installing is a rollback once `settled`.
+fn runs(t: &TaskRecord, now: i64, v: &str, settled: bool) -> Outcome {
+    if *v == t.to_version {
+        if t.status.is_active() {
+            return Outcome::Changed(change(
+                t,
+                now,
+                TaskStatus::Completed,
+                100,
+                format!("device runs {v}"),
+            ));
+        }
+        if t.status == TaskStatus::Failed && t.error_code.as_deref() == Some(ROLLED_BACK) {
+            // it took longer than the reboot grace to boot the new image, but did
+            let mut n = change(
+                t,
+                now,
+                TaskStatus::Completed,
+                100,
+                format!("device runs {v} after all"),
+            );
+            n.error_code = None;
+            n.error_message = None;
+            return Outcome::Changed(n);
+        }
+        return Outcome::Ignored(Why::Confirmed);
+    }
+    let on_old = t.from_version.as_deref() == Some(v);
+    // Alibaba devices inform their version when they start: step 100 is "installed,
+    // rebooting", so the next inform decides.
+    let installed = t.status == TaskStatus::Completed
+        || (t.protocol == crate::protocol::Protocol::Alibaba
+            && t.status == TaskStatus::Installing
+            && t.progress == 100);
+    if installed && on_old {
+        if !settled {
+            // still booting, or not rebooted yet: decided when the grace ends
+            return Outcome::Ignored(Why::RebootGrace);
+        }
+        let mut n = change(
+            t,
+            now,
+            TaskStatus::Failed,
+            t.progress,
+            format!("device came back on {v}"),
+        );
+        n.error_code = Some(ROLLED_BACK.into());
+        n.error_message = Some(format!(
+            "the device reported version {v} after installing {} and having had time to boot it",
+            t.to_version
+        ));
+        // a completed task keeps the moment it ended first
+        return Outcome::Changed(n);
+    }
+    if t.status.is_active() {
+        return touch(t, now);
+    }
+    Outcome::Ignored(Why::Finished)
+}
+
+/// The stall sweep: a sent, active task silent for `timeout_ms` fails with `TIMEOUT`.
+fn stalled(
+    t: &TaskRecord,
+    now: i64,
+    timeout_ms: i64,
+    dropped: Option<(u64, &'static str)>,
+) -> Outcome {
+    let Some(_) = t.start_time_ms else {
+        return Outcome::Ignored(Why::NotSent);
+    };
+    if !t.status.is_active() || now - t.last_activity_ms < timeout_ms {
+        return Outcome::Ignored(Why::NotStalled);
+    }
+    let mut n = change(
+        t,
+        now,
+        TaskStatus::Failed,
+        t.progress,
+        "no report within the stall timeout".into(),
+    );
+    n.error_code = Some("TIMEOUT".into());
+    let silent = (now - t.last_activity_ms) / 1000;
+    n.error_message = Some(match dropped {
+        Some((count, why)) => {
+            format!("{count} reports dropped: {why}; none usable for {silent} s")
+        }
+        None => format!("no report from the device for {silent} s"),
+    });
+    Outcome::Changed(n)
+}
 /// Whether a device that just subscribed to its command topic (at `ready_ms`; `ready`: the
 /// registry counts it subscribed) is sent its pending task's command again: one never sent, or
 /// sent before the subscription and not answered since, or sent before this process started
