@@ -100,3 +100,70 @@ async fn reloads(p: &Proc, result: &str) -> f64 {
     p.metric(&format!("hangar_tls_reloads_total{{result=\"{result}\"}}"))
         .await
 }
+
+#[tokio::test]
+async fn broken_site_certificate_stops_the_start_with_the_file_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("site.pem");
+    std::fs::write(&cert, "garbage").unwrap();
+    let cfg = dir.path().join("h.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
+            dir.path().join("data").to_string_lossy(),
+            cert.to_string_lossy(),
+            dir.path().join("missing.key").to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("site.pem"), "{err}");
+}
+
+#[test]
+fn invalid_config_is_refused_with_file_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[http]\nlisten = \"0.0.0.0:99999\"\n").unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("http.listen"),
+        "{err}"
+    );
+    let out = std::process::Command::new(bin())
+        .args(["config", "check"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = std::process::Command::new(bin())
+        .args(["config", "default"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = dir.path().join("default.toml");
+    std::fs::write(&printed, &out.stdout).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["config", "check"])
+        .arg(&printed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
