@@ -87,11 +87,27 @@ fn gauge(reg: &mut Registry, name: &str, help: &str, v: i64) {
     reg.register(name, help, g);
 }
 
-/// Builds the exposition text.
+/// A counter's value.
+fn g(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// Builds the exposition text, section by section.
 pub fn render(st: &AppState) -> Result<String, String> {
     let mut reg = Registry::with_prefix("hangar");
+    devices_and_mqtt(&mut reg, st);
+    tasks(&mut reg, st)?;
+    campaigns(&mut reg, st)?;
+    downloads(&mut reg, st);
+    http(&mut reg, st);
+    deltas_and_store(&mut reg, st)?;
+    let mut out = String::new();
+    encode(&mut out, &reg).map_err(|e| e.to_string())?;
+    Ok(out)
+}
 
-    // devices and MQTT
+/// Connected devices, the broker, reports and logins.
+fn devices_and_mqtt(reg: &mut Registry, st: &AppState) {
     let (gw, ali) = st.devices.online_by_protocol();
     let online = Family::<Labels, Gauge>::default();
     online
@@ -106,33 +122,32 @@ pub fn render(st: &AppState) -> Result<String, String> {
         online,
     );
     let b = &st.broker.counters;
-    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     counter(
-        &mut reg,
+        reg,
         "mqtt_messages_in",
         "Device reports received",
         g(&b.messages_in),
     );
     counter(
-        &mut reg,
+        reg,
         "mqtt_messages_out",
         "Messages sent to devices",
         g(&b.messages_out),
     );
     counter(
-        &mut reg,
+        reg,
         "mqtt_session_takeovers",
         "Connections closed because another took over their client id",
         g(&b.session_takeovers),
     );
     gauge(
-        &mut reg,
+        reg,
         "mqtt_pending_connections",
         "Connections that have not logged in yet",
         st.broker.preauth.waiting() as i64,
     );
     counter(
-        &mut reg,
+        reg,
         "mqtt_pending_evicted",
         "Connections closed before logging in to make room for a newer one",
         st.broker
@@ -182,7 +197,7 @@ pub fn render(st: &AppState) -> Result<String, String> {
         .inc_by(st.http_metrics.auth_failures.load(Ordering::Relaxed));
     reg.register("auth_failures", "Refused logins and requests", auth);
     counter(
-        &mut reg,
+        reg,
         "http_body_timeouts",
         "Request bodies cut off because the client sent nothing for http.body_idle_timeout_secs",
         st.http_metrics.body_timeouts.load(Ordering::Relaxed),
@@ -200,19 +215,21 @@ pub fn render(st: &AppState) -> Result<String, String> {
         reloads,
     );
     counter(
-        &mut reg,
+        reg,
         "mqtt_connections_accepted",
         "MQTT connections accepted",
         g(&b.connections_accepted),
     );
     counter(
-        &mut reg,
+        reg,
         "commands_sent",
         "Upgrade commands sent to devices",
         st.ota.commands_sent(),
     );
+}
 
-    // tasks
+/// Upgrade tasks by state, and how long completed ones took.
+fn tasks(reg: &mut Registry, st: &AppState) -> Result<(), String> {
     let tasks = st.ota.all_tasks().map_err(|e| e.to_string())?;
     let by_state = Family::<Labels, Gauge>::default();
     for s in [
@@ -242,8 +259,11 @@ pub fn render(st: &AppState) -> Result<String, String> {
         "From command to completion, completed tasks",
         durations,
     );
+    Ok(())
+}
 
-    // campaigns
+/// Campaigns by state, and the engine's rounds.
+fn campaigns(reg: &mut Registry, st: &AppState) -> Result<(), String> {
     let camps = Family::<Labels, Gauge>::default();
     let list = st.campaigns.list().map_err(|e| e.to_string())?;
     for s in ["scheduled", "running", "paused", "completed", "cancelled"] {
@@ -253,13 +273,16 @@ pub fn render(st: &AppState) -> Result<String, String> {
     }
     reg.register("campaigns", "Campaigns by state", camps);
     counter(
-        &mut reg,
+        reg,
         "campaign_rounds",
         "Campaign engine rounds finished",
         st.campaigns.rounds(),
     );
+    Ok(())
+}
 
-    // downloads
+/// Bytes of images and patches sent, and the open-file cache.
+fn downloads(reg: &mut Registry, st: &AppState) {
     let t = st.traffic.summary();
     let bytes = Family::<Labels, Counter>::default();
     bytes
@@ -270,31 +293,33 @@ pub fn render(st: &AppState) -> Result<String, String> {
         .inc_by(t.bytes_delta);
     reg.register("download_bytes", "Bytes of images and deltas sent", bytes);
     counter(
-        &mut reg,
+        reg,
         "download_bytes_saved",
         "Full-image bytes deltas made unnecessary",
         t.bytes_saved,
     );
     counter(
-        &mut reg,
+        reg,
         "download_requests",
         "Download requests with a body",
         t.requests,
     );
     counter(
-        &mut reg,
+        reg,
         "download_range_requests",
         "Download requests answered 206",
         t.range_requests,
     );
     gauge(
-        &mut reg,
+        reg,
         "active_downloads",
         "Download bodies being sent now",
         st.traffic.active(),
     );
+}
 
-    // HTTP
+/// Requests by route, method and status.
+fn http(reg: &mut Registry, st: &AppState) {
     let reqs = Family::<Labels, Counter>::default();
     for ((route, method, status), n) in st.http_metrics.requests.lock().expect("poisoned").iter() {
         reqs.get_or_create(&labels(&[
@@ -309,24 +334,26 @@ pub fn render(st: &AppState) -> Result<String, String> {
         "HTTP requests by route, method and status",
         reqs,
     );
+}
 
-    // deltas and store
+/// The delta service and the store.
+fn deltas_and_store(reg: &mut Registry, st: &AppState) -> Result<(), String> {
     let dc = &st.deltas.counters;
     gauge(
-        &mut reg,
+        reg,
         "delta_queue_length",
         "Deltas waiting for a worker",
         g(&dc.queued) as i64,
     );
-    counter(&mut reg, "deltas_built", "Deltas built", g(&dc.built));
+    counter(reg, "deltas_built", "Deltas built", g(&dc.built));
     counter(
-        &mut reg,
+        reg,
         "deltas_failed",
         "Delta builds that failed",
         g(&dc.failed),
     );
     counter(
-        &mut reg,
+        reg,
         "deltas_skipped",
         "Deltas not worth offering",
         g(&dc.skipped),
@@ -343,32 +370,30 @@ pub fn render(st: &AppState) -> Result<String, String> {
         gen_time,
     );
     gauge(
-        &mut reg,
+        reg,
         "store_size_bytes",
         "Size of the store on disk (records; images are separate files)",
         st.store.size_on_disk().unwrap_or(0) as i64,
     );
     gauge(
-        &mut reg,
+        reg,
         "store_degraded",
         "1 while the store cannot write (a full disk) and recovers by itself, else 0",
         i64::from(st.store.health().is_some()),
     );
     counter(
-        &mut reg,
+        reg,
         "store_recoveries",
         "Times the store was reopened after a write failure",
         st.store.recoveries(),
     );
     gauge(
-        &mut reg,
+        reg,
         "data_dir_free_bytes",
         "Bytes free on the data directory's filesystem",
         st.store.free_bytes().unwrap_or(0).min(i64::MAX as u64) as i64,
     );
-    let mut out = String::new();
-    encode(&mut out, &reg).map_err(|e| e.to_string())?;
-    Ok(out)
+    Ok(())
 }
 
 /// GET /metrics
