@@ -146,67 +146,135 @@ fn public_url(config: &Config, https: SocketAddr) -> String {
     format!("https://{}", crate::net::url_host_port(ip, https.port()))
 }
 
-impl App {
-    /// Starts everything; returns once every listener is bound and serving.
-    pub async fn start(config: Config) -> Result<App, StartError> {
-        let data_dir = config.data_dir();
-        std::fs::create_dir_all(&data_dir)
-            .map_err(io_ctx(format!("creating data dir {}", data_dir.display())))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
-        }
-        let lock = crate::server::datadir::lock(&data_dir)?;
+/// The data directory (created, mode 0700, locked), the store and the blob directory, with the
+/// blobs no record refers to removed.
+fn open_data(
+    config: &Config,
+) -> Result<(PathBuf, crate::server::datadir::DirLock, Store, Blobs), StartError> {
+    let data_dir = config.data_dir();
+    std::fs::create_dir_all(&data_dir)
+        .map_err(io_ctx(format!("creating data dir {}", data_dir.display())))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let lock = crate::server::datadir::lock(&data_dir)?;
 
-        let store_dir = data_dir.join("store");
-        let store = Store::open(&store_dir).map_err(|source| StartError::Store {
+    let store_dir = data_dir.join("store");
+    let store = Store::open(&store_dir).map_err(|source| StartError::Store {
+        path: store_dir.clone(),
+        source,
+    })?;
+    let blobs = Blobs::open(&data_dir).map_err(io_ctx("opening the blob directory"))?;
+    let keep = store
+        .referenced_blobs()
+        .map_err(|source| StartError::Store {
             path: store_dir.clone(),
             source,
         })?;
-        let blobs = Blobs::open(&data_dir).map_err(io_ctx("opening the blob directory"))?;
-        let keep = store
-            .referenced_blobs()
-            .map_err(|source| StartError::Store {
-                path: store_dir.clone(),
-                source,
-            })?;
-        let removed = blobs
-            .collect_orphans(&keep)
-            .map_err(io_ctx("collecting orphan blobs"))?;
-        if removed > 0 {
-            tracing::warn!(
-                removed,
-                "removed blobs that no record refers to (left by an interrupted upload or delete)"
-            );
-        }
+    let removed = blobs
+        .collect_orphans(&keep)
+        .map_err(io_ctx("collecting orphan blobs"))?;
+    if removed > 0 {
+        tracing::warn!(
+            removed,
+            "removed blobs that no record refers to (left by an interrupted upload or delete)"
+        );
+    }
+    Ok((data_dir, lock, store, blobs))
+}
 
-        let (admin_token, created) =
-            auth::load_or_create_admin_token(&data_dir, &config.auth.admin_token)
-                .map_err(io_ctx("loading the admin token"))?;
-        if config.auth.admin_token.is_empty() {
-            let path = data_dir.join(auth::TOKEN_FILE);
-            if created {
-                tracing::info!(path = %path.display(), "generated the admin token");
-            } else {
-                tracing::info!(path = %path.display(), "admin token");
-            }
+/// The admin token (configured, or generated once into the data dir) and the URL signer.
+fn secrets(config: &Config, data_dir: &Path) -> Result<(String, UrlSigner), StartError> {
+    let (admin_token, created) =
+        auth::load_or_create_admin_token(data_dir, &config.auth.admin_token)
+            .map_err(io_ctx("loading the admin token"))?;
+    if config.auth.admin_token.is_empty() {
+        let path = data_dir.join(auth::TOKEN_FILE);
+        if created {
+            tracing::info!(path = %path.display(), "generated the admin token");
+        } else {
+            tracing::info!(path = %path.display(), "admin token");
         }
-        let signer = UrlSigner::load_or_create(&data_dir, config.auth.url_ttl_secs)
-            .map_err(io_ctx("loading the URL-signing secret"))?;
+    }
+    let signer = UrlSigner::load_or_create(data_dir, config.auth.url_ttl_secs)
+        .map_err(io_ctx("loading the URL-signing secret"))?;
+    Ok((admin_token, signer))
+}
 
-        let (cert_paths, generated) = certs::ensure_certificates(&config.tls, &data_dir)?;
-        match (&cert_paths.ca, generated) {
-            (Some(ca), true) => {
-                tracing::info!(ca = %ca.display(), cert = %cert_paths.cert.display(), "generated a self-signed CA and server certificate; clients should trust the CA")
-            }
-            (Some(ca), false) => {
-                tracing::info!(ca = %ca.display(), cert = %cert_paths.cert.display(), "TLS certificate (generated earlier)")
-            }
-            (None, _) => {
-                tracing::info!(cert = %cert_paths.cert.display(), key = %cert_paths.key.display(), "TLS certificate (site-provided)")
-            }
+/// The site's or the generated certificate, loaded for reloading on SIGHUP.
+fn certificate(
+    config: &Config,
+    data_dir: &Path,
+) -> Result<(certs::CertPaths, Arc<certs::ReloadableCert>), StartError> {
+    let (cert_paths, generated) = certs::ensure_certificates(&config.tls, data_dir)?;
+    match (&cert_paths.ca, generated) {
+        (Some(ca), true) => {
+            tracing::info!(ca = %ca.display(), cert = %cert_paths.cert.display(), "generated a self-signed CA and server certificate; clients should trust the CA")
         }
-        let cert = certs::ReloadableCert::load(cert_paths.clone())?;
+        (Some(ca), false) => {
+            tracing::info!(ca = %ca.display(), cert = %cert_paths.cert.display(), "TLS certificate (generated earlier)")
+        }
+        (None, _) => {
+            tracing::info!(cert = %cert_paths.cert.display(), key = %cert_paths.key.display(), "TLS certificate (site-provided)")
+        }
+    }
+    let cert = certs::ReloadableCert::load(cert_paths.clone())?;
+    Ok((cert_paths, cert))
+}
+
+/// Serves the router on the HTTPS listener and the plain one, and `/metrics` on the loopback
+/// metrics listener; returns the metrics port.
+fn serve_http(
+    state: http::AppState,
+    (https, tls): (TcpListener, Arc<rustls::ServerConfig>),
+    plain: Option<TcpListener>,
+    metrics: Option<TcpListener>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Option<u16>, StartError> {
+    let mut metrics_port = None;
+    if let Some(l) = metrics {
+        let addr = l
+            .local_addr()
+            .map_err(io_ctx("reading the metrics address"))?;
+        metrics_port = Some(addr.port());
+        tracing::info!(%addr, "metrics listener (loopback, no token)");
+        tracker.spawn(http::serve(
+            l,
+            None,
+            http::metrics_router(state.clone()),
+            shutdown.clone(),
+            DRAIN_DEADLINE,
+        ));
+    }
+    let router = http::router(state);
+    tracker.spawn(http::serve(
+        https,
+        Some(tokio_rustls::TlsAcceptor::from(tls)),
+        router.clone(),
+        shutdown.clone(),
+        DRAIN_DEADLINE,
+    ));
+    if let Some(l) = plain {
+        tracker.spawn(http::serve(
+            l,
+            None,
+            router,
+            shutdown.clone(),
+            DRAIN_DEADLINE,
+        ));
+    }
+    Ok(metrics_port)
+}
+
+impl App {
+    /// Starts everything; returns once every listener is bound and serving.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let (data_dir, lock, store, blobs) = open_data(&config)?;
+        let store_dir = data_dir.join("store");
+        let (admin_token, signer) = secrets(&config, &data_dir)?;
+        let (cert_paths, cert) = certificate(&config, &data_dir)?;
         let tls_config = certs::server_config(cert.clone(), &[b"h2", b"http/1.1"]);
 
         let https_listener =
@@ -311,38 +379,14 @@ impl App {
             data_dir: data_dir.clone(),
             cert: cert.clone(),
         });
-        let mut metrics_port = None;
-        if let Some(l) = bind("metrics.listen", config.metrics.listen)? {
-            let addr = l
-                .local_addr()
-                .map_err(io_ctx("reading the metrics address"))?;
-            metrics_port = Some(addr.port());
-            tracing::info!(%addr, "metrics listener (loopback, no token)");
-            tracker.spawn(http::serve(
-                l,
-                None,
-                http::metrics_router(state.clone()),
-                shutdown.clone(),
-                DRAIN_DEADLINE,
-            ));
-        }
-        let router = http::router(state);
-        tracker.spawn(http::serve(
-            https_listener,
-            Some(tokio_rustls::TlsAcceptor::from(tls_config)),
-            router.clone(),
-            shutdown.clone(),
-            DRAIN_DEADLINE,
-        ));
-        if let Some(l) = plain_listener {
-            tracker.spawn(http::serve(
-                l,
-                None,
-                router,
-                shutdown.clone(),
-                DRAIN_DEADLINE,
-            ));
-        }
+        let metrics_port = serve_http(
+            state,
+            (https_listener, tls_config),
+            plain_listener,
+            bind("metrics.listen", config.metrics.listen)?,
+            &shutdown,
+            &tracker,
+        )?;
         write_ports(
             &data_dir,
             https.port(),
