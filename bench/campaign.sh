@@ -6,6 +6,7 @@
 # peak RSS (VmHWM). Goals (issue E): under 30 s, appliance RSS under 200 MB.
 #
 #   bench/campaign.sh [DEVICES] [CORPUS_DIR]     (defaults 1000, ${TMPDIR:-/tmp}/hangar-corpus)
+#   HANGAR_BIN=path bench/campaign.sh ...       measure this hangar binary (A/B runs of two builds)
 set -euo pipefail
 N=${1:-1000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,8 +20,8 @@ ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 if ! ls "$CORPUS"/esbuild-x64-patch/old.bin >/dev/null 2>&1; then
   bash "$ROOT/../shared/bench/fetch-corpus.sh" "$CORPUS" >/dev/null
 fi
-(cd "$ROOT" && cargo build --release -q)
-HANGAR="$ROOT/target/release/hangar"
+if [ -z "${HANGAR_BIN:-}" ]; then (cd "$ROOT" && cargo build --release -q); fi
+HANGAR=${HANGAR_BIN:-$ROOT/target/release/hangar}
 printf 'data_dir = "%s/data"\n[http]\nlisten = "127.0.0.1:0"\nplain_listen = "127.0.0.1:0"\n[mqtt]\nlisten = "127.0.0.1:0"\ntls_listen = "127.0.0.1:0"\n' \
   "$WORK" > "$WORK/hangar.toml"
 RUST_LOG=hangar=warn "$HANGAR" serve --config "$WORK/hangar.toml" 2>"$WORK/serve.log" &

@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::AppState;
+use crate::server::error::ServiceError;
 use crate::server::store::TaskStatus;
 
 type Labels = Vec<(String, String)>;
@@ -93,7 +94,7 @@ fn g(a: &AtomicU64) -> u64 {
 }
 
 /// Builds the exposition text, section by section.
-pub fn render(st: &AppState) -> Result<String, String> {
+pub fn render(st: &AppState) -> Result<String, ServiceError> {
     let mut reg = Registry::with_prefix("hangar");
     devices_and_mqtt(&mut reg, st);
     tasks(&mut reg, st)?;
@@ -102,7 +103,7 @@ pub fn render(st: &AppState) -> Result<String, String> {
     http(&mut reg, st);
     deltas_and_store(&mut reg, st)?;
     let mut out = String::new();
-    encode(&mut out, &reg).map_err(|e| e.to_string())?;
+    encode(&mut out, &reg).map_err(|e| ServiceError::Io(std::io::Error::other(e)))?;
     Ok(out)
 }
 
@@ -229,8 +230,8 @@ fn devices_and_mqtt(reg: &mut Registry, st: &AppState) {
 }
 
 /// Upgrade tasks by state, and how long completed ones took.
-fn tasks(reg: &mut Registry, st: &AppState) -> Result<(), String> {
-    let tasks = st.ota.all_tasks().map_err(|e| e.to_string())?;
+fn tasks(reg: &mut Registry, st: &AppState) -> Result<(), ServiceError> {
+    let tasks = st.ota.all_tasks()?;
     let by_state = Family::<Labels, Gauge>::default();
     for s in [
         TaskStatus::Pending,
@@ -263,9 +264,9 @@ fn tasks(reg: &mut Registry, st: &AppState) -> Result<(), String> {
 }
 
 /// Campaigns by state, and the engine's rounds.
-fn campaigns(reg: &mut Registry, st: &AppState) -> Result<(), String> {
+fn campaigns(reg: &mut Registry, st: &AppState) -> Result<(), ServiceError> {
     let camps = Family::<Labels, Gauge>::default();
-    let list = st.campaigns.list().map_err(|e| e.to_string())?;
+    let list = st.campaigns.list()?;
     for s in ["scheduled", "running", "paused", "completed", "cancelled"] {
         camps
             .get_or_create(&labels(&[("state", s)]))
@@ -337,7 +338,7 @@ fn http(reg: &mut Registry, st: &AppState) {
 }
 
 /// The delta service and the store.
-fn deltas_and_store(reg: &mut Registry, st: &AppState) -> Result<(), String> {
+fn deltas_and_store(reg: &mut Registry, st: &AppState) -> Result<(), ServiceError> {
     let dc = &st.deltas.counters;
     gauge(
         reg,
@@ -359,7 +360,7 @@ fn deltas_and_store(reg: &mut Registry, st: &AppState) -> Result<(), String> {
         g(&dc.skipped),
     );
     let gen_time = Histogram::new(exponential_buckets(0.05, 2.0, 12));
-    for d in st.deltas.all().map_err(|e| e.to_string())? {
+    for d in st.deltas.all()? {
         if let Some(ms) = d.build_ms {
             gen_time.observe(ms as f64 / 1000.0);
         }
@@ -408,6 +409,6 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
             text,
         )
             .into_response(),
-        Err(e) => super::error::ApiError::internal(e).into_response(),
+        Err(e) => super::error::ApiError::from(e).into_response(),
     }
 }

@@ -39,7 +39,7 @@ impl PartGuard {
     }
 
     /// Looks at the next chunk; `Err` once a part's header block is longer than the limit.
-    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), String> {
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), HeadersTooLong> {
         let keep = self.delimiter.len().max(CRLF2.len()) - 1;
         let mut region = std::mem::take(&mut self.carry);
         let old = region.len();
@@ -82,13 +82,17 @@ impl PartGuard {
         Ok(())
     }
 
-    fn too_long(&self) -> String {
-        format!(
-            "a part's headers are longer than {} bytes: send only Content-Disposition and Content-Type",
-            self.limit
-        )
+    fn too_long(&self) -> HeadersTooLong {
+        HeadersTooLong(self.limit)
     }
 }
+
+/// A part's header block went past the limit (the limit, in bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a part's headers are longer than {0} bytes: send only Content-Disposition and Content-Type"
+)]
+pub struct HeadersTooLong(pub usize);
 
 /// End of the first occurrence of `pat` in `hay[from..]` that ends after `after`.
 fn find_ending_after(hay: &[u8], from: usize, pat: &[u8], after: usize) -> Option<usize> {
@@ -119,7 +123,7 @@ mod tests {
         b
     }
 
-    fn run(b: &[u8], chunk: usize, limit: usize) -> Result<(), String> {
+    fn run(b: &[u8], chunk: usize, limit: usize) -> Result<(), HeadersTooLong> {
         let mut g = PartGuard::with_limit("XyZ", limit);
         b.chunks(chunk).try_for_each(|c| g.feed(c))
     }
