@@ -25,7 +25,7 @@ use crate::device::client::{
     Command, Failure, Identity, Link, LinkEvent, MqttTarget, Offer, Stage, announce,
     failure_report, firmware_get, stage_report,
 };
-use crate::device::fetch::{self, FetchError, Received};
+use crate::device::fetch::{self, Expect, FetchError, Received};
 use crate::protocol::Protocol;
 
 fn default_protocol() -> String {
@@ -1005,7 +1005,7 @@ impl Agent {
         let r = fetch::fetch_reporting(
             &self.http,
             &offer.url,
-            &offer.expect(),
+            &Expect::of(offer),
             &mut sink,
             &mut rx,
             &opts,
@@ -1039,7 +1039,7 @@ impl Agent {
         let (app, out, full) = (
             self.cfg.app_path.clone(),
             self.paths.patched.clone(),
-            offer.expect(),
+            Expect::of(offer),
         );
         tokio::task::spawn_blocking(move || {
             let old = std::fs::read(&app).map_err(|e| format!("reading {}: {e}", app.display()))?;

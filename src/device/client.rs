@@ -83,15 +83,6 @@ pub struct Offer {
 }
 
 impl Offer {
-    /// What the full image must be: its size and hashes.
-    pub fn expect(&self) -> super::fetch::Expect {
-        super::fetch::Expect {
-            size: self.size,
-            md5: self.md5.clone(),
-            sha256: self.sha256.clone(),
-        }
-    }
-
     /// Why a device running `current` refuses this offer, if it does: an older version, not
     /// forced.
     pub fn refused_by(&self, current: &str) -> Option<String> {

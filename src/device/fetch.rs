@@ -99,6 +99,17 @@ pub struct Expect {
     pub sha256: Option<String>,
 }
 
+impl Expect {
+    /// What the full image of an offer must be: its size and hashes.
+    pub fn of(offer: &super::client::Offer) -> Expect {
+        Expect {
+            size: offer.size,
+            md5: offer.md5.clone(),
+            sha256: offer.sha256.clone(),
+        }
+    }
+}
+
 /// Fault injection and pacing of a download.
 #[derive(Debug, Clone, Default)]
 pub struct Options {

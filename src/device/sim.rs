@@ -642,7 +642,7 @@ async fn upgrade(
             rate_limit: args.slow.map(|k| k * 1000),
             timeout: Some(Duration::from_secs(3600)),
         };
-        let expect = offer.expect();
+        let expect = Expect::of(offer);
         let mut rx = Received::default();
         let mut counted = 0u64;
         let count = |have: u64, _| {
@@ -741,7 +741,7 @@ async fn try_delta(
         bytes[at] ^= 0xff;
         bytes[at + 1] ^= 0xff;
     }
-    let expect = offer.expect();
+    let expect = Expect::of(offer);
     let key = {
         use sha2::Digest;
         (

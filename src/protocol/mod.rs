@@ -34,6 +34,14 @@ impl Protocol {
     }
 }
 
+/// The API device id of an MQTT username: `pk&dn` (Alibaba's convention) -> `pk/dn`.
+pub fn id_from_username(username: &str) -> String {
+    match username.split_once('&') {
+        Some((pk, dn)) => format!("{pk}/{dn}"),
+        None => username.to_string(),
+    }
+}
+
 /// A message a device sent on one of its report topics, classified by topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {

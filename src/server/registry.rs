@@ -145,14 +145,6 @@ pub struct DeviceChange {
     pub secret: Option<String>,
 }
 
-/// The API device id of an MQTT username: `pk&dn` (Alibaba's convention) -> `pk/dn`.
-pub fn id_from_username(username: &str) -> String {
-    match username.split_once('&') {
-        Some((pk, dn)) => format!("{pk}/{dn}"),
-        None => username.to_string(),
-    }
-}
-
 impl Devices {
     /// A registry over the store.
     pub fn new(store: Store) -> Devices {
@@ -621,7 +613,7 @@ impl Devices {
 
 impl Authenticator for Devices {
     fn authenticate(&self, username: &str, password: &str) -> Option<(String, Protocol)> {
-        let id = id_from_username(username);
+        let id = crate::protocol::id_from_username(username);
         if !ids::valid_device_id(&id) {
             return None;
         }

@@ -197,7 +197,7 @@ impl Access {
             return Some(k.clone());
         }
         let user = login?.username.as_str();
-        let id = crate::server::registry::id_from_username(user);
+        let id = crate::protocol::id_from_username(user);
         let protocol = if user.contains('&') {
             Protocol::Alibaba
         } else {

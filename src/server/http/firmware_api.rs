@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use axum::body::Bytes;
 use axum::extract::multipart::{Field, MultipartRejection};
 use axum::extract::{Multipart, Query, State};
 use axum::http::{Method, StatusCode, Uri, header};
@@ -443,12 +442,6 @@ pub async fn release(
 #[derive(Deserialize)]
 pub struct StatusBody {
     status: String,
-}
-
-/// Parses a JSON request body into `T`, with envelope errors instead of axum's plain text.
-pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 /// POST /api/ota/firmware/{version}/status?deviceType= `{"status": "..."}`

@@ -227,7 +227,7 @@ where
                 ApiError::bad_request(format!("could not read the body: {}", r.body_text()))
             }
         })?;
-        Ok(JsonBody(super::firmware_api::json_body(&bytes)?))
+        Ok(JsonBody(json_body(&bytes)?))
     }
 }
 
@@ -259,4 +259,10 @@ pub fn path_refused(e: &axum::extract::rejection::PathRejection) -> ApiError {
         "the request path is not valid: {}: percent-encode UTF-8 text",
         e.body_text().trim_start_matches("Invalid URL: ")
     ))
+}
+
+/// Parses a JSON request body into `T`, with envelope errors instead of axum's plain text.
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
