@@ -2,6 +2,10 @@
 //! joins, over the real appliance (in-process, real HTTPS and MQTT on ephemeral ports). Virtual
 //! time advances whenever every task waits, so a 30 s backoff or a window that opens in ten
 //! minutes takes a moment of real time, and nothing is asserted by sleeping.
+//!
+//! Keep images small here: the blob writer is a thread of its own, not a tokio task, so while it
+//! writes the runtime may look idle and the clock jump to the next timer (a long upload could
+//! see its client time out in virtual time).
 
 mod common;
 
