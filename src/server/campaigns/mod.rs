@@ -7,6 +7,10 @@
 //! a campaign continues where it was. A member is marked in flight only after its task was
 //! created; if the process dies in between, the next round finds the device's active task
 //! carrying this campaign's id and adopts it instead of sending a second command.
+//!
+//! Pure cores decide: [`spec`] (a spec checked into the record it creates), [`plan`] (the dry
+//! run), [`round`] (one engine round), [`progress`] (where a campaign stands). [`Campaigns`]
+//! gathers their facts from the store and the other services and writes what they decided.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

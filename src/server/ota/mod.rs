@@ -1,4 +1,6 @@
-//! Upgrade tasks: [`state`] is the pure state machine; [`Ota`] drives it. It creates tasks and
+//! Upgrade tasks as pure cores and their driver: [`state`] (the task state machine), [`reports`]
+//! (what a device report means), [`commands`] (what a command looks like) decide; [`Ota`]
+//! drives them, and counts in [`counters`]. It creates tasks and
 //! sends commands through the broker, ingests device reports in batches (one store flush per
 //! batch, and only then the devices' PUBACKs), re-sends a pending command when its device
 //! subscribes again, answers Alibaba `firmware/get`, and fails stalled tasks with `TIMEOUT`.
