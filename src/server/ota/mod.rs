@@ -9,6 +9,7 @@
 pub mod commands;
 pub mod counters;
 pub mod reports;
+pub mod settling;
 pub mod state;
 
 use crate::server::store::TaskDelta;
@@ -33,6 +34,7 @@ use crate::server::store::{
 use crate::time::{now_ms, now_secs};
 use counters::{Dropped, ReportCounters, Used};
 use reports::Report;
+use settling::Settling;
 use state::{Input, Outcome, Why};
 
 static SEND_LOG: RateLog = RateLog::new();
@@ -48,17 +50,6 @@ pub struct OtaSettings {
     pub stall_timeout: Duration,
     pub reboot_grace: Duration,
     pub allow_anonymous: bool,
-}
-
-/// Completed upgrades whose device has not yet shown that it booted the new image (kept in
-/// memory: after a restart a device gets a fresh grace, and announces again when it reconnects).
-#[derive(Default)]
-struct Settling {
-    /// Completed tasks whose device reported the target version since.
-    confirmed: std::collections::HashSet<u64>,
-    /// Tasks whose device announced its old version within the reboot grace: when the grace
-    /// ends (ms since the epoch) and the version; a rollback then, unless it confirms first.
-    suspects: std::collections::HashMap<u64, (i64, String)>,
 }
 
 /// The task engine.
@@ -819,23 +810,15 @@ impl Ota {
         )?;
         let mut s = self.settling.lock().expect("settling lock");
         match o {
-            Outcome::Ignored(Why::RebootGrace) => {
-                s.suspects.insert(t.id, (deadline, version));
-            }
-            Outcome::Ignored(Why::Confirmed) => {
-                s.suspects.remove(&t.id);
-                if s.confirmed.insert(t.id) {
-                    self.task_ended.store(true, Ordering::SeqCst);
-                }
+            Outcome::Ignored(Why::RebootGrace) => s.suspect(t.id, deadline, version),
+            // a confirmation is news for the campaign engine
+            Outcome::Ignored(Why::Confirmed) if s.confirm(t.id) => {
+                self.task_ended.store(true, Ordering::SeqCst);
             }
             Outcome::Changed(n) if n.status == TaskStatus::Completed => {
-                s.suspects.remove(&t.id);
-                s.confirmed.insert(t.id);
+                s.confirm(t.id);
             }
-            Outcome::Changed(n) if !n.status.is_active() => {
-                s.suspects.remove(&t.id);
-                s.confirmed.remove(&t.id);
-            }
+            Outcome::Changed(n) if !n.status.is_active() => s.rolled_back(t.id),
             _ => {}
         }
         Ok(())
@@ -845,47 +828,35 @@ impl Ota {
     /// target version since, or the reboot grace after completion passed with no sign of the
     /// old one. Campaigns count a member as succeeded only then.
     pub fn settled(&self, t: &TaskRecord, now: i64) -> bool {
-        if t.status != TaskStatus::Completed {
-            return false;
-        }
-        let s = self.settling.lock().expect("settling lock");
-        if s.suspects.contains_key(&t.id) {
-            return false;
-        }
-        s.confirmed.contains(&t.id)
-            || now
-                >= t.complete_time_ms.unwrap_or(t.updated_at_ms)
-                    + self.settings.reboot_grace.as_millis() as i64
+        t.status == TaskStatus::Completed
+            && self.settling.lock().expect("settling lock").settled(
+                t.id,
+                t.complete_time_ms.unwrap_or(t.updated_at_ms),
+                self.settings.reboot_grace.as_millis() as i64,
+                now,
+            )
     }
 
     /// Rolls back every suspect whose grace ended without the device confirming (under the
     /// lock, no flush); returns whether anything changed.
     fn decide_suspects(&self, now: i64) -> Result<bool, StoreError> {
-        let due: Vec<(u64, String)> = {
-            let mut s = self.settling.lock().expect("settling lock");
-            let due: Vec<(u64, String)> = s
-                .suspects
-                .iter()
-                .filter(|(_, (at, _))| *at <= now)
-                .map(|(id, (_, v))| (*id, v.clone()))
-                .collect();
-            for (id, _) in &due {
-                s.suspects.remove(id);
-            }
-            due
-        };
+        let due = self.settling.lock().expect("settling lock").take_due(now);
         let mut changed = false;
         for (id, version) in due {
-            let Some(t) = self.store.get_task(id)? else {
-                continue;
+            let outcome = match self.store.get_task(id) {
+                Ok(Some(t)) => self.apply_and_put(
+                    &t,
+                    &Input::Version {
+                        version,
+                        settled: true,
+                    },
+                ),
+                Ok(None) => Ok(Outcome::Ignored(Why::Finished)),
+                Err(e) => Err(e),
             };
-            if let Outcome::Changed(n) = self.apply_and_put(
-                &t,
-                &Input::Version {
-                    version,
-                    settled: true,
-                },
-            )? {
+            let rolled_back = matches!(outcome, Ok(Outcome::Changed(_)));
+            (self.settling.lock().expect("settling lock")).decided(id, rolled_back);
+            if let Outcome::Changed(n) = outcome? {
                 tracing::warn!(device = %n.device_id, task = n.id, "rolled back: the device did not report the new version within tasks.reboot_grace_secs");
                 changed = true;
             }
