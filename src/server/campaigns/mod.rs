@@ -148,12 +148,13 @@ impl Campaigns {
                 )));
             }
         };
+        let (device_type, version) = (fw.device_type, fw.version);
         let offer = |d: &DeviceRecord| {
             let from = d.firmware_version.as_deref()?;
-            Some(self.deltas.offer(&c.device_type, from, &c.version)?.size)
+            Some(self.deltas.offer(&device_type, from, &version)?.size)
         };
         let (devices, claimed) = (self.store.list_devices()?, self.claimed(None)?);
-        plan::plan(c.clone(), notes, devices, &claimed, offer, fw.size)
+        plan::plan(c, notes, devices, &claimed, offer, fw.size)
     }
 
     /// Creates a campaign from a spec; returns it with its plan and its members as created

@@ -990,7 +990,10 @@ impl Ota {
                     false,
                     &dev.delta_formats,
                 )
-                .map_err(|e| StoreError::Engine(e.to_string()))?;
+                .map_err(|e| match e {
+                    OtaError::Store(e) => e,
+                    other => StoreError::Engine(other.to_string()),
+                })?;
             if let Outcome::Changed(t) = state::apply(&t, &Input::CommandSent, now_ms()) {
                 self.store.put_task(&t)?;
                 data = serde_json::to_value(commands::alibaba_data(&t)).expect("json");

@@ -129,9 +129,9 @@ fn gateway_report(r: gateway::Report) -> Report {
             device_type: h.device_type,
             delta_formats: h.delta_formats,
         },
-        gateway::Report::Progress { msg_id, data } => Report::Progress {
+        gateway::Report::Progress { msg_id, mut data } => Report::Progress {
             target: msg_id.map_or(Target::Unnamed, Target::MsgId),
-            running: data.current_version.clone(),
+            running: data.current_version.take(),
             step: gateway_step(data),
         },
     }

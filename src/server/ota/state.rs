@@ -151,7 +151,13 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
                 return Outcome::Ignored(Why::Finished);
             }
             match status {
-                TaskStatus::Failed => failed(t, now, error_code, error_message, *delta_may_be_why),
+                TaskStatus::Failed => failed(
+                    t,
+                    now,
+                    error_code.as_deref(),
+                    error_message,
+                    *delta_may_be_why,
+                ),
                 TaskStatus::Completed => Outcome::Changed(change(
                     t,
                     now,
@@ -198,7 +204,7 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
 fn failed(
     t: &TaskRecord,
     now: i64,
-    code: &Option<String>,
+    code: Option<&str>,
     message: &Option<String>,
     delta_may_be_why: bool,
 ) -> Outcome {
@@ -209,7 +215,7 @@ fn failed(
         n.start_time_ms = n.start_time_ms.or(Some(now));
         return Outcome::Resend(n);
     }
-    let code = code.as_deref().unwrap_or("FAILED");
+    let code = code.unwrap_or("FAILED");
     let mut n = change(
         t,
         now,
