@@ -154,6 +154,9 @@ pub struct HttpConfig {
     /// Longest pause (seconds) of a client in the middle of a request body before the request
     /// is abandoned and the connection closed.
     pub body_idle_timeout_secs: u64,
+    /// Longest time (seconds) a client may take no byte of an answer (a download, the event
+    /// stream) before its connection is closed, as nginx's `send_timeout`.
+    pub send_timeout_secs: u64,
 }
 
 /// `[tls]`
@@ -199,6 +202,8 @@ pub struct AuthConfig {
     pub admin_token: String,
     /// Lifetime of signed download URLs, seconds.
     pub url_ttl_secs: u64,
+    /// Lifetime of a console session from sign-in, hours.
+    pub session_hours: u64,
 }
 
 /// `[tasks]`
@@ -210,6 +215,9 @@ pub struct TasksConfig {
     /// Seconds a device has, after its upgrade completed and after it (re)connected, to boot
     /// the new image: the old version reported within them is not yet a rollback.
     pub reboot_grace_secs: u64,
+    /// Seconds without a report after which the console flags an in-flight device as stale
+    /// (long before `stall_timeout_secs` fails it).
+    pub stale_secs: u64,
 }
 
 /// `[metrics]`
@@ -283,6 +291,7 @@ impl Default for HttpConfig {
             public_url: String::new(),
             max_upload_bytes: 1 << 30,
             body_idle_timeout_secs: 30,
+            send_timeout_secs: 60,
         }
     }
 }
@@ -308,6 +317,7 @@ impl Default for AuthConfig {
         AuthConfig {
             admin_token: String::new(),
             url_ttl_secs: 86_400,
+            session_hours: 12,
         }
     }
 }
@@ -317,6 +327,7 @@ impl Default for TasksConfig {
         TasksConfig {
             stall_timeout_secs: 600,
             reboot_grace_secs: 120,
+            stale_secs: 90,
         }
     }
 }
@@ -468,6 +479,11 @@ impl HttpConfig {
             "must be between 1 and 3600",
         )?;
         ensure(
+            (1..=3600).contains(&self.send_timeout_secs),
+            "http.send_timeout_secs",
+            "must be between 1 and 3600",
+        )?;
+        ensure(
             self.max_upload_bytes > 0,
             "http.max_upload_bytes",
             "must be greater than 0",
@@ -548,6 +564,11 @@ impl AuthConfig {
             (1..=366 * 86_400).contains(&self.url_ttl_secs),
             "auth.url_ttl_secs",
             "must be between 1 and 31622400 seconds (one year)",
+        )?;
+        ensure(
+            (1..=720).contains(&self.session_hours),
+            "auth.session_hours",
+            "must be between 1 and 720 hours (30 days)",
         )
     }
 }
@@ -563,6 +584,11 @@ impl TasksConfig {
             self.stall_timeout_secs > 0,
             "tasks.stall_timeout_secs",
             "must be greater than 0",
+        )?;
+        ensure(
+            (1..=86_400).contains(&self.stale_secs),
+            "tasks.stale_secs",
+            "must be between 1 and 86400 seconds",
         )
     }
 }

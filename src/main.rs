@@ -106,6 +106,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => hangar::cli::upgrade(&cli.global, &device, &version, force, allow_downgrade).await?,
         Command::Tasks(a) => hangar::cli::tasks(&cli.global, a).await?,
         Command::Campaign(cmd) => hangar::cli::campaign(&cli.global, cmd).await?,
+        Command::User(cmd) => hangar::cli::users::user(&cli.global, cmd).await?,
+        Command::Audit(a) => hangar::cli::users::audit(&cli.global, a).await?,
         Command::Sim(args) => {
             init_tracing(false);
             let client = hangar::cli::client::Client::connect(&hangar::cli::endpoint(&cli.global))?;

@@ -32,6 +32,11 @@ fn covered() -> Vec<(&'static str, &'static str)> {
         ("POST", "/api/ota/task/{device}/cancel"),
         ("POST", "/api/ota/campaigns"),
         ("POST", "/api/ota/campaigns/{id}/{action}"),
+        ("POST", "/api/users"),
+        ("PATCH", "/api/users/{name}"),
+        ("DELETE", "/api/users/{name}"),
+        ("POST", "/api/auth/login"),
+        ("POST", "/api/auth/logout"),
     ]
 }
 
@@ -259,5 +264,107 @@ async fn every_acknowledged_change_survives_a_kill_right_after_the_answer() {
             "{action} was acknowledged and then lost"
         );
     }
+    // every change above is in the audit log, as acknowledged
+    let (_, log) = a.get("/api/audit?limit=1000").await;
+    let actions: Vec<&str> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for want in [
+        "firmware.upload",
+        "firmware.release",
+        "device.register",
+        "campaign.action",
+    ] {
+        assert!(actions.contains(&want), "{want} not audited: {actions:?}");
+    }
+
+    // users: add, change, sign in, sign out, delete — each survives a kill right after it
+    assert_ok(
+        "add user",
+        &a.call(
+            "POST",
+            "/api/users",
+            Some(json!({"name": "kim", "role": "viewer", "password": "first password"})),
+        )
+        .await,
+    );
+    a.kill_and_restart().await;
+    assert_ok(
+        "role",
+        &a.call("PATCH", "/api/users/kim", Some(json!({"role": "operator"})))
+            .await,
+    );
+    a.kill_and_restart().await;
+    let (_, users) = a.get("/api/users").await;
+    assert_eq!(users["data"][0]["role"], "operator", "{users}");
+    let cookie = login(&a, "kim", "first password").await;
+    a.kill_and_restart().await;
+    assert_eq!(
+        session(&a, &cookie).await,
+        200,
+        "a session acknowledged at sign-in was lost"
+    );
+    let r = a
+        .http
+        .post(format!("{}/api/auth/logout", a.base()))
+        .header("cookie", &cookie)
+        .header("origin", a.base())
+        .header("x-csrf-token", csrf(&a, &cookie).await)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    a.kill_and_restart().await;
+    assert_eq!(
+        session(&a, &cookie).await,
+        401,
+        "a signed-out session came back"
+    );
+    assert_ok(
+        "delete user",
+        &a.call("DELETE", "/api/users/kim", None).await,
+    );
+    a.kill_and_restart().await;
+    assert_eq!(a.get("/api/users").await.1["data"], json!([]));
     assert!(Path::new(&a.data()).exists());
+}
+
+/// Signs in; the `name=value` of the session cookie.
+async fn login(a: &Appliance, user: &str, password: &str) -> String {
+    let r = a
+        .http
+        .post(format!("{}/api/auth/login", a.base()))
+        .json(&json!({"username": user, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let c = r.headers()["set-cookie"].to_str().unwrap();
+    c.split(';').next().unwrap().to_string()
+}
+
+async fn session(a: &Appliance, cookie: &str) -> u16 {
+    a.http
+        .get(format!("{}/api/auth/session", a.base()))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn csrf(a: &Appliance, cookie: &str) -> String {
+    let r = a
+        .http
+        .get(format!("{}/api/auth/session", a.base()))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    v["data"]["csrfToken"].as_str().unwrap().to_string()
 }

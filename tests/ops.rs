@@ -108,6 +108,7 @@ fn routes() -> Vec<String> {
                 .replace("{id}", "c1")
                 .replace("{device}", "GW1")
                 .replace("{action}", "pause")
+                .replace("{name}", "olga")
                 .replace("{file}", "gateway_v1.0.1.bin"),
         );
     }
@@ -153,7 +154,12 @@ async fn every_listener_refuses_every_route_without_credentials() {
     let s = Server::start_with(|c| c.metrics.listen = Listen::loopback_any_port()).await;
     s.release("1.0.1", "gateway", 1000).await;
     s.register("GW1", "gateway", "secret-123").await;
-    let plain = reqwest::Client::new();
+    // redirects are not followed: a console page's 303 to the sign-in page is its refusal
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let https = common::client_no_redirect(s.dir.path());
     let found = listeners(s.dir.path());
     let kinds: Vec<Listener> = found.iter().map(|l| l.2).collect();
     for k in [Listener::Api, Listener::Metrics, Listener::Mqtt] {
@@ -163,7 +169,7 @@ async fn every_listener_refuses_every_route_without_credentials() {
     for (name, port, kind) in &found {
         let (base, client) = match (name.as_str(), kind) {
             (_, Listener::Mqtt) => continue,
-            ("https", _) => (format!("https://localhost:{port}"), &s.client),
+            ("https", _) => (format!("https://localhost:{port}"), &https),
             _ => (format!("http://127.0.0.1:{port}"), &plain),
         };
         for path in routes() {
@@ -171,8 +177,12 @@ async fn every_listener_refuses_every_route_without_credentials() {
                 "/firmware/deltas/gateway_v1.0.1.bin",
                 "/firmware/deltas/gateway_v1.0.0_to_v1.0.1.bsdiff",
             );
+            // open on the API listeners: health, the sign-in page and its assets, sign-in itself
             let open = match kind {
-                Listener::Api => path == "/healthz",
+                Listener::Api => {
+                    ["/healthz", "/login", "/api/auth/login"].contains(&path.as_str())
+                        || path.starts_with("/assets/")
+                }
                 _ => path == "/metrics",
             };
             for method in ["GET", "HEAD", "POST", "DELETE", "PUT", "PATCH"] {
@@ -189,7 +199,11 @@ async fn every_listener_refuses_every_route_without_credentials() {
                     if open {
                         continue;
                     }
+                    let page = !path.starts_with("/api/")
+                        && !path.starts_with("/firmware/")
+                        && path != "/metrics";
                     let refused = match kind {
+                        Listener::Api if page && (method == "GET" || method == "HEAD") => st == 303,
                         Listener::Api => st == 401 || st == 405,
                         _ => st == 404 || st == 405,
                     };

@@ -153,7 +153,10 @@ impl Client {
             .clone()
             .filter(|u| u.starts_with("mqtts://"))
             .or_else(|| from_ports("mqtts", "mqtts", |c| c.mqtt.tls_listen));
-        let mut builder = reqwest::Client::builder().use_rustls_tls();
+        // the appliance's audit log says `via: cli` for requests that name this agent
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .user_agent(concat!("hangar-cli/", env!("CARGO_PKG_VERSION")));
         let mut ca_pem = None;
         if let Some(ca) = &ca {
             let pem = std::fs::read(ca).map_err(|source| CliError::Io {

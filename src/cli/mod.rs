@@ -3,6 +3,7 @@
 //! a table) and fail with the API's message.
 
 pub mod client;
+pub mod users;
 
 use std::path::PathBuf;
 
@@ -99,6 +100,11 @@ pub enum Command {
     /// Offline BSDIFF40 patches, with the server's code.
     #[command(subcommand)]
     Delta(DeltaCmd),
+    /// Console users: add, list, passwd, role, delete.
+    #[command(subcommand)]
+    User(users::UserCmd),
+    /// The audit log: who changed what, when, with what result (newest first).
+    Audit(users::AuditArgs),
     /// Show a device's newest task; --follow renders live progress until it ends.
     Task {
         /// Device id.
@@ -170,6 +176,11 @@ pub enum CampaignCmd {
     },
     /// Emergency brake: cancel in-flight tasks, start nothing more.
     Cancel {
+        /// Campaign id.
+        id: String,
+    },
+    /// Queue the failed devices again, each with a full retry budget.
+    Retry {
         /// Campaign id.
         id: String,
     },
@@ -313,6 +324,7 @@ pub async fn campaign(g: &Global, cmd: CampaignCmd) -> Result<(), CliError> {
         CampaignCmd::Pause { id } => campaign_action(&client, &id, "pause").await?,
         CampaignCmd::Resume { id } => campaign_action(&client, &id, "resume").await?,
         CampaignCmd::Cancel { id } => campaign_action(&client, &id, "cancel").await?,
+        CampaignCmd::Retry { id } => campaign_action(&client, &id, "retry").await?,
     }
     Ok(())
 }

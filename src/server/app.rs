@@ -227,6 +227,7 @@ fn certificate(
 /// metrics listener; returns the metrics port.
 fn serve_http(
     state: http::AppState,
+    send: http::SendLimit,
     (https, tls): (TcpListener, Arc<rustls::ServerConfig>),
     plain: Option<TcpListener>,
     metrics: Option<TcpListener>,
@@ -246,6 +247,7 @@ fn serve_http(
             http::metrics_router(state.clone()),
             shutdown.clone(),
             DRAIN_DEADLINE,
+            send.clone(),
         ));
     }
     let router = http::router(state);
@@ -255,6 +257,7 @@ fn serve_http(
         router.clone(),
         shutdown.clone(),
         DRAIN_DEADLINE,
+        send.clone(),
     ));
     if let Some(l) = plain {
         tracker.spawn(http::serve(
@@ -263,6 +266,7 @@ fn serve_http(
             router,
             shutdown.clone(),
             DRAIN_DEADLINE,
+            send,
         ));
     }
     Ok(metrics_port)
@@ -378,9 +382,19 @@ impl App {
             http_metrics: Default::default(),
             data_dir: data_dir.clone(),
             cert: cert.clone(),
+            accounts: Arc::new(crate::server::accounts::Accounts::new(
+                store.clone(),
+                Duration::from_secs(config.auth.session_hours * 3600),
+            )),
+            stale_secs: config.tasks.stale_secs,
         });
+        let send = http::SendLimit {
+            after: Duration::from_secs(config.http.send_timeout_secs),
+            cut: state.http_metrics.send_timeouts.clone(),
+        };
         let metrics_port = serve_http(
             state,
+            send,
             (https_listener, tls_config),
             plain_listener,
             bind("metrics.listen", config.metrics.listen)?,
@@ -413,6 +427,11 @@ impl App {
             store,
             _lock: lock,
         })
+    }
+
+    /// The feed of changes the console's live views follow (tests publish into it).
+    pub fn events(&self) -> std::sync::Arc<crate::server::events::Feed> {
+        self.store.events()
     }
 
     /// The token that stops the appliance when cancelled.

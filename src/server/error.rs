@@ -18,6 +18,20 @@ pub enum ServiceError {
     /// Conflicts with what is stored, or the wrong state for it (409).
     #[error("{0}")]
     Conflict(String),
+    /// Wrong or missing credentials (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Signed in, but the role does not allow it (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Too many attempts: wait `retry_after_secs` (429).
+    #[error("{message}")]
+    Throttled {
+        /// Why, and how long to wait.
+        message: String,
+        /// Seconds until the next attempt is considered.
+        retry_after_secs: u64,
+    },
     /// Not now: a queue is full (503, try again later).
     #[error("{0}")]
     Busy(String),

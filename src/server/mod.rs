@@ -10,6 +10,7 @@
 //! (the one service error), [`datadir`] (the data directory's lock), [`shutdown`] (signals),
 //! [`backup`] (backup tar and restore).
 
+pub mod accounts;
 pub mod app;
 pub mod auth;
 pub mod backup;
@@ -20,6 +21,7 @@ pub mod certs;
 pub mod datadir;
 pub mod deltas;
 pub mod error;
+pub mod events;
 pub mod firmware;
 pub mod http;
 pub mod ota;

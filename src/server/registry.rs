@@ -435,6 +435,19 @@ impl Devices {
 
     /// Applies a connection event; returns true if a device just became ready for commands.
     pub fn on_presence(&self, p: &Presence) -> bool {
+        let id = match p {
+            Presence::Connected { id, .. }
+            | Presence::Ready { id, .. }
+            | Presence::Disconnected { id } => id.clone(),
+        };
+        let ready = self.apply_presence(p);
+        self.store
+            .events()
+            .publish(crate::server::events::Change::Device { id });
+        ready
+    }
+
+    fn apply_presence(&self, p: &Presence) -> bool {
         let mut live = self.live.write().expect("live lock");
         match p {
             Presence::Connected { id, ip, .. } => {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod mqtt;
 
 use std::path::{Path, PathBuf};
@@ -357,20 +358,42 @@ pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
-/// The text of every source file of the HTTP module (where every `.route(` is), for the tests
-/// that walk the routes.
+/// The text of every source file of the HTTP module and its submodules (where every `.route(`
+/// is), for the tests that walk the routes.
 pub fn http_sources() -> String {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/server/http");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
-        .collect();
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, files);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src/server/http"),
+        &mut files,
+    );
     files.sort();
     files
         .iter()
         .map(|p| std::fs::read_to_string(p).unwrap())
         .collect()
+}
+
+/// An HTTPS client trusting the appliance's CA that does not follow redirects (to see the
+/// console's 303 to the sign-in page as it is).
+pub fn client_no_redirect(data_dir: &Path) -> reqwest::Client {
+    let pem = std::fs::read(data_dir.join("certs/ca.pem")).expect("generated CA");
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
 }
 
 /// `(method, path)` of every route that changes something, from the `.route(` calls of the HTTP

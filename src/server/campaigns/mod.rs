@@ -285,7 +285,7 @@ impl Campaigns {
             .map(|c| c.id))
     }
 
-    /// pause / resume / cancel.
+    /// pause / resume / cancel (the brake) / retry (failed members queued again).
     pub async fn act(
         &self,
         id: &str,
@@ -366,6 +366,46 @@ impl Campaigns {
                 }
                 tracing::warn!(campaign = id, "campaign cancelled");
                 return Ok(self.store.durable(c).await?);
+            }
+            "retry" => {
+                if !matches!(
+                    c.status,
+                    CampaignStatus::Running | CampaignStatus::Paused | CampaignStatus::Completed
+                ) {
+                    return Err(CampaignError::Conflict(format!(
+                        "campaign {id} is {}: only a running, paused or completed campaign can retry its failed devices",
+                        c.status.as_str()
+                    )));
+                }
+                let failed: Vec<CampaignMember> = self
+                    .store
+                    .list_members(id)?
+                    .into_iter()
+                    .filter(|m| m.status == MemberStatus::Failed)
+                    .map(|mut m| {
+                        // queued again with a full retry budget; the failed task stays its
+                        // last, so it is not adopted back as in flight
+                        m.status = MemberStatus::Queued;
+                        m.attempts = 0;
+                        m.next_attempt_ms = now;
+                        m.note = Some("retried by an operator".into());
+                        m.updated_at_ms = now;
+                        m
+                    })
+                    .collect();
+                if failed.is_empty() {
+                    return Err(CampaignError::Conflict(format!(
+                        "campaign {id} has no failed devices to retry"
+                    )));
+                }
+                let n = failed.len();
+                self.put_members(failed).await?;
+                c.failures_acknowledged = 0;
+                if c.status == CampaignStatus::Completed {
+                    c.status = CampaignStatus::Running;
+                    c.ended_at_ms = None;
+                }
+                c.status_reason = Some(format!("{n} failed devices retried by an operator"));
             }
             other => {
                 return Err(CampaignError::NotFound(format!("no action {other:?}")));

@@ -123,7 +123,10 @@ pub async fn create(
     let (c, plan, members) = st.campaigns.create(&s).await?.into_inner();
     let mut v = serde_json::to_value(dto(&st, &c, &members)?).map_err(ApiError::internal)?;
     v["notes"] = serde_json::json!(plan.notes);
-    Ok(ok_with(StatusCode::CREATED, v))
+    Ok(super::access::with_target(
+        ok_with(StatusCode::CREATED, v),
+        c.id,
+    ))
 }
 
 /// POST /api/ota/campaigns/dry-run
@@ -133,7 +136,9 @@ pub async fn dry_run(
 ) -> Result<Response, ApiError> {
     let s = spec(b);
     let plan: Plan = st.campaigns.plan(&s)?;
-    Ok(ok(super::wire::PlanDto::from(&plan)))
+    Ok(ok(super::wire::PlanDto::new(&plan, |id| {
+        st.devices.is_online(id)
+    })))
 }
 
 /// GET /api/ota/campaigns
@@ -161,9 +166,9 @@ pub async fn act(
     State(st): State<AppState>,
     ApiPath((id, action)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    if !matches!(action.as_str(), "pause" | "resume" | "cancel") {
+    if !matches!(action.as_str(), "pause" | "resume" | "cancel" | "retry") {
         return Err(ApiError::not_found(format!(
-            "no campaign action {action:?}: pause, resume or cancel"
+            "no campaign action {action:?}: pause, resume, cancel or retry"
         )));
     }
     let c = st.campaigns.act(&id, &action).await?.into_inner();

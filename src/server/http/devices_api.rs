@@ -82,7 +82,11 @@ pub async fn register(
 ) -> Result<Response, ApiError> {
     let d = st.devices.register(new_device(b)?).await?.into_inner();
     tracing::info!(device = %d.id, protocol = d.protocol.as_str(), "device registered");
-    Ok(ok_with(StatusCode::CREATED, device_dto(&st, &d)))
+    let target = d.id.clone();
+    Ok(super::access::with_target(
+        ok_with(StatusCode::CREATED, device_dto(&st, &d)),
+        target,
+    ))
 }
 
 /// POST /api/ota/devices/import[?update=true] — a JSON array of registration bodies; each is

@@ -45,6 +45,11 @@ impl ApiError {
         )
     }
 
+    /// 403 FORBIDDEN.
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::FORBIDDEN, "FORBIDDEN", message)
+    }
+
     /// 404 NOT_FOUND.
     pub fn not_found(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
@@ -76,6 +81,12 @@ impl ApiError {
             ),
         )
         .with_field("freeBytes", free_bytes.into())
+    }
+
+    /// Replaces the envelope's `error` code.
+    pub fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = code;
+        self
     }
 
     /// Adds a member to the envelope.
@@ -140,6 +151,17 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound(m) => ApiError::not_found(m),
             ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
             ServiceError::Busy(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "BUSY", m),
+            ServiceError::Unauthorized(m) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", m)
+            }
+            ServiceError::Forbidden(m) => ApiError::forbidden(m),
+            ServiceError::Throttled {
+                message,
+                retry_after_secs,
+            } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "THROTTLED", message).with_header(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs),
+            ),
             ServiceError::Store(e) => e.into(),
             other @ (ServiceError::Corrupt(_) | ServiceError::Io(_)) => ApiError::internal(other),
         }

@@ -356,7 +356,10 @@ pub async fn upload(
         .await?
         .into_inner();
     tracing::info!(device_type = %rec.device_type, version = %rec.version, size = rec.size, sha256 = %rec.sha256, "firmware uploaded");
-    Ok(ok_with(StatusCode::CREATED, dto(&st, &rec)))
+    Ok(super::access::with_target(
+        ok_with(StatusCode::CREATED, dto(&st, &rec)),
+        format!("{}/{}", rec.device_type, rec.version),
+    ))
 }
 
 /// The boundary of a `multipart/form-data` content type.

@@ -32,6 +32,8 @@ pub struct HttpMetrics {
     pub auth_failures: AtomicU64,
     /// Request bodies cut off because the client paused longer than `http.body_idle_timeout_secs`.
     pub body_timeouts: std::sync::Arc<AtomicU64>,
+    /// Connections closed because the client took nothing for `http.send_timeout_secs`.
+    pub send_timeouts: std::sync::Arc<AtomicU64>,
 }
 
 /// Middleware: runs every request in an `http` span (method, route, status) and counts it by
@@ -202,6 +204,12 @@ fn devices_and_mqtt(reg: &mut Registry, st: &AppState) {
         "http_body_timeouts",
         "Request bodies cut off because the client sent nothing for http.body_idle_timeout_secs",
         st.http_metrics.body_timeouts.load(Ordering::Relaxed),
+    );
+    counter(
+        reg,
+        "http_send_timeouts",
+        "Connections closed because the client took nothing for http.send_timeout_secs",
+        st.http_metrics.send_timeouts.load(Ordering::Relaxed),
     );
     let reloads = Family::<Labels, Counter>::default();
     reloads

@@ -4,7 +4,10 @@
 //! never in the accept loop, so one idle client cannot stall the others. On shutdown the accept
 //! loop stops and open connections drain until a deadline.
 
+pub mod access;
+pub mod accounts_api;
 pub mod campaigns_api;
+pub mod console;
 pub mod deltas_api;
 pub mod devices_api;
 pub mod download;
@@ -14,16 +17,15 @@ pub mod firmware_api;
 pub mod metrics;
 pub mod partguard;
 pub mod refusal;
+pub mod stall;
 pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::header;
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -31,7 +33,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::auth::{self, UrlSigner};
+use crate::server::auth::UrlSigner;
 use crate::server::firmware::FirmwareService;
 use crate::server::store::Store;
 
@@ -84,6 +86,10 @@ pub struct Inner {
     pub http_metrics: metrics::HttpMetrics,
     /// The served certificate (its reload counters).
     pub cert: Arc<crate::server::certs::ReloadableCert>,
+    /// Console users, sessions and the audit log.
+    pub accounts: Arc<crate::server::accounts::Accounts>,
+    /// Seconds without a report after which the console calls an in-flight device stale.
+    pub stale_secs: u64,
 }
 
 impl AppState {
@@ -98,22 +104,6 @@ impl std::ops::Deref for AppState {
     fn deref(&self) -> &Inner {
         &self.0
     }
-}
-
-async fn require_admin(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if !auth::bearer_matches(header, &st.admin_token) {
-        let mut resp = error::ApiError::unauthorized(
-            "missing or wrong admin token: send Authorization: Bearer <token from <data_dir>/admin.token>",
-        )
-        .into_response();
-        resp.extensions_mut().insert(refusal::Unauthenticated);
-        return resp;
-    }
-    next.run(req).await
 }
 
 /// The router of the loopback-only metrics listener (`[metrics] listen`): `/metrics` without a
@@ -190,9 +180,26 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ota/campaigns/{id}/{action}", post(campaigns_api::act))
         .route("/metrics", get(metrics::metrics))
         .route("/api/ota/backup", get(firmware_api::backup))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+        .route("/api/auth/logout", post(accounts_api::logout))
+        .route("/api/auth/session", get(accounts_api::session))
+        .route(
+            "/api/users",
+            get(accounts_api::list_users).post(accounts_api::add_user),
+        )
+        .route(
+            "/api/users/{name}",
+            axum::routing::patch(accounts_api::change_user).delete(accounts_api::delete_user),
+        )
+        .route("/api/audit", get(accounts_api::audit))
+        .route("/api/events", get(accounts_api::events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), access::guard));
     Router::new()
         .route("/healthz", get(firmware_api::healthz))
+        .route(
+            "/api/auth/login",
+            post(accounts_api::login).layer(DefaultBodyLimit::max(16 << 10)),
+        )
+        .merge(console::router(state.clone()))
         .route("/firmware/{file}", get(downloads_api::firmware))
         .route("/firmware/deltas/{file}", get(downloads_api::delta))
         .merge(api)
@@ -208,6 +215,15 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The send timeout of a listener's connections and the counter of those it closed.
+#[derive(Clone)]
+pub struct SendLimit {
+    /// How long a client may take nothing.
+    pub after: Duration,
+    /// Connections closed for it.
+    pub cut: Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// Serves `router` on `listener` until `shutdown` fires, then drains open connections for up
 /// to `drain`. With `tls`, every connection does its handshake in its own task with a timeout.
 pub async fn serve(
@@ -216,6 +232,7 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
     drain: Duration,
+    send_timeout: SendLimit,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -252,7 +269,17 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let stream = stall::SendTimeout::new(stream, send_timeout.after, send_timeout.cut.clone());
+        let secure = tls.is_some();
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                req.extensions_mut().insert(accounts_api::Tls(secure));
+                req
+            },
+        ));
         let builder = builder.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();

@@ -121,6 +121,8 @@ pub struct PlanDto {
 pub struct PlannedWaveDto {
     pub percent: f64,
     pub devices: Vec<PlannedDeviceDto>,
+    /// Devices of the wave not connected now (they start once they are).
+    pub offline: usize,
     pub deltas: usize,
     pub estimated_bytes: u64,
 }
@@ -133,6 +135,7 @@ pub struct PlannedDeviceDto {
     pub firmware_version: Option<String>,
     pub delta: bool,
     pub bytes: u64,
+    pub online: bool,
 }
 
 /// A device a plan leaves out, and why.
@@ -143,8 +146,9 @@ pub struct ConflictDto {
     pub reason: String,
 }
 
-impl From<&crate::server::campaigns::Plan> for PlanDto {
-    fn from(p: &crate::server::campaigns::Plan) -> PlanDto {
+impl PlanDto {
+    /// A plan, with whether each device is online now.
+    pub fn new(p: &crate::server::campaigns::Plan, online: impl Fn(&str) -> bool) -> PlanDto {
         PlanDto {
             total: p.total,
             waves: p
@@ -160,8 +164,10 @@ impl From<&crate::server::campaigns::Plan> for PlanDto {
                             firmware_version: d.firmware_version.clone(),
                             delta: d.delta,
                             bytes: d.bytes,
+                            online: online(&d.id),
                         })
                         .collect(),
+                    offline: w.devices.iter().filter(|d| !online(&d.id)).count(),
                     deltas: w.deltas,
                     estimated_bytes: w.estimated_bytes,
                 })
@@ -542,4 +548,150 @@ pub fn task_dto(t: &TaskRecord) -> TaskDto {
             })
             .collect(),
     }
+}
+
+/// A console user (never their hash).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserDto {
+    pub name: String,
+    pub role: &'static str,
+    pub created_at: String,
+    pub password_changed_at: String,
+}
+
+impl From<&crate::server::store::UserRecord> for UserDto {
+    fn from(u: &crate::server::store::UserRecord) -> UserDto {
+        UserDto {
+            name: u.name.clone(),
+            role: u.role.as_str(),
+            created_at: rfc3339_ms(u.created_at_ms),
+            password_changed_at: rfc3339_ms(u.password_changed_at_ms),
+        }
+    }
+}
+
+/// Who a request is, for the console (`GET /api/auth/session`, the sign-in answer).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionDto {
+    pub user: String,
+    pub role: &'static str,
+    /// The value for `X-CSRF-Token` (null for the admin token, which needs none).
+    pub csrf_token: Option<String>,
+    /// Null for the admin token.
+    pub expires_at: Option<String>,
+}
+
+impl SessionDto {
+    /// The shape of a session (`expires_ms` 0: none).
+    pub fn new(
+        user: &str,
+        role: crate::server::store::Role,
+        csrf: Option<&str>,
+        expires_ms: i64,
+    ) -> SessionDto {
+        SessionDto {
+            user: user.into(),
+            role: role.as_str(),
+            csrf_token: csrf.map(str::to_string),
+            expires_at: (expires_ms > 0).then(|| rfc3339_ms(expires_ms)),
+        }
+    }
+}
+
+/// One audit log entry.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditDto {
+    pub seq: u64,
+    pub at: String,
+    pub actor: String,
+    pub via: String,
+    pub action: String,
+    pub target: String,
+    pub result: String,
+    pub status: u16,
+}
+
+impl From<&crate::server::store::AuditRecord> for AuditDto {
+    fn from(r: &crate::server::store::AuditRecord) -> AuditDto {
+        AuditDto {
+            seq: r.seq,
+            at: rfc3339_ms(r.at_ms),
+            actor: r.actor.clone(),
+            via: r.via.clone(),
+            action: r.action.clone(),
+            target: r.target.clone(),
+            result: r.result.clone(),
+            status: r.status,
+        }
+    }
+}
+
+/// Tasks listed in one `changes` event at most; beyond that only their count.
+pub const EVENT_TASKS_MAX: usize = 200;
+
+/// One live task change in an event.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TaskChangeDto<'a> {
+    device_id: &'a str,
+    campaign_id: Option<&'a str>,
+    status: &'static str,
+    progress: u8,
+}
+
+/// The SSE event name and JSON data of a batch: `changes` `{"tasks":[...latest per device],
+/// "tasksTotal", "devices":[ids], "campaigns":[ids], "firmware", "deltas"}`, or `resync` `{}`.
+pub fn batch_event(b: &crate::server::events::Batch) -> (&'static str, String) {
+    use crate::server::events::{Batch, Change};
+    use std::collections::BTreeSet;
+    let Batch::Changes { changes, .. } = b else {
+        return ("resync", "{}".into());
+    };
+    // the latest change per device, in device order
+    let mut tasks: BTreeMap<&str, TaskChangeDto> = BTreeMap::new();
+    let mut devices = BTreeSet::new();
+    let mut campaigns = BTreeSet::new();
+    let (mut firmware, mut deltas) = (false, false);
+    for c in changes {
+        match c {
+            Change::Task {
+                device_id,
+                campaign_id,
+                status,
+                progress,
+            } => {
+                if let Some(c) = campaign_id {
+                    campaigns.insert(c.as_str());
+                }
+                tasks.insert(
+                    device_id,
+                    TaskChangeDto {
+                        device_id,
+                        campaign_id: campaign_id.as_deref(),
+                        status,
+                        progress: *progress,
+                    },
+                );
+            }
+            Change::Device { id } => {
+                devices.insert(id.as_str());
+            }
+            Change::Campaign { id } => {
+                campaigns.insert(id.as_str());
+            }
+            Change::Firmware => firmware = true,
+            Change::Delta => deltas = true,
+        }
+    }
+    let total = tasks.len();
+    let tasks: Vec<_> = tasks.into_values().take(EVENT_TASKS_MAX).collect();
+    let devices: Vec<_> = devices.into_iter().take(EVENT_TASKS_MAX).collect();
+    let data = serde_json::json!({
+        "tasks": tasks, "tasksTotal": total, "devices": devices,
+        "campaigns": campaigns, "firmware": firmware, "deltas": deltas,
+    });
+    ("changes", data.to_string())
 }

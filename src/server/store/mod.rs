@@ -9,11 +9,16 @@ mod records;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
+use crate::server::events::Change;
+
+mod accounts;
+
 pub use records::{
-    CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DELTA_SCHEMA,
-    DEVICE_SCHEMA, DeltaRecord, DeltaStatus, DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord,
-    FirmwareStatus, MemberStatus, QueuedMembers, TASK_SCHEMA, TaskDelta, TaskEvent, TaskHead,
-    TaskRecord, TaskStatus,
+    AUDIT_SCHEMA, AuditRecord, CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus,
+    CampaignTargets, DELTA_SCHEMA, DEVICE_SCHEMA, DeltaRecord, DeltaStatus, DeviceRecord,
+    FIRMWARE_SCHEMA, FirmwareRecord, FirmwareStatus, MemberStatus, QueuedMembers, Role,
+    SESSION_SCHEMA, SessionRecord, TASK_SCHEMA, TaskDelta, TaskEvent, TaskHead, TaskRecord,
+    TaskStatus, USER_SCHEMA, UserRecord,
 };
 
 /// A store failure.
@@ -120,6 +125,7 @@ pub struct Store {
     group: std::sync::Arc<GroupCommit>,
     health: std::sync::Arc<HealthState>,
     dir: std::sync::Arc<std::path::PathBuf>,
+    events: std::sync::Arc<crate::server::events::Feed>,
 }
 
 /// The open sled database and its trees.
@@ -133,6 +139,9 @@ struct Engine {
     campaigns: sled::Tree,
     members: sled::Tree,
     queued: sled::Tree,
+    users: sled::Tree,
+    sessions: sled::Tree,
+    audit: sled::Tree,
 }
 
 /// Why the store cannot write, since when.
@@ -228,7 +237,14 @@ impl Store {
             }),
             health: std::sync::Arc::default(),
             dir: std::sync::Arc::new(dir.to_path_buf()),
+            events: std::sync::Arc::default(),
         })
+    }
+
+    /// The feed of changes written through this store (and of presence, which the registry
+    /// publishes there): what the console's live views follow.
+    pub fn events(&self) -> std::sync::Arc<crate::server::events::Feed> {
+        self.events.clone()
     }
 
     fn engine(&self) -> Result<std::sync::Arc<Engine>> {
@@ -421,7 +437,12 @@ impl Store {
 
     /// Inserts new tasks in one batch (atomic: after a crash all of them or none are there).
     pub fn put_new_tasks<'a>(&self, recs: impl IntoIterator<Item = &'a TaskRecord>) -> Result<()> {
-        self.with(|e| e.put_new_tasks(recs))
+        let recs: Vec<&TaskRecord> = recs.into_iter().collect();
+        self.with(|e| e.put_new_tasks(recs.iter().copied()))?;
+        for t in recs {
+            self.events.publish(task_change(t));
+        }
+        Ok(())
     }
 
     /// Tasks newest first that pass `keep`, skipping `offset` and returning at most `limit`;
@@ -455,44 +476,25 @@ delegate! {
     fn flush_blocking(&self) -> ();
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> u64;
-    /// Inserts a new firmware record; `Conflict` if (deviceType, version) exists.
-    fn insert_firmware(&self, rec: &FirmwareRecord) -> ();
     /// One firmware record.
     fn get_firmware(&self, device_type: &str, version: &str) -> Option<FirmwareRecord>;
     /// Every firmware record, in key order.
     fn list_firmware(&self) -> Vec<FirmwareRecord>;
-    /// Replaces `old` by `new` atomically; `Conflict` if the stored record is no longer `old`.
-    /// Compares decoded records, so a record stored in the older JSON encoding updates too.
-    fn update_firmware(&self, old: &FirmwareRecord, new: &FirmwareRecord) -> ();
-    /// Removes a firmware record, returning it.
-    fn delete_firmware(&self, device_type: &str, version: &str) -> Option<FirmwareRecord>;
     /// The sha256 of every blob some record refers to (for orphan collection): firmware images
     /// and built deltas.
     fn referenced_blobs(&self) -> HashSet<String>;
-    /// Inserts or replaces a delta record.
-    fn put_delta(&self, rec: &DeltaRecord) -> ();
     /// One delta record.
     fn get_delta(&self, device_type: &str, from: &str, to: &str) -> Option<DeltaRecord>;
     /// Delta records: all, or those to one target `(deviceType, version)`.
     fn list_deltas(&self, target: Option<(&str, &str)>) -> Vec<DeltaRecord>;
     /// Removes one delta record.
     fn delete_delta(&self, device_type: &str, from: &str, to: &str) -> ();
-    /// Registers a new device; `Conflict` if the id exists.
-    fn insert_device(&self, rec: &DeviceRecord) -> ();
-    /// Writes a device record (insert or replace).
-    fn put_device(&self, rec: &DeviceRecord) -> ();
     /// One device.
     fn get_device(&self, id: &str) -> Option<DeviceRecord>;
     /// Every device, by id.
     fn list_devices(&self) -> Vec<DeviceRecord>;
-    /// Removes a device, returning it.
-    fn delete_device(&self, id: &str) -> Option<DeviceRecord>;
     /// A new task id, larger than every earlier one (also across restarts).
     fn next_task_id(&self) -> u64;
-    /// Writes a task (one insert) and notes it in the in-memory indexes.
-    fn put_task(&self, rec: &TaskRecord) -> ();
-    /// Replaces `old` by `new` (the same task).
-    fn update_task(&self, old: &TaskRecord, new: &TaskRecord) -> ();
     /// One task.
     fn get_task(&self, id: u64) -> Option<TaskRecord>;
     /// The device's active task, if any.
@@ -505,8 +507,6 @@ delegate! {
     fn latest_task(&self, device: &str) -> Option<TaskRecord>;
     /// A new campaign id (`c1`, `c2`, ...).
     fn next_campaign_id(&self) -> String;
-    /// Inserts or replaces a campaign.
-    fn put_campaign(&self, c: &CampaignRecord) -> ();
     /// One campaign.
     fn get_campaign(&self, id: &str) -> Option<CampaignRecord>;
     /// Every campaign.
@@ -522,6 +522,93 @@ delegate! {
     /// The members of a campaign, in device-id order: its queued devices as queued members,
     /// each replaced by its member record once it has one.
     fn list_members(&self, campaign: &str) -> Vec<CampaignMember>;
+}
+
+/// The writes the console follows: each publishes its change once it is written.
+impl Store {
+    /// Inserts a new firmware record; `Conflict` if (deviceType, version) exists.
+    pub fn insert_firmware(&self, rec: &FirmwareRecord) -> Result<()> {
+        self.with(|e| e.insert_firmware(rec))?;
+        self.events.publish(Change::Firmware);
+        Ok(())
+    }
+
+    /// Replaces `old` by `new` atomically; `Conflict` if the stored record is no longer `old`.
+    /// Compares decoded records, so a record stored in the older JSON encoding updates too.
+    pub fn update_firmware(&self, old: &FirmwareRecord, new: &FirmwareRecord) -> Result<()> {
+        self.with(|e| e.update_firmware(old, new))?;
+        self.events.publish(Change::Firmware);
+        Ok(())
+    }
+
+    /// Removes a firmware record, returning it.
+    pub fn delete_firmware(
+        &self,
+        device_type: &str,
+        version: &str,
+    ) -> Result<Option<FirmwareRecord>> {
+        let r = self.with(|e| e.delete_firmware(device_type, version))?;
+        self.events.publish(Change::Firmware);
+        Ok(r)
+    }
+
+    /// Inserts or replaces a delta record.
+    pub fn put_delta(&self, rec: &DeltaRecord) -> Result<()> {
+        self.with(|e| e.put_delta(rec))?;
+        self.events.publish(Change::Delta);
+        Ok(())
+    }
+
+    /// Registers a new device; `Conflict` if the id exists.
+    pub fn insert_device(&self, rec: &DeviceRecord) -> Result<()> {
+        self.with(|e| e.insert_device(rec))?;
+        self.events.publish(Change::Device { id: rec.id.clone() });
+        Ok(())
+    }
+
+    /// Writes a device record (insert or replace).
+    pub fn put_device(&self, rec: &DeviceRecord) -> Result<()> {
+        self.with(|e| e.put_device(rec))?;
+        self.events.publish(Change::Device { id: rec.id.clone() });
+        Ok(())
+    }
+
+    /// Removes a device, returning it.
+    pub fn delete_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        let r = self.with(|e| e.delete_device(id))?;
+        self.events.publish(Change::Device { id: id.to_string() });
+        Ok(r)
+    }
+
+    /// Writes a task (one insert) and notes it in the in-memory indexes.
+    pub fn put_task(&self, rec: &TaskRecord) -> Result<()> {
+        self.with(|e| e.put_task(rec))?;
+        self.events.publish(task_change(rec));
+        Ok(())
+    }
+
+    /// Replaces `old` by `new` (the same task).
+    pub fn update_task(&self, old: &TaskRecord, new: &TaskRecord) -> Result<()> {
+        self.with(|e| e.update_task(old, new))?;
+        self.events.publish(task_change(new));
+        Ok(())
+    }
+
+    /// Inserts or replaces a campaign.
+    pub fn put_campaign(&self, c: &CampaignRecord) -> Result<()> {
+        self.with(|e| e.put_campaign(c))?;
+        self.events.publish(Change::Campaign { id: c.id.clone() });
+        Ok(())
+    }
+}
+
+fn task_change(t: &TaskRecord) -> crate::server::events::Change {
+    crate::server::events::Change::Task {
+        device_id: t.device_id.clone(),
+        campaign_id: t.campaign_id.clone(),
+        status: t.status.as_str(),
+        progress: t.progress,
+    }
 }
 
 impl Engine {
@@ -544,6 +631,9 @@ impl Engine {
         let campaigns = db.open_tree("campaigns")?;
         let members = db.open_tree("campaign_members")?;
         let queued = db.open_tree("campaign_queued")?;
+        let users = db.open_tree("users")?;
+        let sessions = db.open_tree("sessions")?;
+        let audit = db.open_tree("audit")?;
         Ok(Engine {
             db,
             firmware,
@@ -554,6 +644,9 @@ impl Engine {
             campaigns,
             members,
             queued,
+            users,
+            sessions,
+            audit,
         })
     }
 

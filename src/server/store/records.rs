@@ -511,3 +511,99 @@ pub struct TaskRecord {
     /// History, oldest first.
     pub events: Vec<TaskEvent>,
 }
+
+/// Current schema version of [`UserRecord`].
+pub const USER_SCHEMA: u32 = 1;
+
+/// What a console user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything but secrets.
+    Viewer,
+    /// Also uploads, releases, upgrades, runs and brakes campaigns.
+    Operator,
+    /// Also manages users, devices, trust keys and backups.
+    Admin,
+}
+
+impl Role {
+    /// Every role, least privileged first.
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses the API spelling.
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// One console user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// Sign-in name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// argon2id hash in PHC string form.
+    pub password_hash: String,
+    /// Milliseconds since the epoch of creation.
+    pub created_at_ms: i64,
+    /// Milliseconds since the epoch of the last password change.
+    pub password_changed_at_ms: i64,
+}
+
+/// Current schema version of [`SessionRecord`].
+pub const SESSION_SCHEMA: u32 = 1;
+
+/// One signed-in browser. Stored under the sha256 of its cookie value, so a stolen backup or
+/// store holds no usable cookie.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// The user.
+    pub user: String,
+    /// The CSRF token state-changing requests of this session must carry.
+    pub csrf: String,
+    /// Milliseconds since the epoch of sign-in.
+    pub created_at_ms: i64,
+    /// Milliseconds since the epoch after which the session is refused.
+    pub expires_at_ms: i64,
+}
+
+/// Current schema version of [`AuditRecord`].
+pub const AUDIT_SCHEMA: u32 = 1;
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// Position in the log (1, 2, ...).
+    pub seq: u64,
+    /// Milliseconds since the epoch.
+    pub at_ms: i64,
+    /// A user name, `admin-token`, or `system`.
+    pub actor: String,
+    /// `token`, `session`, `cli` or `system`.
+    pub via: String,
+    /// What was done (e.g. `firmware.release`).
+    pub action: String,
+    /// What it was done to (e.g. `gateway/1.0.2`); empty if nothing in particular.
+    pub target: String,
+    /// `ok`, or the refusal (`refused 409`).
+    pub result: String,
+    /// The HTTP status of the answer (0: not an HTTP request).
+    pub status: u16,
+}

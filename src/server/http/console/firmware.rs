@@ -1,0 +1,101 @@
+//! The firmware page: upload (streamed, with a progress bar), release / deprecate, the deltas
+//! of each release with sizes, ratios and state, and asking for one.
+
+use std::collections::HashMap;
+
+use axum::Extension;
+use axum::extract::{Query, State};
+use axum::response::Response;
+use maud::html;
+
+use super::view::{badge, bytes, when};
+use super::{AppState, Nav, answer, live_only};
+use crate::server::accounts::Principal;
+use crate::server::store::{DeltaStatus, FirmwareStatus, Role};
+
+/// GET /firmware
+pub async fn page(
+    State(st): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, super::super::error::ApiError> {
+    let list = st.firmware.list(None, None)?;
+    let deltas = st.store.list_deltas(None)?;
+    let operator = who.role >= Role::Operator;
+    let before = html! {
+        @if operator {
+            form #upload-form.card enctype="multipart/form-data" {
+                h2 { "Upload a firmware" }
+                div.row {
+                    label { "Image " input type="file" name="file" required; }
+                    label { "Version " input name="version" required maxlength="64" pattern="[0-9A-Za-z.+\\-]{1,64}" placeholder="1.0.2"; }
+                    label { "Device type " input name="deviceType" value="gateway" maxlength="64" pattern="[A-Za-z0-9_\\-]{1,64}"; }
+                }
+                label { "Description " input name="description" maxlength="4096"; }
+                label { input type="checkbox" name="forceUpgrade" value="true"; " force upgrade" }
+                div.row {
+                    button type="submit" { "Upload" }
+                    progress #upload-progress value="0" max="100" hidden {}
+                    span #upload-state.barlabel {}
+                }
+            }
+        }
+    };
+    let live = html! {
+        table.firmware {
+            thead { tr {
+                th { "Type" } th { "Version" } th { "State" } th { "Size" } th { "Description" }
+                th { "Uploaded" } th { "Deltas to it" } @if operator { th { "Actions" } }
+            } }
+            tbody {
+                @for f in &list {
+                    @let to_it: Vec<_> = deltas.iter().filter(|d| d.device_type == f.device_type && d.to_version == f.version).collect();
+                    tr data-version=(f.version) data-type=(f.device_type) {
+                        td { (f.device_type) }
+                        td { b { (f.version) } }
+                        td { (badge(f.status.as_str())) }
+                        td { (bytes(f.size)) }
+                        td.description { (f.description) }
+                        td { (when(f.created_at_ms)) }
+                        td {
+                            @if to_it.is_empty() { span.muted { "none" } }
+                            @for d in &to_it {
+                                div.delta {
+                                    "from " (d.from_version) " " (badge(d.status.as_str()))
+                                    @if let (Some(sz), DeltaStatus::Ready) = (d.size, d.status) {
+                                        " " (bytes(sz)) " (" (format!("{:.0}", 100.0 * sz as f64 / d.full_size.max(1) as f64)) " % of " (bytes(d.full_size)) ")"
+                                    }
+                                    @if let Some(e) = &d.error { " " span.muted { (e) } }
+                                }
+                            }
+                        }
+                        @if operator {
+                            td.actions {
+                                @if f.status != FirmwareStatus::Released {
+                                    button.act type="button" data-post=(format!("/api/ota/firmware/{}/release?deviceType={}", f.version, f.device_type)) { "Release" }
+                                }
+                                @if f.status != FirmwareStatus::Deprecated {
+                                    " " button.act type="button" data-post=(format!("/api/ota/firmware/{}/status?deviceType={}", f.version, f.device_type)) data-body="{\"status\":\"deprecated\"}" { "Deprecate" }
+                                }
+                                form.delta-form.inline data-url=(format!("/api/ota/firmware/{}/deltas?deviceType={}", f.version, f.device_type)) {
+                                    input name="fromVersion" placeholder="delta from" maxlength="64" required size="8";
+                                    button type="submit" { "Request" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if list.is_empty() { p.muted { "No firmware yet." } }
+    };
+    Ok(answer(
+        &who,
+        live_only(&q),
+        Nav::Firmware,
+        "Firmware",
+        "firmware",
+        before,
+        live,
+    ))
+}

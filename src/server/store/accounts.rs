@@ -1,0 +1,179 @@
+//! Users, sessions and the audit log in the store.
+
+use super::{AuditRecord, Engine, Result, SessionRecord, Store, StoreError, UserRecord};
+use super::{decode, encode};
+
+impl Store {
+    /// Inserts a new user; `Conflict` if the name exists.
+    pub fn insert_user(&self, rec: &UserRecord) -> Result<()> {
+        self.with(|e| {
+            match e
+                .users
+                .compare_and_swap(rec.name.as_bytes(), None::<&[u8]>, Some(encode(rec)))?
+            {
+                Ok(()) => Ok(()),
+                Err(_) => Err(StoreError::Conflict(rec.name.clone())),
+            }
+        })
+    }
+
+    /// Replaces a user record.
+    pub fn put_user(&self, rec: &UserRecord) -> Result<()> {
+        self.with(|e| {
+            e.users.insert(rec.name.as_bytes(), encode(rec))?;
+            Ok(())
+        })
+    }
+
+    /// One user.
+    pub fn get_user(&self, name: &str) -> Result<Option<UserRecord>> {
+        self.with(|e| {
+            e.users
+                .get(name.as_bytes())?
+                .map(|v| decode(name.as_bytes(), &v))
+                .transpose()
+        })
+    }
+
+    /// Every user, by name.
+    pub fn list_users(&self) -> Result<Vec<UserRecord>> {
+        self.with(|e| {
+            e.users
+                .iter()
+                .map(|kv| {
+                    let (k, v) = kv?;
+                    decode(&k, &v)
+                })
+                .collect()
+        })
+    }
+
+    /// Removes a user and every session of theirs, returning the user.
+    pub fn delete_user(&self, name: &str) -> Result<Option<UserRecord>> {
+        let gone = self.with(|e| {
+            e.users
+                .remove(name.as_bytes())?
+                .map(|v| decode(name.as_bytes(), &v))
+                .transpose()
+        })?;
+        self.delete_sessions_of(name)?;
+        Ok(gone)
+    }
+
+    /// Writes a session under the hash of its cookie.
+    pub fn put_session(&self, key: &str, rec: &SessionRecord) -> Result<()> {
+        self.with(|e| {
+            e.sessions.insert(key.as_bytes(), encode(rec))?;
+            Ok(())
+        })
+    }
+
+    /// The session stored under `key`.
+    pub fn get_session(&self, key: &str) -> Result<Option<SessionRecord>> {
+        self.with(|e| {
+            e.sessions
+                .get(key.as_bytes())?
+                .map(|v| decode(key.as_bytes(), &v))
+                .transpose()
+        })
+    }
+
+    /// Removes one session.
+    pub fn delete_session(&self, key: &str) -> Result<()> {
+        self.with(|e| {
+            e.sessions.remove(key.as_bytes())?;
+            Ok(())
+        })
+    }
+
+    /// Removes every session of `user`; returns how many.
+    pub fn delete_sessions_of(&self, user: &str) -> Result<usize> {
+        self.with(|e| {
+            let mut n = 0;
+            for kv in e.sessions.iter() {
+                let (k, v) = kv?;
+                let s: SessionRecord = decode(&k, &v)?;
+                if s.user == user {
+                    e.sessions.remove(k)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+    }
+
+    /// Removes sessions that expired before `now_ms`; returns how many.
+    pub fn purge_sessions(&self, now_ms: i64) -> Result<usize> {
+        self.with(|e| {
+            let mut n = 0;
+            for kv in e.sessions.iter() {
+                let (k, v) = kv?;
+                let s: SessionRecord = decode(&k, &v)?;
+                if s.expires_at_ms < now_ms {
+                    e.sessions.remove(k)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+    }
+
+    /// Appends an entry to the audit log with the next sequence number (its `seq` is ignored)
+    /// and returns that number.
+    pub fn append_audit(&self, rec: &AuditRecord) -> Result<u64> {
+        self.with(|e| e.append_audit(rec))
+    }
+
+    /// Audit entries newest first that pass `keep`, skipping `offset`, at most `limit`; and how
+    /// many pass `keep` in all.
+    pub fn list_audit(
+        &self,
+        keep: impl Fn(&AuditRecord) -> bool,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<AuditRecord>, usize)> {
+        self.with(|e| {
+            let mut out = Vec::new();
+            let mut total = 0;
+            for kv in e.audit.iter().rev() {
+                let (k, v) = kv?;
+                let r: AuditRecord = decode(&k, &v)?;
+                if !keep(&r) {
+                    continue;
+                }
+                if total >= offset && out.len() < limit {
+                    out.push(r);
+                }
+                total += 1;
+            }
+            Ok((out, total))
+        })
+    }
+}
+
+impl Engine {
+    fn append_audit(&self, rec: &AuditRecord) -> Result<u64> {
+        loop {
+            let last = match self.audit.last()? {
+                Some((k, _)) => {
+                    u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                        key: hex::encode(&k),
+                        reason: "an audit key is not 8 bytes".into(),
+                    })?)
+                }
+                None => 0,
+            };
+            let seq = last + 1;
+            let mut r = rec.clone();
+            r.seq = seq;
+            // two writers racing for one number: the loser takes the next
+            if self
+                .audit
+                .compare_and_swap(seq.to_be_bytes(), None::<&[u8]>, Some(encode(&r)))?
+                .is_ok()
+            {
+                return Ok(seq);
+            }
+        }
+    }
+}
