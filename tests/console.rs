@@ -260,6 +260,29 @@ async fn a_site_engineer_runs_a_rollout_from_the_browser() {
         assert_eq!(t["status"], "cancelled", "{t}");
     }
 
+    // one device from its page, the tutorial's flow: current and target version, a live bar
+    b.go(&s.url("/devices/FAST0001")).await;
+    assert_eq!(b.text_of("#device-version").await, "1.0.1");
+    b.click_on("#upgrade-form select[name=version] option[value=\"1.0.2\"]")
+        .await;
+    b.js("window.__same_page = 'device'", json!([])).await;
+    b.click_on("#upgrade-form button[type=submit]").await;
+    b.until(
+        60,
+        "the device's bar ran to completed",
+        "return document.querySelector('#device-version').textContent === '1.0.2' && document.querySelector('#live h2 .badge').textContent === 'completed'",
+    )
+    .await;
+    assert_eq!(
+        b.js("return window.__same_page", json!([])).await,
+        json!("device"),
+        "the device page was reloaded"
+    );
+    assert!(
+        b.count("ol.timeline li").await >= 3,
+        "the task's timeline is shown"
+    );
+
     // a cross-site form post with olga's session changes nothing
     let target = s.url("/api/ota/firmware/1.0.2/status?deviceType=gateway");
     let (evil, _h) = attacker_page(target).await;
@@ -296,6 +319,17 @@ async fn a_site_engineer_runs_a_rollout_from_the_browser() {
         )
         .await;
     assert_eq!(status, json!([403, "FORBIDDEN"]));
+    // what the engine did by itself is the system's, in the same log
+    let (_, log) = s.get_json("/api/audit?actor=system").await;
+    let done: Vec<&Value> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "campaign.completed")
+        .collect();
+    assert_eq!(done.len(), 1, "{log}");
+    assert_eq!(done[0]["via"], "system");
+    assert_eq!(done[0]["result"], "6 succeeded, 0 failed");
     let (_, log) = s.get_json("/api/audit?actor=vera").await;
     assert_eq!(log["data"][0]["result"], "refused 403", "{log}");
     let _ = Duration::ZERO;

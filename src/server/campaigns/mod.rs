@@ -498,6 +498,33 @@ impl Campaigns {
             );
         }
         let plan = round::decide(&c, members, &EngineFacts(self), now)?;
+        // what the engine decides by itself goes to the audit log as the system's doing
+        // (flushed with the round's writes)
+        let reason = plan
+            .campaign
+            .as_ref()
+            .and_then(|c| c.status_reason.clone())
+            .unwrap_or_default();
+        for e in &plan.events {
+            let action = match e {
+                round::Event::Running => "campaign.started",
+                round::Event::Paused => "campaign.paused",
+                round::Event::Completed { .. } => "campaign.completed",
+                round::Event::Joined(_) => continue,
+            };
+            self.store
+                .append_audit(&crate::server::store::AuditRecord {
+                    schema: crate::server::store::AUDIT_SCHEMA,
+                    seq: 0,
+                    at_ms: now,
+                    actor: "system".into(),
+                    via: "system".into(),
+                    action: action.into(),
+                    target: c.id.clone(),
+                    result: reason.clone(),
+                    status: 0,
+                })?;
+        }
         for e in &plan.events {
             match e {
                 round::Event::Running => tracing::info!(campaign = c.id, "campaign running"),

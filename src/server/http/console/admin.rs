@@ -132,7 +132,11 @@ pub async fn audit(
                     tr {
                         td { (e.seq) } td { (when(e.at_ms)) } td { (e.actor) } td { (e.via) }
                         td { (e.action) } td { (e.target) }
-                        td { @if e.result == "ok" { (badge("ok")) } @else { (badge("failed")) " " (e.result) } }
+                        td {
+                            @if e.result == "ok" { (badge("ok")) }
+                            @else if e.status == 0 { (e.result) }
+                            @else { (badge("failed")) " " (e.result) }
+                        }
                     }
                 }
             }
@@ -185,7 +189,14 @@ pub async fn users(
                     tr {
                         td { (u.name) } td { (u.role.as_str()) } td { (when(u.created_at_ms)) } td { (when(u.password_changed_at_ms)) }
                         td {
-                            button.act.danger type="button" data-method="DELETE" data-post=(format!("/api/users/{}", u.name))
+                            form.user-change.inline data-user=(u.name) {
+                                select name="role" {
+                                    @for r in Role::ALL { option value=(r.as_str()) selected[r == u.role] { (r.as_str()) } }
+                                }
+                                input name="password" type="password" placeholder="new password" minlength="8" maxlength="1024" autocomplete="new-password";
+                                button type="submit" { "Change" }
+                            }
+                            " " button.act.danger type="button" data-method="DELETE" data-post=(format!("/api/users/{}", u.name))
                                 data-confirm=(format!("Delete user {} and end their sessions?", u.name)) { "Delete" }
                         }
                     }

@@ -13,7 +13,7 @@ use super::view::{self, ago, badge, bytes, seg, when, with_param};
 use super::{AppState, Nav, answer, live_only, refused};
 use crate::ids;
 use crate::server::accounts::Principal;
-use crate::server::store::{DeviceRecord, FirmwareStatus, Role, TaskRecord};
+use crate::server::store::{DeviceRecord, FirmwareStatus, Role, TaskRecord, TaskStatus};
 
 /// Devices per page of the table.
 pub const PAGE: usize = 50;
@@ -28,10 +28,21 @@ pub struct Row {
     pub online: bool,
     /// Last message or connection, ms.
     pub last_seen_ms: Option<i64>,
-    /// Its newest task.
-    pub task: Option<TaskRecord>,
+    /// Its newest task, in brief.
+    pub task: Option<TaskBrief>,
     /// In flight with no report for longer than the stale limit.
     pub stale: bool,
+}
+
+/// What the fleet table shows of a device's newest task (not the whole record: a fleet's
+/// worth of task histories would be megabytes per page view).
+pub struct TaskBrief {
+    /// Its status.
+    pub status: TaskStatus,
+    /// Its target.
+    pub to_version: String,
+    /// Percent.
+    pub progress: u8,
 }
 
 /// Every device with what the fleet page needs.
@@ -47,6 +58,11 @@ pub fn rows(st: &AppState, now_ms: i64) -> Result<Vec<Row>, super::super::error:
                 t.status.is_active()
                     && t.start_time_ms.is_some()
                     && now_ms - t.updated_at_ms > stale_ms
+            });
+            let task = task.map(|t| TaskBrief {
+                status: t.status,
+                to_version: t.to_version,
+                progress: t.progress,
             });
             Row {
                 version: live

@@ -204,6 +204,20 @@
     catch (e) { toast(e.message, true); }
   });
 
+  document.addEventListener("submit", async (ev) => {
+    const f = ev.target.closest("form.user-change");
+    if (!f) return;
+    ev.preventDefault();
+    const body = { role: f.role.value };
+    if (f.password.value) body.password = f.password.value;
+    try {
+      await api("PATCH", "/api/users/" + encodeURIComponent(f.dataset.user), body);
+      toast(f.dataset.user + ": changed" + (body.password ? " (signed out everywhere)" : ""));
+      f.password.value = "";
+      refresh();
+    } catch (e) { toast(e.message, true); }
+  });
+
   on("#user-form", async (f) => {
     try {
       await api("POST", "/api/users", { name: f.name.value, role: f.role.value, password: f.password.value });
