@@ -587,3 +587,36 @@ async fn an_event_client_that_never_reads_is_cut_off() {
     }
     drop(conn);
 }
+
+#[tokio::test]
+async fn open_event_streams_do_not_hold_a_shutdown() {
+    let mut s = server().await;
+    let mut r = s
+        .client
+        .get(s.url("/api/events"))
+        .header("authorization", s.auth())
+        .send()
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    next_event(&mut r, &mut buf, "hello").await;
+    // the listeners drain for up to 10 s; an event stream must end at once instead
+    let t0 = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), s.app.take().unwrap().shutdown())
+        .await
+        .expect("an open event stream held the shutdown");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match r.chunk().await {
+                Ok(Some(c)) if c.is_empty() => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(ended, Ok(Ok(None)) | Ok(Err(_))),
+        "the stream did not end: {ended:?}"
+    );
+}

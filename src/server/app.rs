@@ -392,6 +392,13 @@ impl App {
             after: Duration::from_secs(config.http.send_timeout_secs),
             cut: state.http_metrics.send_timeouts.clone(),
         };
+        // open event streams end at shutdown, so they never hold the listeners' drain
+        let feed = store.events();
+        let closing = shutdown.clone();
+        tracker.spawn(async move {
+            closing.cancelled().await;
+            feed.close();
+        });
         let metrics_port = serve_http(
             state,
             send,

@@ -74,6 +74,7 @@ pub struct Feed {
     ring: Mutex<VecDeque<(u64, Change)>>,
     latest: watch::Sender<u64>,
     capacity: usize,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Feed {
@@ -89,6 +90,7 @@ impl Feed {
             ring: Mutex::new(VecDeque::with_capacity(capacity.min(RING))),
             latest: watch::channel(0).0,
             capacity: capacity.max(1),
+            closed: Default::default(),
         }
     }
 
@@ -131,23 +133,39 @@ impl Feed {
         })
     }
 
+    /// Ends every subscription (the appliance is shutting down: open event streams must not
+    /// hold the drain).
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.latest.send_modify(|_| {});
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Waits for a change after `cursor`, then for [`BATCH_WINDOW`] more, and returns what
-    /// came in that time.
-    pub async fn next_batch(&self, cursor: u64) -> Batch {
+    /// came in that time; `None` once the feed is closed.
+    pub async fn next_batch(&self, cursor: u64) -> Option<Batch> {
         let mut rx = self.latest.subscribe();
         loop {
+            if self.is_closed() {
+                return None;
+            }
             if *rx.borrow_and_update() != cursor {
                 break;
             }
             if rx.changed().await.is_err() {
-                // the feed is gone (shutdown): nothing will ever come
-                std::future::pending::<()>().await;
+                return None;
             }
         }
         tokio::time::sleep(BATCH_WINDOW).await;
-        self.since(cursor).unwrap_or(Batch::Resync {
+        if self.is_closed() {
+            return None;
+        }
+        Some(self.since(cursor).unwrap_or(Batch::Resync {
             last: self.latest(),
-        })
+        }))
     }
 }
 
@@ -191,6 +209,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn closing_ends_every_waiting_subscriber() {
+        let f = std::sync::Arc::new(Feed::default());
+        let g = f.clone();
+        let waiter = tokio::spawn(async move { g.next_batch(0).await });
+        tokio::task::yield_now().await;
+        f.close();
+        assert_eq!(waiter.await.unwrap(), None);
+        assert_eq!(f.next_batch(0).await, None, "and every later one");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_burst_becomes_one_batch() {
         let f = std::sync::Arc::new(Feed::default());
         let g = f.clone();
@@ -199,7 +228,7 @@ mod tests {
         for i in 0..1000 {
             f.publish(dev(&i.to_string()));
         }
-        match waiter.await.unwrap() {
+        match waiter.await.unwrap().expect("open feed") {
             Batch::Changes { last, changes } => {
                 assert_eq!(last, 1000);
                 assert_eq!(changes.len(), 1000);

@@ -232,7 +232,8 @@ pub async fn audit(
 
 /// GET /api/events — `text/event-stream` of [`Batch`]es: `event: changes` with what changed
 /// (at most four a second), `event: resync` when this client fell behind what the appliance
-/// keeps; `Last-Event-ID` resumes. A comment line every 15 s keeps proxies from closing it.
+/// keeps; `Last-Event-ID` resumes. A comment line every 15 s keeps proxies from closing it; the
+/// stream ends when the appliance shuts down (the browser reconnects to the next one).
 pub async fn events(State(st): State<AppState>, req: Request) -> Response {
     let resume = req
         .headers()
@@ -255,7 +256,8 @@ pub async fn events(State(st): State<AppState>, req: Request) -> Response {
                 };
             }
             let batch = tokio::select! {
-                b = feed.next_batch(cursor) => b,
+                // `None`: the appliance is shutting down; the stream ends
+                b = feed.next_batch(cursor) => b?,
                 _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
                     return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), (cursor, false)));
                 }

@@ -173,6 +173,8 @@ pub async fn users(
     }
     let users = st.accounts.list()?;
     let before = html! {
+        p { a.button href="/api/ota/backup" download="hangar-backup.tar" { "Download a backup" }
+            " " span.muted { "(the store, images, certificates and token: keep it safe)" } }
         form #user-form.card.inline {
             h2 { "Add a user" }
             input name="name" placeholder="name" required maxlength="64" pattern="[A-Za-z0-9_.\\-]{1,64}";

@@ -400,6 +400,10 @@ pub async fn device(
                     }
                 }
             }
+            @if who.role >= Role::Admin {
+                p { button.act.danger type="button" data-method="DELETE" data-post=(format!("/api/ota/devices/{}", seg(&d.id)))
+                    data-confirm=(format!("Delete device {} from the registry?", d.id)) { "Delete the device" } }
+            }
         }
     };
     let live_region = html! {
