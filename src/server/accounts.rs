@@ -98,8 +98,9 @@ pub struct Accounts {
     session_ttl: Duration,
     failures: Mutex<HashMap<String, Failures>>,
     /// A hash to check when the user does not exist, so that answer takes as long as a wrong
-    /// password.
-    decoy: String,
+    /// password. Made at the first sign-in, not at start: argon2id takes 19 MiB while it runs,
+    /// which an appliance nobody signs in to should not pay.
+    decoy: std::sync::OnceLock<String>,
 }
 
 /// Whether `name` is a valid user name: `[A-Za-z0-9_.-]{1,64}`.
@@ -187,7 +188,7 @@ impl Accounts {
             store,
             session_ttl,
             failures: Mutex::new(HashMap::new()),
-            decoy: hash_password("not a password of anyone").unwrap_or_default(),
+            decoy: std::sync::OnceLock::new(),
         }
     }
 
@@ -318,11 +319,18 @@ impl Accounts {
         } else {
             None
         };
-        let hash = user
-            .as_ref()
-            .map_or_else(|| self.decoy.clone(), |u| u.password_hash.clone());
+        let hash = user.as_ref().map(|u| u.password_hash.clone());
+        let decoy = self.decoy.get().cloned();
         let given = password.to_string();
-        let matches = blocking(move || password_matches(&hash, &given)).await?;
+        let (matches, made) = blocking(move || {
+            let made = decoy.or_else(|| hash_password("not a password of anyone").ok());
+            let against = hash.as_deref().or(made.as_deref()).unwrap_or_default();
+            (password_matches(against, &given), made)
+        })
+        .await?;
+        if let Some(d) = made {
+            let _ = self.decoy.set(d);
+        }
         let Some(user) = user.filter(|_| matches) else {
             self.note_failure(&keys);
             return Err(ServiceError::Unauthorized(BAD_CREDENTIALS.into()));
