@@ -75,6 +75,28 @@ pub struct Feed {
     latest: watch::Sender<u64>,
     capacity: usize,
     closed: std::sync::atomic::AtomicBool,
+    /// Open event streams ([`Feed::follow`]).
+    followers: std::sync::atomic::AtomicUsize,
+    /// When the last stream closed (ms; 0: none has).
+    last_closed_ms: std::sync::atomic::AtomicI64,
+}
+
+/// How long after the last event stream closed changes are still kept, for a browser that
+/// comes back with `Last-Event-ID` (a reload, a network blip).
+pub const KEEP_AFTER_LAST_STREAM_MS: i64 = 300_000;
+
+/// An open event stream: while one exists, changes are kept in the ring.
+pub struct Follower(std::sync::Arc<Feed>);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0
+            .last_closed_ms
+            .store(crate::time::now_ms(), std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .followers
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Default for Feed {
@@ -91,20 +113,46 @@ impl Feed {
             latest: watch::channel(0).0,
             capacity: capacity.max(1),
             closed: Default::default(),
+            followers: Default::default(),
+            last_closed_ms: Default::default(),
         }
     }
 
     /// Publishes one change.
     pub fn publish(&self, change: Change) {
-        let seq = {
-            let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-            let seq = ring.back().map_or(*self.latest.borrow(), |(s, _)| *s) + 1;
-            if ring.len() == self.capacity {
-                ring.pop_front();
-            }
-            ring.push_back((seq, change));
-            seq
-        };
+        // the sequence moves under the ring's lock, so two writers never take one number
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = *self.latest.borrow() + 1;
+        if ring.len() == self.capacity {
+            ring.pop_front();
+        }
+        ring.push_back((seq, change));
+        self.latest.send_replace(seq);
+    }
+
+    /// Registers an open event stream; take it before reading [`Feed::latest`] as the stream's
+    /// cursor.
+    pub fn follow(self: &std::sync::Arc<Self>) -> Follower {
+        self.followers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Follower(self.clone())
+    }
+
+    /// Publishes the change `make` builds — or, when no event stream is open nor has been for
+    /// [`KEEP_AFTER_LAST_STREAM_MS`], only moves the sequence on and forgets what the ring held,
+    /// so a stream that resumes from before gets a resync. Saves the hot paths (every task
+    /// write) building changes nobody will read.
+    pub fn publish_with(&self, make: impl FnOnce() -> Change) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let closed = self.last_closed_ms.load(SeqCst);
+        if self.followers.load(SeqCst) > 0
+            || (closed > 0 && crate::time::now_ms() - closed < KEEP_AFTER_LAST_STREAM_MS)
+        {
+            return self.publish(make());
+        }
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.clear();
+        let seq = *self.latest.borrow() + 1;
         self.latest.send_replace(seq);
     }
 
@@ -206,6 +254,40 @@ mod tests {
         assert_eq!(f.since(1), Some(Batch::Resync { last: 5 }));
         // a cursor from before a restart (higher than anything here) resyncs too
         assert_eq!(f.since(99), Some(Batch::Resync { last: 5 }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_are_kept_while_a_stream_is_open_and_for_a_while_after() {
+        let f = std::sync::Arc::new(Feed::with_capacity(16));
+        f.publish_with(|| panic!("nobody ever followed: the change is not even built"));
+        assert_eq!(f.latest(), 1, "the sequence still moves");
+        let follower = f.follow();
+        f.publish_with(|| dev("a"));
+        drop(follower);
+        // a browser that reloads within five minutes resumes where it was
+        tokio::time::advance(std::time::Duration::from_secs(299)).await;
+        f.publish_with(|| dev("b"));
+        assert_eq!(
+            f.since(2),
+            Some(Batch::Changes {
+                last: 3,
+                changes: vec![dev("b")]
+            })
+        );
+        // later nothing is kept, and a stream that comes back from before must reload
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        f.publish_with(|| panic!("not built"));
+        assert_eq!(f.since(3), None, "nothing kept");
+        let _again = f.follow();
+        f.publish_with(|| dev("c"));
+        assert_eq!(f.since(3), Some(Batch::Resync { last: 5 }));
+        assert_eq!(
+            f.since(4),
+            Some(Batch::Changes {
+                last: 5,
+                changes: vec![dev("c")]
+            })
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -443,7 +443,7 @@ impl Devices {
         let ready = self.apply_presence(p);
         self.store
             .events()
-            .publish(crate::server::events::Change::Device { id });
+            .publish_with(|| crate::server::events::Change::Device { id });
         ready
     }
 

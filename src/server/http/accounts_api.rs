@@ -241,9 +241,13 @@ pub async fn events(State(st): State<AppState>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let feed = st.store.events();
+    // follow before reading the cursor: no change after it goes unkept; the stream holds the
+    // follower for as long as it is open
+    let follower = feed.follow();
     let cursor = resume.unwrap_or_else(|| feed.latest());
     let stream = futures_util::stream::unfold((cursor, true), move |(cursor, first)| {
         let feed = feed.clone();
+        let _open = &follower;
         async move {
             let hello = format!("retry: 2000\nid: {cursor}\nevent: hello\ndata: {{}}\n\n");
             if first {

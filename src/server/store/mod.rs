@@ -440,7 +440,7 @@ impl Store {
         let recs: Vec<&TaskRecord> = recs.into_iter().collect();
         self.with(|e| e.put_new_tasks(recs.iter().copied()))?;
         for t in recs {
-            self.events.publish(task_change(t));
+            self.events.publish_with(|| task_change(t));
         }
         Ok(())
     }
@@ -529,7 +529,7 @@ impl Store {
     /// Inserts a new firmware record; `Conflict` if (deviceType, version) exists.
     pub fn insert_firmware(&self, rec: &FirmwareRecord) -> Result<()> {
         self.with(|e| e.insert_firmware(rec))?;
-        self.events.publish(Change::Firmware);
+        self.events.publish_with(|| Change::Firmware);
         Ok(())
     }
 
@@ -537,7 +537,7 @@ impl Store {
     /// Compares decoded records, so a record stored in the older JSON encoding updates too.
     pub fn update_firmware(&self, old: &FirmwareRecord, new: &FirmwareRecord) -> Result<()> {
         self.with(|e| e.update_firmware(old, new))?;
-        self.events.publish(Change::Firmware);
+        self.events.publish_with(|| Change::Firmware);
         Ok(())
     }
 
@@ -548,56 +548,60 @@ impl Store {
         version: &str,
     ) -> Result<Option<FirmwareRecord>> {
         let r = self.with(|e| e.delete_firmware(device_type, version))?;
-        self.events.publish(Change::Firmware);
+        self.events.publish_with(|| Change::Firmware);
         Ok(r)
     }
 
     /// Inserts or replaces a delta record.
     pub fn put_delta(&self, rec: &DeltaRecord) -> Result<()> {
         self.with(|e| e.put_delta(rec))?;
-        self.events.publish(Change::Delta);
+        self.events.publish_with(|| Change::Delta);
         Ok(())
     }
 
     /// Registers a new device; `Conflict` if the id exists.
     pub fn insert_device(&self, rec: &DeviceRecord) -> Result<()> {
         self.with(|e| e.insert_device(rec))?;
-        self.events.publish(Change::Device { id: rec.id.clone() });
+        self.events
+            .publish_with(|| Change::Device { id: rec.id.clone() });
         Ok(())
     }
 
     /// Writes a device record (insert or replace).
     pub fn put_device(&self, rec: &DeviceRecord) -> Result<()> {
         self.with(|e| e.put_device(rec))?;
-        self.events.publish(Change::Device { id: rec.id.clone() });
+        self.events
+            .publish_with(|| Change::Device { id: rec.id.clone() });
         Ok(())
     }
 
     /// Removes a device, returning it.
     pub fn delete_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
         let r = self.with(|e| e.delete_device(id))?;
-        self.events.publish(Change::Device { id: id.to_string() });
+        self.events
+            .publish_with(|| Change::Device { id: id.to_string() });
         Ok(r)
     }
 
     /// Writes a task (one insert) and notes it in the in-memory indexes.
     pub fn put_task(&self, rec: &TaskRecord) -> Result<()> {
         self.with(|e| e.put_task(rec))?;
-        self.events.publish(task_change(rec));
+        self.events.publish_with(|| task_change(rec));
         Ok(())
     }
 
     /// Replaces `old` by `new` (the same task).
     pub fn update_task(&self, old: &TaskRecord, new: &TaskRecord) -> Result<()> {
         self.with(|e| e.update_task(old, new))?;
-        self.events.publish(task_change(new));
+        self.events.publish_with(|| task_change(new));
         Ok(())
     }
 
     /// Inserts or replaces a campaign.
     pub fn put_campaign(&self, c: &CampaignRecord) -> Result<()> {
         self.with(|e| e.put_campaign(c))?;
-        self.events.publish(Change::Campaign { id: c.id.clone() });
+        self.events
+            .publish_with(|| Change::Campaign { id: c.id.clone() });
         Ok(())
     }
 }
