@@ -272,7 +272,12 @@ fn runs(t: &TaskRecord, now: i64, v: &str, settled: bool) -> Outcome {
         }
         return Outcome::Ignored(Why::Confirmed);
     }
-    let on_old = t.from_version.as_deref() == Some(v);
+    // the version the task started from; when it was not known yet (the device had not said
+    // which it ran when the task was made), any version but the target is the old one
+    let on_old = match t.from_version.as_deref() {
+        Some(from) => from == v,
+        None => v != t.to_version,
+    };
     // Alibaba devices inform their version when they start: step 100 is "installed,
     // rebooting", so the next inform decides.
     let installed = t.status == TaskStatus::Completed
@@ -495,6 +500,19 @@ mod tests {
             apply(&done, &version("0.9", true), 6),
             Outcome::Ignored(Why::Finished)
         ));
+        // a task made before the device said what it ran: back on anything but the target is
+        // the old version too (it never rolled back before, found by tests/sim.rs once)
+        let mut unknown = done.clone();
+        unknown.from_version = None;
+        assert!(matches!(
+            apply(&unknown, &version("1.0.1", false), 5),
+            Outcome::Ignored(Why::RebootGrace)
+        ));
+        let rb = changed(apply(&unknown, &version("1.0.1", true), 5));
+        assert_eq!(
+            (rb.status, rb.error_code.as_deref()),
+            (Failed, Some(ROLLED_BACK))
+        );
         // a failure of another kind is not undone by a version report
         let mut failed = done.clone();
         failed.status = Failed;
