@@ -229,6 +229,7 @@ pub async fn upload(
                 guard.feed(&chunk).map_err(axum::Error::new)?;
                 Ok::<_, axum::Error>(chunk)
             });
+            let body = super::partguard::end_one_poll_late(body);
             axum::extract::Request::from_parts(parts, axum::body::Body::from_stream(body))
         }
         None => req,
