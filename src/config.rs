@@ -137,6 +137,46 @@ pub struct Config {
     pub store: StoreConfig,
     /// Log output format.
     pub log: LogConfig,
+    /// Keys trusted for firmware signatures and bundles.
+    pub trust: TrustConfig,
+}
+
+/// `[trust]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// Public keys (minisign) whose firmware signatures and bundles are trusted, by name.
+    pub keys: Vec<TrustKeyConfig>,
+    /// Only firmware with a valid signature by a trusted key can be released.
+    pub require_signed: bool,
+}
+
+/// One `[[trust.keys]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustKeyConfig {
+    /// The name signatures by this key are recorded under.
+    pub name: String,
+    /// The minisign public key: its base64 line (`RW…`) or the whole `.pub` file.
+    pub key: String,
+}
+
+impl TrustConfig {
+    /// The configured keys, parsed.
+    pub fn keyring(&self) -> Result<crate::trust::Keyring, String> {
+        crate::trust::Keyring::parse(self.keys.iter().map(|k| (k.name.as_str(), k.key.as_str())))
+    }
+
+    fn check(&self) -> Check {
+        for k in &self.keys {
+            ensure(
+                crate::ids::valid_device_type(&k.name),
+                "trust.keys",
+                format!("key name {:?} must match [A-Za-z0-9_-]{{1,64}}", k.name),
+            )?;
+        }
+        self.keyring().map(|_| ()).map_err(|e| ("trust.keys", e))
+    }
 }
 
 /// `[http]`
@@ -151,6 +191,8 @@ pub struct HttpConfig {
     pub public_url: String,
     /// Largest accepted firmware upload in bytes.
     pub max_upload_bytes: u64,
+    /// Largest accepted offline bundle (`POST /api/ota/bundles`) in bytes.
+    pub max_bundle_bytes: u64,
     /// Longest pause (seconds) of a client in the middle of a request body before the request
     /// is abandoned and the connection closed.
     pub body_idle_timeout_secs: u64,
@@ -290,6 +332,7 @@ impl Default for HttpConfig {
             plain_listen: Listen::at(SocketAddr::from(([127, 0, 0, 1], 8018))),
             public_url: String::new(),
             max_upload_bytes: 1 << 30,
+            max_bundle_bytes: 16 << 30,
             body_idle_timeout_secs: 30,
             send_timeout_secs: 60,
         }
@@ -397,6 +440,7 @@ impl Config {
             self.tasks.check(),
             self.metrics.check(),
             self.delta.check(),
+            self.trust.check(),
         ];
         for r in sections {
             r.map_err(|(key, reason)| ConfigError {
@@ -482,6 +526,11 @@ impl HttpConfig {
             (1..=3600).contains(&self.send_timeout_secs),
             "http.send_timeout_secs",
             "must be between 1 and 3600",
+        )?;
+        ensure(
+            self.max_bundle_bytes > 0,
+            "http.max_bundle_bytes",
+            "must be greater than 0",
         )?;
         ensure(
             self.max_upload_bytes > 0,

@@ -9,14 +9,17 @@
 //! Shared by all three:
 //! - [`protocol`]: wire types and topics of the gateway and Alibaba-style device protocols.
 //! - [`bsdiff`]: BSDIFF40 patches (make, apply).
+//! - [`bundle`]: the offline bundle format (signed manifest + strict tar).
 //! - [`config`]: the one serde config struct, typed, validated with file/key/reason.
 //! - [`ids`]: validation of versions, device types, ids, file names; version order.
 //! - [`time`]: the one clock (tokio's paused clock moves it in tests).
 //! - [`tls`]: the one rustls crypto provider (server and client side).
 //! - [`net`]: host name, interface addresses, listeners.
 //! - [`ratelog`]: warnings limited to one per second per call site.
+//! - [`trust`]: minisign keys and signatures (firmware, bundles, site reports).
 
 pub mod bsdiff;
+pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod device;
@@ -29,3 +32,4 @@ pub mod ratelog;
 pub mod server;
 pub mod time;
 pub mod tls;
+pub mod trust;

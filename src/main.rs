@@ -108,6 +108,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Campaign(cmd) => hangar::cli::campaign(&cli.global, cmd).await?,
         Command::User(cmd) => hangar::cli::users::user(&cli.global, cmd).await?,
         Command::Audit(a) => hangar::cli::users::audit(&cli.global, a).await?,
+        Command::Key(cmd) => hangar::cli::signing::key(cmd)?,
+        Command::Bundle(cmd) => hangar::cli::bundles::bundle(&cli.global, cmd).await?,
+        Command::Site(cmd) => hangar::cli::bundles::site(&cli.global, cmd).await?,
         Command::Sim(args) => {
             init_tracing(false);
             let client = hangar::cli::client::Client::connect(&hangar::cli::endpoint(&cli.global))?;

@@ -31,6 +31,9 @@ pub enum CliError {
         /// Envelope `message`.
         message: String,
     },
+    /// A key, signature, bundle or report did not check out.
+    #[error("{0}")]
+    Trust(String),
     /// Local file problem.
     #[error("{context}: {source}")]
     Io {
@@ -412,6 +415,41 @@ impl Client {
             .post(format!("{}/api/ota/firmware/upload", self.base))
             .bearer_auth(&self.token)
             .multipart(form)
+            .send()
+            .await?;
+        Self::envelope(resp).await
+    }
+
+    /// POSTs a file as the raw request body (streamed, `application/octet-stream`).
+    pub async fn post_file(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        file: &Path,
+    ) -> Result<Value, CliError> {
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|source| CliError::Io {
+                context: format!("opening {}", file.display()),
+                source,
+            })?;
+        let len = f
+            .metadata()
+            .await
+            .map_err(|source| CliError::Io {
+                context: format!("reading {}", file.display()),
+                source,
+            })?
+            .len();
+        let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024);
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .query(query)
+            .header("content-type", "application/octet-stream")
+            .header("content-length", len)
+            .body(reqwest::Body::wrap_stream(stream))
             .send()
             .await?;
         Self::envelope(resp).await

@@ -2,7 +2,9 @@
 //! the API through [`client`], and `config`. Admin verbs print the API's `data` as JSON (lists as
 //! a table) and fail with the API's message.
 
+pub mod bundles;
 pub mod client;
+pub mod signing;
 pub mod users;
 
 use std::path::PathBuf;
@@ -105,6 +107,15 @@ pub enum Command {
     User(users::UserCmd),
     /// The audit log: who changed what, when, with what result (newest first).
     Audit(users::AuditArgs),
+    /// Signing keys (minisign): generate.
+    #[command(subcommand)]
+    Key(signing::KeyCmd),
+    /// Offline bundles: create (vendor side), verify (anywhere), import (into the appliance).
+    #[command(subcommand)]
+    Bundle(bundles::BundleCmd),
+    /// The appliance's own key: `hangar site key` prints its public half.
+    #[command(subcommand)]
+    Site(bundles::SiteCmd),
     /// Show a device's newest task; --follow renders live progress until it ends.
     Task {
         /// Device id.
@@ -662,6 +673,27 @@ pub enum FirmwareCmd {
         /// Devices must install it.
         #[arg(long)]
         force_upgrade: bool,
+        /// Its minisign signature (`FILE.minisig`, from `hangar firmware sign` or `minisign -S`).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+    },
+    /// Sign an image offline (writes FILE.minisig; its trusted comment binds device type,
+    /// version and sha256).
+    Sign {
+        /// The image file.
+        file: PathBuf,
+        /// Its version.
+        #[arg(long)]
+        version: String,
+        /// Device type.
+        #[arg(long, default_value = "gateway")]
+        device_type: String,
+        /// The secret key (from `hangar key generate` or `minisign -G`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Read the key's password from this file's first line instead of asking.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
     },
     /// List firmware, newest upload first.
     List {
@@ -838,15 +870,43 @@ fn dt(t: &str) -> Vec<(&'static str, String)> {
 
 /// Runs an admin verb against the API.
 pub async fn firmware(g: &Global, cmd: FirmwareCmd) -> Result<(), CliError> {
+    if let FirmwareCmd::Sign {
+        file,
+        version,
+        device_type,
+        key,
+        password_file,
+    } = &cmd
+    {
+        // offline: no appliance needed
+        signing::sign_firmware(file, version, device_type, key, password_file.as_deref())?;
+        return Ok(());
+    }
     let client = Client::connect(&endpoint(g))?;
     match cmd {
+        FirmwareCmd::Sign { .. } => unreachable!("handled above"),
         FirmwareCmd::Upload {
             file,
             version,
             device_type,
             description,
             force_upgrade,
+            signature,
         } => {
+            let mut fields = vec![
+                ("version", version),
+                ("deviceType", device_type),
+                ("description", description),
+                ("forceUpgrade", force_upgrade.to_string()),
+            ];
+            if let Some(sig) = signature {
+                let text = std::fs::read_to_string(&sig).map_err(|source| CliError::Io {
+                    context: format!("reading {}", sig.display()),
+                    source,
+                })?;
+                // first, so the appliance checks it while the image streams
+                fields.insert(0, ("signature", text));
+            }
             let len = std::fs::metadata(&file)
                 .map_err(|source| CliError::Io {
                     context: format!("reading {}", file.display()),
@@ -862,16 +922,7 @@ pub async fn firmware(g: &Global, cmd: FirmwareCmd) -> Result<(), CliError> {
             );
             let b = bar.clone();
             let data = client
-                .upload(
-                    &file,
-                    vec![
-                        ("version", version),
-                        ("deviceType", device_type),
-                        ("description", description),
-                        ("forceUpgrade", force_upgrade.to_string()),
-                    ],
-                    move |n| b.set_position(n),
-                )
+                .upload(&file, fields, move |n| b.set_position(n))
                 .await;
             bar.finish_and_clear();
             print_json(&data?);

@@ -74,7 +74,16 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> CliError {
 
 /// The first line of `file`, or a password typed at the terminal (twice, without echo), or
 /// the first line of stdin when it is not a terminal.
-fn password(file: Option<&Path>) -> Result<String, CliError> {
+pub(crate) fn password(file: Option<&Path>) -> Result<String, CliError> {
+    password_with(file, true)
+}
+
+/// As [`password`], asked once at a terminal (to unlock an existing key).
+pub(crate) fn password_once(file: Option<&Path>) -> Result<String, CliError> {
+    password_with(file, false)
+}
+
+fn password_with(file: Option<&Path>, confirm: bool) -> Result<String, CliError> {
     if let Some(f) = file {
         let text = std::fs::read_to_string(f).map_err(io(format!("reading {}", f.display())))?;
         return Ok(text.lines().next().unwrap_or("").to_string());
@@ -89,6 +98,9 @@ fn password(file: Option<&Path>) -> Result<String, CliError> {
         return Ok(line.trim_end_matches(['\r', '\n']).to_string());
     }
     let first = ask("Password: ")?;
+    if !confirm {
+        return Ok(first);
+    }
     let again = ask("Again: ")?;
     if first != again {
         return Err(CliError::Discover("the two passwords differ".into()));

@@ -103,6 +103,13 @@ pub struct AgentConfig {
     /// Extra: download speed cap in KB/s for slow or shared links (0 = none).
     #[serde(default)]
     pub max_download_kbps: u64,
+    /// minisign public keys whose signatures this device accepts (base64 lines or `.pub`
+    /// texts). With keys, a signed image must verify against one of them.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Refuse (VERIFY_FAILED / -3) any image without a valid signature by a trusted key.
+    #[serde(default)]
+    pub require_signed: bool,
 }
 
 /// How the application is restarted.
@@ -254,6 +261,8 @@ struct SavedOffer {
     sha256: Option<String>,
     force: bool,
     msg_id: Option<String>,
+    #[serde(default)]
+    signature: Option<String>,
 }
 
 struct Paths {
@@ -406,6 +415,7 @@ pub struct Agent {
     target: MqttTarget,
     state: State,
     sup: Supervisor,
+    trusted: crate::trust::Keyring,
 }
 
 /// Why an upgrade attempt ended without the new version running.
@@ -446,6 +456,19 @@ impl Agent {
                     .with_no_client_auth(),
             ));
         }
+        let trusted = crate::trust::Keyring::parse(
+            cfg.trusted_keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (["key", &i.to_string()].concat(), k.as_str()))
+                .collect::<Vec<_>>()
+                .iter()
+                .map(|(n, k)| (n.as_str(), *k)),
+        )
+        .map_err(|e| anyhow::anyhow!("trusted_keys: {e}"))?;
+        if cfg.require_signed && trusted.is_empty() {
+            anyhow::bail!("require_signed = true needs at least one key in trusted_keys");
+        }
         let paths = Paths::new(&cfg);
         let state = match std::fs::read(&paths.state) {
             Ok(b) => serde_json::from_slice(&b)
@@ -484,6 +507,7 @@ impl Agent {
             restart,
             state,
             cfg,
+            trusted,
         })
     }
 
@@ -568,7 +592,7 @@ impl Agent {
                 LinkEvent::Command(Command::Upgrade(offer)) => {
                     interrupted = None;
                     up = self
-                        .upgrade_draining(&link, &mut rx, offer)
+                        .upgrade_draining(&link, &mut rx, *offer)
                         .await
                         .unwrap_or(up);
                 }
@@ -597,6 +621,7 @@ impl Agent {
             force: saved.force,
             msg_id: saved.msg_id,
             delta: None,
+            signature: saved.signature,
         })
     }
 
@@ -950,6 +975,7 @@ impl Agent {
                 sha256: offer.sha256.clone(),
                 force: offer.force,
                 msg_id: offer.msg_id.clone(),
+                signature: offer.signature.clone(),
             }),
         };
         let old_meta: Option<PartMeta> = std::fs::read(&self.paths.part_meta)
@@ -1079,6 +1105,24 @@ impl Agent {
                 "the image changed on disk after verification".into(),
             ));
         }
+        // the signature is the vendor's word on the full image (a patched one too)
+        match offer.check_signature(
+            &self.trusted,
+            self.cfg.require_signed,
+            &self.cfg.device_type,
+            image,
+            &sha,
+        ) {
+            Ok(Some(signer)) => tracing::info!(signer, "signature verified"),
+            Ok(None) => {}
+            Err(why) => {
+                let _ = std::fs::remove_file(image);
+                return Err(AttemptError(
+                    Failure::Verify,
+                    format!("signature check failed: {why}"),
+                ));
+            }
+        }
         // the new binary, beside the old one (same filesystem), with the old one's mode
         let mode = std::fs::metadata(&self.cfg.app_path)
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
@@ -1136,6 +1180,7 @@ fn offer_of(t: &Target) -> Offer {
         force: false,
         msg_id: t.msg_id.clone(),
         delta: None,
+        signature: None,
     }
 }
 

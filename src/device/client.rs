@@ -80,9 +80,45 @@ pub struct Offer {
     pub msg_id: Option<String>,
     /// A patch from the device's version, when offered.
     pub delta: Option<DeltaOffer>,
+    /// The full image's minisign signature (`.minisig` text), when the command carries one.
+    pub signature: Option<String>,
 }
 
 impl Offer {
+    /// Checks the full image at `image` against this offer's signature and `keys`:
+    /// `Ok(None)` if there was nothing to check (no signature, no keys, not required),
+    /// `Ok(Some(signer))` when it verified, `Err(why)` when it must not be installed.
+    pub fn check_signature(
+        &self,
+        keys: &crate::trust::Keyring,
+        require: bool,
+        device_type: &str,
+        image: &std::path::Path,
+        sha256: &str,
+    ) -> Result<Option<String>, String> {
+        let Some(text) = &self.signature else {
+            return if require {
+                Err("the command carries no signature and this device requires one".into())
+            } else {
+                Ok(None)
+            };
+        };
+        if keys.is_empty() && !require {
+            return Ok(None);
+        }
+        let sig = crate::trust::Signature::parse(text).map_err(|e| e.to_string())?;
+        let key = keys.signer_of(&sig).map_err(|e| e.to_string())?;
+        let f = std::fs::File::open(image).map_err(|e| format!("re-reading the image: {e}"))?;
+        key.verify_reader(&sig, f).map_err(|e| e.to_string())?;
+        crate::trust::check_firmware_comment(
+            sig.trusted_comment(),
+            device_type,
+            &self.version,
+            sha256,
+        )?;
+        Ok(Some(key.name.clone()))
+    }
+
     /// Why a device running `current` refuses this offer, if it does: an older version, not
     /// forced.
     pub fn refused_by(&self, current: &str) -> Option<String> {
@@ -99,7 +135,7 @@ impl Offer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Upgrade (push or get_reply with data).
-    Upgrade(Offer),
+    Upgrade(Box<Offer>),
     /// Stop the running upgrade to this version (`ota_cancel`).
     Cancel {
         /// The version being cancelled.
@@ -122,7 +158,7 @@ pub fn parse_command(ident: &Identity, topic: &str, payload: &[u8]) -> Result<Co
                 let c: gateway::Command<gateway::UpgradeData> =
                     serde_json::from_value(v).map_err(|e| format!("bad ota_upgrade: {e}"))?;
                 let d = c.data;
-                Ok(Command::Upgrade(Offer {
+                Ok(Command::Upgrade(Box::new(Offer {
                     version: d.version,
                     url: d.firmware_url,
                     size: d.file_size,
@@ -136,7 +172,8 @@ pub fn parse_command(ident: &Identity, topic: &str, payload: &[u8]) -> Result<Co
                         md5: x.md5,
                         size: x.size,
                     }),
-                }))
+                    signature: d.signature,
+                })))
             }
             Some("ota_cancel") => Ok(Command::Cancel {
                 version: s(&v["data"], "version").unwrap_or_default(),
@@ -161,6 +198,11 @@ pub fn parse_command(ident: &Identity, topic: &str, payload: &[u8]) -> Result<Co
             let md5 = s(data, "md5").ok_or("upgrade without md5")?;
             let size = data["size"].as_u64().ok_or("upgrade without size")?;
             let is_diff = data["isDiff"].as_u64() == Some(1);
+            let signature = s(data, "signature").filter(|_| {
+                data["signatureFormat"]
+                    .as_str()
+                    .is_none_or(|f| f == "minisign")
+            });
             // With isDiff the url/size/md5 are the patch's; our extension carries the full
             // image beside them so the device can verify the result and fall back.
             let offer = if is_diff {
@@ -179,6 +221,7 @@ pub fn parse_command(ident: &Identity, topic: &str, payload: &[u8]) -> Result<Co
                         md5,
                         size,
                     }),
+                    signature,
                 }
             } else {
                 Offer {
@@ -190,9 +233,10 @@ pub fn parse_command(ident: &Identity, topic: &str, payload: &[u8]) -> Result<Co
                     force: data["force"].as_bool().unwrap_or(false),
                     msg_id: None,
                     delta: None,
+                    signature,
                 }
             };
-            Ok(Command::Upgrade(offer))
+            Ok(Command::Upgrade(Box::new(offer)))
         }
     }
 }

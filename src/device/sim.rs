@@ -484,7 +484,7 @@ async fn device(sh: Arc<Shared>, ident: Identity, n: usize, stop: CancellationTo
                     sh.clone(),
                     ident.clone(),
                     link.sender(),
-                    offer.clone(),
+                    (*offer).clone(),
                     running.clone(),
                     done_once.clone(),
                     token.clone(),

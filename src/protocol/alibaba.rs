@@ -27,6 +27,13 @@ pub struct UpgradeData {
     /// Our extension when `isDiff` is 1: the full image beside the patch.
     #[serde(flatten, skip_serializing_if = "Option::is_none", default)]
     pub ext: Option<DiffExtension>,
+    /// Our extension: the minisign signature (`.minisig` text) of the full image, beside
+    /// the md5 `sign` that older devices check.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub signature: Option<String>,
+    /// `"minisign"` when `signature` is there.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub signature_format: Option<String>,
 }
 
 /// Extension fields of a diff upgrade: where the full image is and what it hashes to, so the

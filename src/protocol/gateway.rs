@@ -40,6 +40,9 @@ pub struct UpgradeData {
     pub sha256: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub delta: Option<DeltaOffer>,
+    /// The minisign signature (`.minisig` text) of the full image, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub signature: Option<String>,
 }
 
 /// Server -> device command envelope.

@@ -55,6 +55,9 @@ pub enum StartError {
     /// The device broker could not start.
     #[error("starting the MQTT broker: {0}")]
     Broker(String),
+    /// The trusted keys or the site key could not be read.
+    #[error("{0}")]
+    Trust(String),
     /// A listener could not be bound.
     #[error(
         "cannot listen on {key} = {addr}: {source} (is another process using it? use port 0 for any free port)"
@@ -294,10 +297,29 @@ impl App {
             .map_err(io_ctx("reading the HTTP address"))?;
         let public_url = public_url(&config, https);
 
-        let firmware = Arc::new(FirmwareService::new(store.clone(), blobs.clone()));
+        let keyring = config.trust.keyring().map_err(StartError::Trust)?;
+        let signatures = Arc::new(
+            crate::server::signatures::Signatures::open(
+                keyring,
+                config.trust.require_signed,
+                store.clone(),
+                &data_dir,
+            )
+            .map_err(StartError::Trust)?,
+        );
+        if !config.trust.require_signed {
+            tracing::warn!(
+                "[trust] require_signed is off: unsigned firmware can be released (see the README's \"Signed firmware\")"
+            );
+        }
+        let firmware = Arc::new(FirmwareService::new(
+            store.clone(),
+            blobs.clone(),
+            signatures.clone(),
+        ));
         let deltas = crate::server::deltas::Deltas::new(
             store.clone(),
-            blobs,
+            blobs.clone(),
             firmware.clone(),
             config.delta.clone(),
         );
@@ -350,6 +372,16 @@ impl App {
             ota.clone(),
         );
         campaigns.spawn(shutdown.clone(), &tracker);
+        let bundles = Arc::new(crate::server::bundles::Bundles::new(
+            store.clone(),
+            blobs,
+            signatures.clone(),
+            campaigns.clone(),
+            http::campaigns_api::parse_plan,
+        ));
+        if let Err(e) = bundles.resume().await {
+            tracing::error!(error = %e, "could not create the campaigns of an interrupted bundle import; importing the bundle again finishes it");
+        }
         tracker.spawn(recover_store(
             store.clone(),
             deltas.clone(),
@@ -387,6 +419,9 @@ impl App {
                 Duration::from_secs(config.auth.session_hours * 3600),
             )),
             stale_secs: config.tasks.stale_secs,
+            signatures,
+            max_bundle_bytes: config.http.max_bundle_bytes,
+            bundles,
         });
         let send = http::SendLimit {
             after: Duration::from_secs(config.http.send_timeout_secs),

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::server::store::{DeltaRecord, FirmwareRecord, Store, decode_record};
+use crate::server::store::{DeltaRecord, Store, decode_firmware_record, decode_record};
 
 /// The manifest's format name.
 pub const FORMAT: &str = "hangar-backup";
@@ -72,7 +72,7 @@ pub fn write(data_dir: &Path, store_dump: &[u8], out: &mut File) -> io::Result<M
         }
         let bytes = hex::decode(v["value"].as_str().unwrap_or("")).map_err(io::Error::other)?;
         if tree == "firmware" {
-            let r: FirmwareRecord = decode_record(&bytes).map_err(io::Error::other)?;
+            let r = decode_firmware_record(&bytes).map_err(io::Error::other)?;
             shas.push(r.sha256);
         } else {
             let r: DeltaRecord = decode_record(&bytes).map_err(io::Error::other)?;

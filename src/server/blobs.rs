@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -14,6 +14,8 @@ use md5::{Digest, Md5};
 use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+use crate::trust::{Signature, TrustedKey};
 
 /// Chunks buffered between the network and the writer thread (bounds upload memory).
 const WRITE_QUEUE: usize = 8;
@@ -35,6 +37,61 @@ pub struct StagedBlob {
     pub md5: String,
     /// Hex sha256; the blob's name once committed.
     pub sha256: String,
+    /// When a signature was checked while writing: whether the bytes matched it.
+    pub signature_check: Option<Result<(), String>>,
+}
+
+impl StagedBlob {
+    /// The staged file (to read it again, e.g. to check a signature that came after it).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A temp file being written and hashed; owned by a [`StagedBlob`] so any early return
+/// removes it.
+struct Sink {
+    file: File,
+    md5: Md5,
+    sha: Sha256,
+    staged: StagedBlob,
+}
+
+impl Sink {
+    fn create(tmp: &Path, what: &str) -> io::Result<Sink> {
+        let mut name = [0u8; 16];
+        rand::fill(&mut name);
+        let path = tmp.join(format!("{what}-{}", hex::encode(name)));
+        let file = File::create(&path)?;
+        Ok(Sink {
+            file,
+            md5: Md5::new(),
+            sha: Sha256::new(),
+            staged: StagedBlob {
+                path,
+                size: 0,
+                md5: String::new(),
+                sha256: String::new(),
+                signature_check: None,
+            },
+        })
+    }
+
+    fn write(&mut self, b: &[u8]) -> io::Result<()> {
+        self.file.write_all(b)?;
+        self.md5.update(b);
+        self.sha.update(b);
+        self.staged.size += b.len() as u64;
+        Ok(())
+    }
+
+    /// fsyncs and names the hashes.
+    fn finish(mut self) -> io::Result<StagedBlob> {
+        self.file.sync_all()?;
+        self.staged.md5 = hex::encode(self.md5.finalize());
+        self.staged.sha256 = hex::encode(self.sha.finalize());
+        Ok(self.staged)
+    }
 }
 
 impl Drop for StagedBlob {
@@ -89,29 +146,24 @@ impl Blobs {
 
     /// Starts writing a new blob.
     pub fn writer(&self) -> BlobWriter {
+        self.writer_checking(None)
+    }
+
+    /// Starts writing a new blob whose bytes are also checked against a signature on the
+    /// way ([`StagedBlob::signature_check`]), so a signed upload is read once.
+    pub fn writer_checking(&self, check: Option<(TrustedKey, Signature)>) -> BlobWriter {
         let (tx, mut rx) = mpsc::channel::<Msg>(WRITE_QUEUE);
         let tmp = self.tmp.clone();
         let join = tokio::task::spawn_blocking(move || {
-            let mut name = [0u8; 16];
-            rand::fill(&mut name);
-            let path = tmp.join(format!("upload-{}", hex::encode(name)));
-            let mut file = File::create(&path)?;
-            // From here on the staged value owns the file and removes it on any early return.
-            let mut staged = StagedBlob {
-                path,
-                size: 0,
-                md5: String::new(),
-                sha256: String::new(),
-            };
-            let mut md5 = Md5::new();
-            let mut sha = Sha256::new();
+            let mut sink = Sink::create(&tmp, "upload")?;
+            let mut verifier = check.as_ref().map(|(k, sig)| k.stream(sig));
             loop {
                 match rx.blocking_recv() {
                     Some(Msg::Chunk(b)) => {
-                        file.write_all(&b)?;
-                        md5.update(&b);
-                        sha.update(&b);
-                        staged.size += b.len() as u64;
+                        sink.write(&b)?;
+                        if let Some(Ok(v)) = verifier.as_mut() {
+                            v.update(&b);
+                        }
                     }
                     Some(Msg::Finish) => break,
                     None => {
@@ -122,9 +174,9 @@ impl Blobs {
                     }
                 }
             }
-            file.sync_all()?;
-            staged.md5 = hex::encode(md5.finalize());
-            staged.sha256 = hex::encode(sha.finalize());
+            let mut staged = sink.finish()?;
+            staged.signature_check =
+                verifier.map(|v| v.and_then(|v| v.finish()).map_err(|e| e.to_string()));
             Ok(staged)
         });
         BlobWriter {
@@ -132,6 +184,40 @@ impl Blobs {
             join: Some(join),
             written: 0,
         }
+    }
+
+    /// Stages everything `r` yields, at most `limit` bytes (more is an error), checking it
+    /// against `check` on the way. Blocking (the bundle import reads its tar on the blocking
+    /// pool).
+    pub fn stage_reader(
+        &self,
+        r: &mut dyn Read,
+        limit: u64,
+        check: Option<(&TrustedKey, &Signature)>,
+    ) -> io::Result<StagedBlob> {
+        let mut sink = Sink::create(&self.tmp, "bundle")?;
+        let mut verifier = check.map(|(k, sig)| k.stream(sig));
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            if sink.staged.size + n as u64 > limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("more than the {limit} bytes announced"),
+                ));
+            }
+            sink.write(&buf[..n])?;
+            if let Some(Ok(v)) = verifier.as_mut() {
+                v.update(&buf[..n]);
+            }
+        }
+        let mut staged = sink.finish()?;
+        staged.signature_check =
+            verifier.map(|v| v.and_then(|v| v.finish()).map_err(|e| e.to_string()));
+        Ok(staged)
     }
 
     /// Stages bytes already in memory (a computed patch): temp file, hashed, fsynced. Blocking.
@@ -145,6 +231,7 @@ impl Blobs {
             size: bytes.len() as u64,
             md5: hex::encode(Md5::digest(bytes)),
             sha256: hex::encode(Sha256::digest(bytes)),
+            signature_check: None,
         };
         file.write_all(bytes)?;
         file.sync_all()?;

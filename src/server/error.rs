@@ -12,6 +12,12 @@ pub enum ServiceError {
     /// Bad input (400).
     #[error("{0}")]
     Invalid(String),
+    /// A signature or hash does not verify, or its key is not trusted (422).
+    #[error("{0}")]
+    Unverified(String),
+    /// Too large for its limit (413).
+    #[error("{0}")]
+    TooLarge(String),
     /// No such thing (404).
     #[error("{0}")]
     NotFound(String),

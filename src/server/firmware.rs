@@ -4,11 +4,13 @@
 //! flushed to disk before it returns.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::ids;
 use crate::server::blobs::{Blobs, StagedBlob};
+use crate::server::signatures::Signatures;
 use crate::server::store::{
-    Durable, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareStatus, Store, StoreError,
+    Durable, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareSignature, FirmwareStatus, Store, StoreError,
 };
 use crate::time::now_ms;
 
@@ -28,12 +30,15 @@ pub struct NewFirmware {
     pub description: String,
     /// Forced-upgrade flag handed to devices.
     pub force_upgrade: bool,
+    /// The signature that came with it, checked ([`crate::server::signatures`]).
+    pub signature: Option<FirmwareSignature>,
 }
 
 /// The firmware catalogue over the store and the blob directory.
 pub struct FirmwareService {
     store: Store,
     blobs: Blobs,
+    signatures: Arc<Signatures>,
     lock: tokio::sync::Mutex<()>,
 }
 
@@ -68,13 +73,24 @@ fn transition_allowed(from: FirmwareStatus, to: FirmwareStatus) -> bool {
 }
 
 impl FirmwareService {
-    /// A catalogue over `store` and `blobs`.
-    pub fn new(store: Store, blobs: Blobs) -> FirmwareService {
+    /// A catalogue over `store` and `blobs`; releases follow `signatures`' policy.
+    pub fn new(store: Store, blobs: Blobs, signatures: Arc<Signatures>) -> FirmwareService {
         FirmwareService {
             store,
             blobs,
+            signatures,
             lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The signature text a command to devices carries for this firmware, if it has one.
+    pub fn signature_text(&self, device_type: &str, version: &str) -> Option<String> {
+        self.store
+            .get_firmware(device_type, version)
+            .ok()
+            .flatten()
+            .and_then(|r| r.signature)
+            .map(|s| s.text)
     }
 
     /// Whether (deviceType, version) is taken.
@@ -116,6 +132,7 @@ impl FirmwareService {
             release_date_ms: None,
             created_at_ms: now,
             updated_at_ms: now,
+            signature: meta.signature,
         };
         let blobs = self.blobs.clone();
         tokio::task::spawn_blocking(move || blobs.commit(staged))
@@ -207,6 +224,11 @@ impl FirmwareService {
         }
         if old.status == status {
             return Ok(self.store.durable(old).await?);
+        }
+        if status == FirmwareStatus::Released
+            && let Some(why) = self.signatures.release_refusal(&old)
+        {
+            return Err(FirmwareError::Conflict(why));
         }
         let now = now_ms();
         let mut new = old.clone();

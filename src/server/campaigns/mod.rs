@@ -128,6 +128,12 @@ impl Campaigns {
         Ok(m)
     }
 
+    /// Whether a spec is valid on its own (names, targets, waves, gates, times), before the
+    /// firmware it targets exists.
+    pub fn validate_spec_only(s: &CampaignSpec) -> Result<(), CampaignError> {
+        spec::validate(s, now_ms()).map(|_| ())
+    }
+
     /// Validates a spec and works out waves, deltas and bytes, without creating anything.
     pub fn plan(&self, s: &CampaignSpec) -> Result<Plan, CampaignError> {
         let (c, notes) = spec::validate(s, now_ms())?;
@@ -163,10 +169,35 @@ impl Campaigns {
         &self,
         s: &CampaignSpec,
     ) -> Result<Durable<(CampaignRecord, Plan, Vec<CampaignMember>)>, CampaignError> {
+        self.create_with(s, None).await
+    }
+
+    /// As [`Campaigns::create`], but a campaign without `startAt` is created `paused` with
+    /// `why` as its reason, for an operator to start (a bundle's plans); with `startAt` it is
+    /// `scheduled` as usual.
+    pub async fn create_held(
+        &self,
+        s: &CampaignSpec,
+        why: String,
+    ) -> Result<Durable<(CampaignRecord, Plan, Vec<CampaignMember>)>, CampaignError> {
+        self.create_with(s, Some(why)).await
+    }
+
+    async fn create_with(
+        &self,
+        s: &CampaignSpec,
+        hold: Option<String>,
+    ) -> Result<Durable<(CampaignRecord, Plan, Vec<CampaignMember>)>, CampaignError> {
         let _g = self.lock.lock().await;
         let mut plan = self.plan(s)?;
         let mut c = plan.record.take().expect("planned");
         c.id = self.store.next_campaign_id()?;
+        if let Some(why) = hold
+            && s.start_at.is_none()
+        {
+            c.status = CampaignStatus::Paused;
+            c.status_reason = Some(why);
+        }
         let now = now_ms();
         // the planned devices in one record; the conflicts (usually few) as skipped members
         self.store.put_queued_members(&QueuedMembers {

@@ -69,6 +69,7 @@ pub fn rule(method: &Method, path: &str) -> Rule {
         (_, "POST", "/api/ota/devices/import") => change(Admin, "device.import"),
         (_, "PATCH", "/api/ota/devices/{id}") => change(Admin, "device.change"),
         (_, "DELETE", "/api/ota/devices/{id}") => change(Admin, "device.delete"),
+        (_, "POST", "/api/ota/bundles") => change(Admin, "bundle.import"),
         (_, "POST", "/api/users") => change(Admin, "user.add"),
         (_, "PATCH", "/api/users/{name}") => change(Admin, "user.change"),
         (_, "DELETE", "/api/users/{name}") => change(Admin, "user.delete"),

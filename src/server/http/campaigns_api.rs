@@ -175,3 +175,10 @@ pub async fn act(
     let m = st.campaigns.members(&id)?;
     Ok(ok(dto(&st, &c, &m)?))
 }
+
+/// A campaign plan carried by a bundle: the same body as `POST /api/ota/campaigns`.
+pub fn parse_plan(v: &serde_json::Value) -> Result<CampaignSpec, String> {
+    serde_json::from_value::<CampaignBody>(v.clone())
+        .map(spec)
+        .map_err(|e| e.to_string())
+}

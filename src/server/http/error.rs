@@ -149,6 +149,10 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::Invalid(m) => ApiError::bad_request(m),
             ServiceError::NotFound(m) => ApiError::not_found(m),
+            ServiceError::Unverified(m) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "UNVERIFIED", m)
+            }
+            ServiceError::TooLarge(m) => ApiError::too_large(m),
             ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
             ServiceError::Busy(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "BUSY", m),
             ServiceError::Unauthorized(m) => {

@@ -65,8 +65,9 @@ pub(super) fn flag(q: &HashMap<String, String>, key: &str) -> Result<bool, ApiEr
     }
 }
 
-fn dto(st: &AppState, r: &crate::server::store::FirmwareRecord) -> FirmwareDto {
-    FirmwareDto::from_record(r, &st.public_url)
+pub(super) fn dto(st: &AppState, r: &crate::server::store::FirmwareRecord) -> FirmwareDto {
+    let (status, why) = st.signatures.status_of(r);
+    FirmwareDto::from_record(r, &st.public_url, status, why)
 }
 
 /// GET /healthz — 200 while the appliance serves; `state` is `ok`, or `degraded` with the
@@ -159,7 +160,7 @@ pub(super) fn check_free_text(name: &str, v: &str) -> Result<(), ApiError> {
 }
 
 /// Refuses an upload that would leave less than `[store] min_free_bytes` free.
-fn check_room(st: &AppState, coming: u64) -> Result<(), ApiError> {
+pub(super) fn check_room(st: &AppState, coming: u64) -> Result<(), ApiError> {
     let Some(free) = st.store.free_bytes() else {
         return Ok(());
     };
@@ -246,7 +247,8 @@ pub async fn upload(
     let mut device_type: Option<String> = None;
     let mut description: Option<String> = None;
     let mut force_upgrade: Option<bool> = None;
-    let mut staged = None;
+    let mut signature: Option<crate::trust::Signature> = None;
+    let mut staged: Option<crate::server::blobs::StagedBlob> = None;
     let once = |name: &str, seen: bool| {
         if seen {
             Err(ApiError::bad_request(format!(
@@ -276,7 +278,11 @@ pub async fn upload(
                         .into());
                     }
                 }
-                let mut w = st.firmware.blobs().writer();
+                // a signature that came first is checked while the bytes stream
+                let check = signature
+                    .as_ref()
+                    .and_then(|sig| st.signatures.streaming_check(sig));
+                let mut w = st.firmware.blobs().writer_checking(check);
                 let mut next_check = ROOM_CHECK_EVERY;
                 loop {
                     let chunk = match field.chunk().await {
@@ -324,6 +330,15 @@ pub async fn upload(
                 check_free_text("description", &d)?;
                 description = Some(d);
             }
+            "signature" => {
+                once("signature", signature.is_some())?;
+                let text = text_field(field, "signature").await?;
+                signature = Some(crate::trust::Signature::parse(&text).map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "the signature part is not a usable minisign signature: {e}"
+                    ))
+                })?);
+            }
             "forceUpgrade" => {
                 once("forceUpgrade", force_upgrade.is_some())?;
                 force_upgrade = Some(parse_bool(
@@ -343,6 +358,28 @@ pub async fn upload(
     let version =
         version.ok_or_else(|| ApiError::bad_request("the form has no `version` field"))?;
     let device_type = device_type.unwrap_or_else(|| "gateway".to_string());
+    firmware::validate_key(&device_type, &version)?;
+    let mut staged = staged;
+    let signature = match signature {
+        None => None,
+        Some(sig) => {
+            let streamed = staged.signature_check.take();
+            let sigs = st.signatures.clone();
+            let (dt, v) = (device_type.clone(), version.clone());
+            let (verdict, back) = tokio::task::spawn_blocking(move || {
+                let verdict =
+                    sigs.judge_firmware(&sig, streamed, staged.path(), &dt, &v, &staged.sha256);
+                (verdict, staged)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("signature check task: {e}")))?;
+            staged = back;
+            Some(verdict)
+        }
+    };
+    if let Some(s) = &signature {
+        tracing::info!(device_type = %device_type, version = %version, key = %s.key_id, signer = ?s.signer, status = ?s.status, reason = %s.reason, "firmware signature checked");
+    }
     let rec = st
         .firmware
         .create(
@@ -351,6 +388,7 @@ pub async fn upload(
                 version,
                 description: description.unwrap_or_default(),
                 force_upgrade: force_upgrade.unwrap_or(false),
+                signature,
             },
             staged,
         )

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod partguard;
 pub mod refusal;
 pub mod stall;
+pub mod trust_api;
 pub mod wire;
 
 use std::sync::Arc;
@@ -90,6 +91,12 @@ pub struct Inner {
     pub accounts: Arc<crate::server::accounts::Accounts>,
     /// Seconds without a report after which the console calls an in-flight device stale.
     pub stale_secs: u64,
+    /// Trusted keys, the signing policy and the site key.
+    pub signatures: Arc<crate::server::signatures::Signatures>,
+    /// Largest offline bundle accepted.
+    pub max_bundle_bytes: u64,
+    /// Offline bundle imports.
+    pub bundles: Arc<crate::server::bundles::Bundles>,
 }
 
 impl AppState {
@@ -180,6 +187,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ota/campaigns/{id}/{action}", post(campaigns_api::act))
         .route("/metrics", get(metrics::metrics))
         .route("/api/ota/backup", get(firmware_api::backup))
+        .route(
+            "/api/ota/bundles",
+            post(trust_api::import).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/site", get(trust_api::site))
         .route("/api/auth/logout", post(accounts_api::logout))
         .route("/api/auth/session", get(accounts_api::session))
         .route(

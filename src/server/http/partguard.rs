@@ -115,10 +115,7 @@ fn find_ending_after(hay: &[u8], from: usize, pat: &[u8], after: usize) -> Optio
 /// arrived (rwf2/multer#70; one small upload in some hundreds on a multi-threaded runtime).
 /// Seeing `Pending` before the end, it searches its buffer again first.
 pub fn end_one_poll_late<S: futures_util::Stream + Unpin>(inner: S) -> EndLate<S> {
-    EndLate {
-        inner,
-        held: false,
-    }
+    EndLate { inner, held: false }
 }
 
 /// See [`end_one_poll_late`].
@@ -177,7 +174,9 @@ mod tests {
                 .header("content-type", "multipart/form-data; boundary=XyZ")
                 .body(body)
                 .unwrap();
-            let mut mp = axum::extract::Multipart::from_request(req, &()).await.unwrap();
+            let mut mp = axum::extract::Multipart::from_request(req, &())
+                .await
+                .unwrap();
             let f = mp.next_field().await.map_err(|e| e.body_text())?.unwrap();
             f.text().await.map_err(|e| e.body_text())
         }

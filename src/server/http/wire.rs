@@ -34,11 +34,26 @@ pub struct FirmwareDto {
     pub release_date: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// The `.minisig` text that came with the image.
+    pub signature: Option<String>,
+    /// Name of the trusted key that made it.
+    pub signer: Option<String>,
+    /// `none`, `valid` or `invalid`.
+    pub signature_status: &'static str,
+    /// Why it is invalid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature_error: Option<String>,
 }
 
 impl FirmwareDto {
-    /// `public_url` is the base for `fileUrl` (no trailing slash).
-    pub fn from_record(r: &FirmwareRecord, public_url: &str) -> FirmwareDto {
+    /// `public_url` is the base for `fileUrl` (no trailing slash); `signature_status` and
+    /// `why` are what the keyring says of its signature now.
+    pub fn from_record(
+        r: &FirmwareRecord,
+        public_url: &str,
+        signature_status: &'static str,
+        why: Option<String>,
+    ) -> FirmwareDto {
         let file_name = ids::firmware_file_name(&r.device_type, &r.version);
         FirmwareDto {
             file_url: format!("{public_url}/firmware/{file_name}"),
@@ -54,6 +69,10 @@ impl FirmwareDto {
             release_date: r.release_date_ms.map(rfc3339_ms),
             created_at: rfc3339_ms(r.created_at_ms),
             updated_at: rfc3339_ms(r.updated_at_ms),
+            signature: r.signature.as_ref().map(|s| s.text.clone()),
+            signer: r.signature.as_ref().and_then(|s| s.signer.clone()),
+            signature_status,
+            signature_error: why,
         }
     }
 }

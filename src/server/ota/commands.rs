@@ -6,8 +6,14 @@ use crate::protocol::{Protocol, alibaba, gateway};
 use crate::server::store::TaskRecord;
 
 /// The upgrade command of a task: its topic and payload. `now_ms` stamps it (the gateway's
-/// `timestamp` in seconds, the Alibaba message id).
-pub fn upgrade(prefix: &str, t: &TaskRecord, now_ms: i64) -> (String, Vec<u8>) {
+/// `timestamp` in seconds, the Alibaba message id); `signature` is the target image's
+/// minisign signature, if it has one.
+pub fn upgrade(
+    prefix: &str,
+    t: &TaskRecord,
+    signature: Option<String>,
+    now_ms: i64,
+) -> (String, Vec<u8>) {
     match t.protocol {
         Protocol::Gateway => {
             let c = gateway::Command {
@@ -30,6 +36,7 @@ pub fn upgrade(prefix: &str, t: &TaskRecord, now_ms: i64) -> (String, Vec<u8>) {
                         size: d.size,
                         format: crate::bsdiff::FORMAT.into(),
                     }),
+                    signature,
                 },
             };
             (
@@ -41,7 +48,7 @@ pub fn upgrade(prefix: &str, t: &TaskRecord, now_ms: i64) -> (String, Vec<u8>) {
             let (pk, dn) = t.device_id.split_once('/').unwrap_or((&t.device_id, ""));
             let u = alibaba::Upgrade {
                 code: "1000".into(),
-                data: alibaba_data(t),
+                data: alibaba_data(t, signature),
                 id: now_ms as u64,
                 message: "success".into(),
             };
@@ -54,7 +61,8 @@ pub fn upgrade(prefix: &str, t: &TaskRecord, now_ms: i64) -> (String, Vec<u8>) {
 }
 
 /// The `data` of an Alibaba upgrade (also the reply to a device's firmware request).
-pub fn alibaba_data(t: &TaskRecord) -> alibaba::UpgradeData {
+pub fn alibaba_data(t: &TaskRecord, signature: Option<String>) -> alibaba::UpgradeData {
+    let signature_format = signature.as_ref().map(|_| "minisign".to_string());
     match &t.delta {
         // isDiff: the url/size/md5 of the patch (Alibaba's convention); our extension fields
         // carry the full image so the device can verify the result and fall back
@@ -73,6 +81,8 @@ pub fn alibaba_data(t: &TaskRecord) -> alibaba::UpgradeData {
                 full_md5: t.md5.clone(),
                 sha256: t.sha256.clone(),
             }),
+            signature,
+            signature_format,
         },
         None => alibaba::UpgradeData {
             size: t.file_size,
@@ -83,6 +93,8 @@ pub fn alibaba_data(t: &TaskRecord) -> alibaba::UpgradeData {
             sign_method: "Md5".into(),
             is_diff: 0,
             ext: None,
+            signature,
+            signature_format,
         },
     }
 }
@@ -131,7 +143,7 @@ mod tests {
     #[test]
     fn a_gateway_upgrade_carries_msg_id_twice_and_the_delta_only_when_there_is_one() {
         let mut t = crate::server::store::sample_task(7, "GW1");
-        let (topic, p) = upgrade("hanqi", &t, 1_739_260_800_123);
+        let (topic, p) = upgrade("hanqi", &t, None, 1_739_260_800_123);
         assert_eq!(topic, "hanqi/gateway/GW1/command");
         let v = json(&p);
         assert_eq!(v["msgType"], "ota_upgrade");
@@ -147,7 +159,9 @@ mod tests {
             md5: "dm".into(),
             size: 9,
         });
-        let v = json(&upgrade("hanqi", &t, 0).1);
+        assert!(v["data"].get("signature").is_none(), "{v}");
+        let v = json(&upgrade("hanqi", &t, Some("SIG".into()), 0).1);
+        assert_eq!(v["data"]["signature"], "SIG");
         assert_eq!(v["data"]["delta"]["fromVersion"], "1.0.1");
         assert_eq!(v["data"]["delta"]["format"], "bsdiff40");
         // the full image's hashes stay those of the target image
@@ -158,7 +172,7 @@ mod tests {
     fn an_alibaba_upgrade_signs_with_md5_and_a_diff_keeps_the_full_image_beside_it() {
         let mut t = crate::server::store::sample_task(7, "pk1/dn1");
         t.protocol = Protocol::Alibaba;
-        let (topic, p) = upgrade("hanqi", &t, 42);
+        let (topic, p) = upgrade("hanqi", &t, None, 42);
         assert_eq!(topic, "/ota/device/upgrade/pk1/dn1");
         let v = json(&p);
         assert_eq!(
@@ -167,14 +181,19 @@ mod tests {
         );
         assert_eq!(v["data"]["signMethod"], "Md5");
         assert_eq!(v["data"]["isDiff"], 0);
+        assert!(v["data"].get("signatureFormat").is_none(), "{v}");
         t.delta = Some(crate::server::store::TaskDelta {
             from_version: "1.0.1".into(),
             url: "d".into(),
             md5: "dm".into(),
             size: 9,
         });
-        let v = json(&upgrade("hanqi", &t, 42).1);
+        let v = json(&upgrade("hanqi", &t, Some("SIG".into()), 42).1);
         assert_eq!(v["data"]["isDiff"], 1);
+        // the minisign signature rides beside the md5 sign older devices check
+        assert_eq!(v["data"]["signature"], "SIG");
+        assert_eq!(v["data"]["signatureFormat"], "minisign");
+        assert_eq!(v["data"]["signMethod"], "Md5");
         assert_eq!(
             (v["data"]["url"].as_str(), v["data"]["md5"].as_str()),
             (Some("d"), Some("dm"))

@@ -599,7 +599,9 @@ impl Ota {
     /// Publishes a task's command; false (logged at most once a second) if it did not go out —
     /// the device gets it when it subscribes again.
     async fn publish_command(&self, t: &TaskRecord) -> bool {
-        let (topic, payload) = commands::upgrade(&self.settings.topic_prefix, t, now_ms());
+        let signature = self.firmware.signature_text(&t.device_type, &t.to_version);
+        let (topic, payload) =
+            commands::upgrade(&self.settings.topic_prefix, t, signature, now_ms());
         match self.broker.publish(topic, payload).await {
             Ok(()) => {
                 self.commands_sent.fetch_add(1, Ordering::Relaxed);
@@ -970,7 +972,8 @@ impl Ota {
         let id = dev.id.as_str();
         let mut data = serde_json::json!({});
         if let Some(t) = self.store.active_task(id)? {
-            data = serde_json::to_value(commands::alibaba_data(&t)).expect("json");
+            let signature = self.firmware.signature_text(&t.device_type, &t.to_version);
+            data = serde_json::to_value(commands::alibaba_data(&t, signature)).expect("json");
             if t.start_time_ms.is_none() {
                 sends.push(t.id);
             }
@@ -996,7 +999,8 @@ impl Ota {
                 })?;
             if let Outcome::Changed(t) = state::apply(&t, &Input::CommandSent, now_ms()) {
                 self.store.put_task(&t)?;
-                data = serde_json::to_value(commands::alibaba_data(&t)).expect("json");
+                let signature = fw.signature.as_ref().map(|s| s.text.clone());
+                data = serde_json::to_value(commands::alibaba_data(&t, signature)).expect("json");
             }
         }
         let (pk, dn) = id.split_once('/').unwrap_or((id, ""));

@@ -12,13 +12,17 @@ use std::path::Path;
 use crate::server::events::Change;
 
 mod accounts;
+mod trust;
+
+pub use trust::BundleCommit;
 
 pub use records::{
-    AUDIT_SCHEMA, AuditRecord, CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus,
-    CampaignTargets, DELTA_SCHEMA, DEVICE_SCHEMA, DeltaRecord, DeltaStatus, DeviceRecord,
-    FIRMWARE_SCHEMA, FirmwareRecord, FirmwareStatus, MemberStatus, QueuedMembers, Role,
-    SESSION_SCHEMA, SessionRecord, TASK_SCHEMA, TaskDelta, TaskEvent, TaskHead, TaskRecord,
-    TaskStatus, USER_SCHEMA, UserRecord,
+    AUDIT_SCHEMA, AuditRecord, BundleRecord, CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord,
+    CampaignStatus, CampaignTargets, DELTA_SCHEMA, DEVICE_SCHEMA, DeltaRecord, DeltaStatus,
+    DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareSignature, FirmwareStatus, MemberStatus,
+    QueuedMembers, Role, SESSION_SCHEMA, SessionRecord, SignatureStatus, TASK_SCHEMA, TRUST_SCHEMA,
+    TaskDelta, TaskEvent, TaskHead, TaskRecord, TaskStatus, TrustKeyRecord, USER_SCHEMA,
+    UserRecord,
 };
 
 /// A store failure.
@@ -142,6 +146,9 @@ struct Engine {
     users: sled::Tree,
     sessions: sled::Tree,
     audit: sled::Tree,
+    trust_keys: sled::Tree,
+    bundles: sled::Tree,
+    sequences: sled::Tree,
 }
 
 /// Why the store cannot write, since when.
@@ -206,6 +213,20 @@ fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T>
         Some(b'{') => serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string())),
         _ => Err(corrupt("neither a binary nor a JSON record".into())),
     }
+}
+
+/// A firmware record in either schema: 1 (before signatures) is read and upgraded.
+fn decode_firmware(key: &[u8], bytes: &[u8]) -> Result<FirmwareRecord> {
+    decode::<FirmwareRecord>(key, bytes).or_else(|e| {
+        decode::<records::FirmwareRecordV1>(key, bytes)
+            .map(FirmwareRecord::from)
+            .map_err(|_| e)
+    })
+}
+
+/// Decodes a firmware record as [`Store::export`] writes it (hex-decoded), for the backup.
+pub fn decode_firmware_record(bytes: &[u8]) -> Result<FirmwareRecord> {
+    decode_firmware(b"(exported)", bytes)
 }
 
 /// Decodes a record value as [`Store::export`] writes it (hex-decoded), for the backup.
@@ -638,7 +659,13 @@ impl Engine {
         let users = db.open_tree("users")?;
         let sessions = db.open_tree("sessions")?;
         let audit = db.open_tree("audit")?;
+        let trust_keys = db.open_tree("trust_keys")?;
+        let bundles = db.open_tree("bundles")?;
+        let sequences = db.open_tree("bundle_sequences")?;
         Ok(Engine {
+            trust_keys,
+            bundles,
+            sequences,
             db,
             firmware,
             devices,
@@ -681,7 +708,7 @@ impl Engine {
         let key = firmware_key(device_type, version);
         self.firmware
             .get(&key)?
-            .map(|v| decode(&key, &v))
+            .map(|v| decode_firmware(&key, &v))
             .transpose()
     }
 
@@ -690,7 +717,7 @@ impl Engine {
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
-                decode(&k, &v)
+                decode_firmware(&k, &v)
             })
             .collect()
     }
@@ -701,7 +728,7 @@ impl Engine {
         let Some(raw) = self.firmware.get(&key)? else {
             return Err(conflict());
         };
-        if decode::<FirmwareRecord>(&key, &raw)? != *old {
+        if decode_firmware(&key, &raw)? != *old {
             return Err(conflict());
         }
         match self
@@ -717,7 +744,7 @@ impl Engine {
         let key = firmware_key(device_type, version);
         self.firmware
             .remove(&key)?
-            .map(|v| decode(&key, &v))
+            .map(|v| decode_firmware(&key, &v))
             .transpose()
     }
 
@@ -1148,6 +1175,7 @@ mod tests {
 
     fn rec(v: &str) -> FirmwareRecord {
         FirmwareRecord {
+            signature: None,
             schema: FIRMWARE_SCHEMA,
             device_type: "gateway".into(),
             version: v.into(),
@@ -1252,7 +1280,60 @@ mod tests {
             store.get_firmware("gateway", "1.0.0"),
             Err(StoreError::Corrupt { .. })
         ));
-        assert_eq!(decode_record::<FirmwareRecord>(&encode(&a)).unwrap(), a);
+        assert_eq!(decode_firmware_record(&encode(&a)).unwrap(), a);
+    }
+
+    #[tokio::test]
+    async fn schema_1_firmware_records_read_without_a_signature_and_update() {
+        #[derive(serde::Serialize)]
+        struct V1<'a> {
+            schema: u32,
+            device_type: &'a str,
+            version: &'a str,
+            sha256: &'a str,
+            md5: &'a str,
+            size: u64,
+            description: &'a str,
+            status: FirmwareStatus,
+            force_upgrade: bool,
+            release_date_ms: Option<i64>,
+            created_at_ms: i64,
+            updated_at_ms: i64,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut a = rec("1.0.0");
+        a.schema = 1;
+        let old = V1 {
+            schema: 1,
+            device_type: &a.device_type,
+            version: &a.version,
+            sha256: &a.sha256,
+            md5: &a.md5,
+            size: a.size,
+            description: &a.description,
+            status: a.status,
+            force_upgrade: a.force_upgrade,
+            release_date_ms: a.release_date_ms,
+            created_at_ms: a.created_at_ms,
+            updated_at_ms: a.updated_at_ms,
+        };
+        let key = firmware_key("gateway", "1.0.0");
+        store
+            .engine()
+            .unwrap()
+            .firmware
+            .insert(&key, encode(&old))
+            .unwrap();
+        assert_eq!(
+            store.get_firmware("gateway", "1.0.0").unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(decode_firmware_record(&encode(&old)).unwrap(), a);
+        let mut b = a.clone();
+        b.status = FirmwareStatus::Released;
+        store.update_firmware(&a, &b).unwrap();
+        assert_eq!(store.get_firmware("gateway", "1.0.0").unwrap(), Some(b));
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Current schema version of [`FirmwareRecord`].
-pub const FIRMWARE_SCHEMA: u32 = 1;
+pub const FIRMWARE_SCHEMA: u32 = 2;
 
 /// Lifecycle of a firmware image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +70,71 @@ pub struct FirmwareRecord {
     pub created_at_ms: i64,
     /// Milliseconds since the epoch of the last change.
     pub updated_at_ms: i64,
+    /// The minisign signature that came with the image, and what checking it found (schema 2).
+    #[serde(default)]
+    pub signature: Option<FirmwareSignature>,
+}
+
+/// What checking a firmware's signature found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureStatus {
+    /// Made by a trusted key over these bytes, for this device type and version.
+    Valid,
+    /// Does not verify, was made for another firmware, or by a key not trusted.
+    Invalid,
+}
+
+/// A firmware's signature as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareSignature {
+    /// The `.minisig` text.
+    pub text: String,
+    /// The key id that made it (16 hex digits).
+    pub key_id: String,
+    /// The trusted key's name, when the key was trusted.
+    pub signer: Option<String>,
+    /// What the check found.
+    pub status: SignatureStatus,
+    /// Why it is invalid ("" when valid).
+    pub reason: String,
+}
+
+/// [`FirmwareRecord`] as schema 1 wrote it (no signature); read and upgraded on load.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct FirmwareRecordV1 {
+    pub schema: u32,
+    pub device_type: String,
+    pub version: String,
+    pub sha256: String,
+    pub md5: String,
+    pub size: u64,
+    pub description: String,
+    pub status: FirmwareStatus,
+    pub force_upgrade: bool,
+    pub release_date_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+impl From<FirmwareRecordV1> for FirmwareRecord {
+    fn from(r: FirmwareRecordV1) -> FirmwareRecord {
+        FirmwareRecord {
+            schema: r.schema,
+            device_type: r.device_type,
+            version: r.version,
+            sha256: r.sha256,
+            md5: r.md5,
+            size: r.size,
+            description: r.description,
+            status: r.status,
+            force_upgrade: r.force_upgrade,
+            release_date_ms: r.release_date_ms,
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+            signature: None,
+        }
+    }
 }
 
 /// Current schema version of [`DeltaRecord`].
@@ -606,4 +671,55 @@ pub struct AuditRecord {
     pub result: String,
     /// The HTTP status of the answer (0: not an HTTP request).
     pub status: u16,
+}
+
+/// Current schema version of [`TrustKeyRecord`] and [`BundleRecord`].
+pub const TRUST_SCHEMA: u32 = 1;
+
+/// A public key trusted because a bundle signed by an already trusted key carried it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustKeyRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// The name signatures by it are recorded under.
+    pub name: String,
+    /// The minisign public key's base64 line.
+    pub key: String,
+    /// Its key id (16 hex digits).
+    pub key_id: String,
+    /// The bundle that added it.
+    pub bundle_id: String,
+    /// The name of the trusted key that signed that bundle.
+    pub signed_by: String,
+    /// Milliseconds since the epoch.
+    pub added_at_ms: i64,
+}
+
+/// An imported offline bundle (what it brought, for idempotence and the audit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// The manifest's bundle id.
+    pub id: String,
+    /// sha256 of the signed manifest bytes.
+    pub manifest_sha256: String,
+    /// The signing key's name and id.
+    pub signer: String,
+    /// Key id of the signer.
+    pub key_id: String,
+    /// The signer's sequence number of this bundle.
+    pub sequence: u64,
+    /// Milliseconds since the epoch.
+    pub imported_at_ms: i64,
+    /// `deviceType/version` of each firmware it added (not those already there).
+    pub firmware: Vec<String>,
+    /// `deviceType/from->to` of each delta it added.
+    pub deltas: Vec<String>,
+    /// Names of the keys it added.
+    pub keys: Vec<String>,
+    /// Campaign bodies (JSON) still to be created; emptied as they are.
+    pub campaigns_pending: Vec<String>,
+    /// Ids of the campaigns it created.
+    pub campaigns: Vec<String>,
 }

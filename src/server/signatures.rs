@@ -1,0 +1,212 @@
+//! What the appliance trusts and how it signs: the keyring (the `[trust] keys` of the config
+//! plus keys that imported bundles added, kept in the store), the check of a firmware's
+//! signature, the release gate of `require_signed`, and the site key that signs reports.
+//! Nothing here reads a clock: a signature is valid or not whatever the date.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use crate::server::store::{FirmwareRecord, FirmwareSignature, SignatureStatus, Store};
+use crate::trust::{self, Keyring, Signature, TrustedKey};
+
+/// The appliance's trust: keys, policy, site key.
+pub struct Signatures {
+    configured: Keyring,
+    ring: RwLock<Arc<Keyring>>,
+    store: Store,
+    /// Only firmware signed by a trusted key can be released (`[trust] require_signed`).
+    pub require_signed: bool,
+    site: SiteKey,
+}
+
+/// The appliance's own key pair: generated once into the data directory (`site.key`, mode
+/// 0600, unencrypted so the appliance starts unattended; `site.pub`).
+pub struct SiteKey {
+    secret: trust::SecretKey,
+    /// The public half, named `site`.
+    pub public: TrustedKey,
+}
+
+impl SiteKey {
+    /// Loads `<dir>/site.key`, generating the pair the first time.
+    pub fn load_or_create(dir: &Path) -> Result<SiteKey, String> {
+        let stem: PathBuf = dir.join("site");
+        let key = stem.with_extension("key");
+        if !key.exists() {
+            trust::generate(&stem, None).map_err(|e| format!("generating the site key: {e}"))?;
+            tracing::info!(path = %key.display(), "generated the site key that signs reports");
+        }
+        let secret = trust::SecretKey::load(&key, || {
+            Err(std::io::Error::other(
+                "the site key is encrypted; the appliance needs it without a password",
+            ))
+        })
+        .map_err(|e| format!("the site key {}: {e}", key.display()))?;
+        let public = secret
+            .public("site")
+            .map_err(|e| format!("the site key {}: {e}", key.display()))?;
+        Ok(SiteKey { secret, public })
+    }
+
+    /// Signs bytes in memory with `trusted_comment`.
+    pub fn sign(&self, bytes: &[u8], trusted_comment: &str) -> Result<String, String> {
+        self.secret
+            .sign(bytes, trusted_comment)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Signatures {
+    /// The configured keys plus those in the store; the site key from `data_dir`.
+    pub fn open(
+        configured: Keyring,
+        require_signed: bool,
+        store: Store,
+        data_dir: &Path,
+    ) -> Result<Signatures, String> {
+        let site = SiteKey::load_or_create(data_dir)?;
+        let s = Signatures {
+            ring: RwLock::new(Arc::new(configured.clone())),
+            configured,
+            store,
+            require_signed,
+            site,
+        };
+        s.reload()
+            .map_err(|e| format!("reading the trusted keys: {e}"))?;
+        Ok(s)
+    }
+
+    /// Re-reads the keys that bundles added (after an import).
+    pub fn reload(&self) -> Result<(), crate::server::store::StoreError> {
+        let mut ring = self.configured.clone();
+        for k in self.store.list_trust_keys()? {
+            if ring.by_name(&k.name).is_some() {
+                continue; // the config's key of that name wins
+            }
+            match TrustedKey::parse(&k.name, &k.key) {
+                Ok(key) => ring.add(key),
+                Err(e) => {
+                    tracing::warn!(name = %k.name, error = %e, "a stored trusted key is unusable; ignored")
+                }
+            }
+        }
+        *self.ring.write().expect("keyring lock") = Arc::new(ring);
+        Ok(())
+    }
+
+    /// The keys trusted now.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.ring.read().expect("keyring lock").clone()
+    }
+
+    /// Where keys come from: `config` or `bundle <id>`, per key name.
+    pub fn origin(&self, name: &str) -> String {
+        if self.configured.by_name(name).is_some() {
+            return "config".into();
+        }
+        self.store
+            .list_trust_keys()
+            .ok()
+            .and_then(|v| v.into_iter().find(|k| k.name == name))
+            .map(|k| format!("bundle {}", k.bundle_id))
+            .unwrap_or_else(|| "config".into())
+    }
+
+    /// The site key.
+    pub fn site(&self) -> &SiteKey {
+        &self.site
+    }
+
+    /// The trusted key that made `sig`, for checking while the bytes stream.
+    pub fn streaming_check(&self, sig: &Signature) -> Option<(TrustedKey, Signature)> {
+        let ring = self.keyring();
+        ring.signer_of(sig).ok().map(|k| (k.clone(), sig.clone()))
+    }
+
+    /// Judges a firmware's signature: `streamed` is the result of checking the bytes while
+    /// they were written (`None`: not checked yet, then `file` is read). Blocking.
+    pub fn judge_firmware(
+        &self,
+        sig: &Signature,
+        streamed: Option<Result<(), String>>,
+        file: &Path,
+        device_type: &str,
+        version: &str,
+        sha256: &str,
+    ) -> FirmwareSignature {
+        let ring = self.keyring();
+        let mut out = FirmwareSignature {
+            text: sig.text.clone(),
+            key_id: sig.key_id.clone(),
+            signer: None,
+            status: SignatureStatus::Invalid,
+            reason: String::new(),
+        };
+        let key = match ring.signer_of(sig) {
+            Ok(k) => k,
+            Err(e) => {
+                out.reason = e.to_string();
+                return out;
+            }
+        };
+        out.signer = Some(key.name.clone());
+        let bytes = match streamed {
+            Some(r) => r,
+            None => std::fs::File::open(file)
+                .map_err(|e| e.to_string())
+                .and_then(|f| key.verify_reader(sig, f).map_err(|e| e.to_string())),
+        };
+        if let Err(e) = bytes {
+            out.reason = e;
+            return out;
+        }
+        if let Err(e) =
+            trust::check_firmware_comment(sig.trusted_comment(), device_type, version, sha256)
+        {
+            out.reason = e;
+            return out;
+        }
+        out.status = SignatureStatus::Valid;
+        out
+    }
+
+    /// `none`, `valid` or `invalid` now: a signature found valid at upload stays valid while
+    /// its key is trusted.
+    pub fn status_of(&self, rec: &FirmwareRecord) -> (&'static str, Option<String>) {
+        match &rec.signature {
+            None => ("none", None),
+            Some(s) if s.status == SignatureStatus::Valid => {
+                if self.keyring().keys().iter().any(|k| k.key_id == s.key_id) {
+                    ("valid", None)
+                } else {
+                    (
+                        "invalid",
+                        Some(format!("key {} is no longer trusted", s.key_id)),
+                    )
+                }
+            }
+            Some(s) => ("invalid", Some(s.reason.clone())),
+        }
+    }
+
+    /// Why `rec` cannot be released under `require_signed`, if it cannot.
+    pub fn release_refusal(&self, rec: &FirmwareRecord) -> Option<String> {
+        if !self.require_signed {
+            return None;
+        }
+        match self.status_of(rec) {
+            ("valid", _) => None,
+            ("none", _) => Some(format!(
+                "firmware {} for device type {} is not signed, and [trust] require_signed is on: upload it again with its signature (hangar firmware sign)",
+                rec.version, rec.device_type
+            )),
+            (_, why) => Some(format!(
+                "firmware {} for device type {} has no valid signature by a trusted key ({}), and [trust] require_signed is on",
+                rec.version,
+                rec.device_type,
+                why.unwrap_or_default()
+            )),
+        }
+    }
+}
