@@ -1300,7 +1300,12 @@ pub fn config(cmd: ConfigCmd) -> Result<(), CliError> {
             Ok(())
         }
         ConfigCmd::Check { file } => {
-            Config::from_file(&file)?;
+            let c = Config::from_file(&file)?;
+            if !c.trust.require_signed {
+                eprintln!(
+                    "warning: [trust] require_signed is off: unsigned firmware can be released"
+                );
+            }
             println!("{}: ok", file.display());
             Ok(())
         }
