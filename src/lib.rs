@@ -17,6 +17,7 @@
 //! - [`net`]: host name, interface addresses, listeners.
 //! - [`ratelog`]: warnings limited to one per second per call site.
 //! - [`trust`]: minisign keys and signatures (firmware, bundles, site reports).
+//! - [`report`]: the signed site report's audit hash chain.
 
 pub mod bsdiff;
 pub mod bundle;
@@ -29,6 +30,7 @@ pub mod ids;
 pub mod net;
 pub mod protocol;
 pub mod ratelog;
+pub mod report;
 pub mod server;
 pub mod time;
 pub mod tls;

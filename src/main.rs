@@ -111,6 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key(cmd) => hangar::cli::signing::key(cmd)?,
         Command::Bundle(cmd) => hangar::cli::bundles::bundle(&cli.global, cmd).await?,
         Command::Site(cmd) => hangar::cli::bundles::site(&cli.global, cmd).await?,
+        Command::Report(cmd) => hangar::cli::bundles::report(&cli.global, cmd).await?,
         Command::Sim(args) => {
             init_tracing(false);
             let client = hangar::cli::client::Client::connect(&hangar::cli::endpoint(&cli.global))?;

@@ -324,13 +324,14 @@ async fn a_bundle_round_trip_its_plan_runs_and_replays_are_refused() {
     let s = Server::start_with(trusting(&v.public)).await;
     // the site's devices run 1.0.1 (from an earlier upload; the bundle's copy is the same)
     s.release_bytes("1.0.1", "gateway", old.clone()).await;
+    // devices that check signatures with the appliance's trusted keys, as the agent does
     let mut sim = s.sim(&[
         "--devices",
         "4",
         "--version",
         "1.0.1",
         "--register",
-        "--until-idle",
+        "--verify-signatures",
         "--timeout",
         "120",
     ]);
@@ -382,6 +383,18 @@ async fn a_bundle_round_trip_its_plan_runs_and_replays_are_refused() {
         .wait_campaign(&campaign, 120, |c| c["status"] == "completed")
         .await;
     assert_eq!(done["counts"]["completed"], 4, "{done}");
+    // an unsigned image: the simulated device refuses it
+    s.release_bytes("1.0.3", "gateway", image(5000, 33)).await;
+    let (st, r) = s
+        .post_json("/api/ota/upgrade/SIM0001", json!({"version": "1.0.3"}))
+        .await;
+    assert_eq!(st, 201, "{r}");
+    let t = s
+        .wait_task("SIM0001", |t| {
+            t["toVersion"] == "1.0.3" && t["status"] == "failed"
+        })
+        .await;
+    assert_eq!(t["errorCode"], "VERIFY_FAILED", "{t}");
     let _ = sim.kill().await;
     let (_, tasks) = s
         .get_json(&format!("/api/ota/tasks?campaignId={campaign}"))
@@ -700,4 +713,128 @@ fn tokio_stream_of(
     mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
 ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+// the CLI is a blocking child process talking to the in-process server: two workers
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_report_verifies_anywhere_and_incremental_ones_continue_the_chain() {
+    let s = Server::start().await;
+    let cfg = s.client_config();
+    let cli = |args: &[&str]| {
+        let mut a = vec!["--config", p(&cfg)];
+        a.extend_from_slice(args);
+        hangar(&a)
+    };
+    s.register("GW-R", "gateway", "report-secret").await;
+    s.release("1.0.1", "gateway", 1000).await;
+    let work = tempfile::tempdir().unwrap();
+    let (ok, site_pub, err) = cli(&["site", "key"]);
+    assert!(ok, "{err}");
+    let site = work.path().join("site.pub");
+    std::fs::write(&site, &site_pub).unwrap();
+
+    let r1 = work.path().join("r1.tar");
+    let (ok, _, err) = cli(&["report", "export", "--out", p(&r1)]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = hangar(&["report", "verify", p(&r1), "--site-key", p(&site)]);
+    assert!(ok && out.contains("valid"), "{out}{err}");
+    let report = |f: &Path| -> Value {
+        let mut t = hangar::bundle::TarReader::new(std::fs::File::open(f).unwrap());
+        serde_json::from_slice(&hangar::bundle::read_small(&mut t, "report.json", 1 << 30).unwrap())
+            .unwrap()
+    };
+    let first = report(&r1);
+    assert_eq!(first["devices"][0]["id"], "GW-R", "{first}");
+    let actions: Vec<&str> = first["audit"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"firmware.upload") && actions.contains(&"device.register"),
+        "{actions:?}"
+    );
+
+    // the stock minisign checks the extracted report.json with the site key
+    if let Some(minisign) = tool("minisign", "minisign") {
+        let dir = work.path().join("x");
+        std::fs::create_dir(&dir).unwrap();
+        assert!(
+            Command::new("tar")
+                .arg("xf")
+                .arg(&r1)
+                .arg("-C")
+                .arg(&dir)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let v = Command::new(minisign)
+            .args(["-V", "-q", "-p"])
+            .arg(&site)
+            .arg("-m")
+            .arg(dir.join("report.json"))
+            .output()
+            .unwrap();
+        assert!(v.status.success(), "{v:?}");
+    }
+
+    // more changes, then an incremental export that continues the chain
+    s.release("1.0.2", "gateway", 1000).await;
+    let to = first["to"].as_u64().unwrap().to_string();
+    let r2 = work.path().join("r2.tar");
+    let (ok, _, err) = cli(&["report", "export", "--out", p(&r2), "--since", &to]);
+    assert!(ok, "{err}");
+    let second = report(&r2);
+    assert_eq!(second["audit"]["previousHash"], first["audit"]["lastHash"]);
+    let (ok, out, err) = hangar(&[
+        "report",
+        "verify",
+        p(&r2),
+        "--site-key",
+        p(&site),
+        "--previous",
+        p(&r1),
+    ]);
+    assert!(ok, "{out}{err}");
+    // a report that does not continue the one named: refused
+    let (ok, _, err) = hangar(&[
+        "report",
+        "verify",
+        p(&r1),
+        "--site-key",
+        p(&site),
+        "--previous",
+        p(&r2),
+    ]);
+    assert!(!ok && err.contains("does not continue"), "{err}");
+
+    // an edited report (an audit entry's result changed, the tar rebuilt): refused
+    let mut edited = report(&r2);
+    edited["audit"]["entries"][0]["result"] = json!("ok (edited)");
+    let sig = {
+        let mut t = hangar::bundle::TarReader::new(std::fs::File::open(&r2).unwrap());
+        hangar::bundle::read_small(&mut t, "report.json", 1 << 30).unwrap();
+        hangar::bundle::read_small(&mut t, "report.json.minisig", 4096).unwrap()
+    };
+    let json_bytes = serde_json::to_vec_pretty(&edited).unwrap();
+    let mut tar = Vec::new();
+    for (name, data) in [
+        ("report.json", &json_bytes[..]),
+        ("report.json.minisig", &sig[..]),
+    ] {
+        hangar::bundle::write_header(&mut tar, name, data.len() as u64).unwrap();
+        tar.extend_from_slice(data);
+        hangar::bundle::write_padding(&mut tar, data.len() as u64).unwrap();
+    }
+    hangar::bundle::write_end(&mut tar).unwrap();
+    let bad = work.path().join("bad.tar");
+    std::fs::write(&bad, tar).unwrap();
+    let (ok, _, err) = hangar(&["report", "verify", p(&bad), "--site-key", p(&site)]);
+    assert!(!ok && err.contains("not signed by this site key"), "{err}");
+    // another site's key: refused
+    let other = keypair(work.path(), "other");
+    let (ok, _, _) = hangar(&["report", "verify", p(&r1), "--site-key", &other]);
+    assert!(!ok);
 }

@@ -456,3 +456,116 @@ fn verify_file(file: &Path, ring: &Keyring) -> Result<Manifest, CliError> {
     let _ = std::io::stdout().flush();
     Ok(m)
 }
+
+/// `hangar report ...`
+#[derive(Debug, Subcommand)]
+pub enum ReportCmd {
+    /// Write the appliance's signed report: inventory, tasks, campaigns, statistics and the
+    /// audit log as a hash chain.
+    Export {
+        /// Where to write it (a tar of report.json and report.json.minisig).
+        #[arg(long)]
+        out: PathBuf,
+        /// Only the audit entries after this sequence number (and the tasks changed since):
+        /// the `to` of the report before.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
+    /// Check a report anywhere, with the site's public key only.
+    Verify {
+        /// The report.
+        file: PathBuf,
+        /// The site's public key (`hangar site key` prints it): a .pub file or its base64 line.
+        #[arg(long)]
+        site_key: String,
+        /// The report before this one: this one's chain must continue it.
+        #[arg(long)]
+        previous: Option<PathBuf>,
+    },
+}
+
+/// Runs `hangar report ...`.
+pub async fn report(g: &super::Global, cmd: ReportCmd) -> Result<(), CliError> {
+    match cmd {
+        ReportCmd::Export { out, since } => {
+            let client = Client::connect(&super::endpoint(g))?;
+            let n = client
+                .download_to(&format!("/api/reports?since={since}"), &out)
+                .await?;
+            eprintln!("{}: {n} bytes", out.display());
+            Ok(())
+        }
+        ReportCmd::Verify {
+            file,
+            site_key,
+            previous,
+        } => {
+            let key = TrustedKey::parse("site", &key_text(&site_key)?).map_err(trust_err)?;
+            let r = verify_report(&file, &key)?;
+            if let Some(p) = previous {
+                let before = verify_report(&p, &key)?;
+                let (end, start) = (
+                    before["audit"]["lastHash"].as_str().unwrap_or(""),
+                    r["audit"]["previousHash"].as_str().unwrap_or(""),
+                );
+                if end != start || before["to"] != r["since"] {
+                    return Err(CliError::Trust(format!(
+                        "{} does not continue {}: it starts after entry {} (hash {start}), the other ends at {} (hash {end})",
+                        file.display(),
+                        p.display(),
+                        r["since"],
+                        before["to"]
+                    )));
+                }
+            }
+            println!(
+                "report of site {} (audit entries {}..{}, {} devices, {} tasks): signature and hash chain valid",
+                key.key_id,
+                r["since"],
+                r["to"],
+                r["devices"].as_array().map_or(0, Vec::len),
+                r["tasks"].as_array().map_or(0, Vec::len)
+            );
+            Ok(())
+        }
+    }
+}
+
+fn verify_report(file: &Path, key: &TrustedKey) -> Result<serde_json::Value, CliError> {
+    let f = std::fs::File::open(file).map_err(io_err(format!("reading {}", file.display())))?;
+    let bad = |m: String| CliError::Trust(format!("{}: {m}", file.display()));
+    let mut tar = bundle::TarReader::new(std::io::BufReader::new(f));
+    let json =
+        bundle::read_small(&mut tar, "report.json", 1 << 30).map_err(|e| bad(e.to_string()))?;
+    let sig = bundle::read_small(
+        &mut tar,
+        "report.json.minisig",
+        trust::MAX_SIGNATURE_BYTES as u64,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    if tar.next_entry().map_err(|e| bad(e.to_string()))?.is_some() {
+        return Err(bad("more entries than report.json and its signature".into()));
+    }
+    let sig = Signature::parse(&String::from_utf8_lossy(&sig)).map_err(|e| bad(e.to_string()))?;
+    key.verify_bytes(&sig, &json)
+        .map_err(|e| bad(format!("not signed by this site key: {e}")))?;
+    let r: serde_json::Value =
+        serde_json::from_slice(&json).map_err(|e| bad(format!("report.json: {e}")))?;
+    let (since, to) = (
+        r["since"].as_u64().unwrap_or(0),
+        r["to"].as_u64().unwrap_or(0),
+    );
+    if sig.trusted_comment() != crate::report::comment(&key.key_id, since, to) {
+        return Err(bad(format!(
+            "the signature's trusted comment {:?} does not describe this report",
+            sig.trusted_comment()
+        )));
+    }
+    let chain: crate::report::AuditChain = serde_json::from_value(r["audit"].clone())
+        .map_err(|e| bad(format!("its audit section: {e}")))?;
+    crate::report::check_chain(&chain).map_err(bad)?;
+    if chain.entries.last().map_or(since, |e| e.seq) != to {
+        return Err(bad(format!("the audit chain does not end at entry {to}")));
+    }
+    Ok(r)
+}

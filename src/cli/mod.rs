@@ -116,6 +116,9 @@ pub enum Command {
     /// The appliance's own key: `hangar site key` prints its public half.
     #[command(subcommand)]
     Site(bundles::SiteCmd),
+    /// Signed site reports: export (from the appliance), verify (anywhere).
+    #[command(subcommand)]
+    Report(bundles::ReportCmd),
     /// Show a device's newest task; --follow renders live progress until it ends.
     Task {
         /// Device id.

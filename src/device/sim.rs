@@ -90,6 +90,14 @@ pub struct SimArgs {
     /// Use MQTTS (the appliance's CA) instead of plain MQTT.
     #[arg(long)]
     pub tls: bool,
+    /// Check each image's minisign signature before "installing" it, as `hangar agent` does:
+    /// a missing or bad one is VERIFY_FAILED (-3). The keys are `--trusted-key`s, else the
+    /// appliance's trusted keys (GET /api/site).
+    #[arg(long)]
+    pub verify_signatures: bool,
+    /// A minisign public key (base64 line or .pub file) the devices trust; repeatable.
+    #[arg(long = "trusted-key")]
+    pub trusted_keys: Vec<String>,
     /// Alibaba devices ask firmware/get at start and every this many seconds (0: only at start).
     #[arg(long, default_value_t = 0)]
     pub get_interval: u64,
@@ -134,6 +142,8 @@ type PatchCache = Mutex<HashMap<(String, String, String), Arc<OnceCell<Result<()
 
 struct Shared {
     args: SimArgs,
+    /// With `--verify-signatures`: the keys images must be signed by.
+    trusted: Option<crate::trust::Keyring>,
     http: reqwest::Client,
     admin: Option<(String, String)>,
     target: MqttTarget,
@@ -326,7 +336,13 @@ pub async fn run(client: Appliance, args: SimArgs) -> anyhow::Result<i32> {
     if args.register {
         register(&client, &devices).await?;
     }
+    let trusted = if args.verify_signatures {
+        Some(sim_keyring(&client, &args).await?)
+    } else {
+        None
+    };
     let sh = Arc::new(Shared {
+        trusted,
         http: client.http.clone(),
         admin: Some((client.base.clone(), client.token.clone())),
         target: MqttTarget {
@@ -698,6 +714,11 @@ async fn upgrade(
         )
         .await;
     }
+    if let Some(keys) = &sh.trusted
+        && let Err(why) = check_signature(sh, keys, offer).await
+    {
+        return fail(Failure::Verify, format!("signature check failed: {why}")).await;
+    }
     link.send(stage_report(ident, offer, Stage::Installing, &current))
         .await;
     if fault == Some(FaultAt::Install) {
@@ -721,6 +742,82 @@ async fn upgrade(
     running.lock().expect("poisoned").version = offer.version.clone();
     link.send(announce(ident, &offer.version)).await;
     End::Completed
+}
+
+/// The keys of `--verify-signatures`: the `--trusted-key`s, else the appliance's.
+async fn sim_keyring(client: &Appliance, args: &SimArgs) -> anyhow::Result<crate::trust::Keyring> {
+    let mut texts = Vec::new();
+    for k in &args.trusted_keys {
+        texts.push(if std::path::Path::new(k).exists() {
+            std::fs::read_to_string(k)?
+        } else {
+            k.clone()
+        });
+    }
+    if texts.is_empty() {
+        let v: serde_json::Value = client
+            .http
+            .get(format!("{}/api/site", client.base))
+            .bearer_auth(&client.token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        for k in v["data"]["trustedKeys"].as_array().into_iter().flatten() {
+            texts.push(k["key"].as_str().unwrap_or("").to_string());
+        }
+    }
+    if texts.is_empty() {
+        anyhow::bail!(
+            "--verify-signatures: no trusted key (give --trusted-key, or add [trust] keys to the appliance)"
+        );
+    }
+    let names: Vec<String> = (0..texts.len()).map(|i| format!("key{i}")).collect();
+    crate::trust::Keyring::parse(
+        names
+            .iter()
+            .map(String::as_str)
+            .zip(texts.iter().map(String::as_str)),
+    )
+    .map_err(anyhow::Error::msg)
+}
+
+/// A simulated device's signature check: the image it verified by sha256 (the shared copy of
+/// that version, same bytes) against the command's signature.
+async fn check_signature(
+    sh: &Shared,
+    keys: &crate::trust::Keyring,
+    offer: &Offer,
+) -> Result<(), String> {
+    let text = offer
+        .signature
+        .as_ref()
+        .ok_or("the command carries no signature")?;
+    let img = sh
+        .image(&offer.version)
+        .await
+        .ok_or("the image is not available to check")?;
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&img[..]))
+    };
+    if offer
+        .sha256
+        .as_ref()
+        .is_some_and(|s| !s.eq_ignore_ascii_case(&sha))
+    {
+        return Err("the image changed".into());
+    }
+    let sig = crate::trust::Signature::parse(text).map_err(|e| e.to_string())?;
+    let key = keys.signer_of(&sig).map_err(|e| e.to_string())?;
+    key.verify_bytes(&sig, &img).map_err(|e| e.to_string())?;
+    crate::trust::check_firmware_comment(
+        sig.trusted_comment(),
+        &sh.args.device_type,
+        &offer.version,
+        &sha,
+    )
 }
 
 /// Downloads the patch, applies it to the shared base image and verifies the result against

@@ -52,6 +52,7 @@ pub fn rule(method: &Method, path: &str) -> Rule {
     let get = method == Method::GET || method == Method::HEAD;
     match (get, method.as_str(), path) {
         (true, _, "/api/ota/backup") => change(Admin, "backup.download"),
+        (true, _, "/api/reports") => change(Admin, "report.export"),
         (true, _, "/api/users") => read(Admin),
         (true, _, _) => read(Viewer),
         (_, "POST", "/api/auth/logout") => change(Viewer, "auth.logout"),

@@ -101,7 +101,7 @@ fn spec(b: CampaignBody) -> CampaignSpec {
     }
 }
 
-fn dto(
+pub(super) fn dto(
     st: &AppState,
     c: &CampaignRecord,
     members: &[CampaignMember],

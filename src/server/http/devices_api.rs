@@ -19,7 +19,7 @@ use crate::server::ota::TaskFilter;
 use crate::server::registry::{DeviceChange, DeviceError, NewDevice};
 use crate::server::store::{DeviceRecord, TaskStatus};
 
-fn device_dto(st: &AppState, d: &DeviceRecord) -> DeviceDto {
+pub(super) fn device_dto(st: &AppState, d: &DeviceRecord) -> DeviceDto {
     let live = st.devices.live(&d.id);
     DeviceDto {
         id: d.id.clone(),

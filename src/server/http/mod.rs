@@ -192,6 +192,7 @@ pub fn router(state: AppState) -> Router {
             post(trust_api::import).layer(DefaultBodyLimit::disable()),
         )
         .route("/api/site", get(trust_api::site))
+        .route("/api/reports", get(trust_api::report))
         .route("/api/auth/logout", post(accounts_api::logout))
         .route("/api/auth/session", get(accounts_api::session))
         .route(

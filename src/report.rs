@@ -1,0 +1,203 @@
+//! The signed site report: what an air-gapped site carries back out. Shared by the appliance
+//! (`GET /api/reports`, `hangar report export`) and the checker (`hangar report verify`, which
+//! needs nothing but the file and the site's public key).
+//!
+//! A report is a tar of `report.json` and `report.json.minisig` (signed by the site key, trusted
+//! comment `hangar-report site=<key id> from=<seq> to=<seq>`), so `minisign -V` can check the
+//! extracted `report.json` too. Its audit section is a **hash chain**: every entry carries the
+//! hash of the one before (`prev`) and its own (`hash` = sha256 of `prev` and the entry's
+//! canonical JSON), starting from `previousHash` — 64 zeros for the first entry ever, else the
+//! `hash` of the last entry of the report before. A removed, added or edited entry breaks the
+//! chain; an incremental export (`--since SEQ`) continues it.
+
+use serde::{Deserialize, Serialize};
+
+/// The report's `format`.
+pub const FORMAT: &str = "hangar-report/1";
+/// The chain's start.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit entry as a report carries it; the fields before `prev` are what is hashed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChainEntry {
+    /// Sequence number in the appliance's audit log.
+    pub seq: u64,
+    /// RFC 3339 time.
+    pub at: String,
+    /// Who.
+    pub actor: String,
+    /// token | cli | session | system.
+    pub via: String,
+    /// What.
+    pub action: String,
+    /// On what.
+    pub target: String,
+    /// ok | refused <status>.
+    pub result: String,
+    /// HTTP status of the answer.
+    pub status: u16,
+    /// Hash of the entry before.
+    pub prev: String,
+    /// Hash of this one.
+    pub hash: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Hashed<'a> {
+    seq: u64,
+    at: &'a str,
+    actor: &'a str,
+    via: &'a str,
+    action: &'a str,
+    target: &'a str,
+    result: &'a str,
+    status: u16,
+}
+
+/// The hash of an entry after `prev` (its `prev` and `hash` fields are not part of it).
+pub fn entry_hash(prev: &str, e: &ChainEntry) -> String {
+    use sha2::Digest;
+    let body = serde_json::to_vec(&Hashed {
+        seq: e.seq,
+        at: &e.at,
+        actor: &e.actor,
+        via: &e.via,
+        action: &e.action,
+        target: &e.target,
+        result: &e.result,
+        status: e.status,
+    })
+    .expect("json");
+    let mut h = sha2::Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(b"\n");
+    h.update(&body);
+    hex::encode(h.finalize())
+}
+
+/// Links `entries` (in seq order, `prev`/`hash` ignored) into a chain after `prev`; returns
+/// the last hash.
+pub fn link(mut prev: String, entries: &mut [ChainEntry]) -> String {
+    for e in entries {
+        e.prev = prev.clone();
+        e.hash = entry_hash(&prev, e);
+        prev = e.hash.clone();
+    }
+    prev
+}
+
+/// The audit section of a report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditChain {
+    /// The hash the first entry follows.
+    pub previous_hash: String,
+    /// The sequence number after which this report starts (0: from the beginning).
+    pub since: u64,
+    /// The entries, in order.
+    pub entries: Vec<ChainEntry>,
+    /// The hash of the last entry (= `previousHash` when there are none).
+    pub last_hash: String,
+}
+
+/// Checks a chain: each entry follows the one before, by `prev` and by sequence number
+/// (no gap), and its hash is right. `Err` names the first entry that is wrong.
+pub fn check_chain(c: &AuditChain) -> Result<(), String> {
+    let mut prev = c.previous_hash.clone();
+    let mut seq = c.since;
+    for e in &c.entries {
+        if e.seq != seq + 1 {
+            return Err(format!(
+                "audit entry {} follows {seq}: entries are missing or out of order",
+                e.seq
+            ));
+        }
+        if e.prev != prev {
+            return Err(format!(
+                "audit entry {} does not follow the one before it (prev {}, expected {prev})",
+                e.seq, e.prev
+            ));
+        }
+        if entry_hash(&prev, e) != e.hash {
+            return Err(format!(
+                "audit entry {} was edited (its hash does not match)",
+                e.seq
+            ));
+        }
+        prev = e.hash.clone();
+        seq = e.seq;
+    }
+    if prev != c.last_hash {
+        return Err("the chain's last hash does not match its last entry".into());
+    }
+    Ok(())
+}
+
+/// The trusted comment of a report signature.
+pub fn comment(site_key_id: &str, since: u64, to: u64) -> String {
+    format!("hangar-report site={site_key_id} from={since} to={to}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64) -> ChainEntry {
+        ChainEntry {
+            seq,
+            at: "2026-12-01T00:00:00Z".into(),
+            actor: "admin-token".into(),
+            via: "cli".into(),
+            action: "firmware.upload".into(),
+            target: format!("gateway/1.0.{seq}"),
+            result: "ok".into(),
+            status: 201,
+            prev: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    fn chain(since: u64, n: u64, prev: &str) -> AuditChain {
+        let mut entries: Vec<_> = (since + 1..=since + n).map(entry).collect();
+        let last = link(prev.to_string(), &mut entries);
+        AuditChain {
+            previous_hash: prev.to_string(),
+            since,
+            entries,
+            last_hash: last,
+        }
+    }
+
+    #[test]
+    fn a_chain_checks_and_any_edit_gap_or_reorder_breaks_it() {
+        let c = chain(0, 5, GENESIS);
+        check_chain(&c).unwrap();
+        // continued by the next export
+        let next = chain(5, 3, &c.last_hash);
+        check_chain(&next).unwrap();
+        assert_eq!(next.entries[0].prev, c.last_hash);
+
+        let mut edited = c.clone();
+        edited.entries[2].result = "refused 403".into();
+        assert!(check_chain(&edited).unwrap_err().contains("edited"));
+        let mut gap = c.clone();
+        gap.entries.remove(2);
+        assert!(check_chain(&gap).is_err());
+        let mut swapped = c.clone();
+        swapped.entries.swap(1, 2);
+        assert!(check_chain(&swapped).is_err());
+        let mut rehashed = c.clone();
+        rehashed.entries[2].target = "x".into();
+        let h = entry_hash(&rehashed.entries[2].prev.clone(), &rehashed.entries[2]);
+        rehashed.entries[2].hash = h; // re-hashing one entry breaks the next one's prev
+        assert!(check_chain(&rehashed).is_err());
+        let mut cut = c.clone();
+        cut.entries.pop();
+        assert!(
+            check_chain(&cut).is_err(),
+            "the last hash names the real end"
+        );
+    }
+}
