@@ -37,6 +37,7 @@ fn covered() -> Vec<(&'static str, &'static str)> {
         ("DELETE", "/api/users/{name}"),
         ("POST", "/api/auth/login"),
         ("POST", "/api/auth/logout"),
+        ("POST", "/api/ota/bundles"),
     ]
 }
 
@@ -367,4 +368,61 @@ async fn csrf(a: &Appliance, cookie: &str) -> String {
         .unwrap();
     let v: Value = r.json().await.unwrap();
     v["data"]["csrfToken"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_bundle_survives_a_kill_right_after_the_answer() {
+    let root = tempfile::tempdir().unwrap();
+    let vendor = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let stem = vendor.path().join("vendor");
+    let public = run(&["key", "generate", stem.to_str().unwrap(), "--no-password"]);
+    let img = vendor.path().join("fw.bin");
+    std::fs::write(&img, image(200_000, 7)).unwrap();
+    let bundle = vendor.path().join("b.tar");
+    run(&[
+        "bundle",
+        "create",
+        "--key",
+        stem.with_extension("key").to_str().unwrap(),
+        "--out",
+        bundle.to_str().unwrap(),
+        "--firmware",
+        &format!("{}:gateway:4.0.0", img.display()),
+    ]);
+    let trust = format!(
+        "[trust]\nkeys = [{{name = \"vendor\", key = {:?}}}]\n",
+        public.trim()
+    );
+    let mut a = Appliance::start_in(root.path(), &trust).await;
+    let r = a
+        .http
+        .post(format!("{}/api/ota/bundles", a.base()))
+        .bearer_auth(a.token())
+        .body(std::fs::read(&bundle).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    a.kill_and_restart().await;
+    let (st, fw) = a.get("/api/ota/firmware/4.0.0").await;
+    assert_eq!(st, 200, "imported firmware lost: {fw}");
+    assert_eq!(fw["data"]["signatureStatus"], "valid");
+    // and the bundle is known: importing it again changes nothing
+    let r = a
+        .http
+        .post(format!("{}/api/ota/bundles", a.base()))
+        .bearer_auth(a.token())
+        .body(std::fs::read(&bundle).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -224,11 +224,64 @@ async fn signed_firmware_both_ways_with_minisign_and_the_release_gate() {
         404
     );
 
+    // the console's firmware page shows each signature's state and signer
+    let page = console_firmware_page(&s).await;
+    assert!(
+        page.contains("by <b>vendor</b>") && page.contains("by <b>stock</b>"),
+        "{page}"
+    );
+    assert!(page.contains("not a trusted key"), "{page}");
+    assert!(
+        !page.contains("unsigned-warning"),
+        "require_signed is on: {page}"
+    );
+    let lax = Server::start().await;
+    assert!(
+        console_firmware_page(&lax)
+            .await
+            .contains("unsigned-warning")
+    );
+
     // the site key is there for reports, and the keys are listed
     let (_, site) = s.get_json("/api/site").await;
     assert_eq!(site["data"]["requireSigned"], true);
     assert_eq!(site["data"]["trustedKeys"].as_array().unwrap().len(), 2);
     assert!(site["data"]["siteKey"].as_str().unwrap().starts_with("RW"));
+}
+
+/// The console's firmware page as a signed-in viewer sees it.
+async fn console_firmware_page(s: &Server) -> String {
+    let (st, b) = s
+        .post_json(
+            "/api/users",
+            json!({"name": "vic", "role": "viewer", "password": "vic's long password"}),
+        )
+        .await;
+    assert!(st == 201 || st == 409, "{b}");
+    let r = s
+        .client
+        .post(s.url("/api/auth/login"))
+        .json(&json!({"username": "vic", "password": "vic's long password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = s
+        .client
+        .get(s.url("/firmware"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap()
 }
 
 struct Vendor {

@@ -31,6 +31,7 @@ pub async fn page(
                     label { "Version " input name="version" required maxlength="64" pattern="[0-9A-Za-z.+\\-]{1,64}" placeholder="1.0.2"; }
                     label { "Device type " input name="deviceType" value="gateway" maxlength="64" pattern="[A-Za-z0-9_\\-]{1,64}"; }
                 }
+                label { "Signature (.minisig, optional) " input type="file" name="signature" accept=".minisig"; }
                 label { "Description " input name="description" maxlength="4096"; }
                 label { input type="checkbox" name="forceUpgrade" value="true"; " force upgrade" }
                 div.row {
@@ -41,10 +42,16 @@ pub async fn page(
             }
         }
     };
+    let sigs = &st.signatures;
     let live = html! {
+        @if !sigs.require_signed {
+            p.card.warning #unsigned-warning {
+                "Signatures are not required: unsigned firmware can be released ([trust] require_signed = false)."
+            }
+        }
         table.firmware {
             thead { tr {
-                th { "Type" } th { "Version" } th { "State" } th { "Size" } th { "Description" }
+                th { "Type" } th { "Version" } th { "State" } th { "Signature" } th { "Size" } th { "Description" }
                 th { "Uploaded" } th { "Deltas to it" } @if operator { th { "Actions" } }
             } }
             tbody {
@@ -54,6 +61,12 @@ pub async fn page(
                         td { (f.device_type) }
                         td { b { (f.version) } }
                         td { (badge(f.status.as_str())) }
+                        @let (sig, why) = sigs.status_of(f);
+                        td.signature {
+                            (badge(sig))
+                            @if let Some(name) = f.signature.as_ref().and_then(|s| s.signer.as_ref()) { " by " b { (name) } }
+                            @if let Some(w) = why { br; span.muted { (w) } }
+                        }
                         td { (bytes(f.size)) }
                         td.description { (f.description) }
                         td { (when(f.created_at_ms)) }

@@ -50,10 +50,10 @@ pub fn when(ms: i64) -> String {
 /// A status word in its colour.
 pub fn badge(status: &str) -> Markup {
     let class = match status {
-        "completed" | "released" | "ready" | "online" | "ok" => "good",
-        "failed" | "cancelled" | "rolled back" | "offline" | "deprecated" => "bad",
+        "completed" | "released" | "ready" | "online" | "ok" | "valid" => "good",
+        "failed" | "cancelled" | "rolled back" | "offline" | "deprecated" | "invalid" => "bad",
         "stale" | "paused" | "retrying" | "skipped" => "warn",
-        "pending" | "queued" | "scheduled" | "draft" | "testing" => "idle",
+        "pending" | "queued" | "scheduled" | "draft" | "testing" | "none" => "idle",
         _ => "busy",
     };
     html! { span class={"badge " (class)} { (status) } }

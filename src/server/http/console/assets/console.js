@@ -157,6 +157,9 @@
     fd.append("deviceType", f.deviceType.value || "gateway");
     fd.append("description", f.description.value);
     fd.append("forceUpgrade", f.forceUpgrade.checked ? "true" : "false");
+    // the signature goes before the image, so the appliance checks it while the image streams
+    const sig = f.signature && f.signature.files[0];
+    if (sig) fd.append("signature", await sig.text());
     fd.append("file", file, file.name);
     const token = await session();
     const xhr = new XMLHttpRequest();
