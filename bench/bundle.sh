@@ -42,6 +42,7 @@ HWM0=$(hwm)
 echo "bundle of ${SIZE_MB} MB (two images), $RUNS interleaved runs:"
 IMPORT=()
 BASE=()
+RATIO=()
 for r in $(seq "$RUNS"); do
   # a new bundle each run (new versions), made outside the timing
   rm -f run.bundle
@@ -57,12 +58,12 @@ for r in $(seq "$RUNS"); do
   # the images are stored twice over the runs: free their blobs again for the next run
   H firmware delete "$r.0.0" >/dev/null; H firmware delete "$r.0.1" >/dev/null
   echo "  run $r: import $im_mbs MB/s, cp + sha256sum $cp_mbs MB/s, ratio $(echo "$im_mbs $cp_mbs" | awk '{printf "%.2f", $1/$2}')"
-  IMPORT+=("$im_mbs"); BASE+=("$cp_mbs")
+  IMPORT+=("$im_mbs"); BASE+=("$cp_mbs"); RATIO+=("$(echo "$im_mbs $cp_mbs" | awk '{printf "%.2f", $1/$2}')")
 done
 im=$(printf '%s\n' "${IMPORT[@]}" | median)
 cp_m=$(printf '%s\n' "${BASE[@]}" | median)
 HWM1=$(hwm)
-echo "  median: import $im MB/s, cp + sha256sum $cp_m MB/s, ratio $(echo "$im $cp_m" | awk '{printf "%.2f", $1/$2}') (goal >= 0.8)"
+echo "  median: import $im MB/s, cp + sha256sum $cp_m MB/s; median of the runs' ratios $(printf '%s\n' "${RATIO[@]}" | median) (goal >= 0.8)"
 echo "  appliance peak RSS: $((HWM0 / 1024)) MB before, $((HWM1 / 1024)) MB after the imports (goal <= 64 MB)"
 
 echo "upload of ${UPLOAD_MB} MB with and without its signature, $RUNS interleaved runs:"
@@ -75,6 +76,7 @@ up() { # version, extra curl args...
 }
 PLAIN=()
 SIGNED=()
+EXTRA=()
 for r in $(seq "$RUNS"); do
   "$HANGAR" firmware sign up.bin --version "9.$r.1" --key vendor.key >/dev/null 2>&1
   p=$(up "9.$r.0")
@@ -84,8 +86,8 @@ for r in $(seq "$RUNS"); do
     grep -q '"signatureStatus":"valid"' || { echo "the signed upload is not valid" >&2; exit 1; }
   H firmware delete "9.$r.0" >/dev/null; H firmware delete "9.$r.1" >/dev/null
   echo "  run $r: unsigned $p s, signed $s s, +$(echo "$p $s" | awk '{printf "%.1f", ($2/$1-1)*100}') %"
-  PLAIN+=("$p"); SIGNED+=("$s")
+  PLAIN+=("$p"); SIGNED+=("$s"); EXTRA+=("$(echo "$p $s" | awk '{printf "%.1f", ($2/$1-1)*100}')")
 done
 p=$(printf '%s\n' "${PLAIN[@]}" | median)
 s=$(printf '%s\n' "${SIGNED[@]}" | median)
-echo "  median: unsigned $p s, signed $s s, +$(echo "$p $s" | awk '{printf "%.1f", ($2/$1-1)*100}') % (goal <= 5 %)"
+echo "  median: unsigned $p s, signed $s s; median of the runs' extra time $(printf '%s\n' "${EXTRA[@]}" | median) % (goal <= 5 %)"

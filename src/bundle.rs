@@ -511,6 +511,23 @@ pub fn write_padding(w: &mut impl Write, size: u64) -> io::Result<()> {
     w.write_all(&[0u8; 512][..pad])
 }
 
+/// Writes one whole entry: header, the `size` bytes `data` yields (exactly), padding.
+pub fn write_entry(
+    w: &mut impl Write,
+    name: &str,
+    data: &mut dyn Read,
+    size: u64,
+) -> io::Result<()> {
+    write_header(w, name, size)?;
+    let n = io::copy(&mut data.take(size), w)?;
+    if n != size {
+        return Err(io::Error::other(format!(
+            "{name}: {n} bytes where {size} were announced (did it change while it was read?)"
+        )));
+    }
+    write_padding(w, size)
+}
+
 /// The end marker.
 pub fn write_end(w: &mut impl Write) -> io::Result<()> {
     w.write_all(&[0u8; 1024])
@@ -551,9 +568,7 @@ mod tests {
     fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
         let mut out = Vec::new();
         for (name, data) in entries {
-            write_header(&mut out, name, data.len() as u64).unwrap();
-            out.extend_from_slice(data);
-            write_padding(&mut out, data.len() as u64).unwrap();
+            write_entry(&mut out, name, &mut &data[..], data.len() as u64).unwrap();
         }
         write_end(&mut out).unwrap();
         out

@@ -528,9 +528,7 @@ async fn bad_bundles_are_refused_and_import_nothing() {
         .into_iter()
         .chain(entries.iter().copied())
         {
-            hangar::bundle::write_header(&mut out, name, data.len() as u64).unwrap();
-            out.extend_from_slice(data);
-            hangar::bundle::write_padding(&mut out, data.len() as u64).unwrap();
+            hangar::bundle::write_entry(&mut out, name, &mut &data[..], data.len() as u64).unwrap();
         }
         hangar::bundle::write_end(&mut out).unwrap();
         out
@@ -877,9 +875,7 @@ async fn a_signed_report_verifies_anywhere_and_incremental_ones_continue_the_cha
         ("report.json", &json_bytes[..]),
         ("report.json.minisig", &sig[..]),
     ] {
-        hangar::bundle::write_header(&mut tar, name, data.len() as u64).unwrap();
-        tar.extend_from_slice(data);
-        hangar::bundle::write_padding(&mut tar, data.len() as u64).unwrap();
+        hangar::bundle::write_entry(&mut tar, name, &mut &data[..], data.len() as u64).unwrap();
     }
     hangar::bundle::write_end(&mut tar).unwrap();
     let bad = work.path().join("bad.tar");

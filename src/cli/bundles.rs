@@ -230,51 +230,11 @@ fn create(
         });
         files.push(path);
     }
-    let mut delta_items = Vec::new();
-    let mut patches: Vec<Vec<u8>> = Vec::new();
-    if deltas {
-        let mut order: Vec<usize> = (0..items.len()).collect();
-        order.sort_by(|&a, &b| {
-            items[a]
-                .device_type
-                .cmp(&items[b].device_type)
-                .then_with(|| crate::ids::compare_versions(&items[a].version, &items[b].version))
-        });
-        for w in order.windows(2) {
-            let (a, b) = (&items[w[0]], &items[w[1]]);
-            if a.device_type != b.device_type {
-                continue;
-            }
-            let old = std::fs::read(&files[w[0]])
-                .map_err(io_err(format!("reading {}", files[w[0]].display())))?;
-            let new = std::fs::read(&files[w[1]])
-                .map_err(io_err(format!("reading {}", files[w[1]].display())))?;
-            let mut patch = Vec::new();
-            crate::bsdiff::make(&old, &new, 0, &mut patch).map_err(io_err(format!(
-                "computing the delta {} -> {}",
-                a.version, b.version
-            )))?;
-            if patch.len() as f64 >= new.len() as f64 * 0.5 {
-                eprintln!(
-                    "delta {} -> {} is not much smaller than the image; left out",
-                    a.version, b.version
-                );
-                continue;
-            }
-            let sha256 = sha256_file(&mut &patch[..]).expect("in memory");
-            delta_items.push(DeltaItem {
-                path: format!("deltas/{}.bsdiff", delta_items.len()),
-                device_type: a.device_type.clone(),
-                from_version: a.version.clone(),
-                to_version: b.version.clone(),
-                from_sha256: a.sha256.clone(),
-                to_sha256: b.sha256.clone(),
-                size: patch.len() as u64,
-                sha256,
-            });
-            patches.push(patch);
-        }
-    }
+    let (delta_items, patches) = if deltas {
+        make_deltas(&items, &files)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let campaigns = plans
         .iter()
         .map(|p| {
@@ -318,21 +278,82 @@ fn create(
     let sig = sk
         .sign(&manifest[..], &bundle::manifest_comment(&m.id, m.sequence))
         .map_err(trust_err)?;
+    write_bundle(out, &m, &manifest, &sig, &files, &patches)?;
+    Ok(m)
+}
+
+/// BSDIFF40 patches between consecutive versions of each device type (left out where not
+/// much smaller than the image), and their manifest items.
+fn make_deltas(
+    items: &[FirmwareItem],
+    files: &[PathBuf],
+) -> Result<(Vec<DeltaItem>, Vec<Vec<u8>>), CliError> {
+    let mut delta_items = Vec::new();
+    let mut patches: Vec<Vec<u8>> = Vec::new();
+    {
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by(|&a, &b| {
+            items[a]
+                .device_type
+                .cmp(&items[b].device_type)
+                .then_with(|| crate::ids::compare_versions(&items[a].version, &items[b].version))
+        });
+        for w in order.windows(2) {
+            let (a, b) = (&items[w[0]], &items[w[1]]);
+            if a.device_type != b.device_type {
+                continue;
+            }
+            let old = std::fs::read(&files[w[0]])
+                .map_err(io_err(format!("reading {}", files[w[0]].display())))?;
+            let new = std::fs::read(&files[w[1]])
+                .map_err(io_err(format!("reading {}", files[w[1]].display())))?;
+            let mut patch = Vec::new();
+            crate::bsdiff::make(&old, &new, 0, &mut patch).map_err(io_err(format!(
+                "computing the delta {} -> {}",
+                a.version, b.version
+            )))?;
+            if patch.len() as f64 >= new.len() as f64 * 0.5 {
+                eprintln!(
+                    "delta {} -> {} is not much smaller than the image; left out",
+                    a.version, b.version
+                );
+                continue;
+            }
+            let sha256 = sha256_file(&mut &patch[..]).expect("in memory");
+            delta_items.push(DeltaItem {
+                path: format!("deltas/{}.bsdiff", delta_items.len()),
+                device_type: a.device_type.clone(),
+                from_version: a.version.clone(),
+                to_version: b.version.clone(),
+                from_sha256: a.sha256.clone(),
+                to_sha256: b.sha256.clone(),
+                size: patch.len() as u64,
+                sha256,
+            });
+            patches.push(patch);
+        }
+    }
+    Ok((delta_items, patches))
+}
+
+/// Writes the bundle: manifest, its signature, the images, the patches; fsynced, then renamed
+/// into place.
+fn write_bundle(
+    out: &Path,
+    m: &Manifest,
+    manifest: &[u8],
+    sig: &str,
+    files: &[PathBuf],
+    patches: &[Vec<u8>],
+) -> Result<(), CliError> {
     let tmp = out.with_extension("partial");
     let w = std::fs::File::create(&tmp).map_err(io_err(format!("writing {}", tmp.display())))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, w);
     let werr = || io_err(format!("writing {}", tmp.display()));
-    let entry =
-        |w: &mut std::io::BufWriter<std::fs::File>, name: &str, data: &mut dyn Read, size: u64| {
-            bundle::write_header(w, name, size)?;
-            let n = std::io::copy(data, w)?;
-            if n != size {
-                return Err(std::io::Error::other(format!(
-                    "{name} changed while it was read"
-                )));
-            }
-            bundle::write_padding(w, size)
-        };
+    let entry = |w: &mut std::io::BufWriter<std::fs::File>,
+                 name: &str,
+                 data: &mut dyn Read,
+                 size: u64| bundle::write_entry(w, name, data, size);
     entry(
         &mut w,
         bundle::MANIFEST,
@@ -347,19 +368,19 @@ fn create(
         sig.len() as u64,
     )
     .map_err(werr())?;
-    for (item, path) in m.firmware.iter().zip(&files) {
+    for (item, path) in m.firmware.iter().zip(files) {
         let mut f =
             std::fs::File::open(path).map_err(io_err(format!("reading {}", path.display())))?;
         entry(&mut w, &item.path, &mut f, item.size).map_err(werr())?;
     }
-    for (item, patch) in m.deltas.iter().zip(&patches) {
+    for (item, patch) in m.deltas.iter().zip(patches) {
         entry(&mut w, &item.path, &mut &patch[..], item.size).map_err(werr())?;
     }
     bundle::write_end(&mut w).map_err(werr())?;
     let f = w.into_inner().map_err(|e| CliError::Trust(e.to_string()))?;
     f.sync_all().map_err(werr())?;
     std::fs::rename(&tmp, out).map_err(io_err(format!("writing {}", out.display())))?;
-    Ok(m)
+    Ok(())
 }
 
 /// Checks a bundle file offline against `ring`.

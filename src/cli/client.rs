@@ -375,20 +375,7 @@ impl Client {
         progress: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<Value, CliError> {
         use futures_util::StreamExt;
-        let f = tokio::fs::File::open(file)
-            .await
-            .map_err(|source| CliError::Io {
-                context: format!("opening {}", file.display()),
-                source,
-            })?;
-        let len = f
-            .metadata()
-            .await
-            .map_err(|source| CliError::Io {
-                context: format!("reading {}", file.display()),
-                source,
-            })?
-            .len();
+        let (f, len) = open_sized(file).await?;
         let mut sent = 0u64;
         let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024).map(move |chunk| {
             if let Ok(c) = &chunk {
@@ -427,20 +414,7 @@ impl Client {
         query: &[(&str, String)],
         file: &Path,
     ) -> Result<Value, CliError> {
-        let f = tokio::fs::File::open(file)
-            .await
-            .map_err(|source| CliError::Io {
-                context: format!("opening {}", file.display()),
-                source,
-            })?;
-        let len = f
-            .metadata()
-            .await
-            .map_err(|source| CliError::Io {
-                context: format!("reading {}", file.display()),
-                source,
-            })?
-            .len();
+        let (f, len) = open_sized(file).await?;
         let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024);
         let resp = self
             .http
@@ -454,4 +428,15 @@ impl Client {
             .await?;
         Self::envelope(resp).await
     }
+}
+
+/// A file opened for streaming, and its length.
+async fn open_sized(file: &Path) -> Result<(tokio::fs::File, u64), CliError> {
+    let io = |what: &str| {
+        let context = format!("{what} {}", file.display());
+        move |source| CliError::Io { context, source }
+    };
+    let f = tokio::fs::File::open(file).await.map_err(io("opening"))?;
+    let len = f.metadata().await.map_err(io("reading"))?.len();
+    Ok((f, len))
 }

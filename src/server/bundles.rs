@@ -70,13 +70,20 @@ pub struct Bundles {
     lock: tokio::sync::Mutex<()>,
 }
 
+/// What each (device type, version) hashes to.
+type ShaOf = HashMap<(String, String), String>;
+/// A staged image: its index in the manifest, its file, its signature's verdict.
+type StagedFirmware = (usize, StagedBlob, crate::server::store::FirmwareSignature);
+/// A staged patch: its index in the manifest and its file.
+type StagedDelta = (usize, StagedBlob);
+
 /// What phase 1 leaves for phase 2.
 struct Staged {
     manifest: Manifest,
     manifest_sha256: String,
     signer: TrustedKey,
-    firmware: Vec<(usize, StagedBlob, crate::server::store::FirmwareSignature)>,
-    deltas: Vec<(usize, StagedBlob)>,
+    firmware: Vec<StagedFirmware>,
+    deltas: Vec<StagedDelta>,
     plans: Vec<CampaignSpec>,
 }
 
@@ -217,6 +224,25 @@ impl Bundles {
             })
             .collect::<Result<Vec<_>, ServiceError>>()?;
 
+        let (firmware, deltas) = self.stage_items(&mut tar, &manifest, &fw_ring)?;
+        Ok(Phase1::Staged(Box::new(Staged {
+            manifest,
+            manifest_sha256,
+            signer,
+            firmware,
+            deltas,
+            plans,
+        })))
+    }
+
+    /// Streams every item after the manifest into `tmp/`, each checked against the manifest
+    /// (name, size, sha256) and each image against its own signature by `fw_ring`.
+    fn stage_items<R: Read>(
+        &self,
+        tar: &mut bundle::TarReader<R>,
+        manifest: &Manifest,
+        fw_ring: &Keyring,
+    ) -> Result<(Vec<StagedFirmware>, Vec<StagedDelta>), ServiceError> {
         let index: HashMap<&str, (bool, usize)> = manifest
             .firmware
             .iter()
@@ -260,7 +286,7 @@ impl Bundles {
                 let key = fw_ring.signer_of(&sig).map_err(|e| {
                     unverified(format!("firmware {} for {}: {e}", f.version, f.device_type))
                 })?;
-                let staged = self.stage_entry(&mut tar, want, Some((key, &sig)))?;
+                let staged = self.stage_entry(tar, want, Some((key, &sig)))?;
                 check_hash(&h.name, &staged, &f.sha256)?;
                 if let Some(Err(e)) = &staged.signature_check {
                     return Err(unverified(format!(
@@ -284,7 +310,7 @@ impl Bundles {
                 };
                 firmware.push((i, staged, verdict));
             } else {
-                let staged = self.stage_entry(&mut tar, want, None)?;
+                let staged = self.stage_entry(tar, want, None)?;
                 check_hash(&h.name, &staged, &manifest.deltas[i].sha256)?;
                 deltas.push((i, staged));
             }
@@ -298,14 +324,7 @@ impl Bundles {
                 "the manifest lists {missing}, which the bundle does not hold"
             )));
         }
-        Ok(Phase1::Staged(Box::new(Staged {
-            manifest,
-            manifest_sha256,
-            signer,
-            firmware,
-            deltas,
-            plans,
-        })))
+        Ok((firmware, deltas))
     }
 
     fn stage_entry<R: Read>(
@@ -341,8 +360,70 @@ impl Bundles {
             new: true,
             ..Default::default()
         };
-        // what each (type, version) will hash to once imported: the site's or the bundle's
-        let mut sha_of: HashMap<(String, String), String> = HashMap::new();
+        let (records, sha_of) = self.firmware_records(&s, now, &mut out)?;
+        self.check_plans(&s.plans, &sha_of)?;
+        let delta_records = self.delta_records(&s, &sha_of, now, &mut out)?;
+        let keys = key_records(&s, now);
+        out.keys = keys.iter().map(|k| k.name.clone()).collect();
+        let bundle = BundleRecord {
+            schema: TRUST_SCHEMA,
+            id: m.id.clone(),
+            manifest_sha256: s.manifest_sha256.clone(),
+            signer: s.signer.name.clone(),
+            key_id: s.signer.key_id.clone(),
+            sequence: m.sequence,
+            imported_at_ms: now,
+            firmware: out.firmware.clone(),
+            deltas: out.deltas.clone(),
+            keys: out.keys.clone(),
+            campaigns_pending: m.campaigns.iter().map(|v| v.to_string()).collect(),
+            campaigns: Vec::new(),
+        };
+        // blobs into place: invisible until the records below exist
+        let blobs = self.blobs.clone();
+        let staged: Vec<StagedBlob> = s
+            .firmware
+            .into_iter()
+            .map(|(_, b, _)| b)
+            .chain(s.deltas.into_iter().map(|(_, b)| b))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for b in staged {
+                blobs.commit(b)?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(|e| ServiceError::Io(std::io::Error::other(format!("blob commit task: {e}"))))??;
+        self.store.commit_bundle(&BundleCommit {
+            firmware: records,
+            deltas: delta_records,
+            keys,
+            bundle: bundle.clone(),
+            allow_older,
+        })?;
+        self.store.durable(()).await?.into_inner();
+        if !m.trust.is_empty() {
+            self.signatures.reload()?;
+        }
+        tracing::info!(bundle = %m.id, signer = %s.signer.name, sequence = m.sequence, firmware = out.firmware.len(), deltas = out.deltas.len(), keys = out.keys.len(), "bundle imported");
+        let (created, warnings) = self.finish_campaigns(bundle).await?;
+        out.campaigns = created;
+        out.warnings.extend(warnings);
+        Ok(out)
+    }
+
+    /// The firmware records a bundle adds, checking what the site holds of each (type,
+    /// version); and what each (type, version) will hash to once imported: the site's or the
+    /// bundle's.
+    fn firmware_records(
+        &self,
+        s: &Staged,
+        now: i64,
+        out: &mut Imported,
+    ) -> Result<(Vec<FirmwareRecord>, ShaOf), ServiceError> {
+        let m = &s.manifest;
+        let mut sha_of = ShaOf::new();
         let mut records = Vec::new();
         let released: HashSet<(String, String)> = s
             .plans
@@ -388,7 +469,12 @@ impl Bundles {
             out.firmware
                 .push(format!("{}/{}", f.device_type, f.version));
         }
-        for p in &s.plans {
+        Ok((records, sha_of))
+    }
+
+    /// Every carried plan targets a firmware of the bundle or one released here.
+    fn check_plans(&self, plans: &[CampaignSpec], sha_of: &ShaOf) -> Result<(), ServiceError> {
+        for p in plans {
             let key = (p.device_type.clone(), p.version.clone());
             if !sha_of.contains_key(&key) {
                 match self.store.get_firmware(&p.device_type, &p.version)? {
@@ -402,6 +488,18 @@ impl Bundles {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The delta records a bundle adds: each makes a known image from the site's own.
+    fn delta_records(
+        &self,
+        s: &Staged,
+        sha_of: &ShaOf,
+        now: i64,
+        out: &mut Imported,
+    ) -> Result<Vec<DeltaRecord>, ServiceError> {
+        let m = &s.manifest;
         let site_sha = |t: &str, v: &str| -> Result<Option<String>, ServiceError> {
             if let Some(s) = sha_of.get(&(t.to_string(), v.to_string())) {
                 return Ok(Some(s.clone()));
@@ -464,69 +562,7 @@ impl Bundles {
             });
             out.deltas.push(name);
         }
-        let keys: Vec<TrustKeyRecord> = m
-            .trust
-            .iter()
-            .map(|t| {
-                let k = TrustedKey::parse(&t.name, &t.key).expect("validated");
-                TrustKeyRecord {
-                    schema: TRUST_SCHEMA,
-                    name: t.name.clone(),
-                    key: k.base64,
-                    key_id: k.key_id,
-                    bundle_id: m.id.clone(),
-                    signed_by: s.signer.name.clone(),
-                    added_at_ms: now,
-                }
-            })
-            .collect();
-        out.keys = keys.iter().map(|k| k.name.clone()).collect();
-        let bundle = BundleRecord {
-            schema: TRUST_SCHEMA,
-            id: m.id.clone(),
-            manifest_sha256: s.manifest_sha256.clone(),
-            signer: s.signer.name.clone(),
-            key_id: s.signer.key_id.clone(),
-            sequence: m.sequence,
-            imported_at_ms: now,
-            firmware: out.firmware.clone(),
-            deltas: out.deltas.clone(),
-            keys: out.keys.clone(),
-            campaigns_pending: m.campaigns.iter().map(|v| v.to_string()).collect(),
-            campaigns: Vec::new(),
-        };
-        // blobs into place: invisible until the records below exist
-        let blobs = self.blobs.clone();
-        let staged: Vec<StagedBlob> = s
-            .firmware
-            .into_iter()
-            .map(|(_, b, _)| b)
-            .chain(s.deltas.into_iter().map(|(_, b)| b))
-            .collect();
-        tokio::task::spawn_blocking(move || {
-            for b in staged {
-                blobs.commit(b)?;
-            }
-            Ok::<_, std::io::Error>(())
-        })
-        .await
-        .map_err(|e| ServiceError::Io(std::io::Error::other(format!("blob commit task: {e}"))))??;
-        self.store.commit_bundle(&BundleCommit {
-            firmware: records,
-            deltas: delta_records,
-            keys,
-            bundle: bundle.clone(),
-            allow_older,
-        })?;
-        self.store.durable(()).await?.into_inner();
-        if !m.trust.is_empty() {
-            self.signatures.reload()?;
-        }
-        tracing::info!(bundle = %m.id, signer = %s.signer.name, sequence = m.sequence, firmware = out.firmware.len(), deltas = out.deltas.len(), keys = out.keys.len(), "bundle imported");
-        let (created, warnings) = self.finish_campaigns(bundle).await?;
-        out.campaigns = created;
-        out.warnings.extend(warnings);
-        Ok(out)
+        Ok(delta_records)
     }
 
     /// Creates the campaigns a bundle carries that are not created yet; returns their ids
@@ -589,6 +625,26 @@ impl Bundles {
         }
         Ok(())
     }
+}
+
+/// The keys a bundle adds to the site's trust.
+fn key_records(s: &Staged, now: i64) -> Vec<TrustKeyRecord> {
+    let m = &s.manifest;
+    m.trust
+        .iter()
+        .map(|t| {
+            let k = TrustedKey::parse(&t.name, &t.key).expect("validated");
+            TrustKeyRecord {
+                schema: TRUST_SCHEMA,
+                name: t.name.clone(),
+                key: k.base64,
+                key_id: k.key_id,
+                bundle_id: m.id.clone(),
+                signed_by: s.signer.name.clone(),
+                added_at_ms: now,
+            }
+        })
+        .collect()
 }
 
 fn check_hash(name: &str, staged: &StagedBlob, want: &str) -> Result<(), ServiceError> {

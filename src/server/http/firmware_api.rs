@@ -359,27 +359,8 @@ pub async fn upload(
         version.ok_or_else(|| ApiError::bad_request("the form has no `version` field"))?;
     let device_type = device_type.unwrap_or_else(|| "gateway".to_string());
     firmware::validate_key(&device_type, &version)?;
-    let mut staged = staged;
-    let signature = match signature {
-        None => None,
-        Some(sig) => {
-            let streamed = staged.signature_check.take();
-            let sigs = st.signatures.clone();
-            let (dt, v) = (device_type.clone(), version.clone());
-            let (verdict, back) = tokio::task::spawn_blocking(move || {
-                let verdict =
-                    sigs.judge_firmware(&sig, streamed, staged.path(), &dt, &v, &staged.sha256);
-                (verdict, staged)
-            })
-            .await
-            .map_err(|e| ApiError::internal(format!("signature check task: {e}")))?;
-            staged = back;
-            Some(verdict)
-        }
-    };
-    if let Some(s) = &signature {
-        tracing::info!(device_type = %device_type, version = %version, key = %s.key_id, signer = ?s.signer, status = ?s.status, reason = %s.reason, "firmware signature checked");
-    }
+    let (signature, staged) =
+        judge_signature(&st, signature, staged, &device_type, &version).await?;
     let rec = st
         .firmware
         .create(
@@ -399,6 +380,37 @@ pub async fn upload(
         ok_with(StatusCode::CREATED, dto(&st, &rec)),
         format!("{}/{}", rec.device_type, rec.version),
     ))
+}
+
+/// What the upload's signature (if it had one) says of the staged image: checked while it
+/// streamed when the signature came first, else by reading the staged file (blocking pool).
+async fn judge_signature(
+    st: &AppState,
+    signature: Option<crate::trust::Signature>,
+    mut staged: crate::server::blobs::StagedBlob,
+    device_type: &str,
+    version: &str,
+) -> Result<
+    (
+        Option<crate::server::store::FirmwareSignature>,
+        crate::server::blobs::StagedBlob,
+    ),
+    ApiError,
+> {
+    let Some(sig) = signature else {
+        return Ok((None, staged));
+    };
+    let streamed = staged.signature_check.take();
+    let sigs = st.signatures.clone();
+    let (dt, v) = (device_type.to_string(), version.to_string());
+    let (verdict, staged) = tokio::task::spawn_blocking(move || {
+        let verdict = sigs.judge_firmware(&sig, streamed, staged.path(), &dt, &v, &staged.sha256);
+        (verdict, staged)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("signature check task: {e}")))?;
+    tracing::info!(device_type, version, key = %verdict.key_id, signer = ?verdict.signer, status = ?verdict.status, reason = %verdict.reason, "firmware signature checked");
+    Ok((Some(verdict), staged))
 }
 
 /// The boundary of a `multipart/form-data` content type.

@@ -232,10 +232,8 @@ pub async fn report(
         ("report.json", &json[..]),
         ("report.json.minisig", sig.as_bytes()),
     ] {
-        crate::bundle::write_header(&mut tar, name, data.len() as u64)
+        crate::bundle::write_entry(&mut tar, name, &mut &data[..], data.len() as u64)
             .map_err(ApiError::internal)?;
-        tar.extend_from_slice(data);
-        crate::bundle::write_padding(&mut tar, data.len() as u64).map_err(ApiError::internal)?;
     }
     crate::bundle::write_end(&mut tar).map_err(ApiError::internal)?;
     let resp = Response::builder()
