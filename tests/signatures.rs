@@ -420,12 +420,46 @@ async fn a_bundle_round_trip_its_plan_runs_and_replays_are_refused() {
         (200, Some(false)),
         "{again}"
     );
-    let older = v.bundle("b0.tar", &["--firmware", &fw1, "--sequence", "4"]);
+    // (it also carries a trust change: a second vendor key, trusted under its file name)
+    let second = keypair(v.dir.path(), "second");
+    let second_pub = v.dir.path().join("second.pub");
+    let older = v.bundle(
+        "b0.tar",
+        &[
+            "--firmware",
+            &fw1,
+            "--sequence",
+            "4",
+            "--trust",
+            p(&second_pub),
+        ],
+    );
     let (st, b0) = import(&s, std::fs::read(&older).unwrap(), "").await;
     assert_eq!(st, 409, "{b0}");
     assert!(b0["message"].as_str().unwrap().contains("replayed"), "{b0}");
     let (st, b0) = import(&s, std::fs::read(&older).unwrap(), "?allowOlder=true").await;
     assert_eq!(st, 201, "{b0}");
+    assert_eq!(b0["data"]["keys"], json!(["second"]), "{b0}");
+    let (_, site) = s.get_json("/api/site").await;
+    let keys = site["data"]["trustedKeys"].as_array().unwrap();
+    let added = keys
+        .iter()
+        .find(|k| k["name"] == "second")
+        .expect("the key is trusted now");
+    assert_eq!(added["key"], second.as_str());
+    assert!(
+        added["origin"].as_str().unwrap().starts_with("bundle "),
+        "{added}"
+    );
+    // and a firmware signed by it is valid here
+    let f3 = v.file("fw-5.0.0.bin", &image(4000, 50));
+    let sig3 = sign(&f3, "5.0.0", &v.dir.path().join("second.key"));
+    let (st, up) = upload_signed(&s, "5.0.0", &std::fs::read(&f3).unwrap(), Some(&sig3)).await;
+    assert_eq!(
+        (st, up["data"]["signer"].as_str()),
+        (201, Some("second")),
+        "{up}"
+    );
 
     // the plan runs over the simulated devices, which take the bundle's delta
     let (st, r) = s

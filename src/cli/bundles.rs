@@ -34,7 +34,8 @@ pub enum BundleCmd {
         /// A campaign plan (the API's campaign body, JSON). Repeat for more.
         #[arg(long = "plan")]
         plans: Vec<PathBuf>,
-        /// A public key the site should trust from now on: NAME=FILE.pub. Repeat for more.
+        /// A public key the site should trust from now on: FILE.pub (trusted under its file
+        /// name) or NAME=FILE.pub. Repeat for more.
         #[arg(long = "trust")]
         trust: Vec<String>,
         /// This signer's sequence number (the site refuses one not above the last it saw);
@@ -247,9 +248,18 @@ fn create(
     let trust = trust_args
         .iter()
         .map(|t| {
-            let (name, file) = t
-                .split_once('=')
-                .ok_or_else(|| CliError::Trust(format!("--trust {t:?} must be NAME=FILE.pub")))?;
+            // NAME=FILE.pub, or FILE.pub trusted under its file name
+            let (name, file) = match t.split_once('=') {
+                Some((n, f)) => (n.to_string(), f),
+                None => (
+                    Path::new(t)
+                        .file_stem()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    t.as_str(),
+                ),
+            };
+            let name = name.as_str();
             let k = TrustedKey::parse(name, &key_text(file)?).map_err(trust_err)?;
             Ok(TrustItem {
                 name: name.to_string(),
