@@ -96,6 +96,8 @@ async fn backup_restore_round_trip() {
 
     // the original stops; an appliance on the restored dir has everything
     let token = s.token.clone();
+    let site_before = s.get_json("/api/site").await.1["data"]["siteKey"].clone();
+    assert!(site_before.as_str().is_some_and(|k| k.starts_with("RW")));
     drop(s);
     let app = App::start(test_config(&target)).await.unwrap();
     assert_eq!(app.admin_token, token, "same admin token");
@@ -107,6 +109,8 @@ async fn backup_restore_round_trip() {
     };
     let fw = get("/api/ota/firmware").await;
     assert_eq!(fw["data"].as_array().unwrap().len(), 2, "{fw}");
+    // the site keeps its report-signing key
+    assert_eq!(get("/api/site").await["data"]["siteKey"], site_before);
     let img = client
         .get(format!("{base}/firmware/gateway_v1.0.2.bin"))
         .bearer_auth(&token)

@@ -1,7 +1,8 @@
 //! Backup and restore. A backup is a tar with `manifest.json` first (format, creation time, and
 //! the size and sha256 of every other entry), then `store.jsonl` (every record, taken while the
 //! firmware, task and campaign writers are held, so the records are one consistent snapshot),
-//! the blobs those records name, the generated certificates, the admin token and the URL secret.
+//! the blobs those records name, the generated certificates, the admin token, the URL secret and
+//! the site key.
 //! Restore verifies every checksum before it writes anything, refuses a non-empty data dir
 //! without `force` (and then moves the old one aside rather than deleting it), and rebuilds the
 //! store from the records.
@@ -41,6 +42,9 @@ const SMALL_FILES: &[&str] = &[
     "certs/server.pem",
     "certs/server.key",
     "certs/server.sans",
+    // the site key that signs reports: a restored site keeps signing with the same key
+    "site.key",
+    "site.pub",
 ];
 
 fn hash_file(p: &Path) -> io::Result<(u64, String)> {
