@@ -231,6 +231,16 @@ async fn signed_firmware_both_ways_with_minisign_and_the_release_gate() {
         "{page}"
     );
     assert!(page.contains("not a trusted key"), "{page}");
+    // and the site key and the trusted keys with where they came from
+    let (_, site) = s.get_json("/api/site").await;
+    assert!(
+        page.contains(site["data"]["siteKey"].as_str().unwrap()),
+        "{page}"
+    );
+    assert!(
+        page.contains("<b>vendor</b></td>") && page.contains(">config<"),
+        "{page}"
+    );
     assert!(
         !page.contains("unsigned-warning"),
         "require_signed is on: {page}"

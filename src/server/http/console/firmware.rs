@@ -102,6 +102,30 @@ pub async fn page(
         }
         @if list.is_empty() { p.muted { "No firmware yet." } }
     };
+    let ring = sigs.keyring();
+    let site = &sigs.site().public;
+    let after = html! {
+        section.card #trust {
+            h2 { "Trust" }
+            p {
+                "Site key (signs this appliance's reports; "
+                code { "hangar site key" } "): " code.key { (site.base64) } " (id " (site.key_id) ")"
+            }
+            @if ring.is_empty() {
+                p.muted { "No trusted keys: firmware signatures cannot be verified ([trust] keys)." }
+            } @else {
+                table.keys {
+                    thead { tr { th { "Trusted key" } th { "Key id" } th { "From" } } }
+                    tbody {
+                        @for k in ring.keys() {
+                            tr { td { b { (k.name) } } td { code { (k.key_id) } } td { (sigs.origin(&k.name)) } }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let live = html! { (live) (after) };
     Ok(answer(
         &who,
         live_only(&q),
