@@ -270,6 +270,18 @@ impl Keyring {
         Ok(Keyring { keys })
     }
 
+    /// Parses keys that have no names of their own (an agent's `trusted_keys`, `--key`
+    /// arguments): they are named `key0`, `key1`, ... in order.
+    pub fn parse_unnamed<S: AsRef<str>>(texts: &[S]) -> Result<Keyring, String> {
+        let names: Vec<String> = (0..texts.len()).map(|i| format!("key{i}")).collect();
+        Keyring::parse(
+            names
+                .iter()
+                .map(String::as_str)
+                .zip(texts.iter().map(AsRef::as_ref)),
+        )
+    }
+
     /// Whether no key is trusted.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
@@ -300,6 +312,15 @@ impl Keyring {
         self.keys
             .retain(|k| k.name != key.name && k.key_id != key.key_id);
         self.keys.push(key);
+    }
+}
+
+/// A key given on a command line: the path of a `.pub` file (read) or the key itself.
+pub fn key_arg(arg: &str) -> io::Result<String> {
+    if Path::new(arg).exists() {
+        std::fs::read_to_string(arg)
+    } else {
+        Ok(arg.to_string())
     }
 }
 

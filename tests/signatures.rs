@@ -399,8 +399,7 @@ async fn a_bundle_round_trip_its_plan_runs_and_replays_are_refused() {
         "120",
     ]);
     s.wait_online(4).await;
-    let cfg = s.client_config();
-    let (ok, out, err) = hangar(&["--config", p(&cfg), "bundle", "import", p(&b)]);
+    let (ok, out, err) = s.cli(&["bundle", "import", p(&b)]);
     assert!(ok, "{err}");
     let r: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["imported"], true, "{r}");
@@ -814,12 +813,7 @@ fn tokio_stream_of(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_report_verifies_anywhere_and_incremental_ones_continue_the_chain() {
     let s = Server::start().await;
-    let cfg = s.client_config();
-    let cli = |args: &[&str]| {
-        let mut a = vec!["--config", p(&cfg)];
-        a.extend_from_slice(args);
-        hangar(&a)
-    };
+    let cli = |args: &[&str]| s.cli(args);
     s.register("GW-R", "gateway", "report-secret").await;
     s.release("1.0.1", "gateway", 1000).await;
     let work = tempfile::tempdir().unwrap();

@@ -80,11 +80,7 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> CliError {
 }
 
 fn key_text(arg: &str) -> Result<String, CliError> {
-    if Path::new(arg).exists() {
-        std::fs::read_to_string(arg).map_err(io_err(format!("reading {arg}")))
-    } else {
-        Ok(arg.to_string())
-    }
+    trust::key_arg(arg).map_err(io_err(format!("reading {arg}")))
 }
 
 /// Runs `hangar bundle ...`.
@@ -127,14 +123,7 @@ pub async fn bundle(g: &super::Global, cmd: BundleCmd) -> Result<(), CliError> {
             } else {
                 let texts: Vec<String> =
                     keys.iter().map(|k| key_text(k)).collect::<Result<_, _>>()?;
-                let names: Vec<String> = (0..texts.len()).map(|i| format!("key{i}")).collect();
-                Keyring::parse(
-                    names
-                        .iter()
-                        .map(String::as_str)
-                        .zip(texts.iter().map(String::as_str)),
-                )
-                .map_err(CliError::Trust)?
+                Keyring::parse_unnamed(&texts).map_err(CliError::Trust)?
             };
             if ring.is_empty() {
                 return Err(CliError::Trust(

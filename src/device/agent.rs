@@ -456,16 +456,8 @@ impl Agent {
                     .with_no_client_auth(),
             ));
         }
-        let trusted = crate::trust::Keyring::parse(
-            cfg.trusted_keys
-                .iter()
-                .enumerate()
-                .map(|(i, k)| (["key", &i.to_string()].concat(), k.as_str()))
-                .collect::<Vec<_>>()
-                .iter()
-                .map(|(n, k)| (n.as_str(), *k)),
-        )
-        .map_err(|e| anyhow::anyhow!("trusted_keys: {e}"))?;
+        let trusted = crate::trust::Keyring::parse_unnamed(&cfg.trusted_keys)
+            .map_err(|e| anyhow::anyhow!("trusted_keys: {e}"))?;
         if cfg.require_signed && trusted.is_empty() {
             anyhow::bail!("require_signed = true needs at least one key in trusted_keys");
         }

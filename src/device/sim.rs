@@ -748,11 +748,7 @@ async fn upgrade(
 async fn sim_keyring(client: &Appliance, args: &SimArgs) -> anyhow::Result<crate::trust::Keyring> {
     let mut texts = Vec::new();
     for k in &args.trusted_keys {
-        texts.push(if std::path::Path::new(k).exists() {
-            std::fs::read_to_string(k)?
-        } else {
-            k.clone()
-        });
+        texts.push(crate::trust::key_arg(k)?);
     }
     if texts.is_empty() {
         let v: serde_json::Value = client
@@ -773,14 +769,7 @@ async fn sim_keyring(client: &Appliance, args: &SimArgs) -> anyhow::Result<crate
             "--verify-signatures: no trusted key (give --trusted-key, or add [trust] keys to the appliance)"
         );
     }
-    let names: Vec<String> = (0..texts.len()).map(|i| format!("key{i}")).collect();
-    crate::trust::Keyring::parse(
-        names
-            .iter()
-            .map(String::as_str)
-            .zip(texts.iter().map(String::as_str)),
-    )
-    .map_err(anyhow::Error::msg)
+    crate::trust::Keyring::parse_unnamed(&texts).map_err(anyhow::Error::msg)
 }
 
 /// A simulated device's signature check: the image it verified by sha256 (the shared copy of

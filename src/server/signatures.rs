@@ -13,6 +13,8 @@ use crate::trust::{self, Keyring, Signature, TrustedKey};
 pub struct Signatures {
     configured: Keyring,
     ring: RwLock<Arc<Keyring>>,
+    /// The bundle that added each stored key (by name), as of the last reload.
+    from_bundles: RwLock<std::collections::HashMap<String, String>>,
     store: Store,
     /// Only firmware signed by a trusted key can be released (`[trust] require_signed`).
     pub require_signed: bool,
@@ -67,6 +69,7 @@ impl Signatures {
         let site = SiteKey::load_or_create(data_dir)?;
         let s = Signatures {
             ring: RwLock::new(Arc::new(configured.clone())),
+            from_bundles: RwLock::default(),
             configured,
             store,
             require_signed,
@@ -80,18 +83,23 @@ impl Signatures {
     /// Re-reads the keys that bundles added (after an import).
     pub fn reload(&self) -> Result<(), crate::server::store::StoreError> {
         let mut ring = self.configured.clone();
+        let mut from_bundles = std::collections::HashMap::new();
         for k in self.store.list_trust_keys()? {
             if ring.by_name(&k.name).is_some() {
                 continue; // the config's key of that name wins
             }
             match TrustedKey::parse(&k.name, &k.key) {
-                Ok(key) => ring.add(key),
+                Ok(key) => {
+                    ring.add(key);
+                    from_bundles.insert(k.name, k.bundle_id);
+                }
                 Err(e) => {
                     tracing::warn!(name = %k.name, error = %e, "a stored trusted key is unusable; ignored")
                 }
             }
         }
         *self.ring.write().expect("keyring lock") = Arc::new(ring);
+        *self.from_bundles.write().expect("keyring lock") = from_bundles;
         Ok(())
     }
 
@@ -102,15 +110,10 @@ impl Signatures {
 
     /// Where keys come from: `config` or `bundle <id>`, per key name.
     pub fn origin(&self, name: &str) -> String {
-        if self.configured.by_name(name).is_some() {
-            return "config".into();
+        match self.from_bundles.read().expect("keyring lock").get(name) {
+            Some(id) => format!("bundle {id}"),
+            None => "config".into(),
         }
-        self.store
-            .list_trust_keys()
-            .ok()
-            .and_then(|v| v.into_iter().find(|k| k.name == name))
-            .map(|k| format!("bundle {}", k.bundle_id))
-            .unwrap_or_else(|| "config".into())
     }
 
     /// The site key.

@@ -254,6 +254,12 @@ impl Server {
             .await
     }
 
+    /// Runs `hangar --config <client config> ARGS` (a blocking child: call it from a
+    /// multi-threaded test, the server needs a worker meanwhile): (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        cli_with(&self.client_config(), args)
+    }
+
     /// A config file for client verbs (`sim`, admin verbs) pointing at this server's data dir,
     /// so they find it through ports.json, admin.token and the generated CA as SPEC 1 says.
     pub fn client_config(&self) -> PathBuf {
@@ -491,6 +497,21 @@ pub fn skipped(what: String) {
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {what}");
 }
 
+/// Runs `hangar --config CONFIG ARGS`: (success, stdout, stderr).
+pub fn cli_with(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The `hangar` binary built for this test run.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hangar"))
@@ -600,17 +621,7 @@ impl Proc {
 
     /// Runs `hangar --config <this server's config> ARGS`: (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(bin())
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        cli_with(&self.config, args)
     }
 
     /// One metric, read over the plain listener with the admin token in the data dir.
