@@ -268,7 +268,11 @@ pub async fn serve(
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // Every connection task, so none outlives `serve` (each holds the router, and through it the
+    // store: an appliance started again in the same process must find the store free).
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -296,7 +300,7 @@ pub async fn serve(
         let builder = builder.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             match tls {
                 Some(acceptor) => {
                     let tls_stream =
@@ -339,4 +343,8 @@ pub async fn serve(
             "connections still open after the drain deadline; closing them"
         );
     }
+    // the drained ones end by themselves; the rest (still in a TLS handshake, or past the
+    // deadline) are closed here
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
 }
