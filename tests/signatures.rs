@@ -925,3 +925,36 @@ async fn a_signed_report_verifies_anywhere_and_incremental_ones_continue_the_cha
     let (ok, _, _) = hangar(&["report", "verify", p(&r1), "--site-key", &other]);
     assert!(!ok);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_cannot_trust_another_key_under_a_name_the_config_uses() {
+    let v = Vendor::new();
+    let s = Server::start_with(trusting(&v.public)).await;
+    let other = keypair(v.dir.path(), "other");
+    let other_pub = v.dir.path().join("other.pub");
+    let fw = v.file("fw-1.0.1.bin", &image(3000, 61));
+    let fw = format!("{}:gateway:1.0.1", p(&fw));
+    let clash = format!("vendor={}", p(&other_pub));
+    let b = v.bundle("clash.tar", &["--firmware", &fw, "--trust", &clash]);
+    let (st, body) = import(&s, std::fs::read(&b).unwrap(), "").await;
+    assert_eq!(st, 409, "{body}");
+    assert_eq!(body["error"], "CONFLICT", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("\"vendor\""),
+        "{body}"
+    );
+    // nothing of it was imported
+    let (_, site) = s.get_json("/api/site").await;
+    let keys = site["data"]["trustedKeys"].as_array().unwrap();
+    assert!(keys.iter().all(|k| k["key"] != other.as_str()), "{site}");
+    let (st, _) = s.get_json("/api/ota/firmware/1.0.1").await;
+    assert_eq!(st, 404);
+    // the same key under the config's name is no clash: it imports
+    let same = format!("vendor={}", p(&v.dir.path().join("vendor.pub")));
+    let b = v.bundle(
+        "same.tar",
+        &["--firmware", &fw, "--trust", &same, "--sequence", "2"],
+    );
+    let (st, body) = import(&s, std::fs::read(&b).unwrap(), "").await;
+    assert_eq!(st, 201, "{body}");
+}

@@ -205,10 +205,19 @@ impl Bundles {
         // the keys a firmware may be signed by: the site's and those this bundle adds
         let mut fw_ring: Keyring = (*ring).clone();
         for t in &manifest.trust {
-            fw_ring.add(
-                TrustedKey::parse(&t.name, &t.key)
-                    .map_err(|e| ServiceError::Invalid(format!("trust change {}: {e}", t.name)))?,
-            );
+            let key = TrustedKey::parse(&t.name, &t.key)
+                .map_err(|e| ServiceError::Invalid(format!("trust change {}: {e}", t.name)))?;
+            // a name the config uses means the config's key: a bundle cannot put another key
+            // under it (it would be stored and silently never used)
+            if let Some(mine) = self.signatures.configured(&t.name)
+                && mine.key_id != key.key_id
+            {
+                return Err(ServiceError::Conflict(format!(
+                    "the bundle trusts key {} under the name {:?}, which [trust] keys in the configuration already gives to key {}: rename one of them",
+                    key.key_id, t.name, mine.key_id
+                )));
+            }
+            fw_ring.add(key);
         }
         let plans = manifest
             .campaigns

@@ -103,6 +103,11 @@ impl Signatures {
         Ok(())
     }
 
+    /// The key `[trust] keys` names `name`, if any.
+    pub fn configured(&self, name: &str) -> Option<&TrustedKey> {
+        self.configured.by_name(name)
+    }
+
     /// The keys trusted now.
     pub fn keyring(&self) -> Arc<Keyring> {
         self.ring.read().expect("keyring lock").clone()
