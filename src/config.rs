@@ -246,6 +246,16 @@ pub struct AuthConfig {
     pub url_ttl_secs: u64,
     /// Lifetime of a console session from sign-in, hours.
     pub session_hours: u64,
+    /// Failed sign-ins of one user name from one address before its next attempt waits.
+    pub sign_in_free_failures: u32,
+    /// Failed sign-ins from one address (any user names) before its next attempt waits.
+    pub sign_in_free_failures_per_address: u32,
+    /// Failed sign-ins of one user name from all addresses together before it waits.
+    pub sign_in_free_failures_per_user: u32,
+    /// Password checks (argon2id, ~19 MiB each) running at once.
+    pub sign_in_checks_at_once: usize,
+    /// How long a sign-in waits for a free check before it is answered 429, seconds.
+    pub sign_in_wait_secs: u64,
 }
 
 /// `[tasks]`
@@ -361,6 +371,11 @@ impl Default for AuthConfig {
             admin_token: String::new(),
             url_ttl_secs: 86_400,
             session_hours: 12,
+            sign_in_free_failures: 5,
+            sign_in_free_failures_per_address: 20,
+            sign_in_free_failures_per_user: 100,
+            sign_in_checks_at_once: 2,
+            sign_in_wait_secs: 2,
         }
     }
 }
@@ -618,6 +633,31 @@ impl AuthConfig {
             (1..=720).contains(&self.session_hours),
             "auth.session_hours",
             "must be between 1 and 720 hours (30 days)",
+        )?;
+        ensure(
+            (1..=1000).contains(&self.sign_in_free_failures),
+            "auth.sign_in_free_failures",
+            "must be between 1 and 1000",
+        )?;
+        ensure(
+            (1..=100_000).contains(&self.sign_in_free_failures_per_address),
+            "auth.sign_in_free_failures_per_address",
+            "must be between 1 and 100000",
+        )?;
+        ensure(
+            (1..=100_000).contains(&self.sign_in_free_failures_per_user),
+            "auth.sign_in_free_failures_per_user",
+            "must be between 1 and 100000",
+        )?;
+        ensure(
+            (1..=64).contains(&self.sign_in_checks_at_once),
+            "auth.sign_in_checks_at_once",
+            "must be between 1 and 64 (each check takes about 19 MiB while it runs)",
+        )?;
+        ensure(
+            self.sign_in_wait_secs <= 30,
+            "auth.sign_in_wait_secs",
+            "must be between 0 and 30 seconds",
         )
     }
 }

@@ -300,11 +300,17 @@ async fn a_site_engineer_runs_a_rollout_from_the_browser() {
     );
 
     // a viewer sees no actions, and the server refuses the one she forges
+    // (she follows a link that would send her to another site after signing in: she stays)
     b.forget_cookies().await;
-    b.go(&s.url("/login")).await;
+    b.go(&s.url("/login?next=/%5Cevil.example")).await;
     sign_in(&b, &s, "vera", "vera's password").await;
     b.until(10, "signed in", "return location.pathname === '/'")
         .await;
+    let here = b.url().await;
+    assert!(
+        here.starts_with(&s.url("/")),
+        "sign-in sent the browser to {here}"
+    );
     b.go(&campaign).await;
     b.find("#waves").await;
     assert_eq!(b.count("#campaign-actions").await, 0);

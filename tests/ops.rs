@@ -217,3 +217,71 @@ async fn every_listener_refuses_every_route_without_credentials() {
     }
     assert!(walked > 300, "walked only {walked} requests");
 }
+
+/// Every API route of the router source, with the methods it registers: `(method, path)`.
+fn api_routes_with_methods() -> Vec<(String, String)> {
+    let src = common::http_sources();
+    let mut out = Vec::new();
+    let mut rest = src.as_str();
+    while let Some(i) = rest.find(".route(") {
+        rest = &rest[i + 7..];
+        // the route call ends where its parentheses close
+        let mut depth = 1;
+        let mut end = 0;
+        for (j, c) in rest.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = j;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let call = &rest[..end];
+        let q = call.find('"').unwrap();
+        let path = &call[q + 1..q + 1 + call[q + 1..].find('"').unwrap()];
+        if !(path.starts_with("/api/") || path == "/metrics") || path == "/api/auth/login" {
+            continue;
+        }
+        let mut found = false;
+        for m in ["get", "post", "put", "patch", "delete"] {
+            let word = |k: usize| {
+                k == 0
+                    || !call.as_bytes()[k - 1].is_ascii_alphanumeric()
+                        && call.as_bytes()[k - 1] != b'_'
+            };
+            let pat = format!("{m}(");
+            if call.match_indices(&pat).any(|(k, _)| word(k)) {
+                out.push((m.to_uppercase(), path.to_string()));
+                found = true;
+            }
+        }
+        assert!(found, "no method found in .route({call})");
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Reads must not fail open: every API route of the router has an explicit line in the access
+/// table for every method it serves (an unlisted one would be admin-only and audited as
+/// "unknown", which is safe but surely not what its author meant).
+#[test]
+fn every_api_route_has_an_access_rule() {
+    let routes = api_routes_with_methods();
+    assert!(routes.len() >= 35, "the walk found only {routes:?}");
+    let missing: Vec<_> = routes
+        .iter()
+        .filter(|(m, p)| hangar::server::http::access::listed(&m.parse().unwrap(), p).is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "API routes without an access rule: {missing:?}"
+    );
+    // and the metrics listener serves nothing an API rule would have to cover
+    assert!(routes.contains(&("GET".into(), "/metrics".into())));
+}

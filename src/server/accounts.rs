@@ -1,39 +1,49 @@
 //! Console users, their sessions and sign-in throttling; the audit log's writer.
 //!
 //! Passwords are stored as argon2id hashes (PHC strings; the argon2 crate's defaults: 19 MiB,
-//! two passes), hashed and checked on the blocking pool. A session is a random 256-bit cookie
-//! value; the store keeps only its sha256, with the user, a CSRF token and an absolute expiry.
-//! A password change or a deleted user revokes every session of that user; so does signing out
-//! (that session). Sign-in failures are counted per user name and per client address: after
-//! [`FREE_FAILURES`] for a name, [`FREE_ADDRESS_FAILURES`] for an address, the next attempt waits a doubling delay (up to [`MAX_LOCK`]), answered 429.
+//! two passes), hashed and checked by [`Passwords`]: a few at a time, on the blocking pool, so
+//! the memory of password work does not grow with the number of clients. A session is a random
+//! 256-bit cookie value; the store keeps only its sha256, with the user, a CSRF token, an
+//! absolute expiry and a fingerprint of the password hash it was checked against: a session
+//! whose user's password changed since (even while the sign-in was under way) is dead. A
+//! password change or a deleted user revokes every session of that user; so does signing out
+//! (that session).
+//!
+//! Throttling ([`Throttle`]): an attempt is counted *before* its password is checked, in one
+//! step with the check of the limits, so parallel guesses cannot slip past it. Failures are
+//! counted per user name from one address (the tight limit: an attacker's guesses from one place),
+//! per address (any names) and per user name from anywhere (a loose limit against guessing from
+//! many addresses); beyond a key's free failures the next attempt waits a doubling delay (1 s up
+//! to [`MAX_LOCK`]), answered 429. A real user signing in from elsewhere is only slowed once the
+//! loose per-name limit is reached, which one address cannot reach alone.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use sha2::{Digest, Sha256};
 
+use crate::config::AuthConfig;
 use crate::server::error::ServiceError;
+use crate::server::passwords::{PasswordError, Passwords};
 use crate::server::store::{
     AUDIT_SCHEMA, AuditRecord, Durable, Role, SESSION_SCHEMA, SessionRecord, Store, USER_SCHEMA,
     UserRecord,
 };
 
-/// Failed sign-ins a user name gets before it is slowed down.
-pub const FREE_FAILURES: u32 = 5;
-/// Failed sign-ins a client address gets before it is slowed down (more than a name: several
-/// people may sign in from behind one address).
-pub const FREE_ADDRESS_FAILURES: u32 = 20;
 /// The longest wait imposed after repeated failures.
 pub const MAX_LOCK: Duration = Duration::from_secs(300);
 /// Failures older than this are forgotten.
 const FAILURE_MEMORY: Duration = Duration::from_secs(900);
+/// Throttling keys kept at most; beyond it the ones with the fewest failures are forgotten first.
+const MAX_KEYS: usize = 100_000;
 /// Shortest password accepted.
 pub const MIN_PASSWORD: usize = 8;
 /// Longest password accepted (bytes).
 pub const MAX_PASSWORD: usize = 1024;
+/// At most one audit entry for refused sign-ins this often; the ones between are counted in it.
+const REFUSED_AUDIT_EVERY: Duration = Duration::from_secs(10);
 
 /// The one message of a failed sign-in, whatever was wrong.
 pub const BAD_CREDENTIALS: &str = "wrong user name or password";
@@ -86,21 +96,183 @@ pub struct NewSession {
     pub role: Role,
 }
 
+/// The limits of sign-in attempts (from `[auth]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Failures of one user name from one address before it waits.
+    pub per_user_and_address: u32,
+    /// Failures from one address (any names) before it waits.
+    pub per_address: u32,
+    /// Failures of one user name from every address before it waits.
+    pub per_user: u32,
+}
+
+impl Limits {
+    /// The limits an `[auth]` section sets.
+    pub fn of(c: &AuthConfig) -> Limits {
+        Limits {
+            per_user_and_address: c.sign_in_free_failures,
+            per_address: c.sign_in_free_failures_per_address,
+            per_user: c.sign_in_free_failures_per_user,
+        }
+    }
+}
+
+/// One throttling key: who, and how many of its failures it gets free.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// A user name from one address.
+    Pair(String, String),
+    /// An address.
+    Address(String),
+    /// A user name from anywhere.
+    User(String),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Failures {
     count: u32,
     last: tokio::time::Instant,
 }
 
+/// Sign-in failures per key (see the module docs). An attempt is counted when it starts
+/// ([`Throttle::begin`]), under the same lock that checked the limits; a success takes it back.
+pub struct Throttle {
+    limits: Limits,
+    keys: Mutex<HashMap<Key, Failures>>,
+}
+
+/// The keys of an attempt that was counted; [`Throttle::succeeded`] or
+/// [`Throttle::not_checked`] takes it back, dropping it keeps it as a failure.
+pub struct Attempt {
+    keys: [Key; 3],
+}
+
+impl Throttle {
+    /// A throttle with these limits.
+    pub fn new(limits: Limits) -> Throttle {
+        Throttle {
+            limits,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn free(&self, k: &Key) -> u32 {
+        match k {
+            Key::Pair(..) => self.limits.per_user_and_address,
+            Key::Address(_) => self.limits.per_address,
+            Key::User(_) => self.limits.per_user,
+        }
+    }
+
+    /// Counts an attempt of `name` from `peer`, or says how long it must still wait.
+    pub fn begin(&self, name: &str, peer: &str) -> Result<Attempt, Duration> {
+        let name: String = name.chars().take(64).collect();
+        let keys = [
+            Key::Pair(name.clone(), peer.to_string()),
+            Key::Address(peer.to_string()),
+            Key::User(name),
+        ];
+        let now = tokio::time::Instant::now();
+        let mut map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        for k in &keys {
+            if map
+                .get(k)
+                .is_some_and(|v| now.duration_since(v.last) >= FAILURE_MEMORY)
+            {
+                map.remove(k);
+            }
+        }
+        let wait = keys
+            .iter()
+            .filter_map(|k| map.get(k).map(|v| (k, v)))
+            .map(|(k, v)| (v.last + lock_for(v.count, self.free(k))).saturating_duration_since(now))
+            .max()
+            .unwrap_or_default();
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        if map.len() >= MAX_KEYS {
+            map.retain(|_, v| now.duration_since(v.last) < FAILURE_MEMORY);
+        }
+        if map.len() >= MAX_KEYS {
+            // a flood of names or addresses: forget the least suspicious half
+            let mut counts: Vec<u32> = map.values().map(|v| v.count).collect();
+            counts.sort_unstable();
+            let median = counts[counts.len() / 2];
+            map.retain(|_, v| v.count > median);
+        }
+        for k in &keys {
+            let e = map.entry(k.clone()).or_insert(Failures {
+                count: 0,
+                last: now,
+            });
+            e.count += 1;
+            e.last = now;
+        }
+        Ok(Attempt { keys })
+    }
+
+    fn take_back(&self, a: &Attempt, forget_pair: bool) {
+        let mut map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        for k in &a.keys {
+            if forget_pair && matches!(k, Key::Pair(..)) {
+                map.remove(k);
+                continue;
+            }
+            if let Some(e) = map.get_mut(k) {
+                e.count = e.count.saturating_sub(1);
+                if e.count == 0 {
+                    map.remove(k);
+                }
+            }
+        }
+    }
+
+    /// The attempt signed in: it was no failure, and its name's failures from its address are
+    /// forgotten.
+    pub fn succeeded(&self, a: Attempt) {
+        self.take_back(&a, true);
+    }
+
+    /// The attempt's password was never checked (the appliance was too busy): not a failure.
+    pub fn not_checked(&self, a: Attempt) {
+        self.take_back(&a, false);
+    }
+}
+
+/// What became of sign-in attempts since start (`hangar_auth_sign_ins_total`).
+#[derive(Debug, Default)]
+pub struct SignInCounts {
+    /// Signed in.
+    pub ok: AtomicU64,
+    /// Wrong name or password.
+    pub wrong: AtomicU64,
+    /// Refused by the throttle before any check.
+    pub throttled: AtomicU64,
+    /// Refused because every password slot stayed busy.
+    pub busy: AtomicU64,
+}
+
+/// Refused sign-ins waiting to be written as one audit entry.
+struct RefusedSample {
+    last_written: Option<tokio::time::Instant>,
+    since_last: u64,
+}
+
 /// The accounts service.
 pub struct Accounts {
     store: Store,
     session_ttl: Duration,
-    failures: Mutex<HashMap<String, Failures>>,
+    throttle: Throttle,
+    passwords: Passwords,
+    /// What became of sign-ins.
+    pub sign_ins: SignInCounts,
+    refused: Mutex<RefusedSample>,
     /// A hash to check when the user does not exist, so that answer takes as long as a wrong
     /// password. Made at the first sign-in, not at start: argon2id takes 19 MiB while it runs,
     /// which an appliance nobody signs in to should not pay.
-    decoy: std::sync::OnceLock<String>,
+    decoy: tokio::sync::OnceCell<String>,
 }
 
 /// Whether `name` is a valid user name: `[A-Za-z0-9_.-]{1,64}`.
@@ -125,27 +297,15 @@ fn check_password(password: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
-fn hash_password(password: &str) -> Result<String, ServiceError> {
-    let mut salt = [0u8; 16];
-    rand::fill(&mut salt);
-    let salt = SaltString::encode_b64(&salt).map_err(|e| ServiceError::Corrupt(e.to_string()))?;
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| ServiceError::Corrupt(format!("argon2: {e}")))
-}
-
-fn password_matches(hash: &str, password: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|h| {
-        Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok()
-    })
-}
-
 /// The key a session is stored under: the sha256 of its cookie value.
 fn session_key(cookie: &str) -> String {
     hex::encode(Sha256::digest(cookie.as_bytes()))
+}
+
+/// What a session remembers of the credentials it was made with: a digest of the user's
+/// password hash (which has a fresh salt every time it is set).
+fn credential(user: &UserRecord) -> String {
+    hex::encode(&Sha256::digest(user.password_hash.as_bytes())[..16])
 }
 
 fn random_token() -> String {
@@ -154,12 +314,24 @@ fn random_token() -> String {
     hex::encode(b)
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ServiceError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ServiceError::Corrupt(format!("password hashing task: {e}")))
+fn throttled(wait: Duration) -> ServiceError {
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    ServiceError::Throttled {
+        message: format!("too many failed sign-ins: wait {secs} s and try again"),
+        retry_after_secs: secs,
+    }
+}
+
+impl From<PasswordError> for ServiceError {
+    fn from(e: PasswordError) -> Self {
+        match e {
+            PasswordError::Busy => ServiceError::Throttled {
+                message: e.to_string(),
+                retry_after_secs: 1,
+            },
+            PasswordError::Failed(m) => ServiceError::Corrupt(m),
+        }
+    }
 }
 
 /// How long a key with `count` failures must wait after its last one, when it gets `free`
@@ -172,24 +344,29 @@ pub fn lock_for(count: u32, free: u32) -> Duration {
     Duration::from_secs(1u64 << doublings).min(MAX_LOCK)
 }
 
-/// The free failures of a throttling key (`user:…` or `addr:…`).
-fn free_failures(key: &str) -> u32 {
-    if key.starts_with("addr:") {
-        FREE_ADDRESS_FAILURES
-    } else {
-        FREE_FAILURES
-    }
-}
-
 impl Accounts {
-    /// The service over `store`; sessions live `session_ttl` from sign-in.
-    pub fn new(store: Store, session_ttl: Duration) -> Accounts {
+    /// The service over `store`, with the `[auth]` section's session lifetime and sign-in limits.
+    pub fn new(store: Store, auth: &AuthConfig) -> Accounts {
         Accounts {
             store,
-            session_ttl,
-            failures: Mutex::new(HashMap::new()),
-            decoy: std::sync::OnceLock::new(),
+            session_ttl: Duration::from_secs(auth.session_hours * 3600),
+            throttle: Throttle::new(Limits::of(auth)),
+            passwords: Passwords::new(
+                auth.sign_in_checks_at_once,
+                Duration::from_secs(auth.sign_in_wait_secs),
+            ),
+            sign_ins: SignInCounts::default(),
+            refused: Mutex::new(RefusedSample {
+                last_written: None,
+                since_last: 0,
+            }),
+            decoy: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The password worker (its counters).
+    pub fn passwords(&self) -> &Passwords {
+        &self.passwords
     }
 
     /// Adds a user.
@@ -208,7 +385,7 @@ impl Accounts {
         if self.store.get_user(name)?.is_some() {
             return Err(ServiceError::Conflict(format!("user {name} exists")));
         }
-        let hash = blocking(move || hash_password(&password)).await??;
+        let hash = self.passwords.hash(password).await?;
         let now = crate::time::now_ms();
         let rec = UserRecord {
             schema: USER_SCHEMA,
@@ -232,6 +409,11 @@ impl Accounts {
         Ok(self.store.list_users()?)
     }
 
+    /// Whether any user exists (a fresh appliance has none: the sign-in page says how to add one).
+    pub fn any_user(&self) -> Result<bool, ServiceError> {
+        Ok(self.store.has_users()?)
+    }
+
     fn get(&self, name: &str) -> Result<UserRecord, ServiceError> {
         self.store
             .get_user(name)?
@@ -249,14 +431,16 @@ impl Accounts {
         let mut rec = self.get(name)?;
         if let Some(password) = password {
             check_password(&password)?;
-            rec.password_hash = blocking(move || hash_password(&password)).await??;
+            rec.password_hash = self.passwords.hash(password).await?;
             rec.password_changed_at_ms = crate::time::now_ms();
-            self.store.delete_sessions_of(name)?;
         }
         if let Some(role) = role {
             rec.role = role;
         }
         self.store.put_user(&rec)?;
+        // after the new hash is in place: a session stored meanwhile with the old one is found
+        // here, and one stored later fails its credential check
+        self.store.delete_sessions_of(name)?;
         Ok(self.store.durable(rec).await?)
     }
 
@@ -269,76 +453,63 @@ impl Accounts {
         Ok(self.store.durable(gone).await?)
     }
 
-    /// How long `keys` must still wait before another attempt, if at all.
-    fn throttled(&self, keys: &[String]) -> Option<Duration> {
-        let now = tokio::time::Instant::now();
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        f.retain(|_, v| now.duration_since(v.last) < FAILURE_MEMORY);
-        keys.iter()
-            .filter_map(|k| f.get(k).map(|v| (k, v)))
-            .map(|(k, v)| {
-                (v.last + lock_for(v.count, free_failures(k))).saturating_duration_since(now)
-            })
-            .filter(|d| !d.is_zero())
-            .max()
-    }
-
-    fn note_failure(&self, keys: &[String]) {
-        let now = tokio::time::Instant::now();
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        for k in keys {
-            let e = f.entry(k.clone()).or_insert(Failures {
-                count: 0,
-                last: now,
-            });
-            e.count += 1;
-            e.last = now;
-        }
+    /// The hash a sign-in of an unknown user is checked against, made once.
+    async fn decoy(&self) -> Result<String, ServiceError> {
+        let d = self
+            .decoy
+            .get_or_try_init(|| self.passwords.hash("not a password of anyone".into()))
+            .await?;
+        Ok(d.clone())
     }
 
     /// Signs `name` in from `peer`: a new session, or [`ServiceError::Unauthorized`] with one
-    /// message for every wrong combination, or [`ServiceError::Throttled`].
+    /// message for every wrong combination, or [`ServiceError::Throttled`] (too many failures,
+    /// or too many sign-ins at once).
     pub async fn login(
         &self,
         name: &str,
         password: &str,
         peer: &str,
-    ) -> Result<NewSession, ServiceError> {
-        let keys = [format!("user:{name}"), format!("addr:{peer}")];
-        if let Some(wait) = self.throttled(&keys) {
-            return Err(ServiceError::Throttled {
-                message: format!(
-                    "too many failed sign-ins: wait {} s and try again",
-                    wait.as_secs().max(1)
-                ),
-                retry_after_secs: wait.as_secs().max(1),
-            });
-        }
+    ) -> Result<Durable<NewSession>, ServiceError> {
+        let attempt = match self.throttle.begin(name, peer) {
+            Ok(a) => a,
+            Err(wait) => {
+                self.sign_ins.throttled.fetch_add(1, Ordering::Relaxed);
+                return Err(throttled(wait));
+            }
+        };
         let user = if valid_name(name) && password.len() <= MAX_PASSWORD {
             self.store.get_user(name)?
         } else {
             None
         };
-        let hash = user.as_ref().map(|u| u.password_hash.clone());
-        let decoy = self.decoy.get().cloned();
-        let given = password.to_string();
-        let (matches, made) = blocking(move || {
-            let made = decoy.or_else(|| hash_password("not a password of anyone").ok());
-            let against = hash.as_deref().or(made.as_deref()).unwrap_or_default();
-            (password_matches(against, &given), made)
-        })
-        .await?;
-        if let Some(d) = made {
-            let _ = self.decoy.set(d);
-        }
+        let against = match &user {
+            Some(u) => Ok(u.password_hash.clone()),
+            None => self.decoy().await,
+        };
+        let checked = match against {
+            Ok(h) => self.passwords.verify(h, password.to_string()).await,
+            Err(e) => {
+                self.throttle.not_checked(attempt);
+                return Err(e);
+            }
+        };
+        let matches = match checked {
+            Ok(m) => m,
+            Err(e) => {
+                if matches!(e, PasswordError::Busy) {
+                    self.sign_ins.busy.fetch_add(1, Ordering::Relaxed);
+                }
+                self.throttle.not_checked(attempt);
+                return Err(e.into());
+            }
+        };
         let Some(user) = user.filter(|_| matches) else {
-            self.note_failure(&keys);
+            self.sign_ins.wrong.fetch_add(1, Ordering::Relaxed);
+            drop(attempt);
             return Err(ServiceError::Unauthorized(BAD_CREDENTIALS.into()));
         };
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&keys[0]);
+        self.throttle.succeeded(attempt);
         let cookie = random_token();
         let now = crate::time::now_ms();
         let record = SessionRecord {
@@ -347,19 +518,34 @@ impl Accounts {
             csrf: random_token(),
             created_at_ms: now,
             expires_at_ms: now + self.session_ttl.as_millis() as i64,
+            credential: credential(&user),
         };
         let _ = self.store.purge_sessions(now);
-        self.store.put_session(&session_key(&cookie), &record)?;
-        self.store.flush().await?;
-        Ok(NewSession {
-            cookie,
-            record,
-            role: user.role,
-        })
+        let key = session_key(&cookie);
+        self.store.put_session(&key, &record)?;
+        // the password may have changed while it was checked: a session is issued only if the
+        // credentials it was checked against are still the user's after it is stored (a change
+        // after this point deletes it, and one before is seen here)
+        let current = self.store.get_user(&user.name)?;
+        if current.as_ref().map(credential) != Some(record.credential.clone()) {
+            self.store.delete_session(&key)?;
+            self.sign_ins.wrong.fetch_add(1, Ordering::Relaxed);
+            return Err(ServiceError::Unauthorized(BAD_CREDENTIALS.into()));
+        }
+        self.sign_ins.ok.fetch_add(1, Ordering::Relaxed);
+        Ok(self
+            .store
+            .durable(NewSession {
+                cookie,
+                record,
+                role: user.role,
+            })
+            .await?)
     }
 
     /// The principal behind a session cookie, if it is a live session of an existing user
-    /// (whose current role counts, not the one at sign-in).
+    /// whose password is still the one it was made with (the user's *current* role counts,
+    /// not the one at sign-in).
     pub fn session(
         &self,
         cookie: &str,
@@ -377,6 +563,9 @@ impl Accounts {
         let Some(user) = self.store.get_user(&s.user)? else {
             return Ok(None);
         };
+        if credential(&user) != s.credential {
+            return Ok(None);
+        }
         Ok(Some((
             Principal {
                 actor: user.name,
@@ -389,9 +578,27 @@ impl Accounts {
     }
 
     /// Ends the session behind `cookie`.
-    pub async fn logout(&self, cookie: &str) -> Result<(), ServiceError> {
+    pub async fn logout(&self, cookie: &str) -> Result<Durable<()>, ServiceError> {
         self.store.delete_session(&session_key(cookie))?;
-        Ok(self.store.flush().await?)
+        Ok(self.store.durable(()).await?)
+    }
+
+    /// Whether a refused sign-in is written to the audit log: at most one entry every
+    /// [`REFUSED_AUDIT_EVERY`], carrying how many were refused since the entry before (every
+    /// refusal is counted in `hangar_auth_sign_ins_total`). `Some(n)`: write it, `n` more were
+    /// refused since the last entry.
+    pub fn sample_refused(&self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        let mut s = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let due = s
+            .last_written
+            .is_none_or(|t| now.duration_since(t) >= REFUSED_AUDIT_EVERY);
+        if !due {
+            s.since_last += 1;
+            return None;
+        }
+        s.last_written = Some(now);
+        Some(std::mem::take(&mut s.since_last))
     }
 
     /// Records one change in the audit log and makes it durable.
@@ -469,16 +676,76 @@ mod tests {
         assert_eq!(lock_for(6, 5), Duration::from_secs(2));
         assert_eq!(lock_for(9, 5), Duration::from_secs(16));
         assert_eq!(lock_for(40, 5), MAX_LOCK);
-        assert_eq!(free_failures("addr:10.0.0.1"), 20);
     }
 
-    #[test]
-    fn a_hash_checks_its_password_and_no_other() {
-        let h = hash_password("correct horse").unwrap();
-        assert!(h.starts_with("$argon2id$"), "{h}");
-        assert!(password_matches(&h, "correct horse"));
-        assert!(!password_matches(&h, "correct horsf"));
-        assert!(!password_matches("garbage", "correct horse"));
+    fn limits() -> Limits {
+        Limits {
+            per_user_and_address: 5,
+            per_address: 20,
+            per_user: 100,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_count_before_they_are_checked() {
+        let t = Throttle::new(limits());
+        // 24 attempts in flight at once: five get through, the rest wait
+        let held: Vec<_> = (0..24)
+            .filter_map(|_| t.begin("ops", "10.0.0.9").ok())
+            .collect();
+        assert_eq!(held.len(), 5);
+        drop(held);
+        assert!(t.begin("ops", "10.0.0.9").is_err());
+        // a success takes its attempt back and forgets the pair
+        let t = Throttle::new(limits());
+        for _ in 0..4 {
+            drop(t.begin("ops", "10.0.0.9").unwrap());
+        }
+        t.succeeded(t.begin("ops", "10.0.0.9").unwrap());
+        assert!(t.begin("ops", "10.0.0.9").is_ok());
+        // an attempt that was never checked is no failure
+        let t = Throttle::new(limits());
+        for _ in 0..10 {
+            t.not_checked(t.begin("ops", "10.0.0.9").unwrap());
+        }
+        assert!(t.begin("ops", "10.0.0.9").is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stranger_cannot_lock_out_a_user_signing_in_elsewhere() {
+        let t = Throttle::new(limits());
+        // ten attempts a minute for an hour from one address
+        let mut checked = 0;
+        for _ in 0..600 {
+            if let Ok(a) = t.begin("ops", "203.0.113.5") {
+                checked += 1;
+                drop(a);
+            }
+            tokio::time::advance(Duration::from_secs(6)).await;
+        }
+        assert!(
+            checked < 40,
+            "{checked} of the attacker's 600 guesses were checked"
+        );
+        let a = t
+            .begin("ops", "10.0.0.9")
+            .expect("the user from the office does not");
+        t.succeeded(a);
+        // many addresses together reach the loose per-name limit
+        let t = Throttle::new(limits());
+        for i in 0..100 {
+            drop(t.begin("ops", &format!("198.51.100.{i}")).unwrap());
+        }
+        assert!(t.begin("ops", "10.0.0.9").is_err());
+        // an address guessing many names waits after 20
+        let t = Throttle::new(limits());
+        for i in 0..20 {
+            drop(t.begin(&format!("u{i}"), "203.0.113.5").unwrap());
+        }
+        assert!(t.begin("u99", "203.0.113.5").is_err());
+        // failures are forgotten
+        tokio::time::advance(FAILURE_MEMORY + MAX_LOCK).await;
+        assert!(t.begin("u99", "203.0.113.5").is_ok());
     }
 
     #[test]

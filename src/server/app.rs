@@ -416,7 +416,7 @@ impl App {
             cert: cert.clone(),
             accounts: Arc::new(crate::server::accounts::Accounts::new(
                 store.clone(),
-                Duration::from_secs(config.auth.session_hours * 3600),
+                &config.auth,
             )),
             stale_secs: config.tasks.stale_secs,
             signatures,
@@ -453,6 +453,13 @@ impl App {
         )
         .map_err(io_ctx("writing ports.json"))?;
         tracing::info!(https = %https, http = ?http_addr, mqtt = %broker.mqtt, mqtts = ?broker.mqtts, public_url = %public_url, data_dir = %data_dir.display(), "hangar is serving");
+        tracing::info!(console = %format!("{public_url}/"), "web console (sign in with a console user)");
+        if !store.has_users().unwrap_or(true) {
+            tracing::warn!(
+                login = %format!("{public_url}/login"),
+                "no console user exists yet: create the first administrator with `hangar user add NAME --role admin` (run it on this box, in this directory), then sign in"
+            );
+        }
 
         Ok(App {
             https,

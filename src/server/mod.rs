@@ -26,6 +26,7 @@ pub mod events;
 pub mod firmware;
 pub mod http;
 pub mod ota;
+pub mod passwords;
 pub mod registry;
 pub mod shutdown;
 pub mod signatures;

@@ -45,37 +45,62 @@ const fn change(role: Role, action: &'static str) -> Rule {
 }
 
 /// The rule of `method` on the route `path` (axum's matched path, e.g.
-/// `/api/ota/firmware/{version}/release`). Unknown pairs need admin and are audited, so a
-/// route added without a line here fails closed.
+/// `/api/ota/firmware/{version}/release`). A pair without a line in [`listed`] needs admin and
+/// is audited as `unknown`, so a route added without a line here fails closed — reads too
+/// (`tests/ops.rs` also demands a line for every route of the router).
 pub fn rule(method: &Method, path: &str) -> Rule {
+    listed(method, path).unwrap_or(change(Role::Admin, "unknown"))
+}
+
+/// The table: the rule of every API route and method that has one (HEAD as GET).
+pub fn listed(method: &Method, path: &str) -> Option<Rule> {
     use Role::{Admin, Operator, Viewer};
-    let get = method == Method::GET || method == Method::HEAD;
-    match (get, method.as_str(), path) {
-        (true, _, "/api/ota/backup") => change(Admin, "backup.download"),
-        (true, _, "/api/reports") => change(Admin, "report.export"),
-        (true, _, "/api/users") => read(Admin),
-        (true, _, _) => read(Viewer),
-        (_, "POST", "/api/auth/logout") => change(Viewer, "auth.logout"),
-        (_, "POST", "/api/ota/firmware/upload") => change(Operator, "firmware.upload"),
-        (_, "POST", "/api/ota/firmware/{version}/release") => change(Operator, "firmware.release"),
-        (_, "POST", "/api/ota/firmware/{version}/status") => change(Operator, "firmware.status"),
-        (_, "DELETE", "/api/ota/firmware/{version}") => change(Operator, "firmware.delete"),
-        (_, "POST", "/api/ota/firmware/{version}/deltas") => change(Operator, "delta.request"),
-        (_, "POST", "/api/ota/upgrade/{device}") => change(Operator, "device.upgrade"),
-        (_, "POST", "/api/ota/task/{device}/cancel") => change(Operator, "task.cancel"),
-        (_, "POST", "/api/ota/campaigns") => change(Operator, "campaign.create"),
-        (_, "POST", "/api/ota/campaigns/dry-run") => read(Operator),
-        (_, "POST", "/api/ota/campaigns/{id}/{action}") => change(Operator, "campaign.action"),
-        (_, "POST", "/api/ota/devices") => change(Admin, "device.register"),
-        (_, "POST", "/api/ota/devices/import") => change(Admin, "device.import"),
-        (_, "PATCH", "/api/ota/devices/{id}") => change(Admin, "device.change"),
-        (_, "DELETE", "/api/ota/devices/{id}") => change(Admin, "device.delete"),
-        (_, "POST", "/api/ota/bundles") => change(Admin, "bundle.import"),
-        (_, "POST", "/api/users") => change(Admin, "user.add"),
-        (_, "PATCH", "/api/users/{name}") => change(Admin, "user.change"),
-        (_, "DELETE", "/api/users/{name}") => change(Admin, "user.delete"),
-        _ => change(Admin, "unknown"),
-    }
+    let method = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    Some(match (method, path) {
+        ("GET", "/api/ota/firmware") => read(Viewer),
+        ("GET", "/api/ota/firmware/latest") => read(Viewer),
+        ("GET", "/api/ota/firmware/{version}") => read(Viewer),
+        ("GET", "/api/ota/firmware/{version}/deltas") => read(Viewer),
+        ("GET", "/api/ota/devices") => read(Viewer),
+        ("GET", "/api/ota/devices/{id}") => read(Viewer),
+        ("GET", "/api/ota/task/{device}") => read(Viewer),
+        ("GET", "/api/ota/tasks") => read(Viewer),
+        ("GET", "/api/ota/statistics") => read(Viewer),
+        ("GET", "/api/ota/campaigns") => read(Viewer),
+        ("GET", "/api/ota/campaigns/{id}") => read(Viewer),
+        ("GET", "/api/site") => read(Viewer),
+        ("GET", "/api/auth/session") => read(Viewer),
+        ("GET", "/api/audit") => read(Viewer),
+        ("GET", "/api/events") => read(Viewer),
+        ("GET", "/metrics") => read(Viewer),
+        ("GET", "/api/ota/backup") => change(Admin, "backup.download"),
+        ("GET", "/api/reports") => change(Admin, "report.export"),
+        ("GET", "/api/users") => read(Admin),
+        ("POST", "/api/auth/logout") => change(Viewer, "auth.logout"),
+        ("POST", "/api/ota/firmware/upload") => change(Operator, "firmware.upload"),
+        ("POST", "/api/ota/firmware/{version}/release") => change(Operator, "firmware.release"),
+        ("POST", "/api/ota/firmware/{version}/status") => change(Operator, "firmware.status"),
+        ("DELETE", "/api/ota/firmware/{version}") => change(Operator, "firmware.delete"),
+        ("POST", "/api/ota/firmware/{version}/deltas") => change(Operator, "delta.request"),
+        ("POST", "/api/ota/upgrade/{device}") => change(Operator, "device.upgrade"),
+        ("POST", "/api/ota/task/{device}/cancel") => change(Operator, "task.cancel"),
+        ("POST", "/api/ota/campaigns") => change(Operator, "campaign.create"),
+        ("POST", "/api/ota/campaigns/dry-run") => read(Operator),
+        ("POST", "/api/ota/campaigns/{id}/{action}") => change(Operator, "campaign.action"),
+        ("POST", "/api/ota/devices") => change(Admin, "device.register"),
+        ("POST", "/api/ota/devices/import") => change(Admin, "device.import"),
+        ("PATCH", "/api/ota/devices/{id}") => change(Admin, "device.change"),
+        ("DELETE", "/api/ota/devices/{id}") => change(Admin, "device.delete"),
+        ("POST", "/api/ota/bundles") => change(Admin, "bundle.import"),
+        ("POST", "/api/users") => change(Admin, "user.add"),
+        ("PATCH", "/api/users/{name}") => change(Admin, "user.change"),
+        ("DELETE", "/api/users/{name}") => change(Admin, "user.delete"),
+        _ => return None,
+    })
 }
 
 /// The audit target of a request: the values of the route's parameters joined by `/`, with a
@@ -126,9 +151,16 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Whether the request names where it comes from (an `Origin` or a `Referer` header).
+pub fn claims_origin(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::ORIGIN) || headers.contains_key(header::REFERER)
+}
+
 /// Whether the request's `Origin` (or, without one, its `Referer`) names the host it was sent
-/// to. Without either, a cookie request is refused: every browser sends `Origin` on a
-/// cross-origin POST and Chromium and Firefox on same-origin ones too.
+/// to: one rule for the sign-in and every state-changing API request. Without either, a cookie
+/// request is refused: every browser sends `Origin` on a cross-origin POST and Chromium and
+/// Firefox on same-origin ones too. The header is read by a URL parser (scheme http or https,
+/// no user info), and its host and port compared with the request's authority.
 pub fn same_origin(headers: &HeaderMap, authority: Option<&str>) -> bool {
     let Some(host) = authority.or_else(|| headers.get(header::HOST)?.to_str().ok()) else {
         return false;
@@ -137,12 +169,55 @@ pub fn same_origin(headers: &HeaderMap, authority: Option<&str>) -> bool {
         .get(header::ORIGIN)
         .or_else(|| headers.get(header::REFERER))
         .and_then(|v| v.to_str().ok());
-    let Some(from) = from else { return false };
-    let rest = from
-        .strip_prefix("https://")
-        .or_else(|| from.strip_prefix("http://"));
-    rest.map(|r| r.split('/').next().unwrap_or(""))
-        .is_some_and(|h| h.eq_ignore_ascii_case(host))
+    let Some(from) = from.and_then(|f| url::Url::parse(f).ok()) else {
+        return false;
+    };
+    if !matches!(from.scheme(), "http" | "https")
+        || !from.username().is_empty()
+        || from.password().is_some()
+    {
+        return false;
+    }
+    let Some(from_host) = from.host_str() else {
+        return false;
+    };
+    // the request's authority as a URL of the same scheme, so default ports compare equal
+    let Ok(to) = url::Url::parse(&format!("{}://{host}/", from.scheme())) else {
+        return false;
+    };
+    to.host_str()
+        .is_some_and(|h| h.eq_ignore_ascii_case(from_host))
+        && to.port_or_known_default() == from.port_or_known_default()
+}
+
+/// The same-origin path a sign-in may send the browser on to: `next` if, resolved against this
+/// appliance, it stays on it (a path, not `//host`, `/\\host` or a scheme), else `/`. Decided by
+/// a URL parser, the same way a browser resolves it.
+pub fn safe_next(next: Option<&str>) -> String {
+    const BASE: &str = "https://appliance.invalid/";
+    let Some(next) = next.filter(|n| n.starts_with('/')) else {
+        return "/".into();
+    };
+    // a browser drops tabs and newlines from URLs before resolving them
+    if next.chars().any(|c| c.is_control()) {
+        return "/".into();
+    }
+    let base = url::Url::parse(BASE).expect("a valid base");
+    match base.join(next) {
+        Ok(u) if u.origin() == base.origin() => {
+            let mut out = u.path().to_string();
+            if let Some(q) = u.query() {
+                out.push('?');
+                out.push_str(q);
+            }
+            if out.starts_with("//") || out.starts_with("/\\") {
+                "/".into()
+            } else {
+                out
+            }
+        }
+        _ => "/".into(),
+    }
 }
 
 /// Authenticates a request: the admin token (`via` cli when `hangar` itself sends it), or a
@@ -270,11 +345,16 @@ mod tests {
             rule(&Method::DELETE, "/api/ota/devices/{id}").role,
             Role::Admin
         );
-        // a route nobody wrote a rule for is admin-only and audited
+        // a route nobody wrote a rule for is admin-only and audited, reads too
         assert_eq!(
             rule(&post, "/api/new/thing"),
             change(Role::Admin, "unknown")
         );
+        assert_eq!(
+            rule(&Method::GET, "/api/new/thing"),
+            change(Role::Admin, "unknown")
+        );
+        assert_eq!(rule(&Method::HEAD, "/api/ota/tasks").role, Role::Viewer);
     }
 
     #[test]
@@ -329,6 +409,41 @@ mod tests {
             "https://10.0.0.5:8443.evil.example/".parse().unwrap(),
         );
         assert!(!same_origin(&h, None));
+        for bad in [
+            "https://10.0.0.5:8443@evil.example/",
+            "https://evil.example/https://10.0.0.5:8443",
+            "https://10.0.0.5:8444/",
+            "ftp://10.0.0.5:8443/",
+            "null",
+        ] {
+            h.insert(header::REFERER, bad.parse().unwrap());
+            assert!(!same_origin(&h, None), "{bad}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "box.local".parse().unwrap());
+        h.insert(header::ORIGIN, "https://box.local:443".parse().unwrap());
+        assert!(same_origin(&h, None), "default ports compare equal");
+    }
+
+    #[test]
+    fn sign_in_goes_on_only_to_a_path_of_this_appliance() {
+        for (next, to) in [
+            (Some("/campaigns/c1?live=0"), "/campaigns/c1?live=0"),
+            (Some("/"), "/"),
+            (None, "/"),
+            (Some("/\\evil.example"), "/"),
+            (Some("/\\evil.example/x"), "/"),
+            (Some("//evil.example"), "/"),
+            (Some("/\t/evil.example"), "/"),
+            (Some("/\n/evil.example"), "/"),
+            (Some("https://evil.example/"), "/"),
+            (Some("javascript:alert(1)"), "/"),
+            (Some("evil.example"), "/"),
+            (Some("/%2F%2Fevil.example"), "/%2F%2Fevil.example"),
+            (Some("/a/../../x"), "/x"),
+        ] {
+            assert_eq!(safe_next(next), to, "{next:?}");
+        }
     }
 
     #[test]

@@ -45,7 +45,12 @@ fn session_cookie(value: &str, max_age_secs: i64, secure: bool) -> HeaderValue {
 }
 
 /// POST /api/auth/login `{"username","password"}` — a session cookie, or 401 with one message
-/// for every wrong combination, or 429 after repeated failures.
+/// for every wrong combination, or 429 (with `Retry-After`) after repeated failures or while
+/// the appliance checks as many passwords as it allows at once.
+///
+/// A sign-in is audited when it succeeds; refused ones are counted
+/// (`hangar_auth_sign_ins_total`) and sampled: at most one entry every ten seconds, naming how
+/// many were refused since the entry before, so a flood of guesses cannot fill the log.
 pub async fn login(
     State(st): State<AppState>,
     Extension(Tls(secure)): Extension<Tls>,
@@ -55,8 +60,10 @@ pub async fn login(
     JsonBody(b): JsonBody<LoginBody>,
 ) -> Result<Response, ApiError> {
     // a sign-in form posted from another site (login CSRF) is refused like any other
+    // cross-site request, by the same rule (Origin, else Referer) — but a client that sends
+    // neither (curl, scripts) may sign in
     let authority = uri.authority().map(|a| a.as_str());
-    if headers.contains_key(header::ORIGIN) && !access::same_origin(&headers, authority) {
+    if access::claims_origin(&headers) && !access::same_origin(&headers, authority) {
         return Err(ApiError::forbidden("cross-site sign-in refused").with_code("CSRF"));
     }
     let peer = peer.ip().to_string();
@@ -67,13 +74,24 @@ pub async fn login(
         csrf: None,
     };
     let r = st.accounts.login(&b.username, &b.password, &peer).await;
-    let status = match &r {
-        Ok(_) => 200,
-        Err(ServiceError::Unauthorized(_)) => 401,
-        Err(ServiceError::Throttled { .. }) => 429,
-        Err(_) => 500,
+    let (status, audited) = match &r {
+        Ok(_) => (200, Some(peer.clone())),
+        Err(e) => {
+            let status = match e {
+                ServiceError::Unauthorized(_) => 401,
+                ServiceError::Throttled { .. } => 429,
+                _ => 500,
+            };
+            let target = st.accounts.sample_refused().map(|more| match more {
+                0 => peer.clone(),
+                n => format!("{peer} (+{n} refused sign-ins since the last entry)"),
+            });
+            (status, target)
+        }
     };
-    if let Err(e) = st.accounts.audit(&who, "auth.login", &peer, status).await {
+    if let Some(target) = audited
+        && let Err(e) = st.accounts.audit(&who, "auth.login", &target, status).await
+    {
         tracing::error!(error = %e, "the audit log could not be written");
     }
     let s = r?;
@@ -96,7 +114,7 @@ pub async fn logout(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if let Some(c) = access::cookie(&headers, SESSION_COOKIE) {
-        st.accounts.logout(c).await?;
+        let _gone = st.accounts.logout(c).await?;
     }
     let mut resp = ok(serde_json::json!({}));
     resp.headers_mut()

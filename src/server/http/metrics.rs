@@ -44,14 +44,7 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method: &'static str = match *req.method() {
-        axum::http::Method::GET => "GET",
-        axum::http::Method::HEAD => "HEAD",
-        axum::http::Method::POST => "POST",
-        axum::http::Method::DELETE => "DELETE",
-        axum::http::Method::PUT => "PUT",
-        _ => "OTHER",
-    };
+    let method = method_label(req.method());
     // one span per request: what the handlers log carries the route and method
     let span = tracing::info_span!("http", method, route = %route, status = tracing::field::Empty);
     let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
@@ -69,6 +62,21 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .entry((route, method, status))
         .or_default() += 1;
     resp
+}
+
+/// A request method as a label: the standard ones by name, anything else `OTHER` (a client
+/// must not mint label values).
+fn method_label(m: &axum::http::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "OTHER",
+    }
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -342,6 +350,29 @@ fn http(reg: &mut Registry, st: &AppState) {
         "http_requests",
         "HTTP requests by route, method and status",
         reqs,
+    );
+    let sign_ins = Family::<Labels, Counter>::default();
+    let c = &st.accounts.sign_ins;
+    for (result, v) in [
+        ("ok", &c.ok),
+        ("wrong", &c.wrong),
+        ("throttled", &c.throttled),
+        ("busy", &c.busy),
+    ] {
+        sign_ins
+            .get_or_create(&labels(&[("result", result)]))
+            .inc_by(g(v));
+    }
+    reg.register(
+        "auth_sign_ins",
+        "Console sign-in attempts by result: ok, wrong (name or password), throttled (too many failures), busy (every password check slot taken)",
+        sign_ins,
+    );
+    counter(
+        reg,
+        "auth_password_checks",
+        "argon2id password hashes and checks run (each ~19 MiB while it runs)",
+        g(&st.accounts.passwords().runs),
     );
 }
 

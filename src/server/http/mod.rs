@@ -218,6 +218,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .fallback(firmware_api::not_found)
         .method_not_allowed_fallback(firmware_api::method_not_allowed)
+        .layer(middleware::map_response(json_headers))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
@@ -226,6 +227,27 @@ pub fn router(state: AppState) -> Router {
             refusal::drain_refused(budget, idle.clone(), req, next)
         }))
         .with_state(state)
+}
+
+/// Headers of every JSON answer (the API's envelopes, errors included): never sniffed as
+/// something else, never cached (they carry fleet state and, for some, secrets).
+async fn json_headers(mut resp: axum::response::Response) -> axum::response::Response {
+    use axum::http::{HeaderValue, header};
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if json {
+        let h = resp.headers_mut();
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        h.entry(header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-store"));
+    }
+    resp
 }
 
 /// The send timeout of a listener's connections and the counter of those it closed.

@@ -68,14 +68,18 @@ impl Store {
         })
     }
 
-    /// The session stored under `key`.
+    /// The session stored under `key` (one of an older schema reads as none).
     pub fn get_session(&self, key: &str) -> Result<Option<SessionRecord>> {
         self.with(|e| {
-            e.sessions
+            Ok(e.sessions
                 .get(key.as_bytes())?
-                .map(|v| decode(key.as_bytes(), &v))
-                .transpose()
+                .and_then(|v| session(key.as_bytes(), &v)))
         })
+    }
+
+    /// Whether any user exists.
+    pub fn has_users(&self) -> Result<bool> {
+        self.with(|e| Ok(e.users.first()?.is_some()))
     }
 
     /// Removes one session.
@@ -92,8 +96,7 @@ impl Store {
             let mut n = 0;
             for kv in e.sessions.iter() {
                 let (k, v) = kv?;
-                let s: SessionRecord = decode(&k, &v)?;
-                if s.user == user {
+                if session(&k, &v).is_none_or(|s| s.user == user) {
                     e.sessions.remove(k)?;
                     n += 1;
                 }
@@ -108,8 +111,7 @@ impl Store {
             let mut n = 0;
             for kv in e.sessions.iter() {
                 let (k, v) = kv?;
-                let s: SessionRecord = decode(&k, &v)?;
-                if s.expires_at_ms < now_ms {
+                if session(&k, &v).is_none_or(|s| s.expires_at_ms < now_ms) {
                     e.sessions.remove(k)?;
                     n += 1;
                 }
@@ -149,6 +151,12 @@ impl Store {
             Ok((out, total))
         })
     }
+}
+
+/// A session record, or `None` for one this build cannot read (an older schema's: it has no
+/// credential to check, so it is treated as signed out and purged).
+fn session(key: &[u8], v: &[u8]) -> Option<SessionRecord> {
+    decode(key, v).ok()
 }
 
 impl Engine {

@@ -628,8 +628,9 @@ pub struct UserRecord {
     pub password_changed_at_ms: i64,
 }
 
-/// Current schema version of [`SessionRecord`].
-pub const SESSION_SCHEMA: u32 = 1;
+/// Current schema version of [`SessionRecord`]. Schema 1 had no `credential`: such sessions
+/// (made before an upgrade) are read as absent, so their users sign in again.
+pub const SESSION_SCHEMA: u32 = 2;
 
 /// One signed-in browser. Stored under the sha256 of its cookie value, so a stolen backup or
 /// store holds no usable cookie.
@@ -645,6 +646,9 @@ pub struct SessionRecord {
     pub created_at_ms: i64,
     /// Milliseconds since the epoch after which the session is refused.
     pub expires_at_ms: i64,
+    /// A digest of the password hash the sign-in was checked against; the session is dead once
+    /// the user's differs.
+    pub credential: String,
 }
 
 /// Current schema version of [`AuditRecord`].

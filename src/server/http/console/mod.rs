@@ -118,14 +118,29 @@ async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Respon
         .into_response()
 }
 
-async fn login() -> Response {
+/// The sign-in page. `next` (where the browser goes after signing in) is kept only if it is a
+/// path of this appliance ([`access::safe_next`]); the script reads the checked value from the
+/// form. While no user exists it says how to make the first one.
+async fn login(
+    State(st): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let next = access::safe_next(q.get("next").map(String::as_str));
+    let first_run = !st.accounts.any_user().unwrap_or(true);
     let page = html! {
         (DOCTYPE)
         html lang="en" {
             head { (head("Sign in")) }
             body.login {
-                form #login-form.card method="post" action="/api/auth/login" {
+                form #login-form.card method="post" action="/api/auth/login" data-next=(next) {
                     h1 { img src="/assets/icon.svg" alt="" width="28" height="28"; " Hangar" }
+                    @if first_run {
+                        div #first-run.notice role="note" {
+                            p { strong { "No user exists yet." } " Create the first administrator on the appliance's box, in the directory it runs from:" }
+                            pre { code { "hangar user add NAME --role admin" } }
+                            p { "It asks for a password (or reads one with --password-file FILE). Then sign in here." }
+                        }
+                    }
                     label { "User name" input name="username" autocomplete="username" required maxlength="64" autofocus; }
                     label { "Password" input name="password" type="password" autocomplete="current-password" required maxlength="1024"; }
                     p #login-error.error role="alert" {}

@@ -140,8 +140,14 @@
     let j = null;
     try { j = await r.json(); } catch (e) { /* not JSON */ }
     if (r.ok) {
-      const next = new URLSearchParams(location.search).get("next") || "/";
-      location.href = next.startsWith("/") && !next.startsWith("//") ? next : "/";
+      // the appliance checked `next` (a path of its own) when it served this page; check again
+      // the way the browser will resolve it, and go nowhere else
+      let to = "/";
+      try {
+        const u = new URL(f.dataset.next || "/", location.origin);
+        if (u.origin === location.origin) to = u.pathname + u.search;
+      } catch (e) { /* stay with "/" */ }
+      location.href = to;
     } else {
       err.textContent = (j && j.message) || ("HTTP " + r.status);
     }
