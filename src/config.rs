@@ -127,6 +127,8 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// Admin token and signed-URL lifetime.
     pub auth: AuthConfig,
+    /// Retention of the audit log.
+    pub audit: AuditConfig,
     /// Upgrade task timing.
     pub tasks: TasksConfig,
     /// Delta generation.
@@ -256,6 +258,40 @@ pub struct AuthConfig {
     pub sign_in_checks_at_once: usize,
     /// How long a sign-in waits for a free check before it is answered 429, seconds.
     pub sign_in_wait_secs: u64,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Entries kept at most; the oldest beyond it are dropped (the report chain says so).
+    pub max_entries: u64,
+    /// Entries older than this many days are dropped; 0 = kept whatever their age.
+    pub max_age_days: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            max_entries: 200_000,
+            max_age_days: 0,
+        }
+    }
+}
+
+impl AuditConfig {
+    fn check(&self) -> Check {
+        ensure(
+            (1000..=100_000_000).contains(&self.max_entries),
+            "audit.max_entries",
+            "must be between 1000 and 100000000",
+        )?;
+        ensure(
+            self.max_age_days <= 36_500,
+            "audit.max_age_days",
+            "must be between 0 (no age limit) and 36500 days",
+        )
+    }
 }
 
 /// `[tasks]`
@@ -452,6 +488,7 @@ impl Config {
             self.tls.check(),
             self.mqtt.check(&self.http),
             self.auth.check(),
+            self.audit.check(),
             self.tasks.check(),
             self.metrics.check(),
             self.delta.check(),

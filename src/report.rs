@@ -9,6 +9,12 @@
 //! canonical JSON), starting from `previousHash` — 64 zeros for the first entry ever, else the
 //! `hash` of the last entry of the report before. A removed, added or edited entry breaks the
 //! chain; an incremental export (`--since SEQ`) continues it.
+//!
+//! The appliance keeps its audit log within a retention (`[audit]`): the oldest entries are
+//! dropped, and the chain hash of the last dropped one is kept. A report whose range starts in
+//! what was dropped says so in `dropped` (`from`, `to`, and the chain hash at `to`, under the
+//! site's signature) and its chain goes on from that hash; the drop itself is an entry of the
+//! chain (`audit.retention`, naming the span and the hash), so a span can never vanish unsaid.
 
 use serde::{Deserialize, Serialize};
 
@@ -88,14 +94,30 @@ pub fn link(mut prev: String, entries: &mut [ChainEntry]) -> String {
     prev
 }
 
+/// Entries the appliance's retention dropped before a report carried them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Dropped {
+    /// The first dropped entry of the report's range (its `since` + 1).
+    pub from: u64,
+    /// The last dropped entry.
+    pub to: u64,
+    /// The chain hash of entry `to`, which the report's entries follow.
+    pub last_hash: String,
+}
+
 /// The audit section of a report.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuditChain {
-    /// The hash the first entry follows.
+    /// The hash at `since` (which the first entry follows unless entries were dropped): 64
+    /// zeros for 0, empty when that entry was dropped before its hash was ever exported.
     pub previous_hash: String,
     /// The sequence number after which this report starts (0: from the beginning).
     pub since: u64,
+    /// Entries of this report's range dropped by the appliance's retention, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<Dropped>,
     /// The entries, in order.
     pub entries: Vec<ChainEntry>,
     /// The hash of the last entry (= `previousHash` when there are none).
@@ -105,8 +127,18 @@ pub struct AuditChain {
 /// Checks a chain: each entry follows the one before, by `prev` and by sequence number
 /// (no gap), and its hash is right. `Err` names the first entry that is wrong.
 pub fn check_chain(c: &AuditChain) -> Result<(), String> {
-    let mut prev = c.previous_hash.clone();
-    let mut seq = c.since;
+    let (mut prev, mut seq) = match &c.dropped {
+        Some(d) => {
+            if d.from != c.since + 1 || d.to < d.from {
+                return Err(format!(
+                    "the dropped span {}..{} does not start right after entry {}",
+                    d.from, d.to, c.since
+                ));
+            }
+            (d.last_hash.clone(), d.to)
+        }
+        None => (c.previous_hash.clone(), c.since),
+    };
     for e in &c.entries {
         if e.seq != seq + 1 {
             return Err(format!(
@@ -165,6 +197,7 @@ mod tests {
         AuditChain {
             previous_hash: prev.to_string(),
             since,
+            dropped: None,
             entries,
             last_hash: last,
         }
@@ -199,5 +232,31 @@ mod tests {
             check_chain(&cut).is_err(),
             "the last hash names the real end"
         );
+    }
+
+    #[test]
+    fn a_dropped_span_is_declared_and_the_chain_goes_on_from_its_hash() {
+        let whole = chain(0, 8, GENESIS);
+        // entries 1..5 dropped: the report from 0 declares them and starts at 6
+        let mut after = whole.clone();
+        let kept = after.entries.split_off(5);
+        after.dropped = Some(Dropped {
+            from: 1,
+            to: 5,
+            last_hash: whole.entries[4].hash.clone(),
+        });
+        after.entries = kept;
+        check_chain(&after).unwrap();
+        // a span that does not start at since + 1, or a wrong hash, is refused
+        let mut wrong = after.clone();
+        wrong.dropped.as_mut().unwrap().from = 2;
+        assert!(check_chain(&wrong).is_err());
+        let mut wrong = after.clone();
+        wrong.dropped.as_mut().unwrap().last_hash = whole.entries[3].hash.clone();
+        assert!(check_chain(&wrong).is_err());
+        // hiding an entry inside the kept part still breaks it
+        let mut hidden = after.clone();
+        hidden.entries.remove(1);
+        assert!(check_chain(&hidden).is_err());
     }
 }

@@ -26,6 +26,14 @@ pub fn now_utc() -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(now_ms()).unwrap_or_default()
 }
 
+/// A time in ms since the epoch as RFC 3339 in UTC with milliseconds
+/// (`2026-12-01T02:00:00.000Z`): how the API and the signed report write times.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// How far tokio's clock is ahead of the real monotonic clock, in nanoseconds (0 unless paused
 /// and advanced).
 fn skew_ns() -> i128 {

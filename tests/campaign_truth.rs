@@ -251,3 +251,149 @@ async fn retries_offline_devices_and_waits_are_shown_as_such() {
         "{c}"
     );
 }
+
+/// The emergency brake tells the truth about devices it cannot stop: Alibaba-protocol ovens have
+/// no cancel message. The brake revokes their tasks' download URLs and ends the transfers under
+/// way (a device still downloading cannot finish, its resume by Range is refused); one that had
+/// the image already and installs it is recorded as installed after the brake and counts as
+/// completed; the campaign says how many it could stop and how many it could not tell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brake_says_which_devices_it_could_not_stop_and_what_they_did() {
+    let s = Server::start().await;
+    s.release("1.0.1", "oven", 1000).await;
+    let ali = |prefix: &'static str, extra: &[&'static str]| {
+        let mut a = vec![
+            "--protocol",
+            "alibaba",
+            "--device-type",
+            "oven",
+            "--devices",
+            "10",
+            "--version",
+            "1.0.1",
+            "--register",
+            "--id-prefix",
+            prefix,
+            "--no-delta",
+            "--until-idle",
+            "--idle-secs",
+            "3",
+            "--timeout",
+            "120",
+        ];
+        a.extend_from_slice(extra);
+        s.sim(&a)
+    };
+    // ten that download at once and take 6 s to reboot into the new image; ten that download
+    // at 100 KB/s (2 MB: 20 s)
+    let fast = ali("FAST", &["--reboot-ms", "6000"]);
+    let slow = ali("SLOW", &["--slow", "100"]);
+    s.wait_online(20).await;
+    // released once they asked firmware/get at start (or they would take it by themselves)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s
+        .metric("hangar_reports_used_total{outcome=\"request\"}")
+        .await
+        < 20.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ovens did not ask firmware/get"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.release("1.0.2", "oven", 2_000_000).await;
+    let (st, c) = s
+        .post_json(
+            "/api/ota/campaigns",
+            json!({"name": "ovens", "deviceType": "oven", "version": "1.0.2",
+                   "targets": {"all": true}, "maxInFlight": 20}),
+        )
+        .await;
+    assert_eq!(st, 201, "{c}");
+    let id = c["data"]["id"].as_str().unwrap().to_string();
+    // the fast ones installed (step 100, rebooting), the slow ones are downloading
+    s.wait_campaign(&id, 60, |c| {
+        c["counts"]["installing"] == 10 && c["counts"]["downloading"] == 10
+    })
+    .await;
+    let (_, slow_task) = s.get_json("/api/ota/task/oven%2FSLOW0001").await;
+    let url = slow_task["data"]["firmwareUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(url.contains("task="), "{url}");
+
+    let (st, braked) = s
+        .post_json(&format!("/api/ota/campaigns/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(st, 200, "{braked}");
+    let brake = &braked["data"]["brake"];
+    assert_eq!(brake["inFlight"], 20, "{braked}");
+    assert_eq!(brake["stopped"], 0, "{braked}");
+    assert_eq!(brake["couldNotBeTold"], 20, "{braked}");
+    assert!(
+        brake["summary"].as_str().unwrap().contains(
+            "0 of 20 in flight stopped, 20 could not be told to stop (protocol has no cancel"
+        ),
+        "{brake}"
+    );
+    assert!(brake["transfersCut"].as_u64().unwrap() >= 1, "{brake}");
+
+    // a resume of the revoked URL is refused
+    let path = url.split_once("/firmware/").unwrap().1;
+    let r = s
+        .client
+        .get(s.url(&format!("/firmware/{path}")))
+        .header("range", "bytes=1000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"], "TASK_CANCELLED", "{b}");
+
+    // the slow ones could not finish; the fast ones rebooted into 1.0.2
+    let (_, slow_sum) = common::sim_result(slow, 90).await;
+    assert_eq!(slow_sum["completed"], 0, "{slow_sum}");
+    let (_, fast_sum) = common::sim_result(fast, 90).await;
+    assert_eq!(fast_sum["completed"], 10, "{fast_sum}");
+    let done = s
+        .wait_campaign(&id, 30, |c| c["counts"]["completed"] == 10)
+        .await;
+    assert_eq!(done["status"], "cancelled");
+    assert_eq!(done["counts"]["cancelled"], 10, "{done}");
+    assert_eq!(done["brake"]["installedAnyway"], 10, "{done}");
+    assert!(
+        done["statusReason"]
+            .as_str()
+            .unwrap()
+            .contains("10 of them installed the new version anyway"),
+        "{done}"
+    );
+    assert!(
+        done["bytesFull"].as_u64().unwrap() > 20_000_000,
+        "the bytes the devices downloaded: {done}"
+    );
+    // every device's record says what it runs, and its task agrees
+    let (_, devices) = s.get_json("/api/ota/devices?limit=100").await;
+    for d in devices["data"].as_array().unwrap() {
+        let dev = d["id"].as_str().unwrap();
+        let (_, t) = s
+            .get_json(&format!("/api/ota/task/{}", dev.replace('/', "%2F")))
+            .await;
+        let t = &t["data"];
+        match d["firmwareVersion"].as_str().unwrap() {
+            "1.0.2" => {
+                assert!(dev.contains("FAST"), "{dev} installed 1.0.2");
+                assert_eq!(t["status"], "completed", "{dev}: {t}");
+                assert_eq!(t["installedAfterCancel"], true, "{dev}: {t}");
+            }
+            "1.0.1" => {
+                assert!(dev.contains("SLOW"), "{dev} stayed on 1.0.1");
+                assert_eq!(t["status"], "cancelled", "{dev}: {t}");
+            }
+            v => panic!("{dev} runs {v}"),
+        }
+    }
+}

@@ -29,6 +29,16 @@ async fn metrics_are_prometheus_text_behind_the_token() {
     let _ = r.bytes().await;
     let r = s.client.get(s.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 401);
+    // a PATCH is counted under its own name
+    let r = s
+        .client
+        .patch(s.url("/api/users/nobody"))
+        .header("authorization", s.auth())
+        .json(&serde_json::json!({"role": "viewer"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let text = loop {
         let r = s
@@ -57,6 +67,9 @@ async fn metrics_are_prometheus_text_behind_the_token() {
         "hangar_download_range_requests_total 1",
         "hangar_active_downloads",
         "hangar_http_requests_total{route=\"/firmware/{file}\",method=\"GET\",status=\"206\"} 1",
+        "hangar_http_requests_total{route=\"/api/users/{name}\",method=\"PATCH\",status=\"404\"} 1",
+        "hangar_auth_sign_ins_total{result=\"throttled\"}",
+        "hangar_auth_password_checks_total",
         "hangar_auth_failures_total{listener=\"http\"}",
         "hangar_delta_queue_length",
         "# TYPE hangar_delta_generation_seconds histogram",

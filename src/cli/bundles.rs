@@ -528,7 +528,17 @@ pub async fn report(g: &super::Global, cmd: ReportCmd) -> Result<(), CliError> {
                     before["audit"]["lastHash"].as_str().unwrap_or(""),
                     r["audit"]["previousHash"].as_str().unwrap_or(""),
                 );
-                if end != start || before["to"] != r["since"] {
+                let dropped = &r["audit"]["dropped"];
+                if before["to"] == r["since"] && dropped.is_object() && start.is_empty() {
+                    // the entries right after the previous report were dropped by retention
+                    // before this one was made: the gap is declared, signed, and chained on
+                    eprintln!(
+                        "note: audit entries {}..{} were dropped by the appliance's retention before this report; the chain goes on from their last hash {}, under the site's signature",
+                        dropped["from"],
+                        dropped["to"],
+                        dropped["lastHash"].as_str().unwrap_or("")
+                    );
+                } else if end != start || before["to"] != r["since"] {
                     return Err(CliError::Trust(format!(
                         "{} does not continue {}: it starts after entry {} (hash {start}), the other ends at {} (hash {end})",
                         file.display(),
@@ -584,7 +594,8 @@ fn verify_report(file: &Path, key: &TrustedKey) -> Result<serde_json::Value, Cli
     let chain: crate::report::AuditChain = serde_json::from_value(r["audit"].clone())
         .map_err(|e| bad(format!("its audit section: {e}")))?;
     crate::report::check_chain(&chain).map_err(bad)?;
-    if chain.entries.last().map_or(since, |e| e.seq) != to {
+    let start = chain.dropped.as_ref().map_or(since, |d| d.to);
+    if chain.entries.last().map_or(start, |e| e.seq) != to {
         return Err(bad(format!("the audit chain does not end at entry {to}")));
     }
     Ok(r)

@@ -28,8 +28,8 @@ use crate::config::AuthConfig;
 use crate::server::error::ServiceError;
 use crate::server::passwords::{PasswordError, Passwords};
 use crate::server::store::{
-    AUDIT_SCHEMA, AuditRecord, Durable, Role, SESSION_SCHEMA, SessionRecord, Store, USER_SCHEMA,
-    UserRecord,
+    AUDIT_CHECKPOINT_SCHEMA, AUDIT_SCHEMA, AuditCheckpoint, AuditRecord, Durable, Role,
+    SESSION_SCHEMA, SessionRecord, Store, StoreError, USER_SCHEMA, UserRecord,
 };
 
 /// The longest wait imposed after repeated failures.
@@ -637,6 +637,163 @@ impl Accounts {
         offset: usize,
     ) -> Result<(Vec<AuditRecord>, usize), ServiceError> {
         Ok(self.store.list_audit(|r| filter.keeps(r), limit, offset)?)
+    }
+}
+
+/// Entries one retention pass drops at most (the next pass goes on).
+const RETENTION_BATCH: u64 = 50_000;
+
+/// An audit entry as the report's hash chain carries it (without its links).
+pub fn chain_entry(r: &AuditRecord) -> crate::report::ChainEntry {
+    crate::report::ChainEntry {
+        seq: r.seq,
+        at: crate::time::rfc3339_ms(r.at_ms),
+        actor: r.actor.clone(),
+        via: r.via.clone(),
+        action: r.action.clone(),
+        target: r.target.clone(),
+        result: r.result.clone(),
+        status: r.status,
+        prev: String::new(),
+        hash: String::new(),
+    }
+}
+
+/// What a retention pass dropped: entries `from..=to` and the chain hash at `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedSpan {
+    /// First entry dropped.
+    pub from: u64,
+    /// Last entry dropped.
+    pub to: u64,
+    /// Chain hash at `to`.
+    pub hash: String,
+}
+
+/// The checkpoint after dropping what the limits call for, from the one before (at most
+/// [`RETENTION_BATCH`] entries, never the last entry): reads the entries it drops to carry the
+/// chain hash over them. `None`: nothing to drop.
+fn next_checkpoint(
+    store: &Store,
+    max_entries: u64,
+    cutoff_ms: Option<i64>,
+    now_ms: i64,
+) -> Result<Option<(AuditCheckpoint, u64)>, StoreError> {
+    let before = store.audit_checkpoint()?;
+    let (seq0, mut hash) = before.as_ref().map_or_else(
+        || (0, crate::report::GENESIS.to_string()),
+        |c| (c.seq, c.hash.clone()),
+    );
+    let Some((first, last)) = store.audit_bounds()? else {
+        return Ok(None);
+    };
+    let first = first.max(seq0 + 1);
+    if first > last {
+        return Ok(None);
+    }
+    // one more than the excess: the pass writes an entry of its own (`audit.retention`)
+    let excess = match (last - first + 1).saturating_sub(max_entries) {
+        0 => 0,
+        n => n + 1,
+    };
+    let (mut n, mut to) = (0u64, seq0);
+    store.each_audit_after(seq0, |r| {
+        let old = cutoff_ms.is_some_and(|c| r.at_ms < c);
+        if r.seq >= last || n >= RETENTION_BATCH || !(n < excess || old) {
+            return Ok::<bool, StoreError>(false);
+        }
+        hash = crate::report::entry_hash(&hash, &chain_entry(&r));
+        to = r.seq;
+        n += 1;
+        Ok(true)
+    })?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let dropped = before.map_or(0, |c| c.dropped) + n;
+    Ok(Some((
+        AuditCheckpoint {
+            schema: AUDIT_CHECKPOINT_SCHEMA,
+            seq: to,
+            hash,
+            dropped,
+            at_ms: now_ms,
+        },
+        seq0 + 1,
+    )))
+}
+
+impl Accounts {
+    /// One pass of the audit log's retention (`[audit]`): drops the oldest entries beyond
+    /// `max_entries` and those older than `max_age`, keeps the chain hash of the last one
+    /// dropped (written and flushed before anything is deleted, so a crash in between leaves
+    /// only entries every reader skips), then records the drop itself as an entry
+    /// (`audit.retention`, naming the span and the hash). Returns what it dropped.
+    pub async fn retain_audit(
+        &self,
+        max_entries: u64,
+        max_age: Option<Duration>,
+    ) -> Result<Option<DroppedSpan>, ServiceError> {
+        let store = self.store.clone();
+        let now = crate::time::now_ms();
+        let cutoff = max_age.map(|a| now - a.as_millis() as i64);
+        let (checkpoint, from) = match tokio::task::spawn_blocking(move || {
+            // leftovers of a pass cut off between its checkpoint and its deletion
+            if let Some(c) = store.audit_checkpoint()? {
+                store.delete_audit_through(c.seq, usize::MAX)?;
+            }
+            next_checkpoint(&store, max_entries, cutoff, now)
+        })
+        .await
+        .map_err(|e| ServiceError::Corrupt(format!("audit retention task: {e}")))??
+        {
+            Some(x) => x,
+            None => return Ok(None),
+        };
+        self.store.put_audit_checkpoint(&checkpoint)?;
+        self.store.flush().await?;
+        let store = self.store.clone();
+        let to = checkpoint.seq;
+        tokio::task::spawn_blocking(move || store.delete_audit_through(to, usize::MAX))
+            .await
+            .map_err(|e| ServiceError::Corrupt(format!("audit retention task: {e}")))??;
+        let span = DroppedSpan {
+            from,
+            to,
+            hash: checkpoint.hash,
+        };
+        let system = Principal {
+            actor: "system".into(),
+            via: Via::System,
+            role: Role::Admin,
+            csrf: None,
+        };
+        let why = match cutoff {
+            Some(_) => "max_entries or max_age_days",
+            None => "max_entries",
+        };
+        self.audit(
+            &system,
+            "audit.retention",
+            &format!(
+                "entries {}-{} dropped by [audit] {why}; chain hash at {}: {}",
+                span.from, span.to, span.to, span.hash
+            ),
+            200,
+        )
+        .await?;
+        tracing::info!(
+            from = span.from,
+            to = span.to,
+            "audit entries dropped by retention"
+        );
+        Ok(Some(span))
+    }
+
+    /// Whether a pass that dropped `span` stopped at its batch size (another pass should
+    /// follow at once).
+    pub fn retention_batch_full(span: &DroppedSpan) -> bool {
+        span.to - span.from + 1 >= RETENTION_BATCH
     }
 }
 

@@ -423,6 +423,11 @@ impl App {
             max_bundle_bytes: config.http.max_bundle_bytes,
             bundles,
         });
+        tracker.spawn(retain_audit(
+            state.accounts.clone(),
+            config.audit.clone(),
+            shutdown.clone(),
+        ));
         let send = http::SendLimit {
             after: Duration::from_secs(config.http.send_timeout_secs),
             cut: state.http_metrics.send_timeouts.clone(),
@@ -533,6 +538,40 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         Err(_) => tracing::error!("internal: app still shared at shutdown"),
     }
     Ok(())
+}
+
+/// Keeps the audit log within `[audit]`: a pass at start and once a minute, passes back to back
+/// while each still finds something to drop.
+async fn retain_audit(
+    accounts: Arc<crate::server::accounts::Accounts>,
+    limits: crate::config::AuditConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let max_age =
+        (limits.max_age_days > 0).then(|| Duration::from_secs(limits.max_age_days * 86_400));
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        loop {
+            match accounts.retain_audit(limits.max_entries, max_age).await {
+                Ok(Some(span))
+                    if crate::server::accounts::Accounts::retention_batch_full(&span)
+                        && !shutdown.is_cancelled() =>
+                {
+                    continue;
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit retention failed; trying again in a minute");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Reopens a store that failed (a full disk) once there is room again: looks every second.

@@ -105,23 +105,39 @@ impl UrlSigner {
         Ok(UrlSigner { key, ttl_secs })
     }
 
-    fn mac(&self, path: &str, expiry: u64) -> Hmac<Sha256> {
+    fn mac(&self, path: &str, expiry: u64, task: Option<u64>) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac takes any key length");
         mac.update(path.as_bytes());
         mac.update(b"\n");
         mac.update(expiry.to_string().as_bytes());
+        if let Some(t) = task {
+            mac.update(b"\ntask ");
+            mac.update(t.to_string().as_bytes());
+        }
         mac
     }
 
     /// A token for `path` (e.g. `/firmware/gateway_v1.0.2.bin`) valid for the configured TTL.
     pub fn sign(&self, path: &str, now_secs: u64) -> String {
+        self.sign_for(path, None, now_secs)
+    }
+
+    /// A token for `path` bound to upgrade task `task` (the URL then carries `task=ID` too):
+    /// the download is refused once that task is cancelled.
+    pub fn sign_for(&self, path: &str, task: Option<u64>, now_secs: u64) -> String {
         let expiry = now_secs + self.ttl_secs;
-        let tag = self.mac(path, expiry).finalize().into_bytes();
+        let tag = self.mac(path, expiry, task).finalize().into_bytes();
         format!("{expiry}.{}", hex::encode(tag))
     }
 
     /// True if `token` was made by [`UrlSigner::sign`] for exactly `path` and has not expired.
     pub fn verify(&self, path: &str, token: &str, now_secs: u64) -> bool {
+        self.verify_for(path, token, None, now_secs)
+    }
+
+    /// True if `token` was made by [`UrlSigner::sign_for`] for exactly `path` and `task` and
+    /// has not expired.
+    pub fn verify_for(&self, path: &str, token: &str, task: Option<u64>, now_secs: u64) -> bool {
         let Some((exp, tag)) = token.split_once('.') else {
             return false;
         };
@@ -131,7 +147,7 @@ impl UrlSigner {
         if expiry < now_secs {
             return false;
         }
-        self.mac(path, expiry).verify_slice(&tag).is_ok()
+        self.mac(path, expiry, task).verify_slice(&tag).is_ok()
     }
 }
 
@@ -175,5 +191,11 @@ mod tests {
         // the secret survives a reload
         let s2 = UrlSigner::load_or_create(dir.path(), 100).unwrap();
         assert!(s2.verify("/firmware/gateway_v1.bin", &tok, 1000));
+        // a token bound to a task holds for that task only, and is no unbound token
+        let bound = s.sign_for("/firmware/gateway_v1.bin", Some(7), 1000);
+        assert!(s.verify_for("/firmware/gateway_v1.bin", &bound, Some(7), 1000));
+        assert!(!s.verify_for("/firmware/gateway_v1.bin", &bound, Some(8), 1000));
+        assert!(!s.verify("/firmware/gateway_v1.bin", &bound, 1000));
+        assert!(!s.verify_for("/firmware/gateway_v1.bin", &tok, Some(7), 1000));
     }
 }

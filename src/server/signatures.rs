@@ -52,8 +52,17 @@ impl SiteKey {
 
     /// Signs bytes in memory with `trusted_comment`.
     pub fn sign(&self, bytes: &[u8], trusted_comment: &str) -> Result<String, String> {
+        self.sign_reader(bytes, trusted_comment)
+    }
+
+    /// Signs everything `r` yields (prehashed: read once, in bounded memory).
+    pub fn sign_reader(
+        &self,
+        r: impl std::io::Read,
+        trusted_comment: &str,
+    ) -> Result<String, String> {
         self.secret
-            .sign(bytes, trusted_comment)
+            .sign(r, trusted_comment)
             .map_err(|e| e.to_string())
     }
 }

@@ -162,3 +162,80 @@ mod tests {
         assert_eq!(s.per_firmware.len(), 1);
     }
 }
+
+/// Downloads in progress per upgrade task, so that cancelling a task (the emergency brake)
+/// ends the transfers of its image at once: a device that had not finished downloading cannot
+/// finish. Each transfer holds a [`Transfer`] for as long as its body is being sent; the last
+/// one of a task removes its entry.
+#[derive(Debug, Default)]
+pub struct Transfers {
+    tasks: Mutex<std::collections::HashMap<u64, (tokio_util::sync::CancellationToken, usize)>>,
+    /// Transfers ended because their task was cancelled.
+    pub cut: AtomicU64,
+}
+
+/// One transfer of a task's image: `stop` fires when the task is cancelled.
+#[derive(Debug)]
+pub struct Transfer {
+    owner: Arc<Transfers>,
+    task: u64,
+    /// Cancelled when the task is.
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+impl Transfers {
+    /// Registers a transfer of task `task`'s image.
+    pub fn start(self: &Arc<Self>, task: u64) -> Transfer {
+        let mut m = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m
+            .entry(task)
+            .or_insert_with(|| (tokio_util::sync::CancellationToken::new(), 0));
+        e.1 += 1;
+        Transfer {
+            owner: self.clone(),
+            task,
+            stop: e.0.clone(),
+        }
+    }
+
+    /// Ends every transfer of task `task` now; how many there were.
+    pub fn stop(&self, task: u64) -> usize {
+        let gone = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&task);
+        match gone {
+            Some((token, n)) => {
+                token.cancel();
+                self.cut.fetch_add(n as u64, Ordering::Relaxed);
+                n
+            }
+            None => 0,
+        }
+    }
+
+    /// Transfers of task images being sent now.
+    pub fn open(&self) -> usize {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        let mut m = self.owner.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = m.get_mut(&self.task)
+            && !self.stop.is_cancelled()
+        {
+            e.1 -= 1;
+            if e.1 == 0 {
+                m.remove(&self.task);
+            }
+        }
+    }
+}

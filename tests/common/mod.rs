@@ -86,7 +86,18 @@ impl Server {
 
     /// Stops and starts again on the same data dir with a tweaked config.
     pub async fn restart_with(&mut self, tweak: impl FnOnce(&mut Config)) {
+        self.restart_around(|_| {}, tweak).await
+    }
+
+    /// Stops, runs `between` on the data dir while nothing holds it, and starts again with a
+    /// tweaked config.
+    pub async fn restart_around(
+        &mut self,
+        between: impl FnOnce(&Path),
+        tweak: impl FnOnce(&mut Config),
+    ) {
         self.app.take().unwrap().shutdown().await;
+        between(self.dir.path());
         let mut cfg = test_config(self.dir.path());
         tweak(&mut cfg);
         let app = App::start(cfg).await.expect("server restarts");

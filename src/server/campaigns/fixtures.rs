@@ -30,6 +30,7 @@ pub fn campaign(status: CampaignStatus) -> CampaignRecord {
         ended_at_ms: None,
         created_at_ms: 0,
         updated_at_ms: 0,
+        brake: None,
     }
 }
 

@@ -316,7 +316,10 @@ impl Campaigns {
             .map(|c| c.id))
     }
 
-    /// pause / resume / cancel (the brake) / retry (failed members queued again).
+    /// pause / resume / cancel (the brake) / retry (failed members queued again). The brake
+    /// cancels every in-flight task (a cancel message where the protocol has one; the task's
+    /// download URLs revoked and its transfers ended in every case) and records what it could
+    /// do ([`crate::server::store::Brake`]).
     pub async fn act(
         &self,
         id: &str,
@@ -376,6 +379,16 @@ impl Campaigns {
                 c.updated_at_ms = now;
                 self.store.put_campaign(&c)?;
                 self.store.flush().await?;
+                let mut brake = crate::server::store::Brake {
+                    at_ms: now,
+                    in_flight: 0,
+                    stopped: 0,
+                    no_cancel: 0,
+                    not_listening: 0,
+                    transfers_cut: 0,
+                    queued: 0,
+                };
+                let reason = format!("stopped by the emergency brake of campaign {id}");
                 for mut m in self.members_now(&c, now)?.0 {
                     match m.status {
                         MemberStatus::InFlight => {
@@ -383,19 +396,54 @@ impl Campaigns {
                                 && let Ok(Some(t)) = self.store.get_task(tid)
                                 && t.status.is_active()
                                 && t.campaign_id.as_deref() == Some(id)
-                                && let Err(e) = self.ota.cancel(&m.device_id).await
                             {
-                                tracing::warn!(device = m.device_id, error = %e, "cancelling a campaign task");
+                                brake.in_flight += 1;
+                                match self.ota.cancel(&m.device_id, &reason).await {
+                                    Ok(done) => {
+                                        let done = done.into_inner();
+                                        brake.transfers_cut += done.transfers_cut as u32;
+                                        if done.told {
+                                            brake.stopped += 1;
+                                        } else if crate::server::ota::commands::has_cancel(
+                                            done.task.protocol,
+                                        ) {
+                                            brake.not_listening += 1;
+                                        } else {
+                                            brake.no_cancel += 1;
+                                        }
+                                    }
+                                    Err(e) => {
+                                        // it ended meanwhile (completed or failed): nothing to stop
+                                        brake.in_flight -= 1;
+                                        tracing::warn!(device = m.device_id, error = %e, "cancelling a campaign task");
+                                    }
+                                }
                             }
                             m.status = MemberStatus::Cancelled;
                         }
-                        MemberStatus::Queued => m.status = MemberStatus::Cancelled,
+                        MemberStatus::Queued => {
+                            brake.queued += 1;
+                            m.status = MemberStatus::Cancelled;
+                        }
                         _ => continue,
                     }
                     m.updated_at_ms = now;
                     self.store.put_member(&m)?;
                 }
-                tracing::warn!(campaign = id, "campaign cancelled");
+                c.status_reason = Some(format!(
+                    "cancelled by an operator (emergency brake): {}",
+                    brake_words(&brake)
+                ));
+                c.brake = Some(brake);
+                self.store.put_campaign(&c)?;
+                tracing::warn!(
+                    campaign = id,
+                    in_flight = brake.in_flight,
+                    stopped = brake.stopped,
+                    no_cancel = brake.no_cancel,
+                    not_listening = brake.not_listening,
+                    "campaign cancelled (emergency brake)"
+                );
                 return Ok(self.store.durable(c).await?);
             }
             "retry" => {
@@ -691,4 +739,26 @@ impl round::Facts for EngineFacts<'_> {
             .map(|d| d.id)
             .collect())
     }
+}
+
+/// What a brake did, in the words the console, the CLI and the API use: "N of M stopped, K
+/// could not be told to stop (protocol has no cancel)".
+pub fn brake_words(b: &crate::server::store::Brake) -> String {
+    let mut out = format!("{} of {} in flight stopped", b.stopped, b.in_flight);
+    if b.no_cancel > 0 {
+        out.push_str(&format!(
+            ", {} could not be told to stop (protocol has no cancel: their downloads were revoked, but one that already had the image may still install it)",
+            b.no_cancel
+        ));
+    }
+    if b.not_listening > 0 {
+        out.push_str(&format!(
+            ", {} not connected to be told (their downloads were revoked)",
+            b.not_listening
+        ));
+    }
+    if b.queued > 0 {
+        out.push_str(&format!(", {} not started", b.queued));
+    }
+    out
 }

@@ -64,6 +64,8 @@ pub struct Retrying {
 pub struct FailureGroup {
     /// The task's `errorCode` (`ROLLED_BACK`, `DOWNLOAD_FAILED`, `TIMEOUT`, ...).
     pub code: String,
+    /// The error message of one of them (the first by device id), as its device said it.
+    pub message: Option<String>,
     /// Their device ids, sorted.
     pub devices: Vec<String>,
 }
@@ -98,9 +100,10 @@ pub struct Progress {
     pub success_rate: f64,
     /// Percent of the eligible members.
     pub failure_rate: f64,
-    /// Full images of completed tasks.
+    /// Bytes of full images the members downloaded (the whole file once a device got past
+    /// downloading, else the share it reported: a cut-off download counts what it got).
     pub bytes_full: u64,
-    /// Patches of completed tasks.
+    /// The same for patches.
     pub bytes_delta: u64,
     /// Seconds until the last device should finish, at the pace so far; `None` when unknown
     /// (nothing finished yet, or the campaign waits, is paused or ended).
@@ -114,6 +117,9 @@ pub struct Progress {
     /// Why the campaign is where it is, in words: what it waits for and until when, or its
     /// verdict once completed.
     pub status_reason: Option<String>,
+    /// Members the brake cancelled whose device installed the target anyway (counted as
+    /// completed).
+    pub installed_after_brake: u64,
 }
 
 /// The state a member is counted in.
@@ -133,8 +139,38 @@ fn state(v: &MemberView<'_>) -> &'static str {
         },
         MemberStatus::Failed => "failed",
         MemberStatus::Skipped => "skipped",
-        MemberStatus::Cancelled => "cancelled",
+        // a device that installed the target although the brake cancelled its task (its
+        // protocol has no cancel message) runs the new version: that is what counts
+        MemberStatus::Cancelled => match v.task {
+            Some(t) if crate::server::ota::state::installed_after_cancel(t) => "completed",
+            _ => "cancelled",
+        },
     }
+}
+
+/// The bytes a task's device downloaded, as far as its reports say: the whole file (the patch
+/// when a delta was offered) once it got past downloading, else the share it reported — also
+/// for a task that failed or was cancelled on the way.
+fn downloaded(t: &TaskRecord) -> (u64, bool) {
+    use crate::server::store::TaskStatus as S;
+    let (size, delta) = match &t.delta {
+        Some(d) => (d.size, true),
+        None => (t.file_size, false),
+    };
+    let past = |s: S| matches!(s, S::Verifying | S::Installing | S::Completed);
+    let whole = past(t.status) || t.events.iter().any(|e| past(e.status));
+    let share = if whole {
+        100
+    } else {
+        t.events
+            .iter()
+            .filter(|e| e.status == S::Downloading)
+            .map(|e| e.progress)
+            .max()
+            .unwrap_or(0)
+            .min(100)
+    };
+    (size * share as u64 / 100, delta)
 }
 
 /// The error code of a failed member.
@@ -234,7 +270,8 @@ pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Prog
         .collect();
     let (mut bytes_full, mut bytes_delta, mut unconfirmed) = (0u64, 0u64, 0u64);
     let mut retrying = Vec::new();
-    let mut by_code: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut by_code: BTreeMap<String, Vec<(String, Option<String>)>> = BTreeMap::new();
+    let mut installed_after_brake = 0u64;
     let mut skipped = Vec::new();
     let mut last_finish = None::<i64>;
     let mut rolled_back_late = 0u64;
@@ -242,6 +279,12 @@ pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Prog
         let m = v.member;
         let st = state(v);
         *counts.get_mut(st).expect("listed") += 1;
+        if let Some(t) = v.task {
+            match downloaded(t) {
+                (n, true) => bytes_delta += n,
+                (n, false) => bytes_full += n,
+            }
+        }
         if let Some(w) = waves.get_mut(m.wave as usize) {
             w.devices += 1;
             *w.counts.get_mut(st).expect("listed") += 1;
@@ -259,23 +302,22 @@ pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Prog
                     .to_string(),
             }),
             "failed" => {
-                by_code
-                    .entry(failure_code(v))
-                    .or_default()
-                    .push(m.device_id.clone());
+                by_code.entry(failure_code(v)).or_default().push((
+                    m.device_id.clone(),
+                    v.task
+                        .filter(|t| !t.status.is_active())
+                        .and_then(|t| t.error_message.clone()),
+                ));
                 if m.status == MemberStatus::Succeeded {
                     rolled_back_late += 1;
                 }
             }
             "completed" => {
-                if let Some(t) = v.task {
-                    match &t.delta {
-                        Some(d) => bytes_delta += d.size,
-                        None => bytes_full += t.file_size,
-                    }
-                    if !v.settled {
-                        unconfirmed += 1;
-                    }
+                if v.task.is_some() && !v.settled {
+                    unconfirmed += 1;
+                }
+                if m.status == MemberStatus::Cancelled {
+                    installed_after_brake += 1;
                 }
             }
             "skipped" => skipped.push((m.device_id.clone(), m.note.clone().unwrap_or_default())),
@@ -327,7 +369,12 @@ pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Prog
         .into_iter()
         .map(|(code, mut devices)| {
             devices.sort();
-            FailureGroup { code, devices }
+            let message = devices.iter().find_map(|(_, m)| m.clone());
+            FailureGroup {
+                code,
+                message,
+                devices: devices.into_iter().map(|(d, _)| d).collect(),
+            }
         })
         .collect();
     failures.sort_by_key(|f| std::cmp::Reverse(f.devices.len()));
@@ -350,9 +397,15 @@ pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Prog
         CampaignStatus::Scheduled | CampaignStatus::Running => waiting
             .or_else(|| running_reason(c, &counts, unconfirmed, &retrying, now))
             .or_else(|| c.status_reason.clone()),
+        CampaignStatus::Cancelled if installed_after_brake > 0 => {
+            c.status_reason.as_ref().map(|r| {
+                format!("{r}; {installed_after_brake} of them installed the new version anyway")
+            })
+        }
         _ => c.status_reason.clone(),
     };
     Progress {
+        installed_after_brake,
         total,
         success_rate: pct(counts["completed"]),
         failure_rate: pct(counts["failed"]),

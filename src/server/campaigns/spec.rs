@@ -156,6 +156,7 @@ pub fn validate(
         ended_at_ms: None,
         created_at_ms: now,
         updated_at_ms: now,
+        brake: None,
     };
     if let Some(why) = super::progress::waiting_for_start(&record, now) {
         notes.push(why);

@@ -269,7 +269,12 @@ pub async fn cancel(
     State(st): State<AppState>,
     ApiPath(device): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let t = st.ota.cancel(&device).await?.into_inner();
+    let t = st
+        .ota
+        .cancel(&device, "cancelled by an operator")
+        .await?
+        .into_inner()
+        .task;
     tracing::info!(device = %device, task = t.id, "task cancelled");
     Ok(ok(task_dto(&t)))
 }

@@ -32,7 +32,7 @@ const CHUNK: u64 = 64 * 1024;
 const MAX_RANGES: usize = 16;
 
 /// What is needed to serve one stored file.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BlobMeta {
     /// File on disk.
     pub path: PathBuf,
@@ -46,6 +46,9 @@ pub struct BlobMeta {
     pub file_name: String,
     /// Where the bytes sent are counted.
     pub counter: Option<Arc<crate::server::traffic::Counter>>,
+    /// The upgrade task this download is for, when its URL names one: the body ends with an
+    /// error (the client sees the transfer cut off) as soon as the task is cancelled.
+    pub transfer: Option<crate::server::traffic::Transfer>,
 }
 
 fn etag(sha256: &str) -> String {
@@ -119,7 +122,7 @@ pub async fn serve(
 }
 
 async fn serve_inner(
-    meta: BlobMeta,
+    mut meta: BlobMeta,
     fds: &FdCache,
     method: &Method,
     headers: &HeaderMap,
@@ -234,6 +237,7 @@ async fn serve_inner(
     };
 
     let head = method == Method::HEAD;
+    let transfer = meta.transfer.take();
     let octet = HeaderValue::from_static("application/octet-stream");
     let resp = match plan {
         RangePlan::Unsatisfiable => unreachable!("answered above"),
@@ -244,7 +248,7 @@ async fn serve_inner(
                 head,
                 file,
                 vec![Segment::File(0, len)],
-                meta.counter.clone(),
+                (meta.counter.clone(), transfer),
                 false,
             )),
         RangePlan::Single(r) => {
@@ -257,7 +261,7 @@ async fn serve_inner(
                     head,
                     file,
                     vec![Segment::File(a, b - a + 1)],
-                    meta.counter.clone(),
+                    (meta.counter.clone(), transfer),
                     true,
                 ))
         }
@@ -283,7 +287,13 @@ async fn serve_inner(
                     format!("multipart/byteranges; boundary={boundary}"),
                 )
                 .header(header::CONTENT_LENGTH, total)
-                .body(body(head, file, segs, meta.counter.clone(), true))
+                .body(body(
+                    head,
+                    file,
+                    segs,
+                    (meta.counter.clone(), transfer),
+                    true,
+                ))
         }
     };
     Ok(resp.expect("valid response"))
@@ -293,7 +303,10 @@ fn body(
     head: bool,
     file: Arc<File>,
     segments: Vec<Segment>,
-    counter: Option<Arc<crate::server::traffic::Counter>>,
+    (counter, transfer): (
+        Option<Arc<crate::server::traffic::Counter>>,
+        Option<crate::server::traffic::Transfer>,
+    ),
     ranged: bool,
 ) -> Body {
     if head {
@@ -311,6 +324,7 @@ fn body(
         c.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     b.counter = counter;
+    b.transfer = transfer;
     Body::new(b)
 }
 
@@ -336,6 +350,7 @@ struct FileBody {
     pending: Option<JoinHandle<std::io::Result<Bytes>>>,
     remaining: u64,
     counter: Option<Arc<crate::server::traffic::Counter>>,
+    transfer: Option<crate::server::traffic::Transfer>,
 }
 
 impl FileBody {
@@ -347,6 +362,7 @@ impl FileBody {
             pending: None,
             remaining,
             counter: None,
+            transfer: None,
         }
     }
 }
@@ -368,6 +384,18 @@ impl http_body::Body for FileBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
+        if this
+            .transfer
+            .as_ref()
+            .is_some_and(|t| t.stop.is_cancelled())
+        {
+            this.segments.clear();
+            this.pending = None;
+            this.transfer = None;
+            return Poll::Ready(Some(Err(std::io::Error::other(
+                "the upgrade task of this download was cancelled",
+            ))));
+        }
         loop {
             if let Some(h) = this.pending.as_mut() {
                 let res = ready!(Pin::new(h).poll(cx));

@@ -16,24 +16,47 @@ use crate::ids;
 use crate::server::auth;
 use crate::server::traffic::Served;
 
-/// Whether a download request carries the admin token or a valid signed `?token=`.
-fn authorised(st: &AppState, uri: &Uri, headers: &HeaderMap) -> bool {
-    auth::bearer_matches(
+/// Who may download: the admin token, or a signed URL (bound to an upgrade task when it
+/// names one with `task=ID`).
+enum Access {
+    Admin,
+    Signed { task: Option<u64> },
+}
+
+/// The request's credentials, if they are valid: the admin token or a signed `?token=` for
+/// exactly this path (and this `task`, when the URL names one).
+fn access(st: &AppState, uri: &Uri, headers: &HeaderMap) -> Option<Access> {
+    if auth::bearer_matches(
         headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
         &st.admin_token,
-    ) || query_token(uri).is_some_and(|t| st.signer.verify(uri.path(), &t, crate::time::now_secs()))
+    ) {
+        return Some(Access::Admin);
+    }
+    let (token, task) = query_token(uri)?;
+    st.signer
+        .verify_for(uri.path(), &token, task, crate::time::now_secs())
+        .then_some(Access::Signed { task })
 }
 
-/// The `token` query parameter, if any (no allocation unless present).
-fn query_token(uri: &Uri) -> Option<std::borrow::Cow<'_, str>> {
-    form_urlencoded::parse(uri.query()?.as_bytes())
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v)
+/// The `token` and `task` query parameters (no allocation unless present); `None` without a
+/// token or with a `task` that is not a number.
+fn query_token(uri: &Uri) -> Option<(std::borrow::Cow<'_, str>, Option<u64>)> {
+    let (mut token, mut task) = (None, None);
+    for (k, v) in form_urlencoded::parse(uri.query()?.as_bytes()) {
+        match &*k {
+            "token" => token = Some(v),
+            "task" => task = Some(v.parse::<u64>().ok()?),
+            _ => {}
+        }
+    }
+    Some((token?, task))
 }
 
-/// Checks the credentials, then serves the blob `resolve` finds for the file name.
+/// Checks the credentials, then serves the blob `resolve` finds for the file name. A URL bound
+/// to a task that was cancelled is refused (410 `TASK_CANCELLED`), and a transfer under way
+/// ends when its task is cancelled.
 async fn serve_file(
     st: &AppState,
     file: Result<Path<String>, PathRejection>,
@@ -41,18 +64,31 @@ async fn serve_file(
     resolve: impl AsyncFnOnce(String) -> Result<BlobMeta, ApiError>,
 ) -> Response {
     let (method, uri, headers) = (req.method(), req.uri(), req.headers());
-    if !authorised(st, uri, headers) {
+    let Some(access) = access(st, uri, headers) else {
         return ApiError::unauthorized(
             "downloads need the admin token (Authorization: Bearer ...) or a valid signed URL (?token=...)",
         )
         .into_response();
+    };
+    let task = match access {
+        Access::Signed { task: Some(id) } => Some(id),
+        _ => None,
+    };
+    if let Some(id) = task
+        && let Some(refusal) = st.ota.download_refusal(id)
+    {
+        return ApiError::new(axum::http::StatusCode::GONE, "TASK_CANCELLED", refusal)
+            .into_response();
     }
     let file = match file {
         Ok(Path(f)) => f,
         Err(e) => return super::refusal::path_refused(&e).into_response(),
     };
     match resolve(file).await {
-        Ok(meta) => download::serve(meta, &st.fds, method, headers).await,
+        Ok(mut meta) => {
+            meta.transfer = task.map(|id| st.ota.transfers().start(id));
+            download::serve(meta, &st.fds, method, headers).await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -79,6 +115,7 @@ pub async fn firmware(
             modified_ms: rec.created_at_ms,
             counter: Some(st.traffic.counter(served, (rec.size, 0))),
             file_name,
+            transfer: None,
         })
     })
     .await
@@ -119,6 +156,7 @@ pub async fn delta(
             modified_ms: d.updated_at_ms,
             counter: Some(st.traffic.counter(served, (d.full_size, size))),
             file_name: file,
+            transfer: None,
         })
     })
     .await

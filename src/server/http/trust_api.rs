@@ -132,121 +132,276 @@ pub async fn site(State(st): State<AppState>) -> Result<Response, ApiError> {
     }))
 }
 
-/// GET /api/reports[?since=SEQ] — the signed site report (a tar of `report.json` and its
-/// `.minisig`): inventory, tasks (all, or those changed since audit entry SEQ), campaigns,
-/// statistics and the audit log after SEQ as a hash chain.
+/// GET /api/reports?since=SEQ — the signed site report as a tar (`report.json` and its
+/// `.minisig`). Written to a temporary file record by record (devices, tasks, campaigns and
+/// the audit chain are read as they are written, never collected), signed by reading that file
+/// back, then streamed: the appliance's memory does not grow with the fleet or the log.
 pub async fn report(
     State(st): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    use crate::report::{AuditChain, ChainEntry, GENESIS, link};
     let since: u64 = match q.get("since") {
         None => 0,
         Some(v) => v
             .parse()
             .map_err(|_| ApiError::bad_request(format!("since={v:?} is not a sequence number")))?,
     };
-    // the whole log, oldest first: the chain is computed from its start
-    let (mut all, _) = st.store.list_audit(|_| true, usize::MAX, 0)?;
-    all.reverse();
-    let last_seq = all.last().map_or(0, |r| r.seq);
+    let last_seq = st.store.audit_bounds()?.map_or(0, |(_, l)| l);
     if since > last_seq {
         return Err(ApiError::bad_request(format!(
             "since={since} is past the last audit entry ({last_seq})"
         )));
     }
-    let mut entries: Vec<ChainEntry> = all
-        .iter()
-        .map(|r| ChainEntry {
-            seq: r.seq,
-            at: super::wire::rfc3339_ms(r.at_ms),
-            actor: r.actor.clone(),
-            via: r.via.clone(),
-            action: r.action.clone(),
-            target: r.target.clone(),
-            result: r.result.clone(),
-            status: r.status,
-            prev: String::new(),
-            hash: String::new(),
-        })
-        .collect();
-    link(GENESIS.to_string(), &mut entries);
-    let from_ms = all
-        .iter()
-        .find(|r| r.seq == since)
-        .map_or(i64::MIN, |r| r.at_ms);
-    let (before, after): (Vec<ChainEntry>, Vec<ChainEntry>) =
-        entries.into_iter().partition(|e| e.seq <= since);
-    let previous_hash = before
-        .last()
-        .map_or(GENESIS.to_string(), |e| e.hash.clone());
-    let last_hash = after
-        .last()
-        .map_or(previous_hash.clone(), |e| e.hash.clone());
-    let chain = AuditChain {
-        previous_hash,
-        since,
-        entries: after,
-        last_hash,
-    };
-    let devices: Vec<_> = st
-        .store
-        .list_devices()?
-        .iter()
-        .map(|d| super::devices_api::device_dto(&st, d))
-        .collect();
-    let (tasks, _) = st
-        .store
-        .list_tasks(|t| t.updated_at_ms >= from_ms, usize::MAX, 0)?;
-    let tasks: Vec<_> = tasks.iter().map(super::wire::task_dto).collect();
-    let mut campaigns = Vec::new();
-    for c in st.campaigns.list()? {
-        let m = st.campaigns.members(&c.id)?;
-        campaigns.push(super::campaigns_api::dto(&st, &c, &m)?);
-    }
-    let stats = st.ota.statistics()?;
-    let site = &st.signatures.site().public;
-    let body = serde_json::json!({
-        "format": crate::report::FORMAT,
-        "site": {"keyId": site.key_id, "key": site.base64},
-        "generatedAt": super::wire::rfc3339_ms(crate::time::now_ms()),
-        "since": since,
-        "to": last_seq,
-        "devices": devices,
-        "tasks": tasks,
-        "campaigns": campaigns,
-        "statistics": super::wire::StatisticsDto::from(&stats),
-        "audit": chain,
-    });
-    let json = serde_json::to_vec_pretty(&body).map_err(ApiError::internal)?;
-    let sig = st
-        .signatures
-        .site()
-        .sign(
-            &json,
-            &crate::report::comment(&site.key_id, since, last_seq),
-        )
+    let tmp = st.data_dir.join("tmp");
+    let state = st.clone();
+    let written = tokio::task::spawn_blocking(move || report::write(&state, &tmp, since, last_seq))
+        .await
+        .map_err(ApiError::internal)??;
+    // the file stays readable through its open handle once its name is gone
+    let file = tokio::fs::File::open(&written.path)
+        .await
         .map_err(ApiError::internal)?;
-    let mut tar = Vec::with_capacity(json.len() + 4096);
-    for (name, data) in [
-        ("report.json", &json[..]),
-        ("report.json.minisig", sig.as_bytes()),
-    ] {
-        crate::bundle::write_entry(&mut tar, name, &mut &data[..], data.len() as u64)
-            .map_err(ApiError::internal)?;
-    }
-    crate::bundle::write_end(&mut tar).map_err(ApiError::internal)?;
+    let _ = std::fs::remove_file(&written.path);
+    let mut head = Vec::with_capacity(512);
+    crate::bundle::write_header(&mut head, "report.json", written.len)
+        .map_err(ApiError::internal)?;
+    let mut tail = Vec::with_capacity(4096);
+    crate::bundle::write_padding(&mut tail, written.len).map_err(ApiError::internal)?;
+    crate::bundle::write_entry(
+        &mut tail,
+        "report.json.minisig",
+        &mut written.signature.as_bytes(),
+        written.signature.len() as u64,
+    )
+    .map_err(ApiError::internal)?;
+    crate::bundle::write_end(&mut tail).map_err(ApiError::internal)?;
+    let total = head.len() as u64 + written.len + tail.len() as u64;
+    use futures_util::StreamExt;
+    let body =
+        futures_util::stream::once(
+            async move { Ok::<_, std::io::Error>(bytes::Bytes::from(head)) },
+        )
+        .chain(tokio_util::io::ReaderStream::with_capacity(file, 64 << 10))
+        .chain(futures_util::stream::once(async move {
+            Ok(bytes::Bytes::from(tail))
+        }));
     let resp = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-tar")
+        .header(header::CONTENT_LENGTH, total)
         .header(
             header::CONTENT_DISPOSITION,
             format!("attachment; filename=\"hangar-report-{since}-{last_seq}.tar\""),
         )
-        .body(axum::body::Body::from(tar))
+        .body(axum::body::Body::from_stream(body))
         .map_err(ApiError::internal)?;
     Ok(super::access::with_target(
         resp,
         format!("{since}-{last_seq}"),
     ))
+}
+
+/// Writing the report's JSON to a file, one record at a time.
+mod report {
+    use std::io::{BufWriter, Seek, Write};
+    use std::path::{Path, PathBuf};
+
+    use serde::Serialize;
+
+    use super::super::AppState;
+    use crate::report::GENESIS;
+    use crate::server::accounts::chain_entry;
+    use crate::server::error::ServiceError;
+
+    /// A written report: the file, its length and its signature.
+    pub struct Written {
+        pub path: PathBuf,
+        pub len: u64,
+        pub signature: String,
+    }
+
+    fn io(e: std::io::Error) -> ServiceError {
+        ServiceError::Io(e)
+    }
+
+    fn json<W: Write>(w: &mut W, v: &impl Serialize) -> Result<(), ServiceError> {
+        serde_json::to_writer(&mut *w, v).map_err(|e| io(e.into()))
+    }
+
+    /// Writes `[a,b,...]` of what `each` hands to its callback.
+    fn array<W: Write>(
+        w: &mut W,
+        each: impl FnOnce(
+            &mut dyn FnMut(&dyn erased::Item) -> Result<(), ServiceError>,
+        ) -> Result<(), ServiceError>,
+    ) -> Result<(), ServiceError> {
+        w.write_all(b"[").map_err(io)?;
+        let mut first = true;
+        each(&mut |item| {
+            if !first {
+                w.write_all(b",\n").map_err(io)?;
+            }
+            first = false;
+            item.write(&mut *w)
+        })?;
+        w.write_all(b"]").map_err(io)
+    }
+
+    /// A value that writes itself as JSON (so one callback type serves every section).
+    mod erased {
+        use super::ServiceError;
+        pub trait Item {
+            fn write(&self, w: &mut dyn std::io::Write) -> Result<(), ServiceError>;
+        }
+        impl<T: serde::Serialize> Item for T {
+            fn write(&self, w: &mut dyn std::io::Write) -> Result<(), ServiceError> {
+                serde_json::to_writer(w, self).map_err(|e| ServiceError::Io(e.into()))
+            }
+        }
+    }
+
+    /// The report of the audit entries after `since` up to `to`, into a new file in `tmp`.
+    pub fn write(st: &AppState, tmp: &Path, since: u64, to: u64) -> Result<Written, ServiceError> {
+        std::fs::create_dir_all(tmp).map_err(io)?;
+        let mut name = [0u8; 8];
+        rand::fill(&mut name);
+        let path = tmp.join(format!("report-{}.json", hex::encode(name)));
+        let file = std::fs::File::create(&path).map_err(io)?;
+        let r = fill(st, BufWriter::with_capacity(64 << 10, file), since, to);
+        let len = match r {
+            Ok(len) => len,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        let site = st.signatures.site();
+        let signature = std::fs::File::open(&path).map_err(io).and_then(|f| {
+            site.sign_reader(
+                std::io::BufReader::with_capacity(64 << 10, f),
+                &crate::report::comment(&site.public.key_id, since, to),
+            )
+            .map_err(|e| ServiceError::Corrupt(format!("signing the report: {e}")))
+        });
+        match signature {
+            Ok(signature) => Ok(Written {
+                path,
+                len,
+                signature,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    fn fill(
+        st: &AppState,
+        mut w: BufWriter<std::fs::File>,
+        since: u64,
+        to: u64,
+    ) -> Result<u64, ServiceError> {
+        let checkpoint = st.store.audit_checkpoint()?;
+        let (floor, floor_hash) = checkpoint
+            .as_ref()
+            .map_or_else(|| (0, GENESIS.to_string()), |c| (c.seq, c.hash.clone()));
+        // where the chain stands at `since`, and when entry `since` was written (the tasks
+        // changed since then are in the report)
+        let (mut at_since, mut since_ms) = (floor_hash.clone(), i64::MIN);
+        if since > floor {
+            st.store.each_audit_after(floor, |r| {
+                if r.seq > since {
+                    return Ok::<bool, ServiceError>(false);
+                }
+                at_since = crate::report::entry_hash(&at_since, &chain_entry(&r));
+                if r.seq == since {
+                    since_ms = r.at_ms;
+                }
+                Ok(true)
+            })?;
+        }
+        let previous_hash = match (since, since >= floor) {
+            (0, _) => GENESIS.to_string(),
+            (_, true) => at_since.clone(),
+            // its entry was dropped before any report carried its hash
+            (_, false) => String::new(),
+        };
+        let dropped = (since < floor).then(|| crate::report::Dropped {
+            from: since + 1,
+            to: floor,
+            last_hash: floor_hash.clone(),
+        });
+        let site = &st.signatures.site().public;
+        let mut out = serde_json::json!({
+            "format": crate::report::FORMAT,
+            "site": {"keyId": site.key_id, "key": site.base64},
+            "generatedAt": crate::time::rfc3339_ms(crate::time::now_ms()),
+            "since": since,
+            "to": to,
+            "statistics": super::super::wire::StatisticsDto::from(&st.ota.statistics()?),
+        })
+        .to_string();
+        out.pop(); // the closing brace: the big sections follow
+        w.write_all(out.as_bytes()).map_err(io)?;
+        w.write_all(b",\n\"devices\":").map_err(io)?;
+        array(&mut w, |put| {
+            st.store
+                .each_device(|d| put(&super::super::devices_api::device_dto(st, &d)))
+        })?;
+        w.write_all(b",\n\"tasks\":").map_err(io)?;
+        array(&mut w, |put| {
+            st.store.each_task(|t| {
+                if t.updated_at_ms >= since_ms {
+                    put(&super::super::wire::task_dto(&t))?;
+                }
+                Ok(())
+            })
+        })?;
+        w.write_all(b",\n\"campaigns\":").map_err(io)?;
+        array(&mut w, |put| {
+            for c in st.campaigns.list()? {
+                let m = st.campaigns.members(&c.id)?;
+                put(&super::super::campaigns_api::dto(st, &c, &m).map_err(|e| {
+                    ServiceError::Corrupt(format!("campaign {}: {}", c.id, e.message()))
+                })?)?;
+            }
+            Ok(())
+        })?;
+        // the audit chain: its entries are linked as they are written
+        w.write_all(b",\n\"audit\":{\"previousHash\":")
+            .map_err(io)?;
+        json(&mut w, &previous_hash)?;
+        w.write_all(b",\"since\":").map_err(io)?;
+        json(&mut w, &since)?;
+        if let Some(d) = &dropped {
+            w.write_all(b",\"dropped\":").map_err(io)?;
+            json(&mut w, d)?;
+        }
+        w.write_all(b",\"entries\":").map_err(io)?;
+        let mut prev = match &dropped {
+            Some(d) => d.last_hash.clone(),
+            None => at_since.clone(),
+        };
+        array(&mut w, |put| {
+            st.store.each_audit_after(since.max(floor), |r| {
+                if r.seq > to {
+                    return Ok(false);
+                }
+                let mut e = chain_entry(&r);
+                e.prev = std::mem::take(&mut prev);
+                e.hash = crate::report::entry_hash(&e.prev, &e);
+                prev = e.hash.clone();
+                put(&e)?;
+                Ok(true)
+            })
+        })?;
+        w.write_all(b",\"lastHash\":").map_err(io)?;
+        json(&mut w, &prev)?;
+        w.write_all(b"}}\n").map_err(io)?;
+        w.flush().map_err(io)?;
+        let mut file = w.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        file.stream_position().map_err(io)
+    }
 }

@@ -10,12 +10,7 @@ use crate::ids;
 use crate::server::campaigns::progress::Progress;
 use crate::server::store::{CampaignRecord, FirmwareRecord, TaskRecord};
 
-/// RFC 3339 UTC with milliseconds, e.g. `2026-02-11T10:00:00.000Z`.
-pub fn rfc3339_ms(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
+pub use crate::time::rfc3339_ms;
 
 /// A firmware as the API shows it.
 #[derive(Debug, Serialize)]
@@ -335,8 +330,32 @@ pub struct RetryingDto {
 #[serde(rename_all = "camelCase")]
 pub struct FailureDto {
     pub code: String,
+    pub message: Option<String>,
     pub count: usize,
     pub devices: Vec<String>,
+}
+
+/// What the emergency brake did.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BrakeDto {
+    pub at: String,
+    /// Devices with a task under way when it was pulled.
+    pub in_flight: u32,
+    /// Of those, told to stop (a cancel message went out).
+    pub stopped: u32,
+    /// Of those, whose protocol has no cancel message (their downloads were revoked).
+    pub could_not_be_told: u32,
+    /// Of those, not connected to be told (their downloads were revoked).
+    pub not_listening: u32,
+    /// Downloads under way that were ended.
+    pub transfers_cut: u32,
+    /// Members that had not started.
+    pub not_started: u32,
+    /// Members whose device installed the new version anyway (counted as completed).
+    pub installed_anyway: u64,
+    /// All of it in words.
+    pub summary: String,
 }
 
 #[derive(Serialize)]
@@ -374,6 +393,7 @@ pub struct CampaignDto {
     pub updated_at: String,
     pub started_at: Option<String>,
     pub ended_at: Option<String>,
+    pub brake: Option<BrakeDto>,
 }
 
 impl CampaignDto {
@@ -422,6 +442,7 @@ impl CampaignDto {
                 .into_iter()
                 .map(|f| FailureDto {
                     code: f.code,
+                    message: f.message,
                     count: f.devices.len(),
                     devices: f.devices,
                 })
@@ -445,6 +466,26 @@ impl CampaignDto {
             updated_at: rfc3339_ms(c.updated_at_ms),
             started_at: c.started_at_ms.map(rfc3339_ms),
             ended_at: c.ended_at_ms.map(rfc3339_ms),
+            brake: c.brake.map(|b| {
+                let mut summary = crate::server::campaigns::brake_words(&b);
+                if p.installed_after_brake > 0 {
+                    summary.push_str(&format!(
+                        "; {} of them installed the new version anyway",
+                        p.installed_after_brake
+                    ));
+                }
+                BrakeDto {
+                    at: rfc3339_ms(b.at_ms),
+                    in_flight: b.in_flight,
+                    stopped: b.stopped,
+                    could_not_be_told: b.no_cancel,
+                    not_listening: b.not_listening,
+                    transfers_cut: b.transfers_cut,
+                    not_started: b.queued,
+                    installed_anyway: p.installed_after_brake,
+                    summary,
+                }
+            }),
         }
     }
 }
@@ -489,6 +530,8 @@ pub struct TaskDto {
     pub progress: u8,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
+    /// Completed by a device that installed the target after its task was cancelled.
+    pub installed_after_cancel: bool,
     pub campaign_id: Option<String>,
     pub delta: Option<TaskDeltaDto>,
     pub force: bool,
@@ -544,6 +587,7 @@ pub fn task_dto(t: &TaskRecord) -> TaskDto {
         progress: t.progress,
         error_code: t.error_code.clone(),
         error_message: t.error_message.clone(),
+        installed_after_cancel: crate::server::ota::state::installed_after_cancel(t),
         campaign_id: t.campaign_id.clone(),
         delta: t.delta.as_ref().map(|d| TaskDeltaDto {
             from_version: d.from_version.clone(),

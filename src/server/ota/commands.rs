@@ -111,7 +111,7 @@ pub fn cancel(
     reason: &str,
     now_ms: i64,
 ) -> Option<(String, Vec<u8>)> {
-    if t.protocol != Protocol::Gateway {
+    if !has_cancel(t.protocol) {
         return None;
     }
     let c = gateway::Command {
@@ -129,6 +129,12 @@ pub fn cancel(
         gateway::command_topic(prefix, &t.device_id),
         serde_json::to_vec(&c).expect("json"),
     ))
+}
+
+/// Whether a protocol can tell a device to stop an upgrade: the gateway protocol has
+/// `ota_cancel`; the Alibaba protocol has no such message.
+pub fn has_cancel(p: Protocol) -> bool {
+    p == Protocol::Gateway
 }
 
 #[cfg(test)]

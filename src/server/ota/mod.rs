@@ -73,6 +73,8 @@ pub struct Ota {
     /// When [`Ota::spawn`] ran (ms since the epoch): it moves every active task's last
     /// activity to then, so a device that subscribed before is re-sent its command anyway.
     started_ms: std::sync::atomic::AtomicI64,
+    /// Downloads under way per task, ended when their task is cancelled.
+    transfers: Arc<crate::server::traffic::Transfers>,
 }
 
 static DROP_LOG: RateLog = RateLog::new();
@@ -86,6 +88,18 @@ fn new_msg_id() -> String {
         .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
         .collect();
     format!("ota_{}_{tail}", now_ms())
+}
+
+/// A cancelled task and what could be done about its device.
+#[derive(Debug, Clone)]
+pub struct Cancelled {
+    /// The task, as stored.
+    pub task: TaskRecord,
+    /// The device was sent a cancel message (the gateway protocol has one; Alibaba's has not,
+    /// and a device not listening gets none).
+    pub told: bool,
+    /// Downloads of its image that were under way and were ended.
+    pub transfers_cut: usize,
 }
 
 /// Statistics of a set of tasks.
@@ -219,7 +233,27 @@ impl Ota {
             ended: Default::default(),
             commands_sent: AtomicU64::new(0),
             started_ms: std::sync::atomic::AtomicI64::new(0),
+            transfers: Default::default(),
         }
+    }
+
+    /// Downloads of task images under way.
+    pub fn transfers(&self) -> &Arc<crate::server::traffic::Transfers> {
+        &self.transfers
+    }
+
+    /// Why a download whose URL is bound to task `id` is refused now, if it is: the task was
+    /// cancelled (an operator, the emergency brake), so its device must not get the image by
+    /// that URL any more, a resume by Range included.
+    pub fn download_refusal(&self, id: u64) -> Option<String> {
+        let t = self.store.get_task(id).ok().flatten()?;
+        (t.status == TaskStatus::Cancelled).then(|| {
+            format!(
+                "upgrade task {id} of {} was cancelled ({}): its download URL is revoked",
+                t.device_id,
+                t.error_message.as_deref().unwrap_or("by an operator")
+            )
+        })
     }
 
     /// Starts the ingest, presence and stall workers on `tracker`.
@@ -246,19 +280,25 @@ impl Ota {
         Ok(())
     }
 
-    fn signed_url(&self, file_name: &str) -> String {
-        self.signed_path(&format!("/firmware/{file_name}"))
+    /// The download URL of an image for task `task`: signed, and bound to the task, so it
+    /// stops working when the task is cancelled.
+    fn signed_url(&self, file_name: &str, task: u64) -> String {
+        self.signed_path(&format!("/firmware/{file_name}"), task)
     }
 
-    fn signed_path(&self, path: &str) -> String {
-        let token = self.signer.sign(path, now_secs());
-        format!("{}{path}?token={token}", self.settings.public_url)
+    fn signed_path(&self, path: &str, task: u64) -> String {
+        let token = self.signer.sign_for(path, Some(task), now_secs());
+        format!(
+            "{}{path}?task={task}&token={token}",
+            self.settings.public_url
+        )
     }
 
     /// The delta a command may offer: a ready patch from exactly the version the device reports,
     /// to a device that declared bsdiff40 (SPEC 4.1). Never waits for one to be built.
     fn delta_for(
         &self,
+        task: u64,
         device_type: &str,
         from: Option<&str>,
         to: &str,
@@ -269,7 +309,7 @@ impl Ota {
         }
         let d = self.deltas.offer(device_type, from?, to)?;
         Some(TaskDelta {
-            url: self.signed_path(&crate::server::deltas::url_path(&d)),
+            url: self.signed_path(&crate::server::deltas::url_path(&d), task),
             from_version: d.from_version,
             md5: d.md5?,
             size: d.size?,
@@ -528,17 +568,19 @@ impl Ota {
         delta_formats: &[String],
     ) -> Result<TaskRecord, OtaError> {
         let now = now_ms();
+        let id = self.store.next_task_id()?;
         let accepts = delta_formats.iter().any(|f| f == crate::bsdiff::FORMAT);
-        let delta = self.delta_for(device_type, from.as_deref(), &fw.version, accepts);
+        let delta = self.delta_for(id, device_type, from.as_deref(), &fw.version, accepts);
         Ok(TaskRecord {
             schema: TASK_SCHEMA,
-            id: self.store.next_task_id()?,
+            id,
             device_id: device_id.to_string(),
             protocol,
             device_type: device_type.to_string(),
             from_version: from,
             to_version: fw.version.clone(),
-            firmware_url: self.signed_url(&ids::firmware_file_name(&fw.device_type, &fw.version)),
+            firmware_url: self
+                .signed_url(&ids::firmware_file_name(&fw.device_type, &fw.version), id),
             md5: fw.md5.clone(),
             sha256: fw.sha256.clone(),
             file_size: fw.size,
@@ -574,10 +616,14 @@ impl Ota {
         if !t.status.is_active() {
             return Ok(t);
         }
-        t.firmware_url = self.signed_url(&ids::firmware_file_name(&t.device_type, &t.to_version));
+        t.firmware_url = self.signed_url(
+            &ids::firmware_file_name(&t.device_type, &t.to_version),
+            t.id,
+        );
         if t.delta.is_some() {
             // re-signed, and dropped if the patch was withdrawn meanwhile
             t.delta = self.delta_for(
+                t.id,
                 &t.device_type,
                 t.from_version.as_deref(),
                 &t.to_version,
@@ -623,7 +669,11 @@ impl Ota {
     }
 
     /// Cancels the device's active task.
-    pub async fn cancel(&self, device_id: &str) -> Result<Durable<TaskRecord>, OtaError> {
+    pub async fn cancel(
+        &self,
+        device_id: &str,
+        reason: &str,
+    ) -> Result<Durable<Cancelled>, OtaError> {
         self.devices.get(device_id)?;
         let t = {
             let _g = self.lock.lock().await;
@@ -635,7 +685,7 @@ impl Ota {
             let Outcome::Changed(t) = state::apply(
                 &active,
                 &Input::Cancel {
-                    reason: "cancelled by an operator".into(),
+                    reason: reason.into(),
                 },
                 now_ms(),
             ) else {
@@ -646,16 +696,23 @@ impl Ota {
             self.store.put_task(&t)?;
             t
         };
-        let t = self.store.durable(t).await?;
-        if let Some((topic, payload)) = commands::cancel(
-            &self.settings.topic_prefix,
-            &t,
-            "cancelled by an operator",
-            now_ms(),
-        ) {
-            let _ = self.broker.publish(topic, payload).await;
+        let done = self.store.durable(t).await?;
+        let t = &*done;
+        // its URLs are refused from now on (the task is stored cancelled); a transfer under
+        // way ends here
+        let cut = self.transfers.stop(t.id);
+        let told = match commands::cancel(&self.settings.topic_prefix, t, reason, now_ms()) {
+            Some((topic, payload)) => self.broker.publish(topic, payload).await.is_ok(),
+            None => false,
+        };
+        if !told {
+            tracing::info!(device = %t.device_id, task = t.id, transfers_cut = cut, "task cancelled; its device could not be told (no cancel message in its protocol, or not listening): its download URLs are revoked");
         }
-        Ok(t)
+        Ok(done.map(|task| Cancelled {
+            task,
+            told,
+            transfers_cut: cut,
+        }))
     }
 
     /// The device's newest task.

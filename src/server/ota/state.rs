@@ -77,6 +77,36 @@ pub enum Why {
 /// The error code of a device that came back on its old version.
 pub const ROLLED_BACK: &str = "ROLLED_BACK";
 
+/// How a task's history starts the entry of a device that installed the target after its task
+/// was cancelled (its protocol has no cancel message, or the message came too late).
+pub const INSTALLED_AFTER_CANCEL: &str = "installed after the task was cancelled";
+
+/// Whether the device of a completed task installed it after the task had been cancelled.
+pub fn installed_after_cancel(t: &TaskRecord) -> bool {
+    t.status == TaskStatus::Completed
+        && t.events
+            .iter()
+            .rev()
+            .take(4)
+            .any(|e| e.note.starts_with(INSTALLED_AFTER_CANCEL))
+}
+
+/// A cancelled task whose device shows it installed the target anyway: `completed`, with an
+/// entry that says so (what really happened wins over what was asked).
+fn installed_anyway(t: &TaskRecord, now: i64, how: &str) -> Outcome {
+    let mut n = change(
+        t,
+        now,
+        TaskStatus::Completed,
+        100,
+        format!("{INSTALLED_AFTER_CANCEL}: {how}"),
+    );
+    n.complete_time_ms = Some(now);
+    n.error_code = None;
+    n.error_message = None;
+    Outcome::Changed(n)
+}
+
 impl Why {
     /// In words, for logs.
     pub fn as_str(self) -> &'static str {
@@ -147,6 +177,9 @@ pub fn apply(t: &TaskRecord, input: &Input, now: i64) -> Outcome {
             error_message,
             delta_may_be_why,
         } => {
+            if t.status == TaskStatus::Cancelled && *status == TaskStatus::Completed {
+                return installed_anyway(t, now, "the device reported completed");
+            }
             if !t.status.is_active() {
                 return Outcome::Ignored(Why::Finished);
             }
@@ -256,6 +289,9 @@ fn runs(t: &TaskRecord, now: i64, v: &str, settled: bool) -> Outcome {
                 100,
                 format!("device runs {v}"),
             ));
+        }
+        if t.status == TaskStatus::Cancelled {
+            return installed_anyway(t, now, &format!("the device runs {v}"));
         }
         if t.status == TaskStatus::Failed && t.error_code.as_deref() == Some(ROLLED_BACK) {
             // it took longer than the reboot grace to boot the new image, but did
@@ -418,11 +454,15 @@ mod tests {
             apply(&t, &prog(Cancelled, None), 2),
             Outcome::Ignored(_)
         ));
-        // finished tasks take nothing
+        // finished tasks take nothing (but a cancelled task's device that says it completed:
+        // see installed_after_a_cancel_is_a_completion)
         for done in [Completed, Failed, Cancelled] {
             let mut f = t.clone();
             f.status = done;
             for s in [Downloading, Verifying, Installing, Completed, Failed] {
+                if (done, s) == (Cancelled, Completed) {
+                    continue;
+                }
                 assert!(
                     matches!(apply(&f, &prog(s, Some(100)), 3), Outcome::Ignored(_)),
                     "{done:?} <- {s:?}"
@@ -692,5 +732,45 @@ mod tests {
         for (i, (t, ready, at, started, want)) in table.into_iter().enumerate() {
             assert_eq!(resend_on_ready(t, ready, at, started), want, "row {i}");
         }
+    }
+
+    #[test]
+    fn installed_after_a_cancel_is_a_completion() {
+        let t = changed(apply(&task(), &prog(Downloading, Some(40)), 1));
+        let c = changed(apply(
+            &t,
+            &Input::Cancel {
+                reason: "brake".into(),
+            },
+            2,
+        ));
+        assert_eq!(c.status, Cancelled);
+        assert!(!installed_after_cancel(&c));
+        // the device runs the target after all (an Alibaba inform, a heartbeat)
+        let v = Input::Version {
+            version: c.to_version.clone(),
+            settled: false,
+        };
+        let done = changed(apply(&c, &v, 9));
+        assert_eq!((done.status, done.progress), (Completed, 100));
+        assert_eq!(done.complete_time_ms, Some(9));
+        assert_eq!(done.error_code, None);
+        assert!(installed_after_cancel(&done), "{:?}", done.events);
+        // or reports it completed
+        let done = changed(apply(&c, &prog(Completed, Some(100)), 9));
+        assert!(installed_after_cancel(&done));
+        // its old version, a failure or more progress change nothing
+        let old = Input::Version {
+            version: "1.0.1".into(),
+            settled: true,
+        };
+        assert!(matches!(apply(&c, &old, 9), Outcome::Ignored(_)));
+        assert!(matches!(
+            apply(&c, &prog(Installing, Some(100)), 9),
+            Outcome::Ignored(_)
+        ));
+        // a task completed the ordinary way is not marked
+        let ok = changed(apply(&t, &prog(Completed, Some(100)), 3));
+        assert!(!installed_after_cancel(&ok));
     }
 }

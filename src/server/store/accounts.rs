@@ -1,6 +1,8 @@
 //! Users, sessions and the audit log in the store.
 
-use super::{AuditRecord, Engine, Result, SessionRecord, Store, StoreError, UserRecord};
+use super::{
+    AuditCheckpoint, AuditRecord, Engine, Result, SessionRecord, Store, StoreError, UserRecord,
+};
 use super::{decode, encode};
 
 impl Store {
@@ -126,6 +128,66 @@ impl Store {
         self.with(|e| e.append_audit(rec))
     }
 
+    /// Where the audit chain goes on after the entries retention dropped, if it dropped any.
+    pub fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>> {
+        self.with(|e| e.audit_checkpoint())
+    }
+
+    /// Records how far the audit log was dropped. Written (and flushed) before the entries
+    /// go, so a crash in between leaves entries that every reader skips and the next
+    /// retention run deletes.
+    pub fn put_audit_checkpoint(&self, c: &AuditCheckpoint) -> Result<()> {
+        self.with(|e| {
+            e.audit_retention.insert(CHECKPOINT, encode(c))?;
+            Ok(())
+        })
+    }
+
+    /// Deletes the audit entries up to `seq`, at most `max` of them; how many went.
+    pub fn delete_audit_through(&self, seq: u64, max: usize) -> Result<usize> {
+        self.with(|e| {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for kv in e.audit.range(..=seq.to_be_bytes()).take(max) {
+                let (k, _) = kv?;
+                batch.remove(k);
+                n += 1;
+            }
+            e.audit.apply_batch(batch)?;
+            Ok(n)
+        })
+    }
+
+    /// The first and last sequence numbers in the audit log (entries are numbered without
+    /// gaps, and only the oldest are ever dropped, so there are `last - first + 1`).
+    pub fn audit_bounds(&self) -> Result<Option<(u64, u64)>> {
+        self.with(|e| {
+            let (Some((f, _)), Some((l, _))) = (e.audit.first()?, e.audit.last()?) else {
+                return Ok(None);
+            };
+            Ok(Some((seq_of(&f)?, seq_of(&l)?)))
+        })
+    }
+
+    /// Calls `f` with every audit entry after `after`, oldest first, until it answers false.
+    /// Reads as it goes: nothing is collected.
+    pub fn each_audit_after<E: From<StoreError>>(
+        &self,
+        after: u64,
+        mut f: impl FnMut(AuditRecord) -> std::result::Result<bool, E>,
+    ) -> std::result::Result<(), E> {
+        let engine = self.engine()?;
+        let start = after.saturating_add(1);
+        for kv in engine.audit.range(start.to_be_bytes()..) {
+            let (k, v) = kv.map_err(|e| self.failed(e.into()))?;
+            let r: AuditRecord = decode(&k, &v)?;
+            if !f(r)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Audit entries newest first that pass `keep`, skipping `offset`, at most `limit`; and how
     /// many pass `keep` in all.
     pub fn list_audit(
@@ -159,19 +221,36 @@ fn session(key: &[u8], v: &[u8]) -> Option<SessionRecord> {
     decode(key, v).ok()
 }
 
+/// The key of the audit checkpoint in its tree.
+const CHECKPOINT: &[u8] = b"checkpoint";
+
+/// The sequence number an audit key holds.
+fn seq_of(k: &[u8]) -> Result<u64> {
+    Ok(u64::from_be_bytes(k.try_into().map_err(|_| {
+        StoreError::Corrupt {
+            key: hex::encode(k),
+            reason: "an audit key is not 8 bytes".into(),
+        }
+    })?))
+}
+
 impl Engine {
+    fn audit_checkpoint(&self) -> Result<Option<AuditCheckpoint>> {
+        self.audit_retention
+            .get(CHECKPOINT)?
+            .map(|v| decode(CHECKPOINT, &v))
+            .transpose()
+    }
+
     fn append_audit(&self, rec: &AuditRecord) -> Result<u64> {
+        // numbers go on after the dropped ones even if every kept entry were gone
+        let floor = self.audit_checkpoint()?.map_or(0, |c| c.seq);
         loop {
             let last = match self.audit.last()? {
-                Some((k, _)) => {
-                    u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                        key: hex::encode(&k),
-                        reason: "an audit key is not 8 bytes".into(),
-                    })?)
-                }
+                Some((k, _)) => seq_of(&k)?,
                 None => 0,
             };
-            let seq = last + 1;
+            let seq = last.max(floor) + 1;
             let mut r = rec.clone();
             r.seq = seq;
             // two writers racing for one number: the loser takes the next

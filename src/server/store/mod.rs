@@ -17,12 +17,12 @@ mod trust;
 pub use trust::BundleCommit;
 
 pub use records::{
-    AUDIT_SCHEMA, AuditRecord, BundleRecord, CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord,
-    CampaignStatus, CampaignTargets, DELTA_SCHEMA, DEVICE_SCHEMA, DeltaRecord, DeltaStatus,
-    DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareSignature, FirmwareStatus, MemberStatus,
-    QueuedMembers, Role, SESSION_SCHEMA, SessionRecord, SignatureStatus, TASK_SCHEMA, TRUST_SCHEMA,
-    TaskDelta, TaskEvent, TaskHead, TaskRecord, TaskStatus, TrustKeyRecord, USER_SCHEMA,
-    UserRecord,
+    AUDIT_CHECKPOINT_SCHEMA, AUDIT_SCHEMA, AuditCheckpoint, AuditRecord, Brake, BundleRecord,
+    CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DELTA_SCHEMA,
+    DEVICE_SCHEMA, DeltaRecord, DeltaStatus, DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord,
+    FirmwareSignature, FirmwareStatus, MemberStatus, QueuedMembers, Role, SESSION_SCHEMA,
+    SessionRecord, SignatureStatus, TASK_SCHEMA, TRUST_SCHEMA, TaskDelta, TaskEvent, TaskHead,
+    TaskRecord, TaskStatus, TrustKeyRecord, USER_SCHEMA, UserRecord,
 };
 
 /// A store failure.
@@ -146,6 +146,7 @@ struct Engine {
     users: sled::Tree,
     sessions: sled::Tree,
     audit: sled::Tree,
+    audit_retention: sled::Tree,
     trust_keys: sled::Tree,
     bundles: sled::Tree,
     sequences: sled::Tree,
@@ -221,6 +222,20 @@ fn decode_firmware(key: &[u8], bytes: &[u8]) -> Result<FirmwareRecord> {
         decode::<records::FirmwareRecordV1>(key, bytes)
             .map(FirmwareRecord::from)
             .map_err(|_| e)
+    })
+}
+
+/// A campaign record in either schema. Schema 2 only added `brake` (an `Option`) as the last
+/// field, and postcard writes `None` as one zero byte: a schema 1 record is a schema 2 record
+/// without that byte. (JSON records of older builds get the field's serde default.)
+fn decode_campaign(key: &[u8], bytes: &[u8]) -> Result<CampaignRecord> {
+    decode::<CampaignRecord>(key, bytes).or_else(|e| {
+        if bytes.first() != Some(&BINARY) {
+            return Err(e);
+        }
+        let mut v1 = bytes.to_vec();
+        v1.push(0);
+        decode::<CampaignRecord>(key, &v1).map_err(|_| e)
     })
 }
 
@@ -476,6 +491,33 @@ impl Store {
     ) -> Result<(Vec<TaskRecord>, usize)> {
         self.with(|e| e.list_tasks(keep, limit, offset))
     }
+
+    /// Calls `f` with every device, in id order, reading as it goes (an export of a large
+    /// fleet holds one record at a time).
+    pub fn each_device<E: From<StoreError>>(
+        &self,
+        mut f: impl FnMut(DeviceRecord) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let engine = self.engine()?;
+        for kv in engine.devices.iter() {
+            let (k, v) = kv.map_err(|e| self.failed(e.into()))?;
+            f(decode(&k, &v)?)?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with every task, oldest first, reading as it goes.
+    pub fn each_task<E: From<StoreError>>(
+        &self,
+        mut f: impl FnMut(TaskRecord) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let engine = self.engine()?;
+        for kv in engine.tasks.iter() {
+            let (k, v) = kv.map_err(|e| self.failed(e.into()))?;
+            f(decode(&k, &v)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The typed operations of [`Store`]: each runs on the engine through [`Store::with`].
@@ -659,6 +701,7 @@ impl Engine {
         let users = db.open_tree("users")?;
         let sessions = db.open_tree("sessions")?;
         let audit = db.open_tree("audit")?;
+        let audit_retention = db.open_tree("audit_retention")?;
         let trust_keys = db.open_tree("trust_keys")?;
         let bundles = db.open_tree("bundles")?;
         let sequences = db.open_tree("bundle_sequences")?;
@@ -678,6 +721,7 @@ impl Engine {
             users,
             sessions,
             audit,
+            audit_retention,
         })
     }
 
@@ -1016,7 +1060,7 @@ impl Engine {
     fn get_campaign(&self, id: &str) -> Result<Option<CampaignRecord>> {
         self.campaigns
             .get(id.as_bytes())?
-            .map(|v| decode(id.as_bytes(), &v))
+            .map(|v| decode_campaign(id.as_bytes(), &v))
             .transpose()
     }
 
@@ -1025,7 +1069,7 @@ impl Engine {
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
-                decode(&k, &v)
+                decode_campaign(&k, &v)
             })
             .collect()
     }

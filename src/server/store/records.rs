@@ -205,8 +205,30 @@ pub struct DeltaRecord {
     pub updated_at_ms: i64,
 }
 
-/// Current schema version of [`CampaignRecord`] and [`CampaignMember`].
-pub const CAMPAIGN_SCHEMA: u32 = 1;
+/// Current schema version of [`CampaignRecord`] and [`CampaignMember`]. Schema 2 added
+/// [`CampaignRecord::brake`] as the record's last field; schema 1 records are read with it
+/// `None`.
+pub const CAMPAIGN_SCHEMA: u32 = 2;
+
+/// What an emergency brake could do, counted when it was pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Brake {
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// Members with an active task then.
+    pub in_flight: u32,
+    /// Of those, devices sent a cancel message.
+    pub stopped: u32,
+    /// Of those, devices whose protocol has no cancel message (Alibaba): their download URLs
+    /// were revoked and transfers ended, but one that had the image may still install it.
+    pub no_cancel: u32,
+    /// Of those, devices of a protocol with a cancel message that were not listening.
+    pub not_listening: u32,
+    /// Downloads under way that were ended.
+    pub transfers_cut: u32,
+    /// Members that had not started, now cancelled.
+    pub queued: u32,
+}
 
 /// Lifecycle of a campaign.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,6 +326,9 @@ pub struct CampaignRecord {
     pub created_at_ms: i64,
     /// Milliseconds since the epoch.
     pub updated_at_ms: i64,
+    /// What the emergency brake did, once pulled (schema 2; keep it the last field).
+    #[serde(default)]
+    pub brake: Option<Brake>,
 }
 
 /// Where one device of a campaign stands.
@@ -675,6 +700,26 @@ pub struct AuditRecord {
     pub result: String,
     /// The HTTP status of the answer (0: not an HTTP request).
     pub status: u16,
+}
+
+/// Current schema version of [`AuditCheckpoint`].
+pub const AUDIT_CHECKPOINT_SCHEMA: u32 = 1;
+
+/// Where the audit log's hash chain stands after entries were dropped by retention: the chain
+/// hash of the last dropped entry, so the chain goes on from it (and a report says what was
+/// dropped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCheckpoint {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// The last dropped entry's sequence number; every entry up to it is gone.
+    pub seq: u64,
+    /// The chain hash of that entry (as a report computes it from the first entry ever).
+    pub hash: String,
+    /// Entries dropped since the log began.
+    pub dropped: u64,
+    /// When the last of them was dropped, ms since the epoch.
+    pub at_ms: i64,
 }
 
 /// Current schema version of [`TrustKeyRecord`] and [`BundleRecord`].
