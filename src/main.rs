@@ -57,7 +57,12 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hangar: {}", one_line(&e));
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<hangar::cli::client::CliError>() {
+                Some(hangar::cli::client::CliError::Outcome { code, .. }) => {
+                    std::process::ExitCode::from(*code)
+                }
+                _ => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -95,26 +100,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             hangar::server::app::serve(loaded.config).await?;
         }
-        Command::Firmware(cmd) => hangar::cli::firmware(&cli.global, cmd).await?,
+        Command::Firmware(c) => hangar::cli::firmware(&cli.global.with(&c.api), c.cmd).await?,
         Command::Config(cmd) => hangar::cli::config(cmd)?,
-        Command::Device(cmd) => hangar::cli::device(&cli.global, cmd).await?,
+        Command::Device(c) => hangar::cli::device(&cli.global.with(&c.api), c.cmd).await?,
         Command::Upgrade {
+            api,
             device,
             version,
             force,
             allow_downgrade,
-        } => hangar::cli::upgrade(&cli.global, &device, &version, force, allow_downgrade).await?,
+        } => {
+            let g = cli.global.with(&api);
+            hangar::cli::upgrade(&g, &device, &version, force, allow_downgrade).await?
+        }
         Command::Tasks(a) => hangar::cli::tasks(&cli.global, a).await?,
-        Command::Campaign(cmd) => hangar::cli::campaign(&cli.global, cmd).await?,
-        Command::User(cmd) => hangar::cli::users::user(&cli.global, cmd).await?,
+        Command::Campaign(c) => hangar::cli::campaign(&cli.global.with(&c.api), c.cmd).await?,
+        Command::User(c) => hangar::cli::users::user(&cli.global.with(&c.api), c.cmd).await?,
         Command::Audit(a) => hangar::cli::users::audit(&cli.global, a).await?,
         Command::Key(cmd) => hangar::cli::signing::key(cmd)?,
-        Command::Bundle(cmd) => hangar::cli::bundles::bundle(&cli.global, cmd).await?,
-        Command::Site(cmd) => hangar::cli::bundles::site(&cli.global, cmd).await?,
-        Command::Report(cmd) => hangar::cli::bundles::report(&cli.global, cmd).await?,
-        Command::Sim(args) => {
+        Command::Bundle(c) => hangar::cli::bundles::bundle(&cli.global.with(&c.api), c.cmd).await?,
+        Command::Site(c) => hangar::cli::bundles::site(&cli.global.with(&c.api), c.cmd).await?,
+        Command::Report(c) => hangar::cli::bundles::report(&cli.global.with(&c.api), c.cmd).await?,
+        Command::Sim(sim) => {
             init_tracing(false);
-            let client = hangar::cli::client::Client::connect(&hangar::cli::endpoint(&cli.global))?;
+            let mut g = cli.global.with(&sim.api);
+            g.mqtt = sim.mqtt.clone();
+            let args = sim.args;
+            let client = hangar::cli::client::Client::connect(&hangar::cli::endpoint(&g))?;
             let appliance = hangar::device::sim::Appliance {
                 http: client.http().clone(),
                 base: client.base().to_string(),
@@ -138,12 +150,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delta(_) | Command::Restore { .. } => {
             unreachable!("handled before the runtime starts")
         }
-        Command::Backup { out } => hangar::cli::backup(&cli.global, &out).await?,
+        Command::Backup { api, out } => hangar::cli::backup(&cli.global.with(&api), &out).await?,
         Command::Task {
+            api,
             device,
             follow,
             cancel,
-        } => hangar::cli::task(&cli.global, &device, follow, cancel).await?,
+            json: _,
+        } => hangar::cli::task(&cli.global.with(&api), &device, follow, cancel).await?,
     }
     Ok(())
 }

@@ -284,3 +284,154 @@ async fn logs_off_a_terminal_carry_no_colour_codes() {
         "colour codes in a log file:\n{text}"
     );
 }
+
+/// What a newcomer and a script meet: `--json` on every list and show verb (so `| jq` works),
+/// filters by type and protocol, errors that name flags instead of API fields, a restore that
+/// names the file it cannot find, help that offers only what applies, and `campaign show
+/// --follow` into a pipe: a line per change, why it waits, and an exit status by outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_json_names_its_flags_and_follows_into_a_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::spawn(dir.path(), "").await;
+    let run = |args: &[&str]| p.cli(args);
+    let json = |args: &[&str]| -> Value {
+        let (ok, out, err) = run(args);
+        assert!(ok, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} is not JSON ({e}): {out}"))
+    };
+    for (id, proto) in [("GW1", "gateway"), ("pk1/oven-1", "alibaba")] {
+        assert!(
+            run(&[
+                "device",
+                "add",
+                id,
+                "--secret",
+                "password1",
+                "--protocol",
+                proto
+            ])
+            .0
+        );
+    }
+    let img = dir.path().join("fw.bin");
+    std::fs::write(&img, image(1000, 1)).unwrap();
+    for v in ["1.0.1", "1.0.2"] {
+        assert!(run(&["firmware", "upload", img.to_str().unwrap(), "--version", v]).0);
+        assert!(run(&["firmware", "release", v]).0);
+    }
+    // every list and show verb, as JSON
+    assert_eq!(
+        json(&["firmware", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        json(&["firmware", "show", "1.0.1", "--json"])["version"],
+        "1.0.1"
+    );
+    assert_eq!(
+        json(&["device", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(json(&["device", "show", "GW1", "--json"])["id"], "GW1");
+    let ali = json(&["device", "list", "--json", "--protocol", "alibaba"]);
+    assert_eq!(ali.as_array().unwrap().len(), 1, "{ali}");
+    assert_eq!(ali[0]["id"], "pk1/oven-1");
+    let gw = json(&["device", "list", "--json", "--type", "gateway"]);
+    assert_eq!(gw.as_array().unwrap().len(), 1, "{gw}");
+    assert!(json(&["tasks", "--json"]).is_array());
+    assert!(json(&["campaign", "list", "--json"]).is_array());
+    assert!(json(&["user", "list", "--json"]).is_array());
+    // the connection options may follow the verb
+    let url = format!("http://127.0.0.1:{}", p.http);
+    assert!(json(&["firmware", "list", "--json", "--url", &url]).is_array());
+
+    // errors name the flags
+    let (ok, _, err) = run(&["upgrade", "GW1", "--version", "1.0.1"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["upgrade", "GW1", "--version", "1.0.1"]);
+    assert!(!ok && err.contains("pass --force"), "{err}");
+    assert!(!err.contains("pass force"), "{err}");
+
+    // a restore names what it cannot find
+    let (ok, _, err) = run(&[
+        "restore",
+        "/nonexistent/backup.tar",
+        "--data-dir",
+        dir.path().join("restored").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("/nonexistent/backup.tar"), "{err}");
+
+    // help offers what applies, and nothing internal
+    for verb in [
+        &["delta", "make"][..],
+        &["serve"],
+        &["key", "generate"],
+        &["config", "check"],
+    ] {
+        let mut args = verb.to_vec();
+        args.push("--help");
+        let (ok, out, err) = run(&args);
+        assert!(ok, "{err}");
+        for opt in ["--url", "--token", "--mqtt"] {
+            assert!(!out.contains(opt), "{verb:?} --help offers {opt}: {out}");
+        }
+    }
+    let (_, out, _) = run(&["firmware", "list", "--help"]);
+    assert!(out.contains("--url") && !out.contains("--mqtt"), "{out}");
+    let (_, out, _) = run(&["sim", "--help"]);
+    assert!(out.contains("--mqtt"), "{out}");
+    assert!(!out.contains("SPEC") && !out.contains("section"), "{out}");
+
+    // --follow into a pipe: a line per change with the reason, the exit by outcome
+    let body = dir.path().join("c.json");
+    std::fs::write(
+        &body,
+        r#"{"name":"held","version":"1.0.2","targets":{"deviceIds":["GW1"]},"startAt":"2099-01-01T00:00:00Z"}"#,
+    )
+    .unwrap();
+    let c = json(&["campaign", "create", body.to_str().unwrap()]);
+    let id = c["id"].as_str().unwrap().to_string();
+    let mut follow = tokio::process::Command::new(bin())
+        .args([
+            "--config",
+            p.config.to_str().unwrap(),
+            "campaign",
+            "show",
+            &id,
+            "--follow",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(follow.stdout.take().unwrap());
+    let mut first = String::new();
+    let read = tokio::io::AsyncBufReadExt::read_line(&mut out, &mut first);
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("no line off a terminal")
+        .unwrap();
+    assert!(
+        first.contains("scheduled") && first.contains("2099"),
+        "{first}"
+    );
+    let (ok, _, err) = run(&["campaign", "cancel", &id]);
+    assert!(ok, "{err}");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), follow.wait())
+        .await
+        .expect("--follow did not end with the campaign")
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "a cancelled campaign exits 2");
+    let mut rest = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut out, &mut rest)
+        .await
+        .unwrap();
+    assert!(rest.contains("cancelled"), "{rest}");
+}

@@ -34,6 +34,15 @@ pub enum CliError {
     /// A key, signature, bundle or report did not check out.
     #[error("{0}")]
     Trust(String),
+    /// What was followed ended other than well (a campaign with failures, or cancelled): the
+    /// process exits with `code`.
+    #[error("{message}")]
+    Outcome {
+        /// The exit status.
+        code: u8,
+        /// What happened.
+        message: String,
+    },
     /// Local file problem.
     #[error("{context}: {source}")]
     Io {
@@ -42,6 +51,26 @@ pub enum CliError {
         /// The cause.
         source: std::io::Error,
     },
+}
+
+/// An API message as the command line says it: the request fields it names become the flags
+/// that set them (`pass allowDowngrade` → `pass --allow-downgrade`).
+pub fn in_flags(message: &str) -> String {
+    const FLAGS: [(&str, &str); 5] = [
+        ("pass allowDowngrade", "pass --allow-downgrade"),
+        ("with allowOlder=true", "with --allow-older"),
+        ("with allowOlder", "with --allow-older"),
+        ("pass force", "pass --force"),
+        (
+            "(a campaign: force)",
+            "(a campaign: \"force\": true in its body)",
+        ),
+    ];
+    let mut m = message.to_string();
+    for (field, flag) in FLAGS {
+        m = m.replace(field, flag);
+    }
+    m
 }
 
 /// How to reach the appliance, as given on the command line.
@@ -229,7 +258,7 @@ impl Client {
             Err(CliError::Api {
                 status: status.as_u16(),
                 code: body["error"].as_str().unwrap_or("UNKNOWN").to_string(),
-                message: body["message"].as_str().unwrap_or("").to_string(),
+                message: in_flags(body["message"].as_str().unwrap_or("")),
             })
         }
     }
@@ -439,4 +468,27 @@ async fn open_sized(file: &Path) -> Result<(tokio::fs::File, u64), CliError> {
     let f = tokio::fs::File::open(file).await.map_err(io("opening"))?;
     let len = f.metadata().await.map_err(io("reading"))?.len();
     Ok((f, len))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_fields_become_flags() {
+        assert_eq!(
+            super::in_flags(
+                "device GW1 runs 1.0.3, newer than 1.0.2: pass allowDowngrade (a campaign: force) to go back"
+            ),
+            "device GW1 runs 1.0.3, newer than 1.0.2: pass --allow-downgrade (a campaign: \"force\": true in its body) to go back"
+        );
+        assert_eq!(
+            super::in_flags(
+                "already has an active task (1.0.1 to 1.0.2, pending): wait, cancel it, or pass force"
+            ),
+            "already has an active task (1.0.1 to 1.0.2, pending): wait, cancel it, or pass --force"
+        );
+        assert_eq!(
+            super::in_flags("an older or replayed bundle (import it anyway with allowOlder=true)"),
+            "an older or replayed bundle (import it anyway with --allow-older)"
+        );
+    }
 }

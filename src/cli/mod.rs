@@ -26,23 +26,72 @@ pub struct Cli {
 }
 
 /// Options every verb understands.
-#[derive(Debug, Args, Clone)]
+#[derive(Debug, Args, Clone, Default)]
 pub struct Global {
     /// Config file; default /etc/hangar/hangar.toml if present, else built-in defaults.
     #[arg(long, global = true, env = "HANGAR_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Admin API base URL (admin verbs); default from the config's ports.json.
+    /// (The verbs that talk to the appliance fill these in from their [`Api`] options.)
+    #[arg(skip)]
+    pub url: Option<String>,
+    /// See `url`.
+    #[arg(skip)]
+    pub token: Option<String>,
+    /// See `url`.
+    #[arg(skip)]
+    pub ca: Option<PathBuf>,
+    /// See `url`; `sim` only.
+    #[arg(skip)]
+    pub mqtt: Option<String>,
+}
+
+/// How to reach the appliance's API: options of the verbs that talk to it (and only of those,
+/// so `--help` of an offline verb does not offer them). They may stand anywhere after the verb.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Api {
+    /// Admin API base URL; default from the config's ports.json.
     #[arg(long, global = true, env = "HANGAR_URL")]
     pub url: Option<String>,
-    /// Admin token (admin verbs); default from the config's data dir.
+    /// Admin token; default from the config's data dir.
     #[arg(long, global = true, env = "HANGAR_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// CA certificate to trust (admin verbs); default the generated <data_dir>/certs/ca.pem.
+    /// CA certificate to trust; default the generated <data_dir>/certs/ca.pem.
     #[arg(long, global = true, env = "HANGAR_CA")]
     pub ca: Option<PathBuf>,
-    /// Broker URL for `sim` (mqtt://host:port or mqtts://host:port); default from ports.json.
-    #[arg(long, global = true, env = "HANGAR_MQTT")]
+}
+
+impl Global {
+    /// These options with the API connection of a verb.
+    pub fn with(&self, api: &Api) -> Global {
+        Global {
+            config: self.config.clone(),
+            url: api.url.clone(),
+            token: api.token.clone(),
+            ca: api.ca.clone(),
+            mqtt: self.mqtt.clone(),
+        }
+    }
+}
+
+/// A verb group that talks to the API: its connection options and its subcommand.
+#[derive(Debug, Args)]
+pub struct WithApi<T: Subcommand> {
+    #[command(flatten)]
+    pub api: Api,
+    #[command(subcommand)]
+    pub cmd: T,
+}
+
+/// `hangar sim`: the fleet's options and how it reaches the appliance.
+#[derive(Debug, Args)]
+pub struct SimCmd {
+    #[command(flatten)]
+    pub api: Api,
+    /// Broker URL (mqtt://host:port or mqtts://host:port); default from ports.json.
+    #[arg(long, env = "HANGAR_MQTT")]
     pub mqtt: Option<String>,
+    #[command(flatten)]
+    pub args: crate::device::sim::SimArgs,
 }
 
 /// The verbs.
@@ -51,16 +100,16 @@ pub enum Command {
     /// Run the appliance (HTTPS API + downloads).
     Serve,
     /// Manage firmware images.
-    #[command(subcommand)]
-    Firmware(FirmwareCmd),
+    Firmware(WithApi<FirmwareCmd>),
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
     /// Manage the device registry.
-    #[command(subcommand)]
-    Device(DeviceCmd),
+    Device(WithApi<DeviceCmd>),
     /// Upgrade one device to a released version.
     Upgrade {
+        #[command(flatten)]
+        api: Api,
         /// Device id (Alibaba devices: productKey/deviceName).
         device: String,
         /// Target version.
@@ -76,10 +125,11 @@ pub enum Command {
     /// List upgrade tasks, newest first.
     Tasks(TasksArgs),
     /// Rollouts in waves: create, list, show [--follow], pause, resume, cancel, dry-run.
-    #[command(subcommand)]
-    Campaign(CampaignCmd),
+    Campaign(WithApi<CampaignCmd>),
     /// Online backup of the appliance (store, images, certificates, token) into a tar.
     Backup {
+        #[command(flatten)]
+        api: Api,
         /// Where to write it.
         #[arg(long)]
         out: PathBuf,
@@ -96,31 +146,29 @@ pub enum Command {
         force: bool,
     },
     /// Run a fleet of simulated devices against the appliance (tests, demos, benchmarks).
-    Sim(crate::device::sim::SimArgs),
+    Sim(SimCmd),
     /// Device-side updater for one application binary (config: --config agent.toml).
     Agent,
     /// Offline BSDIFF40 patches, with the server's code.
     #[command(subcommand)]
     Delta(DeltaCmd),
     /// Console users: add, list, passwd, role, delete.
-    #[command(subcommand)]
-    User(users::UserCmd),
+    User(WithApi<users::UserCmd>),
     /// The audit log: who changed what, when, with what result (newest first).
     Audit(users::AuditArgs),
     /// Signing keys (minisign): generate.
     #[command(subcommand)]
     Key(signing::KeyCmd),
     /// Offline bundles: create (vendor side), verify (anywhere), import (into the appliance).
-    #[command(subcommand)]
-    Bundle(bundles::BundleCmd),
+    Bundle(WithApi<bundles::BundleCmd>),
     /// The appliance's own key: `hangar site key` prints its public half.
-    #[command(subcommand)]
-    Site(bundles::SiteCmd),
+    Site(WithApi<bundles::SiteCmd>),
     /// Signed site reports: export (from the appliance), verify (anywhere).
-    #[command(subcommand)]
-    Report(bundles::ReportCmd),
+    Report(WithApi<bundles::ReportCmd>),
     /// Show a device's newest task; --follow renders live progress until it ends.
     Task {
+        #[command(flatten)]
+        api: Api,
         /// Device id.
         device: String,
         /// Keep polling and draw a progress bar until the task ends.
@@ -129,6 +177,9 @@ pub enum Command {
         /// Cancel the device's active task instead.
         #[arg(long, conflicts_with = "follow")]
         cancel: bool,
+        /// Print JSON (what `task` prints without --follow; accepted for scripts that pass it).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -165,7 +216,11 @@ pub enum CampaignCmd {
         json: bool,
     },
     /// List campaigns.
-    List,
+    List {
+        /// Print the API's JSON (an array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one: status and why, waves, failures by error code, devices waiting for a retry;
     /// --follow draws live per-wave progress bars until it ends.
     Show {
@@ -239,8 +294,12 @@ pub async fn campaign(g: &Global, cmd: CampaignCmd) -> Result<(), CliError> {
                 print_plan(&plan);
             }
         }
-        CampaignCmd::List => {
+        CampaignCmd::List { json } => {
             let (list, total) = client.get_list("/api/ota/campaigns", &[], None).await?;
+            if json {
+                print_json(&Value::Array(list));
+                return Ok(());
+            }
             let rows: Vec<Vec<String>> = list
                 .iter()
                 .map(|c| {
@@ -279,61 +338,13 @@ pub async fn campaign(g: &Global, cmd: CampaignCmd) -> Result<(), CliError> {
                 print_campaign(&client.get(&path, &[]).await?);
                 return Ok(());
             }
-            let multi = indicatif::MultiProgress::new();
-            let style =
-                indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {msg}")
-                    .expect("template")
-                    .progress_chars("=> ");
-            let head = multi.add(indicatif::ProgressBar::new_spinner());
-            let mut bars: Vec<indicatif::ProgressBar> = Vec::new();
-            loop {
-                let c = client.get(&path, &[]).await?;
-                let waves = c["waves"].as_array().cloned().unwrap_or_default();
-                while bars.len() < waves.len() {
-                    let b = multi.add(indicatif::ProgressBar::new(0));
-                    b.set_style(style.clone());
-                    b.set_prefix(format!("wave {}", bars.len() + 1));
-                    bars.push(b);
-                }
-                for (b, w) in bars.iter().zip(&waves) {
-                    let n = |k: &str| w["counts"][k].as_u64().unwrap_or(0);
-                    b.set_length(w["devices"].as_u64().unwrap_or(0));
-                    b.set_position(n("completed") + n("failed") + n("skipped") + n("cancelled"));
-                    b.set_message(format!(
-                        "{}% | ok {} failed {} in flight {} queued {}",
-                        w["percent"],
-                        n("completed"),
-                        n("failed"),
-                        n("pending") + n("downloading") + n("verifying") + n("installing"),
-                        n("queued")
-                    ));
-                }
-                head.set_message(format!(
-                    "{} {} -> {}: {}{}  eta {}",
-                    c["id"].as_str().unwrap_or(""),
-                    c["name"].as_str().unwrap_or(""),
-                    c["version"].as_str().unwrap_or(""),
-                    c["status"].as_str().unwrap_or(""),
-                    c["statusReason"]
-                        .as_str()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default(),
-                    c["etaSecs"]
-                        .as_u64()
-                        .map(|s| format!("{s} s"))
-                        .unwrap_or_else(|| "-".into()),
-                ));
-                let status = c["status"].as_str().unwrap_or("");
-                if status == "completed" || status == "cancelled" {
-                    for b in &bars {
-                        b.finish();
-                    }
-                    head.finish();
-                    print_failures(&c);
-                    return Ok(());
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
+            let c = if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                follow_bars(&client, &path).await?
+            } else {
+                follow_lines(&client, &path).await?
+            };
+            print_failures(&c);
+            return campaign_outcome(&c);
         }
         CampaignCmd::Pause { id } => campaign_action(&client, &id, "pause").await?,
         CampaignCmd::Resume { id } => campaign_action(&client, &id, "resume").await?,
@@ -341,6 +352,122 @@ pub async fn campaign(g: &Global, cmd: CampaignCmd) -> Result<(), CliError> {
         CampaignCmd::Retry { id } => campaign_action(&client, &id, "retry").await?,
     }
     Ok(())
+}
+
+/// Whether a campaign has ended.
+fn ended(c: &Value) -> bool {
+    matches!(c["status"].as_str(), Some("completed" | "cancelled"))
+}
+
+/// `campaign show --follow` at a terminal: a line for the campaign (with why it waits) and a
+/// progress bar per wave, redrawn every second until it ends; the campaign as it ended.
+async fn follow_bars(client: &Client, path: &str) -> Result<Value, CliError> {
+    let multi = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {msg}")
+        .expect("template")
+        .progress_chars("=> ");
+    let head = multi.add(indicatif::ProgressBar::new_spinner());
+    let mut bars: Vec<indicatif::ProgressBar> = Vec::new();
+    loop {
+        let c = client.get(path, &[]).await?;
+        let waves = c["waves"].as_array().cloned().unwrap_or_default();
+        while bars.len() < waves.len() {
+            let b = multi.add(indicatif::ProgressBar::new(0));
+            b.set_style(style.clone());
+            b.set_prefix(format!("wave {}", bars.len() + 1));
+            bars.push(b);
+        }
+        for (b, w) in bars.iter().zip(&waves) {
+            let n = |k: &str| w["counts"][k].as_u64().unwrap_or(0);
+            b.set_length(w["devices"].as_u64().unwrap_or(0));
+            b.set_position(n("completed") + n("failed") + n("skipped") + n("cancelled"));
+            b.set_message(format!(
+                "{}% | ok {} failed {} in flight {} queued {}",
+                w["percent"],
+                n("completed"),
+                n("failed"),
+                n("pending") + n("downloading") + n("verifying") + n("installing"),
+                n("queued")
+            ));
+        }
+        head.set_message(campaign_line(&c));
+        if ended(&c) {
+            for b in &bars {
+                b.finish();
+            }
+            head.finish();
+            return Ok(c);
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// `campaign show --follow` into a pipe or a file: one line each time the campaign changes
+/// (with why it waits, when it does), until it ends; the campaign as it ended.
+async fn follow_lines(client: &Client, path: &str) -> Result<Value, CliError> {
+    let mut last = String::new();
+    loop {
+        let c = client.get(path, &[]).await?;
+        let line = campaign_line(&c);
+        if line != last {
+            println!(
+                "{} {line}",
+                chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%:z")
+            );
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            last = line;
+        }
+        if ended(&c) {
+            return Ok(c);
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// One line for a campaign: where it stands and why.
+fn campaign_line(c: &Value) -> String {
+    let n = |k: &str| c["counts"][k].as_u64().unwrap_or(0);
+    let in_flight = n("pending") + n("downloading") + n("verifying") + n("installing");
+    let mut line = format!(
+        "{} {:?} -> {}: {}, {}/{} done, {} failed, {} in flight, {} queued",
+        field(c, "id"),
+        field(c, "name"),
+        field(c, "version"),
+        field(c, "status"),
+        n("completed"),
+        c["total"],
+        n("failed"),
+        in_flight,
+        n("queued") + n("offline") + n("retrying"),
+    );
+    if let Some(eta) = c["etaSecs"].as_u64() {
+        line.push_str(&format!(", eta {eta} s"));
+    }
+    if let Some(why) = c["statusReason"].as_str() {
+        line.push_str(&format!(" ({})", sanitize(why)));
+    }
+    line
+}
+
+/// The exit of `--follow`: 0 for a campaign that completed with every device upgraded, 1 when
+/// devices failed, 2 when it was cancelled (the brake).
+fn campaign_outcome(c: &Value) -> Result<(), CliError> {
+    let failed = c["counts"]["failed"].as_u64().unwrap_or(0);
+    match (c["status"].as_str(), failed) {
+        (Some("completed"), 0) => Ok(()),
+        (Some("completed"), n) => Err(CliError::Outcome {
+            code: 1,
+            message: format!(
+                "campaign {} completed with {n} failed devices",
+                field(c, "id")
+            ),
+        }),
+        _ => Err(CliError::Outcome {
+            code: 2,
+            message: format!("campaign {} was cancelled", field(c, "id")),
+        }),
+    }
 }
 
 /// A percentage as people write it: "25%", "12.5%".
@@ -574,6 +701,11 @@ pub struct TasksArgs {
     pub device: Option<String>,
     #[command(flatten)]
     pub paging: Paging,
+    /// Print the API's JSON (an array) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub api: Api,
 }
 
 /// How much of a list to show.
@@ -601,11 +733,20 @@ pub enum DeviceCmd {
         /// Only devices with this tag.
         #[arg(long)]
         tag: Option<String>,
+        /// Only devices of this type.
+        #[arg(long = "type", value_name = "DEVICE_TYPE")]
+        device_type: Option<String>,
+        /// Only devices of this protocol (gateway or alibaba).
+        #[arg(long)]
+        protocol: Option<String>,
         /// Only connected (true) or disconnected (false) devices.
         #[arg(long)]
         online: Option<bool>,
         #[command(flatten)]
         paging: Paging,
+        /// Print the API's JSON (an array) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Add or remove tags of a registered device.
     Tag {
@@ -618,10 +759,13 @@ pub enum DeviceCmd {
         #[arg(long, value_delimiter = ',')]
         remove: Vec<String>,
     },
-    /// Show one device.
+    /// Show one device (JSON).
     Show {
         /// Device id.
         id: String,
+        /// Print JSON (what `show` always prints; accepted for scripts that pass it).
+        #[arg(long)]
+        json: bool,
     },
     /// Register a device.
     Add {
@@ -706,14 +850,20 @@ pub enum FirmwareCmd {
         /// Only this status (draft, testing, released, deprecated).
         #[arg(long)]
         status: Option<String>,
+        /// Print the API's JSON (an array) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
-    /// Show one firmware.
+    /// Show one firmware (JSON).
     Show {
         /// Version.
         version: String,
         /// Device type.
         #[arg(long, default_value = "gateway")]
         device_type: String,
+        /// Print JSON (what `show` always prints; accepted for scripts that pass it).
+        #[arg(long)]
+        json: bool,
     },
     /// Release a firmware (status -> released).
     Release {
@@ -771,7 +921,7 @@ pub fn endpoint(g: &Global) -> Endpoint {
     }
 }
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -933,6 +1083,7 @@ pub async fn firmware(g: &Global, cmd: FirmwareCmd) -> Result<(), CliError> {
         FirmwareCmd::List {
             device_type,
             status,
+            json,
         } => {
             let mut q = Vec::new();
             if let Some(t) = device_type {
@@ -942,12 +1093,17 @@ pub async fn firmware(g: &Global, cmd: FirmwareCmd) -> Result<(), CliError> {
                 q.push(("status", s));
             }
             let (list, total) = client.get_list("/api/ota/firmware", &q, None).await?;
+            if json {
+                print_json(&Value::Array(list));
+                return Ok(());
+            }
             print_firmware_table(&list);
             print_more(list.len(), total, "firmware");
         }
         FirmwareCmd::Show {
             version,
             device_type,
+            json: _,
         } => print_json(
             &client
                 .get(&format!("/api/ota/firmware/{version}"), &dt(&device_type))
@@ -1061,12 +1217,21 @@ pub async fn device(g: &Global, cmd: DeviceCmd) -> Result<(), CliError> {
     match cmd {
         DeviceCmd::List {
             tag,
+            device_type,
+            protocol,
             online,
             paging,
+            json,
         } => {
             let mut q = Vec::new();
             if let Some(t) = tag {
                 q.push(("tag", t));
+            }
+            if let Some(t) = device_type {
+                q.push(("deviceType", t));
+            }
+            if let Some(p) = protocol {
+                q.push(("protocol", p));
             }
             if let Some(o) = online {
                 q.push(("online", o.to_string()));
@@ -1074,6 +1239,10 @@ pub async fn device(g: &Global, cmd: DeviceCmd) -> Result<(), CliError> {
             let (list, total) = client
                 .get_list("/api/ota/devices", &q, paging.limit())
                 .await?;
+            if json {
+                print_json(&Value::Array(list));
+                return Ok(());
+            }
             let rows: Vec<Vec<String>> = list
                 .iter()
                 .map(|d| {
@@ -1124,7 +1293,7 @@ pub async fn device(g: &Global, cmd: DeviceCmd) -> Result<(), CliError> {
                     .await?,
             );
         }
-        DeviceCmd::Show { id } => print_json(
+        DeviceCmd::Show { id, json: _ } => print_json(
             &client
                 .get(&format!("/api/ota/devices/{}", path_id(&id)), &[])
                 .await?,
@@ -1202,7 +1371,7 @@ pub async fn upgrade(
 
 /// `hangar tasks [--status S] [--campaign C] [--device D] [--limit N | --all]`
 pub async fn tasks(g: &Global, a: TasksArgs) -> Result<(), CliError> {
-    let client = Client::connect(&endpoint(g))?;
+    let client = Client::connect(&endpoint(&g.with(&a.api)))?;
     let mut q = Vec::new();
     if let Some(s) = a.status {
         q.push(("status", s));
@@ -1216,6 +1385,10 @@ pub async fn tasks(g: &Global, a: TasksArgs) -> Result<(), CliError> {
     let (list, total) = client
         .get_list("/api/ota/tasks", &q, a.paging.limit())
         .await?;
+    if a.json {
+        print_json(&Value::Array(list));
+        return Ok(());
+    }
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|t| {

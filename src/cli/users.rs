@@ -25,7 +25,11 @@ pub enum UserCmd {
         password_file: Option<PathBuf>,
     },
     /// List the users.
-    List,
+    List {
+        /// Print the API's JSON (an array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Set a user's password (signs them out everywhere).
     Passwd {
         /// The user.
@@ -66,6 +70,8 @@ pub struct AuditArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    api: super::Api,
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> CliError {
@@ -158,8 +164,12 @@ pub async fn user(g: &Global, cmd: UserCmd) -> Result<(), CliError> {
                 .await?;
             println!("added {} ({})", field(&u, "name"), field(&u, "role"));
         }
-        UserCmd::List => {
+        UserCmd::List { json } => {
             let list = client.get("/api/users", &[]).await?;
+            if json {
+                super::print_json(&list);
+                return Ok(());
+            }
             let rows: Vec<Vec<String>> = list
                 .as_array()
                 .map(Vec::as_slice)
@@ -202,7 +212,7 @@ pub async fn user(g: &Global, cmd: UserCmd) -> Result<(), CliError> {
 
 /// Runs `hangar audit`.
 pub async fn audit(g: &Global, a: AuditArgs) -> Result<(), CliError> {
-    let client = Client::connect(&endpoint(g))?;
+    let client = Client::connect(&endpoint(&g.with(&a.api)))?;
     let mut q = vec![("limit", a.limit.to_string())];
     for (k, v) in [("actor", a.actor), ("action", a.action), ("since", a.since)] {
         if let Some(v) = v {

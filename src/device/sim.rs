@@ -28,9 +28,9 @@ use crate::protocol::Protocol;
 /// Which protocol the fleet speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FleetProtocol {
-    /// SPEC 4.1
+    /// The backend tutorial's gateways ({prefix}/gateway/{id}/command|report).
     Gateway,
-    /// SPEC 4.2
+    /// Alibaba-style devices (/ota/device/... topics, productKey/deviceName).
     Alibaba,
     /// Every other device.
     Mixed,

@@ -155,7 +155,9 @@ fn safe_rel(p: &Path) -> bool {
 /// Checks a backup file: the manifest, every entry's size and sha256, nothing missing or extra.
 pub fn verify(file: &Path) -> io::Result<Manifest> {
     let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-    let mut ar = tar::Archive::new(BufReader::new(File::open(file)?));
+    let opened = File::open(file)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", file.display())))?;
+    let mut ar = tar::Archive::new(BufReader::new(opened));
     let mut manifest: Option<Manifest> = None;
     let mut seen = 0usize;
     for e in ar.entries()? {
