@@ -958,3 +958,57 @@ async fn a_bundle_cannot_trust_another_key_under_a_name_the_config_uses() {
     let (st, body) = import(&s, std::fs::read(&b).unwrap(), "").await;
     assert_eq!(st, 201, "{body}");
 }
+
+/// A bundle's plan imported before any of its devices registered still becomes a campaign:
+/// paused, saying it waits for matching devices, which join it as they register; the CLI says
+/// on stderr what it created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundles_plan_waits_for_its_devices_instead_of_vanishing() {
+    let v = Vendor::new();
+    let f1 = v.file("fw-1.0.1.bin", &image(3000, 71));
+    let f2 = v.file("fw-1.0.2.bin", &image(3000, 72));
+    let plan = v.file(
+        "plan.json",
+        json!({"name": "later", "deviceType": "gateway", "version": "1.0.2",
+               "targets": {"fromVersions": ["1.0.1"]}})
+        .to_string()
+        .as_bytes(),
+    );
+    let fw1 = format!("{}:gateway:1.0.1", p(&f1));
+    let fw2 = format!("{}:gateway:1.0.2", p(&f2));
+    let b = v.bundle(
+        "b.tar",
+        &["--firmware", &fw1, "--firmware", &fw2, "--plan", p(&plan)],
+    );
+    let s = Server::start_with(trusting(&v.public)).await;
+    let (ok, out, err) = s.cli(&["bundle", "import", p(&b)]);
+    assert!(ok, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let id = r["campaigns"][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("no campaign from the plan: {r}"))
+        .to_string();
+    assert!(err.contains(&format!("campaign {id} created")), "{err}");
+    let (_, c) = s.get_json(&format!("/api/ota/campaigns/{id}")).await;
+    let c = &c["data"];
+    assert_eq!(c["status"], "paused", "{c}");
+    assert_eq!(c["total"], 0, "{c}");
+    assert!(
+        c["statusReason"]
+            .as_str()
+            .unwrap()
+            .contains("waits for devices of type gateway matching its targets"),
+        "{c}"
+    );
+    // devices register: they join it (still paused), then it runs when started
+    let sim = s.sim(&["--devices", "2", "--version", "1.0.1", "--register", "--until-idle", "--idle-secs", "2", "--timeout", "60"]);
+    s.wait_online(2).await;
+    s.wait_campaign(&id, 30, |c| c["total"] == 2).await;
+    let (st, r) = s
+        .post_json(&format!("/api/ota/campaigns/{id}/resume"), json!({}))
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let done = s.wait_campaign(&id, 60, |c| c["status"] == "completed").await;
+    assert_eq!(done["counts"]["completed"], 2, "{done}");
+    let _ = common::sim_result(sim, 60).await;
+}

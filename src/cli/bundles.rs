@@ -150,6 +150,15 @@ pub async fn bundle(g: &super::Global, cmd: BundleCmd) -> Result<(), CliError> {
             let q = [("allowOlder", allow_older.to_string())];
             let v = client.post_file("/api/ota/bundles", &q, &file).await?;
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            for w in v["warnings"].as_array().into_iter().flatten() {
+                eprintln!("warning: {}", w.as_str().map(super::sanitize).unwrap_or_default());
+            }
+            for c in v["campaigns"].as_array().into_iter().flatten() {
+                eprintln!(
+                    "campaign {} created from the bundle's plan: see `hangar campaign show {0}`, start it with `hangar campaign resume {0}`",
+                    c.as_str().map(super::sanitize).unwrap_or_default()
+                );
+            }
             Ok(())
         }
     }

@@ -980,7 +980,7 @@ fn field(v: &Value, key: &str) -> String {
 
 /// Text from the appliance made safe for a terminal: control characters (ESC above all)
 /// become `?`.
-fn sanitize(s: &str) -> String {
+pub(crate) fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()

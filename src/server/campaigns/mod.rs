@@ -136,6 +136,10 @@ impl Campaigns {
 
     /// Validates a spec and works out waves, deltas and bytes, without creating anything.
     pub fn plan(&self, s: &CampaignSpec) -> Result<Plan, CampaignError> {
+        self.plan_with(s, plan::Empty::Refuse)
+    }
+
+    fn plan_with(&self, s: &CampaignSpec, empty: plan::Empty) -> Result<Plan, CampaignError> {
         let (c, notes) = spec::validate(s, now_ms())?;
         let fw = match self.firmware.get(&c.device_type, &c.version) {
             Ok(f) if f.status == FirmwareStatus::Released => f,
@@ -160,7 +164,7 @@ impl Campaigns {
             Some(self.deltas.offer(&device_type, from, &version)?.size)
         };
         let (devices, claimed) = (self.store.list_devices()?, self.claimed(None)?);
-        plan::plan(c, notes, devices, &claimed, offer, fw.size)
+        plan::plan_with(c, notes, devices, &claimed, offer, fw.size, empty)
     }
 
     /// Creates a campaign from a spec; returns it with its plan and its members as created
@@ -174,7 +178,8 @@ impl Campaigns {
 
     /// As [`Campaigns::create`], but a campaign without `startAt` is created `paused` with
     /// `why` as its reason, for an operator to start (a bundle's plans); with `startAt` it is
-    /// `scheduled` as usual.
+    /// `scheduled` as usual. It is created even when no registered device matches yet (nor a
+    /// device id it names): it is then dynamic, and its devices join as they register.
     pub async fn create_held(
         &self,
         s: &CampaignSpec,
@@ -189,9 +194,18 @@ impl Campaigns {
         hold: Option<String>,
     ) -> Result<Durable<(CampaignRecord, Plan, Vec<CampaignMember>)>, CampaignError> {
         let _g = self.lock.lock().await;
-        let mut plan = self.plan(s)?;
+        let empty = match hold {
+            Some(_) => plan::Empty::Wait,
+            None => plan::Empty::Refuse,
+        };
+        let mut plan = self.plan_with(s, empty)?;
         let mut c = plan.record.take().expect("planned");
         c.id = self.store.next_campaign_id()?;
+        let waits = plan.total == 0 && plan.conflicts.is_empty();
+        if waits || !c.targets.device_ids.is_empty() && plan.total < c.targets.device_ids.len() {
+            // its devices join as they register
+            c.dynamic = true;
+        }
         if let Some(why) = hold
             && s.start_at.is_none()
         {

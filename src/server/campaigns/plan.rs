@@ -82,11 +82,35 @@ pub fn targets(t: &CampaignTargets, dt: &str, d: &DeviceRecord) -> bool {
 /// registered with the campaign's type.
 pub fn plan(
     c: CampaignRecord,
+    notes: Vec<String>,
+    devices: Vec<DeviceRecord>,
+    claimed: &BTreeMap<String, String>,
+    delta_size: impl Fn(&DeviceRecord) -> Option<Option<u64>>,
+    full_size: u64,
+) -> Result<Plan, CampaignError> {
+    plan_with(c, notes, devices, claimed, delta_size, full_size, Empty::Refuse)
+}
+
+/// What to do when no registered device matches (yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Empty {
+    /// Refuse the plan (an operator asking for a campaign now).
+    Refuse,
+    /// Plan it anyway, with the devices that match now (maybe none), and a note: a campaign
+    /// held for later (a bundle's plan, imported before its devices registered) takes them in
+    /// as they register.
+    Wait,
+}
+
+/// [`plan`], with what to do about an empty target set.
+pub fn plan_with(
+    c: CampaignRecord,
     mut notes: Vec<String>,
     devices: Vec<DeviceRecord>,
     claimed: &BTreeMap<String, String>,
     delta_size: impl Fn(&DeviceRecord) -> Option<Option<u64>>,
     full_size: u64,
+    empty: Empty,
 ) -> Result<Plan, CampaignError> {
     let bad = |m: String| Err(CampaignError::Invalid(m));
     let t = &c.targets;
@@ -101,9 +125,15 @@ pub fn plan(
             .iter()
             .filter(|i| !known.contains(i.as_str()))
             .collect();
-        if !missing.is_empty() {
+        if !missing.is_empty() && empty == Empty::Refuse {
             return bad(format!(
                 "devices not registered with device type {}: {missing:?}",
+                c.device_type
+            ));
+        }
+        if !missing.is_empty() {
+            notes.push(format!(
+                "not registered yet with device type {}: {missing:?}; they join as they register",
                 c.device_type
             ));
         }
@@ -121,12 +151,18 @@ pub fn plan(
         None => true,
     });
     if matched.is_empty() && conflicts.is_empty() {
-        return bad(format!(
-            "empty target set: no registered device of type {} matches the targets",
+        if empty == Empty::Refuse {
+            return bad(format!(
+                "empty target set: no registered device of type {} matches the targets",
+                c.device_type
+            ));
+        }
+        notes.push(format!(
+            "no registered device of type {} matches the targets yet: they join as they register",
             c.device_type
         ));
     }
-    if matched.is_empty() {
+    if matched.is_empty() && !conflicts.is_empty() {
         notes.push(format!(
             "every matching device ({}) is claimed by another running campaign: nothing to do",
             conflicts.len()

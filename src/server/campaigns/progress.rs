@@ -394,6 +394,14 @@ pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Prog
             }
             Some(v)
         }
+        _ if c.status.is_live() && c.dynamic && total == 0 => Some(format!(
+            "{}waits for devices of type {} matching its targets: none is registered yet, they join as they register",
+            c.status_reason
+                .as_ref()
+                .map(|r| format!("{r}; "))
+                .unwrap_or_default(),
+            c.device_type
+        )),
         CampaignStatus::Scheduled | CampaignStatus::Running => waiting
             .or_else(|| running_reason(c, &counts, unconfirmed, &retrying, now))
             .or_else(|| c.status_reason.clone()),

@@ -135,7 +135,10 @@ pub fn decide<F: Facts>(
         return Ok(r.finish());
     }
     let Some(current) = r.current_wave() else {
-        r.complete();
+        // a dynamic campaign no device has joined yet waits for its first
+        if !(r.c.dynamic && r.plan.members.is_empty()) {
+            r.complete();
+        }
         return Ok(r.finish());
     };
     if r.success_gates(current) || r.c.status != CampaignStatus::Running {
@@ -199,9 +202,12 @@ impl<F: Facts> Round<'_, F> {
         }
     }
 
-    /// Dynamic: devices that joined the target set since, into the last wave.
+    /// Dynamic: devices that joined the target set since, into the last wave (also while
+    /// paused: they wait there like the others).
     fn take_in_joiners(&mut self) -> Result<(), F::Error> {
-        if !self.c.dynamic || self.c.status != CampaignStatus::Running {
+        if !self.c.dynamic
+            || !matches!(self.c.status, CampaignStatus::Running | CampaignStatus::Paused)
+        {
             return Ok(());
         }
         let have: HashSet<&str> = (self.plan.members.iter())
@@ -824,10 +830,30 @@ mod tests {
         assert_eq!(p.changed, [1]);
         // wave 2 is not open while "a" (offline) has not ended
         assert!(p.start.is_empty());
-        // paused: nobody joins
+        // paused: devices join (and wait there like the others), nobody starts
         c.status = CampaignStatus::Paused;
         let p = decide(&c, vec![queued("a", 0)], &w, NOW).unwrap();
-        assert!(p.events.is_empty() && p.members.len() == 1);
+        assert_eq!(p.events, vec![Event::Joined("new".into())]);
+        assert!(p.start.is_empty());
+        // scheduled or ended: nobody joins
+        for st in [CampaignStatus::Completed, CampaignStatus::Cancelled] {
+            c.status = st;
+            let p = decide(&c, vec![queued("a", 0)], &w, NOW).unwrap();
+            assert!(p.events.is_empty() && p.members.len() == 1, "{st:?}");
+        }
+    }
+
+    #[test]
+    fn a_dynamic_campaign_no_device_joined_yet_waits_for_its_first() {
+        let mut c = campaign(CampaignStatus::Running);
+        c.dynamic = true;
+        let w = World::default();
+        let p = decide(&c, vec![], &w, NOW).unwrap();
+        assert!(p.campaign.is_none() && p.events.is_empty(), "{:?}", p.events);
+        // one that is not dynamic has nothing to wait for
+        c.dynamic = false;
+        let p = decide(&c, vec![], &w, NOW).unwrap();
+        assert_eq!(p.campaign.map(|c| c.status), Some(CampaignStatus::Completed));
     }
 
     #[test]
