@@ -124,6 +124,8 @@ async fn the_tutorials_own_gateway_completes_its_upgrade() {
     };
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["progress"], 100);
+    // it never said which version it ran before the task was made: its first report did
+    assert_eq!(done["fromVersion"], "1.0.1", "{done}");
     let notes: Vec<&str> = done["events"]
         .as_array()
         .unwrap()

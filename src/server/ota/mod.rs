@@ -1002,6 +1002,13 @@ impl Ota {
             // in memory while the upgrade runs; stored when it ends (see apply_and_put)
             self.devices.note_running(id, v);
         }
+        let t = match state::learn_from_version(&t, running) {
+            Some(n) => {
+                self.store.put_task(&n)?;
+                n
+            }
+            None => t,
+        };
         match self.apply_and_put(&t, &step.input())? {
             Outcome::Resend(_) => {
                 self.reports.used(id, how);

@@ -91,6 +91,19 @@ pub fn installed_after_cancel(t: &TaskRecord) -> bool {
             .any(|e| e.note.starts_with(INSTALLED_AFTER_CANCEL))
 }
 
+/// A task made before its device ever said which version it ran (the tutorial's gateway sends
+/// no heartbeat, only its reports' `currentVersion`) learns its `fromVersion` from the first
+/// report that names one: the task as it should be stored, if that changes it.
+pub fn learn_from_version(t: &TaskRecord, running: Option<&str>) -> Option<TaskRecord> {
+    let v = running?;
+    if t.from_version.is_some() || !t.status.is_active() || v == t.to_version {
+        return None;
+    }
+    let mut n = t.clone();
+    n.from_version = Some(v.to_string());
+    Some(n)
+}
+
 /// A cancelled task whose device shows it installed the target anyway: `completed`, with an
 /// entry that says so (what really happened wins over what was asked).
 fn installed_anyway(t: &TaskRecord, now: i64, how: &str) -> Outcome {
@@ -772,5 +785,19 @@ mod tests {
         // a task completed the ordinary way is not marked
         let ok = changed(apply(&t, &prog(Completed, Some(100)), 3));
         assert!(!installed_after_cancel(&ok));
+    }
+
+    #[test]
+    fn a_task_learns_the_version_it_starts_from_from_its_first_report() {
+        let mut t = task();
+        t.from_version = None;
+        let n = learn_from_version(&t, Some("1.0.1")).expect("learned");
+        assert_eq!(n.from_version.as_deref(), Some("1.0.1"));
+        // once known it stays; the target, no version or a finished task teach nothing
+        assert!(learn_from_version(&n, Some("0.9")).is_none());
+        assert!(learn_from_version(&t, Some(&t.to_version.clone())).is_none());
+        assert!(learn_from_version(&t, None).is_none());
+        let done = changed(apply(&t, &prog(Completed, Some(100)), 3));
+        assert!(learn_from_version(&done, Some("1.0.1")).is_none());
     }
 }
