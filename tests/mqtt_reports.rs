@@ -173,3 +173,97 @@ async fn a_gateway_without_heartbeats_is_known_by_its_reports_version() {
     let (_, dev) = s.get_json("/api/ota/devices/GW1").await;
     assert_eq!(dev["data"]["firmwareVersion"], "1.0.1", "{dev}");
 }
+
+/// An MQTT 3.1.1 string: length and bytes.
+fn mqtt_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A fixed header and its body.
+fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut n = body.len();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// CONNECT with user and password, then at once (same write) a QoS 1 heartbeat.
+fn connect_and_heartbeat(id: &str, secret: &str, version: &str) -> Vec<u8> {
+    let mut c = Vec::new();
+    mqtt_str(&mut c, "MQTT");
+    c.extend_from_slice(&[4, 0b1100_0010, 0, 60]); // 3.1.1, user+password+clean, keep-alive 60
+    mqtt_str(&mut c, &format!("hb-{id}"));
+    mqtt_str(&mut c, id);
+    mqtt_str(&mut c, secret);
+    let mut p = Vec::new();
+    mqtt_str(&mut p, &format!("hanqi/gateway/{id}/report"));
+    p.extend_from_slice(&7u16.to_be_bytes());
+    p.extend_from_slice(
+        json!({"msgType":"heartbeat","uuid":id,"timestamp":1,
+               "data":{"firmwareVersion":version,"deviceType":"gateway"}})
+        .to_string()
+        .as_bytes(),
+    );
+    let mut out = frame(0x10, &c);
+    out.extend(frame(0x32, &p));
+    out
+}
+
+/// A heartbeat sent in the same write as its CONNECT is in the device's record once its PUBACK
+/// came: the connection being noted at the same moment (lastSeen, address) used to overwrite
+/// the device record the heartbeat had just written, so an acknowledged version was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_sent_with_connect_is_kept_once_acknowledged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start().await;
+    let n = 40;
+    for i in 0..n {
+        s.register(&format!("HB{i:02}"), "gateway", "hb-secret-1")
+            .await;
+    }
+    for round in 0..5 {
+        let version = format!("2.0.{round}");
+        let mut all = Vec::new();
+        for i in 0..n {
+            let (port, version) = (s.mqtt, version.clone());
+            all.push(tokio::spawn(async move {
+                let id = format!("HB{i:02}");
+                let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                c.write_all(&connect_and_heartbeat(&id, "hb-secret-1", &version))
+                    .await
+                    .unwrap();
+                // CONNACK (4 bytes), then PUBACK of packet 7
+                let mut got = [0u8; 8];
+                tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut got))
+                    .await
+                    .expect("no CONNACK and PUBACK")
+                    .unwrap();
+                assert_eq!(got, [0x20, 2, 0, 0, 0x40, 2, 0, 7], "{id}");
+                c.write_all(&[0xE0, 0]).await.unwrap();
+                id
+            }));
+        }
+        for t in all {
+            let id = t.await.unwrap();
+            let (_, d) = s.get_json(&format!("/api/ota/devices/{id}")).await;
+            assert_eq!(
+                d["data"]["firmwareVersion"], version,
+                "round {round}: {id}'s acknowledged heartbeat is not in its record: {d}"
+            );
+        }
+    }
+}

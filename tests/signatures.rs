@@ -1001,14 +1001,27 @@ async fn a_bundles_plan_waits_for_its_devices_instead_of_vanishing() {
         "{c}"
     );
     // devices register: they join it (still paused), then it runs when started
-    let sim = s.sim(&["--devices", "2", "--version", "1.0.1", "--register", "--until-idle", "--idle-secs", "2", "--timeout", "60"]);
+    let sim = s.sim(&[
+        "--devices",
+        "2",
+        "--version",
+        "1.0.1",
+        "--register",
+        "--until-idle",
+        "--idle-secs",
+        "2",
+        "--timeout",
+        "60",
+    ]);
     s.wait_online(2).await;
     s.wait_campaign(&id, 30, |c| c["total"] == 2).await;
     let (st, r) = s
         .post_json(&format!("/api/ota/campaigns/{id}/resume"), json!({}))
         .await;
     assert_eq!(st, 200, "{r}");
-    let done = s.wait_campaign(&id, 60, |c| c["status"] == "completed").await;
+    let done = s
+        .wait_campaign(&id, 60, |c| c["status"] == "completed")
+        .await;
     assert_eq!(done["counts"]["completed"], 2, "{done}");
     let _ = common::sim_result(sim, 60).await;
 }

@@ -151,7 +151,10 @@ pub async fn bundle(g: &super::Global, cmd: BundleCmd) -> Result<(), CliError> {
             let v = client.post_file("/api/ota/bundles", &q, &file).await?;
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));
             for w in v["warnings"].as_array().into_iter().flatten() {
-                eprintln!("warning: {}", w.as_str().map(super::sanitize).unwrap_or_default());
+                eprintln!(
+                    "warning: {}",
+                    w.as_str().map(super::sanitize).unwrap_or_default()
+                );
             }
             for c in v["campaigns"].as_array().into_iter().flatten() {
                 eprintln!(

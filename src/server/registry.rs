@@ -213,23 +213,36 @@ impl Devices {
     }
 
     fn apply_change(&self, id: &str, c: DeviceChange) -> Result<DeviceRecord, DeviceError> {
-        let mut d = self.get(id)?;
-        if let Some(tags) = c.tags {
-            d.tags = tags;
+        self.get(id)?;
+        if let Some(secret) = &c.secret {
+            check_secret(secret)?;
         }
-        for t in c.add_tags {
-            if !d.tags.contains(&t) {
-                d.tags.push(t);
+        let secret_hash = c.secret.as_deref().map(hash_secret);
+        let mut invalid = None;
+        let d = self.store.update_device(id, |d| {
+            if let Some(tags) = &c.tags {
+                d.tags = tags.clone();
             }
+            for t in &c.add_tags {
+                if !d.tags.contains(t) {
+                    d.tags.push(t.clone());
+                }
+            }
+            d.tags.retain(|t| !c.remove_tags.contains(t));
+            if let Err(e) = check_tags(&d.tags) {
+                invalid = Some(e);
+                return false;
+            }
+            if let Some(h) = &secret_hash {
+                d.secret_hash = h.clone();
+            }
+            invalid = None;
+            true
+        })?;
+        if let Some(e) = invalid {
+            return Err(e);
         }
-        d.tags.retain(|t| !c.remove_tags.contains(t));
-        check_tags(&d.tags)?;
-        if let Some(secret) = c.secret {
-            check_secret(&secret)?;
-            d.secret_hash = hash_secret(&secret);
-        }
-        self.store.put_device(&d)?;
-        Ok(d)
+        d.ok_or_else(|| DeviceError::NotFound(format!("no device {id}")))
     }
 
     /// Validates and writes a new device (not flushed).
@@ -489,7 +502,39 @@ impl Devices {
         auto_register: bool,
     ) -> Result<Option<DeviceRecord>, DeviceError> {
         let now = now_ms();
-        let mut rec = match self.store.get_device(id)? {
+        let ip = self.live(id).ip;
+        let note = |rec: &mut DeviceRecord| {
+            let before = rec.clone();
+            if let Some(v) = version {
+                rec.firmware_version = Some(v.to_string());
+            }
+            if let Some(f) = delta_formats {
+                rec.delta_formats = f
+                    .iter()
+                    .filter(|s| s.len() <= 32)
+                    .take(8)
+                    .cloned()
+                    .collect();
+            }
+            if let (Some(t), Protocol::Gateway) = (device_type, rec.protocol)
+                && !rec.registered
+            {
+                rec.device_type = t.to_string();
+            }
+            if !ip.is_empty() {
+                rec.last_ip = Some(ip.clone());
+            }
+            let stale = before
+                .last_seen_ms
+                .is_none_or(|t| now - t > LAST_SEEN_REFRESH_MS);
+            if *rec != before || stale {
+                rec.last_seen_ms = Some(now);
+                return true;
+            }
+            false
+        };
+        // a compare-and-swap: a connection noted at the same moment cannot undo this report
+        let rec = match self.store.update_device(id, note)? {
             Some(r) => r,
             None if auto_register => {
                 let device_type = match protocol {
@@ -497,7 +542,7 @@ impl Devices {
                     Protocol::Gateway => device_type.unwrap_or("gateway").to_string(),
                 };
                 tracing::warn!(device = %id, protocol = protocol.as_str(), "auto-registered an anonymous device (mqtt.allow_anonymous)");
-                DeviceRecord {
+                let mut rec = DeviceRecord {
                     schema: DEVICE_SCHEMA,
                     id: id.to_string(),
                     protocol,
@@ -510,38 +555,20 @@ impl Devices {
                     last_ip: None,
                     registered: false,
                     created_at_ms: now,
+                };
+                note(&mut rec);
+                match self.store.insert_device(&rec) {
+                    Ok(()) => rec,
+                    // registered meanwhile: note on what is stored
+                    Err(StoreError::Conflict(_)) => match self.store.update_device(id, note)? {
+                        Some(r) => r,
+                        None => return Ok(None),
+                    },
+                    Err(e) => return Err(e.into()),
                 }
             }
             None => return Ok(None),
         };
-        let before = rec.clone();
-        if let Some(v) = version {
-            rec.firmware_version = Some(v.to_string());
-        }
-        if let Some(f) = delta_formats {
-            rec.delta_formats = f
-                .iter()
-                .filter(|s| s.len() <= 32)
-                .take(8)
-                .cloned()
-                .collect();
-        }
-        if let (Some(t), Protocol::Gateway) = (device_type, rec.protocol)
-            && !rec.registered
-        {
-            rec.device_type = t.to_string();
-        }
-        let ip = self.live(id).ip;
-        if !ip.is_empty() {
-            rec.last_ip = Some(ip);
-        }
-        let stale = before
-            .last_seen_ms
-            .is_none_or(|t| now - t > LAST_SEEN_REFRESH_MS);
-        if rec != before || stale {
-            rec.last_seen_ms = Some(now);
-            self.store.put_device(&rec)?;
-        }
         self.remember(&rec);
         if version.is_some() {
             self.forget_reported(id);
@@ -572,16 +599,16 @@ impl Devices {
     /// Records that the device runs `version` now (its task to that version completed); the
     /// caller flushes. An unknown device is left alone.
     pub fn note_version(&self, id: &str, version: &str) -> Result<(), StoreError> {
-        let Some(mut d) = self.store.get_device(id)? else {
-            return Ok(());
-        };
-        if d.firmware_version.as_deref() == Some(version) {
-            self.forget_reported(id);
-            return Ok(());
+        let stored = self.store.update_device(id, |d| {
+            if d.firmware_version.as_deref() == Some(version) {
+                return false;
+            }
+            d.firmware_version = Some(version.to_string());
+            true
+        })?;
+        if let Some(d) = stored {
+            self.remember(&d);
         }
-        d.firmware_version = Some(version.to_string());
-        self.store.put_device(&d)?;
-        self.remember(&d);
         self.forget_reported(id);
         Ok(())
     }
@@ -596,13 +623,17 @@ impl Devices {
 
     /// Records a connection: `lastSeen` and `lastIp` (an unknown device is left alone).
     pub fn note_connected(&self, id: &str, ip: &str) -> Result<(), StoreError> {
-        let Some(mut d) = self.store.get_device(id)? else {
-            return Ok(());
-        };
-        d.last_seen_ms = Some(now_ms());
-        d.last_ip = Some(ip.to_string());
-        self.store.put_device(&d)?;
-        self.remember(&d);
+        let now = now_ms();
+        // a compare-and-swap: a report of this device handled at the same moment (its first
+        // heartbeat, sent with the CONNECT) keeps what it wrote
+        let stored = self.store.update_device(id, |d| {
+            d.last_seen_ms = Some(now);
+            d.last_ip = Some(ip.to_string());
+            true
+        })?;
+        if let Some(d) = stored {
+            self.remember(&d);
+        }
         Ok(())
     }
 
@@ -707,5 +738,55 @@ mod tests {
             "Alibaba devices log in as pk&dn"
         );
         assert_eq!(d.authenticate("nobody", "password1"), None);
+    }
+
+    /// A connection noted while a report of the same device is handled (the presence worker and
+    /// the report worker run at once) never undoes the report's version: both are
+    /// compare-and-swaps on the stored record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_noted_at_the_same_moment_never_undoes_a_reported_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = std::sync::Arc::new(Devices::new(Store::open(dir.path()).unwrap()));
+        let _ = d
+            .register(NewDevice {
+                id: "GW1".into(),
+                device_type: None,
+                protocol: Protocol::Gateway,
+                secret: "password1".into(),
+                tags: vec![],
+            })
+            .await
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connects = {
+            let (d, stop) = (d.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    d.note_connected("GW1", "10.0.0.9").unwrap();
+                }
+            })
+        };
+        let mut lost = 0;
+        for i in 0..20_000u32 {
+            let v = format!("1.0.{i}");
+            d.note_report("GW1", Protocol::Gateway, Some(&v), None, None, false)
+                .unwrap();
+            let stored = d.store.get_device("GW1").unwrap().unwrap();
+            let n: u32 = stored
+                .firmware_version
+                .as_deref()
+                .and_then(|s| s.rsplit('.').next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            if n < i {
+                lost += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        connects.join().unwrap();
+        assert_eq!(
+            lost, 0,
+            "reported versions undone by a concurrent connection"
+        );
     }
 }

@@ -88,7 +88,15 @@ pub fn plan(
     delta_size: impl Fn(&DeviceRecord) -> Option<Option<u64>>,
     full_size: u64,
 ) -> Result<Plan, CampaignError> {
-    plan_with(c, notes, devices, claimed, delta_size, full_size, Empty::Refuse)
+    plan_with(
+        c,
+        notes,
+        devices,
+        claimed,
+        delta_size,
+        full_size,
+        Empty::Refuse,
+    )
 }
 
 /// What to do when no registered device matches (yet).

@@ -206,7 +206,10 @@ impl<F: Facts> Round<'_, F> {
     /// paused: they wait there like the others).
     fn take_in_joiners(&mut self) -> Result<(), F::Error> {
         if !self.c.dynamic
-            || !matches!(self.c.status, CampaignStatus::Running | CampaignStatus::Paused)
+            || !matches!(
+                self.c.status,
+                CampaignStatus::Running | CampaignStatus::Paused
+            )
         {
             return Ok(());
         }
@@ -849,11 +852,18 @@ mod tests {
         c.dynamic = true;
         let w = World::default();
         let p = decide(&c, vec![], &w, NOW).unwrap();
-        assert!(p.campaign.is_none() && p.events.is_empty(), "{:?}", p.events);
+        assert!(
+            p.campaign.is_none() && p.events.is_empty(),
+            "{:?}",
+            p.events
+        );
         // one that is not dynamic has nothing to wait for
         c.dynamic = false;
         let p = decide(&c, vec![], &w, NOW).unwrap();
-        assert_eq!(p.campaign.map(|c| c.status), Some(CampaignStatus::Completed));
+        assert_eq!(
+            p.campaign.map(|c| c.status),
+            Some(CampaignStatus::Completed)
+        );
     }
 
     #[test]

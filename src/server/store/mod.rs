@@ -630,6 +630,42 @@ impl Store {
         Ok(())
     }
 
+    /// Changes a device record in place: `f` is given the stored record and says whether it
+    /// changed it; the write is a compare-and-swap against what `f` was given, retried on a
+    /// concurrent write, so two read-modify-writes of one device (a report's version and a
+    /// connection's address, a tag change) never lose each other. `None` if there is no such
+    /// device; else the record as stored (or as it was, when `f` changed nothing).
+    pub fn update_device(
+        &self,
+        id: &str,
+        mut f: impl FnMut(&mut DeviceRecord) -> bool,
+    ) -> Result<Option<DeviceRecord>> {
+        let r = self.with(|e| {
+            loop {
+                let Some(old) = e.devices.get(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let mut rec: DeviceRecord = decode(id.as_bytes(), &old)?;
+                if !f(&mut rec) {
+                    return Ok(Some((rec, false)));
+                }
+                if e.devices
+                    .compare_and_swap(id.as_bytes(), Some(&old), Some(encode(&rec)))?
+                    .is_ok()
+                {
+                    return Ok(Some((rec, true)));
+                }
+            }
+        })?;
+        Ok(r.map(|(rec, changed)| {
+            if changed {
+                self.events
+                    .publish_with(|| Change::Device { id: rec.id.clone() });
+            }
+            rec
+        }))
+    }
+
     /// Writes a device record (insert or replace).
     pub fn put_device(&self, rec: &DeviceRecord) -> Result<()> {
         self.with(|e| e.put_device(rec))?;
