@@ -369,10 +369,13 @@ pub async fn run(client: Appliance, args: SimArgs) -> anyhow::Result<i32> {
         .map(|t| Instant::now() + Duration::from_secs(t));
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_line = Instant::now();
+    // `kill` (SIGTERM) ends it like Ctrl-C: the summary is still printed
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let interrupted = loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => break true,
+            _ = term.recv() => break true,
         }
         let st = &sh.stats;
         if sh.args.summary_every > 0
