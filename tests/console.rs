@@ -186,6 +186,13 @@ async fn a_site_engineer_runs_a_rollout_from_the_browser() {
     assert_eq!(b.count("li.wave").await, 2);
     let waves = b.text_of("#waves").await;
     assert!(waves.contains("wave 1: 100 % ≥ 50 %, passed"), "{waves}");
+    b.go(&campaign).await;
+    b.find("#waves").await;
+    assert_eq!(
+        b.count("#brake").await,
+        0,
+        "a finished campaign offers the brake"
+    );
     if let Some(d) = shot_dir() {
         b.screenshot(&d.join("campaign.png")).await;
         b.go(&s.url("/")).await;
@@ -245,9 +252,27 @@ async fn a_site_engineer_runs_a_rollout_from_the_browser() {
         "return Number(document.querySelector('#count-flying').textContent) >= 1",
     )
     .await;
+    // a running campaign offers Pause and the brake, not Resume
+    assert_eq!(b.count("#campaign-actions button").await, 2);
+    assert!(b.text_of("#campaign-actions").await.contains("Pause"));
+    assert!(!b.text_of("#campaign-actions").await.contains("Resume"));
     b.click_on("#brake").await;
     b.accept_dialog().await;
     b.until(30, "braked, nothing in flight", "return document.querySelector('#campaign-status').textContent.includes('cancelled') && document.querySelectorAll('table.inflight tbody tr').length === 0").await;
+    // the page says what the brake could do; a braked campaign offers no actions
+    b.until(
+        10,
+        "the brake's summary",
+        "return !!document.querySelector('#brake-summary') && document.querySelector('#brake-summary').textContent.includes('of 3 in flight stopped')",
+    )
+    .await;
+    b.go(&b.url().await).await;
+    b.find("#waves").await;
+    assert_eq!(
+        b.count("#brake").await,
+        0,
+        "a braked campaign still offers the brake"
+    );
     let (_, tasks) = s.get_json("/api/ota/tasks?limit=100").await;
     let slow: Vec<&Value> = tasks["data"]
         .as_array()
@@ -339,4 +364,112 @@ async fn a_site_engineer_runs_a_rollout_from_the_browser() {
     let (_, log) = s.get_json("/api/audit?actor=vera").await;
     assert_eq!(log["data"][0]["result"], "refused 403", "{log}");
     let _ = Duration::ZERO;
+}
+
+/// An admin registers and tags a device, deletes a draft firmware and finds the backup, all
+/// from the pages; the campaign form carries a start time and a daily window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_registers_tags_and_tidies_up_from_the_browser() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let s = Server::start().await;
+    add_user(&s, "ada", "admin", "ada's password").await;
+    s.release("1.0.1", "oven_pk", 1000).await;
+    b.go(&s.url("/login")).await;
+    sign_in(&b, &s, "ada", "ada's password").await;
+    b.until(10, "signed in", "return location.pathname === '/'")
+        .await;
+    assert_eq!(
+        b.count("#backup-link").await,
+        1,
+        "no backup link for the admin"
+    );
+    // register a device, its type picked from the known ones
+    b.click_on("#register summary").await;
+    b.type_in(
+        &b.find("#register-form input[name=id]").await,
+        "oven_pk/oven-9",
+    )
+    .await;
+    b.click(
+        &b.find("#register-form select[name=protocol] option[value=alibaba]")
+            .await,
+    )
+    .await;
+    let known = b
+        .js(
+            "return Array.from(document.querySelectorAll('#known-types option')).map(o => o.value)",
+            json!([]),
+        )
+        .await;
+    assert!(
+        known.as_array().unwrap().contains(&json!("oven_pk")),
+        "{known}"
+    );
+    b.type_in(
+        &b.find("#register-form input[name=deviceType]").await,
+        "oven_pk",
+    )
+    .await;
+    b.type_in(
+        &b.find("#register-form input[name=secret]").await,
+        "oven-secret-9",
+    )
+    .await;
+    b.type_in(&b.find("#register-form input[name=tags]").await, "hall-b")
+        .await;
+    b.click_on("#register-form button[type=submit]").await;
+    b.until(
+        10,
+        "the device in the table",
+        "return document.querySelector('table.devices').textContent.includes('oven_pk/oven-9')",
+    )
+    .await;
+    // tag it from its page
+    b.go(&s.url("/devices/oven_pk%2Foven-9")).await;
+    b.type_in(&b.find("#tag-form input[name=addTags]").await, "line-7")
+        .await;
+    b.click_on("#tag-form button[type=submit]").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, d) = s.get_json("/api/ota/devices/oven_pk%2Foven-9").await;
+        if d["data"]["tags"] == json!(["hall-b", "line-7"]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{d}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // a draft firmware goes away from the firmware page
+    let up = s
+        .post_form(
+            reqwest::multipart::Form::new()
+                .text("version", "9.9.9")
+                .part(
+                    "file",
+                    reqwest::multipart::Part::bytes(image(500, 9)).file_name("f.bin"),
+                ),
+        )
+        .await;
+    assert_eq!(up.status(), 201);
+    b.go(&s.url("/firmware")).await;
+    b.click_on("tr[data-version=\"9.9.9\"] button.danger").await;
+    b.accept_dialog().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.get_json("/api/ota/firmware/9.9.9").await.0 != 404 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the draft was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // the campaign form has a start time and a daily window, and sends them
+    b.go(&s.url("/campaigns/new")).await;
+    assert_eq!(b.count("#campaign-form input[name=startAt]").await, 1);
+    assert_eq!(b.count("#campaign-form input[name=windowStart]").await, 1);
+    assert!(
+        b.text_of("#campaign-form")
+            .await
+            .contains("Pause at failures")
+    );
 }

@@ -626,3 +626,127 @@ async fn open_event_streams_do_not_hold_a_shutdown() {
         "the stream did not end: {ended:?}"
     );
 }
+
+/// The pages say things once and truthfully: the statistics name campaigns, a device's timeline
+/// does not repeat what its badges say, a failure group shows the error message, and a
+/// firmware that require_signed would refuse has its Release disabled with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_name_campaigns_say_things_once_and_disable_what_would_be_refused() {
+    let s = Server::start_with(|c| c.trust.require_signed = true).await;
+    let page = |path: &'static str| {
+        let (c, url, token) = (s.client.clone(), s.url(path), s.token.clone());
+        async move {
+            c.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    // an unsigned draft: Release is disabled, with the reason
+    let up = s
+        .post_form(
+            reqwest::multipart::Form::new()
+                .text("version", "1.0.5")
+                .part(
+                    "file",
+                    reqwest::multipart::Part::bytes(image(500, 5)).file_name("f.bin"),
+                ),
+        )
+        .await;
+    assert_eq!(up.status(), 201);
+    let fw = page("/firmware").await;
+    let row = &fw[fw.find("data-version=\"1.0.5\"").unwrap()..];
+    let row = &row[..row.find("</tr>").unwrap()];
+    assert!(
+        row.contains("disabled") && row.contains("require_signed"),
+        "{row}"
+    );
+    assert!(row.contains("Delete"), "{row}");
+
+    // a device's task: its timeline says "downloading 40 %" once
+    let s2 = Server::start().await;
+    s2.register("GW1", "gateway", "secret-123").await;
+    s2.release("1.0.2", "gateway", 1000).await;
+    let mut d =
+        common::mqtt::Device::connect(s2.mqtt, "gw1", Some(("GW1", "secret-123")), None).await;
+    d.expect_connected().await;
+    d.subscribe("hanqi/gateway/GW1/command").await;
+    let (st, t) = s2
+        .post_json("/api/ota/upgrade/GW1", json!({"version": "1.0.2"}))
+        .await;
+    assert_eq!(st, 201, "{t}");
+    let msg = t["data"]["msgId"].as_str().unwrap().to_string();
+    for (state, p) in [("downloading", 40), ("failed", 40)] {
+        d.publish(
+            "hanqi/gateway/GW1/report",
+            json!({"msgType":"ota_progress","msgId":msg,"uuid":"GW1","timestamp":1,
+                   "data":{"state":state,"progress":p,"currentVersion":"1.0.1","errorCode":"DOWNLOAD_FAILED","errorMessage":"disk full on the gateway"}}),
+        )
+        .await;
+    }
+    s2.wait_task("GW1", |t| t["status"] == "failed").await;
+    let dev = s2
+        .client
+        .get(s2.url("/devices/GW1"))
+        .bearer_auth(&s2.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !dev.contains("downloading 40%"),
+        "the timeline repeats itself: {dev}"
+    );
+    assert!(dev.contains("failed: DOWNLOAD_FAILED"), "{dev}");
+
+    // a campaign's failures show the message; the statistics call it by its name
+    s2.register("GW2", "gateway", "secret-123").await;
+    let (st, c) = s2
+        .post_json(
+            "/api/ota/campaigns",
+            json!({"name": "night shift", "version": "1.0.2", "targets": {"deviceIds": ["GW1"]}}),
+        )
+        .await;
+    assert_eq!(st, 201, "{c}");
+    let id = c["data"]["id"].as_str().unwrap().to_string();
+    let t = s2
+        .wait_task("GW1", |t| {
+            t["campaignId"] == id.as_str() && t["status"] == "pending"
+        })
+        .await;
+    let msg = t["msgId"].as_str().unwrap().to_string();
+    d.publish(
+        "hanqi/gateway/GW1/report",
+        json!({"msgType":"ota_progress","msgId":msg,"uuid":"GW1","timestamp":1,
+               "data":{"state":"failed","progress":0,"currentVersion":"1.0.1","errorCode":"VERIFY_FAILED","errorMessage":"md5 mismatch"}}),
+    )
+    .await;
+    s2.wait_campaign(&id, 30, |c| c["counts"]["failed"] == 1)
+        .await;
+    let get = |path: String| {
+        let (c, url, token) = (s2.client.clone(), s2.url(&path), s2.token.clone());
+        async move {
+            c.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let detail = get(format!("/campaigns/{id}")).await;
+    assert!(
+        detail.contains("VERIFY_FAILED") && detail.contains("md5 mismatch"),
+        "{detail}"
+    );
+    let stats = get("/statistics".into()).await;
+    assert!(stats.contains(&format!("night shift ({id})")), "{stats}");
+}

@@ -65,6 +65,23 @@ pub async fn statistics(
             )
         })
         .collect();
+    // campaigns by their names (the id where a campaign is gone)
+    let names: HashMap<String, String> = st
+        .campaigns
+        .list()?
+        .into_iter()
+        .map(|c| (c.id, c.name))
+        .collect();
+    let campaign_rows: Vec<_> = rate_rows(&s.by_campaign)
+        .into_iter()
+        .map(|(id, v, text)| {
+            let label = match names.get(&id) {
+                Some(n) => format!("{n} ({id})"),
+                None => id,
+            };
+            (label, v, text)
+        })
+        .collect();
     let a = &s.all;
     let live = html! {
         section.tiles {
@@ -77,7 +94,7 @@ pub async fn statistics(
         }
         div.charts {
             (view::bar_chart("success rate per target version", &rate_rows(&s.by_version)))
-            (view::bar_chart("success rate per campaign", &rate_rows(&s.by_campaign)))
+            (view::bar_chart("success rate per campaign", &campaign_rows))
             (view::bar_chart("average duration per target version", &duration_rows))
             (view::bar_chart("download traffic per firmware", &traffic_rows))
         }

@@ -148,13 +148,26 @@ pub async fn new(State(st): State<AppState>, Extension(who): Extension<Principal
                     label { "Success gate (%) " input name="successThreshold" type="number" min="0" max="100" value="90"; }
                 }
                 div.row {
-                    label { "Brake at failures (%) " input name="failurePercent" type="number" min="0" max="100" value="20"; }
+                    label { "Pause at failures (%) " input name="failurePercent" type="number" min="0" max="100" value="20"; }
                     label { "and at least " input name="failureMin" type="number" min="1" value="3"; }
                     label { "In flight at most " input name="maxInFlight" type="number" min="1" value="50"; }
                     label { "Retries " input name="retries" type="number" min="0" max="10" value="1"; }
                 }
+                fieldset {
+                    legend { "When" }
+                    label { "Start at " input name="startAt" type="datetime-local"; span.muted { " (empty: now; in this browser's time zone)" } }
+                    div.row {
+                        label { "Daily window (the appliance's local time) from " input name="windowStart" type="time"; }
+                        label { "for (minutes) " input name="windowMinutes" type="number" min="1" max="1440" placeholder="180"; }
+                        span.muted { "empty: any time of day" }
+                    }
+                }
                 label { input type="checkbox" name="dynamic"; " take in devices that appear later" }
                 label { input type="checkbox" name="force"; " force (even devices on that version)" }
+                p.muted.small {
+                    "The form suggests a canary. What the API does with a field left out: one wave of 100 %, success gate 100 %, "
+                    "pause when 100 % have failed (at least 1), 50 in flight, no retries, now, any time of day."
+                }
                 p #campaign-error.error role="alert" {}
                 button type="submit" disabled[released.is_empty()] { "Start the campaign" }
                 @if released.is_empty() { p.muted { "Release a firmware first." } }
@@ -218,15 +231,23 @@ pub async fn detail(
     let before = html! {
         section.card {
             p { (c.device_type) " → " b { (c.version) } " · waves " (c.waves.iter().map(|w| format!("{w:.0} %")).collect::<Vec<_>>().join(", "))
-                " · success gate " (format!("{:.0}", c.success_threshold)) " % · brake at " (format!("{:.0}", c.failure_percent)) " % failed (at least " (c.failure_min_count) ")"
+                " · success gate " (format!("{:.0}", c.success_threshold)) " % · pauses at " (format!("{:.0}", c.failure_percent)) " % failed (at least " (c.failure_min_count) ")"
                 " · at most " (c.max_in_flight) " in flight" }
-            @if operator {
+            @if operator && (c.status.is_live() || p.counts.get("failed").copied().unwrap_or(0) > 0) {
                 div.actions #campaign-actions {
-                    button.act type="button" data-post=(format!("{base}/pause")) { "Pause" }
-                    " " button.act type="button" data-post=(format!("{base}/resume")) { "Resume" }
-                    " " button.act type="button" data-post=(format!("{base}/retry")) { "Retry failed" }
-                    " " button #brake.act.danger type="button" data-post=(format!("{base}/cancel"))
-                        data-confirm="Brake: stop this campaign and cancel every device still upgrading?" { "Brake" }
+                    @if matches!(c.status, CampaignStatus::Running | CampaignStatus::Scheduled) {
+                        button.act type="button" data-post=(format!("{base}/pause")) { "Pause" }
+                    }
+                    @if c.status == CampaignStatus::Paused {
+                        " " button.act type="button" data-post=(format!("{base}/resume")) { "Resume" }
+                    }
+                    @if p.counts.get("failed").copied().unwrap_or(0) > 0 && c.status != CampaignStatus::Cancelled {
+                        " " button.act type="button" data-post=(format!("{base}/retry")) { "Retry failed" }
+                    }
+                    @if c.status.is_live() {
+                        " " button #brake.act.danger type="button" data-post=(format!("{base}/cancel"))
+                            data-confirm=(brake_question(&c, &flying)) { "Brake" }
+                    }
                 }
             }
         }
@@ -243,6 +264,28 @@ pub async fn detail(
     ))
 }
 
+/// The brake's confirmation: what it will and will not be able to stop.
+fn brake_question(
+    c: &CampaignRecord,
+    flying: &[(String, crate::server::store::TaskRecord, bool)],
+) -> String {
+    let no_cancel = flying
+        .iter()
+        .filter(|(_, t, _)| !crate::server::ota::commands::has_cancel(t.protocol))
+        .count();
+    let mut q = format!(
+        "Brake: stop campaign {} and cancel the {} devices still upgrading?",
+        c.name,
+        flying.len()
+    );
+    if no_cancel > 0 {
+        q.push_str(&format!(
+            " {no_cancel} of them speak a protocol with no cancel message: their downloads are revoked, but one that already has the image may still install it (it will be shown as installed after the brake)."
+        ));
+    }
+    q
+}
+
 fn detail_live(
     c: &CampaignRecord,
     p: &Progress,
@@ -254,6 +297,13 @@ fn detail_live(
     html! {
         section.card {
             p #campaign-status { (badge(c.status.as_str())) " " (p.status_reason.as_deref().unwrap_or("")) }
+            @if let Some(b) = &c.brake {
+                p #brake-summary.notice {
+                    b { "Brake: " } (crate::server::campaigns::brake_words(b))
+                    @if p.installed_after_brake > 0 { "; " (p.installed_after_brake) " of them installed the new version anyway (counted as completed)" }
+                    " (" (when(b.at_ms)) ")"
+                }
+            }
             div.tiles {
                 div.tile { b { (p.total) } span { "devices" } }
                 div.tile.good { b #count-completed { (count("completed")) } span { "completed" } }
@@ -301,7 +351,8 @@ fn detail_live(
             @if p.failures.is_empty() { p.muted { "no failures" } }
             @for f in &p.failures {
                 details.failure {
-                    summary { b { (f.code) } " — " (f.devices.len()) " devices" }
+                    summary { b { (f.code) } " — " (f.devices.len()) " devices"
+                        @if let Some(m) = &f.message { ": " span.message { (m) } } }
                     ul.devices { @for d in &f.devices { li { a href=(format!("/devices/{}", seg(d))) { (d) } } } }
                 }
             }

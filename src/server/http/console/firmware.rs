@@ -21,6 +21,12 @@ pub async fn page(
 ) -> Result<Response, super::super::error::ApiError> {
     let list = st.firmware.list(None, None)?;
     let deltas = st.store.list_deltas(None)?;
+    // the device types the appliance knows (its firmware's and its devices'), to pick from
+    let types: std::collections::BTreeSet<String> = list
+        .iter()
+        .map(|f| f.device_type.clone())
+        .chain(st.devices.list()?.into_iter().map(|d| d.device_type))
+        .collect();
     let operator = who.role >= Role::Operator;
     let before = html! {
         @if operator {
@@ -29,7 +35,8 @@ pub async fn page(
                 div.row {
                     label { "Image " input type="file" name="file" required; }
                     label { "Version " input name="version" required maxlength="64" pattern="[0-9A-Za-z.+\\-]{1,64}" placeholder="1.0.2"; }
-                    label { "Device type " input name="deviceType" value="gateway" maxlength="64" pattern="[A-Za-z0-9_\\-]{1,64}"; }
+                    label { "Device type " input name="deviceType" value="gateway" maxlength="64" pattern="[A-Za-z0-9_\\-]{1,64}" list="device-types" title="pick a known type or type a new one"; }
+                    datalist #device-types { @for t in &types { option value=(t) {} } }
                 }
                 label { "Signature (.minisig, optional) " input type="file" name="signature" accept=".minisig"; }
                 label { "Description " input name="description" maxlength="4096"; }
@@ -85,10 +92,23 @@ pub async fn page(
                         @if operator {
                             td.actions {
                                 @if f.status != FirmwareStatus::Released {
-                                    button.act type="button" data-post=(format!("/api/ota/firmware/{}/release?deviceType={}", f.version, f.device_type)) { "Release" }
+                                    @match sigs.release_refusal(f) {
+                                        Some(why) => {
+                                            button.act type="button" disabled title=(why) { "Release" }
+                                            " " span.muted.small { "needs a valid signature ([trust] require_signed)" }
+                                        }
+                                        None => {
+                                            button.act type="button" data-post=(format!("/api/ota/firmware/{}/release?deviceType={}", f.version, f.device_type)) { "Release" }
+                                        }
+                                    }
                                 }
                                 @if f.status != FirmwareStatus::Deprecated {
                                     " " button.act type="button" data-post=(format!("/api/ota/firmware/{}/status?deviceType={}", f.version, f.device_type)) data-body="{\"status\":\"deprecated\"}" { "Deprecate" }
+                                }
+                                @if f.status != FirmwareStatus::Released {
+                                    " " button.act.danger type="button" data-method="DELETE"
+                                        data-post=(format!("/api/ota/firmware/{}?deviceType={}", f.version, f.device_type))
+                                        data-confirm=(format!("Delete firmware {} {} and its image?", f.device_type, f.version)) { "Delete" }
                                 }
                                 form.delta-form.inline data-url=(format!("/api/ota/firmware/{}/deltas?deviceType={}", f.version, f.device_type)) {
                                     input name="fromVersion" placeholder="delta from" maxlength="64" required size="8";

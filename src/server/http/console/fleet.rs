@@ -245,7 +245,11 @@ pub async fn page(
         }
         (device_table(&q, &shown, page, pages, total, now))
     };
-    let filters = filters_form(&q, &types.keys().cloned().collect::<Vec<_>>());
+    let known: Vec<String> = types.keys().cloned().collect();
+    let filters = html! {
+        (filters_form(&q, &known))
+        @if who.role >= Role::Admin { (register_form(&st, &known)) }
+    };
     Ok(answer(
         &who,
         live_only(&q),
@@ -255,6 +259,35 @@ pub async fn page(
         filters,
         live,
     ))
+}
+
+/// An admin's form to register a device: its type picked from the known ones (firmware and
+/// devices), or a new one typed in.
+fn register_form(st: &AppState, device_types: &[String]) -> Markup {
+    let mut known: std::collections::BTreeSet<String> = device_types.iter().cloned().collect();
+    for f in st.firmware.list(None, None).unwrap_or_default() {
+        known.insert(f.device_type);
+    }
+    html! {
+        details.card #register {
+            summary { "Register a device" }
+            form.api-form #register-form data-url="/api/ota/devices" data-done="device registered" {
+                div.row {
+                    label { "Id " input name="id" required maxlength="128" placeholder="GW7 or productKey/deviceName"; }
+                    label { "Protocol "
+                        select name="protocol" { option value="gateway" { "gateway" } option value="alibaba" { "alibaba" } }
+                    }
+                    label { "Device type " input name="deviceType" maxlength="64" list="known-types" placeholder="gateway" title="pick a known type or type a new one (Alibaba: the productKey)"; }
+                    datalist #known-types { @for t in &known { option value=(t) {} } }
+                }
+                div.row {
+                    label { "Secret (its MQTT password) " input name="secret" type="password" required minlength="8" maxlength="256" autocomplete="new-password"; }
+                    label { "Tags " input name="tags" data-list="" placeholder="line-3, hall-a" maxlength="1000"; }
+                    button type="submit" { "Register" }
+                }
+            }
+        }
+    }
 }
 
 fn filters_form(q: &HashMap<String, String>, types: &[String]) -> Markup {
@@ -401,6 +434,11 @@ pub async fn device(
                 }
             }
             @if who.role >= Role::Admin {
+                form.api-form.inline #tag-form data-method="PATCH" data-url=(format!("/api/ota/devices/{}", seg(&d.id))) data-done="tags changed" {
+                    label { "Add tags " input name="addTags" data-list="" placeholder="line-3, hall-a" maxlength="1000"; }
+                    label { "remove tags " input name="removeTags" data-list="" placeholder="line-2" maxlength="1000"; }
+                    button type="submit" { "Change tags" }
+                }
                 p { button.act.danger type="button" data-method="DELETE" data-post=(format!("/api/ota/devices/{}", seg(&d.id)))
                     data-confirm=(format!("Delete device {} from the registry?", d.id)) { "Delete the device" } }
             }
@@ -425,7 +463,11 @@ pub async fn device(
                 h3 { "Timeline" }
                 ol.timeline {
                     @for e in t.events.iter().rev() {
-                        li { time { (when(e.at_ms)) } " " (badge(e.status.as_str())) " " (e.progress) " % — " (e.note) }
+                        li {
+                            time { (when(e.at_ms)) } " " (badge(e.status.as_str())) " " (e.progress) " %"
+                            // "downloading 40%" says again what the badge and the number say
+                            @if e.note != format!("{} {}%", e.status.as_str(), e.progress) { " — " (e.note) }
+                        }
                     }
                 }
             } @else {

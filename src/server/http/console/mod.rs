@@ -195,7 +195,10 @@ fn shell(who: &Principal, nav: Nav, title: &str, watch: &str, content: Markup) -
                         (link(Nav::Campaigns, "/campaigns", "Campaigns"))
                         (link(Nav::Statistics, "/statistics", "Statistics"))
                         (link(Nav::Audit, "/audit", "Audit"))
-                        @if who.role == Role::Admin { (link(Nav::Users, "/users", "Users")) }
+                        @if who.role == Role::Admin {
+                            (link(Nav::Users, "/users", "Users"))
+                            a #backup-link href="/api/ota/backup" download="hangar-backup.tar" title="everything needed to rebuild this appliance: store, images, certificates, token" { "Backup" }
+                        }
                     }
                     span.who {
                         span #live-state title="live updates" { "●" }

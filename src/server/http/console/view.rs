@@ -71,20 +71,35 @@ pub fn progress(percent: f64, label: &str) -> Markup {
 
 /// A horizontal bar chart: one row per (label, value), scaled to the largest.
 pub fn bar_chart(title: &str, rows: &[(String, f64, String)]) -> Markup {
+    // room for a 28-character label, a 300-unit bar and a 40-character value: nothing is cut
+    // off (a longer label is shortened, and whole in its tooltip)
+    const LABEL: usize = 28;
     let max = rows.iter().map(|r| r.1).fold(0.0, f64::max).max(1e-9);
     let h = 22 * rows.len().max(1) + 8;
+    let short = |l: &str| {
+        if l.chars().count() <= LABEL {
+            l.to_string()
+        } else {
+            let mut t: String = l.chars().take(LABEL - 1).collect();
+            t.push('…');
+            t
+        }
+    };
     html! {
         figure.chart {
             figcaption { (title) }
             @if rows.is_empty() {
                 p.muted { "nothing yet" }
             } @else {
-                svg role="img" aria-label=(title) viewBox=(format!("0 0 600 {h}")) width="100%" height=(h) {
+                svg role="img" aria-label=(title) viewBox=(format!("0 0 820 {h}")) width="100%" {
                     @for (i, (label, v, text)) in rows.iter().enumerate() {
                         @let y = 4 + i * 22;
-                        text x="0" y=(y + 15) class="lbl" { (label) }
-                        rect x="160" y=(y + 2) height="16" rx="3" width=(format!("{:.1}", 360.0 * v / max)) {}
-                        text x=(format!("{:.1}", 166.0 + 360.0 * v / max)) y=(y + 15) class="val" { (text) }
+                        g {
+                            title { (label) ": " (text) }
+                            text x="0" y=(y + 15) class="lbl" { (short(label)) }
+                            rect x="220" y=(y + 2) height="16" rx="3" width=(format!("{:.1}", 300.0 * v / max)) {}
+                            text x=(format!("{:.1}", 226.0 + 300.0 * v / max)) y=(y + 15) class="val" { (text) }
+                        }
                     }
                 }
             }

@@ -4,6 +4,7 @@
 (function () {
   const $ = (sel, root) => (root || document).querySelector(sel);
   const $$ = (sel, root) => Array.from((root || document).querySelectorAll(sel));
+  const list = (s) => s.split(/[\s,]+/).filter(Boolean);
   let csrf = null;
 
   function toast(text, bad) {
@@ -234,8 +235,26 @@
     } catch (e) { toast(e.message, true); }
   });
 
+  // forms that are one API call: their fields as a JSON body (a field with data-list is a
+  // comma- or space-separated list; an empty field is left out)
+  document.addEventListener("submit", async (ev) => {
+    const f = ev.target.closest("form.api-form");
+    if (!f) return;
+    ev.preventDefault();
+    const body = {};
+    for (const e of f.elements) {
+      if (!e.name) continue;
+      if (e.type === "checkbox") body[e.name] = e.checked;
+      else if (e.dataset.list !== undefined) { const l = list(e.value); if (l.length) body[e.name] = l; }
+      else if (e.value !== "") body[e.name] = e.value;
+    }
+    try {
+      await api(f.dataset.method || "POST", f.dataset.url, body);
+      toast(f.dataset.done || "done"); f.reset(); refresh();
+    } catch (e) { toast(e.message, true); }
+  });
+
   // ---- campaign form and its dry run ----------------------------------------------------
-  const list = (s) => s.split(/[\s,]+/).filter(Boolean);
   function campaignBody(f) {
     const [deviceType, version] = (f.firmware.value || "|").split("|");
     const kind = f.targetKind.value;
@@ -249,7 +268,21 @@
       failureThreshold: { percent: Number(f.failurePercent.value), minCount: Number(f.failureMin.value) },
       maxInFlight: Number(f.maxInFlight.value), retries: Number(f.retries.value),
       dynamic: f.dynamic.checked, force: f.force.checked,
+      ...when(f),
     };
+  }
+
+  // the start time (the browser's local time, sent with its offset) and the daily window
+  function when(f) {
+    const out = {};
+    if (f.startAt && f.startAt.value) {
+      const d = new Date(f.startAt.value);
+      if (!isNaN(d)) out.startAt = d.toISOString();
+    }
+    if (f.windowStart && f.windowStart.value) {
+      out.window = { start: f.windowStart.value, durationMinutes: Number(f.windowMinutes.value || 180) };
+    }
+    return out;
   }
 
   function el(tag, text, cls) {
