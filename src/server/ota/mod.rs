@@ -289,7 +289,7 @@ impl Ota {
     fn signed_path(&self, path: &str, task: u64) -> String {
         let token = self.signer.sign_for(path, Some(task), now_secs());
         format!(
-            "{}{path}?task={task}&token={token}",
+            "{}{path}?token={token}&task={task}",
             self.settings.public_url
         )
     }
