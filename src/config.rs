@@ -55,23 +55,26 @@ impl Listen {
     }
 }
 
+/// A listen address that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IP:port address (e.g. \"0.0.0.0:8443\"; port 0 = any free port)")]
+pub struct ListenError(pub String);
+
 impl std::str::FromStr for Listen {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Listen, String> {
+    type Err = ListenError;
+    fn from_str(s: &str) -> Result<Listen, ListenError> {
         if s.is_empty() {
             return Ok(Listen::OFF);
         }
-        s.parse().map(Listen::at).map_err(|_| {
-            format!(
-                "{s:?} is not an IP:port address (e.g. \"0.0.0.0:8443\"; port 0 = any free port)"
-            )
-        })
+        s.parse()
+            .map(Listen::at)
+            .map_err(|_| ListenError(s.to_string()))
     }
 }
 
 impl TryFrom<String> for Listen {
-    type Error = String;
-    fn try_from(s: String) -> Result<Listen, String> {
+    type Error = ListenError;
+    fn try_from(s: String) -> Result<Listen, ListenError> {
         s.parse()
     }
 }
@@ -165,7 +168,7 @@ pub struct TrustKeyConfig {
 
 impl TrustConfig {
     /// The configured keys, parsed.
-    pub fn keyring(&self) -> Result<crate::trust::Keyring, String> {
+    pub fn keyring(&self) -> Result<crate::trust::Keyring, crate::trust::TrustError> {
         crate::trust::Keyring::parse(self.keys.iter().map(|k| (k.name.as_str(), k.key.as_str())))
     }
 
@@ -177,7 +180,9 @@ impl TrustConfig {
                 format!("key name {:?} must match [A-Za-z0-9_-]{{1,64}}", k.name),
             )?;
         }
-        self.keyring().map(|_| ()).map_err(|e| ("trust.keys", e))
+        self.keyring()
+            .map(|_| ())
+            .map_err(|e| ("trust.keys", e.to_string()))
     }
 }
 

@@ -207,4 +207,104 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("range", range),
     ("config", config),
     ("bspatch", bspatch),
+    ("bundle", bundle),
+    ("report", report),
+    ("backup", backup),
 ];
+
+/// The key the bundle target trusts (its secret half is nowhere: inputs that pass the
+/// signature check are not expected; the manifest parser is also fed directly, as a
+/// compromised vendor key could feed it).
+const FUZZ_KEY: &str = "RWRraK7xSt1d2hVZp4qRq5EWI/USs2La7GhHbrLr4JOusNd4jD82b2Ks";
+
+/// An offline bundle as `POST /api/ota/bundles` reads it: the strict ustar reader, the
+/// manifest and its signature (bounded reads), the manifest's parser and checks, then every
+/// further entry streamed to its end.
+pub fn bundle(data: &[u8]) {
+    use crate::bundle::{self, MANIFEST, MANIFEST_SIG, MAX_MANIFEST_BYTES, TarReader};
+    let mut tar = TarReader::new(data);
+    let Ok(manifest) = bundle::read_small(&mut tar, MANIFEST, MAX_MANIFEST_BYTES) else {
+        return;
+    };
+    assert!(manifest.len() as u64 <= MAX_MANIFEST_BYTES);
+    if let Ok(m) = serde_json::from_slice::<bundle::Manifest>(&manifest)
+        && m.validate().is_ok()
+    {
+        for name in m.entry_names() {
+            let _ = m.size_of(name);
+        }
+    }
+    let Ok(sig) = bundle::read_small(
+        &mut tar,
+        MANIFEST_SIG,
+        crate::trust::MAX_SIGNATURE_BYTES as u64,
+    ) else {
+        return;
+    };
+    let ring = crate::trust::Keyring::new(vec![
+        crate::trust::TrustedKey::parse("fuzz", FUZZ_KEY).expect("a valid key"),
+    ]);
+    let _ = bundle::verify_manifest(&ring, &manifest, &String::from_utf8_lossy(&sig));
+    let mut entries = 0;
+    while let Ok(Some(_)) = tar.next_entry() {
+        entries += 1;
+        if entries > bundle::MAX_ITEMS + bundle::MAX_EXTRAS
+            || std::io::copy(&mut tar.entry(), &mut std::io::sink()).is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// A signed site report as `hangar report verify` reads it: the tar of `report.json` and its
+/// signature, the audit section's hash chain (also given directly as JSON), the declared span a
+/// retention dropped.
+pub fn report(data: &[u8]) {
+    if let Ok(c) = serde_json::from_slice::<crate::report::AuditChain>(data) {
+        let _ = crate::report::check_chain(&c);
+    }
+    let mut tar = crate::bundle::TarReader::new(data);
+    let Ok(json) = crate::bundle::read_small(&mut tar, "report.json", 1 << 20) else {
+        return;
+    };
+    if let Ok(r) = serde_json::from_slice::<serde_json::Value>(&json)
+        && let Ok(c) = serde_json::from_value::<crate::report::AuditChain>(r["audit"].clone())
+    {
+        let _ = crate::report::check_chain(&c);
+    }
+    if let Ok(sig) = crate::bundle::read_small(&mut tar, "report.json.minisig", 4096) {
+        let _ = crate::trust::Signature::parse(&String::from_utf8_lossy(&sig));
+    }
+}
+
+/// A backup as `hangar restore` reads it before it writes anything: the tar, its manifest, every
+/// entry's size and hash; a backup that verifies has its store dump imported into a scratch store.
+pub fn backup(data: &[u8]) {
+    let Ok(m) = crate::server::backup::verify_reader(data) else {
+        return;
+    };
+    let mut ar = tar::Archive::new(data);
+    let Ok(entries) = ar.entries() else { return };
+    for e in entries.flatten() {
+        let is_store = e.path().is_ok_and(|p| p.as_os_str() == "store.jsonl");
+        if is_store
+            && m.files
+                .get("store.jsonl")
+                .is_some_and(|(size, _)| *size < 1 << 20)
+        {
+            let dir = tempfile_dir();
+            if let Ok(store) = crate::server::store::Store::open(&dir) {
+                let _ = store.import(std::io::BufReader::new(e));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+    }
+}
+
+/// A scratch directory for one run of the backup target.
+fn tempfile_dir() -> std::path::PathBuf {
+    let mut r = [0u8; 8];
+    rand::fill(&mut r);
+    std::env::temp_dir().join(format!("hangar-fuzz-{}", hex::encode(r)))
+}

@@ -124,16 +124,61 @@ pub struct AuditChain {
     pub last_hash: String,
 }
 
+/// What is wrong with an audit chain: the first entry (or part) that does not check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// A declared dropped span that does not start right after `since`.
+    #[error("the dropped span {from}..{to} does not start right after entry {since}")]
+    Dropped {
+        /// Its first entry.
+        from: u64,
+        /// Its last entry.
+        to: u64,
+        /// The report's start.
+        since: u64,
+    },
+    /// Entries missing or out of order.
+    #[error("audit entry {seq} follows {after}: entries are missing or out of order")]
+    Gap {
+        /// The entry.
+        seq: u64,
+        /// The entry before it.
+        after: u64,
+    },
+    /// An entry that does not name the one before.
+    #[error(
+        "audit entry {seq} does not follow the one before it (prev {prev}, expected {expected})"
+    )]
+    Unlinked {
+        /// The entry.
+        seq: u64,
+        /// What it names.
+        prev: String,
+        /// The hash before it.
+        expected: String,
+    },
+    /// An entry whose hash does not match it.
+    #[error("audit entry {seq} was edited (its hash does not match)")]
+    Edited {
+        /// The entry.
+        seq: u64,
+    },
+    /// The last hash is not the last entry's.
+    #[error("the chain's last hash does not match its last entry")]
+    End,
+}
+
 /// Checks a chain: each entry follows the one before, by `prev` and by sequence number
 /// (no gap), and its hash is right. `Err` names the first entry that is wrong.
-pub fn check_chain(c: &AuditChain) -> Result<(), String> {
+pub fn check_chain(c: &AuditChain) -> Result<(), ChainError> {
     let (mut prev, mut seq) = match &c.dropped {
         Some(d) => {
             if d.from != c.since + 1 || d.to < d.from {
-                return Err(format!(
-                    "the dropped span {}..{} does not start right after entry {}",
-                    d.from, d.to, c.since
-                ));
+                return Err(ChainError::Dropped {
+                    from: d.from,
+                    to: d.to,
+                    since: c.since,
+                });
             }
             (d.last_hash.clone(), d.to)
         }
@@ -141,28 +186,26 @@ pub fn check_chain(c: &AuditChain) -> Result<(), String> {
     };
     for e in &c.entries {
         if e.seq != seq + 1 {
-            return Err(format!(
-                "audit entry {} follows {seq}: entries are missing or out of order",
-                e.seq
-            ));
+            return Err(ChainError::Gap {
+                seq: e.seq,
+                after: seq,
+            });
         }
         if e.prev != prev {
-            return Err(format!(
-                "audit entry {} does not follow the one before it (prev {}, expected {prev})",
-                e.seq, e.prev
-            ));
+            return Err(ChainError::Unlinked {
+                seq: e.seq,
+                prev: e.prev.clone(),
+                expected: prev,
+            });
         }
         if entry_hash(&prev, e) != e.hash {
-            return Err(format!(
-                "audit entry {} was edited (its hash does not match)",
-                e.seq
-            ));
+            return Err(ChainError::Edited { seq: e.seq });
         }
         prev = e.hash.clone();
         seq = e.seq;
     }
     if prev != c.last_hash {
-        return Err("the chain's last hash does not match its last entry".into());
+        return Err(ChainError::End);
     }
     Ok(())
 }
@@ -214,7 +257,10 @@ mod tests {
 
         let mut edited = c.clone();
         edited.entries[2].result = "refused 403".into();
-        assert!(check_chain(&edited).unwrap_err().contains("edited"));
+        assert!(matches!(
+            check_chain(&edited),
+            Err(ChainError::Edited { seq: 3 })
+        ));
         let mut gap = c.clone();
         gap.entries.remove(2);
         assert!(check_chain(&gap).is_err());

@@ -37,6 +37,9 @@ pub enum TrustError {
     /// The signature does not match the bytes or its trusted comment.
     #[error("{0}")]
     Mismatch(String),
+    /// Two keys of one keyring share a name or are the same key.
+    #[error("{0}")]
+    Duplicate(String),
     /// Reading the signed bytes or a key file failed.
     #[error("{context}: {source}")]
     Io {
@@ -252,18 +255,21 @@ impl Keyring {
     /// Parses `(name, text)` pairs; the first bad one is the error, with its name.
     pub fn parse<'a>(
         pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Keyring, String> {
+    ) -> Result<Keyring, TrustError> {
         let mut keys: Vec<TrustedKey> = Vec::new();
         for (name, text) in pairs {
-            let k = TrustedKey::parse(name, text).map_err(|e| format!("key {name:?}: {e}"))?;
+            let k = TrustedKey::parse(name, text)
+                .map_err(|e| TrustError::Malformed(format!("key {name:?}: {e}")))?;
             if keys.iter().any(|o| o.name == k.name) {
-                return Err(format!("two keys are named {name:?}"));
+                return Err(TrustError::Duplicate(format!(
+                    "two keys are named {name:?}"
+                )));
             }
             if let Some(o) = keys.iter().find(|o| o.key_id == k.key_id) {
-                return Err(format!(
+                return Err(TrustError::Duplicate(format!(
                     "keys {:?} and {name:?} are the same key ({})",
                     o.name, k.key_id
-                ));
+                )));
             }
             keys.push(k);
         }
@@ -272,7 +278,7 @@ impl Keyring {
 
     /// Parses keys that have no names of their own (an agent's `trusted_keys`, `--key`
     /// arguments): they are named `key0`, `key1`, ... in order.
-    pub fn parse_unnamed<S: AsRef<str>>(texts: &[S]) -> Result<Keyring, String> {
+    pub fn parse_unnamed<S: AsRef<str>>(texts: &[S]) -> Result<Keyring, TrustError> {
         let names: Vec<String> = (0..texts.len()).map(|i| format!("key{i}")).collect();
         Keyring::parse(
             names
@@ -337,7 +343,7 @@ pub fn check_firmware_comment(
     device_type: &str,
     version: &str,
     sha256: &str,
-) -> Result<(), String> {
+) -> Result<(), TrustError> {
     for token in comment.split_whitespace() {
         let Some((k, v)) = token.split_once('=') else {
             continue;
@@ -349,9 +355,9 @@ pub fn check_firmware_comment(
             _ => continue,
         };
         if !v.eq_ignore_ascii_case(want) {
-            return Err(format!(
+            return Err(TrustError::Mismatch(format!(
                 "the signature was made for {what} {v}, not {want} (its trusted comment: {comment:?})"
-            ));
+            )));
         }
     }
     Ok(())

@@ -254,8 +254,15 @@ async fn agent_resumes_its_download_after_its_own_restart() {
             .map_or(0, |f| f["bytesFull"].as_u64().unwrap())
     };
     // what the server had pushed into the socket before the kill (more than the agent wrote:
-    // socket buffers), so the resume is measured from here
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // socket buffers), once it noticed the download ended; the resume is measured from here
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.metric("hangar_active_downloads").await > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed download never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before = sent_v2(&s.get_json("/api/ota/statistics").await.1);
     let _agent = start_agent(&config);
     let t = wait_final(&s, "2.0.0").await;

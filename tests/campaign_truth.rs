@@ -140,8 +140,15 @@ async fn a_restart_between_completed_and_reboot_is_no_rollback() {
     }
     drop(msg);
     s.restart_with(|c| c.tasks.reboot_grace_secs = grace).await;
-    // the appliance was down longer than the grace since the completions
-    tokio::time::sleep(Duration::from_secs(grace + 1)).await;
+    // the appliance was down longer than the grace since the completions: wait until the
+    // later completion is more than the grace ago
+    let (_, t) = s.get_json("/api/ota/task/GW2").await;
+    let done = chrono::DateTime::parse_from_rfc3339(t["data"]["completeTime"].as_str().unwrap())
+        .unwrap()
+        .timestamp_millis();
+    while chrono::Utc::now().timestamp_millis() - done <= grace as i64 * 1000 + 200 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut back = Vec::new();
     for id in ["GW1", "GW2"] {
         let mut d = Device::connect(s.mqtt, id, Some((id, "gw-secret-1")), None).await;
@@ -352,6 +359,30 @@ async fn the_brake_says_which_devices_it_could_not_stop_and_what_they_did() {
     assert_eq!(r.status(), 410);
     let b: Value = r.json().await.unwrap();
     assert_eq!(b["error"], "TASK_CANCELLED", "{b}");
+    // an oven that asks for firmware again (after reconnecting, say) is not given the braked
+    // version: the brake is not undone by the next firmware/get
+    let mut oven = Device::connect(
+        s.mqtt,
+        "asks-again",
+        Some(("oven&SLOW0002", "hangar-sim")),
+        None,
+    )
+    .await;
+    oven.expect_connected().await;
+    oven.subscribe("/sys/oven/SLOW0002/thing/ota/firmware/get_reply")
+        .await;
+    oven.publish(
+        "/sys/oven/SLOW0002/thing/ota/firmware/get",
+        json!({"id":"9","version":"1.0","params":{"module":"default"},"method":"thing.ota.firmware.get"}),
+    )
+    .await;
+    let (_, reply) = oven.message(10).await;
+    assert_eq!(
+        reply["data"],
+        json!({}),
+        "the braked version was handed out again: {reply}"
+    );
+    drop(oven);
 
     // the slow ones could not finish; the fast ones rebooted into 1.0.2
     let (_, slow_sum) = common::sim_result(slow, 90).await;

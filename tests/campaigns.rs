@@ -479,7 +479,18 @@ async fn kill_nine_mid_campaign_loses_nothing_and_repeats_nothing() {
         serde_json::from_str(&a.cli(&["campaign", "create", body.to_str().unwrap()])).unwrap();
     let id = created["id"].as_str().unwrap().to_string();
     // kill -9 while the first tasks download (200 KB at 100 KB/s), restart on the same ports
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, c) = a.get(&format!("/api/ota/campaigns/{id}")).await;
+        if c["data"]["counts"]["downloading"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing started downloading: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     a.kill_and_restart().await;
     let deadline = Instant::now() + Duration::from_secs(90);
     let shown = loop {

@@ -119,11 +119,11 @@ pub async fn bundle(g: &super::Global, cmd: BundleCmd) -> Result<(), CliError> {
         BundleCmd::Verify { file, keys } => {
             let ring = if keys.is_empty() {
                 let loaded = crate::config::Config::load(g.config.as_deref())?;
-                loaded.config.trust.keyring().map_err(CliError::Trust)?
+                loaded.config.trust.keyring().map_err(trust_err)?
             } else {
                 let texts: Vec<String> =
                     keys.iter().map(|k| key_text(k)).collect::<Result<_, _>>()?;
-                Keyring::parse_unnamed(&texts).map_err(CliError::Trust)?
+                Keyring::parse_unnamed(&texts).map_err(trust_err)?
             };
             if ring.is_empty() {
                 return Err(CliError::Trust(
@@ -477,7 +477,7 @@ fn verify_file(file: &Path, ring: &Keyring) -> Result<Manifest, CliError> {
             s.finish()
                 .map_err(|e| fail(format!("firmware {} {}: {e}", f.device_type, f.version)))?;
             trust::check_firmware_comment(sig.trusted_comment(), &f.device_type, &f.version, &got)
-                .map_err(fail)?;
+                .map_err(|e| fail(e.to_string()))?;
         }
     }
     if let Some(missing) = m.entry_names().into_iter().find(|n| !seen.contains(*n)) {
@@ -605,7 +605,7 @@ fn verify_report(file: &Path, key: &TrustedKey) -> Result<serde_json::Value, Cli
     }
     let chain: crate::report::AuditChain = serde_json::from_value(r["audit"].clone())
         .map_err(|e| bad(format!("its audit section: {e}")))?;
-    crate::report::check_chain(&chain).map_err(bad)?;
+    crate::report::check_chain(&chain).map_err(|e| bad(e.to_string()))?;
     let start = chain.dropped.as_ref().map_or(since, |d| d.to);
     if chain.entries.last().map_or(start, |e| e.seq) != to {
         return Err(bad(format!("the audit chain does not end at entry {to}")));

@@ -115,7 +115,8 @@ impl Offer {
             device_type,
             &self.version,
             sha256,
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Some(key.name.clone()))
     }
 

@@ -810,6 +810,7 @@ async fn check_signature(
         &offer.version,
         &sha,
     )
+    .map_err(|e| e.to_string())
 }
 
 /// Downloads the patch, applies it to the shared base image and verifies the result against

@@ -57,7 +57,7 @@ pub enum StartError {
     Broker(String),
     /// The trusted keys or the site key could not be read.
     #[error("{0}")]
-    Trust(String),
+    Trust(#[from] crate::server::signatures::SignaturesError),
     /// A listener could not be bound.
     #[error(
         "cannot listen on {key} = {addr}: {source} (is another process using it? use port 0 for any free port)"
@@ -297,7 +297,12 @@ impl App {
             .map_err(io_ctx("reading the HTTP address"))?;
         let public_url = public_url(&config, https);
 
-        let keyring = config.trust.keyring().map_err(StartError::Trust)?;
+        let keyring = config.trust.keyring().map_err(|source| {
+            crate::server::signatures::SignaturesError::Key {
+                context: "[trust] keys".into(),
+                source,
+            }
+        })?;
         let signatures = Arc::new(
             crate::server::signatures::Signatures::open(
                 keyring,

@@ -154,10 +154,15 @@ fn safe_rel(p: &Path) -> bool {
 
 /// Checks a backup file: the manifest, every entry's size and sha256, nothing missing or extra.
 pub fn verify(file: &Path) -> io::Result<Manifest> {
-    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
     let opened = File::open(file)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", file.display())))?;
-    let mut ar = tar::Archive::new(BufReader::new(opened));
+    verify_reader(BufReader::new(opened))
+}
+
+/// [`verify`] of a backup read from `r` (a tar), in bounded memory but for its manifest.
+pub fn verify_reader(r: impl Read) -> io::Result<Manifest> {
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    let mut ar = tar::Archive::new(r);
     let mut manifest: Option<Manifest> = None;
     let mut seen = 0usize;
     for e in ar.entries()? {
@@ -168,8 +173,12 @@ pub fn verify(file: &Path) -> io::Result<Manifest> {
         }
         let rel = path.to_string_lossy().into_owned();
         if rel == "manifest.json" {
+            if manifest.is_some() {
+                return Err(bad("a second manifest.json".into()));
+            }
             let mut b = Vec::new();
-            e.read_to_end(&mut b)?;
+            // a manifest lists names, sizes and hashes: 64 MiB is far more than any holds
+            (&mut e).take(64 << 20).read_to_end(&mut b)?;
             let m: Manifest =
                 serde_json::from_slice(&b).map_err(|e| bad(format!("manifest.json: {e}")))?;
             if m.format != FORMAT || m.version != 1 {

@@ -15,7 +15,7 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::trust::{Signature, TrustedKey};
+use crate::trust::{Signature, TrustError, TrustedKey};
 
 /// Chunks buffered between the network and the writer thread (bounds upload memory).
 const WRITE_QUEUE: usize = 8;
@@ -38,7 +38,7 @@ pub struct StagedBlob {
     /// Hex sha256; the blob's name once committed.
     pub sha256: String,
     /// When a signature was checked while writing: whether the bytes matched it.
-    pub signature_check: Option<Result<(), String>>,
+    pub signature_check: Option<Result<(), TrustError>>,
 }
 
 impl StagedBlob {
@@ -54,18 +54,18 @@ impl StagedBlob {
 /// when the check is eight chunks behind.
 struct SideCheck {
     tx: Option<std::sync::mpsc::SyncSender<Bytes>>,
-    join: std::thread::JoinHandle<Result<(), String>>,
+    join: std::thread::JoinHandle<Result<(), TrustError>>,
 }
 
 impl SideCheck {
     fn start((key, sig): (TrustedKey, Signature)) -> SideCheck {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(WRITE_QUEUE);
         let join = std::thread::spawn(move || {
-            let mut v = key.stream(&sig).map_err(|e| e.to_string())?;
+            let mut v = key.stream(&sig)?;
             for chunk in rx {
                 v.update(&chunk);
             }
-            v.finish().map_err(|e| e.to_string())
+            v.finish()
         });
         SideCheck { tx: Some(tx), join }
     }
@@ -79,11 +79,11 @@ impl SideCheck {
         }
     }
 
-    fn finish(mut self) -> Result<(), String> {
+    fn finish(mut self) -> Result<(), TrustError> {
         self.tx = None;
         self.join
             .join()
-            .unwrap_or_else(|_| Err("the signature check panicked".into()))
+            .unwrap_or_else(|_| Err(TrustError::Mismatch("the signature check panicked".into())))
     }
 }
 

@@ -252,7 +252,10 @@ impl Deltas {
 
     /// After `fw` was released: queue a delta from every older released version of its device
     /// type that at least one registered device reports running.
-    pub async fn on_released(&self, fw: &FirmwareRecord) -> Result<Vec<DeltaRecord>, DeltaError> {
+    pub async fn on_released(
+        &self,
+        fw: &FirmwareRecord,
+    ) -> Result<crate::server::store::Durable<Vec<DeltaRecord>>, DeltaError> {
         let mut running: Vec<String> = self
             .store
             .list_devices()?
@@ -280,8 +283,7 @@ impl Deltas {
                 Err(e) => return Err(e),
             }
         }
-        self.store.flush().await?;
-        Ok(out)
+        Ok(self.store.durable(out).await?)
     }
 
     /// `POST /api/ota/firmware/{to}/deltas {"fromVersion"}`.
@@ -351,13 +353,17 @@ impl Deltas {
     }
 
     /// Removes every delta to `(device_type, version)` and their blobs (firmware deleted).
-    pub async fn remove_target(&self, device_type: &str, version: &str) -> Result<(), DeltaError> {
+    pub async fn remove_target(
+        &self,
+        device_type: &str,
+        version: &str,
+    ) -> Result<crate::server::store::Durable<usize>, DeltaError> {
         let list = self.store.list_deltas(Some((device_type, version)))?;
         for d in &list {
             self.store
                 .delete_delta(device_type, &d.from_version, &d.to_version)?;
         }
-        self.store.flush().await?;
+        let gone = self.store.durable(list.len()).await?;
         let keep = self.store.referenced_blobs()?;
         for d in list {
             if let Some(sha) = d.sha256
@@ -367,7 +373,7 @@ impl Deltas {
                 let _ = tokio::task::spawn_blocking(move || blobs.remove(&sha)).await;
             }
         }
-        Ok(())
+        Ok(gone)
     }
 
     /// Where a built delta's patch lives.

@@ -9,6 +9,29 @@ use std::sync::{Arc, RwLock};
 use crate::server::store::{FirmwareRecord, FirmwareSignature, SignatureStatus, Store};
 use crate::trust::{self, Keyring, Signature, TrustedKey};
 
+/// Why the appliance's trust could not be set up or a signature made.
+#[derive(Debug, thiserror::Error)]
+pub enum SignaturesError {
+    /// The configured keys, the site key or a signature.
+    #[error("{context}: {source}")]
+    Key {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: trust::TrustError,
+    },
+    /// The keys bundles added could not be read from the store.
+    #[error("reading the trusted keys: {0}")]
+    Store(#[from] crate::server::store::StoreError),
+}
+
+impl SignaturesError {
+    fn key(context: impl Into<String>) -> impl FnOnce(trust::TrustError) -> SignaturesError {
+        let context = context.into();
+        move |source| SignaturesError::Key { context, source }
+    }
+}
+
 /// The appliance's trust: keys, policy, site key.
 pub struct Signatures {
     configured: Keyring,
@@ -31,27 +54,29 @@ pub struct SiteKey {
 
 impl SiteKey {
     /// Loads `<dir>/site.key`, generating the pair the first time.
-    pub fn load_or_create(dir: &Path) -> Result<SiteKey, String> {
+    pub fn load_or_create(dir: &Path) -> Result<SiteKey, SignaturesError> {
         let stem: PathBuf = dir.join("site");
         let key = stem.with_extension("key");
         if !key.exists() {
-            trust::generate(&stem, None).map_err(|e| format!("generating the site key: {e}"))?;
+            trust::generate(&stem, None)
+                .map_err(SignaturesError::key("generating the site key"))?;
             tracing::info!(path = %key.display(), "generated the site key that signs reports");
         }
+        let context = format!("the site key {}", key.display());
         let secret = trust::SecretKey::load(&key, || {
             Err(std::io::Error::other(
                 "the site key is encrypted; the appliance needs it without a password",
             ))
         })
-        .map_err(|e| format!("the site key {}: {e}", key.display()))?;
+        .map_err(SignaturesError::key(context.clone()))?;
         let public = secret
             .public("site")
-            .map_err(|e| format!("the site key {}: {e}", key.display()))?;
+            .map_err(SignaturesError::key(context))?;
         Ok(SiteKey { secret, public })
     }
 
     /// Signs bytes in memory with `trusted_comment`.
-    pub fn sign(&self, bytes: &[u8], trusted_comment: &str) -> Result<String, String> {
+    pub fn sign(&self, bytes: &[u8], trusted_comment: &str) -> Result<String, trust::TrustError> {
         self.sign_reader(bytes, trusted_comment)
     }
 
@@ -60,10 +85,8 @@ impl SiteKey {
         &self,
         r: impl std::io::Read,
         trusted_comment: &str,
-    ) -> Result<String, String> {
-        self.secret
-            .sign(r, trusted_comment)
-            .map_err(|e| e.to_string())
+    ) -> Result<String, trust::TrustError> {
+        self.secret.sign(r, trusted_comment)
     }
 }
 
@@ -74,7 +97,7 @@ impl Signatures {
         require_signed: bool,
         store: Store,
         data_dir: &Path,
-    ) -> Result<Signatures, String> {
+    ) -> Result<Signatures, SignaturesError> {
         let site = SiteKey::load_or_create(data_dir)?;
         let s = Signatures {
             ring: RwLock::new(Arc::new(configured.clone())),
@@ -84,8 +107,7 @@ impl Signatures {
             require_signed,
             site,
         };
-        s.reload()
-            .map_err(|e| format!("reading the trusted keys: {e}"))?;
+        s.reload()?;
         Ok(s)
     }
 
@@ -146,7 +168,7 @@ impl Signatures {
     pub fn judge_firmware(
         &self,
         sig: &Signature,
-        streamed: Option<Result<(), String>>,
+        streamed: Option<Result<(), trust::TrustError>>,
         file: &Path,
         device_type: &str,
         version: &str,
@@ -171,17 +193,17 @@ impl Signatures {
         let bytes = match streamed {
             Some(r) => r,
             None => std::fs::File::open(file)
-                .map_err(|e| e.to_string())
-                .and_then(|f| key.verify_reader(sig, f).map_err(|e| e.to_string())),
+                .map_err(|source| trust::TrustError::Io {
+                    context: format!("reading {}", file.display()),
+                    source,
+                })
+                .and_then(|f| key.verify_reader(sig, f)),
         };
-        if let Err(e) = bytes {
-            out.reason = e;
-            return out;
-        }
-        if let Err(e) =
+        let checked = bytes.and_then(|()| {
             trust::check_firmware_comment(sig.trusted_comment(), device_type, version, sha256)
-        {
-            out.reason = e;
+        });
+        if let Err(e) = checked {
+            out.reason = e.to_string();
             return out;
         }
         out.status = SignatureStatus::Valid;

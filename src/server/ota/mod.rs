@@ -1046,6 +1046,7 @@ impl Ota {
                 .firmware_version
                 .as_deref()
                 .is_none_or(|v| ids::compare_versions(&fw.version, v).is_gt())
+            && !self.braked(&fw.device_type, &fw.version)?
         {
             let t = self
                 .new_task(
@@ -1077,6 +1078,24 @@ impl Ota {
             alibaba::get_reply_topic(pk, dn),
             serde_json::to_vec(&reply).expect("json"),
         ))
+    }
+
+    /// Whether a version was stopped by an emergency brake: a campaign to it was braked and no
+    /// campaign to it runs now. A device asking `firmware/get` is then not given it (the brake
+    /// would otherwise be undone by every device that asks again, e.g. after reconnecting);
+    /// a new campaign to it, or an upgrade of one device, still sends it.
+    fn braked(&self, device_type: &str, version: &str) -> Result<bool, StoreError> {
+        let mut braked = false;
+        for c in self.store.list_campaigns()? {
+            if c.device_type != device_type || c.version != version {
+                continue;
+            }
+            if c.status.is_live() {
+                return Ok(false);
+            }
+            braked |= c.brake.is_some();
+        }
+        Ok(braked)
     }
 
     /// [`Ota::devices_note`] for a report that says nothing about the device: false (counted)
