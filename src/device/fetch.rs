@@ -176,7 +176,9 @@ fn content_range(resp: &reqwest::Response) -> Option<(u64, u64)> {
 }
 
 /// Downloads `url` into `sink`, continuing from `rx` (which may already hold bytes), and
-/// verifies the result. `progress(have, total)` is called after every chunk.
+/// verifies the result. `progress(have, total)` is called after every chunk. Each attempt
+/// asks for the rest (Range + If-Range), checks what the server answered, and reads the body;
+/// an attempt that made progress resets the failure count.
 pub async fn fetch(
     http: &reqwest::Client,
     url: &str,
@@ -210,14 +212,7 @@ pub async fn fetch(
             let backoff = Duration::from_millis(200 * (1 << failures.min(5)) as u64);
             tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
         }
-        let mut req = http.get(url);
-        if rx.have > 0 {
-            req = req.header(reqwest::header::RANGE, format!("bytes={}-", rx.have));
-            if let Some(e) = &rx.etag {
-                req = req.header(reqwest::header::IF_RANGE, e.as_str());
-            }
-        }
-        let mut resp = match req.send().await {
+        let mut resp = match request(http, url, rx).await {
             Ok(r) => r,
             Err(e) => {
                 failures += 1;
@@ -225,106 +220,19 @@ pub async fn fetch(
                 continue;
             }
         };
-        let status = resp.status().as_u16();
-        match status {
-            206 => match content_range(&resp) {
-                Some((start, total)) if start == rx.have && total == expect.size => {}
-                Some((_, total)) if total != expect.size => {
-                    return Err(FetchError::Verify(format!(
-                        "the server has {total} bytes, the command said {}",
-                        expect.size
-                    )));
-                }
-                _ => {
-                    // not the range we asked for: start over cleanly
-                    sink.reset()?;
-                    *rx = Received::default();
-                    failures += 1;
-                    last_err = "the server answered a different range".into();
-                    continue;
-                }
-            },
-            200 => {
-                if rx.have > 0 {
-                    // the resume was not honoured (no Range support, or the file changed)
-                    sink.reset()?;
-                    *rx = Received::default();
-                }
-                if let Some(len) = resp.content_length()
-                    && len != expect.size
-                {
-                    return Err(FetchError::Verify(format!(
-                        "the server sends {len} bytes, the command said {}",
-                        expect.size
-                    )));
-                }
-            }
-            416 => {
-                sink.reset()?;
-                *rx = Received::default();
+        match answered(&resp, url, expect, sink, rx)? {
+            Answer::Body => {}
+            Answer::Retry(why) => {
                 failures += 1;
-                last_err = "416 on resume".into();
-                continue;
-            }
-            s if (400..500).contains(&s) && s != 408 && s != 429 => {
-                return Err(FetchError::Download(format!(
-                    "{} answered {s}",
-                    redact(url)
-                )));
-            }
-            s => {
-                failures += 1;
-                last_err = format!("{} answered {s}", redact(url));
+                last_err = why;
                 continue;
             }
         }
-        rx.etag = resp
-            .headers()
-            .get(reqwest::header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
         let before = rx.have;
-        let mut window_start = Instant::now();
-        let mut window_bytes = 0u64;
-        loop {
-            let chunk = match resp.chunk().await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    last_err = format!("connection broke at byte {}: {e}", rx.have);
-                    break;
-                }
-            };
-            if rx.have + chunk.len() as u64 > expect.size {
-                return Err(FetchError::Verify(format!(
-                    "the body is longer than the {} bytes the command said",
-                    expect.size
-                )));
-            }
-            sink.write(&chunk)?;
-            rx.feed(&chunk);
-            progress(rx.have, expect.size);
-            if let Some(at) = opts.drop_at
-                && !dropped
-                && rx.have >= at
-                && rx.have < expect.size
-            {
-                dropped = true;
-                last_err = format!("simulated network drop at byte {}", rx.have);
-                break;
-            }
-            if let Some(rate) = opts.rate_limit {
-                window_bytes += chunk.len() as u64;
-                let due = Duration::from_secs_f64(window_bytes as f64 / rate.max(1) as f64);
-                let spent = window_start.elapsed();
-                if due > spent {
-                    tokio::time::sleep(due - spent).await;
-                }
-                if window_start.elapsed() > Duration::from_secs(2) {
-                    window_start = Instant::now();
-                    window_bytes = 0;
-                }
-            }
+        if let Some(why) =
+            read_body(&mut resp, expect, sink, rx, opts, &mut dropped, progress).await?
+        {
+            last_err = why;
         }
         drop(resp);
         sink.checkpoint(rx.etag.as_deref())?;
@@ -340,6 +248,148 @@ pub async fn fetch(
         }
     }
     verify(rx, expect)
+}
+
+/// The request for what is still missing: the rest of the file from `rx.have`, valid only if
+/// the file is still the one whose ETag `rx` holds.
+async fn request(
+    http: &reqwest::Client,
+    url: &str,
+    rx: &Received,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let mut req = http.get(url);
+    if rx.have > 0 {
+        req = req.header(reqwest::header::RANGE, format!("bytes={}-", rx.have));
+        if let Some(e) = &rx.etag {
+            req = req.header(reqwest::header::IF_RANGE, e.as_str());
+        }
+    }
+    req.send().await
+}
+
+/// What an answer means for the download.
+enum Answer {
+    /// Read its body.
+    Body,
+    /// Try again (after a pause), for this reason.
+    Retry(String),
+}
+
+/// Checks the server's answer: the range asked for (206), or the whole file (200: start over),
+/// sizes that match the command; a refusal (4xx but 408/429) ends the download.
+fn answered(
+    resp: &reqwest::Response,
+    url: &str,
+    expect: &Expect,
+    sink: &mut dyn Sink,
+    rx: &mut Received,
+) -> Result<Answer, FetchError> {
+    let status = resp.status().as_u16();
+    match status {
+        206 => match content_range(resp) {
+            Some((start, total)) if start == rx.have && total == expect.size => {}
+            Some((_, total)) if total != expect.size => {
+                return Err(FetchError::Verify(format!(
+                    "the server has {total} bytes, the command said {}",
+                    expect.size
+                )));
+            }
+            _ => {
+                // not the range we asked for: start over cleanly
+                sink.reset()?;
+                *rx = Received::default();
+                return Ok(Answer::Retry(
+                    "the server answered a different range".into(),
+                ));
+            }
+        },
+        200 => {
+            if rx.have > 0 {
+                // the resume was not honoured (no Range support, or the file changed)
+                sink.reset()?;
+                *rx = Received::default();
+            }
+            if let Some(len) = resp.content_length()
+                && len != expect.size
+            {
+                return Err(FetchError::Verify(format!(
+                    "the server sends {len} bytes, the command said {}",
+                    expect.size
+                )));
+            }
+        }
+        416 => {
+            sink.reset()?;
+            *rx = Received::default();
+            return Ok(Answer::Retry("416 on resume".into()));
+        }
+        s if (400..500).contains(&s) && s != 408 && s != 429 => {
+            return Err(FetchError::Download(format!(
+                "{} answered {s}",
+                redact(url)
+            )));
+        }
+        s => return Ok(Answer::Retry(format!("{} answered {s}", redact(url)))),
+    }
+    rx.etag = resp
+        .headers()
+        .get(reqwest::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok(Answer::Body)
+}
+
+/// Reads an answer's body into the sink, within the rate limit, until it ends, breaks, or the
+/// simulated drop point; `Some(why)` when it stopped short for a reason worth saying.
+async fn read_body(
+    resp: &mut reqwest::Response,
+    expect: &Expect,
+    sink: &mut dyn Sink,
+    rx: &mut Received,
+    opts: &Options,
+    dropped: &mut bool,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<Option<String>, FetchError> {
+    let mut window_start = Instant::now();
+    let mut window_bytes = 0u64;
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                return Ok(Some(format!("connection broke at byte {}: {e}", rx.have)));
+            }
+        };
+        if rx.have + chunk.len() as u64 > expect.size {
+            return Err(FetchError::Verify(format!(
+                "the body is longer than the {} bytes the command said",
+                expect.size
+            )));
+        }
+        sink.write(&chunk)?;
+        rx.feed(&chunk);
+        progress(rx.have, expect.size);
+        if let Some(at) = opts.drop_at
+            && !*dropped
+            && rx.have >= at
+            && rx.have < expect.size
+        {
+            *dropped = true;
+            return Ok(Some(format!("simulated network drop at byte {}", rx.have)));
+        }
+        if let Some(rate) = opts.rate_limit {
+            window_bytes += chunk.len() as u64;
+            let due = Duration::from_secs_f64(window_bytes as f64 / rate.max(1) as f64);
+            let spent = window_start.elapsed();
+            if due > spent {
+                tokio::time::sleep(due - spent).await;
+            }
+            if window_start.elapsed() > Duration::from_secs(2) {
+                window_start = Instant::now();
+                window_bytes = 0;
+            }
+        }
+    }
 }
 
 /// [`fetch`] that says how far it got while it runs: `report(p)` for every tenth below 100

@@ -583,7 +583,6 @@ async fn upgrade(
     running: &std::sync::Mutex<Running>,
 ) -> End {
     let args = &sh.args;
-    let st = &sh.stats;
     let current = running.lock().expect("poisoned").version.clone();
     if let Some(why) = offer.refused_by(&current) {
         link.send(failure_report(
@@ -601,60 +600,132 @@ async fn upgrade(
         1 => FaultAt::Verify,
         _ => FaultAt::Install,
     });
-    let cur = current.as_str();
-    let fail = |why: Failure, msg: String| async move {
-        link.send(failure_report(ident, offer, why, &msg, cur))
-            .await;
-        End::Failed
+    let step = Step {
+        sh,
+        ident,
+        link,
+        offer,
+        current: &current,
     };
     link.send(stage_report(ident, offer, Stage::Downloading(0), &current))
         .await;
     sh.moved();
-
-    // 1. the delta, when offered for exactly our version
-    let mut verified = false;
-    if let Some(d) = &offer.delta
-        && ident.delta
-        && d.from_version == current
-        && fault != Some(FaultAt::Download)
+    // 1. the delta, when offered for exactly our version; 2. else the full image, resumable
+    let patched = fault != Some(FaultAt::Download) && step.delta().await;
+    if !patched && let Err(e) = step.full_image(fault == Some(FaultAt::Download)).await {
+        let (why, msg) = e.failure();
+        return step.fail(why, msg).await;
+    }
+    // 3. verify (md5, and the signature when the devices check them)
+    link.send(stage_report(ident, offer, Stage::Verifying, &current))
+        .await;
+    if fault == Some(FaultAt::Verify) {
+        return step
+            .fail(
+                Failure::Verify,
+                "simulated failure: md5 mismatch after download".into(),
+            )
+            .await;
+    }
+    if let Some(keys) = &sh.trusted
+        && let Err(why) = check_signature(sh, keys, offer).await
     {
-        match try_delta(sh, offer, d, &current).await {
+        return step
+            .fail(Failure::Verify, format!("signature check failed: {why}"))
+            .await;
+    }
+    // 4. install, reboot, announce what runs
+    link.send(stage_report(ident, offer, Stage::Installing, &current))
+        .await;
+    if fault == Some(FaultAt::Install) {
+        return step
+            .fail(
+                Failure::Install,
+                "simulated failure: flash write error".into(),
+            )
+            .await;
+    }
+    link.send(stage_report(ident, offer, Stage::Completed, &current))
+        .await;
+    step.reboot(running).await
+}
+
+/// One upgrade attempt of one simulated device.
+struct Step<'a> {
+    sh: &'a Shared,
+    ident: &'a Identity,
+    link: &'a Sender,
+    offer: &'a Offer,
+    current: &'a str,
+}
+
+impl Step<'_> {
+    /// Reports a failure; the attempt ends.
+    async fn fail(&self, why: Failure, msg: String) -> End {
+        self.link
+            .send(failure_report(
+                self.ident,
+                self.offer,
+                why,
+                &msg,
+                self.current,
+            ))
+            .await;
+        End::Failed
+    }
+
+    /// Tries the offered delta (for exactly the version it runs); true when the patched image
+    /// verified, false to fall back to the full image.
+    async fn delta(&self) -> bool {
+        let (sh, offer) = (self.sh, self.offer);
+        let Some(d) = &offer.delta else {
+            return false;
+        };
+        if !self.ident.delta || d.from_version != self.current {
+            return false;
+        }
+        let st = &sh.stats;
+        match try_delta(sh, offer, d, self.current).await {
             Ok(()) => {
                 st.delta_used.fetch_add(1, Ordering::Relaxed);
                 st.bytes.fetch_add(d.size, Ordering::Relaxed);
                 st.bytes_delta.fetch_add(d.size, Ordering::Relaxed);
                 st.bytes_saved
                     .fetch_add(offer.size.saturating_sub(d.size), Ordering::Relaxed);
-                verified = true;
-                link.send(stage_report(
-                    ident,
-                    offer,
-                    Stage::Downloading(100),
-                    &current,
-                ))
-                .await;
+                self.link
+                    .send(stage_report(
+                        self.ident,
+                        offer,
+                        Stage::Downloading(100),
+                        self.current,
+                    ))
+                    .await;
+                true
             }
             Err(why) => {
                 st.delta_fallbacks.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
-                    device = ident.id,
+                    device = self.ident.id,
                     why,
                     "delta failed; falling back to the full image"
                 );
+                false
             }
         }
     }
 
-    // 2. the full image, resumable
-    if !verified {
+    /// Downloads the full image, resuming with Range (`--drop-rate` cuts it mid-way; `faulty`
+    /// fails it part-way the way a broken link does), reporting progress as it goes.
+    async fn full_image(&self, faulty: bool) -> Result<(), FetchError> {
+        let (sh, offer, link, ident, cur) =
+            (self.sh, self.offer, self.link, self.ident, self.current);
+        let (args, st) = (&sh.args, &sh.stats);
         let drop_at = chance(args.drop_rate)
             .then(|| ((offer.size as f64) * uniform(0.2, 0.8)) as u64)
             .filter(|&a| a > 0);
         if drop_at.is_some() {
             st.resumes.fetch_add(1, Ordering::Relaxed);
         }
-        let fail_at = (fault == Some(FaultAt::Download))
-            .then(|| ((offer.size as f64) * uniform(0.1, 0.9)) as u64);
         let opts = fetch::Options {
             max_attempts: 6,
             drop_at,
@@ -672,79 +743,48 @@ async fn upgrade(
             (link.send(stage_report(ident, offer, Stage::Downloading(p), cur))).await;
             sh.moved();
         };
-        let r = match fail_at {
+        let (sink, url) = (&mut fetch::Discard, &offer.url);
+        if faulty {
             // download part of it, then fail the way a broken storage or link does
-            Some(at) => {
-                let partial = Expect {
-                    size: at.max(1),
-                    ..expect.clone()
-                };
-                let once = fetch::Options {
-                    max_attempts: 1,
-                    ..opts
-                };
-                let (sink, url) = (&mut fetch::Discard, &offer.url);
-                let _ = fetch::fetch_reporting(
-                    &sh.http, url, &partial, sink, &mut rx, &once, count, report,
-                )
-                .await;
-                Err(FetchError::Download(
-                    "simulated failure: the connection died and did not come back".into(),
-                ))
-            }
-            None => {
-                let (sink, url) = (&mut fetch::Discard, &offer.url);
-                fetch::fetch_reporting(&sh.http, url, &expect, sink, &mut rx, &opts, count, report)
-                    .await
-            }
-        };
-        match r {
-            Ok(()) => {
-                st.bytes_full.fetch_add(offer.size, Ordering::Relaxed);
-            }
-            Err(e) => {
-                let (why, msg) = e.failure();
-                return fail(why, msg).await;
-            }
+            let at = ((offer.size as f64) * uniform(0.1, 0.9)) as u64;
+            let partial = Expect {
+                size: at.max(1),
+                ..expect.clone()
+            };
+            let once = fetch::Options {
+                max_attempts: 1,
+                ..opts
+            };
+            let _ = fetch::fetch_reporting(
+                &sh.http, url, &partial, sink, &mut rx, &once, count, report,
+            )
+            .await;
+            return Err(FetchError::Download(
+                "simulated failure: the connection died and did not come back".into(),
+            ));
         }
+        fetch::fetch_reporting(&sh.http, url, &expect, sink, &mut rx, &opts, count, report).await?;
+        st.bytes_full.fetch_add(offer.size, Ordering::Relaxed);
+        Ok(())
     }
-    link.send(stage_report(ident, offer, Stage::Verifying, &current))
-        .await;
-    if fault == Some(FaultAt::Verify) {
-        return fail(
-            Failure::Verify,
-            "simulated failure: md5 mismatch after download".into(),
-        )
-        .await;
+
+    /// Reboots into the new image (or, with `--bad-install-rate`, back into the old one) and
+    /// announces the version it runs.
+    async fn reboot(&self, running: &std::sync::Mutex<Running>) -> End {
+        running.lock().expect("poisoned").rebooting = true;
+        tokio::time::sleep(Duration::from_millis(self.sh.args.reboot_ms)).await;
+        running.lock().expect("poisoned").rebooting = false;
+        if chance(self.sh.args.bad_install_rate) {
+            // the new image did not boot: the bootloader went back to the old one
+            self.link.send(announce(self.ident, self.current)).await;
+            return End::RolledBack;
+        }
+        running.lock().expect("poisoned").version = self.offer.version.clone();
+        self.link
+            .send(announce(self.ident, &self.offer.version))
+            .await;
+        End::Completed
     }
-    if let Some(keys) = &sh.trusted
-        && let Err(why) = check_signature(sh, keys, offer).await
-    {
-        return fail(Failure::Verify, format!("signature check failed: {why}")).await;
-    }
-    link.send(stage_report(ident, offer, Stage::Installing, &current))
-        .await;
-    if fault == Some(FaultAt::Install) {
-        return fail(
-            Failure::Install,
-            "simulated failure: flash write error".into(),
-        )
-        .await;
-    }
-    link.send(stage_report(ident, offer, Stage::Completed, &current))
-        .await;
-    // reboot
-    running.lock().expect("poisoned").rebooting = true;
-    tokio::time::sleep(Duration::from_millis(args.reboot_ms)).await;
-    running.lock().expect("poisoned").rebooting = false;
-    if chance(args.bad_install_rate) {
-        // the new image did not boot: the bootloader went back to the old one
-        link.send(announce(ident, &current)).await;
-        return End::RolledBack;
-    }
-    running.lock().expect("poisoned").version = offer.version.clone();
-    link.send(announce(ident, &offer.version)).await;
-    End::Completed
 }
 
 /// The keys of `--verify-signatures`: the `--trusted-key`s, else the appliance's.

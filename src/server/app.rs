@@ -275,48 +275,104 @@ fn serve_http(
     Ok(metrics_port)
 }
 
-impl App {
-    /// Starts everything; returns once every listener is bound and serving.
-    pub async fn start(config: Config) -> Result<App, StartError> {
-        let (data_dir, lock, store, blobs) = open_data(&config)?;
-        let store_dir = data_dir.join("store");
-        let (admin_token, signer) = secrets(&config, &data_dir)?;
-        let (cert_paths, cert) = certificate(&config, &data_dir)?;
-        let tls_config = certs::server_config(cert.clone(), &[b"h2", b"http/1.1"]);
+/// The HTTP listeners, bound before anything starts (a port in use fails the start at once).
+struct Listeners {
+    https_listener: TcpListener,
+    https: SocketAddr,
+    plain: Option<TcpListener>,
+    http: Option<SocketAddr>,
+    metrics: Option<TcpListener>,
+}
 
+impl Listeners {
+    fn bind(config: &Config) -> Result<Listeners, StartError> {
         let https_listener =
             bind("http.listen", config.http.listen)?.expect("validated: http.listen is on");
-        let plain_listener = bind("http.plain_listen", config.http.plain_listen)?;
+        let plain = bind("http.plain_listen", config.http.plain_listen)?;
         let https = https_listener
             .local_addr()
             .map_err(io_ctx("reading the HTTPS address"))?;
-        let http_addr = plain_listener
+        let http = plain
             .as_ref()
             .map(|l| l.local_addr())
             .transpose()
             .map_err(io_ctx("reading the HTTP address"))?;
-        let public_url = public_url(&config, https);
+        let metrics = bind("metrics.listen", config.metrics.listen)?;
+        Ok(Listeners {
+            https_listener,
+            https,
+            plain,
+            http,
+            metrics,
+        })
+    }
+}
 
-        let keyring = config.trust.keyring().map_err(|source| {
-            crate::server::signatures::SignaturesError::Key {
-                context: "[trust] keys".into(),
-                source,
-            }
-        })?;
-        let signatures = Arc::new(
-            crate::server::signatures::Signatures::open(
-                keyring,
-                config.trust.require_signed,
-                store.clone(),
-                &data_dir,
-            )
-            .map_err(StartError::Trust)?,
-        );
-        if !config.trust.require_signed {
-            tracing::warn!(
-                "[trust] require_signed is off: unsigned firmware can be released (see the README's \"Signed firmware\")"
-            );
+/// The keyring of `[trust] keys` plus the keys bundles added, and the site key.
+fn trust(
+    config: &Config,
+    store: &Store,
+    data_dir: &Path,
+) -> Result<Arc<crate::server::signatures::Signatures>, StartError> {
+    let keyring = config.trust.keyring().map_err(|source| {
+        crate::server::signatures::SignaturesError::Key {
+            context: "[trust] keys".into(),
+            source,
         }
+    })?;
+    let signatures = crate::server::signatures::Signatures::open(
+        keyring,
+        config.trust.require_signed,
+        store.clone(),
+        data_dir,
+    )?;
+    if !config.trust.require_signed {
+        tracing::warn!(
+            "[trust] require_signed is off: unsigned firmware can be released (see the README's \"Signed firmware\")"
+        );
+    }
+    Ok(Arc::new(signatures))
+}
+
+/// The services of the appliance, wired to each other.
+struct Services {
+    firmware: Arc<FirmwareService>,
+    devices: Arc<Devices>,
+    ota: Arc<Ota>,
+    broker: Arc<Broker>,
+    signer: UrlSigner,
+    campaigns: Arc<crate::server::campaigns::Campaigns>,
+    deltas: Arc<crate::server::deltas::Deltas>,
+    signatures: Arc<crate::server::signatures::Signatures>,
+    bundles: Arc<crate::server::bundles::Bundles>,
+}
+
+/// What the services of a starting appliance share: its config, store and lifetime.
+struct Running<'a> {
+    config: &'a Config,
+    store: &'a Store,
+    shutdown: &'a CancellationToken,
+    tracker: &'a TaskTracker,
+}
+
+impl Running<'_> {
+    fn store_error(&self) -> impl FnOnce(crate::server::store::StoreError) -> StartError {
+        let path = self.config.data_dir().join("store");
+        move |source| StartError::Store { path, source }
+    }
+
+    /// The services, wired to each other, their workers started: firmware, deltas, devices,
+    /// the broker, the OTA engine, campaigns, bundles.
+    async fn services(
+        &self,
+        blobs: Blobs,
+        signatures: Arc<crate::server::signatures::Signatures>,
+        cert: Arc<certs::ReloadableCert>,
+        signer: UrlSigner,
+        public_url: &str,
+    ) -> Result<Services, StartError> {
+        let (config, store) = (self.config, self.store);
+        let (shutdown, tracker) = (self.shutdown, self.tracker);
         let firmware = Arc::new(FirmwareService::new(
             store.clone(),
             blobs.clone(),
@@ -329,9 +385,6 @@ impl App {
             config.delta.clone(),
         );
         let devices = Arc::new(Devices::new(store.clone()));
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
-
         let (msg_tx, msg_rx) = tokio::sync::mpsc::channel(16 * 1024);
         let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
         let mqtt_tls = certs::server_config(cert.clone(), &[]); // no ALPN: MQTT clients need none
@@ -343,7 +396,7 @@ impl App {
                 msg_tx,
                 presence_tx,
                 shutdown.clone(),
-                &tracker,
+                tracker,
             )
             .await
             .map_err(|e| StartError::Broker(e.to_string()))?,
@@ -356,7 +409,7 @@ impl App {
             broker.clone(),
             signer.clone(),
             OtaSettings {
-                public_url: public_url.clone(),
+                public_url: public_url.to_string(),
                 topic_prefix: config.mqtt.topic_prefix.clone(),
                 stall_timeout: Duration::from_secs(config.tasks.stall_timeout_secs),
                 reboot_grace: Duration::from_secs(config.tasks.reboot_grace_secs),
@@ -364,11 +417,8 @@ impl App {
             },
         ));
         deltas
-            .spawn(shutdown.clone(), &tracker)
-            .map_err(|source| StartError::Store {
-                path: store_dir.clone(),
-                source,
-            })?;
+            .spawn(shutdown.clone(), tracker)
+            .map_err(self.store_error())?;
         let campaigns = crate::server::campaigns::Campaigns::new(
             store.clone(),
             devices.clone(),
@@ -376,7 +426,7 @@ impl App {
             deltas.clone(),
             ota.clone(),
         );
-        campaigns.spawn(shutdown.clone(), &tracker);
+        campaigns.spawn(shutdown.clone(), tracker);
         let bundles = Arc::new(crate::server::bundles::Bundles::new(
             store.clone(),
             blobs,
@@ -387,34 +437,102 @@ impl App {
         if let Err(e) = bundles.resume().await {
             tracing::error!(error = %e, "could not create the campaigns of an interrupted bundle import; importing the bundle again finishes it");
         }
-        tracker.spawn(recover_store(
-            store.clone(),
-            deltas.clone(),
-            // room for a few of sled's segments; uploads still wait for min_free_bytes
-            config.store.min_free_bytes.min(8 << 20),
-            shutdown.clone(),
-        ));
-        ota.spawn(msg_rx, presence_rx, shutdown.clone(), &tracker)
-            .map_err(|source| StartError::Store {
-                path: store_dir.clone(),
-                source,
-            })?;
-
-        let state = http::AppState::new(http::Inner {
+        ota.spawn(msg_rx, presence_rx, shutdown.clone(), tracker)
+            .map_err(self.store_error())?;
+        Ok(Services {
             firmware,
             devices,
             ota,
-            broker: broker.clone(),
-            store: store.clone(),
-            admin_token: admin_token.clone(),
+            broker,
             signer,
+            campaigns,
+            deltas,
+            signatures,
+            bundles,
+        })
+    }
+
+    /// The background work of a running appliance: store recovery after a full disk, the
+    /// audit log's retention, and the end of event streams at shutdown.
+    fn maintenance(&self, state: &http::AppState) {
+        self.tracker.spawn(recover_store(
+            self.store.clone(),
+            state.deltas.clone(),
+            // room for a few of sled's segments; uploads still wait for min_free_bytes
+            self.config.store.min_free_bytes.min(8 << 20),
+            self.shutdown.clone(),
+        ));
+        self.tracker.spawn(retain_audit(
+            state.accounts.clone(),
+            self.config.audit.clone(),
+            self.shutdown.clone(),
+        ));
+        // open event streams end at shutdown, so they never hold the listeners' drain
+        let feed = self.store.events();
+        let closing = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            closing.cancelled().await;
+            feed.close();
+        });
+    }
+}
+
+/// Says where the appliance serves, and how to make the first console user when none exists.
+fn announce(
+    (https, http): (SocketAddr, Option<SocketAddr>),
+    broker: &Broker,
+    public_url: &str,
+    data_dir: &Path,
+    store: &Store,
+) {
+    tracing::info!(https = %https, http = ?http, mqtt = %broker.mqtt, mqtts = ?broker.mqtts, public_url = %public_url, data_dir = %data_dir.display(), "hangar is serving");
+    tracing::info!(console = %format!("{public_url}/"), "web console (sign in with a console user)");
+    if !store.has_users().unwrap_or(true) {
+        tracing::warn!(
+            login = %format!("{public_url}/login"),
+            "no console user exists yet: create the first administrator with `hangar user add NAME --role admin` (run it on this box, in this directory), then sign in"
+        );
+    }
+}
+
+impl App {
+    /// Starts everything; returns once every listener is bound and serving.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let (data_dir, lock, store, blobs) = open_data(&config)?;
+        let (admin_token, signer) = secrets(&config, &data_dir)?;
+        let (cert_paths, cert) = certificate(&config, &data_dir)?;
+        let listeners = Listeners::bind(&config)?;
+        let public_url = public_url(&config, listeners.https);
+        let signatures = trust(&config, &store, &data_dir)?;
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let run = Running {
+            config: &config,
+            store: &store,
+            shutdown: &shutdown,
+            tracker: &tracker,
+        };
+        let sv = run
+            .services(blobs, signatures, cert.clone(), signer, &public_url)
+            .await?;
+        let broker = sv.broker.clone();
+        let state = http::AppState::new(http::Inner {
+            firmware: sv.firmware,
+            devices: sv.devices,
+            ota: sv.ota,
+            broker: sv.broker,
+            store: store.clone(),
+            signer: sv.signer,
+            campaigns: sv.campaigns,
+            deltas: sv.deltas,
+            signatures: sv.signatures,
+            bundles: sv.bundles,
+            admin_token: admin_token.clone(),
             public_url: public_url.clone(),
             max_upload_bytes: config.http.max_upload_bytes,
             min_free_bytes: config.store.min_free_bytes,
             body_idle_timeout: Duration::from_secs(config.http.body_idle_timeout_secs),
             fds: Default::default(),
-            campaigns,
-            deltas,
             traffic: Default::default(),
             http_metrics: Default::default(),
             data_dir: data_dir.clone(),
@@ -424,56 +542,43 @@ impl App {
                 &config.auth,
             )),
             stale_secs: config.tasks.stale_secs,
-            signatures,
             max_bundle_bytes: config.http.max_bundle_bytes,
-            bundles,
         });
-        tracker.spawn(retain_audit(
-            state.accounts.clone(),
-            config.audit.clone(),
-            shutdown.clone(),
-        ));
+        run.maintenance(&state);
+        let tls_config = certs::server_config(cert.clone(), &[b"h2", b"http/1.1"]);
         let send = http::SendLimit {
             after: Duration::from_secs(config.http.send_timeout_secs),
             cut: state.http_metrics.send_timeouts.clone(),
         };
-        // open event streams end at shutdown, so they never hold the listeners' drain
-        let feed = store.events();
-        let closing = shutdown.clone();
-        tracker.spawn(async move {
-            closing.cancelled().await;
-            feed.close();
-        });
         let metrics_port = serve_http(
             state,
             send,
-            (https_listener, tls_config),
-            plain_listener,
-            bind("metrics.listen", config.metrics.listen)?,
+            (listeners.https_listener, tls_config),
+            listeners.plain,
+            listeners.metrics,
             &shutdown,
             &tracker,
         )?;
         write_ports(
             &data_dir,
-            https.port(),
-            http_addr.map(|a| a.port()),
+            listeners.https.port(),
+            listeners.http.map(|a| a.port()),
             broker.mqtt.port(),
             broker.mqtts.map(|a| a.port()),
             metrics_port,
         )
         .map_err(io_ctx("writing ports.json"))?;
-        tracing::info!(https = %https, http = ?http_addr, mqtt = %broker.mqtt, mqtts = ?broker.mqtts, public_url = %public_url, data_dir = %data_dir.display(), "hangar is serving");
-        tracing::info!(console = %format!("{public_url}/"), "web console (sign in with a console user)");
-        if !store.has_users().unwrap_or(true) {
-            tracing::warn!(
-                login = %format!("{public_url}/login"),
-                "no console user exists yet: create the first administrator with `hangar user add NAME --role admin` (run it on this box, in this directory), then sign in"
-            );
-        }
+        announce(
+            (listeners.https, listeners.http),
+            &broker,
+            &public_url,
+            &data_dir,
+            &store,
+        );
 
         Ok(App {
-            https,
-            http: http_addr,
+            https: listeners.https,
+            http: listeners.http,
             mqtt: broker.mqtt,
             mqtts: broker.mqtts,
             data_dir,

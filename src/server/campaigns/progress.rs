@@ -256,41 +256,111 @@ pub fn waiting_for_start(c: &CampaignRecord, now: i64) -> Option<String> {
 
 /// Where the campaign stands at `now`.
 pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Progress {
-    let mut counts = empty();
-    let mut waves: Vec<WaveProgress> = c
-        .waves
-        .iter()
-        .enumerate()
-        .map(|(i, p)| WaveProgress {
-            wave: i as u32 + 1,
-            percent: *p,
-            devices: 0,
-            counts: empty(),
-        })
-        .collect();
-    let (mut bytes_full, mut bytes_delta, mut unconfirmed) = (0u64, 0u64, 0u64);
-    let mut retrying = Vec::new();
-    let mut by_code: BTreeMap<String, Vec<(String, Option<String>)>> = BTreeMap::new();
-    let mut installed_after_brake = 0u64;
-    let mut skipped = Vec::new();
-    let mut last_finish = None::<i64>;
-    let mut rolled_back_late = 0u64;
+    let mut t = Tally::new(c);
     for v in members {
+        t.add(v);
+    }
+    let total = members.len();
+    let eligible = total as u64 - t.counts["skipped"];
+    let pct = |n: u64| {
+        if eligible == 0 {
+            0.0
+        } else {
+            (n as f64 * 10_000.0 / eligible as f64).round() / 100.0
+        }
+    };
+    let waiting = waiting_for_start(c, now);
+    let eta_secs = eta(c, &t, eligible, waiting.is_some(), now);
+    let current_wave = c
+        .status
+        .is_live()
+        .then(|| {
+            t.waves
+                .iter()
+                .find(|w| STATES[..7].iter().map(|s| w.counts[*s]).sum::<u64>() > 0)
+                .map(|w| w.wave)
+        })
+        .flatten();
+    let status_reason = reason(c, &t, total, waiting, now);
+    Progress {
+        installed_after_brake: t.installed_after_brake,
+        total,
+        success_rate: pct(t.counts["completed"]),
+        failure_rate: pct(t.counts["failed"]),
+        failures: t.failure_groups(),
+        counts: t.counts,
+        unconfirmed: t.unconfirmed,
+        waves: t.waves,
+        current_wave,
+        bytes_full: t.bytes_full,
+        bytes_delta: t.bytes_delta,
+        eta_secs,
+        retrying: t.retrying,
+        skipped: t.skipped,
+        status_reason,
+    }
+}
+
+/// What the members add up to, member by member.
+struct Tally {
+    counts: Counts,
+    waves: Vec<WaveProgress>,
+    bytes_full: u64,
+    bytes_delta: u64,
+    unconfirmed: u64,
+    retrying: Vec<Retrying>,
+    by_code: BTreeMap<String, Vec<(String, Option<String>)>>,
+    installed_after_brake: u64,
+    skipped: Vec<(String, String)>,
+    last_finish: Option<i64>,
+    rolled_back_late: u64,
+}
+
+impl Tally {
+    fn new(c: &CampaignRecord) -> Tally {
+        Tally {
+            counts: empty(),
+            waves: c
+                .waves
+                .iter()
+                .enumerate()
+                .map(|(i, p)| WaveProgress {
+                    wave: i as u32 + 1,
+                    percent: *p,
+                    devices: 0,
+                    counts: empty(),
+                })
+                .collect(),
+            bytes_full: 0,
+            bytes_delta: 0,
+            unconfirmed: 0,
+            retrying: Vec::new(),
+            by_code: BTreeMap::new(),
+            installed_after_brake: 0,
+            skipped: Vec::new(),
+            last_finish: None,
+            rolled_back_late: 0,
+        }
+    }
+
+    /// One member: its state counted (in all and in its wave), its bytes, and what its state
+    /// says more (a retry, a failure's code and message, an unconfirmed completion, a skip).
+    fn add(&mut self, v: &MemberView<'_>) {
         let m = v.member;
         let st = state(v);
-        *counts.get_mut(st).expect("listed") += 1;
+        *self.counts.get_mut(st).expect("listed") += 1;
         if let Some(t) = v.task {
             match downloaded(t) {
-                (n, true) => bytes_delta += n,
-                (n, false) => bytes_full += n,
+                (n, true) => self.bytes_delta += n,
+                (n, false) => self.bytes_full += n,
             }
         }
-        if let Some(w) = waves.get_mut(m.wave as usize) {
+        if let Some(w) = self.waves.get_mut(m.wave as usize) {
             w.devices += 1;
             *w.counts.get_mut(st).expect("listed") += 1;
         }
         match st {
-            "retrying" => retrying.push(Retrying {
+            "retrying" => self.retrying.push(Retrying {
                 device_id: m.device_id.clone(),
                 attempts: m.attempts,
                 next_attempt_ms: m.next_attempt_ms,
@@ -302,25 +372,27 @@ pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Prog
                     .to_string(),
             }),
             "failed" => {
-                by_code.entry(failure_code(v)).or_default().push((
+                self.by_code.entry(failure_code(v)).or_default().push((
                     m.device_id.clone(),
                     v.task
                         .filter(|t| !t.status.is_active())
                         .and_then(|t| t.error_message.clone()),
                 ));
                 if m.status == MemberStatus::Succeeded {
-                    rolled_back_late += 1;
+                    self.rolled_back_late += 1;
                 }
             }
             "completed" => {
                 if v.task.is_some() && !v.settled {
-                    unconfirmed += 1;
+                    self.unconfirmed += 1;
                 }
                 if m.status == MemberStatus::Cancelled {
-                    installed_after_brake += 1;
+                    self.installed_after_brake += 1;
                 }
             }
-            "skipped" => skipped.push((m.device_id.clone(), m.note.clone().unwrap_or_default())),
+            "skipped" => self
+                .skipped
+                .push((m.device_id.clone(), m.note.clone().unwrap_or_default())),
             _ => {}
         }
         if matches!(st, "completed" | "failed") {
@@ -328,57 +400,57 @@ pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Prog
                 .task
                 .and_then(|t| t.complete_time_ms)
                 .unwrap_or(m.updated_at_ms);
-            last_finish = Some(last_finish.map_or(at, |l: i64| l.max(at)));
+            self.last_finish = Some(self.last_finish.map_or(at, |l| l.max(at)));
         }
     }
-    let total = members.len();
-    let eligible = total as u64 - counts["skipped"];
-    let pct = |n: u64| {
-        if eligible == 0 {
-            0.0
-        } else {
-            (n as f64 * 10_000.0 / eligible as f64).round() / 100.0
-        }
-    };
-    let finished = counts["completed"] + counts["failed"];
-    let remaining = eligible.saturating_sub(finished + counts["cancelled"]);
-    let waiting = waiting_for_start(c, now);
-    let eta_secs = match (c.status, c.started_at_ms, last_finish) {
+
+    /// Failed devices by error code (with one of their messages), most frequent first.
+    fn failure_groups(&mut self) -> Vec<FailureGroup> {
+        let mut out: Vec<FailureGroup> = std::mem::take(&mut self.by_code)
+            .into_iter()
+            .map(|(code, mut devices)| {
+                devices.sort();
+                let message = devices.iter().find_map(|(_, m)| m.clone());
+                FailureGroup {
+                    code,
+                    message,
+                    devices: devices.into_iter().map(|(d, _)| d).collect(),
+                }
+            })
+            .collect();
+        out.sort_by_key(|f| std::cmp::Reverse(f.devices.len()));
+        out
+    }
+}
+
+/// Seconds to go at the pace up to the last finish, counted down since: it only shrinks while
+/// nothing moves, and is gone (unknown) once that pace is overdue; 0 when nothing remains.
+fn eta(c: &CampaignRecord, t: &Tally, eligible: u64, waiting: bool, now: i64) -> Option<u64> {
+    let finished = t.counts["completed"] + t.counts["failed"];
+    let remaining = eligible.saturating_sub(finished + t.counts["cancelled"]);
+    match (c.status, c.started_at_ms, t.last_finish) {
         _ if remaining == 0 && c.status.is_live() => Some(0),
-        (CampaignStatus::Running, Some(start), Some(last)) if waiting.is_none() && finished > 0 => {
-            // the pace up to the last finish, counted down since: it only shrinks while
-            // nothing moves, and is gone (unknown) once that pace is overdue
+        (CampaignStatus::Running, Some(start), Some(last)) if !waiting && finished > 0 => {
             let per_device = (last - start).max(1) as f64 / finished as f64;
             let end = last as f64 + per_device * remaining as f64;
             let left = ((end - now as f64) / 1000.0).ceil();
             (left > 0.0).then_some(left as u64)
         }
         _ => None,
-    };
-    let current_wave = c
-        .status
-        .is_live()
-        .then(|| {
-            waves
-                .iter()
-                .find(|w| STATES[..7].iter().map(|s| w.counts[*s]).sum::<u64>() > 0)
-                .map(|w| w.wave)
-        })
-        .flatten();
-    let mut failures: Vec<FailureGroup> = by_code
-        .into_iter()
-        .map(|(code, mut devices)| {
-            devices.sort();
-            let message = devices.iter().find_map(|(_, m)| m.clone());
-            FailureGroup {
-                code,
-                message,
-                devices: devices.into_iter().map(|(d, _)| d).collect(),
-            }
-        })
-        .collect();
-    failures.sort_by_key(|f| std::cmp::Reverse(f.devices.len()));
-    let status_reason = match c.status {
+    }
+}
+
+/// Why the campaign is where it is: the verdict of a completed one, what a live one waits for,
+/// what the brake could do.
+fn reason(
+    c: &CampaignRecord,
+    t: &Tally,
+    total: usize,
+    waiting: Option<String>,
+    now: i64,
+) -> Option<String> {
+    let counts = &t.counts;
+    match c.status {
         CampaignStatus::Completed => {
             let mut v = format!(
                 "{} succeeded, {} failed",
@@ -387,9 +459,10 @@ pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Prog
             if counts["skipped"] > 0 {
                 v.push_str(&format!(", {} skipped", counts["skipped"]));
             }
-            if rolled_back_late > 0 {
+            if t.rolled_back_late > 0 {
                 v.push_str(&format!(
-                    " ({rolled_back_late} came back on their old version after the campaign ended)"
+                    " ({} came back on their old version after the campaign ended)",
+                    t.rolled_back_late
                 ));
             }
             Some(v)
@@ -403,31 +476,17 @@ pub fn compute(c: &CampaignRecord, members: &[MemberView<'_>], now: i64) -> Prog
             c.device_type
         )),
         CampaignStatus::Scheduled | CampaignStatus::Running => waiting
-            .or_else(|| running_reason(c, &counts, unconfirmed, &retrying, now))
+            .or_else(|| running_reason(c, counts, t.unconfirmed, &t.retrying, now))
             .or_else(|| c.status_reason.clone()),
-        CampaignStatus::Cancelled if installed_after_brake > 0 => {
+        CampaignStatus::Cancelled if t.installed_after_brake > 0 => {
             c.status_reason.as_ref().map(|r| {
-                format!("{r}; {installed_after_brake} of them installed the new version anyway")
+                format!(
+                    "{r}; {} of them installed the new version anyway",
+                    t.installed_after_brake
+                )
             })
         }
         _ => c.status_reason.clone(),
-    };
-    Progress {
-        installed_after_brake,
-        total,
-        success_rate: pct(counts["completed"]),
-        failure_rate: pct(counts["failed"]),
-        counts,
-        unconfirmed,
-        waves,
-        current_wave,
-        bytes_full,
-        bytes_delta,
-        eta_secs,
-        retrying,
-        failures,
-        skipped,
-        status_reason,
     }
 }
 

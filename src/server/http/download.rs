@@ -130,7 +130,6 @@ async fn serve_inner(
     let tag = etag(&meta.sha256);
     let modified = last_modified(meta.modified_ms);
     let lm = httpdate::fmt_http_date(modified);
-
     let base = |status: StatusCode| {
         let mut r = Response::builder()
             .status(status)
@@ -146,41 +145,99 @@ async fn serve_inner(
         }
         r
     };
+    if not_modified(headers, &tag, modified)? {
+        return Ok(base(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .expect("valid response"));
+    }
+    // The size is known from the record, so the ranges are planned before touching the disk.
+    let len = meta.size;
+    let plan = range_plan(headers, len, &tag, modified)?;
+    let file = open_checked(fds, &meta.path, len).await?;
+    let head = method == Method::HEAD;
+    let sending = (meta.counter.clone(), meta.transfer.take());
+    let octet = HeaderValue::from_static("application/octet-stream");
+    let resp = match plan {
+        RangePlan::Unsatisfiable => unreachable!("range_plan refuses it"),
+        RangePlan::Full => base(StatusCode::OK)
+            .header(header::CONTENT_TYPE, octet)
+            .header(header::CONTENT_LENGTH, len)
+            .body(body(
+                head,
+                file,
+                vec![Segment::File(0, len)],
+                sending,
+                false,
+            )),
+        RangePlan::Single(r) => {
+            let (a, b) = (*r.start(), *r.end());
+            base(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_TYPE, octet)
+                .header(header::CONTENT_RANGE, format!("bytes {a}-{b}/{len}"))
+                .header(header::CONTENT_LENGTH, b - a + 1)
+                .body(body(
+                    head,
+                    file,
+                    vec![Segment::File(a, b - a + 1)],
+                    sending,
+                    true,
+                ))
+        }
+        RangePlan::Multi(ranges) => {
+            let (boundary, segs) = multipart_segments(&ranges, len);
+            let total: u64 = segs.iter().map(Segment::len).sum();
+            base(StatusCode::PARTIAL_CONTENT)
+                .header(
+                    header::CONTENT_TYPE,
+                    format!("multipart/byteranges; boundary={boundary}"),
+                )
+                .header(header::CONTENT_LENGTH, total)
+                .body(body(head, file, segs, sending, true))
+        }
+    };
+    Ok(resp.expect("valid response"))
+}
 
-    // RFC 9110 13.2.2: preconditions in order.
+/// RFC 9110 13.2.2, the preconditions in order: a failed If-Match or If-Unmodified-Since is
+/// 412; `true` when If-None-Match or If-Modified-Since say the client's copy is current (304).
+fn not_modified(
+    headers: &HeaderMap,
+    tag: &str,
+    modified: std::time::SystemTime,
+) -> Result<bool, ApiError> {
+    let failed = |why: &str| {
+        ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "PRECONDITION_FAILED",
+            why.to_string(),
+        )
+    };
     if let Some(v) = header_str(headers, header::IF_MATCH) {
-        if !etag_list_matches(v, &tag, false) {
-            return Err(ApiError::new(
-                StatusCode::PRECONDITION_FAILED,
-                "PRECONDITION_FAILED",
-                "If-Match does not match the current image",
-            ));
+        if !etag_list_matches(v, tag, false) {
+            return Err(failed("If-Match does not match the current image"));
         }
     } else if let Some(since) = header_str(headers, header::IF_UNMODIFIED_SINCE)
         .and_then(|v| httpdate::parse_http_date(v).ok())
         && modified > since
     {
-        return Err(ApiError::new(
-            StatusCode::PRECONDITION_FAILED,
-            "PRECONDITION_FAILED",
-            "the image was modified after If-Unmodified-Since",
-        ));
+        return Err(failed("the image was modified after If-Unmodified-Since"));
     }
-    let not_modified = if let Some(v) = header_str(headers, header::IF_NONE_MATCH) {
-        etag_list_matches(v, &tag, true)
-    } else {
-        header_str(headers, header::IF_MODIFIED_SINCE)
+    Ok(match header_str(headers, header::IF_NONE_MATCH) {
+        Some(v) => etag_list_matches(v, tag, true),
+        None => header_str(headers, header::IF_MODIFIED_SINCE)
             .and_then(|v| httpdate::parse_http_date(v).ok())
-            .is_some_and(|since| modified <= since)
-    };
-    if not_modified {
-        return Ok(base(StatusCode::NOT_MODIFIED)
-            .body(Body::empty())
-            .expect("valid response"));
-    }
+            .is_some_and(|since| modified <= since),
+    })
+}
 
-    // The size is known from the record, so the ranges can be planned before touching the disk.
-    let len = meta.size;
+/// What the Range header asks for, once If-Range agreed (a stale validator means the whole
+/// file); a range past the end is 416 with `Content-Range: bytes */len`.
+fn range_plan(
+    headers: &HeaderMap,
+    len: u64,
+    tag: &str,
+    modified: std::time::SystemTime,
+) -> Result<RangePlan, ApiError> {
     let mut plan = match header_str(headers, header::RANGE) {
         Some(r) => plan_ranges(r, len),
         None => RangePlan::Full,
@@ -210,93 +267,57 @@ async fn serve_inner(
         )
         .with_header(header::ACCEPT_RANGES, HeaderValue::from_static("bytes")));
     }
+    Ok(plan)
+}
 
-    // An already-open descriptor costs no trip to the blocking pool; otherwise one trip opens
-    // the file and checks it against the record.
-    let file = match fds.get(&meta.path, len) {
-        Some(f) => f,
-        None => {
-            let path = meta.path.clone();
-            let (f, disk_len) =
-                tokio::task::spawn_blocking(move || -> std::io::Result<(File, u64)> {
-                    let f = File::open(&path)?;
-                    let disk_len = f.metadata()?.len();
-                    Ok((f, disk_len))
-                })
-                .await
-                .map_err(ApiError::internal)?
-                .map_err(|e| ApiError::internal(format!("opening {}: {e}", meta.path.display())))?;
-            if disk_len != len {
-                return Err(ApiError::internal(format!(
-                    "{} has {disk_len} bytes on disk, the record says {len}: the stored image is damaged",
-                    meta.path.display(),
-                )));
-            }
-            fds.insert(meta.path.clone(), f)
-        }
-    };
+/// The file, from the descriptor cache (no trip to the blocking pool) or opened there and
+/// checked against the record's size.
+async fn open_checked(
+    fds: &FdCache,
+    path: &std::path::Path,
+    len: u64,
+) -> Result<Arc<File>, ApiError> {
+    if let Some(f) = fds.get(path, len) {
+        return Ok(f);
+    }
+    let p = path.to_path_buf();
+    let (f, disk_len) = tokio::task::spawn_blocking(move || -> std::io::Result<(File, u64)> {
+        let f = File::open(&p)?;
+        let disk_len = f.metadata()?.len();
+        Ok((f, disk_len))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| ApiError::internal(format!("opening {}: {e}", path.display())))?;
+    if disk_len != len {
+        return Err(ApiError::internal(format!(
+            "{} has {disk_len} bytes on disk, the record says {len}: the stored image is damaged",
+            path.display(),
+        )));
+    }
+    Ok(fds.insert(path.to_path_buf(), f))
+}
 
-    let head = method == Method::HEAD;
-    let transfer = meta.transfer.take();
-    let octet = HeaderValue::from_static("application/octet-stream");
-    let resp = match plan {
-        RangePlan::Unsatisfiable => unreachable!("answered above"),
-        RangePlan::Full => base(StatusCode::OK)
-            .header(header::CONTENT_TYPE, octet)
-            .header(header::CONTENT_LENGTH, len)
-            .body(body(
-                head,
-                file,
-                vec![Segment::File(0, len)],
-                (meta.counter.clone(), transfer),
-                false,
-            )),
-        RangePlan::Single(r) => {
-            let (a, b) = (*r.start(), *r.end());
-            base(StatusCode::PARTIAL_CONTENT)
-                .header(header::CONTENT_TYPE, octet)
-                .header(header::CONTENT_RANGE, format!("bytes {a}-{b}/{len}"))
-                .header(header::CONTENT_LENGTH, b - a + 1)
-                .body(body(
-                    head,
-                    file,
-                    vec![Segment::File(a, b - a + 1)],
-                    (meta.counter.clone(), transfer),
-                    true,
-                ))
-        }
-        RangePlan::Multi(ranges) => {
-            let mut boundary = [0u8; 12];
-            rand::fill(&mut boundary);
-            let boundary = format!("hangar-{}", hex::encode(boundary));
-            let mut segs = Vec::with_capacity(ranges.len() * 2 + 1);
-            for r in &ranges {
-                let (a, b) = (*r.start(), *r.end());
-                segs.push(Segment::Bytes(Bytes::from(format!(
-                    "\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {a}-{b}/{len}\r\n\r\n"
-                ))));
-                segs.push(Segment::File(a, b - a + 1));
-            }
-            segs.push(Segment::Bytes(Bytes::from(format!(
-                "\r\n--{boundary}--\r\n"
-            ))));
-            let total: u64 = segs.iter().map(Segment::len).sum();
-            base(StatusCode::PARTIAL_CONTENT)
-                .header(
-                    header::CONTENT_TYPE,
-                    format!("multipart/byteranges; boundary={boundary}"),
-                )
-                .header(header::CONTENT_LENGTH, total)
-                .body(body(
-                    head,
-                    file,
-                    segs,
-                    (meta.counter.clone(), transfer),
-                    true,
-                ))
-        }
-    };
-    Ok(resp.expect("valid response"))
+/// A `multipart/byteranges` body: its boundary and its parts (a head, then the range).
+fn multipart_segments(
+    ranges: &[std::ops::RangeInclusive<u64>],
+    len: u64,
+) -> (String, Vec<Segment>) {
+    let mut boundary = [0u8; 12];
+    rand::fill(&mut boundary);
+    let boundary = format!("hangar-{}", hex::encode(boundary));
+    let mut segs = Vec::with_capacity(ranges.len() * 2 + 1);
+    for r in ranges {
+        let (a, b) = (*r.start(), *r.end());
+        segs.push(Segment::Bytes(Bytes::from(format!(
+            "\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {a}-{b}/{len}\r\n\r\n"
+        ))));
+        segs.push(Segment::File(a, b - a + 1));
+    }
+    segs.push(Segment::Bytes(Bytes::from(format!(
+        "\r\n--{boundary}--\r\n"
+    ))));
+    (boundary, segs)
 }
 
 fn body(

@@ -199,6 +199,47 @@ pub async fn upload(
     State(st): State<AppState>,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    let max = st.max_upload_bytes;
+    let mut mp = upload_form(&st, req).await?;
+    let mut form = UploadForm::default();
+    while let Some(field) = mp.next_field().await.map_err(multipart_err)? {
+        form.take(&st, field, max).await?;
+    }
+    let staged = form.staged.ok_or_else(|| {
+        ApiError::bad_request("the form has no `file` part: send the image as file=@image.bin")
+    })?;
+    let version = form
+        .version
+        .ok_or_else(|| ApiError::bad_request("the form has no `version` field"))?;
+    let device_type = form.device_type.unwrap_or_else(|| "gateway".to_string());
+    firmware::validate_key(&device_type, &version)?;
+    let (signature, staged) =
+        judge_signature(&st, form.signature, staged, &device_type, &version).await?;
+    let rec = st
+        .firmware
+        .create(
+            NewFirmware {
+                device_type,
+                version,
+                description: form.description.unwrap_or_default(),
+                force_upgrade: form.force_upgrade.unwrap_or(false),
+                signature,
+            },
+            staged,
+        )
+        .await?
+        .into_inner();
+    tracing::info!(device_type = %rec.device_type, version = %rec.version, size = rec.size, sha256 = %rec.sha256, "firmware uploaded");
+    Ok(super::access::with_target(
+        ok_with(StatusCode::CREATED, dto(&st, &rec)),
+        format!("{}/{}", rec.device_type, rec.version),
+    ))
+}
+
+/// The upload's multipart reader: a body announced larger than the limit (or than the room
+/// left on the disk) is refused first; the part headers are bounded ([`super::partguard`]) and
+/// the body ends one poll late (multer's incomplete-stream bug).
+async fn upload_form(st: &AppState, req: axum::extract::Request) -> Result<Multipart, ApiError> {
     use axum::extract::FromRequest;
     use futures_util::StreamExt;
     let max = st.max_upload_bytes;
@@ -215,7 +256,7 @@ pub async fn upload(
             "the upload is {len} bytes; the limit is {max} (http.max_upload_bytes)"
         )));
     }
-    check_room(&st, length.unwrap_or(0))?;
+    check_room(st, length.unwrap_or(0))?;
     let boundary = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -235,113 +276,83 @@ pub async fn upload(
         }
         None => req,
     };
-    let mut mp = Multipart::from_request(req, &())
+    Multipart::from_request(req, &())
         .await
         .map_err(|e: MultipartRejection| {
             ApiError::bad_request(format!(
                 "expected a multipart/form-data body with a `file` part: {}",
                 e.body_text()
             ))
-        })?;
-    let mut version: Option<String> = None;
-    let mut device_type: Option<String> = None;
-    let mut description: Option<String> = None;
-    let mut force_upgrade: Option<bool> = None;
-    let mut signature: Option<crate::trust::Signature> = None;
-    let mut staged: Option<crate::server::blobs::StagedBlob> = None;
-    let once = |name: &str, seen: bool| {
-        if seen {
-            Err(ApiError::bad_request(format!(
-                "the form has more than one `{name}` part: send each field once"
-            )))
-        } else {
-            Ok(())
-        }
-    };
+        })
+}
 
-    while let Some(mut field) = mp.next_field().await.map_err(multipart_err)? {
+/// The fields of an upload as they arrive (each at most once).
+#[derive(Default)]
+struct UploadForm {
+    version: Option<String>,
+    device_type: Option<String>,
+    description: Option<String>,
+    force_upgrade: Option<bool>,
+    signature: Option<crate::trust::Signature>,
+    staged: Option<crate::server::blobs::StagedBlob>,
+}
+
+/// Refuses a field sent twice.
+fn once(name: &str, seen: bool) -> Result<(), ApiError> {
+    if seen {
+        Err(ApiError::bad_request(format!(
+            "the form has more than one `{name}` part: send each field once"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+impl UploadForm {
+    /// Takes one part: the image is streamed to a blob (checked against a signature that came
+    /// before it), the others are read as bounded text.
+    async fn take(
+        &mut self,
+        st: &AppState,
+        field: axum::extract::multipart::Field<'_>,
+        max: u64,
+    ) -> Result<(), ApiError> {
         let name = field.name().unwrap_or("").to_string();
         match name.as_str() {
             "file" => {
-                if staged.is_some() {
+                if self.staged.is_some() {
                     return Err(ApiError::bad_request(
                         "more than one `file` part: upload one image at a time",
                     ));
                 }
-                // Fail fast when the metadata came first and already tells the answer.
-                if let (Some(v), Some(t)) = (&version, &device_type) {
-                    firmware::validate_key(t, v)?;
-                    if st.firmware.exists(t, v)? {
-                        return Err(firmware::FirmwareError::Conflict(format!(
-                            "firmware {v} for device type {t} already exists: upload under a new version or delete the old one first"
-                        ))
-                        .into());
-                    }
-                }
-                // a signature that came first is checked while the bytes stream
-                let check = signature
-                    .as_ref()
-                    .and_then(|sig| st.signatures.streaming_check(sig));
-                let mut w = st.firmware.blobs().writer_checking(check);
-                let mut next_check = ROOM_CHECK_EVERY;
-                loop {
-                    let chunk = match field.chunk().await {
-                        Ok(Some(c)) => c,
-                        Ok(None) => break,
-                        Err(e) => {
-                            w.abort().await;
-                            return Err(multipart_err(e));
-                        }
-                    };
-                    if w.written() + chunk.len() as u64 > max {
-                        w.abort().await;
-                        return Err(ApiError::too_large(format!(
-                            "the file is larger than {max} bytes (http.max_upload_bytes)"
-                        )));
-                    }
-                    if w.written() >= next_check {
-                        next_check += ROOM_CHECK_EVERY;
-                        if let Err(e) = check_room(&st, 0) {
-                            w.abort().await;
-                            return Err(e);
-                        }
-                    }
-                    if let Err(e) = w.write(chunk).await {
-                        w.abort().await;
-                        return Err(write_failed(&st, e, "writing upload", UPLOAD_NOT_STORED));
-                    }
-                }
-                staged =
-                    Some(w.finish().await.map_err(|e| {
-                        write_failed(&st, e, "finishing upload", UPLOAD_NOT_STORED)
-                    })?);
+                self.staged = Some(self.stream_image(st, field, max).await?);
             }
             "version" => {
-                once("version", version.is_some())?;
-                version = Some(text_field(field, "version").await?);
+                once("version", self.version.is_some())?;
+                self.version = Some(text_field(field, "version").await?);
             }
             "deviceType" => {
-                once("deviceType", device_type.is_some())?;
-                device_type = Some(text_field(field, "deviceType").await?);
+                once("deviceType", self.device_type.is_some())?;
+                self.device_type = Some(text_field(field, "deviceType").await?);
             }
             "description" => {
-                once("description", description.is_some())?;
+                once("description", self.description.is_some())?;
                 let d = text_field(field, "description").await?;
                 check_free_text("description", &d)?;
-                description = Some(d);
+                self.description = Some(d);
             }
             "signature" => {
-                once("signature", signature.is_some())?;
+                once("signature", self.signature.is_some())?;
                 let text = text_field(field, "signature").await?;
-                signature = Some(crate::trust::Signature::parse(&text).map_err(|e| {
+                self.signature = Some(crate::trust::Signature::parse(&text).map_err(|e| {
                     ApiError::bad_request(format!(
                         "the signature part is not a usable minisign signature: {e}"
                     ))
                 })?);
             }
             "forceUpgrade" => {
-                once("forceUpgrade", force_upgrade.is_some())?;
-                force_upgrade = Some(parse_bool(
+                once("forceUpgrade", self.force_upgrade.is_some())?;
+                self.force_upgrade = Some(parse_bool(
                     "forceUpgrade",
                     &text_field(field, "forceUpgrade").await?,
                 )?);
@@ -351,35 +362,65 @@ pub async fn upload(
                 let _ = text_field(field, other).await?;
             }
         }
+        Ok(())
     }
-    let staged = staged.ok_or_else(|| {
-        ApiError::bad_request("the form has no `file` part: send the image as file=@image.bin")
-    })?;
-    let version =
-        version.ok_or_else(|| ApiError::bad_request("the form has no `version` field"))?;
-    let device_type = device_type.unwrap_or_else(|| "gateway".to_string());
-    firmware::validate_key(&device_type, &version)?;
-    let (signature, staged) =
-        judge_signature(&st, signature, staged, &device_type, &version).await?;
-    let rec = st
-        .firmware
-        .create(
-            NewFirmware {
-                device_type,
-                version,
-                description: description.unwrap_or_default(),
-                force_upgrade: force_upgrade.unwrap_or(false),
-                signature,
-            },
-            staged,
-        )
-        .await?
-        .into_inner();
-    tracing::info!(device_type = %rec.device_type, version = %rec.version, size = rec.size, sha256 = %rec.sha256, "firmware uploaded");
-    Ok(super::access::with_target(
-        ok_with(StatusCode::CREATED, dto(&st, &rec)),
-        format!("{}/{}", rec.device_type, rec.version),
-    ))
+
+    /// Streams the image into a staged blob: refused at once when the fields before it already
+    /// name a firmware that exists; bounded by `max`; the disk's room checked as it grows.
+    async fn stream_image(
+        &self,
+        st: &AppState,
+        mut field: axum::extract::multipart::Field<'_>,
+        max: u64,
+    ) -> Result<crate::server::blobs::StagedBlob, ApiError> {
+        // Fail fast when the metadata came first and already tells the answer.
+        if let (Some(v), Some(t)) = (&self.version, &self.device_type) {
+            firmware::validate_key(t, v)?;
+            if st.firmware.exists(t, v)? {
+                return Err(firmware::FirmwareError::Conflict(format!(
+                    "firmware {v} for device type {t} already exists: upload under a new version or delete the old one first"
+                ))
+                .into());
+            }
+        }
+        // a signature that came first is checked while the bytes stream
+        let check = self
+            .signature
+            .as_ref()
+            .and_then(|sig| st.signatures.streaming_check(sig));
+        let mut w = st.firmware.blobs().writer_checking(check);
+        let mut next_check = ROOM_CHECK_EVERY;
+        loop {
+            let chunk = match field.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    w.abort().await;
+                    return Err(multipart_err(e));
+                }
+            };
+            if w.written() + chunk.len() as u64 > max {
+                w.abort().await;
+                return Err(ApiError::too_large(format!(
+                    "the file is larger than {max} bytes (http.max_upload_bytes)"
+                )));
+            }
+            if w.written() >= next_check {
+                next_check += ROOM_CHECK_EVERY;
+                if let Err(e) = check_room(st, 0) {
+                    w.abort().await;
+                    return Err(e);
+                }
+            }
+            if let Err(e) = w.write(chunk).await {
+                w.abort().await;
+                return Err(write_failed(st, e, "writing upload", UPLOAD_NOT_STORED));
+            }
+        }
+        w.finish()
+            .await
+            .map_err(|e| write_failed(st, e, "finishing upload", UPLOAD_NOT_STORED))
+    }
 }
 
 /// What the upload's signature (if it had one) says of the staged image: checked while it
