@@ -94,14 +94,14 @@ impl std::fmt::Display for Listen {
     }
 }
 
-/// Who carries the server's messages to devices (`mqtt.engine`).
+/// Which broker carries MQTT traffic (`mqtt.engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MqttEngine {
-    /// The front door routes them itself: one socket and a few KB per device.
+    /// The built-in broker: OTA and the site's general traffic, one socket per client.
     #[default]
     Direct,
-    /// The embedded rumqttd behind the front door (three sockets, ~60 KB per device).
+    /// Removed (the embedded rumqttd): refused at start with the reason.
     Rumqttd,
 }
 
@@ -237,10 +237,33 @@ pub struct MqttConfig {
     pub max_pending_connections: usize,
     /// Most of those from one source address.
     pub max_pending_per_address: usize,
-    /// Largest MQTT packet a device may send, bytes.
+    /// Largest MQTT packet a client may send, bytes.
     pub max_packet_bytes: usize,
-    /// Who carries messages to devices.
+    /// Which broker carries MQTT traffic.
     pub engine: MqttEngine,
+    /// A `mosquitto_passwd` file of application users, besides those in the store ("" = none).
+    pub password_file: String,
+    /// A mosquitto `acl_file` for general topics ("" = general topics closed to everyone).
+    pub acl_file: String,
+    /// MQTTS clients must present a certificate signed by `client_ca_file`.
+    pub require_certificate: bool,
+    /// The certificate's CN is the client's identity (a device id or a user name); no password.
+    pub use_identity_as_username: bool,
+    /// PEM file of the CA that signs client certificates (MQTTS, and device downloads over HTTPS).
+    pub client_ca_file: String,
+    /// Messages queued for one client (QoS 0 while connected; QoS 1/2 also while a persistent
+    /// session is offline); beyond it new ones are dropped and counted.
+    pub max_queued_messages: usize,
+    /// Bytes queued for one client, the same way (a flood of large messages stays bounded).
+    pub max_queued_bytes: usize,
+    /// QoS 1/2 messages sent to a client and not yet acknowledged.
+    pub max_inflight_messages: usize,
+    /// Retained messages kept; beyond it a new retained topic is delivered but not retained.
+    pub max_retained_messages: usize,
+    /// Bytes of retained payloads kept, the same way.
+    pub max_retained_bytes: usize,
+    /// Subscriptions of one client; beyond it SUBACK says 0x80.
+    pub max_subscriptions_per_client: usize,
 }
 
 /// `[auth]`
@@ -400,8 +423,19 @@ impl Default for MqttConfig {
             max_connections: 20_000,
             max_pending_connections: 2048,
             max_pending_per_address: 512,
-            max_packet_bytes: 256 * 1024,
+            max_packet_bytes: 1024 * 1024,
             engine: MqttEngine::Direct,
+            password_file: String::new(),
+            acl_file: String::new(),
+            require_certificate: false,
+            use_identity_as_username: false,
+            client_ca_file: String::new(),
+            max_queued_messages: 1000,
+            max_queued_bytes: 16 * 1024 * 1024,
+            max_inflight_messages: 20,
+            max_retained_messages: 100_000,
+            max_retained_bytes: 64 * 1024 * 1024,
+            max_subscriptions_per_client: 1000,
         }
     }
 }
@@ -644,6 +678,77 @@ impl MqttConfig {
             "mqtt.max_packet_bytes",
             "must be between 1024 and 268435456 (MQTT's limit)",
         )?;
+        ensure(
+            self.engine != MqttEngine::Rumqttd,
+            "mqtt.engine",
+            "\"rumqttd\" was removed: the built-in broker (\"direct\") now carries OTA and general traffic with persistence and ACLs; remove the key",
+        )?;
+        for (key, v, max) in [
+            (
+                "mqtt.max_queued_messages",
+                self.max_queued_messages,
+                1_000_000,
+            ),
+            (
+                "mqtt.max_inflight_messages",
+                self.max_inflight_messages,
+                65_535,
+            ),
+            (
+                "mqtt.max_retained_messages",
+                self.max_retained_messages,
+                10_000_000,
+            ),
+            (
+                "mqtt.max_subscriptions_per_client",
+                self.max_subscriptions_per_client,
+                1_000_000,
+            ),
+            ("mqtt.max_queued_bytes", self.max_queued_bytes, 1 << 40),
+            ("mqtt.max_retained_bytes", self.max_retained_bytes, 1 << 40),
+        ] {
+            ensure(
+                (1..=max).contains(&v),
+                key,
+                format!("must be between 1 and {max}"),
+            )?;
+        }
+        ensure(
+            !self.require_certificate || !self.client_ca_file.is_empty(),
+            "mqtt.require_certificate",
+            "needs mqtt.client_ca_file (the CA that signs client certificates)",
+        )?;
+        ensure(
+            !self.require_certificate || self.tls_listen.addr().is_some(),
+            "mqtt.require_certificate",
+            "needs mqtt.tls_listen: certificates are presented over MQTTS",
+        )?;
+        ensure(
+            !self.use_identity_as_username || self.require_certificate,
+            "mqtt.use_identity_as_username",
+            "needs mqtt.require_certificate = true",
+        )?;
+        for (key, path) in [
+            ("mqtt.password_file", &self.password_file),
+            ("mqtt.acl_file", &self.acl_file),
+            ("mqtt.client_ca_file", &self.client_ca_file),
+        ] {
+            if !path.is_empty() {
+                std::fs::metadata(path).map_err(|e| (key, format!("{path}: {e}")))?;
+            }
+        }
+        if !self.acl_file.is_empty() {
+            let text = std::fs::read_to_string(&self.acl_file)
+                .map_err(|e| ("mqtt.acl_file", format!("{}: {e}", self.acl_file)))?;
+            crate::server::broker::acl::Acl::parse(&text)
+                .map_err(|e| ("mqtt.acl_file", format!("{}: {e}", self.acl_file)))?;
+        }
+        if !self.password_file.is_empty() {
+            let text = std::fs::read_to_string(&self.password_file)
+                .map_err(|e| ("mqtt.password_file", format!("{}: {e}", self.password_file)))?;
+            crate::server::broker::users::PasswordFile::parse(&text)
+                .map_err(|e| ("mqtt.password_file", format!("{}: {e}", self.password_file)))?;
+        }
         let fixed = [http.listen, self.listen, self.tls_listen]
             .into_iter()
             .filter(|l| l.fixed())
@@ -835,6 +940,7 @@ mod tests {
             ("[tls]\ncert = \"/x.pem\"\n", "tls.key"),
             ("[mqtt]\ntopic_prefix = \"a/b\"\n", "mqtt.topic_prefix"),
             ("[mqtt]\nengine = \"mosquitto\"\n", "mqtt.engine"),
+            ("[mqtt]\nengine = \"rumqttd\"\n", "mqtt.engine"),
             ("[auth]\nadmin_token = \"short\"\n", "auth.admin_token"),
             ("[auth]\nurl_ttl_secs = 0\n", "auth.url_ttl_secs"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
@@ -860,7 +966,7 @@ mod tests {
     #[test]
     fn addresses_and_enums_are_typed() {
         let c = Config::from_toml(
-            "[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"[::1]:8883\"\nengine = \"rumqttd\"\n[log]\nformat = \"json\"\n",
+            "[http]\nlisten = \"127.0.0.1:0\"\nplain_listen = \"\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"[::1]:8883\"\nengine = \"direct\"\n[log]\nformat = \"json\"\n",
             "f.toml",
         )
         .unwrap();
@@ -873,7 +979,7 @@ mod tests {
         );
         assert_eq!(
             (c.mqtt.engine, c.log.format),
-            (MqttEngine::Rumqttd, LogFormat::Json)
+            (MqttEngine::Direct, LogFormat::Json)
         );
         // and they print as they are written
         let text = toml::to_string(&c).unwrap();

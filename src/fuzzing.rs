@@ -12,10 +12,10 @@ use crate::server::broker::packet;
 /// Largest packet the MQTT target accepts (like a small `mqtt.max_packet_bytes`).
 const MAX_PACKET: usize = 64 * 1024;
 
-/// MQTT framing and what the front door does with each frame: the 3.1.1 checks, the PUBLISH
-/// header, rumqttd's CONNECT/SUBSCRIBE decoding, topic classification and both device JSON
-/// protocols on every PUBLISH payload ([`mqtt_session`] follows one connection's login and ACL). The input arrives in chunks whose sizes come from the
-/// input itself, as from a socket.
+/// MQTT framing and decoding with every 3.1.1 check, topic classification and both device
+/// JSON protocols on every PUBLISH payload ([`mqtt_session`] follows one connection's login
+/// and the OTA rules). What decodes encodes back to a packet that decodes the same. The input
+/// arrives in chunks whose sizes come from the input itself, as from a socket.
 pub fn mqtt_stream(data: &[u8]) {
     let Some((&split, rest)) = data.split_first() else {
         return;
@@ -26,15 +26,21 @@ pub fn mqtt_stream(data: &[u8]) {
         buf.extend_from_slice(chunk);
         loop {
             match packet::take_frame(&mut buf, MAX_PACKET) {
-                Ok(Some((ty, frame))) => {
-                    assert!(frame.len() <= MAX_PACKET + 5);
-                    if ty == packet::kind::PUBLISH
-                        && let Ok(p) = packet::parse_publish(&frame)
-                    {
+                Ok(Some((_, frame))) => {
+                    assert!(frame.len() <= MAX_PACKET);
+                    let Ok(p) = packet::decode(&frame) else {
+                        return; // the connection would be closed
+                    };
+                    if let packet::Packet::Publish(p) = &p {
                         device_report(&p.topic, &p.payload);
+                        let _ = protocol::is_ota_topic("hanqi", &p.topic);
                     }
-                    let _ = packet::decode(&frame, MAX_PACKET);
-                    let _ = packet::ack_pkid(&frame);
+                    let again = packet::encode_client(&p);
+                    assert_eq!(
+                        packet::decode(&again).as_ref(),
+                        Ok(&p),
+                        "re-encoding changed it"
+                    );
                 }
                 Ok(None) => break,
                 Err(_) => return, // the connection would be closed
@@ -51,6 +57,14 @@ impl crate::server::broker::Authenticator for FuzzDevices {
         match (username, password) {
             ("GW1", "gw-secret") => Some(("GW1".into(), protocol::Protocol::Gateway)),
             ("pk1&dn1", "ali-secret") => Some(("pk1/dn1".into(), protocol::Protocol::Alibaba)),
+            _ => None,
+        }
+    }
+
+    fn device(&self, name: &str) -> Option<(String, protocol::Protocol)> {
+        match name {
+            "GW1" => Some(("GW1".into(), protocol::Protocol::Gateway)),
+            "pk1&dn1" | "pk1/dn1" => Some(("pk1/dn1".into(), protocol::Protocol::Alibaba)),
             _ => None,
         }
     }

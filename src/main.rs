@@ -116,6 +116,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tasks(a) => hangar::cli::tasks(&cli.global, a).await?,
         Command::Campaign(c) => hangar::cli::campaign(&cli.global.with(&c.api), c.cmd).await?,
         Command::User(c) => hangar::cli::users::user(&cli.global.with(&c.api), c.cmd).await?,
+        Command::MqttUser(c) => {
+            hangar::cli::users::mqtt_user(&cli.global.with(&c.api), c.cmd).await?
+        }
         Command::Audit(a) => hangar::cli::users::audit(&cli.global, a).await?,
         Command::Key(cmd) => hangar::cli::signing::key(cmd)?,
         Command::Bundle(c) => hangar::cli::bundles::bundle(&cli.global.with(&c.api), c.cmd).await?,

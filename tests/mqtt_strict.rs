@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::Server;
-use hangar::config::MqttEngine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -59,8 +58,9 @@ async fn dropped_for_protocol(s: &Server) -> u64 {
         .await as u64
 }
 
-async fn strict(engine: MqttEngine) {
-    let s = Server::start_with(|c| c.mqtt.engine = engine).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_close_the_connection() {
+    let s = Server::start().await;
     s.register("GW1", "gateway", "gw1-secret").await;
     let sub = |first: u8, pkid: u16, filter: &str, qos: Option<u8>| {
         let mut b = pkid.to_be_bytes().to_vec();
@@ -139,16 +139,6 @@ async fn strict(engine: MqttEngine) {
     let mut got = [0u8; 6];
     c.read_exact(&mut got).await.unwrap();
     assert_eq!(got, [0x20, 2, 0, 0, 0xD0, 0], "CONNACK then PINGRESP");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_packets_close_the_connection() {
-    strict(MqttEngine::Direct).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_packets_close_the_connection_through_rumqttd() {
-    strict(MqttEngine::Rumqttd).await;
 }
 
 /// Strangers holding idle sockets cannot lock a device out: only logged-in connections count

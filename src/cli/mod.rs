@@ -154,6 +154,8 @@ pub enum Command {
     Delta(DeltaCmd),
     /// Console users: add, list, passwd, role, delete.
     User(WithApi<users::UserCmd>),
+    /// MQTT application users of the site broker: add, list, delete.
+    MqttUser(WithApi<users::MqttUserCmd>),
     /// The audit log: who changed what, when, with what result (newest first).
     Audit(users::AuditArgs),
     /// Signing keys (minisign): generate.

@@ -1,5 +1,5 @@
-//! `hangar user add|list|passwd|delete` and `hangar audit`: console users and the audit log,
-//! through the admin API.
+//! `hangar user add|list|passwd|delete`, `hangar mqtt-user add|list|delete` and `hangar audit`:
+//! console users, the broker's application users and the audit log, through the admin API.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -50,6 +50,105 @@ pub enum UserCmd {
         /// The user.
         name: String,
     },
+}
+
+/// `hangar mqtt-user ...`
+#[derive(Debug, Subcommand)]
+pub enum MqttUserCmd {
+    /// Add an application user of the broker (the password is asked for, or read from
+    /// --password-file).
+    Add {
+        /// MQTT user name: 1-64 of A-Z a-z 0-9 _ . @ -
+        name: String,
+        /// Read the password from this file's first line instead of asking.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Print the API's JSON instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the application users (those of mqtt.password_file too).
+    List {
+        /// Print the API's JSON (an array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an application user (and close its connections).
+    Delete {
+        /// The user.
+        name: String,
+        /// Print the API's JSON instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A list of users as the API's JSON, or as a table of these (header, field) columns.
+fn print_users(list: &Value, json: bool, columns: &[(&str, &str)]) {
+    if json {
+        super::print_json(list);
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|u| columns.iter().map(|(_, f)| field(u, f)).collect())
+        .collect();
+    let headers: Vec<&str> = columns.iter().map(|(h, _)| *h).collect();
+    print_table(&headers, &rows, &[]);
+}
+
+/// Runs `hangar mqtt-user ...`.
+pub async fn mqtt_user(g: &Global, cmd: MqttUserCmd) -> Result<(), CliError> {
+    let client = Client::connect(&endpoint(g))?;
+    match cmd {
+        MqttUserCmd::Add {
+            name,
+            password_file,
+            json: as_json,
+        } => {
+            let password = password(password_file.as_deref())?;
+            let u = client
+                .post(
+                    "/api/mqtt/users",
+                    &[],
+                    &json!({"name": name, "password": password}),
+                )
+                .await?;
+            if as_json {
+                super::print_json(&u);
+            } else {
+                println!("added MQTT user {}", field(&u, "name"));
+            }
+        }
+        MqttUserCmd::List { json } => {
+            let list = client.get("/api/mqtt/users", &[]).await?;
+            print_users(
+                &list,
+                json,
+                &[
+                    ("NAME", "name"),
+                    ("SOURCE", "source"),
+                    ("CREATED", "createdAt"),
+                ],
+            );
+        }
+        MqttUserCmd::Delete { name, json } => {
+            let path = format!(
+                "/api/mqtt/users/{}",
+                percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC)
+            );
+            let u = client.delete(&path, &[]).await?;
+            if json {
+                super::print_json(&u);
+            } else {
+                println!("deleted MQTT user {name}; its connections were closed");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `hangar audit`
@@ -166,25 +265,16 @@ pub async fn user(g: &Global, cmd: UserCmd) -> Result<(), CliError> {
         }
         UserCmd::List { json } => {
             let list = client.get("/api/users", &[]).await?;
-            if json {
-                super::print_json(&list);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = list
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-                .iter()
-                .map(|u| {
-                    vec![
-                        field(u, "name"),
-                        field(u, "role"),
-                        field(u, "createdAt"),
-                        field(u, "passwordChangedAt"),
-                    ]
-                })
-                .collect();
-            print_table(&["NAME", "ROLE", "CREATED", "PASSWORD CHANGED"], &rows, &[]);
+            print_users(
+                &list,
+                json,
+                &[
+                    ("NAME", "name"),
+                    ("ROLE", "role"),
+                    ("CREATED", "createdAt"),
+                    ("PASSWORD CHANGED", "passwordChangedAt"),
+                ],
+            );
         }
         UserCmd::Passwd {
             name,

@@ -124,6 +124,21 @@ pub fn classify_report_topic(prefix: &str, topic: &str) -> Option<(Protocol, Str
     }
 }
 
+/// Whether a topic (or a filter, its wildcards taken literally) lies in the devices' OTA
+/// namespace — `{prefix}/gateway/*/command|report`, `/ota/device/...`, `/sys/*/*/thing/ota/...`
+/// — which the site's general traffic never enters: only a device's own topics are open to it,
+/// with the built-in rules.
+pub fn is_ota_topic(prefix: &str, topic: &str) -> bool {
+    let parts: Vec<&str> = topic.split('/').collect();
+    matches!(
+        parts.as_slice(),
+        [p, "gateway", _, "command" | "report"] if *p == prefix
+    ) || matches!(
+        parts.as_slice(),
+        ["", "ota", "device", ..] | ["", "sys", _, _, "thing", "ota", ..]
+    )
+}
+
 /// For anonymous (lab) mode: the device a command-topic filter belongs to.
 pub fn classify_command_filter(prefix: &str, filter: &str) -> Option<(Protocol, String)> {
     let parts: Vec<&str> = filter.split('/').collect();

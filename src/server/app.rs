@@ -96,6 +96,8 @@ pub struct App {
     /// The base URL put into links.
     pub public_url: String,
     cert: Arc<certs::ReloadableCert>,
+    /// The broker (its ACL and password file are reloaded on SIGHUP).
+    broker: Arc<Broker>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     store: Store,
@@ -387,14 +389,28 @@ impl Running<'_> {
         let devices = Arc::new(Devices::new(store.clone()));
         let (msg_tx, msg_rx) = tokio::sync::mpsc::channel(16 * 1024);
         let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
-        let mqtt_tls = certs::server_config(cert.clone(), &[]); // no ALPN: MQTT clients need none
+        // no ALPN: MQTT clients need none
+        let mqtt_tls = if config.mqtt.require_certificate {
+            certs::server_config_with_clients(
+                cert.clone(),
+                &[],
+                Path::new(&config.mqtt.client_ca_file),
+                certs::ClientCerts::Required,
+            )
+            .map_err(|e| StartError::Broker(format!("mqtt.client_ca_file: {e}")))?
+        } else {
+            certs::server_config(cert.clone(), &[])
+        };
         let broker = Arc::new(
             Broker::start(
                 config.mqtt.clone(),
-                Some(tokio_rustls::TlsAcceptor::from(mqtt_tls)),
-                devices.clone(),
-                msg_tx,
-                presence_tx,
+                crate::server::broker::Wiring {
+                    tls: Some(tokio_rustls::TlsAcceptor::from(mqtt_tls)),
+                    store: store.clone(),
+                    auth: devices.clone(),
+                    messages: msg_tx,
+                    presence: presence_tx,
+                },
                 shutdown.clone(),
                 tracker,
             )
@@ -586,6 +602,7 @@ impl App {
             ca_file: cert_paths.ca.clone(),
             public_url,
             cert,
+            broker: broker.clone(),
             shutdown,
             tracker,
             store,
@@ -603,13 +620,20 @@ impl App {
         self.shutdown.clone()
     }
 
-    /// Re-reads the TLS certificate files (SIGHUP).
-    pub fn reload_certificate(&self) {
+    /// Re-reads the TLS certificate files, `mqtt.acl_file` and `mqtt.password_file` (SIGHUP).
+    /// A file that does not parse keeps what was in force.
+    pub fn reload(&self) {
         match self.cert.reload() {
             Ok(()) => {
                 tracing::info!(cert = %self.cert.paths().cert.display(), "reloaded the TLS certificate")
             }
             Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
+        }
+        match self.broker.reload() {
+            Ok(()) => tracing::info!("reloaded mqtt.acl_file and mqtt.password_file"),
+            Err(e) => {
+                tracing::error!(error = %e, "MQTT ACL/password file reload failed; keeping the old ones")
+            }
         }
     }
 
@@ -638,7 +662,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let app = Arc::new(App::start(config).await?);
     let token = app.shutdown_token();
     let hup_app = app.clone();
-    let watcher = tokio::spawn(signals.watch(token.clone(), move || hup_app.reload_certificate()));
+    let watcher = tokio::spawn(signals.watch(token.clone(), move || hup_app.reload()));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     token.cancelled().await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

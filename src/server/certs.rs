@@ -259,6 +259,53 @@ pub fn server_config(cert: Arc<ReloadableCert>, alpn: &[&[u8]]) -> Arc<ServerCon
     Arc::new(cfg)
 }
 
+/// Whether a listener asks for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCerts {
+    /// A client without a certificate fails the handshake.
+    Required,
+    /// A certificate is verified if the client presents one.
+    Optional,
+}
+
+/// A server config that verifies client certificates against the CA(s) in `ca_file`.
+pub fn server_config_with_clients(
+    cert: Arc<ReloadableCert>,
+    alpn: &[&[u8]],
+    ca_file: &Path,
+    mode: ClientCerts,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let pem = |reason: String| TlsError::Pem {
+        path: ca_file.to_path_buf(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| pem(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem("no certificate in the file".into()));
+    }
+    for c in certs {
+        roots.add(c).map_err(|e| pem(e.to_string()))?;
+    }
+    let builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let verifier = match mode {
+        ClientCerts::Required => builder.build(),
+        ClientCerts::Optional => builder.allow_unauthenticated().build(),
+    }
+    .map_err(|e| pem(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,3 +51,16 @@ pub enum ServiceError {
     #[error("storage: {0}")]
     Io(#[from] std::io::Error),
 }
+
+impl From<crate::server::broker::users::UsersError> for ServiceError {
+    fn from(e: crate::server::broker::users::UsersError) -> ServiceError {
+        use crate::server::broker::users::UsersError as U;
+        match e {
+            U::BadName(_) | U::BadPassword => ServiceError::Invalid(e.to_string()),
+            U::Exists(_) | U::InFile(_) => ServiceError::Conflict(e.to_string()),
+            U::NotFound(_) => ServiceError::NotFound(e.to_string()),
+            U::Busy(b) => ServiceError::Busy(b.to_string()),
+            U::Store(s) => ServiceError::Store(s),
+        }
+    }
+}

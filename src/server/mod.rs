@@ -5,7 +5,7 @@
 //! in waves: pure cores and their driver), [`deltas`] (the delta service), [`traffic`] (bytes
 //! served); their storage: [`store`] (the only module that names sled), [`blobs`] (image files);
 //! their two doors: [`http`] (the only module that names hyper/axum) and [`broker`] (the only
-//! module that names rumqttd and MQTT framing); and the process around them: [`auth`] (admin
+//! module that speaks MQTT); and the process around them: [`auth`] (admin
 //! token, signed URLs), [`certs`] (generated or site certificates, reloaded on SIGHUP), [`error`]
 //! (the one service error), [`datadir`] (the data directory's lock), [`shutdown`] (signals),
 //! [`backup`] (backup tar and restore).

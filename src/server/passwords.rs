@@ -90,6 +90,14 @@ impl Passwords {
         r
     }
 
+    /// Runs other password work (the broker's PBKDF2 checks) in a slot, on the blocking pool.
+    pub async fn run_cpu<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, PasswordError> {
+        self.run(1, move |_| f()).await
+    }
+
     /// An argon2id hash of `password` in PHC string form, with a fresh salt.
     pub async fn hash(&self, password: String) -> Result<String, PasswordError> {
         let params = Params::default();

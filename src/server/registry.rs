@@ -670,6 +670,16 @@ impl Authenticator for Devices {
         (form_ok && !rec.secret_hash.is_empty() && secret_matches(&rec.secret_hash, password))
             .then_some((rec.id, rec.protocol))
     }
+
+    fn device(&self, name: &str) -> Option<(String, Protocol)> {
+        // a certificate's CN: the device id (`pk/dn` for Alibaba) or its login form (`pk&dn`)
+        let id = crate::protocol::id_from_username(name);
+        if !ids::valid_device_id(&id) {
+            return None;
+        }
+        let rec = self.store.get_device(&id).ok()??;
+        Some((rec.id, rec.protocol))
+    }
 }
 
 #[cfg(test)]

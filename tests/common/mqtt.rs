@@ -65,7 +65,7 @@ impl Device {
     ) -> Device {
         let mut o = MqttOptions::new(client_id, "localhost", port);
         o.set_keep_alive(Duration::from_secs(30));
-        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_max_packet_size(4 << 20, 4 << 20);
         if let Some((u, p)) = creds {
             o.set_credentials(u, p);
         }
@@ -179,6 +179,27 @@ impl Device {
             )
             .await
             .unwrap();
+    }
+
+    /// Publishes at QoS 1 what the server must refuse: it is acknowledged (MQTT 3.1.1 has no
+    /// refusal of a PUBLISH) and dropped, and the connection stays open.
+    pub async fn publish_refused(&mut self, topic: &str, payload: serde_json::Value) {
+        let before = self.acked.load(std::sync::atomic::Ordering::SeqCst);
+        self.publish(topic, payload).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.acked.load(std::sync::atomic::Ordering::SeqCst) <= before {
+            match tokio::time::timeout(Duration::from_millis(20), self.rx.recv()).await {
+                Ok(Some(Seen::Closed(e))) => {
+                    panic!("closed instead of dropping the publish on {topic}: {e}")
+                }
+                Ok(None) => panic!("event loop ended"),
+                _ => {}
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no PUBACK for {topic}"
+            );
+        }
     }
 
     /// The next application message (skipping acks), parsed as JSON.

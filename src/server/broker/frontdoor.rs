@@ -1,63 +1,56 @@
-//! The front door: every device connection, parsed packet by packet. CONNECT is authenticated,
-//! SUBSCRIBE and the will are checked against the device's topics, report PUBLISHes go to the
-//! OTA service (acknowledged once persisted). Then, by engine:
-//! - direct: one task per connection answers everything itself (SUBACK, UNSUBACK, PINGRESP) and
-//!   writes the frames [`super::routes`] queues for it; sessions are scoped to the device.
-//! - rumqttd: a task pair relays the connection to its own rumqttd connection; CONNECT is
-//!   rewritten (keep-alive handled here, client id scoped to the device), everything but reports
-//!   is forwarded, and downstream is framed only to interleave our acknowledgements and to spot
-//!   the SUBACK of the command topic.
+//! The front door: listeners, TLS, and the login of every connection. A CONNECT is decoded,
+//! its identity established — a client certificate's CN (`use_identity_as_username`), a device
+//! (user name and secret, checked against the registry), an application user (user name and
+//! password, from the store or `mqtt.password_file`), or nobody (`allow_anonymous`) — and its
+//! will checked; then [`super::connection`] serves the logged-in connection.
+//!
+//! OTA topics keep their built-in rules here ([`Access`]): a device may publish only on its
+//! own report topics and subscribe only to its own command topics; in lab mode an anonymous
+//! client speaks for the device its topics name. No ACL line changes that.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
-use rumqttd::protocol::{Connect, ConnectProperties, LastWill, LastWillProperties, Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::Downstream;
-use super::packet::{self, kind};
-use super::routes::Routes;
-use super::{BrokerError, Counters, DoorContext, InboundMessage, Presence};
+use super::acl::{Acl, Want};
+use super::packet::{self, FrameError, Packet};
+use super::router::Identity;
+use super::users::Checked;
+use super::{BrokerError, Counters, DoorContext};
 use crate::protocol::{self, Inbound, Protocol};
 use crate::ratelog::RateLog;
 
-static DENIED_LOG: RateLog = RateLog::new();
+pub(super) static DENIED_LOG: RateLog = RateLog::new();
 static ERROR_LOG: RateLog = RateLog::new();
 static VIOLATION_LOG: RateLog = RateLog::new();
 
-/// Why a device connection ended. Only a [`Closed::Violation`] is counted as a protocol error
+/// Why a connection ended. Only a [`Closed::Violation`] is counted as a protocol error
 /// (once, where the connection ends) and warned about; refusals at CONNECT are counted where
-/// they are decided ([`admit`]); the rest is logged at debug level.
+/// they are decided; the rest is logged at debug level.
 #[derive(Debug, thiserror::Error)]
-enum Closed {
+pub(super) enum Closed {
     /// A packet MQTT 3.1.1 says to close the connection for.
     #[error("MQTT protocol violation: {0}")]
     Violation(String),
     /// Refused at CONNECT (a CONNACK with the code was sent) or beyond a limit.
     #[error("{0}")]
     Refused(&'static str),
-    /// A publish on a topic that is not the device's (counted as an ACL denial).
-    #[error("publish not allowed")]
-    Denied,
-    /// The device's socket failed or stopped reading.
+    /// The client's socket failed or stopped reading.
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    /// An ordinary end: the device went away, its keep-alive expired, another connection took
-    /// its session, a report could not be persisted, the server stops.
+    /// An ordinary end: the client went away, its keep-alive expired, another connection took
+    /// its session, a message could not be persisted, the server stops.
     #[error("{0}")]
     Ended(String),
 }
 
 impl Closed {
-    fn ended(why: impl Into<String>) -> Closed {
+    pub(super) fn ended(why: impl Into<String>) -> Closed {
         Closed::Ended(why.into())
     }
 }
@@ -68,6 +61,13 @@ pub(super) fn bind(addr: crate::config::Listen, key: &str) -> Result<TcpListener
         .ok_or_else(|| BrokerError::Start(format!("{key} is off")))?;
     crate::net::bind_listener(at)
         .map_err(|e| BrokerError::Start(format!("cannot listen on {key} = {at}: {e}")))
+}
+
+/// The CN of a client certificate (the first of the chain rustls verified).
+fn certificate_cn(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 pub(super) async fn accept_loop(
@@ -93,40 +93,10 @@ pub(super) async fn accept_loop(
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            // Not yet authenticated: a place in the pre-auth gate, not a connection permit.
-            let ticket = ctx.preauth.admit(peer.ip());
-            let evicted = ticket.evicted.clone();
-            let deadline = ticket.deadline;
-            let work = async {
-                match tls {
-                    Some(acceptor) => {
-                        match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => serve(s, peer, &ctx, shutdown, ticket).await,
-                            Ok(Err(e)) => {
-                                Counters::inc(&ctx.counters.tls_handshake_failures);
-                                Err(Closed::ended(format!("TLS handshake: {e}")))
-                            }
-                            Err(_) => {
-                                Counters::inc(&ctx.counters.tls_handshake_failures);
-                                Err(Closed::ended("TLS handshake timed out"))
-                            }
-                        }
-                    }
-                    None => serve(stream, peer, &ctx, shutdown, ticket).await,
-                }
-            };
-            // one span per connection; `device` is filled in once it has logged in
-            let span = tracing::info_span!("mqtt", %peer, device = tracing::field::Empty);
-            let work = tracing::Instrument::instrument(work, span);
-            tokio::pin!(work);
-            let result = tokio::select! {
-                r = &mut work => r,
-                // (once logged in, the ticket is gone and nobody cancels this)
-                _ = evicted.cancelled() => {
-                    Err(Closed::ended("closed before logging in, to make room for a newer connection"))
-                }
-            };
-            match result {
+            // one span per connection; `client` is filled in once it has logged in
+            let span = tracing::info_span!("mqtt", %peer, client = tracing::field::Empty);
+            let life = Box::pin(life(stream, peer, tls, &ctx, shutdown));
+            match tracing::Instrument::instrument(life, span).await {
                 Err(Closed::Violation(what)) => {
                     Counters::inc(&ctx.counters.protocol_errors);
                     if let Some(suppressed) = VIOLATION_LOG.admit() {
@@ -140,16 +110,64 @@ pub(super) async fn accept_loop(
     }
 }
 
+/// A connection from accept to end: the pre-auth gate, TLS, login, then the connection. Every
+/// phase is boxed, so a connection holds only its current phase's state.
+async fn life(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    ctx: &Arc<DoorContext>,
+    shutdown: CancellationToken,
+) -> Result<(), Closed> {
+    // Not yet authenticated: a place in the pre-auth gate, not a connection permit.
+    let ticket = ctx.preauth.admit(peer.ip());
+    let evicted = ticket.evicted.clone();
+    let deadline = ticket.deadline;
+    let work = Box::pin(async move {
+        match tls {
+            Some(acceptor) => {
+                let handshake = Box::pin(tokio::time::timeout(deadline, acceptor.accept(stream)));
+                match handshake.await {
+                    Ok(Ok(s)) => {
+                        let cn = s
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| certificate_cn(c));
+                        Box::pin(serve(s, peer, cn, ctx, shutdown, ticket)).await
+                    }
+                    Ok(Err(e)) => {
+                        Counters::inc(&ctx.counters.tls_handshake_failures);
+                        Err(Closed::ended(format!("TLS handshake: {e}")))
+                    }
+                    Err(_) => {
+                        Counters::inc(&ctx.counters.tls_handshake_failures);
+                        Err(Closed::ended("TLS handshake timed out"))
+                    }
+                }
+            }
+            None => Box::pin(serve(stream, peer, None, ctx, shutdown, ticket)).await,
+        }
+    });
+    tokio::select! {
+        r = work => r,
+        // (once logged in, the ticket is gone and nobody cancels this)
+        _ = evicted.cancelled() => {
+            Err(Closed::ended("closed before logging in, to make room for a newer connection"))
+        }
+    }
+}
+
 /// Reads until one whole packet is buffered; `None` at end of stream.
 async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     max: usize,
+    counters: &Counters,
 ) -> Result<Option<(u8, Bytes)>, Closed> {
     loop {
-        if let Some(f) =
-            packet::take_frame(buf, max).map_err(|e| Closed::Violation(e.to_string()))?
-        {
+        if let Some(f) = take(buf, max, counters)? {
             return Ok(Some(f));
         }
         if buf.capacity() - buf.len() < 256 {
@@ -162,41 +180,41 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// Connects to rumqttd, waiting up to 5 s for it to listen (right after start-up).
-async fn connect_backend(addr: SocketAddr) -> Result<TcpStream, Closed> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match TcpStream::connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(Closed::ended(format!("embedded broker: {e}")));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+/// [`packet::take_frame`], an oversized packet counted.
+pub(super) fn take(
+    buf: &mut BytesMut,
+    max: usize,
+    counters: &Counters,
+) -> Result<Option<(u8, Bytes)>, Closed> {
+    packet::take_frame(buf, max).map_err(|e| {
+        if matches!(e, FrameError::TooLarge { .. }) {
+            Counters::inc(&counters.dropped_too_large);
         }
-    }
+        Closed::Violation(e.to_string())
+    })
 }
 
-/// How often the front door pings rumqttd on a device's behalf (its keep-alive is 65535 s).
-const BACKEND_PING: Duration = Duration::from_secs(6 * 3600);
-const PINGREQ: [u8; 2] = [0xC0, 0x00];
-/// Frames queued for one device connection (direct engine); more are dropped and counted.
-const OUTBOX: usize = 32;
-
-/// Who is on the other end, and what they may touch.
-struct Access {
-    /// Logged in (None: anonymous lab device, learnt from its topics).
-    known: Option<(String, Protocol)>,
-    topics: Option<protocol::DeviceTopics>,
+/// What a connection may do on the devices' OTA topics.
+#[derive(Debug, Clone)]
+pub(super) struct Access {
+    /// Logged in as a device.
+    pub known: Option<(String, Protocol)>,
+    pub topics: Option<protocol::DeviceTopics>,
+    /// Whether it speaks OTA at all: devices and anonymous lab clients do, users do not.
+    pub ota: bool,
 }
 
 impl Access {
     /// The device this connection speaks for from its CONNECT: its login, or — an anonymous
     /// lab device — the user name it gave, when that is a device id (`pk&dn` for Alibaba).
-    fn speaks_for(&self, login: Option<&rumqttd::protocol::Login>) -> Option<(String, Protocol)> {
+    pub fn speaks_for(&self, username: Option<&str>) -> Option<(String, Protocol)> {
         if let Some(k) = &self.known {
             return Some(k.clone());
         }
-        let user = login?.username.as_str();
+        if !self.ota {
+            return None;
+        }
+        let user = username?;
         let id = crate::protocol::id_from_username(user);
         let protocol = if user.contains('&') {
             Protocol::Alibaba
@@ -206,7 +224,11 @@ impl Access {
         crate::ids::valid_device_id(&id).then_some((id, protocol))
     }
 
-    fn publish_kind(&self, prefix: &str, topic: &str) -> Option<(String, Protocol, Inbound)> {
+    /// The device and report kind of an OTA report topic this connection may publish on.
+    pub fn publish_kind(&self, prefix: &str, topic: &str) -> Option<(String, Protocol, Inbound)> {
+        if !self.ota {
+            return None;
+        }
         match (&self.known, &self.topics) {
             (Some((id, proto)), Some(t)) => t
                 .publish
@@ -217,8 +239,16 @@ impl Access {
         }
     }
 
-    /// Some(is the command topic) if the filter is allowed.
-    fn subscribe_allowed(&self, prefix: &str, filter: &str) -> Option<(String, Protocol, bool)> {
+    /// Some(device, protocol, is its first command topic) if the filter is one of the OTA
+    /// command topics this connection may listen on.
+    pub fn subscribe_allowed(
+        &self,
+        prefix: &str,
+        filter: &str,
+    ) -> Option<(String, Protocol, bool)> {
+        if !self.ota {
+            return None;
+        }
         match (&self.known, &self.topics) {
             (Some((id, proto)), Some(t)) => t
                 .subscribe
@@ -233,54 +263,23 @@ impl Access {
     }
 }
 
-enum Local {
-    /// Send `kind(pkid)` once `done` fires (after the report is persisted).
-    Ack {
-        kind: u8,
-        pkid: u16,
-        done: oneshot::Receiver<()>,
-    },
-    /// Send these bytes now.
-    Write(Bytes),
-    /// Tell presence when the SUBACK with this packet id passes (device id, protocol).
-    WatchSuback {
-        pkid: u16,
-        id: String,
-        protocol: Protocol,
-    },
-}
-
-/// A device's accepted CONNECT.
-struct Login {
-    access: Access,
-    connect: Connect,
-    props: Option<ConnectProperties>,
-    will: Option<LastWill>,
-    will_props: Option<LastWillProperties>,
-    login: Option<rumqttd::protocol::Login>,
-    /// Who the connection speaks for, in logs ("anonymous" in lab mode).
-    scope: String,
-    /// The client id (a random one when the device sent none).
-    client: String,
-}
-
-impl Login {
-    /// Session key: the client id scoped to the device, so one device can never take over
-    /// another's session by reusing its client id.
-    fn session_key(&self) -> String {
-        use sha2::Digest;
-        let h = sha2::Sha256::new()
-            .chain_update(self.scope.as_bytes())
-            .chain_update([0u8])
-            .chain_update(self.client.as_bytes())
-            .finalize();
-        format!("d{}", &hex::encode(h)[..40])
-    }
+/// A logged-in connection's identity and CONNECT.
+pub(super) struct Login {
+    pub identity: Arc<Identity>,
+    pub access: Access,
+    /// The user name the client gave (an anonymous lab device says who it is with it).
+    pub username: Option<String>,
+    /// The client id (a random one when the client sent none).
+    pub client: String,
+    pub clean: bool,
+    pub keep_alive: u16,
+    pub will: Option<packet::Will>,
+    pub level: u8,
 }
 
 /// What a refused CONNECT is counted as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Counted {
+pub(super) enum Counted {
     AuthFailure,
     ProtocolError,
     AclDenied,
@@ -290,33 +289,38 @@ enum Counted {
 /// reason) and, for refusals worth a warning, what was refused (the user name, the will topic)
 /// as a log field.
 #[derive(Debug)]
-struct Refusal {
-    code: u8,
-    counted: Counted,
-    reason: &'static str,
-    warn_about: Option<String>,
+pub(super) struct Refusal {
+    pub code: u8,
+    pub counted: Counted,
+    pub reason: &'static str,
+    pub warn_about: Option<String>,
 }
 
-/// The decision on a decoded CONNECT, with no I/O: who the connection speaks for and what it
-/// may touch, or why it is refused.
-fn admit(
-    auth: &dyn super::Authenticator,
-    allow_anonymous: bool,
-    prefix: &str,
-    connect: &Connect,
-    will: Option<&LastWill>,
-    login: Option<&rumqttd::protocol::Login>,
-) -> Result<Access, Refusal> {
-    let known = login.and_then(|l| auth.authenticate(&l.username, &l.password));
-    if known.is_none() && !allow_anonymous {
-        let user = login.map(|l| l.username.as_str()).unwrap_or("");
-        return Err(Refusal {
-            code: if login.is_some() { 4 } else { 5 },
+impl Refusal {
+    fn auth(code: u8, user: &str) -> Refusal {
+        Refusal {
+            code,
             counted: Counted::AuthFailure,
             reason: "login refused",
             warn_about: Some(user.to_string()),
-        });
+        }
     }
+}
+
+/// The rules a CONNECT is decided by.
+pub(super) struct Rules<'a> {
+    pub prefix: &'a str,
+    pub acl: &'a Acl,
+}
+
+/// The decision on a CONNECT once its identity is known, with no I/O: what the connection may
+/// touch, or why it is refused (a client id rule, a will it may not publish).
+pub(super) fn admit(
+    rules: &Rules<'_>,
+    identity: &Identity,
+    known: Option<(String, Protocol)>,
+    connect: &packet::Connect,
+) -> Result<Access, Refusal> {
     if connect.client_id.is_empty() && !connect.clean_session {
         // MQTT 3.1.1 3.1.3-8: a session needs a client id to be found again
         return Err(Refusal {
@@ -329,27 +333,106 @@ fn admit(
     let access = Access {
         topics: known
             .as_ref()
-            .map(|(id, p)| protocol::device_topics(*p, prefix, id)),
+            .map(|(id, p)| protocol::device_topics(*p, rules.prefix, id)),
         known,
+        ota: !matches!(identity, Identity::User(_)),
     };
-    if let Some(w) = will {
-        let topic = String::from_utf8_lossy(&w.topic).into_owned();
-        if access.publish_kind(prefix, &topic).is_none() {
+    if let Some(w) = &connect.will {
+        let ota_will = access.publish_kind(rules.prefix, &w.topic).is_some();
+        let general_will = !protocol::is_ota_topic(rules.prefix, &w.topic)
+            && rules.acl.allows(
+                identity.acl_user(),
+                &connect.client_id,
+                &w.topic,
+                Want::Write,
+            );
+        if !ota_will && !general_will {
             return Err(Refusal {
                 code: 5,
                 counted: Counted::AclDenied,
                 reason: "will topic not allowed",
-                warn_about: Some(topic),
+                warn_about: Some(w.topic.clone()),
             });
         }
     }
     Ok(access)
 }
 
+/// Who the CONNECT speaks for: the certificate's CN (with `use_identity_as_username`), a
+/// device, an application user, or nobody; or why it is refused.
+async fn identify(
+    ctx: &DoorContext,
+    cert_cn: Option<&str>,
+    connect: &packet::Connect,
+) -> Result<(Identity, Option<(String, Protocol)>), Refusal> {
+    let s = &ctx.settings;
+    if s.use_identity_as_username
+        && let Some(cn) = cert_cn
+    {
+        // the CA vouched for the name: a registered device, else an application user
+        if let Some((id, p)) = ctx.auth.device(cn) {
+            let username = match p {
+                Protocol::Alibaba => id.replacen('/', "&", 1),
+                Protocol::Gateway => id.clone(),
+            };
+            return Ok((
+                Identity::Device {
+                    id: id.clone(),
+                    protocol: p,
+                    username,
+                },
+                Some((id, p)),
+            ));
+        }
+        return Ok((Identity::User(cn.to_string()), None));
+    }
+    let Some(user) = connect.username.as_deref() else {
+        return if s.allow_anonymous {
+            Ok((Identity::Anonymous, None))
+        } else {
+            Err(Refusal::auth(5, ""))
+        };
+    };
+    let password = connect.password.clone().unwrap_or_default();
+    let pw_text = std::str::from_utf8(&password).unwrap_or("");
+    if let Some((id, p)) = ctx.auth.authenticate(user, pw_text) {
+        return Ok((
+            Identity::Device {
+                id: id.clone(),
+                protocol: p,
+                username: user.to_string(),
+            },
+            Some((id, p)),
+        ));
+    }
+    match ctx.users.check(user, &password).await {
+        Checked::Ok => return Ok((Identity::User(user.to_string()), None)),
+        Checked::Wrong => return Err(Refusal::auth(4, user)),
+        Checked::Busy => {
+            return Err(Refusal {
+                code: 3,
+                counted: Counted::AuthFailure,
+                reason: "too many password checks at once",
+                warn_about: Some(user.to_string()),
+            });
+        }
+        Checked::Unknown => {}
+    }
+    if s.allow_anonymous {
+        // lab mode: an unknown name is an anonymous client (a lab device says who it is)
+        return Ok((Identity::Anonymous, None));
+    }
+    Err(Refusal::auth(
+        if connect.password.is_some() { 4 } else { 5 },
+        user,
+    ))
+}
+
 /// Replays a byte stream through the front door's decisions, as a fuzz target
 /// ([`crate::fuzzing::mqtt_session`]): framing with the 3.1.1 checks, the CONNECT decision
-/// against `auth`, then every PUBLISH topic and SUBSCRIBE filter against the ACL. Panics if
-/// the ACL ever lets a connection touch a topic that is not its device's.
+/// against `auth` and an ACL that opens everything, then every PUBLISH topic and SUBSCRIBE
+/// filter against the OTA rules. Panics if a connection could ever touch an OTA topic that is
+/// not its device's.
 pub(crate) fn replay_session(
     auth: &dyn super::Authenticator,
     allow_anonymous: bool,
@@ -358,39 +441,44 @@ pub(crate) fn replay_session(
     step: usize,
     max: usize,
 ) {
+    let open = Acl::parse("topic readwrite #\npattern readwrite #\n").expect("valid");
+    let rules = Rules { prefix, acl: &open };
     let mut buf = BytesMut::new();
     let mut access: Option<Access> = None;
     for chunk in data.chunks(step.max(1)) {
         buf.extend_from_slice(chunk);
         loop {
-            let (ty, frame) = match packet::take_frame(&mut buf, max) {
-                Ok(Some(f)) => f,
+            let frame = match packet::take_frame(&mut buf, max) {
+                Ok(Some((_, f))) => f,
                 Ok(None) => break,
                 Err(_) => return, // closed
             };
+            let Ok(p) = packet::decode(&frame) else {
+                return;
+            };
             let Some(id) = &access else {
-                if ty != kind::CONNECT {
-                    return;
-                }
-                let Ok(Packet::Connect(connect, _, will, _, login)) = packet::decode(&frame, max)
-                else {
+                let Packet::Connect(connect) = p else {
                     return;
                 };
-                match admit(
-                    auth,
-                    allow_anonymous,
-                    prefix,
-                    &connect,
-                    will.as_ref(),
-                    login.as_ref(),
-                ) {
-                    Ok(i) => {
-                        assert!(allow_anonymous || i.known.is_some());
-                        access = Some(i);
-                        continue;
-                    }
-                    Err(_) => return,
+                let user = connect.username.as_deref();
+                let pw = connect.password.as_deref().unwrap_or(&[]);
+                let known =
+                    user.and_then(|u| auth.authenticate(u, std::str::from_utf8(pw).unwrap_or("")));
+                let identity = match (&known, user) {
+                    (Some((id, p)), Some(u)) => Identity::Device {
+                        id: id.clone(),
+                        protocol: *p,
+                        username: u.to_string(),
+                    },
+                    _ if allow_anonymous => Identity::Anonymous,
+                    _ => return,
+                };
+                if let Ok(i) = admit(&rules, &identity, known, &connect) {
+                    assert!(allow_anonymous || i.known.is_some());
+                    access = Some(i);
+                    continue;
                 }
+                return;
             };
             let own = |dev: &str, p: Protocol| -> protocol::DeviceTopics {
                 if let Some((k, kp)) = &id.known {
@@ -406,12 +494,9 @@ pub(crate) fn replay_session(
                 );
                 protocol::device_topics(p, prefix, dev)
             };
-            match ty {
-                kind::CONNECT => return, // a second CONNECT closes the connection
-                kind::PUBLISH => {
-                    let Ok(p) = packet::parse_publish(&frame) else {
-                        return;
-                    };
+            match p {
+                Packet::Connect(_) => return, // a second CONNECT closes the connection
+                Packet::Publish(p) => {
                     if let Some((dev, proto, k)) = id.publish_kind(prefix, &p.topic) {
                         let t = own(&dev, proto);
                         assert!(
@@ -421,19 +506,12 @@ pub(crate) fn replay_session(
                         );
                     }
                 }
-                kind::SUBSCRIBE => {
-                    let Ok(Packet::Subscribe(sub, _)) = packet::decode(&frame, max) else {
-                        return;
-                    };
-                    for f in &sub.filters {
-                        if let Some((dev, proto, first)) = id.subscribe_allowed(prefix, &f.path) {
+                Packet::Subscribe(sub) => {
+                    for (f, _) in &sub.filters {
+                        if let Some((dev, proto, first)) = id.subscribe_allowed(prefix, f) {
                             let t = own(&dev, proto);
-                            assert!(
-                                t.subscribe.contains(&f.path),
-                                "{dev} may subscribe to {:?}",
-                                f.path
-                            );
-                            assert_eq!(first, t.subscribe[0] == f.path);
+                            assert!(t.subscribe.contains(f), "{dev} may subscribe to {f:?}");
+                            assert_eq!(first, t.subscribe[0] == *f);
                         }
                     }
                 }
@@ -449,6 +527,7 @@ async fn login<R, W>(
     wr: &mut W,
     buf: &mut BytesMut,
     peer: SocketAddr,
+    cert_cn: Option<&str>,
     ctx: &DoorContext,
     ticket: &super::preauth::Ticket,
 ) -> Result<Login, Closed>
@@ -457,31 +536,44 @@ where
     W: AsyncWrite + Unpin,
 {
     let max = ctx.settings.max_packet_bytes;
-    let prefix = &ctx.settings.topic_prefix;
-    let first = tokio::time::timeout(ticket.deadline, read_frame(rd, buf, max))
+    let first = tokio::time::timeout(ticket.deadline, read_frame(rd, buf, max, &ctx.counters))
         .await
         .map_err(|_| {
             Closed::ended(format!("no CONNECT within {} s", ticket.deadline.as_secs()))
         })??;
-    let Some((kind::CONNECT, frame)) = first else {
+    let Some((packet::kind::CONNECT, frame)) = first else {
         return Err(Closed::Violation("first packet is not CONNECT".into()));
     };
     ticket.spoke();
-    let Packet::Connect(connect, props, will, will_props, login) =
-        packet::decode(&frame, max).map_err(|e| Closed::Violation(format!("bad CONNECT: {e}")))?
-    else {
-        return Err(Closed::Violation("bad CONNECT".into()));
+    let connect = match packet::decode(&frame) {
+        Ok(Packet::Connect(c)) => c,
+        Err(FrameError::Version(level)) => {
+            // MQTT 5 understands its own CONNACK; older levels the 3.1.1 one (code 1)
+            let answer = if level == 5 {
+                packet::connack_v5_unsupported()
+            } else {
+                packet::connack(1)
+            };
+            let _ = wr.write_all(&answer).await;
+            Counters::inc(&ctx.counters.protocol_errors);
+            return Err(Closed::Refused("unsupported MQTT protocol level"));
+        }
+        Err(e) => return Err(Closed::Violation(format!("bad CONNECT: {e}"))),
+        Ok(_) => return Err(Closed::Violation("bad CONNECT".into())),
     };
-
-    let access = match admit(
-        ctx.auth.as_ref(),
-        ctx.settings.allow_anonymous,
-        prefix,
-        &connect,
-        will.as_ref(),
-        login.as_ref(),
-    ) {
-        Ok(access) => access,
+    let decided = match identify(ctx, cert_cn, &connect).await {
+        Ok((identity, known)) => {
+            let (_, acl) = ctx.router.acl();
+            let rules = Rules {
+                prefix: &ctx.settings.topic_prefix,
+                acl: &acl,
+            };
+            admit(&rules, &identity, known, &connect).map(|a| (identity, a))
+        }
+        Err(r) => Err(r),
+    };
+    let (identity, access) = match decided {
+        Ok(x) => x,
         Err(r) => {
             Counters::inc(match r.counted {
                 Counted::AuthFailure => &ctx.counters.auth_failures,
@@ -498,187 +590,29 @@ where
         }
     };
     Counters::inc(&ctx.counters.connections_accepted);
-    let scope = access
-        .known
-        .as_ref()
-        .map(|(id, _)| id.clone())
-        .unwrap_or_else(|| "anonymous".into());
     let client = if connect.client_id.is_empty() {
         let mut r = [0u8; 8];
         rand::fill(&mut r);
-        hex::encode(r)
+        format!("auto-{}", hex::encode(r))
     } else {
-        connect.client_id.clone()
+        connect.client_id
     };
     Ok(Login {
+        identity: Arc::new(identity),
         access,
-        connect,
-        props,
-        will,
-        will_props,
-        login,
-        scope,
+        username: connect.username,
         client,
+        clean: connect.clean_session,
+        keep_alive: connect.keep_alive,
+        will: connect.will,
+        level: connect.level,
     })
-}
-
-/// Per-connection state shared by both engines' upstream handling.
-struct Upstream<'a> {
-    ctx: &'a DoorContext,
-    peer: SocketAddr,
-    access: &'a Access,
-    scope: &'a str,
-    /// The device id announced to presence (None until known).
-    announced: Option<String>,
-}
-
-/// What to do with a SUBSCRIBE.
-enum Subscription {
-    /// Every filter is the device's own; with the device to mark ready if the command topic
-    /// is among them.
-    Allowed(rumqttd::protocol::Subscribe, Option<(String, Protocol)>),
-    /// Answer with this SUBACK (failure for every filter) and forward nothing.
-    Refused(Bytes),
-}
-
-/// A report's acknowledgement, sent once it is persisted.
-struct PendingAck {
-    kind: u8,
-    pkid: u16,
-    done: oneshot::Receiver<()>,
-}
-
-impl Upstream<'_> {
-    fn announce(&mut self, id: &str, protocol: Protocol) {
-        if self.announced.is_none() {
-            let _ = self.ctx.presence.send(Presence::Connected {
-                id: id.to_string(),
-                protocol,
-                ip: self.peer.ip().to_string(),
-                anonymous: self.access.known.is_none(),
-            });
-            self.announced = Some(id.to_string());
-        }
-    }
-
-    /// A device PUBLISH: checked against its report topics and handed to the OTA service.
-    async fn report(&mut self, frame: &Bytes) -> Result<Option<PendingAck>, Closed> {
-        let ctx = self.ctx;
-        let p = packet::parse_publish(frame).map_err(|e| Closed::Violation(e.to_string()))?;
-        let Some((device_id, proto, kind)) = self
-            .access
-            .publish_kind(&ctx.settings.topic_prefix, &p.topic)
-        else {
-            Counters::inc(&ctx.counters.acl_denied);
-            if let Some(suppressed) = DENIED_LOG.admit() {
-                tracing::warn!(
-                    topic = p.topic,
-                    device = self.scope,
-                    peer = %self.peer,
-                    suppressed,
-                    "MQTT publish refused: not one of the device's report topics"
-                );
-            }
-            return Err(Closed::Denied);
-        };
-        self.announce(&device_id, proto);
-        Counters::inc(&ctx.counters.messages_in);
-        let (done, wait) = if p.qos > 0 {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        let msg = InboundMessage {
-            device_id,
-            protocol: proto,
-            kind,
-            payload: p.payload,
-            authenticated: self.access.known.is_some(),
-            done,
-        };
-        if ctx.messages.send(msg).await.is_err() {
-            return Err(Closed::ended("server stopping"));
-        }
-        Ok(wait.map(|done| PendingAck {
-            kind: if p.qos == 1 {
-                kind::PUBACK
-            } else {
-                kind::PUBREC
-            },
-            pkid: p.pkid,
-            done,
-        }))
-    }
-
-    /// A SUBSCRIBE: every filter must be one of the device's command topics. A packet with any
-    /// other filter is refused as a whole (SUBACK 0x80 for each filter; counted and logged).
-    fn subscribe(&mut self, frame: &Bytes) -> Result<Subscription, Closed> {
-        let ctx = self.ctx;
-        let Ok(Packet::Subscribe(sub, _)) = packet::decode(frame, ctx.settings.max_packet_bytes)
-        else {
-            return Err(Closed::Violation("bad SUBSCRIBE".into()));
-        };
-        let mut watch = None;
-        for f in &sub.filters {
-            match self
-                .access
-                .subscribe_allowed(&ctx.settings.topic_prefix, &f.path)
-            {
-                Some((id, proto, true)) => watch = Some((id, proto)),
-                Some(_) => {}
-                None => {
-                    Counters::inc(&ctx.counters.acl_denied);
-                    if let Some(suppressed) = DENIED_LOG.admit() {
-                        tracing::warn!(
-                            filter = f.path,
-                            device = self.scope,
-                            peer = %self.peer,
-                            suppressed,
-                            "MQTT subscribe refused: not one of the device's command topics"
-                        );
-                    }
-                    return Ok(Subscription::Refused(packet::suback(
-                        sub.pkid,
-                        &vec![0x80; sub.filters.len()],
-                    )));
-                }
-            }
-        }
-        if let Some((id, protocol)) = &watch {
-            self.announce(id, *protocol);
-        }
-        Ok(Subscription::Allowed(sub, watch))
-    }
-
-    /// The device's will, on an unexpected end: the server is the only subscriber of report
-    /// topics, so it goes to the OTA service like any report.
-    async fn deliver_will(&mut self, will: &LastWill) {
-        let topic = String::from_utf8_lossy(&will.topic);
-        if let Some((device_id, protocol, kind)) = self
-            .access
-            .publish_kind(&self.ctx.settings.topic_prefix, &topic)
-        {
-            Counters::inc(&self.ctx.counters.messages_in);
-            let _ = self
-                .ctx
-                .messages
-                .send(InboundMessage {
-                    device_id,
-                    protocol,
-                    kind,
-                    payload: will.message.clone(),
-                    authenticated: self.access.known.is_some(),
-                    done: None,
-                })
-                .await;
-        }
-    }
 }
 
 async fn serve<S>(
     io: S,
     peer: SocketAddr,
+    cert_cn: Option<String>,
     ctx: &Arc<DoorContext>,
     shutdown: CancellationToken,
     ticket: super::preauth::Ticket,
@@ -688,9 +622,22 @@ where
 {
     let (mut rd, mut wr) = tokio::io::split(io);
     let mut buf = BytesMut::with_capacity(512);
-    let l = login(&mut rd, &mut wr, &mut buf, peer, ctx, &ticket).await?;
+    // each phase boxed: an idle connection's task holds only what its current phase needs
+    let l = Box::pin(login(
+        &mut rd,
+        &mut wr,
+        &mut buf,
+        peer,
+        cert_cn.as_deref(),
+        ctx,
+        &ticket,
+    ))
+    .await?;
     drop(ticket);
-    tracing::Span::current().record("device", l.scope.as_str());
+    tracing::Span::current().record(
+        "client",
+        format!("{} {}", l.identity.owner(), l.client).as_str(),
+    );
     // Only logged-in connections count against mqtt.max_connections.
     let Ok(_permit) = ctx.connections.try_acquire() else {
         if let Some(suppressed) = ERROR_LOG.admit() {
@@ -699,418 +646,20 @@ where
         let _ = wr.write_all(&packet::connack(3)).await;
         return Err(Closed::Refused("mqtt.max_connections reached"));
     };
-    let mut up = Upstream {
-        ctx,
-        peer,
-        access: &l.access,
-        scope: &l.scope,
-        announced: None,
-    };
-    let result = match &*ctx.backend {
-        Downstream::Direct(routes) => direct(rd, wr, buf, &l, &mut up, routes, shutdown).await,
-        Downstream::Rumqttd { addr, .. } => relay(rd, wr, buf, &l, &mut up, *addr, shutdown).await,
-    };
-    if let Some(id) = up.announced {
-        let _ = ctx.presence.send(Presence::Disconnected { id });
-    }
-    result
+    Box::pin(super::connection::run(rd, wr, buf, l, peer, ctx, shutdown)).await
 }
 
-/// How long a device may leave a frame unread before its connection is closed (a dead peer
+/// How long a client may leave a frame unread before its connection is closed (a dead peer
 /// would otherwise hold its task until TCP gives up, many minutes later).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Writes a frame to a device, giving up on one that stopped reading.
-async fn send<W: AsyncWrite + Unpin>(wr: &mut W, frame: &[u8]) -> std::io::Result<()> {
+/// Writes to a client, giving up on one that stopped reading.
+pub(super) async fn send<W: AsyncWrite + Unpin>(wr: &mut W, frame: &[u8]) -> std::io::Result<()> {
     match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(frame)).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            "the device read nothing for 30 s",
+            "the client read nothing for 30 s",
         )),
     }
-}
-
-/// The direct engine: one task answers the device and writes what the server routes to it.
-async fn direct<S>(
-    mut rd: tokio::io::ReadHalf<S>,
-    mut wr: tokio::io::WriteHalf<S>,
-    mut buf: BytesMut,
-    l: &Login,
-    up: &mut Upstream<'_>,
-    routes: &Routes,
-    shutdown: CancellationToken,
-) -> Result<(), Closed>
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let ctx = up.ctx;
-    let max = ctx.settings.max_packet_bytes;
-    let key = l.session_key();
-    let conn = routes.next_conn();
-    let taken_over = CancellationToken::new();
-    let (present, restored) = routes.open(&key, l.connect.clean_session, conn, taken_over.clone());
-    let (out, mut outbox) = mpsc::channel::<Bytes>(OUTBOX);
-    if let Err(e) = send(&mut wr, &packet::connack_accepted(present)).await {
-        routes.close(&key, conn);
-        return Err(e.into());
-    }
-    if let Some((id, p)) = l.access.speaks_for(l.login.as_ref()) {
-        up.announce(&id, p);
-    }
-    // A resumed session listens again on what it subscribed to before.
-    for (topic, qos) in &restored {
-        routes.subscribe(&key, conn, topic, *qos, &out);
-        if let Some((id, protocol, true)) = l
-            .access
-            .subscribe_allowed(&ctx.settings.topic_prefix, topic)
-        {
-            up.announce(&id, protocol);
-            let _ = ctx.presence.send(Presence::ready(id, protocol));
-        }
-    }
-
-    // MQTT 3.1.1 3.1.2.10: no packet for 1.5 x keep-alive closes the connection.
-    let idle = (l.connect.keep_alive > 0)
-        .then(|| Duration::from_millis(l.connect.keep_alive as u64 * 1500));
-    let far = Duration::from_secs(365 * 24 * 3600);
-    let expiry = tokio::time::sleep(idle.unwrap_or(far));
-    tokio::pin!(expiry);
-    let mut pending: FuturesOrdered<futures_util::future::BoxFuture<'static, Option<Bytes>>> =
-        FuturesOrdered::new();
-    let mut graceful = false;
-    let result: Result<(), Closed> = loop {
-        let frame = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Ok(()),
-            _ = taken_over.cancelled() => {
-                Counters::inc(&ctx.counters.session_takeovers);
-                break Err(Closed::ended("a new connection with the same client id took the session over"));
-            }
-            ack = pending.next(), if !pending.is_empty() => match ack {
-                Some(Some(b)) => {
-                    if let Err(e) = send(&mut wr, &b).await { break Err(e.into()); }
-                    continue;
-                }
-                // the report could not be persisted: let the device send it again
-                _ => break Err(Closed::ended("report not persisted")),
-            },
-            Some(b) = outbox.recv() => {
-                if let Err(e) = send(&mut wr, &b).await { break Err(e.into()); }
-                continue;
-            }
-            _ = &mut expiry => break Err(Closed::ended("keep-alive expired")),
-            f = read_frame(&mut rd, &mut buf, max) => f,
-        };
-        let (ty, frame) = match frame {
-            Ok(Some(f)) => f,
-            Ok(None) => break Err(Closed::ended("connection closed without DISCONNECT")),
-            Err(e) => break Err(e),
-        };
-        if let Some(d) = idle {
-            expiry.as_mut().reset(tokio::time::Instant::now() + d);
-        }
-        let answer = match ty {
-            kind::PUBLISH => match up.report(&frame).await {
-                Ok(Some(a)) => {
-                    pending.push_back(Box::pin(async move {
-                        a.done.await.ok().map(|_| packet::ack(a.kind, a.pkid))
-                    }));
-                    None
-                }
-                Ok(None) => None,
-                Err(e) => break Err(e),
-            },
-            // our QoS 2 acknowledgement of a report, second half
-            kind::PUBREL => Some(packet::ack(
-                kind::PUBCOMP,
-                packet::ack_pkid(&frame).unwrap_or(0),
-            )),
-            kind::SUBSCRIBE => {
-                let (sub, ready) = match up.subscribe(&frame) {
-                    Ok(Subscription::Allowed(sub, ready)) => (sub, ready),
-                    Ok(Subscription::Refused(suback)) => {
-                        if let Err(e) = send(&mut wr, &suback).await {
-                            break Err(e.into());
-                        }
-                        continue;
-                    }
-                    Err(e) => break Err(e),
-                };
-                let mut codes = Vec::with_capacity(sub.filters.len());
-                for f in &sub.filters {
-                    let qos = f.qos as u8;
-                    routes.subscribe(&key, conn, &f.path, qos, &out);
-                    codes.push(qos);
-                }
-                if let Err(e) = send(&mut wr, &packet::suback(sub.pkid, &codes)).await {
-                    break Err(e.into());
-                }
-                if let Some((id, protocol)) = ready {
-                    // after the SUBACK: a command published now reaches the device
-                    let _ = ctx.presence.send(Presence::ready(id, protocol));
-                }
-                None
-            }
-            kind::UNSUBSCRIBE => {
-                let Ok(Packet::Unsubscribe(u, _)) = packet::decode(&frame, max) else {
-                    break Err(Closed::Violation("bad UNSUBSCRIBE".into()));
-                };
-                for f in &u.filters {
-                    routes.unsubscribe(&key, conn, f);
-                }
-                Some(packet::unsuback(u.pkid))
-            }
-            kind::PINGREQ => Some(packet::pingresp()),
-            // acknowledgements of server PUBLISHes: the server sends QoS 0 only
-            kind::PUBACK | kind::PUBREC | kind::PUBCOMP => None,
-            kind::DISCONNECT => {
-                graceful = true;
-                break Ok(());
-            }
-            kind::CONNECT => break Err(Closed::Violation("second CONNECT".into())),
-            other => {
-                break Err(Closed::Violation(format!(
-                    "unexpected packet type {other} from a client"
-                )));
-            }
-        };
-        if let Some(b) = answer
-            && let Err(e) = send(&mut wr, &b).await
-        {
-            break Err(e.into());
-        }
-    };
-    routes.close(&key, conn);
-    drop(out);
-    if !graceful
-        && !shutdown.is_cancelled()
-        && let Some(w) = &l.will
-    {
-        up.deliver_will(w).await;
-    }
-    // Acknowledge what is being persisted, but never wait on a dead device for long.
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(Some(b)) = pending.next().await {
-            if send(&mut wr, &b).await.is_err() {
-                return;
-            }
-        }
-    })
-    .await;
-    let _ = wr.shutdown().await;
-    result
-}
-
-/// The rumqttd engine: relays the connection to a connection of its own to rumqttd.
-async fn relay<S>(
-    mut rd: tokio::io::ReadHalf<S>,
-    mut wr: tokio::io::WriteHalf<S>,
-    mut buf: BytesMut,
-    l: &Login,
-    up: &mut Upstream<'_>,
-    backend: SocketAddr,
-    shutdown: CancellationToken,
-) -> Result<(), Closed>
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let ctx = up.ctx;
-    let max = ctx.settings.max_packet_bytes;
-    // The front door enforces the device's keep-alive. Reports never reach rumqttd, so it gets
-    // the longest keep-alive MQTT allows (rumqttd refuses 0) and a PINGREQ of ours every few
-    // hours; the matching PINGRESPs are swallowed.
-    let keep_alive = l.connect.keep_alive;
-    let mut connect = l.connect.clone();
-    connect.keep_alive = u16::MAX;
-    // Scoped per device and hashed: rumqttd refuses client ids containing + $ # or /, which
-    // ids may hold.
-    connect.client_id = l.session_key();
-    let rewritten = packet::encode(Packet::Connect(
-        connect,
-        l.props.clone(),
-        l.will.clone(),
-        l.will_props.clone(),
-        l.login.clone(),
-    ))
-    .map_err(|e| Closed::ended(format!("rewriting CONNECT: {e}")))?;
-    let handshake = ctx
-        .backend_handshakes
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| Closed::ended("server stopping"))?;
-    let backend = connect_backend(backend).await?;
-    let _ = backend.set_nodelay(true);
-    let (mut brd, mut bwr) = backend.into_split();
-    bwr.write_all(&rewritten)
-        .await
-        .map_err(|e| Closed::ended(format!("embedded broker: {e}")))?;
-
-    if let Some((id, p)) = l.access.speaks_for(l.login.as_ref()) {
-        up.announce(&id, p);
-    }
-
-    // Downstream: broker -> device, plus our acknowledgements, in order.
-    let (local_tx, mut local_rx) = mpsc::channel::<Local>(64);
-    let presence = ctx.presence.clone();
-    let swallow = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let swallow_w = swallow.clone();
-    let writer = tokio::spawn(async move {
-        let mut handshake = Some(handshake); // released with rumqttd's first answer (CONNACK)
-        let mut bbuf = BytesMut::with_capacity(512);
-        let mut pending = FuturesOrdered::new();
-        let mut watched: Vec<(u16, String, Protocol)> = Vec::new();
-        loop {
-            tokio::select! {
-                biased;
-                msg = local_rx.recv() => match msg {
-                    Some(Local::Ack { kind, pkid, done }) => {
-                        pending.push_back(async move { done.await.ok().map(|_| packet::ack(kind, pkid)) });
-                    }
-                    Some(Local::Write(b)) => {
-                        if wr.write_all(&b).await.is_err() { break; }
-                    }
-                    Some(Local::WatchSuback { pkid, id, protocol }) => watched.push((pkid, id, protocol)),
-                    None => break,
-                },
-                Some(ack) = pending.next(), if !pending.is_empty() => match ack {
-                    Some(b) => if wr.write_all(&b).await.is_err() { break; },
-                    None => break, // the report could not be persisted: let the device retry
-                },
-                frame = read_frame(&mut brd, &mut bbuf, usize::MAX >> 4) => match frame {
-                    Ok(Some((ty, f))) => {
-                        handshake.take();
-                        if ty == kind::PINGRESP
-                            && swallow_w
-                                .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |n| n.checked_sub(1))
-                                .is_ok()
-                        {
-                            continue; // the answer to our own keep-alive ping
-                        }
-                        if ty == kind::SUBACK
-                            && let Some(pkid) = packet::ack_pkid(&f)
-                            && let Some(i) = watched.iter().position(|w| w.0 == pkid)
-                        {
-                            let (_, id, protocol) = watched.swap_remove(i);
-                            let _ = presence.send(Presence::ready(id, protocol));
-                        }
-                        if wr.write_all(&f).await.is_err() { break; }
-                    }
-                    _ => break,
-                },
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-
-    let idle = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
-    let mut qos2: HashSet<u16> = HashSet::new();
-    let mut backend_ping =
-        tokio::time::interval_at(tokio::time::Instant::now() + BACKEND_PING, BACKEND_PING);
-    let result: Result<(), Closed> = loop {
-        let next = async {
-            match idle {
-                Some(d) => tokio::time::timeout(d, read_frame(&mut rd, &mut buf, max))
-                    .await
-                    .map_err(|_| Closed::ended("keep-alive expired"))?,
-                None => read_frame(&mut rd, &mut buf, max).await,
-            }
-        };
-        let frame = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            _ = backend_ping.tick() => {
-                swallow.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if bwr.write_all(&PINGREQ).await.is_err() {
-                    break Err(Closed::ended("embedded broker closed"));
-                }
-                continue;
-            }
-            f = next => f,
-        };
-        let (ty, frame) = match frame {
-            Ok(Some(f)) => f,
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        };
-        match ty {
-            kind::PUBLISH => match up.report(&frame).await {
-                Ok(Some(a)) => {
-                    if a.kind == kind::PUBREC {
-                        qos2.insert(a.pkid);
-                    }
-                    if local_tx
-                        .send(Local::Ack {
-                            kind: a.kind,
-                            pkid: a.pkid,
-                            done: a.done,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        break Ok(());
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => break Err(e),
-            },
-            kind::PUBREL => {
-                // Only the device's own QoS 2 reports produce a PUBREL from it: answer it here.
-                let pkid = packet::ack_pkid(&frame).unwrap_or(0);
-                qos2.remove(&pkid);
-                if local_tx
-                    .send(Local::Write(packet::ack(kind::PUBCOMP, pkid)))
-                    .await
-                    .is_err()
-                {
-                    break Ok(());
-                }
-            }
-            kind::SUBSCRIBE => {
-                let watch = match up.subscribe(&frame) {
-                    Ok(Subscription::Allowed(_, w)) => w,
-                    Ok(Subscription::Refused(suback)) => {
-                        if local_tx.send(Local::Write(suback)).await.is_err() {
-                            break Ok(());
-                        }
-                        continue;
-                    }
-                    Err(e) => break Err(e),
-                };
-                if let Some((id, protocol)) = watch {
-                    let _ = local_tx
-                        .send(Local::WatchSuback {
-                            pkid: packet::ack_pkid(&frame).unwrap_or(0),
-                            id,
-                            protocol,
-                        })
-                        .await;
-                }
-                if bwr.write_all(&frame).await.is_err() {
-                    break Err(Closed::ended("embedded broker closed"));
-                }
-            }
-            kind::CONNECT => break Err(Closed::Violation("second CONNECT".into())),
-            kind::DISCONNECT => {
-                let _ = bwr.write_all(&frame).await;
-                break Ok(());
-            }
-            _ => {
-                if bwr.write_all(&frame).await.is_err() {
-                    break Err(Closed::ended("embedded broker closed"));
-                }
-            }
-        }
-    };
-    drop(local_tx);
-    let _ = bwr.shutdown().await;
-    // Let queued acknowledgements go out, but never wait on a dead device for long.
-    let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
-    }
-    result
 }

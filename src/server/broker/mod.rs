@@ -1,24 +1,29 @@
-//! The device broker: the only module that names rumqttd. A "front door" owns the device-facing
-//! listeners (MQTT and MQTTS); what flows *to* devices is carried by one of two engines
-//! (`mqtt.engine`): "direct" (default) — the front door routes the server's commands to the
-//! connections subscribed to them itself ([`routes`]: a device may only subscribe to its own
-//! exact command topics, so routing is a map lookup) — or "rumqttd", the embedded rumqttd on a
-//! private loopback port with one backend connection per device. Per connection the front door:
-//! terminates TLS with a handshake timeout (rumqttd 0.20 runs handshakes in its accept loop with
-//! none); authenticates CONNECT against the device registry (username = device id, password =
-//! secret; rumqttd's hook cannot see topics); enforces the per-device ACL on SUBSCRIBE, PUBLISH
-//! and the will (rumqttd has no ACL); takes device reports out of the stream and hands them to
-//! the OTA service, acknowledging QoS 1/2 only after they are persisted; and reports connect,
-//! "ready for commands" (SUBACK of the command topic) and disconnect (rumqttd has no callbacks).
-//! rumqttd's `Broker::start()` blocks forever with no shutdown: it lives as long as the process.
-//! Why two engines: rumqttd 0.20 costs ~60 KB and two extra sockets per device and accepts
-//! ~900 connections/s; the direct engine a few KB and one socket (BENCHMARKS.md).
+//! The site's MQTT broker, ours end to end: the only module that speaks MQTT framing. It
+//! carries the devices' OTA traffic with its built-in rules and the site's general traffic
+//! (telemetry, alarms, line commands, the applications that read them) beside it, on the same
+//! listeners.
+//!
+//! - [`frontdoor`]: listeners, TLS (client certificates as identity), the pre-auth gate
+//!   ([`preauth`]) and the login: a device (registry), an application user ([`users`]: the
+//!   store and a `mosquitto_passwd` file), or an anonymous client.
+//! - [`connection`]: one logged-in connection, packet by packet ([`packet`] is the codec).
+//! - [`router`]: sessions, subscriptions ([`topics`]), queues and retained messages, with
+//!   persistent state in the store.
+//! - [`acl`]: a mosquitto `acl_file` for general topics; OTA topics are not in its reach.
+//!
+//! Why our own broker rather than rumqttd or rmqtt: ARCHITECTURE.md ("broker") has the spike's
+//! figures — neither kept an acknowledged queued message across `kill -9`, and both cost more
+//! than 10 KB per idle device.
 
+pub mod acl;
+mod connection;
 mod frontdoor;
 pub(crate) use frontdoor::replay_session;
 pub mod packet;
 pub mod preauth;
-mod routes;
+pub mod router;
+pub mod topics;
+pub mod users;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,14 +34,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::MqttConfig;
 use crate::protocol::{Inbound, Protocol};
+use crate::server::store::Store;
 
-use crate::config::{MqttConfig, MqttEngine};
-
-/// Looks up device credentials; implemented by the device registry.
+/// Looks up devices; implemented by the device registry.
 pub trait Authenticator: Send + Sync + 'static {
     /// `Some((device id, protocol))` if the credentials are right.
     fn authenticate(&self, username: &str, password: &str) -> Option<(String, Protocol)>;
+    /// `Some((device id, protocol))` if a device of this id or login name is registered (a
+    /// client certificate's CN).
+    fn device(&self, name: &str) -> Option<(String, Protocol)>;
 }
 
 /// A report a device published, for the OTA service.
@@ -89,7 +97,7 @@ impl Presence {
     }
 }
 
-/// Counters of refusals and drops (exported as metrics later).
+/// Counters of traffic, refusals and drops (`/metrics`).
 #[derive(Debug, Default)]
 pub struct Counters {
     pub connections_accepted: AtomicU64,
@@ -97,14 +105,26 @@ pub struct Counters {
     pub acl_denied: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    /// PUBLISH packets received (reports and general traffic).
     pub messages_in: AtomicU64,
+    /// PUBLISH packets sent.
     pub messages_out: AtomicU64,
     pub publish_failures: AtomicU64,
-    /// Commands published while no connection listened on the topic (direct engine; the
-    /// device gets them when it subscribes again).
+    /// Commands published while no connection listened on the topic (the device gets them
+    /// when it subscribes again).
     pub publish_no_subscriber: AtomicU64,
     /// Sessions closed because a new connection with the same client id took them over.
     pub session_takeovers: AtomicU64,
+    /// Messages not queued: the client's queue was full.
+    pub dropped_queue_full: AtomicU64,
+    /// Retained messages not retained: the limit was reached.
+    pub dropped_retained_limit: AtomicU64,
+    /// Packets over `max_packet_bytes` (the connection is closed).
+    pub dropped_too_large: AtomicU64,
+    /// Subscriptions refused beyond `max_subscriptions_per_client`.
+    pub subscriptions_refused: AtomicU64,
+    /// Persistent sessions not kept because too many were stored.
+    pub sessions_not_kept: AtomicU64,
 }
 
 impl Counters {
@@ -116,13 +136,16 @@ impl Counters {
 /// Why a publish to devices failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// The embedded broker refused it.
-    #[error("broker link: {0}")]
+    /// Nobody could take it.
+    #[error("broker: {0}")]
     Link(String),
     /// Starting failed.
     #[error("{0}")]
     Start(String),
 }
+
+/// Persistent sessions kept for disconnected clients at most.
+const MAX_STORED_SESSIONS: usize = 200_000;
 
 /// The running broker.
 pub struct Broker {
@@ -134,145 +157,107 @@ pub struct Broker {
     pub counters: Arc<Counters>,
     /// Connections that have not logged in yet.
     pub preauth: Arc<preauth::PreAuth>,
-    downstream: Arc<Downstream>,
+    /// Sessions, subscriptions, queues, retained messages.
+    pub router: Arc<router::Router>,
+    /// Application users.
+    pub users: Arc<users::Users>,
+    settings: MqttConfig,
 }
 
-/// What carries messages to devices, shared by the publisher and every front-door connection.
-pub(crate) enum Downstream {
-    Direct(Arc<routes::Routes>),
-    Rumqttd {
-        /// rumqttd's private loopback listener (front-door connections relay to it).
-        addr: SocketAddr,
-        /// The in-process server link (commands are published through it).
-        link: tokio::sync::Mutex<rumqttd::local::LinkTx>,
-    },
-}
-
-/// Everything a front-door connection needs.
+/// Everything a connection needs.
 pub(crate) struct DoorContext {
     pub settings: MqttConfig,
-    pub backend: Arc<Downstream>,
     pub auth: Arc<dyn Authenticator>,
+    pub users: Arc<users::Users>,
+    pub router: Arc<router::Router>,
+    pub store: Store,
     pub messages: mpsc::Sender<InboundMessage>,
     pub presence: mpsc::UnboundedSender<Presence>,
     pub counters: Arc<Counters>,
     pub connections: tokio::sync::Semaphore,
     /// Connections that have not logged in yet ([`preauth`]).
     pub preauth: Arc<preauth::PreAuth>,
-    /// Connections to rumqttd still waiting for its CONNACK. Bounded so that rumqttd's accept
-    /// queue (1024) never overflows: dropped SYNs cost seconds of TCP retransmission backoff.
-    /// Measured with bench/mqtt.sh at 6,600 devices: 128 -> 7.4 s, 256 -> 9.0 s, 900 -> 19.5 s.
-    pub backend_handshakes: Arc<tokio::sync::Semaphore>,
+    next_conn: AtomicU64,
 }
 
-fn reserve_loopback_port() -> std::io::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    l.local_addr()
-}
-
-fn rumqttd_config(backend: SocketAddr, s: &MqttConfig) -> rumqttd::Config {
-    let connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: 10_000,
-        max_payload_size: s.max_packet_bytes,
-        max_inflight_count: 100,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let server = rumqttd::ServerSettings {
-        name: "hangar-backend".into(),
-        listen: backend,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections,
-    };
-    rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: s.max_connections + 16,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 1024 * 1024,
-            max_segment_count: 10,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some([("hangar".to_string(), server)].into_iter().collect()),
-        ..Default::default()
+impl DoorContext {
+    /// A fresh connection number (never 0).
+    pub fn next_conn(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 
-/// Starts rumqttd in its own thread on a private loopback port, with a drained server link.
-/// No readiness probe (rumqttd logs every half-open probe as an error): the front door retries
-/// its first connection to the backend for a few seconds instead.
-fn start_rumqttd(
-    settings: &MqttConfig,
-    shutdown: CancellationToken,
-    tracker: &TaskTracker,
-) -> Result<(SocketAddr, rumqttd::local::LinkTx), BrokerError> {
-    let backend = reserve_loopback_port()
-        .map_err(|e| BrokerError::Start(format!("reserving a loopback port: {e}")))?;
-    let mut broker = rumqttd::Broker::new(rumqttd_config(backend, settings));
-    let (link_tx, mut link_rx) = broker
-        .link("hangar-server")
-        .map_err(|e| BrokerError::Start(format!("broker link: {e}")))?;
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            if let Err(e) = broker.start() {
-                tracing::error!(error = %e, "embedded MQTT broker stopped");
-            }
-        })
-        .map_err(|e| BrokerError::Start(format!("starting the broker thread: {e}")))?;
-    // The server link subscribes to nothing; drain it so the router never blocks on it.
-    let stop = shutdown.clone();
-    tracker.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = link_rx.next() => if !matches!(r, Ok(Some(_))) { return },
-            }
-        }
-    });
-    Ok((backend, link_tx))
+/// Reads `mqtt.acl_file` ("" = no lines: general topics closed).
+fn read_acl(path: &str) -> Result<acl::Acl, String> {
+    if path.is_empty() {
+        return Ok(acl::Acl::default());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("mqtt.acl_file {path}: {e}"))?;
+    acl::Acl::parse(&text).map_err(|e| format!("mqtt.acl_file {path}: {e}"))
+}
+
+/// What the broker is started with, besides its settings.
+pub struct Wiring {
+    /// MQTTS, when `mqtt.tls_listen` is on (verifying client certificates if required).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub store: Store,
+    pub auth: Arc<dyn Authenticator>,
+    pub messages: mpsc::Sender<InboundMessage>,
+    pub presence: mpsc::UnboundedSender<Presence>,
 }
 
 impl Broker {
-    /// Starts rumqttd on a private loopback port and the front door on the configured
-    /// listeners. Returns once everything accepts connections.
+    /// Loads the stored sessions and retained messages and starts the listeners. Returns once
+    /// they accept connections.
     pub async fn start(
         settings: MqttConfig,
-        tls: Option<tokio_rustls::TlsAcceptor>,
-        auth: Arc<dyn Authenticator>,
-        messages: mpsc::Sender<InboundMessage>,
-        presence: mpsc::UnboundedSender<Presence>,
+        w: Wiring,
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Broker, BrokerError> {
-        let downstream = Arc::new(match settings.engine {
-            MqttEngine::Direct => Downstream::Direct(Arc::new(routes::Routes::default())),
-            MqttEngine::Rumqttd => {
-                let (addr, link) = start_rumqttd(&settings, shutdown.clone(), tracker)?;
-                Downstream::Rumqttd {
-                    addr,
-                    link: tokio::sync::Mutex::new(link),
-                }
-            }
-        });
         let counters = Arc::new(Counters::default());
+        let acl = read_acl(&settings.acl_file).map_err(BrokerError::Start)?;
+        let users = Arc::new(
+            users::Users::load(w.store.clone(), &settings.password_file)
+                .map_err(BrokerError::Start)?,
+        );
+        let limits = router::Limits {
+            max_queued_messages: settings.max_queued_messages,
+            max_queued_bytes: settings.max_queued_bytes,
+            max_inflight_messages: settings.max_inflight_messages,
+            max_retained_messages: settings.max_retained_messages,
+            max_retained_bytes: settings.max_retained_bytes,
+            max_subscriptions_per_client: settings.max_subscriptions_per_client,
+            max_stored_sessions: MAX_STORED_SESSIONS,
+        };
+        let (store, c) = (w.store.clone(), counters.clone());
+        let router =
+            tokio::task::spawn_blocking(move || router::Router::load(store, limits, acl, c))
+                .await
+                .map_err(|e| BrokerError::Start(format!("loading the broker's state: {e}")))?
+                .map_err(|e| BrokerError::Start(format!("loading the broker's state: {e}")))?;
+        let router = Arc::new(router);
+        if users.count() > 0 && settings.acl_file.is_empty() {
+            tracing::warn!(
+                users = users.count(),
+                "MQTT application users exist but mqtt.acl_file is not set: general topics are closed to everyone (deny by default)"
+            );
+        }
         let ctx = Arc::new(DoorContext {
             connections: tokio::sync::Semaphore::new(settings.max_connections),
             preauth: preauth::PreAuth::new(
                 settings.max_pending_connections,
                 settings.max_pending_per_address,
             ),
-            backend_handshakes: Arc::new(tokio::sync::Semaphore::new(128)),
             settings: settings.clone(),
-            backend: downstream.clone(),
-            auth,
-            messages,
-            presence,
+            auth: w.auth,
+            users: users.clone(),
+            router: router.clone(),
+            store: w.store,
+            messages: w.messages,
+            presence: w.presence,
             counters: counters.clone(),
+            next_conn: AtomicU64::new(0),
         });
         let plain = frontdoor::bind(settings.listen, "mqtt.listen")?;
         let mqtt = plain
@@ -284,7 +269,7 @@ impl Broker {
             ctx.clone(),
             shutdown.clone(),
         ));
-        let mqtts = match (&tls, settings.tls_listen.addr().is_some()) {
+        let mqtts = match (&w.tls, settings.tls_listen.addr().is_some()) {
             (Some(acceptor), true) => {
                 let l = frontdoor::bind(settings.tls_listen, "mqtt.tls_listen")?;
                 let a = l
@@ -302,7 +287,7 @@ impl Broker {
         };
         if settings.allow_anonymous {
             tracing::warn!(
-                "mqtt.allow_anonymous = true: devices connect without credentials (labs only)"
+                "mqtt.allow_anonymous = true: clients connect without credentials (labs only)"
             );
         }
         Ok(Broker {
@@ -310,59 +295,52 @@ impl Broker {
             mqtts,
             counters,
             preauth: ctx.preauth.clone(),
-            downstream,
+            router,
+            users,
+            settings,
         })
     }
 
-    /// Publishes to devices at QoS 0. Direct engine: queued on every connection subscribed to
-    /// the topic, never waiting (a full queue is a failure, counted). rumqttd engine: into its
-    /// router, whose queue is bounded: this awaits room instead of blocking a runtime thread
-    /// (rumqttd's `try_publish` would leave the packet queued on failure, so retrying it would
-    /// send it twice).
+    /// Publishes an OTA command to the device connections listening on `topic`, at QoS 0,
+    /// never waiting (a full queue is a failure, counted).
     pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), BrokerError> {
-        match &*self.downstream {
-            Downstream::Direct(routes) => {
-                let d = routes.publish(&topic, &packet::publish_qos0(&topic, &payload));
-                if d.dropped > 0 {
-                    self.counters
-                        .publish_failures
-                        .fetch_add(d.dropped as u64, Ordering::Relaxed);
-                }
-                if d.delivered > 0 {
-                    Counters::inc(&self.counters.messages_out);
-                    Ok(())
-                } else if d.dropped > 0 {
-                    Err(BrokerError::Link(format!(
-                        "the device's queue on {topic} is full"
-                    )))
-                } else {
-                    Counters::inc(&self.counters.publish_no_subscriber);
-                    Err(BrokerError::Link(format!(
-                        "no connection of the device listens on {topic}"
-                    )))
-                }
-            }
-            Downstream::Rumqttd { link, .. } => {
-                let packet = rumqttd::protocol::Packet::Publish(
-                    rumqttd::protocol::Publish::new(
-                        Bytes::from(topic),
-                        Bytes::from(payload),
-                        false,
-                    ),
-                    None,
-                );
-                let r = link.lock().await.send(packet).await;
-                match r {
-                    Ok(_) => {
-                        Counters::inc(&self.counters.messages_out);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        Counters::inc(&self.counters.publish_failures);
-                        Err(BrokerError::Link(e.to_string()))
-                    }
-                }
-            }
+        let (delivered, dropped) = self.router.publish_command(&topic, &payload);
+        if dropped > 0 {
+            self.counters
+                .publish_failures
+                .fetch_add(dropped as u64, Ordering::Relaxed);
         }
+        if delivered > 0 {
+            Ok(())
+        } else if dropped > 0 {
+            Err(BrokerError::Link(format!(
+                "the device's queue on {topic} is full"
+            )))
+        } else {
+            Counters::inc(&self.counters.publish_no_subscriber);
+            Err(BrokerError::Link(format!(
+                "no connection of the device listens on {topic}"
+            )))
+        }
+    }
+
+    /// Re-reads `mqtt.acl_file` and `mqtt.password_file` (SIGHUP). A file that does not parse
+    /// keeps what was in force, and says why.
+    pub fn reload(&self) -> Result<(), String> {
+        let acl = read_acl(&self.settings.acl_file)?;
+        self.users.reload_file()?;
+        self.router.set_acl(acl);
+        Ok(())
+    }
+
+    /// Removes an application user and closes its connections.
+    pub async fn delete_user(
+        &self,
+        name: &str,
+    ) -> Result<crate::server::store::Durable<users::UserView>, users::UsersError> {
+        let gone = self.users.delete(name).await?;
+        self.router
+            .end_identity(&router::Identity::User(name.to_string()));
+        Ok(gone)
     }
 }

@@ -80,6 +80,8 @@ pub fn listed(method: &Method, path: &str) -> Option<Rule> {
         ("GET", "/api/ota/backup") => change(Admin, "backup.download"),
         ("GET", "/api/reports") => change(Admin, "report.export"),
         ("GET", "/api/users") => read(Admin),
+        ("GET", "/api/mqtt/users") => read(Admin),
+        ("GET", "/api/mqtt/clients") => read(Viewer),
         ("POST", "/api/auth/logout") => change(Viewer, "auth.logout"),
         ("POST", "/api/ota/firmware/upload") => change(Operator, "firmware.upload"),
         ("POST", "/api/ota/firmware/{version}/release") => change(Operator, "firmware.release"),
@@ -99,6 +101,8 @@ pub fn listed(method: &Method, path: &str) -> Option<Rule> {
         ("POST", "/api/users") => change(Admin, "user.add"),
         ("PATCH", "/api/users/{name}") => change(Admin, "user.change"),
         ("DELETE", "/api/users/{name}") => change(Admin, "user.delete"),
+        ("POST", "/api/mqtt/users") => change(Admin, "mqtt_user.add"),
+        ("DELETE", "/api/mqtt/users/{name}") => change(Admin, "mqtt_user.delete"),
         _ => return None,
     })
 }

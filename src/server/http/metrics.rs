@@ -136,15 +136,57 @@ fn devices_and_mqtt(reg: &mut Registry, st: &AppState) {
     counter(
         reg,
         "mqtt_messages_in",
-        "Device reports received",
+        "PUBLISH packets received (device reports and general traffic)",
         g(&b.messages_in),
     );
     counter(
         reg,
         "mqtt_messages_out",
-        "Messages sent to devices",
+        "PUBLISH packets sent",
         g(&b.messages_out),
     );
+    let z = st.broker.router.sizes();
+    let clients = Family::<Labels, Gauge>::default();
+    for (kind, n) in z.connected_by_kind {
+        clients
+            .get_or_create(&labels(&[("kind", kind)]))
+            .set(n as i64);
+    }
+    reg.register(
+        "mqtt_clients",
+        "Connected MQTT clients, by kind (device, user, anonymous)",
+        clients,
+    );
+    for (name, help, v) in [
+        (
+            "mqtt_sessions_stored",
+            "Persistent sessions of disconnected clients",
+            z.stored,
+        ),
+        (
+            "mqtt_subscriptions",
+            "Subscriptions (general filters and devices' command topics)",
+            z.subscriptions,
+        ),
+        ("mqtt_retained", "Retained messages", z.retained),
+        (
+            "mqtt_retained_bytes",
+            "Bytes of retained payloads",
+            z.retained_bytes,
+        ),
+        (
+            "mqtt_queued",
+            "Messages queued or in flight to clients",
+            z.queued,
+        ),
+        (
+            "mqtt_users",
+            "Application users (store and password_file)",
+            st.broker.users.count(),
+        ),
+    ] {
+        gauge(reg, name, help, v as i64);
+    }
     counter(
         reg,
         "mqtt_session_takeovers",
@@ -173,6 +215,11 @@ fn devices_and_mqtt(reg: &mut Registry, st: &AppState) {
         ("protocol_error", g(&b.protocol_errors)),
         ("publish_failure", g(&b.publish_failures)),
         ("no_subscriber", g(&b.publish_no_subscriber)),
+        ("queue_full", g(&b.dropped_queue_full)),
+        ("retained_limit", g(&b.dropped_retained_limit)),
+        ("too_large", g(&b.dropped_too_large)),
+        ("subscription_limit", g(&b.subscriptions_refused)),
+        ("session_not_kept", g(&b.sessions_not_kept)),
     ]) {
         dropped
             .get_or_create(&labels(&[("reason", reason)]))

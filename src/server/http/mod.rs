@@ -15,6 +15,7 @@ pub mod downloads_api;
 pub mod error;
 pub mod firmware_api;
 pub mod metrics;
+pub mod mqtt_api;
 pub mod partguard;
 pub mod refusal;
 pub mod stall;
@@ -203,6 +204,15 @@ pub fn router(state: AppState) -> Router {
             "/api/users/{name}",
             axum::routing::patch(accounts_api::change_user).delete(accounts_api::delete_user),
         )
+        .route(
+            "/api/mqtt/users",
+            get(mqtt_api::list_users).post(mqtt_api::add_user),
+        )
+        .route(
+            "/api/mqtt/users/{name}",
+            axum::routing::delete(mqtt_api::delete_user),
+        )
+        .route("/api/mqtt/clients", get(mqtt_api::clients))
         .route("/api/audit", get(accounts_api::audit))
         .route("/api/events", get(accounts_api::events))
         .route_layer(middleware::from_fn_with_state(state.clone(), access::guard));

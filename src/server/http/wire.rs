@@ -758,3 +758,86 @@ pub fn batch_event(b: &crate::server::events::Batch) -> (&'static str, String) {
     });
     ("changes", data.to_string())
 }
+
+/// An MQTT application user (never its hash).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttUserDto {
+    pub name: String,
+    /// `hangar` (made with `hangar mqtt-user add` or the API) or `password_file`.
+    pub source: &'static str,
+    /// Null for users of the password file.
+    pub created_at: Option<String>,
+}
+
+impl From<&crate::server::broker::users::UserView> for MqttUserDto {
+    fn from(u: &crate::server::broker::users::UserView) -> MqttUserDto {
+        use crate::server::broker::users::Source;
+        MqttUserDto {
+            name: u.name.clone(),
+            source: match u.source {
+                Source::Store => "hangar",
+                Source::File => "password_file",
+            },
+            created_at: u.created_at_ms.map(rfc3339_ms),
+        }
+    }
+}
+
+/// One subscription of an MQTT client.
+#[derive(Debug, Serialize)]
+pub struct MqttSubscriptionDto {
+    pub filter: String,
+    pub qos: u8,
+}
+
+/// A connected MQTT client.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttClientDto {
+    pub client_id: String,
+    /// `device`, `user` or `anonymous`.
+    pub kind: &'static str,
+    /// The device id or the user name (null for an anonymous client).
+    pub identity: Option<String>,
+    pub address: String,
+    /// `3.1.1` or `3.1`.
+    pub protocol: &'static str,
+    pub connected_at: String,
+    /// `clean_session = false`: the session outlives the connection.
+    pub persistent: bool,
+    pub subscriptions: Vec<MqttSubscriptionDto>,
+    /// Messages waiting to be sent.
+    pub queued: usize,
+    /// QoS 1/2 messages sent and not yet acknowledged.
+    pub inflight: usize,
+}
+
+impl From<&crate::server::broker::router::ClientView> for MqttClientDto {
+    fn from(c: &crate::server::broker::router::ClientView) -> MqttClientDto {
+        use crate::server::broker::router::Identity;
+        MqttClientDto {
+            client_id: c.client_id.clone(),
+            kind: c.identity.kind(),
+            identity: match &c.identity {
+                Identity::Device { id, .. } => Some(id.clone()),
+                Identity::User(n) => Some(n.clone()),
+                Identity::Anonymous => None,
+            },
+            address: c.peer.to_string(),
+            protocol: if c.level == 3 { "3.1" } else { "3.1.1" },
+            connected_at: rfc3339_ms(c.since_ms),
+            persistent: c.persistent,
+            subscriptions: c
+                .subscriptions
+                .iter()
+                .map(|(f, q)| MqttSubscriptionDto {
+                    filter: f.clone(),
+                    qos: *q,
+                })
+                .collect(),
+            queued: c.queued,
+            inflight: c.inflight,
+        }
+    }
+}

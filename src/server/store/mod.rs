@@ -12,15 +12,18 @@ use std::path::Path;
 use crate::server::events::Change;
 
 mod accounts;
+mod mqtt;
 mod trust;
 
 pub use trust::BundleCommit;
 
+pub use mqtt::{MqttWrite, StoredSession};
 pub use records::{
     AUDIT_CHECKPOINT_SCHEMA, AUDIT_SCHEMA, AuditCheckpoint, AuditRecord, Brake, BundleRecord,
     CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DELTA_SCHEMA,
     DEVICE_SCHEMA, DeltaRecord, DeltaStatus, DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord,
-    FirmwareSignature, FirmwareStatus, MemberStatus, QueuedMembers, Role, SESSION_SCHEMA,
+    FirmwareSignature, FirmwareStatus, MQTT_SCHEMA, MemberStatus, MqttMessageRecord,
+    MqttSessionRecord, MqttUserRecord, QueuedMembers, RetainedRecord, Role, SESSION_SCHEMA,
     SessionRecord, SignatureStatus, TASK_SCHEMA, TRUST_SCHEMA, TaskDelta, TaskEvent, TaskHead,
     TaskRecord, TaskStatus, TrustKeyRecord, USER_SCHEMA, UserRecord,
 };
@@ -150,6 +153,10 @@ struct Engine {
     trust_keys: sled::Tree,
     bundles: sled::Tree,
     sequences: sled::Tree,
+    mqtt_users: sled::Tree,
+    mqtt_retained: sled::Tree,
+    mqtt_sessions: sled::Tree,
+    mqtt_messages: sled::Tree,
 }
 
 /// Why the store cannot write, since when.
@@ -741,7 +748,15 @@ impl Engine {
         let trust_keys = db.open_tree("trust_keys")?;
         let bundles = db.open_tree("bundles")?;
         let sequences = db.open_tree("bundle_sequences")?;
+        let mqtt_users = db.open_tree("mqtt_users")?;
+        let mqtt_retained = db.open_tree("mqtt_retained")?;
+        let mqtt_sessions = db.open_tree("mqtt_sessions")?;
+        let mqtt_messages = db.open_tree("mqtt_messages")?;
         Ok(Engine {
+            mqtt_users,
+            mqtt_retained,
+            mqtt_sessions,
+            mqtt_messages,
             trust_keys,
             bundles,
             sequences,

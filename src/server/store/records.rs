@@ -772,3 +772,72 @@ pub struct BundleRecord {
     /// Ids of the campaigns it created.
     pub campaigns: Vec<String>,
 }
+
+/// Current schema version of the broker's records ([`MqttUserRecord`], [`RetainedRecord`],
+/// [`MqttSessionRecord`], [`MqttMessageRecord`]).
+pub const MQTT_SCHEMA: u32 = 1;
+
+/// An application user of the broker (a non-device MQTT client).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MqttUserRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// The MQTT user name.
+    pub name: String,
+    /// Password hash in `mosquitto_passwd`'s format (`$7$...`), so it can be exported as one.
+    pub hash: String,
+    /// Milliseconds since the epoch.
+    pub created_at_ms: i64,
+}
+
+/// A retained message, stored under its topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetainedRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// The topic.
+    pub topic: String,
+    /// The payload (never empty: an empty retained publish deletes the record).
+    pub payload: Vec<u8>,
+    /// Its QoS as published.
+    pub qos: u8,
+    /// When it was published, ms since the epoch.
+    pub at_ms: i64,
+}
+
+/// A persistent MQTT session (`clean_session = false`), stored under its key (a hash of the
+/// client's identity and client id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MqttSessionRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// The client id.
+    pub client_id: String,
+    /// Who owns it: `device:ID`, `user:NAME` or `anonymous`.
+    pub owner: String,
+    /// General subscriptions with their granted QoS.
+    pub subscriptions: Vec<(String, u8)>,
+    /// A device's own OTA command topics it listens on, with their QoS.
+    pub commands: Vec<(String, u8)>,
+    /// Milliseconds since the epoch the session was created.
+    pub created_at_ms: i64,
+}
+
+/// A QoS 1/2 message waiting in (or in flight to) a persistent session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MqttMessageRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// The topic.
+    pub topic: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// QoS it is delivered with.
+    pub qos: u8,
+    /// Retain flag as delivered.
+    pub retain: bool,
+    /// Packet id once sent (0: not sent yet).
+    pub pkid: u16,
+    /// QoS 2: the client acknowledged it with PUBREC; PUBREL is what is left to send.
+    pub released: bool,
+}
