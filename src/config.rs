@@ -251,10 +251,12 @@ pub struct MqttConfig {
     pub use_identity_as_username: bool,
     /// PEM file of the CA that signs client certificates (MQTTS, and device downloads over HTTPS).
     pub client_ca_file: String,
-    /// Messages queued for one client (QoS 0 while connected; QoS 1/2 also while a persistent
-    /// session is offline); beyond it new ones are dropped and counted.
+    /// QoS 1/2 messages queued for one client beyond those in flight (as mosquitto counts
+    /// them; while a persistent session is offline too); beyond it new ones are dropped and
+    /// counted.
     pub max_queued_messages: usize,
-    /// Bytes queued for one client, the same way (a flood of large messages stays bounded).
+    /// Bytes of messages (any QoS) queued or in flight to one client; beyond it new ones are
+    /// dropped and counted (a client that stops reading costs at most this much).
     pub max_queued_bytes: usize,
     /// QoS 1/2 messages sent to a client and not yet acknowledged.
     pub max_inflight_messages: usize,
@@ -737,18 +739,7 @@ impl MqttConfig {
                 std::fs::metadata(path).map_err(|e| (key, format!("{path}: {e}")))?;
             }
         }
-        if !self.acl_file.is_empty() {
-            let text = std::fs::read_to_string(&self.acl_file)
-                .map_err(|e| ("mqtt.acl_file", format!("{}: {e}", self.acl_file)))?;
-            crate::server::broker::acl::Acl::parse(&text)
-                .map_err(|e| ("mqtt.acl_file", format!("{}: {e}", self.acl_file)))?;
-        }
-        if !self.password_file.is_empty() {
-            let text = std::fs::read_to_string(&self.password_file)
-                .map_err(|e| ("mqtt.password_file", format!("{}: {e}", self.password_file)))?;
-            crate::server::broker::users::PasswordFile::parse(&text)
-                .map_err(|e| ("mqtt.password_file", format!("{}: {e}", self.password_file)))?;
-        }
+        // (their contents are parsed by the broker at start, which names the line it refuses)
         let fixed = [http.listen, self.listen, self.tls_listen]
             .into_iter()
             .filter(|l| l.fixed())

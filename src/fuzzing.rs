@@ -209,6 +209,83 @@ impl std::io::Write for Counting {
     }
 }
 
+/// The general path's rules: an acl_file (the input up to its first zero byte), then topic
+/// names and filters (the rest, split at newlines) against it and against the router's
+/// indexes. The subscription index finds exactly the filters that match a topic, the retained
+/// tree exactly the topics a filter matches, and a subscription the ACL grants whole never
+/// covers a topic the ACL would not let its client read.
+pub fn mqtt_general(data: &[u8]) {
+    use crate::server::broker::acl::{Acl, Grant, Want};
+    use crate::server::broker::topics::{self, Index, Tree};
+    let (acl_text, rest) = match data.iter().position(|b| *b == 0) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let Ok(acl) = Acl::parse(&String::from_utf8_lossy(acl_text)) else {
+        return;
+    };
+    let words: Vec<String> = String::from_utf8_lossy(rest)
+        .split('\n')
+        .take(64)
+        .map(|w| w.chars().take(64).collect())
+        .collect();
+    let filters: Vec<&str> = words
+        .iter()
+        .map(String::as_str)
+        .filter(|w| packet::valid_filter(w))
+        .collect();
+    let names: Vec<&str> = words
+        .iter()
+        .map(String::as_str)
+        .filter(|w| topics::valid_topic(w))
+        .collect();
+    let mut index = Index::default();
+    for (i, f) in filters.iter().enumerate() {
+        index.insert(f, i);
+    }
+    let mut tree = Tree::default();
+    for (i, t) in names.iter().enumerate() {
+        tree.insert(t, i);
+    }
+    for (ti, t) in names.iter().enumerate() {
+        let mut got = Vec::new();
+        index.lookup(t, &mut got);
+        let mut got: Vec<usize> = got.into_iter().copied().collect();
+        got.sort_unstable();
+        got.dedup();
+        let want: Vec<usize> = (0..filters.len())
+            .filter(|i| topics::matches(filters[*i], t))
+            .collect();
+        assert_eq!(got, want, "index lookup of {t:?}");
+        let _ = ti;
+    }
+    for f in &filters {
+        let mut got = Vec::new();
+        tree.matching(f, &mut got);
+        let mut got: Vec<&str> = got.into_iter().map(|i| names[*i]).collect();
+        got.sort_unstable();
+        got.dedup();
+        let mut want: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|t| topics::matches(f, t))
+            .collect();
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(got, want, "retained matching of {f:?}");
+        for (user, client) in [(Some("u1"), "c1"), (None, "c2")] {
+            if acl.grant(user, client, f) == Grant::All {
+                for t in names.iter().filter(|t| topics::matches(f, t)) {
+                    assert!(
+                        acl.allows(user, client, t, Want::Read),
+                        "{f:?} granted whole, but {t:?} is not readable"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// A fuzz target: any bytes in, no panic out.
 pub type Target = fn(&[u8]);
 
@@ -216,6 +293,7 @@ pub type Target = fn(&[u8]);
 pub const TARGETS: &[(&str, Target)] = &[
     ("mqtt_stream", mqtt_stream),
     ("mqtt_session", mqtt_session),
+    ("mqtt_general", mqtt_general),
     ("device_json", device_json),
     ("multipart", multipart),
     ("range", range),

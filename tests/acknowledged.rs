@@ -35,6 +35,8 @@ fn covered() -> Vec<(&'static str, &'static str)> {
         ("POST", "/api/users"),
         ("PATCH", "/api/users/{name}"),
         ("DELETE", "/api/users/{name}"),
+        ("POST", "/api/mqtt/users"),
+        ("DELETE", "/api/mqtt/users/{name}"),
         ("POST", "/api/auth/login"),
         ("POST", "/api/auth/logout"),
         ("POST", "/api/ota/bundles"),
@@ -331,6 +333,26 @@ async fn every_acknowledged_change_survives_a_kill_right_after_the_answer() {
     a.kill_and_restart().await;
     assert_eq!(a.get("/api/users").await.1["data"], json!([]));
     assert!(Path::new(&a.data()).exists());
+
+    // MQTT application users: add, delete
+    assert_ok(
+        "add MQTT user",
+        &a.call(
+            "POST",
+            "/api/mqtt/users",
+            Some(json!({"name": "historian", "password": "historian pw"})),
+        )
+        .await,
+    );
+    a.kill_and_restart().await;
+    let (_, users) = a.get("/api/mqtt/users").await;
+    assert_eq!(users["data"][0]["name"], "historian", "{users}");
+    assert_ok(
+        "delete MQTT user",
+        &a.call("DELETE", "/api/mqtt/users/historian", None).await,
+    );
+    a.kill_and_restart().await;
+    assert_eq!(a.get("/api/mqtt/users").await.1["data"], json!([]));
 }
 
 /// Signs in; the `name=value` of the session cookie.

@@ -473,3 +473,70 @@ async fn an_admin_registers_tags_and_tidies_up_from_the_browser() {
             .contains("Pause at failures")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_page_shows_clients_and_manages_application_users() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let files = tempfile::tempdir().unwrap();
+    let acl = files.path().join("acl");
+    std::fs::write(&acl, "user historian\ntopic read site/#\n").unwrap();
+    let s = Server::start_with(|c| c.mqtt.acl_file = acl.to_string_lossy().into_owned()).await;
+    add_user(&s, "ada", "admin", "ada's password").await;
+    b.go(&s.url("/login?next=%2Fbroker")).await;
+    sign_in(&b, &s, "ada", "ada's password").await;
+    b.until(
+        10,
+        "the broker page",
+        "return location.pathname === '/broker'",
+    )
+    .await;
+    // add an application user from the page
+    b.click_on("#mqtt-users summary").await;
+    b.type_in(
+        &b.find("#mqtt-user-form input[name=name]").await,
+        "historian",
+    )
+    .await;
+    b.type_in(
+        &b.find("#mqtt-user-form input[name=password]").await,
+        "historian pw 1",
+    )
+    .await;
+    b.click_on("#mqtt-user-form button[type=submit]").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.get_json("/api/mqtt/users").await.1["data"][0]["name"] != "historian" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the user was not added"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // it connects and subscribes: the page follows by itself (no reload)
+    let mut h = common::mqtt::Device::connect(
+        s.mqtt,
+        "historian-1",
+        Some(("historian", "historian pw 1")),
+        None,
+    )
+    .await;
+    h.expect_connected().await;
+    h.subscribe("site/#").await;
+    b.until(
+        15,
+        "the client in the table",
+        "return document.querySelector('#broker-client-table').textContent.includes('historian-1')",
+    )
+    .await;
+    assert!(b.text_of("#broker-client-table").await.contains("site/#"));
+    assert_eq!(b.text_of("#broker-clients").await.trim(), "1");
+    if let Some(dir) = shot_dir() {
+        b.screenshot(&dir.join("broker.png")).await;
+    }
+    // delete it from the page: its connection is closed
+    b.click_on("#mqtt-user-table button.danger").await;
+    b.accept_dialog().await;
+    h.expect_closed(10).await;
+    assert_eq!(s.get_json("/api/mqtt/users").await.1["data"], json!([]));
+}

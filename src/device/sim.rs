@@ -101,6 +101,13 @@ pub struct SimArgs {
     /// Alibaba devices ask firmware/get at start and every this many seconds (0: only at start).
     #[arg(long, default_value_t = 0)]
     pub get_interval: u64,
+    /// Every device also publishes one telemetry message this often, in seconds (0: none), at
+    /// QoS 1 on --telemetry-topic: what a site's gateways send beside their OTA traffic.
+    #[arg(long, default_value_t = 0.0)]
+    pub telemetry: f64,
+    /// Topic of the telemetry; `{id}` is the device's MQTT user name (`pk&dn` for Alibaba).
+    #[arg(long, default_value = "site/{id}/telemetry")]
+    pub telemetry_topic: String,
     /// Seconds without movement that count as idle for --until-idle.
     #[arg(long, default_value_t = 10, hide = true)]
     pub idle_secs: u64,
@@ -129,6 +136,7 @@ struct Stats {
     delta_fallbacks: AtomicU64,
     resumes: AtomicU64,
     dropped_messages: AtomicU64,
+    telemetry: AtomicU64,
     last_move_ms: AtomicI64,
 }
 
@@ -256,6 +264,7 @@ fn summary(sh: &Shared, finished: bool) -> serde_json::Value {
         "deltaFallbacks": g(&s.delta_fallbacks),
         "resumes": g(&s.resumes),
         "droppedMessages": g(&s.dropped_messages),
+        "telemetrySent": g(&s.telemetry),
         "elapsedSecs": (sh.start.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "finished": finished,
     })
@@ -432,11 +441,26 @@ async fn device(sh: Arc<Shared>, ident: Identity, n: usize, stop: CancellationTo
     let get_every = (sh.args.get_interval > 0).then(|| Duration::from_secs(sh.args.get_interval));
     let mut get_timer = tokio::time::interval(get_every.unwrap_or(Duration::from_secs(86400)));
     get_timer.tick().await;
+    let telemetry_every =
+        (sh.args.telemetry > 0.0).then(|| Duration::from_secs_f64(sh.args.telemetry));
+    let mut telemetry_timer =
+        tokio::time::interval(telemetry_every.unwrap_or(Duration::from_secs(86400)));
+    telemetry_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let telemetry_topic = sh.args.telemetry_topic.replace("{id}", &ident.username());
+    let mut seq = 0u64;
     loop {
         let ev = tokio::select! {
             _ = stop.cancelled() => break,
             _ = get_timer.tick(), if get_every.is_some() && up => {
                 if let Some(m) = firmware_get(&ident) { link.send(m).await; }
+                continue;
+            }
+            _ = telemetry_timer.tick(), if telemetry_every.is_some() && up => {
+                seq += 1;
+                let version = running.lock().expect("poisoned").version.clone();
+                let body = json!({"device": ident.id, "seq": seq, "at": crate::time::now_ms(), "version": version});
+                link.send((telemetry_topic.clone(), body.to_string().into_bytes())).await;
+                sh.stats.telemetry.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             ev = rx.recv() => match ev { Some(e) => e, None => break },

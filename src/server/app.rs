@@ -396,8 +396,7 @@ impl Running<'_> {
                 &[],
                 Path::new(&config.mqtt.client_ca_file),
                 certs::ClientCerts::Required,
-            )
-            .map_err(|e| StartError::Broker(format!("mqtt.client_ca_file: {e}")))?
+            )?
         } else {
             certs::server_config(cert.clone(), &[])
         };
@@ -561,7 +560,17 @@ impl App {
             max_bundle_bytes: config.http.max_bundle_bytes,
         });
         run.maintenance(&state);
-        let tls_config = certs::server_config(cert.clone(), &[b"h2", b"http/1.1"]);
+        // with a client CA, devices may download with their certificate instead of a token
+        let tls_config = if config.mqtt.client_ca_file.is_empty() {
+            certs::server_config(cert.clone(), &[b"h2", b"http/1.1"])
+        } else {
+            certs::server_config_with_clients(
+                cert.clone(),
+                &[b"h2", b"http/1.1"],
+                Path::new(&config.mqtt.client_ca_file),
+                certs::ClientCerts::Optional,
+            )?
+        };
         let send = http::SendLimit {
             after: Duration::from_secs(config.http.send_timeout_secs),
             cut: state.http_metrics.send_timeouts.clone(),

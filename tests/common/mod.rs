@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod mqtt;
+pub mod raw;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -573,13 +574,23 @@ impl Proc {
     /// [`Proc::spawn`] on these ports (https, http, mqtt, mqtts; 0 = any free one): a restart on
     /// the ports of the process before it, so devices and clients find it again.
     pub async fn spawn_on(dir: &Path, extra_toml: &str, ports: [u16; 4]) -> Proc {
+        Proc::spawn_with(dir, extra_toml, "", ports).await
+    }
+
+    /// [`Proc::spawn_on`] with more `[mqtt]` keys (`mqtt_toml`, lines of `key = value`).
+    pub async fn spawn_with(
+        dir: &Path,
+        extra_toml: &str,
+        mqtt_toml: &str,
+        ports: [u16; 4],
+    ) -> Proc {
         let config = dir.join("hangar.toml");
         let data = dir.join("data");
         let [https, http, mqtt, mqtts] = ports;
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:{https}\"\nplain_listen = \"127.0.0.1:{http}\"\n[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\ntls_listen = \"127.0.0.1:{mqtts}\"\n",
+                "data_dir = {:?}\n{extra_toml}\n[http]\nlisten = \"127.0.0.1:{https}\"\nplain_listen = \"127.0.0.1:{http}\"\n[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\ntls_listen = \"127.0.0.1:{mqtts}\"\n{mqtt_toml}\n",
                 data.to_string_lossy()
             ),
         )
@@ -684,6 +695,7 @@ pub struct Appliance {
     ports: [u16; 4],
     _dir: Option<tempfile::TempDir>,
     extra: String,
+    mqtt_extra: String,
     pub proc: Option<Proc>,
     pub http: reqwest::Client,
 }
@@ -699,12 +711,18 @@ impl Appliance {
 
     /// In `root` (which the caller keeps), with extra config text.
     pub async fn start_in(root: &Path, extra_toml: &str) -> Appliance {
-        let proc = Proc::spawn(root, extra_toml).await;
+        Appliance::start_with(root, extra_toml, "").await
+    }
+
+    /// In `root`, with extra config text and more `[mqtt]` keys.
+    pub async fn start_with(root: &Path, extra_toml: &str, mqtt_toml: &str) -> Appliance {
+        let proc = Proc::spawn_with(root, extra_toml, mqtt_toml, [0; 4]).await;
         Appliance {
             ports: [proc.https, proc.http, proc.mqtt, proc.mqtts],
             root: root.to_path_buf(),
             _dir: None,
             extra: extra_toml.to_string(),
+            mqtt_extra: mqtt_toml.to_string(),
             proc: Some(proc),
             http: reqwest::Client::new(),
         }
@@ -778,7 +796,7 @@ impl Appliance {
     /// to a real appliance after a crash).
     pub async fn restart(&mut self) {
         let ports = self.ports;
-        self.proc = Some(Proc::spawn_on(&self.root, &self.extra, ports).await);
+        self.proc = Some(Proc::spawn_with(&self.root, &self.extra, &self.mqtt_extra, ports).await);
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {

@@ -55,6 +55,32 @@ pub fn tls_config(data_dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
     )
 }
 
+/// [`tls_config`] presenting a client certificate (PEM chain and PKCS#8 key).
+pub fn tls_config_with_cert(
+    data_dir: &std::path::Path,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(data_dir.join("certs/ca.pem")).unwrap()
+    {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(hangar::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
+}
+
 impl Device {
     /// Connects; `tls` = Some(data_dir) for MQTTS (host must be "localhost").
     pub async fn connect(
@@ -63,15 +89,26 @@ impl Device {
         creds: Option<(&str, &str)>,
         tls: Option<&std::path::Path>,
     ) -> Device {
+        Device::connect_with(port, client_id, creds, tls.map(tls_config)).await
+    }
+
+    /// Connects over MQTTS with this TLS client config (a client certificate, say); plain MQTT
+    /// without one.
+    pub async fn connect_with(
+        port: u16,
+        client_id: &str,
+        creds: Option<(&str, &str)>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Device {
         let mut o = MqttOptions::new(client_id, "localhost", port);
         o.set_keep_alive(Duration::from_secs(30));
         o.set_max_packet_size(4 << 20, 4 << 20);
         if let Some((u, p)) = creds {
             o.set_credentials(u, p);
         }
-        if let Some(dir) = tls {
+        if let Some(cfg) = tls {
             o.set_transport(Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls_config(dir)),
+                rumqttc::TlsConfiguration::Rustls(cfg),
             ));
         }
         let (client, mut ev) = AsyncClient::new(o, 64);

@@ -63,13 +63,6 @@ pub(super) fn bind(addr: crate::config::Listen, key: &str) -> Result<TcpListener
         .map_err(|e| BrokerError::Start(format!("cannot listen on {key} = {at}: {e}")))
 }
 
-/// The CN of a client certificate (the first of the chain rustls verified).
-fn certificate_cn(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(str::to_string)
-}
-
 pub(super) async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -134,7 +127,7 @@ async fn life(
                             .1
                             .peer_certificates()
                             .and_then(|c| c.first())
-                            .and_then(|c| certificate_cn(c));
+                            .and_then(|c| crate::tls::certificate_cn(c));
                         Box::pin(serve(s, peer, cn, ctx, shutdown, ticket)).await
                     }
                     Ok(Err(e)) => {

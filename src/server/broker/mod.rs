@@ -133,6 +133,51 @@ impl Counters {
     }
 }
 
+/// Messages per second in and out over the last few seconds (the console's "Broker" page).
+#[derive(Debug, Default)]
+pub struct Rates {
+    /// f64 bits.
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+}
+
+impl Rates {
+    /// (in, out) messages per second.
+    pub fn get(&self) -> (f64, f64) {
+        (
+            f64::from_bits(self.messages_in.load(Ordering::Relaxed)),
+            f64::from_bits(self.messages_out.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Samples the counters every two seconds until shutdown.
+    async fn sample(self: Arc<Self>, counters: Arc<Counters>, shutdown: CancellationToken) {
+        const EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+        let read = || {
+            (
+                counters.messages_in.load(Ordering::Relaxed),
+                counters.messages_out.load(Ordering::Relaxed),
+            )
+        };
+        let mut last = (tokio::time::Instant::now(), read());
+        let mut tick = tokio::time::interval(EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = (tokio::time::Instant::now(), read());
+            let secs = now.0.duration_since(last.0).as_secs_f64().max(1e-3);
+            let rate = |a: u64, b: u64| (a.saturating_sub(b) as f64 / secs).to_bits();
+            self.messages_in
+                .store(rate(now.1.0, last.1.0), Ordering::Relaxed);
+            self.messages_out
+                .store(rate(now.1.1, last.1.1), Ordering::Relaxed);
+            last = now;
+        }
+    }
+}
+
 /// Why a publish to devices failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -161,6 +206,8 @@ pub struct Broker {
     pub router: Arc<router::Router>,
     /// Application users.
     pub users: Arc<users::Users>,
+    /// Messages per second.
+    pub rates: Arc<Rates>,
     settings: MqttConfig,
 }
 
@@ -290,7 +337,10 @@ impl Broker {
                 "mqtt.allow_anonymous = true: clients connect without credentials (labs only)"
             );
         }
+        let rates = Arc::new(Rates::default());
+        tracker.spawn(rates.clone().sample(counters.clone(), shutdown.clone()));
         Ok(Broker {
+            rates,
             mqtt,
             mqtts,
             counters,

@@ -201,6 +201,8 @@ struct Session {
     qos2_in: Vec<u16>,
     /// Memory held by `queue` and `inflight`.
     queued_bytes: usize,
+    /// QoS 1/2 messages in `queue` (what `max_queued_messages` counts, as mosquitto does).
+    queued_reliable: usize,
 }
 
 impl Session {
@@ -227,6 +229,7 @@ impl Session {
             next_seq: 1,
             qos2_in: Vec::new(),
             queued_bytes: 0,
+            queued_reliable: 0,
         }
     }
 
@@ -474,6 +477,7 @@ impl Router {
                         released: m.released,
                     });
                 } else {
+                    s.queued_reliable += 1;
                     s.queue.push_back(msg);
                 }
             }
@@ -752,7 +756,7 @@ impl Router {
             return None;
         }
         let cost = msg.cost();
-        if s.queue.len() + s.inflight.len() >= self.limits.max_queued_messages
+        if (msg.qos > 0 && s.queued_reliable >= self.limits.max_queued_messages)
             || s.queued_bytes + cost > self.limits.max_queued_bytes
         {
             Counters::inc(&self.counters.dropped_queue_full);
@@ -777,6 +781,7 @@ impl Router {
             });
         }
         s.queued_bytes += cost;
+        s.queued_reliable += (msg.qos > 0) as usize;
         s.queue.push_back(msg);
         if let Some(l) = &s.link {
             l.wake.notify_one();
@@ -1069,6 +1074,7 @@ impl Router {
                 s.queued_bytes -= m.cost();
                 continue;
             }
+            s.queued_reliable -= 1;
             let pkid = s.alloc_pkid();
             packet::put_publish(out, &m.topic, &m.payload, m.qos, pkid, m.retain, false);
             if m.seq != 0 {

@@ -6,7 +6,7 @@
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Uri, header};
+use axum::http::{Uri, header};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
@@ -16,16 +16,20 @@ use crate::ids;
 use crate::server::auth;
 use crate::server::traffic::Served;
 
-/// Who may download: the admin token, or a signed URL (bound to an upgrade task when it
-/// names one with `task=ID`).
+/// Who may download: the admin token, a signed URL (bound to an upgrade task when it names one
+/// with `task=ID`), or a device by its client certificate (its own device type's files).
 enum Access {
     Admin,
     Signed { task: Option<u64> },
+    Device { device_type: String },
 }
 
-/// The request's credentials, if they are valid: the admin token or a signed `?token=` for
-/// exactly this path (and this `task`, when the URL names one).
-fn access(st: &AppState, uri: &Uri, headers: &HeaderMap) -> Option<Access> {
+/// The request's credentials, if they are valid: the admin token, a signed `?token=` for
+/// exactly this path (and this `task`, when the URL names one), or a client certificate
+/// (verified by the HTTPS listener against `mqtt.client_ca_file`) whose CN is a registered
+/// device.
+fn access(st: &AppState, req: &axum::extract::Request) -> Option<Access> {
+    let (uri, headers) = (req.uri(), req.headers());
     if auth::bearer_matches(
         headers
             .get(header::AUTHORIZATION)
@@ -34,10 +38,19 @@ fn access(st: &AppState, uri: &Uri, headers: &HeaderMap) -> Option<Access> {
     ) {
         return Some(Access::Admin);
     }
-    let (token, task) = query_token(uri)?;
-    st.signer
-        .verify_for(uri.path(), &token, task, crate::time::now_secs())
-        .then_some(Access::Signed { task })
+    if let Some((token, task)) = query_token(uri)
+        && st
+            .signer
+            .verify_for(uri.path(), &token, task, crate::time::now_secs())
+    {
+        return Some(Access::Signed { task });
+    }
+    let cn = req.extensions().get::<super::ClientCert>()?.0.clone()?;
+    let id = crate::protocol::id_from_username(&cn);
+    let device = st.devices.get(&id).ok()?;
+    Some(Access::Device {
+        device_type: device.device_type,
+    })
 }
 
 /// The `token` and `task` query parameters (no allocation unless present); `None` without a
@@ -61,12 +74,12 @@ async fn serve_file(
     st: &AppState,
     file: Result<Path<String>, PathRejection>,
     req: axum::extract::Request,
-    resolve: impl AsyncFnOnce(String) -> Result<BlobMeta, ApiError>,
+    resolve: impl AsyncFnOnce(String) -> Result<(String, BlobMeta), ApiError>,
 ) -> Response {
-    let (method, uri, headers) = (req.method(), req.uri(), req.headers());
-    let Some(access) = access(st, uri, headers) else {
+    let (method, headers) = (req.method(), req.headers());
+    let Some(access) = access(st, &req) else {
         return ApiError::unauthorized(
-            "downloads need the admin token (Authorization: Bearer ...) or a valid signed URL (?token=...)",
+            "downloads need the admin token (Authorization: Bearer ...), a valid signed URL (?token=...) or a device's client certificate",
         )
         .into_response();
     };
@@ -85,7 +98,13 @@ async fn serve_file(
         Err(e) => return super::refusal::path_refused(&e).into_response(),
     };
     match resolve(file).await {
-        Ok(mut meta) => {
+        Ok((of_type, _)) if matches!(&access, Access::Device { device_type } if *device_type != of_type) => {
+            ApiError::forbidden(
+                "a device's certificate downloads the files of its own device type only",
+            )
+            .into_response()
+        }
+        Ok((_, mut meta)) => {
             meta.transfer = task.map(|id| st.ota.transfers().start(id));
             download::serve(meta, &st.fds, method, headers).await
         }
@@ -108,7 +127,7 @@ pub async fn firmware(
         let rec = st.firmware.get(device_type, version)?;
         let path = st.firmware.blob_path(&rec)?;
         let served = Served::Full(rec.device_type.clone(), rec.version.clone());
-        Ok(BlobMeta {
+        let meta = BlobMeta {
             path,
             size: rec.size,
             sha256: rec.sha256,
@@ -116,7 +135,8 @@ pub async fn firmware(
             counter: Some(st.traffic.counter(served, (rec.size, 0))),
             file_name,
             transfer: None,
-        })
+        };
+        Ok((rec.device_type, meta))
     })
     .await
 }
@@ -149,7 +169,7 @@ pub async fn delta(
         };
         let size = d.size.unwrap_or(0);
         let served = Served::Delta(d.device_type.clone(), d.from_version, d.to_version);
-        Ok(BlobMeta {
+        let meta = BlobMeta {
             path,
             size,
             sha256: d.sha256.unwrap_or_default(),
@@ -157,7 +177,8 @@ pub async fn delta(
             counter: Some(st.traffic.counter(served, (d.full_size, size))),
             file_name: file,
             transfer: None,
-        })
+        };
+        Ok((d.device_type, meta))
     })
     .await
 }

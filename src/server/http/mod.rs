@@ -260,6 +260,11 @@ async fn json_headers(mut resp: axum::response::Response) -> axum::response::Res
     resp
 }
 
+/// The CN of the client certificate the HTTPS listener verified for this connection (only when
+/// `mqtt.client_ca_file` is set: a device downloads with its certificate instead of a token).
+#[derive(Debug, Clone)]
+pub struct ClientCert(pub Option<Arc<str>>);
+
 /// The send timeout of a listener's connections and the counter of those it closed.
 #[derive(Clone)]
 pub struct SendLimit {
@@ -320,15 +325,21 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let stream = stall::SendTimeout::new(stream, send_timeout.after, send_timeout.cut.clone());
         let secure = tls.is_some();
-        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
-            router.clone(),
-            move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
-                req.extensions_mut().insert(accounts_api::Tls(secure));
-                req
-            },
-        ));
+        let router = router.clone();
+        // what every request of the connection carries: the peer, TLS, and the CN of a client
+        // certificate the listener verified (`mqtt.client_ca_file`)
+        let service = move |cn: Option<Arc<str>>| {
+            TowerToHyperService::new(tower::ServiceExt::map_request(
+                router,
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    req.extensions_mut().insert(accounts_api::Tls(secure));
+                    req.extensions_mut().insert(ClientCert(cn.clone()));
+                    req
+                },
+            ))
+        };
         let builder = builder.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
@@ -349,15 +360,22 @@ pub async fn serve(
                                 return;
                             }
                         };
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
+                    let cn = tls_stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| crate::tls::certificate_cn(c))
+                        .map(Arc::from);
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service(cn));
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
                     }
                 }
                 None => {
                     let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service(None));
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
                     }

@@ -9,6 +9,7 @@
 //! fleet costs a browser a few small requests a second.
 
 mod admin;
+mod broker;
 mod campaigns;
 mod firmware;
 mod fleet;
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/campaigns/new", get(campaigns::new))
         .route("/campaigns/{id}", get(campaigns::detail))
         .route("/statistics", get(admin::statistics))
+        .route("/broker", get(broker::page))
         .route("/audit", get(admin::audit))
         .route("/users", get(admin::users))
         .route_layer(middleware::from_fn_with_state(state, signed_in));
@@ -172,12 +174,14 @@ enum Nav {
     Firmware,
     Campaigns,
     Statistics,
+    Broker,
     Audit,
     Users,
 }
 
 /// The page around `content`. `watch` says which live changes refresh `#live`: `fleet`,
-/// `device:ID`, `firmware`, `campaigns`, `campaign:ID`, `audit`.
+/// `device:ID`, `firmware`, `campaigns`, `campaign:ID`, `audit`; `every:MS` refreshes it on a
+/// timer instead (the broker's figures change all the time).
 fn shell(who: &Principal, nav: Nav, title: &str, watch: &str, content: Markup) -> Response {
     let link = |n: Nav, href: &str, label: &str| {
         html! { a href=(href) aria-current=[(n == nav).then_some("page")] { (label) } }
@@ -194,6 +198,7 @@ fn shell(who: &Principal, nav: Nav, title: &str, watch: &str, content: Markup) -
                         (link(Nav::Firmware, "/firmware", "Firmware"))
                         (link(Nav::Campaigns, "/campaigns", "Campaigns"))
                         (link(Nav::Statistics, "/statistics", "Statistics"))
+                        (link(Nav::Broker, "/broker", "Broker"))
                         (link(Nav::Audit, "/audit", "Audit"))
                         @if who.role == Role::Admin {
                             (link(Nav::Users, "/users", "Users"))

@@ -85,6 +85,13 @@
   function follow() {
     const watch = document.body.dataset.watch;
     const dot = $("#live-state");
+    if (watch && watch.startsWith("every:")) {
+      // figures that change all the time (the broker's): refreshed on a timer while visible
+      const ms = Math.max(1000, Number(watch.slice(6)) || 2000);
+      if (dot) dot.className = "on";
+      setInterval(() => { if (!document.hidden) refresh(); }, ms);
+      return;
+    }
     if (!watch || !window.EventSource) return;
     const es = new EventSource("/api/events");
     es.addEventListener("hello", () => { if (dot) dot.className = "on"; });
