@@ -384,22 +384,28 @@ async fn the_brake_says_which_devices_it_could_not_stop_and_what_they_did() {
     );
     drop(oven);
 
-    // the slow ones could not finish; the fast ones rebooted into 1.0.2
+    // the slow ones could not finish (a cut cannot recall the bytes already in the kernel's
+    // socket buffers, so one that was nearly done may still get its image: the record must
+    // then say so); the fast ones rebooted into 1.0.2
     let (_, slow_sum) = common::sim_result(slow, 90).await;
-    assert_eq!(slow_sum["completed"], 0, "{slow_sum}");
+    let slow_done = slow_sum["completed"].as_u64().unwrap();
+    assert!(
+        slow_done <= 3,
+        "the brake stopped few downloads: {slow_sum}"
+    );
     let (_, fast_sum) = common::sim_result(fast, 90).await;
     assert_eq!(fast_sum["completed"], 10, "{fast_sum}");
+    let installed = 10 + slow_done;
     let done = s
-        .wait_campaign(&id, 30, |c| c["counts"]["completed"] == 10)
+        .wait_campaign(&id, 30, |c| c["counts"]["completed"] == installed)
         .await;
     assert_eq!(done["status"], "cancelled");
-    assert_eq!(done["counts"]["cancelled"], 10, "{done}");
-    assert_eq!(done["brake"]["installedAnyway"], 10, "{done}");
+    assert_eq!(done["counts"]["cancelled"], 20 - installed, "{done}");
+    assert_eq!(done["brake"]["installedAnyway"], installed, "{done}");
     assert!(
-        done["statusReason"]
-            .as_str()
-            .unwrap()
-            .contains("10 of them installed the new version anyway"),
+        done["statusReason"].as_str().unwrap().contains(&format!(
+            "{installed} of them installed the new version anyway"
+        )),
         "{done}"
     );
     assert!(
@@ -416,7 +422,6 @@ async fn the_brake_says_which_devices_it_could_not_stop_and_what_they_did() {
         let t = &t["data"];
         match d["firmwareVersion"].as_str().unwrap() {
             "1.0.2" => {
-                assert!(dev.contains("FAST"), "{dev} installed 1.0.2");
                 assert_eq!(t["status"], "completed", "{dev}: {t}");
                 assert_eq!(t["installedAfterCancel"], true, "{dev}: {t}");
             }
