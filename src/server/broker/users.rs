@@ -259,7 +259,9 @@ const REMEMBERED: usize = 4096;
 
 /// The broker's application users: those in the store and those of `mqtt.password_file`.
 /// Password checks run on a bounded pool; a successful one is remembered (by a digest of the
-/// name, the password and the hash) so that reconnects are cheap.
+/// name, the password and the hash) so that reconnects are cheap, and checks of the same
+/// credentials that arrive together share one computation (a fleet of application clients
+/// connecting at once with one user costs one PBKDF2, not one each, and is not refused busy).
 pub struct Users {
     store: Store,
     file_path: Option<std::path::PathBuf>,
@@ -267,6 +269,8 @@ pub struct Users {
     stored: RwLock<HashMap<String, (Hash, i64)>>,
     checks: Passwords,
     remembered: Mutex<HashSet<[u8; 32]>>,
+    /// Checks under way, by the same digest: later callers wait for the first one's answer.
+    under_way: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<bool>>>>,
 }
 
 impl Users {
@@ -296,6 +300,7 @@ impl Users {
             stored: RwLock::new(stored),
             checks: Passwords::new(2, std::time::Duration::from_secs(5)),
             remembered: Mutex::new(HashSet::new()),
+            under_way: Mutex::new(HashMap::new()),
         })
     }
 
@@ -365,16 +370,34 @@ impl Users {
         {
             return Checked::Ok;
         }
+        let cell = self
+            .under_way
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest)
+            .or_default()
+            .clone();
         let password = password.to_string();
-        match self.checks.run_cpu(move || hash.verify(&password)).await {
-            Ok(true) => {
-                let mut r = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-                if r.len() >= REMEMBERED {
-                    r.clear();
-                }
-                r.insert(digest);
-                Checked::Ok
+        let checked = cell
+            .get_or_try_init(|| self.checks.run_cpu(move || hash.verify(&password)))
+            .await
+            .copied();
+        if matches!(checked, Ok(true)) {
+            // remembered before the shared check is gone, so nobody arriving now computes again
+            let mut r = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+            if r.len() >= REMEMBERED {
+                r.clear();
             }
+            r.insert(digest);
+        }
+        {
+            let mut m = self.under_way.lock().unwrap_or_else(|e| e.into_inner());
+            if m.get(&digest).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                m.remove(&digest);
+            }
+        }
+        match checked {
+            Ok(true) => Checked::Ok,
             Ok(false) => Checked::Wrong,
             Err(_) => Checked::Busy,
         }
@@ -541,5 +564,40 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
+    }
+
+    /// A fleet of application clients connecting at once with one user: every check of the
+    /// same credentials shares the computation under way, so none is refused busy (the pool
+    /// lets 2 run and 64 wait) and the hash is computed once, not once each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checks_of_the_same_credentials_arriving_together_share_one_computation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        // a slow hash: each check takes tens of milliseconds
+        let h = Hash::Pbkdf2 {
+            iterations: 200_000,
+            salt: vec![7; 12],
+            hash: pbkdf2("fleet-secret", &[7; 12], 200_000),
+        };
+        let file = dir.path().join("passwd");
+        std::fs::write(&file, format!("fleet:{}\n", h.encode())).unwrap();
+        let users = Arc::new(Users::load(store, file.to_str().unwrap()).unwrap());
+        let checks: Vec<_> = (0..300)
+            .map(|_| {
+                let u = users.clone();
+                tokio::spawn(async move { u.check("fleet", b"fleet-secret").await })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for c in checks {
+            outcomes.push(c.await.unwrap());
+        }
+        let busy = outcomes.iter().filter(|c| **c == Checked::Busy).count();
+        assert_eq!(busy, 0, "refused busy: {busy} of 300");
+        assert!(outcomes.iter().all(|c| *c == Checked::Ok));
+        let runs = users.checks.runs.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(runs <= 2, "{runs} computations for one user's 300 checks");
+        // a wrong password arriving with them is still wrong
+        assert_eq!(users.check("fleet", b"fleet-secreT").await, Checked::Wrong);
     }
 }
