@@ -16,13 +16,12 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::acl::{Grant, Want};
 use super::frontdoor::{Closed, DENIED_LOG, Login, send, take};
 use super::packet::{self, Packet, kind};
-use super::router::{Asked, Link, Publishing};
+use super::router::{Asked, End, Link, Publishing, Signal};
 use super::{Counters, DoorContext, InboundMessage, Presence};
 use crate::protocol::{self, Protocol};
 
@@ -30,8 +29,20 @@ use crate::protocol::{self, Protocol};
 const MAX_PENDING: usize = 256;
 /// Bytes taken from the router per write.
 const WRITE_BUDGET: usize = 64 * 1024;
-/// A read buffer larger than this is given back once empty.
-const KEEP_BUFFER: usize = 64 * 1024;
+/// What an idle connection keeps to read into: once a read's packets are handled, a larger
+/// buffer is given back (an idle connection costs this, not its largest packet).
+const IDLE_BUFFER: usize = 128;
+
+/// Answers that wait for something (the store's flush) before they are written, in order.
+type Pending = FuturesOrdered<BoxFuture<'static, Option<Bytes>>>;
+
+/// The next answer that waited; `None` when none is waiting.
+async fn next_ack(pending: &mut Option<Box<Pending>>) -> Option<Option<Bytes>> {
+    match pending.as_deref_mut() {
+        Some(p) => p.next().await,
+        None => None,
+    }
+}
 
 /// Where a packet leaves the loop.
 enum Flow {
@@ -39,59 +50,59 @@ enum Flow {
     Disconnect,
 }
 
-struct Conn<'a, W> {
-    ctx: &'a DoorContext,
-    l: &'a Login,
-    wr: W,
+/// A logged-in connection. Its one task holds this and the select in [`Conn::serve`]: no
+/// timer (the router's keep-alive sweep ends it), no token (the router signals it), no second
+/// half of the stream, and buffers only while they hold something.
+struct Conn<S> {
+    ctx: Arc<DoorContext>,
+    l: Login,
+    io: S,
     out: BytesMut,
     peer: SocketAddr,
     sid: u64,
     conn: u64,
-    wake: Arc<Notify>,
-    pending: FuturesOrdered<BoxFuture<'static, Option<Bytes>>>,
+    signal: Arc<Signal>,
+    /// Answers waiting for the store, in order (only while there are any).
+    pending: Option<Box<Pending>>,
     /// The device id announced to presence (None until known).
     announced: Option<String>,
     /// The last ACL decision on a publish: (ACL generation, topic, allowed).
     last_write: Option<(u64, String, bool)>,
 }
 
-/// Serves a logged-in connection until it ends.
-pub(super) async fn run<S>(
-    mut rd: tokio::io::ReadHalf<S>,
-    wr: tokio::io::WriteHalf<S>,
-    mut buf: BytesMut,
+/// A logged-in connection about to be served, or why its session could not be opened.
+pub(super) enum Opened<S> {
+    Ready(Box<Ready<S>>),
+    StoreFailed(S),
+}
+
+/// A connection attached to its session, not yet served.
+pub(super) struct Ready<S> {
+    c: Conn<S>,
+    buf: BytesMut,
+    commands: Vec<String>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Attaches a logged-in connection to its session (no await: the task that will serve it is
+/// spawned with nothing but this).
+pub(super) fn open<S>(
+    io: S,
+    buf: BytesMut,
     l: Login,
     peer: SocketAddr,
-    ctx: &DoorContext,
-    shutdown: CancellationToken,
-) -> Result<(), Closed>
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
+    ctx: Arc<DoorContext>,
+    permit: OwnedSemaphorePermit,
+) -> Opened<S> {
     let conn = ctx.next_conn();
-    let wake = Arc::new(Notify::new());
-    let end = CancellationToken::new();
+    let signal = Signal::new(l.keep_alive);
     let key = l.identity.session_key(&l.client);
     let link = Link {
         conn,
-        wake: wake.clone(),
-        end: end.clone(),
+        signal: signal.clone(),
         peer,
         since_ms: crate::time::now_ms(),
         level: l.level,
-    };
-    let mut c = Conn {
-        ctx,
-        l: &l,
-        wr,
-        out: BytesMut::new(),
-        peer,
-        sid: 0,
-        conn,
-        wake,
-        pending: FuturesOrdered::new(),
-        announced: None,
-        last_write: None,
     };
     let attached = match ctx
         .router
@@ -100,103 +111,145 @@ where
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "MQTT session could not be opened: the store failed");
-            let _ = Box::pin(c.wr.write_all(&packet::connack(3))).await;
-            return Err(Closed::Refused("the store failed"));
+            return Opened::StoreFailed(io);
         }
     };
-    c.sid = attached.sid;
-    c.out
-        .extend_from_slice(&packet::connack_accepted(attached.present));
-    if let Some((id, p)) = l.access.speaks_for(l.username.as_deref()) {
-        c.announce(&id, p);
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&packet::connack_accepted(attached.present));
+    Opened::Ready(Box::new(Ready {
+        c: Conn {
+            ctx,
+            l,
+            io,
+            out,
+            peer,
+            sid: attached.sid,
+            conn,
+            signal,
+            pending: None,
+            announced: None,
+            last_write: None,
+        },
+        buf,
+        commands: attached.commands,
+        permit,
+    }))
+}
+
+impl<S> Ready<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Serves the connection until it ends (its own task: what the login needed is gone).
+    pub(super) async fn run(self: Box<Self>) {
+        let Ready {
+            mut c,
+            mut buf,
+            commands,
+            permit,
+        } = *self;
+        Box::pin(c.resumed(&commands)).await;
+        drop(commands);
+        let result = c.serve(&mut buf).await;
+        drop(buf);
+        let graceful = matches!(result, Ok(true));
+        c.ctx.router.detach(c.sid, c.conn);
+        // (the ending is boxed: a connection's future does not carry its state while it lives)
+        Box::pin(c.end(graceful)).await;
+        drop(permit);
+        super::frontdoor::report(&c.ctx, c.peer, result.map(|_| ()));
     }
-    // A resumed session listens again on the command topics it subscribed to before.
-    for topic in &attached.commands {
-        if let Some((id, protocol, true)) = l
-            .access
-            .subscribe_allowed(&ctx.settings.topic_prefix, topic)
-        {
-            c.announce(&id, protocol);
-            let _ = ctx.presence.send(Presence::ready(id, protocol));
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// Presence for a device, and readiness of a resumed session's command topics.
+    async fn resumed(&mut self, commands: &[String]) {
+        if let Some((id, p)) = self.l.access.speaks_for(self.l.username.as_deref()) {
+            self.announce(&id, p);
         }
+        // A resumed session listens again on the command topics it subscribed to before.
+        for topic in commands {
+            if let Some((id, protocol, true)) = self
+                .l
+                .access
+                .subscribe_allowed(&self.ctx.settings.topic_prefix, topic)
+            {
+                self.announce(&id, protocol);
+                let _ = self.ctx.presence.send(Presence::ready(id, protocol));
+            }
+        }
+        self.l.username = None; // not needed any more
     }
-    let result = c.serve(&mut rd, &mut buf, &end, &shutdown).await;
-    let graceful = matches!(result, Ok(true));
-    ctx.router.detach(c.sid, conn);
-    // (the ending is boxed: a connection's future does not carry its state while it lives)
-    Box::pin(async {
+
+    /// After the loop: the will on an unexpected end, acknowledgements still being persisted,
+    /// presence.
+    async fn end(&mut self, graceful: bool) {
+        let stopping = self.signal.ended() == Some(End::Shutdown);
         if !graceful
-            && !shutdown.is_cancelled()
-            && let Some(w) = &l.will
+            && !stopping
+            && let Some(w) = self.l.will.take()
         {
-            c.deliver_will(w).await;
+            self.deliver_will(&w).await;
         }
         // Acknowledge what is being persisted, but never wait on a dead client for long.
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while let Some(Some(b)) = c.pending.next().await {
-                c.out.extend_from_slice(&b);
+            while let Some(Some(b)) = next_ack(&mut self.pending).await {
+                self.out.extend_from_slice(&b);
             }
-            if !c.out.is_empty() {
-                let _ = c.wr.write_all(&c.out).await;
+            if !self.out.is_empty() {
+                let _ = self.io.write_all(&self.out).await;
+                let _ = self.io.flush().await;
             }
         })
         .await;
-        let _ = c.wr.shutdown().await;
-    })
-    .await;
-    if let Some(id) = c.announced.take() {
-        let _ = ctx.presence.send(Presence::Disconnected { id });
+        let _ = self.io.shutdown().await;
+        if let Some(id) = self.announced.take() {
+            let _ = self.ctx.presence.send(Presence::Disconnected { id });
+        }
     }
-    result.map(|_| ())
-}
 
-impl<W: AsyncWrite + Unpin> Conn<'_, W> {
     /// The loop; `Ok(true)` after a DISCONNECT.
-    async fn serve<R: AsyncRead + Unpin>(
-        &mut self,
-        rd: &mut R,
-        buf: &mut BytesMut,
-        end: &CancellationToken,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, Closed> {
-        // MQTT 3.1.1 3.1.2.10: no packet for 1.5 x keep-alive closes the connection.
-        let idle =
-            (self.l.keep_alive > 0).then(|| Duration::from_millis(self.l.keep_alive as u64 * 1500));
-        let far = Duration::from_secs(365 * 24 * 3600);
-        let expiry = tokio::time::sleep(idle.unwrap_or(far));
-        tokio::pin!(expiry);
+    async fn serve(&mut self, buf: &mut BytesMut) -> Result<bool, Closed> {
         // packets that came with the CONNECT
         if self.frames(buf).await? {
             return Ok(true);
         }
         loop {
             if !self.out.is_empty() {
-                send(&mut self.wr, &self.out).await?;
-                self.out.clear();
-                if self.out.capacity() > KEEP_BUFFER {
-                    self.out = BytesMut::new();
-                }
+                send(&mut self.io, &self.out).await?;
+                // an idle connection holds no write buffer
+                self.out = BytesMut::new();
             }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Ok(false),
-                _ = end.cancelled() => {
-                    return Err(Closed::ended("a new connection with the same client id took the session over"));
+                _ = self.signal.wake.notified() => {
+                    match self.signal.ended() {
+                        None => self.drain()?,
+                        Some(End::Shutdown) => return Ok(false),
+                        Some(End::TakenOver) => return Err(Closed::ended(
+                            "a new connection with the same client id took the session over",
+                        )),
+                        Some(End::UserDeleted) => return Err(Closed::ended("its MQTT user was deleted")),
+                        // MQTT 3.1.1 3.1.2.10
+                        Some(End::KeepAlive) => return Err(Closed::ended("keep-alive expired")),
+                    }
                 }
-                ack = self.pending.next(), if !self.pending.is_empty() => match ack {
-                    Some(Some(b)) => self.out.extend_from_slice(&b),
+                ack = next_ack(&mut self.pending), if self.waiting() > 0 => match ack {
+                    Some(Some(b)) => {
+                        self.out.extend_from_slice(&b);
+                        if self.waiting() == 0 {
+                            // an idle connection holds no queue
+                            self.pending = None;
+                        }
+                    }
                     // not persisted: let the client send it again
                     _ => return Err(Closed::ended("a message could not be persisted")),
                 },
-                _ = self.wake.notified() => self.drain()?,
-                _ = &mut expiry => return Err(Closed::ended("keep-alive expired")),
-                r = rd.read_buf(buf), if self.pending.len() < MAX_PENDING => {
+                r = self.io.read_buf(buf), if self.waiting() < MAX_PENDING => {
                     if r? == 0 {
                         return Err(Closed::ended("connection closed without DISCONNECT"));
                     }
-                    if let Some(d) = idle {
-                        expiry.as_mut().reset(tokio::time::Instant::now() + d);
-                    }
+                    self.signal.heard();
                     if self.frames(buf).await? {
                         return Ok(true);
                     }
@@ -216,10 +269,13 @@ impl<W: AsyncWrite + Unpin> Conn<'_, W> {
                 return Ok(true);
             }
         }
-        if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
-            *buf = BytesMut::with_capacity(512);
-        } else if buf.capacity() - buf.len() < 256 {
-            buf.reserve(2048);
+        if buf.is_empty() {
+            if buf.capacity() > IDLE_BUFFER {
+                *buf = BytesMut::with_capacity(IDLE_BUFFER);
+            }
+        } else if buf.capacity() - buf.len() < 64 {
+            // a packet is arriving in pieces: room for more of it at once
+            buf.reserve(4096.min(max));
         }
         self.drain()?;
         Ok(false)
@@ -232,7 +288,7 @@ impl<W: AsyncWrite + Unpin> Conn<'_, W> {
             .router
             .drain(self.sid, self.conn, &mut self.out, WRITE_BUDGET)
         {
-            Ok(true) => self.wake.notify_one(),
+            Ok(true) => self.signal.wake.notify_one(),
             Ok(false) => {}
             Err(_) => {
                 return Err(Closed::ended(
@@ -247,15 +303,26 @@ impl<W: AsyncWrite + Unpin> Conn<'_, W> {
     fn answer(&mut self, bytes: Bytes, after_flush: bool) {
         if after_flush {
             let store = self.ctx.store.clone();
-            self.pending.push_back(Box::pin(
+            self.wait_for(Box::pin(
                 async move { store.flush().await.ok().map(|_| bytes) },
             ));
-        } else if self.pending.is_empty() {
+        } else if self.waiting() == 0 {
             self.out.extend_from_slice(&bytes);
         } else {
-            self.pending
-                .push_back(Box::pin(futures_util::future::ready(Some(bytes))));
+            self.wait_for(Box::pin(futures_util::future::ready(Some(bytes))));
         }
+    }
+
+    /// Answers waiting for the store.
+    fn waiting(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| p.len())
+    }
+
+    /// Queues an answer behind those already waiting.
+    fn wait_for(&mut self, answer: BoxFuture<'static, Option<Bytes>>) {
+        self.pending
+            .get_or_insert_with(|| Box::new(FuturesOrdered::new()))
+            .push_back(answer);
     }
 
     async fn packet(&mut self, p: Packet) -> Result<Flow, Closed> {
@@ -340,7 +407,7 @@ impl<W: AsyncWrite + Unpin> Conn<'_, W> {
     /// namespace, or refused by the ACL, is dropped and counted (and acknowledged: MQTT 3.1.1
     /// has no refusal); the rest is routed.
     async fn publish(&mut self, p: packet::Publish) -> Result<(), Closed> {
-        let ctx = self.ctx;
+        let ctx = self.ctx.clone();
         Counters::inc(&ctx.counters.messages_in);
         let prefix = &ctx.settings.topic_prefix;
         let ack_kind = match p.qos {
@@ -365,7 +432,9 @@ impl<W: AsyncWrite + Unpin> Conn<'_, W> {
                 from,
                 Publishing {
                     topic: &p.topic,
-                    payload: p.payload,
+                    // a copy: the message may wait in queues (or be retained) long after
+                    // this read, and must not keep the whole read buffer alive meanwhile
+                    payload: Bytes::copy_from_slice(&p.payload),
                     qos: p.qos,
                     retain: p.retain,
                 },
@@ -412,8 +481,7 @@ impl<W: AsyncWrite + Unpin> Conn<'_, W> {
                 },
                 p.pkid,
             );
-            self.pending
-                .push_back(Box::pin(async move { done.await.ok().map(|_| ack) }));
+            self.wait_for(Box::pin(async move { done.await.ok().map(|_| ack) }));
         }
         Ok(())
     }
@@ -421,7 +489,7 @@ impl<W: AsyncWrite + Unpin> Conn<'_, W> {
     /// A SUBSCRIBE, filter by filter: a device's own command topic; a filter in the OTA
     /// namespace otherwise refused; a general filter as the ACL grants it.
     fn subscribe(&mut self, s: packet::Subscribe) -> Result<(), Closed> {
-        let ctx = self.ctx;
+        let ctx = self.ctx.clone();
         let prefix = &ctx.settings.topic_prefix;
         let (_, acl) = ctx.router.acl();
         let mut asked = Vec::with_capacity(s.filters.len());
@@ -465,10 +533,10 @@ impl<W: AsyncWrite + Unpin> Conn<'_, W> {
         match ready {
             // the device is ready for commands once its SUBACK is on its way: a command
             // published after that is queued behind the SUBACK
-            Some((id, protocol)) if persisted || !self.pending.is_empty() => {
+            Some((id, protocol)) if persisted || self.waiting() > 0 => {
                 let store = ctx.store.clone();
                 let presence = ctx.presence.clone();
-                self.pending.push_back(Box::pin(async move {
+                self.wait_for(Box::pin(async move {
                     if persisted {
                         store.flush().await.ok()?;
                     }
@@ -488,7 +556,7 @@ impl<W: AsyncWrite + Unpin> Conn<'_, W> {
     /// The will, on an unexpected end: an OTA report goes to the OTA service; a general one is
     /// routed (the ACL allowed it at CONNECT).
     async fn deliver_will(&mut self, will: &packet::Will) {
-        let ctx = self.ctx;
+        let ctx = self.ctx.clone();
         let prefix = &ctx.settings.topic_prefix;
         Counters::inc(&ctx.counters.messages_in);
         if let Some((device_id, protocol, kind)) = self.l.access.publish_kind(prefix, &will.topic) {

@@ -84,33 +84,43 @@ pub(super) async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let tls = tls.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            // one span per connection; `client` is filled in once it has logged in
-            let span = tracing::info_span!("mqtt", %peer, client = tracing::field::Empty);
-            let life = Box::pin(life(stream, peer, tls, &ctx, shutdown));
-            match tracing::Instrument::instrument(life, span).await {
-                Err(Closed::Violation(what)) => {
-                    Counters::inc(&ctx.counters.protocol_errors);
-                    if let Some(suppressed) = VIOLATION_LOG.admit() {
-                        tracing::warn!(%peer, violation = what, suppressed, "MQTT protocol violation: connection closed");
-                    }
-                }
-                Err(e) => tracing::debug!(peer = %peer, error = %e, "MQTT connection closed"),
-                Ok(()) => {}
+        // The login phase's task; a logged-in connection is served by a task of its own
+        // (log lines name the peer and client themselves: no span is kept per connection).
+        let stopping = shutdown.clone();
+        ctx.tasks.clone().spawn(async move {
+            let r = tokio::select! {
+                r = Box::pin(life(stream, peer, tls, &ctx)) => r,
+                _ = stopping.cancelled() => Err(Closed::ended("the appliance is stopping")),
+            };
+            if r.is_err() {
+                report(&ctx, peer, r);
             }
         });
     }
 }
 
-/// A connection from accept to end: the pre-auth gate, TLS, login, then the connection. Every
-/// phase is boxed, so a connection holds only its current phase's state.
+/// Logs and counts how a connection ended.
+pub(super) fn report(ctx: &DoorContext, peer: SocketAddr, r: Result<(), Closed>) {
+    match r {
+        Err(Closed::Violation(what)) => {
+            Counters::inc(&ctx.counters.protocol_errors);
+            if let Some(suppressed) = VIOLATION_LOG.admit() {
+                tracing::warn!(%peer, violation = what, suppressed, "MQTT protocol violation: connection closed");
+            }
+        }
+        Err(e) => tracing::debug!(peer = %peer, error = %e, "MQTT connection closed"),
+        Ok(()) => {}
+    }
+}
+
+/// A connection from accept to login: the pre-auth gate, TLS, login; then it is handed to a
+/// task of its own ([`super::connection`]). Every phase is boxed, so the task holds only its
+/// current phase's state.
 async fn life(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
     ctx: &Arc<DoorContext>,
-    shutdown: CancellationToken,
 ) -> Result<(), Closed> {
     // Not yet authenticated: a place in the pre-auth gate, not a connection permit.
     let ticket = ctx.preauth.admit(peer.ip());
@@ -128,7 +138,7 @@ async fn life(
                             .peer_certificates()
                             .and_then(|c| c.first())
                             .and_then(|c| crate::tls::certificate_cn(c));
-                        Box::pin(serve(s, peer, cn, ctx, shutdown, ticket)).await
+                        Box::pin(serve(s, peer, cn, ctx, ticket)).await
                     }
                     Ok(Err(e)) => {
                         Counters::inc(&ctx.counters.tls_handshake_failures);
@@ -140,7 +150,7 @@ async fn life(
                     }
                 }
             }
-            None => Box::pin(serve(stream, peer, None, ctx, shutdown, ticket)).await,
+            None => Box::pin(serve(stream, peer, None, ctx, ticket)).await,
         }
     });
     tokio::select! {
@@ -192,7 +202,7 @@ pub(super) fn take(
 pub(super) struct Access {
     /// Logged in as a device.
     pub known: Option<(String, Protocol)>,
-    pub topics: Option<protocol::DeviceTopics>,
+    pub topics: Option<Box<protocol::DeviceTopics>>,
     /// Whether it speaks OTA at all: devices and anonymous lab clients do, users do not.
     pub ota: bool,
 }
@@ -266,7 +276,7 @@ pub(super) struct Login {
     pub client: String,
     pub clean: bool,
     pub keep_alive: u16,
-    pub will: Option<packet::Will>,
+    pub will: Option<Box<packet::Will>>,
     pub level: u8,
 }
 
@@ -326,7 +336,7 @@ pub(super) fn admit(
     let access = Access {
         topics: known
             .as_ref()
-            .map(|(id, p)| protocol::device_topics(*p, rules.prefix, id)),
+            .map(|(id, p)| Box::new(protocol::device_topics(*p, rules.prefix, id))),
         known,
         ota: !matches!(identity, Identity::User(_)),
     };
@@ -515,9 +525,8 @@ pub(crate) fn replay_session(
 }
 
 /// Reads and checks CONNECT; answers refusals itself.
-async fn login<R, W>(
-    rd: &mut R,
-    wr: &mut W,
+async fn login<S>(
+    io: &mut S,
     buf: &mut BytesMut,
     peer: SocketAddr,
     cert_cn: Option<&str>,
@@ -525,11 +534,10 @@ async fn login<R, W>(
     ticket: &super::preauth::Ticket,
 ) -> Result<Login, Closed>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let max = ctx.settings.max_packet_bytes;
-    let first = tokio::time::timeout(ticket.deadline, read_frame(rd, buf, max, &ctx.counters))
+    let first = tokio::time::timeout(ticket.deadline, read_frame(io, buf, max, &ctx.counters))
         .await
         .map_err(|_| {
             Closed::ended(format!("no CONNECT within {} s", ticket.deadline.as_secs()))
@@ -547,7 +555,7 @@ where
             } else {
                 packet::connack(1)
             };
-            let _ = wr.write_all(&answer).await;
+            let _ = io.write_all(&answer).await;
             Counters::inc(&ctx.counters.protocol_errors);
             return Err(Closed::Refused("unsupported MQTT protocol level"));
         }
@@ -578,7 +586,7 @@ where
             {
                 tracing::warn!(%peer, refused = %what, reason = r.reason, suppressed, "MQTT CONNECT refused");
             }
-            let _ = wr.write_all(&packet::connack(r.code)).await;
+            let _ = io.write_all(&packet::connack(r.code)).await;
             return Err(Closed::Refused(r.reason));
         }
     };
@@ -597,28 +605,24 @@ where
         client,
         clean: connect.clean_session,
         keep_alive: connect.keep_alive,
-        will: connect.will,
+        will: connect.will.map(Box::new),
         level: connect.level,
     })
 }
 
 async fn serve<S>(
-    io: S,
+    mut io: S,
     peer: SocketAddr,
     cert_cn: Option<String>,
     ctx: &Arc<DoorContext>,
-    shutdown: CancellationToken,
     ticket: super::preauth::Ticket,
 ) -> Result<(), Closed>
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(io);
     let mut buf = BytesMut::with_capacity(512);
-    // each phase boxed: an idle connection's task holds only what its current phase needs
     let l = Box::pin(login(
-        &mut rd,
-        &mut wr,
+        &mut io,
         &mut buf,
         peer,
         cert_cn.as_deref(),
@@ -627,19 +631,25 @@ where
     ))
     .await?;
     drop(ticket);
-    tracing::Span::current().record(
-        "client",
-        format!("{} {}", l.identity.owner(), l.client).as_str(),
-    );
     // Only logged-in connections count against mqtt.max_connections.
-    let Ok(_permit) = ctx.connections.try_acquire() else {
+    let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
         if let Some(suppressed) = ERROR_LOG.admit() {
             tracing::warn!(%peer, suppressed, "mqtt.max_connections reached: connection refused");
         }
-        let _ = wr.write_all(&packet::connack(3)).await;
+        let _ = io.write_all(&packet::connack(3)).await;
         return Err(Closed::Refused("mqtt.max_connections reached"));
     };
-    Box::pin(super::connection::run(rd, wr, buf, l, peer, ctx, shutdown)).await
+    // The connection gets a task of its own: what the login phase held is freed.
+    match super::connection::open(io, buf, l, peer, ctx.clone(), permit) {
+        super::connection::Opened::Ready(ready) => {
+            ctx.tasks.spawn(ready.run());
+        }
+        super::connection::Opened::StoreFailed(mut io) => {
+            let _ = io.write_all(&packet::connack(3)).await;
+            return Err(Closed::Refused("the store failed"));
+        }
+    }
+    Ok(())
 }
 
 /// How long a client may leave a frame unread before its connection is closed (a dead peer

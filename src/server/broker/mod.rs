@@ -221,9 +221,12 @@ pub(crate) struct DoorContext {
     pub messages: mpsc::Sender<InboundMessage>,
     pub presence: mpsc::UnboundedSender<Presence>,
     pub counters: Arc<Counters>,
-    pub connections: tokio::sync::Semaphore,
+    pub connections: Arc<tokio::sync::Semaphore>,
     /// Connections that have not logged in yet ([`preauth`]).
     pub preauth: Arc<preauth::PreAuth>,
+    /// Every connection's task, so that stopping waits for their last acknowledgements (and
+    /// for the store they hold).
+    pub tasks: TaskTracker,
     next_conn: AtomicU64,
 }
 
@@ -232,6 +235,22 @@ impl DoorContext {
     pub fn next_conn(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
     }
+}
+
+/// Ends the connections whose keep-alive expired, every second, and every connection when the
+/// appliance stops.
+async fn watch(router: Arc<router::Router>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                router.sweep_keep_alive();
+            }
+        }
+    }
+    router.end_all();
 }
 
 /// Reads `mqtt.acl_file` ("" = no lines: general topics closed).
@@ -291,7 +310,7 @@ impl Broker {
             );
         }
         let ctx = Arc::new(DoorContext {
-            connections: tokio::sync::Semaphore::new(settings.max_connections),
+            connections: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
             preauth: preauth::PreAuth::new(
                 settings.max_pending_connections,
                 settings.max_pending_per_address,
@@ -304,6 +323,7 @@ impl Broker {
             messages: w.messages,
             presence: w.presence,
             counters: counters.clone(),
+            tasks: tracker.clone(),
             next_conn: AtomicU64::new(0),
         });
         let plain = frontdoor::bind(settings.listen, "mqtt.listen")?;
@@ -339,6 +359,7 @@ impl Broker {
         }
         let rates = Arc::new(Rates::default());
         tracker.spawn(rates.clone().sample(counters.clone(), shutdown.clone()));
+        tracker.spawn(watch(router.clone(), shutdown.clone()));
         Ok(Broker {
             rates,
             mqtt,

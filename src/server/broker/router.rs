@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use super::Counters;
 use super::acl::{Acl, Want};
@@ -157,15 +156,83 @@ struct Inflight {
     released: bool,
 }
 
+/// Why the router ends a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum End {
+    /// A new connection with the same client id (and credentials) took the session over.
+    TakenOver = 1,
+    /// Its application user was deleted.
+    UserDeleted = 2,
+    /// Nothing came from it for 1.5 times its keep-alive.
+    KeepAlive = 3,
+    /// The appliance stops.
+    Shutdown = 4,
+}
+
+/// What the router and a connection share: one allocation a connection, so that an idle one
+/// holds no timer and no token of its own. The connection waits on `wake` alone: for
+/// something queued, or to be told to end (then [`Signal::ended`] says why).
+#[derive(Debug)]
+pub struct Signal {
+    /// Wakes the connection (its permit is kept if it is busy).
+    pub wake: Notify,
+    end: std::sync::atomic::AtomicU8,
+    /// When the client last sent a packet, ms (the keep-alive sweep reads it).
+    last_heard_ms: std::sync::atomic::AtomicI64,
+    /// 1.5 times the client's keep-alive, ms; 0 = none.
+    idle_limit_ms: i64,
+}
+
+impl Signal {
+    /// For a client with this keep-alive (seconds; 0 = none), heard from now.
+    pub fn new(keep_alive_secs: u16) -> Arc<Signal> {
+        Arc::new(Signal {
+            wake: Notify::new(),
+            end: std::sync::atomic::AtomicU8::new(0),
+            last_heard_ms: std::sync::atomic::AtomicI64::new(crate::time::now_ms()),
+            idle_limit_ms: keep_alive_secs as i64 * 1500,
+        })
+    }
+
+    /// Tells the connection to end (the first reason stays).
+    pub fn end(&self, why: End) {
+        let _ = self
+            .end
+            .compare_exchange(0, why as u8, Ordering::SeqCst, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Why the connection must end, if it must.
+    pub fn ended(&self) -> Option<End> {
+        Some(match self.end.load(Ordering::SeqCst) {
+            1 => End::TakenOver,
+            2 => End::UserDeleted,
+            3 => End::KeepAlive,
+            4 => End::Shutdown,
+            _ => return None,
+        })
+    }
+
+    /// The client sent something.
+    pub fn heard(&self) {
+        self.last_heard_ms
+            .store(crate::time::now_ms(), Ordering::Relaxed);
+    }
+
+    fn expired(&self, now_ms: i64) -> bool {
+        self.idle_limit_ms > 0
+            && now_ms - self.last_heard_ms.load(Ordering::Relaxed) > self.idle_limit_ms
+    }
+}
+
 /// A connection holding a session.
 #[derive(Debug)]
 pub struct Link {
     /// The connection's number.
     pub conn: u64,
-    /// Wakes the connection when something is queued for it.
-    pub wake: Arc<Notify>,
-    /// Ends the connection (another took the session over, its user was deleted).
-    pub end: CancellationToken,
+    /// Wakes and ends the connection.
+    pub signal: Arc<Signal>,
     pub peer: SocketAddr,
     pub since_ms: i64,
     /// Protocol level (3 or 4).
@@ -294,6 +361,8 @@ struct State {
     retained_bytes: usize,
     /// Persistent sessions without a connection.
     stored: usize,
+    /// The appliance is stopping: a connection attached now is ended at once.
+    stopping: bool,
 }
 
 /// A publish to route.
@@ -403,6 +472,7 @@ impl Router {
             retained: Tree::default(),
             retained_bytes: 0,
             stored: 0,
+            stopping: false,
         };
         for r in store.retained_messages()? {
             st.retained_bytes += r.payload.len();
@@ -545,11 +615,15 @@ impl Router {
         link: Link,
     ) -> Result<Attached, StoreError> {
         let mut st = self.lock();
+        if st.stopping {
+            // end_all has run: this connection would never hear of the shutdown
+            link.signal.end(End::Shutdown);
+        }
         if let Some(&sid) = st.keys.get(key) {
             let s = st.sessions.get_mut(&sid).expect("keyed sessions exist");
             let was_stored = s.link.is_none() && s.persistent;
             if let Some(old) = s.link.take() {
-                old.end.cancel();
+                old.signal.end(End::TakenOver);
                 Counters::inc(&self.counters.session_takeovers);
             }
             if was_stored {
@@ -558,10 +632,10 @@ impl Router {
             let s = st.sessions.get_mut(&sid).expect("keyed sessions exist");
             if !clean && s.persistent {
                 s.resend = !s.inflight.is_empty();
-                let wake = link.wake.clone();
+                let signal = link.signal.clone();
                 s.link = Some(link);
                 if !s.queue.is_empty() || s.resend {
-                    wake.notify_one();
+                    signal.wake.notify_one();
                 }
                 let commands = s.commands.iter().map(|(t, _)| t.to_string()).collect();
                 return Ok(Attached {
@@ -655,7 +729,7 @@ impl Router {
         for sid in &sids {
             if let Some(s) = st.sessions.get_mut(sid) {
                 match s.link.take() {
-                    Some(l) => l.end.cancel(),
+                    Some(l) => l.signal.end(End::UserDeleted),
                     None if s.persistent => st.stored -= 1,
                     None => {}
                 }
@@ -784,7 +858,7 @@ impl Router {
         s.queued_reliable += (msg.qos > 0) as usize;
         s.queue.push_back(msg);
         if let Some(l) = &s.link {
-            l.wake.notify_one();
+            l.signal.wake.notify_one();
         }
         Some(true)
     }
@@ -1140,13 +1214,41 @@ impl Router {
         if let Some(l) = &s.link
             && !s.queue.is_empty()
         {
-            l.wake.notify_one();
+            l.signal.wake.notify_one();
         }
         drop(st);
         if let Some(w) = write
             && let Err(e) = self.store.mqtt_write(&[w])
         {
             tracing::warn!(error = %e, "could not note an MQTT acknowledgement in the store");
+        }
+    }
+
+    /// Ends the connections whose clients sent nothing for 1.5 times their keep-alive (MQTT
+    /// 3.1.1 3.1.2.10); run about every second.
+    pub fn sweep_keep_alive(&self) -> usize {
+        let now = crate::time::now_ms();
+        let st = self.lock();
+        let mut n = 0;
+        for s in st.sessions.values() {
+            if let Some(l) = &s.link
+                && l.signal.expired(now)
+            {
+                l.signal.end(End::KeepAlive);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Ends every connection (the appliance stops).
+    pub fn end_all(&self) {
+        let mut st = self.lock();
+        st.stopping = true;
+        for s in st.sessions.values() {
+            if let Some(l) = &s.link {
+                l.signal.end(End::Shutdown);
+            }
         }
     }
 
