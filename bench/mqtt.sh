@@ -3,7 +3,6 @@
 # (bench/mqttload.rs: rumqttc, QoS 1, TCP_NODELAY) and the same N simulated gateways.
 #
 #   bench/mqtt.sh [DEVICES] [BURST]      (default 10000 devices, 5 extra reports each)
-#   ENGINE=rumqttd bench/mqtt.sh ...      Hangar with mqtt.engine = "rumqttd" (default "direct")
 #   CREATE=api bench/mqtt.sh ...          tasks created one HTTPS call per device (default:
 #                                         one campaign for the fleet)
 #   HANGAR_BIN=path bench/mqtt.sh ...     measure this hangar binary (A/B runs of two builds)
@@ -17,14 +16,11 @@
 # Prints a markdown table (ratios Hangar/mosquitto) and the raw JSON lines.
 set -euo pipefail
 BURST=${2:-5}
-ENGINE=${ENGINE:-direct}
 CREATE=${CREATE:-campaign}
-# Raise the descriptor limit as far as this machine allows. Hangar needs 1 descriptor per
-# device with the direct engine, 3 with rumqttd (device socket, front door -> rumqttd, rumqttd's).
+# Raise the descriptor limit as far as this machine allows. Hangar needs 1 descriptor per device.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 FDS=$(ulimit -n)
-PER=1; [ "$ENGINE" = rumqttd ] && PER=3
-MAXN=$(( (FDS - 200) / PER ))
+MAXN=$(( FDS - 200 ))
 N=${1:-10000}
 if [ "$N" -gt "$MAXN" ]; then
   echo "note: the open-file limit here is $FDS, so Hangar can hold $MAXN devices, not $N; using $MAXN for both" >&2
@@ -79,7 +75,6 @@ plain_listen = ""
 listen = "127.0.0.1:0"
 tls_listen = ""
 max_connections = $((N + 100))
-engine = "$ENGINE"
 CONF
 RUST_LOG=${HANGAR_LOG:-hangar=warn} "$HANGAR" serve --config "$WORK/hangar.toml" 2>"${HANGAR_STDERR:-/dev/stderr}" &
 HPID=$!; PIDS+=($HPID)
@@ -94,7 +89,7 @@ head -c 100000 /dev/urandom > "$WORK/fw.bin"
 "$HANGAR" --config "$WORK/hangar.toml" firmware upload "$WORK/fw.bin" --version 1.0.2 >/dev/null
 "$HANGAR" --config "$WORK/hangar.toml" firmware release 1.0.2 >/dev/null
 read -r HPORT MQPORT < <(python3 -c "import json;p=json.load(open('$WORK/hangar/ports.json'));print(p['https'],p['mqtt'])")
-HANG_JSON=$("$LOAD" --target hangar --engine "$ENGINE" --port "$MQPORT" --devices "$N" --burst "$BURST" --server-pid "$HPID" \
+HANG_JSON=$("$LOAD" --target hangar --engine direct --port "$MQPORT" --devices "$N" --burst "$BURST" --server-pid "$HPID" \
   --create "$CREATE" --api "https://127.0.0.1:$HPORT" --token "$(cat "$WORK/hangar/admin.token")" --ca "$WORK/hangar/certs/ca.pem")
 # every device's task must hold its last report: none lost
 python3 - "$WORK" "$N" "$BURST" "$HPORT" <<'PY' >&2
