@@ -144,6 +144,90 @@ pub struct Config {
     pub log: LogConfig,
     /// Keys trusted for firmware signatures and bundles.
     pub trust: TrustConfig,
+    /// Download URLs nginx can verify, and the edges that serve them.
+    pub downloads: DownloadsConfig,
+}
+
+/// `[downloads]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadsConfig {
+    /// The secret of nginx's `secure_link_md5 "$secure_link_expires$uri <secret>"`; when set,
+    /// command URLs carry `md5` and `expires` too and are answered cacheably. "" = off.
+    pub secure_link_secret: String,
+    /// Download edges (nginx caches or mirrors), the first whose group a device is in.
+    pub edge: Vec<EdgeConfig>,
+}
+
+/// One `[[downloads.edge]]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// The devices it serves: `{ tags = [...] }` (a device with any of them) or
+    /// `{ deviceType = "..." }`.
+    #[serde(rename = "match")]
+    pub matches: EdgeMatch,
+    /// Where those devices download from instead of `http.public_url`: scheme, host and port.
+    pub base_url: String,
+}
+
+/// `[[downloads.edge]] match`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeMatch {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(
+        default,
+        rename = "deviceType",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub device_type: Option<String>,
+}
+
+impl DownloadsConfig {
+    fn check(&self) -> Check {
+        let secret = &self.secure_link_secret;
+        ensure(
+            secret.is_empty()
+                || (secret.len() >= 16
+                    && secret
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"\"$;{}'\\".contains(&b))),
+            "downloads.secure_link_secret",
+            "must be 16 or more printable characters without spaces, quotes, '$', ';', '{', '}' or '\\' (it is written into nginx's secure_link_md5 line), or \"\" for none",
+        )?;
+        for e in &self.edge {
+            ensure(
+                !secret.is_empty(),
+                "downloads.edge",
+                "an edge verifies the URLs it serves with downloads.secure_link_secret: set it (and the same secret in the edge's nginx)",
+            )?;
+            let u = &e.base_url;
+            let host = u
+                .strip_prefix("https://")
+                .or_else(|| u.strip_prefix("http://"))
+                .map(|h| h.strip_suffix('/').unwrap_or(h));
+            ensure(
+                host.is_some_and(|h| {
+                    !h.is_empty() && !h.contains(|c: char| c.is_whitespace() || "/?#@".contains(c))
+                }),
+                "downloads.edge",
+                format!(
+                    "base_url {u:?} must be scheme, host and port only, e.g. \"https://edge-hall-2:8443\" (nginx checks the path the device asks for, so the edge serves the appliance's paths)"
+                ),
+            )?;
+            let m = &e.matches;
+            ensure(
+                m.tags.is_empty() != m.device_type.is_none(),
+                "downloads.edge",
+                format!(
+                    "the edge {u:?} needs match = {{ tags = [...] }} or match = {{ deviceType = \"...\" }}, one of them"
+                ),
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// `[trust]`
@@ -534,6 +618,7 @@ impl Config {
             self.metrics.check(),
             self.delta.check(),
             self.trust.check(),
+            self.downloads.check(),
         ];
         for r in sections {
             r.map_err(|(key, reason)| ConfigError {

@@ -343,6 +343,7 @@ struct Services {
     ota: Arc<Ota>,
     broker: Arc<Broker>,
     signer: UrlSigner,
+    links: Arc<crate::server::links::Links>,
     campaigns: Arc<crate::server::campaigns::Campaigns>,
     deltas: Arc<crate::server::deltas::Deltas>,
     signatures: Arc<crate::server::signatures::Signatures>,
@@ -416,13 +417,19 @@ impl Running<'_> {
             .await
             .map_err(|e| StartError::Broker(e.to_string()))?,
         );
+        let links = Arc::new(crate::server::links::Links::new(
+            signer.clone(),
+            public_url,
+            &config.downloads,
+        ));
+        tracker.spawn(links.clone().probe(shutdown.clone()));
         let ota = Arc::new(Ota::new(
             store.clone(),
             devices.clone(),
             firmware.clone(),
             deltas.clone(),
             broker.clone(),
-            signer.clone(),
+            links.clone(),
             OtaSettings {
                 public_url: public_url.to_string(),
                 topic_prefix: config.mqtt.topic_prefix.clone(),
@@ -460,6 +467,7 @@ impl Running<'_> {
             ota,
             broker,
             signer,
+            links,
             campaigns,
             deltas,
             signatures,
@@ -538,6 +546,7 @@ impl App {
             broker: sv.broker,
             store: store.clone(),
             signer: sv.signer,
+            links: sv.links,
             campaigns: sv.campaigns,
             deltas: sv.deltas,
             signatures: sv.signatures,

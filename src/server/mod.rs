@@ -25,6 +25,7 @@ pub mod error;
 pub mod events;
 pub mod firmware;
 pub mod http;
+pub mod links;
 pub mod ota;
 pub mod passwords;
 pub mod registry;

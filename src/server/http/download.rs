@@ -28,6 +28,9 @@ use super::error::ApiError;
 /// Bytes read from disk per chunk: large enough for throughput (see BENCHMARKS.md), small enough
 /// that 1,000 concurrent readers stay near nginx's memory (128 KiB chunks cost ~80 MiB more).
 const CHUNK: u64 = 64 * 1024;
+/// How a file asked for by a secure link may be cached: a day, then revalidated by its strong
+/// ETag (a file's name may name other bytes later: a draft deleted and uploaded again).
+const PUBLIC_CACHE: &str = "public, max-age=86400";
 /// More ranges than this in one request get the whole file (200).
 const MAX_RANGES: usize = 16;
 
@@ -49,6 +52,9 @@ pub struct BlobMeta {
     /// The upgrade task this download is for, when its URL names one: the body ends with an
     /// error (the client sees the transfer cut off) as soon as the task is cancelled.
     pub transfer: Option<crate::server::traffic::Transfer>,
+    /// Asked for by a secure link (an nginx edge may be pulling it through): answered
+    /// `Cache-Control: public` so that a stock `proxy_cache` keeps it.
+    pub public: bool,
 }
 
 fn etag(sha256: &str) -> String {
@@ -136,7 +142,14 @@ async fn serve_inner(
             .header(header::ETAG, &tag)
             .header(header::LAST_MODIFIED, &lm)
             .header(header::ACCEPT_RANGES, "bytes")
-            .header(header::CACHE_CONTROL, "private, no-cache");
+            .header(
+                header::CACHE_CONTROL,
+                if meta.public {
+                    PUBLIC_CACHE
+                } else {
+                    "private, no-cache"
+                },
+            );
         if status != StatusCode::NOT_MODIFIED {
             r = r.header(
                 header::CONTENT_DISPOSITION,

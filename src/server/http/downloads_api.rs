@@ -17,10 +17,11 @@ use crate::server::auth;
 use crate::server::traffic::Served;
 
 /// Who may download: the admin token, a signed URL (bound to an upgrade task when it names one
-/// with `task=ID`), or a device by its client certificate (its own device type's files).
+/// with `task=ID`; `public` when it is a valid nginx secure link, which an edge cache may be
+/// pulling through), or a device by its client certificate (its own device type's files).
 enum Access {
     Admin,
-    Signed { task: Option<u64> },
+    Signed { task: Option<u64>, public: bool },
     Device { device_type: String },
 }
 
@@ -38,12 +39,21 @@ fn access(st: &AppState, req: &axum::extract::Request) -> Option<Access> {
     ) {
         return Some(Access::Admin);
     }
-    if let Some((token, task)) = query_token(uri)
-        && st
-            .signer
-            .verify_for(uri.path(), &token, task, crate::time::now_secs())
-    {
-        return Some(Access::Signed { task });
+    let q = Query::of(uri);
+    let now = crate::time::now_secs();
+    let public = match (&q.md5, &q.expires) {
+        (Some(md5), Some(exp)) => st.links.verify_secure_link(uri.path(), md5, exp, now),
+        _ => false,
+    };
+    let token_ok = q
+        .token
+        .as_ref()
+        .is_some_and(|token| q.task_ok && st.signer.verify_for(uri.path(), token, q.task, now));
+    if token_ok || (public && q.task_ok) {
+        return Some(Access::Signed {
+            task: q.task,
+            public,
+        });
     }
     let cn = req.extensions().get::<super::ClientCert>()?.0.clone()?;
     let id = crate::protocol::id_from_username(&cn);
@@ -53,18 +63,37 @@ fn access(st: &AppState, req: &axum::extract::Request) -> Option<Access> {
     })
 }
 
-/// The `token` and `task` query parameters (no allocation unless present); `None` without a
-/// token or with a `task` that is not a number.
-fn query_token(uri: &Uri) -> Option<(std::borrow::Cow<'_, str>, Option<u64>)> {
-    let (mut token, mut task) = (None, None);
-    for (k, v) in form_urlencoded::parse(uri.query()?.as_bytes()) {
-        match &*k {
-            "token" => token = Some(v),
-            "task" => task = Some(v.parse::<u64>().ok()?),
-            _ => {}
+/// The query parameters a download URL may carry (no allocation unless present).
+#[derive(Default)]
+struct Query<'a> {
+    token: Option<std::borrow::Cow<'a, str>>,
+    task: Option<u64>,
+    /// False when `task` is there but not a number (nothing is then accepted).
+    task_ok: bool,
+    md5: Option<std::borrow::Cow<'a, str>>,
+    expires: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl<'a> Query<'a> {
+    fn of(uri: &'a Uri) -> Query<'a> {
+        let mut q = Query {
+            task_ok: true,
+            ..Query::default()
+        };
+        for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+            match &*k {
+                "token" => q.token = Some(v),
+                "task" => match v.parse::<u64>() {
+                    Ok(t) => q.task = Some(t),
+                    Err(_) => q.task_ok = false,
+                },
+                "md5" => q.md5 = Some(v),
+                "expires" => q.expires = Some(v),
+                _ => {}
+            }
         }
+        q
     }
-    Some((token?, task))
 }
 
 /// Checks the credentials, then serves the blob `resolve` finds for the file name. A URL bound
@@ -83,9 +112,9 @@ async fn serve_file(
         )
         .into_response();
     };
-    let task = match access {
-        Access::Signed { task: Some(id) } => Some(id),
-        _ => None,
+    let (task, public) = match access {
+        Access::Signed { task, public } => (task, public),
+        _ => (None, false),
     };
     if let Some(id) = task
         && let Some(refusal) = st.ota.download_refusal(id)
@@ -106,6 +135,7 @@ async fn serve_file(
         }
         Ok((_, mut meta)) => {
             meta.transfer = task.map(|id| st.ota.transfers().start(id));
+            meta.public = public;
             download::serve(meta, &st.fds, method, headers).await
         }
         Err(e) => e.into_response(),
@@ -135,6 +165,7 @@ pub async fn firmware(
             counter: Some(st.traffic.counter(served, (rec.size, 0))),
             file_name,
             transfer: None,
+            public: false,
         };
         Ok((rec.device_type, meta))
     })
@@ -177,6 +208,7 @@ pub async fn delta(
             counter: Some(st.traffic.counter(served, (d.full_size, size))),
             file_name: file,
             transfer: None,
+            public: false,
         };
         Ok((d.device_type, meta))
     })

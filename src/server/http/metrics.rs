@@ -380,6 +380,22 @@ fn downloads(reg: &mut Registry, st: &AppState) {
         "Download bodies being sent now",
         st.traffic.active(),
     );
+    let edges = Family::<Labels, Gauge>::default();
+    for e in st.links.edges() {
+        let state = match e.state {
+            crate::server::links::EdgeState::Up => 1,
+            crate::server::links::EdgeState::Down => 0,
+            crate::server::links::EdgeState::Unknown => -1,
+        };
+        edges
+            .get_or_create(&labels(&[("edge", &e.base_url)]))
+            .set(state);
+    }
+    reg.register(
+        "download_edge_up",
+        "Each download edge's last probe: 1 up, 0 down (its devices get the appliance's URLs), -1 not probed yet",
+        edges,
+    );
 }
 
 /// Requests by route, method and status.

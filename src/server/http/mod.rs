@@ -66,6 +66,8 @@ pub struct Inner {
     pub admin_token: String,
     /// Signed-URL signer.
     pub signer: UrlSigner,
+    /// Download URLs for commands, nginx's secure links, the edges.
+    pub links: Arc<crate::server::links::Links>,
     /// Base URL for links (no trailing slash).
     pub public_url: String,
     /// Upload limit.

@@ -22,11 +22,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ids;
-use crate::protocol::{Protocol, alibaba};
+use crate::protocol::alibaba;
 use crate::ratelog::RateLog;
-use crate::server::auth::UrlSigner;
 use crate::server::broker::{Broker, InboundMessage, Presence};
 use crate::server::firmware::{FirmwareError, FirmwareService};
+use crate::server::links::Group;
 use crate::server::registry::{DeviceError, Devices};
 use crate::server::store::{
     Durable, FirmwareRecord, FirmwareStatus, Store, StoreError, TASK_SCHEMA, TaskRecord, TaskStatus,
@@ -59,7 +59,7 @@ pub struct Ota {
     firmware: Arc<FirmwareService>,
     deltas: Arc<crate::server::deltas::Deltas>,
     broker: Arc<Broker>,
-    signer: UrlSigner,
+    links: Arc<crate::server::links::Links>,
     settings: OtaSettings,
     lock: tokio::sync::Mutex<()>,
     /// What became of device reports since the start.
@@ -215,7 +215,7 @@ impl Ota {
         firmware: Arc<FirmwareService>,
         deltas: Arc<crate::server::deltas::Deltas>,
         broker: Arc<Broker>,
-        signer: UrlSigner,
+        links: Arc<crate::server::links::Links>,
         settings: OtaSettings,
     ) -> Ota {
         Ota {
@@ -224,7 +224,7 @@ impl Ota {
             firmware,
             deltas,
             broker,
-            signer,
+            links,
             settings,
             lock: tokio::sync::Mutex::new(()),
             reports: ReportCounters::default(),
@@ -281,17 +281,14 @@ impl Ota {
     }
 
     /// The download URL of an image for task `task`: signed, and bound to the task, so it
-    /// stops working when the task is cancelled.
-    fn signed_url(&self, file_name: &str, task: u64) -> String {
-        self.signed_path(&format!("/firmware/{file_name}"), task)
+    /// stops working when the task is cancelled; on the download edge of the device's group
+    /// when there is one that is up ([`crate::server::links`]).
+    fn signed_url(&self, file_name: &str, task: u64, group: Option<Group<'_>>) -> String {
+        self.signed_path(&format!("/firmware/{file_name}"), task, group)
     }
 
-    fn signed_path(&self, path: &str, task: u64) -> String {
-        let token = self.signer.sign_for(path, Some(task), now_secs());
-        format!(
-            "{}{path}?token={token}&task={task}",
-            self.settings.public_url
-        )
+    fn signed_path(&self, path: &str, task: u64, group: Option<Group<'_>>) -> String {
+        self.links.url(path, task, group, now_secs())
     }
 
     /// The delta a command may offer: a ready patch from exactly the version the device reports,
@@ -299,6 +296,7 @@ impl Ota {
     fn delta_for(
         &self,
         task: u64,
+        group: Option<Group<'_>>,
         device_type: &str,
         from: Option<&str>,
         to: &str,
@@ -309,7 +307,7 @@ impl Ota {
         }
         let d = self.deltas.offer(device_type, from?, to)?;
         Some(TaskDelta {
-            url: self.signed_path(&crate::server::deltas::url_path(&d), task),
+            url: self.signed_path(&crate::server::deltas::url_path(&d), task, group),
             from_version: d.from_version,
             md5: d.md5?,
             size: d.size?,
@@ -543,34 +541,37 @@ impl Ota {
                 self.store.put_task(&t)?;
             }
         }
-        let mut t = self.new_task(
-            &device.id,
-            device.protocol,
-            &device.device_type,
-            device.firmware_version.clone(),
-            &batch.firmware[&device.device_type],
-            ask.force,
-            &device.delta_formats,
-        )?;
+        let mut t = self.new_task(&device, &batch.firmware[&device.device_type], ask.force)?;
         t.campaign_id = ask.campaign_id.clone();
         Ok(t)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn new_task(
         &self,
-        device_id: &str,
-        protocol: Protocol,
-        device_type: &str,
-        from: Option<String>,
+        device: &crate::server::store::DeviceRecord,
         fw: &FirmwareRecord,
         force: bool,
-        delta_formats: &[String],
     ) -> Result<TaskRecord, OtaError> {
+        let (device_id, protocol, device_type) = (&device.id, device.protocol, &device.device_type);
+        let from = device.firmware_version.clone();
+        let group = Some(Group {
+            device_type,
+            tags: &device.tags,
+        });
         let now = now_ms();
         let id = self.store.next_task_id()?;
-        let accepts = delta_formats.iter().any(|f| f == crate::bsdiff::FORMAT);
-        let delta = self.delta_for(id, device_type, from.as_deref(), &fw.version, accepts);
+        let accepts = device
+            .delta_formats
+            .iter()
+            .any(|f| f == crate::bsdiff::FORMAT);
+        let delta = self.delta_for(
+            id,
+            group,
+            device_type,
+            from.as_deref(),
+            &fw.version,
+            accepts,
+        );
         Ok(TaskRecord {
             schema: TASK_SCHEMA,
             id,
@@ -579,8 +580,11 @@ impl Ota {
             device_type: device_type.to_string(),
             from_version: from,
             to_version: fw.version.clone(),
-            firmware_url: self
-                .signed_url(&ids::firmware_file_name(&fw.device_type, &fw.version), id),
+            firmware_url: self.signed_url(
+                &ids::firmware_file_name(&fw.device_type, &fw.version),
+                id,
+                group,
+            ),
             md5: fw.md5.clone(),
             sha256: fw.sha256.clone(),
             file_size: fw.size,
@@ -616,14 +620,29 @@ impl Ota {
         if !t.status.is_active() {
             return Ok(t);
         }
+        // the device's tags choose its download edge (read only when edges are configured)
+        let tags = if self.links.has_edges() {
+            self.devices
+                .get(&t.device_id)
+                .map(|d| d.tags)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let group = Some(Group {
+            device_type: &t.device_type,
+            tags: &tags,
+        });
         t.firmware_url = self.signed_url(
             &ids::firmware_file_name(&t.device_type, &t.to_version),
             t.id,
+            group,
         );
         if t.delta.is_some() {
             // re-signed, and dropped if the patch was withdrawn meanwhile
             t.delta = self.delta_for(
                 t.id,
+                group,
                 &t.device_type,
                 t.from_version.as_deref(),
                 &t.to_version,
@@ -1048,20 +1067,10 @@ impl Ota {
                 .is_none_or(|v| ids::compare_versions(&fw.version, v).is_gt())
             && !self.braked(&fw.device_type, &fw.version)?
         {
-            let t = self
-                .new_task(
-                    id,
-                    dev.protocol,
-                    &dev.device_type,
-                    dev.firmware_version.clone(),
-                    &fw,
-                    false,
-                    &dev.delta_formats,
-                )
-                .map_err(|e| match e {
-                    OtaError::Store(e) => e,
-                    other => StoreError::Engine(other.to_string()),
-                })?;
+            let t = self.new_task(dev, &fw, false).map_err(|e| match e {
+                OtaError::Store(e) => e,
+                other => StoreError::Engine(other.to_string()),
+            })?;
             if let Outcome::Changed(t) = state::apply(&t, &Input::CommandSent, now_ms()) {
                 self.store.put_task(&t)?;
                 let signature = fw.signature.as_ref().map(|s| s.text.clone());
