@@ -190,17 +190,24 @@ async fn qos_2_is_exactly_once_across_reconnects() {
     p.send(&raw::publish("q2/a", b"marker", 1, 8, false, false))
         .await;
 
-    let mut seen = Vec::new();
+    // (the marker may arrive while "one"'s handshake is still going: every packet is handled
+    // as it comes)
+    let (mut seen, mut released) = (Vec::new(), Vec::new());
     loop {
-        let g = watcher.next_of(3, 10).await;
+        let g = watcher.next(10).await.expect("connection closed");
+        match g.kind() {
+            6 => {
+                released.push(g.id());
+                watcher.send(&raw::ack(raw::PUBCOMP, g.id())).await;
+                continue;
+            }
+            3 => {}
+            _ => continue,
+        }
         let (_, qos, pkid, payload, ..) = g.publish();
         match qos {
             1 => watcher.send(&raw::ack(raw::PUBACK, pkid)).await,
-            2 => {
-                watcher.send(&raw::ack(raw::PUBREC, pkid)).await;
-                assert_eq!(watcher.next_of(6, 10).await.id(), pkid);
-                watcher.send(&raw::ack(raw::PUBCOMP, pkid)).await;
-            }
+            2 => watcher.send(&raw::ack(raw::PUBREC, pkid)).await,
             _ => {}
         }
         if payload == b"marker" {
@@ -209,6 +216,11 @@ async fn qos_2_is_exactly_once_across_reconnects() {
         seen.push(String::from_utf8(payload).unwrap());
     }
     assert_eq!(seen, ["one"], "routed once");
+    if released.is_empty() {
+        // the PUBREL for "one" comes after the marker
+        let rel = watcher.next_of(6, 10).await;
+        watcher.send(&raw::ack(raw::PUBCOMP, rel.id())).await;
+    }
 
     // a subscriber acknowledges the first half (PUBREC) and loses its connection: on its
     // resumed session it gets the PUBREL, not the message again
