@@ -231,20 +231,48 @@ impl Acl {
             return Grant::All;
         }
         let own = self.users.get(&user.map(str::to_string));
-        let lines = own.into_iter().flatten().chain(self.patterns.iter());
-        let partial = lines
+        let lines = || own.into_iter().flatten().chain(self.patterns.iter());
+        let topic = |l: &Line| {
+            l.topic
+                .replace("%c", client_id)
+                .replace("%u", user.unwrap_or(""))
+        };
+        let partial = lines()
             .filter(|l| l.access == Access::DENY || !l.access.read)
-            .any(|l| {
-                let t = l
-                    .topic
-                    .replace("%c", client_id)
-                    .replace("%u", user.unwrap_or(""));
-                topics::intersect(&t, filter)
-            });
-        if partial {
+            .any(|l| topics::intersect(&topic(l), filter));
+        // whole only when one readable line matches every topic the filter can match (a
+        // `topic +` line lets a client subscribe to `#`, as mosquitto does, but not read `a/b`)
+        let covered = lines()
+            .filter(|l| l.access != Access::DENY && l.access.read)
+            .any(|l| covers(&topic(l), filter));
+        if partial || !covered {
             Grant::PerMessage
         } else {
             Grant::All
+        }
+    }
+}
+
+/// Whether every topic `filter` matches is matched by the ACL line `line` (both may hold
+/// `+` and `#`).
+fn covers(line: &str, filter: &str) -> bool {
+    if filter.starts_with('$') && !line.starts_with('$') {
+        return false;
+    }
+    let mut l = line.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (l.next(), f.next()) {
+            (Some("#"), _) => return true,
+            (None, None) => return true,
+            (Some(_), None) | (None, Some(_)) => return false,
+            (Some(_), Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(x), Some(y)) => {
+                if x != y || y == "+" {
+                    return false;
+                }
+            }
         }
     }
 }
@@ -273,6 +301,33 @@ fn literal_match(line: &str, topic: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subscription_is_granted_whole_only_when_one_line_covers_it() {
+        // found by the mqtt_general fuzz target: `topic +` let `#` through unchecked
+        let acl = Acl::parse("topic +\nuser u\ntopic read site/#\ntopic read a/+/c\n").unwrap();
+        assert_eq!(acl.grant(None, "c", "#"), Grant::PerMessage);
+        assert!(!acl.allows(None, "c", "/t", Want::Read));
+        assert_eq!(acl.grant(None, "c", "+"), Grant::All);
+        let u = Some("u");
+        assert_eq!(acl.grant(u, "c", "site/#"), Grant::All);
+        assert_eq!(acl.grant(u, "c", "site/+/t"), Grant::All);
+        assert_eq!(acl.grant(u, "c", "a/+/c"), Grant::All);
+        assert_eq!(acl.grant(u, "c", "a/b/c"), Grant::All);
+        assert_eq!(acl.grant(u, "c", "a/#"), Grant::Refused);
+        for (line, filter, want) in [
+            ("#", "#", true),
+            ("#", "$SYS/#", false),
+            ("site/#", "site", true),
+            ("site/+", "site/#", false),
+            ("site/+", "site/+", true),
+            ("site/x", "site/+", false),
+            ("+/+", "a/b/c", false),
+            ("a/+/c", "a/b", false),
+        ] {
+            assert_eq!(covers(line, filter), want, "{line} covers {filter}");
+        }
+    }
 
     const FILE: &str = "\
 # anonymous clients (lab mode)
