@@ -146,6 +146,17 @@ pub struct Config {
     pub trust: TrustConfig,
     /// Download URLs nginx can verify, and the edges that serve them.
     pub downloads: DownloadsConfig,
+    /// The HTTP hooks a site's broker (EMQX, VerneMQ) asks about device logins and topics.
+    pub hooks: HooksConfig,
+}
+
+/// `[hooks]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksConfig {
+    /// A file holding the credential the broker's hook calls carry (not the admin token);
+    /// "" = the hook endpoints are off.
+    pub token_file: String,
 }
 
 /// `[downloads]`

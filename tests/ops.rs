@@ -163,8 +163,16 @@ fn listeners(data_dir: &std::path::Path) -> Vec<(String, u16, Listener)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_listener_refuses_every_route_without_credentials() {
-    // every optional listener on, so each one is walked
-    let s = Server::start_with(|c| c.metrics.listen = Listen::loopback_any_port()).await;
+    // every optional listener on, and the broker hooks, so each one is walked
+    let hook_dir = tempfile::tempdir().unwrap();
+    let hook_token = hook_dir.path().join("hooks.token");
+    std::fs::write(&hook_token, "a-hook-credential-0123456789\n").unwrap();
+    let hook_token = hook_token.display().to_string();
+    let s = Server::start_with(move |c| {
+        c.metrics.listen = Listen::loopback_any_port();
+        c.hooks.token_file = hook_token;
+    })
+    .await;
     s.release("1.0.1", "gateway", 1000).await;
     s.register("GW1", "gateway", "secret-123").await;
     // redirects are not followed: a console page's 303 to the sign-in page is its refusal
@@ -214,6 +222,7 @@ async fn every_listener_refuses_every_route_without_credentials() {
                     }
                     let page = !path.starts_with("/api/")
                         && !path.starts_with("/firmware/")
+                        && !path.starts_with("/hooks/")
                         && path != "/metrics";
                     let refused = match kind {
                         Listener::Api if page && (method == "GET" || method == "HEAD") => st == 303,

@@ -72,6 +72,27 @@ pub enum StartError {
     },
 }
 
+/// The broker hooks' credential from `[hooks] token_file`, if they are on.
+fn hook_token(config: &Config) -> Result<Option<String>, StartError> {
+    let path = &config.hooks.token_file;
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let token = std::fs::read_to_string(path)
+        .map_err(io_ctx(format!("reading hooks.token_file {path}")))?
+        .trim()
+        .to_string();
+    if token.len() < 16 || token.contains(char::is_whitespace) {
+        return Err(StartError::Io {
+            context: format!("hooks.token_file {path}"),
+            source: std::io::Error::other(
+                "the hook credential must be one line of 16 or more characters without spaces",
+            ),
+        });
+    }
+    Ok(Some(token))
+}
+
 fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
     let context = context.into();
     move |source| StartError::Io { context, source }
@@ -539,6 +560,11 @@ impl App {
             .services(blobs, signatures, cert.clone(), signer, &public_url)
             .await?;
         let broker = sv.broker.clone();
+        let hooks = hook_token(&config)?.map(|t| {
+            let decide =
+                crate::server::hooks::Hooks::new(sv.devices.clone(), &config.mqtt.topic_prefix);
+            (Arc::new(decide), t)
+        });
         let state = http::AppState::new(http::Inner {
             firmware: sv.firmware,
             devices: sv.devices,
@@ -547,6 +573,7 @@ impl App {
             store: store.clone(),
             signer: sv.signer,
             links: sv.links,
+            hooks,
             campaigns: sv.campaigns,
             deltas: sv.deltas,
             signatures: sv.signatures,

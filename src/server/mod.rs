@@ -24,6 +24,7 @@ pub mod deltas;
 pub mod error;
 pub mod events;
 pub mod firmware;
+pub mod hooks;
 pub mod http;
 pub mod links;
 pub mod ota;

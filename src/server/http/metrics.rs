@@ -110,6 +110,7 @@ pub fn render(st: &AppState) -> Result<String, ServiceError> {
     tasks(&mut reg, st)?;
     campaigns(&mut reg, st)?;
     downloads(&mut reg, st);
+    hooks(&mut reg, st);
     http(&mut reg, st);
     deltas_and_store(&mut reg, st)?;
     let mut out = String::new();
@@ -395,6 +396,35 @@ fn downloads(reg: &mut Registry, st: &AppState) {
         "download_edge_up",
         "Each download edge's last probe: 1 up, 0 down (its devices get the appliance's URLs), -1 not probed yet",
         edges,
+    );
+}
+
+/// The broker hooks' decisions (when `[hooks] token_file` turns them on).
+fn hooks(reg: &mut Registry, st: &AppState) {
+    let Some((h, _)) = &st.hooks else {
+        return;
+    };
+    let c = &h.counters;
+    let decisions = Family::<Labels, Counter>::default();
+    for (result, v) in [
+        ("allow", g(&c.allowed)),
+        ("deny", g(&c.denied)),
+        ("not_ours", g(&c.not_ours)),
+    ] {
+        decisions
+            .get_or_create(&labels(&[("result", result)]))
+            .inc_by(v);
+    }
+    reg.register(
+        "hook_decisions",
+        "Answers to the site broker's hooks: allow, deny, not ours (its next authenticator or ACL decides)",
+        decisions,
+    );
+    counter(
+        reg,
+        "hook_cache_hits",
+        "Hook answers taken from the decision cache",
+        g(&c.cache_hits),
     );
 }
 

@@ -14,6 +14,7 @@ pub mod download;
 pub mod downloads_api;
 pub mod error;
 pub mod firmware_api;
+pub mod hooks_api;
 pub mod metrics;
 pub mod mqtt_api;
 pub mod partguard;
@@ -68,6 +69,8 @@ pub struct Inner {
     pub signer: UrlSigner,
     /// Download URLs for commands, nginx's secure links, the edges.
     pub links: Arc<crate::server::links::Links>,
+    /// The broker hooks' decisions and their credential (`[hooks] token_file`), when on.
+    pub hooks: Option<(Arc<crate::server::hooks::Hooks>, String)>,
     /// Base URL for links (no trailing slash).
     pub public_url: String,
     /// Upload limit.
@@ -218,6 +221,23 @@ pub fn router(state: AppState) -> Router {
         .route("/api/audit", get(accounts_api::audit))
         .route("/api/events", get(accounts_api::events))
         .route_layer(middleware::from_fn_with_state(state.clone(), access::guard));
+    // the site broker's hooks: their own credential, small bodies (VerneMQ: no_payload = on)
+    let hooks = Router::new()
+        .route("/hooks/emqx/authn", post(hooks_api::emqx_authn))
+        .route("/hooks/emqx/authz", post(hooks_api::emqx_authz))
+        .route(
+            "/hooks/vernemq/auth_on_register",
+            post(hooks_api::vernemq_register),
+        )
+        .route(
+            "/hooks/vernemq/auth_on_subscribe",
+            post(hooks_api::vernemq_subscribe),
+        )
+        .route(
+            "/hooks/vernemq/auth_on_publish",
+            post(hooks_api::vernemq_publish),
+        )
+        .layer(DefaultBodyLimit::max(64 << 10));
     Router::new()
         .route("/healthz", get(firmware_api::healthz))
         .route(
@@ -227,6 +247,7 @@ pub fn router(state: AppState) -> Router {
         .merge(console::router(state.clone()))
         .route("/firmware/{file}", get(downloads_api::firmware))
         .route("/firmware/deltas/{file}", get(downloads_api::delta))
+        .merge(hooks)
         .merge(api)
         .fallback(firmware_api::not_found)
         .method_not_allowed_fallback(firmware_api::method_not_allowed)
