@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::error::ApiError;
+use super::refusal::BodyBytes;
 use crate::server::hooks::{Action, Hooks, Login, Verdict};
 
 /// Whether the request carries the hook credential.
@@ -114,7 +115,7 @@ pub async fn emqx_authn(
     State(st): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let (hooks, req) = match request::<EmqxAuthn>(&st, &headers, &uri, &body, "emqx/authn") {
         Ok((h, Some(r))) => (h, r),
@@ -144,7 +145,7 @@ pub async fn emqx_authz(
     State(st): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let (hooks, req) = match request::<EmqxAuthz>(&st, &headers, &uri, &body, "emqx/authz") {
         Ok((h, Some(r))) => (h, r),
@@ -218,7 +219,7 @@ pub async fn vernemq_register(
     State(st): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let (hooks, req) =
         match request::<VmqRegister>(&st, &headers, &uri, &body, "vernemq/auth_on_register") {
@@ -243,7 +244,7 @@ pub async fn vernemq_subscribe(
     State(st): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let (hooks, req) =
         match request::<VmqSubscribe>(&st, &headers, &uri, &body, "vernemq/auth_on_subscribe") {
@@ -271,7 +272,7 @@ pub async fn vernemq_publish(
     State(st): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let (hooks, req) =
         match request::<VmqPublish>(&st, &headers, &uri, &body, "vernemq/auth_on_publish") {

@@ -220,14 +220,31 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large("the JSON body is larger than this endpoint accepts")
-            } else {
-                ApiError::bad_request(format!("could not read the body: {}", r.body_text()))
-            }
-        })?;
+        let BodyBytes(bytes) = BodyBytes::from_request(req, state).await?;
         Ok(JsonBody(json_body(&bytes)?))
+    }
+}
+
+/// A request body as bytes, read within the route's body limit, its refusal the envelope.
+pub struct BodyBytes(pub Bytes);
+
+impl<S> FromRequest<S> for BodyBytes
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(BodyBytes)
+            .map_err(|r| {
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large("the body is larger than this endpoint accepts")
+                } else {
+                    ApiError::bad_request(format!("could not read the body: {}", r.body_text()))
+                }
+            })
     }
 }
 
