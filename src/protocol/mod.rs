@@ -129,14 +129,68 @@ pub fn classify_report_topic(prefix: &str, topic: &str) -> Option<(Protocol, Str
 /// — which the site's general traffic never enters: only a device's own topics are open to it,
 /// with the built-in rules.
 pub fn is_ota_topic(prefix: &str, topic: &str) -> bool {
-    let parts: Vec<&str> = topic.split('/').collect();
-    matches!(
-        parts.as_slice(),
-        [p, "gateway", _, "command" | "report"] if *p == prefix
-    ) || matches!(
-        parts.as_slice(),
-        ["", "ota", "device", ..] | ["", "sys", _, _, "thing", "ota", ..]
-    )
+    ota_shapes_match(prefix, topic, false)
+}
+
+/// Whether a filter, its `+` and `#` taken as wildcards, can match a topic of the OTA namespace
+/// ([`is_ota_topic`]): `#`, `hanqi/#`, `+/gateway/+/report` can; `site/#` cannot.
+pub fn may_match_ota(prefix: &str, filter: &str) -> bool {
+    ota_shapes_match(prefix, filter, true)
+}
+
+/// One level of an OTA topic's shape.
+#[derive(Clone, Copy)]
+enum Lvl {
+    /// `topic_prefix`.
+    Prefix,
+    Lit(&'static str),
+    OneOf(&'static [&'static str]),
+    Any,
+    /// Any number of further levels, none included.
+    Rest,
+}
+
+/// The OTA namespace: the gateway protocol's topics and Alibaba's.
+const OTA_SHAPES: [&[Lvl]; 3] = {
+    use Lvl::*;
+    [
+        &[Prefix, Lit("gateway"), Any, OneOf(&["command", "report"])],
+        &[Lit(""), Lit("ota"), Lit("device"), Rest],
+        &[
+            Lit(""),
+            Lit("sys"),
+            Any,
+            Any,
+            Lit("thing"),
+            Lit("ota"),
+            Rest,
+        ],
+    ]
+};
+
+fn ota_shapes_match(prefix: &str, topic: &str, wildcards: bool) -> bool {
+    fn fits(prefix: &str, levels: &[&str], shape: &[Lvl], wildcards: bool) -> bool {
+        match (levels.first(), shape.first()) {
+            (Some(&"#"), _) if wildcards => true,
+            (_, Some(Lvl::Rest)) => true,
+            (None, None) => true,
+            (None, Some(_)) | (Some(_), None) => false,
+            (Some(l), Some(s)) => {
+                let level_ok = (wildcards && *l == "+")
+                    || match s {
+                        Lvl::Prefix => *l == prefix,
+                        Lvl::Lit(x) => l == x,
+                        Lvl::OneOf(xs) => xs.contains(l),
+                        Lvl::Any | Lvl::Rest => true,
+                    };
+                level_ok && fits(prefix, &levels[1..], &shape[1..], wildcards)
+            }
+        }
+    }
+    let levels: Vec<&str> = topic.split('/').collect();
+    OTA_SHAPES
+        .iter()
+        .any(|shape| fits(prefix, &levels, shape, wildcards))
 }
 
 /// For anonymous (lab) mode: the device a command-topic filter belongs to.
@@ -189,5 +243,47 @@ mod tests {
             None
         );
         assert_eq!(classify_command_filter("hanqi", "hanqi/gateway/#"), None);
+    }
+}
+
+#[cfg(test)]
+mod ota_namespace_tests {
+
+    #[test]
+    fn filters_that_can_reach_ota_topics() {
+        // topics themselves, wildcards literal: the same namespace
+        assert!(super::is_ota_topic("hanqi", "hanqi/gateway/GW1/report"));
+        assert!(!super::is_ota_topic("hanqi", "hanqi/gateway/+/report/x"));
+        assert!(!super::is_ota_topic("hanqi", "#"));
+        for f in [
+            "#",
+            "+/#",
+            "hanqi/#",
+            "hanqi/gateway/+/report",
+            "hanqi/gateway/GW1/command",
+            "+/gateway/+/+",
+            "/ota/#",
+            "/ota/device/upgrade/pk/dn",
+            "/+/+/+/+/+",
+            "/sys/pk/dn/thing/ota/firmware/get",
+            "/sys/+/+/thing/#",
+            "/ota/device",
+        ] {
+            assert!(super::may_match_ota("hanqi", f), "{f}");
+        }
+        for f in [
+            "site/#",
+            "site/+/telemetry",
+            "hanqi/gateway/GW1/telemetry",
+            "hanqi/other/#",
+            "other/gateway/GW1/report",
+            "$SYS/#",
+            "/sys/pk/dn/thing/event/property/post",
+            "hanqi/gateway/GW1/report/extra",
+            "+",
+            "+/+",
+        ] {
+            assert!(!super::may_match_ota("hanqi", f), "{f}");
+        }
     }
 }

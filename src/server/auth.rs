@@ -117,6 +117,11 @@ impl UrlSigner {
         mac
     }
 
+    /// When a token made now expires (Unix seconds).
+    pub fn expiry(&self, now_secs: u64) -> u64 {
+        now_secs + self.ttl_secs
+    }
+
     /// A token for `path` (e.g. `/firmware/gateway_v1.0.2.bin`) valid for the configured TTL.
     pub fn sign(&self, path: &str, now_secs: u64) -> String {
         self.sign_for(path, None, now_secs)
@@ -125,7 +130,7 @@ impl UrlSigner {
     /// A token for `path` bound to upgrade task `task` (the URL then carries `task=ID` too):
     /// the download is refused once that task is cancelled.
     pub fn sign_for(&self, path: &str, task: Option<u64>, now_secs: u64) -> String {
-        let expiry = now_secs + self.ttl_secs;
+        let expiry = self.expiry(now_secs);
         let tag = self.mac(path, expiry, task).finalize().into_bytes();
         format!("{expiry}.{}", hex::encode(tag))
     }

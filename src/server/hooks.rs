@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::protocol::Protocol;
-use crate::server::broker::Authenticator;
 use crate::server::registry::{DeviceError, Devices};
 
 /// How long a decision is reused.
@@ -148,17 +147,11 @@ impl Hooks {
     }
 
     fn decide_login(&self, username: &str, password: &str) -> Login {
-        let id = crate::protocol::id_from_username(username);
-        if !crate::ids::valid_device_id(&id) {
-            return Login::NotOurs;
-        }
-        match self.devices.get(&id) {
+        match self.devices.login(username, password) {
+            Ok(Some((id, protocol))) => Login::Device { id, protocol },
+            Ok(None) => Login::Refused("wrong secret for a registered device"),
             Err(DeviceError::NotFound(_)) => Login::NotOurs,
             Err(_) => Login::Refused("the device registry could not be read"),
-            Ok(_) => match self.devices.authenticate(username, password) {
-                Some((id, protocol)) => Login::Device { id, protocol },
-                None => Login::Refused("wrong secret for a registered device"),
-            },
         }
     }
 
@@ -182,7 +175,7 @@ impl Hooks {
     }
 
     fn decide_topic(&self, username: &str, action: Action, topic: &str) -> Verdict {
-        if !may_touch_ota(&self.prefix, topic) {
+        if !crate::protocol::may_match_ota(&self.prefix, topic) {
             return Verdict::NotOurs;
         }
         const OTHERS: &str = "a device's OTA topics are its own";
@@ -210,100 +203,5 @@ impl Hooks {
     /// The device's own topics, for an answer that lists them (EMQX's `acl` at login).
     pub fn own_topics(&self, id: &str, protocol: Protocol) -> crate::protocol::DeviceTopics {
         crate::protocol::device_topics(protocol, &self.prefix, id)
-    }
-}
-
-/// One level of an OTA topic's shape.
-#[derive(Clone, Copy)]
-enum Lvl<'a> {
-    Lit(&'a str),
-    OneOf(&'a [&'a str]),
-    Any,
-    /// Any number of further levels, none included.
-    Rest,
-}
-
-/// Whether a topic or filter (with `+`/`#`) can match one of the devices' OTA topics: the
-/// gateway protocol's `{prefix}/gateway/{id}/command|report`, Alibaba's `/ota/device/...` and
-/// `/sys/{pk}/{dn}/thing/ota/...`.
-pub fn may_touch_ota(prefix: &str, filter: &str) -> bool {
-    use Lvl::*;
-    let shapes: [&[Lvl]; 3] = [
-        &[
-            Lit(prefix),
-            Lit("gateway"),
-            Any,
-            OneOf(&["command", "report"]),
-        ],
-        &[Lit(""), Lit("ota"), Lit("device"), Rest],
-        &[
-            Lit(""),
-            Lit("sys"),
-            Any,
-            Any,
-            Lit("thing"),
-            Lit("ota"),
-            Rest,
-        ],
-    ];
-    let levels: Vec<&str> = filter.split('/').collect();
-    shapes.iter().any(|shape| overlaps(&levels, shape))
-}
-
-fn overlaps(filter: &[&str], shape: &[Lvl]) -> bool {
-    match (filter.first(), shape.first()) {
-        (Some(&"#"), _) => true,
-        (_, Some(Lvl::Rest)) => true,
-        (None, None) => true,
-        (None, Some(_)) | (Some(_), None) => false,
-        (Some(f), Some(l)) => {
-            let level_ok = *f == "+"
-                || match l {
-                    Lvl::Lit(x) => f == x,
-                    Lvl::OneOf(xs) => xs.contains(f),
-                    Lvl::Any => true,
-                    Lvl::Rest => true,
-                };
-            level_ok && overlaps(&filter[1..], &shape[1..])
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn filters_that_can_reach_ota_topics() {
-        for f in [
-            "#",
-            "+/#",
-            "hanqi/#",
-            "hanqi/gateway/+/report",
-            "hanqi/gateway/GW1/command",
-            "+/gateway/+/+",
-            "/ota/#",
-            "/ota/device/upgrade/pk/dn",
-            "/+/+/+/+/+",
-            "/sys/pk/dn/thing/ota/firmware/get",
-            "/sys/+/+/thing/#",
-            "/ota/device",
-        ] {
-            assert!(may_touch_ota("hanqi", f), "{f}");
-        }
-        for f in [
-            "site/#",
-            "site/+/telemetry",
-            "hanqi/gateway/GW1/telemetry",
-            "hanqi/other/#",
-            "other/gateway/GW1/report",
-            "$SYS/#",
-            "/sys/pk/dn/thing/event/property/post",
-            "hanqi/gateway/GW1/report/extra",
-            "+",
-            "+/+",
-        ] {
-            assert!(!may_touch_ota("hanqi", f), "{f}");
-        }
     }
 }

@@ -125,10 +125,7 @@ impl Links {
             .map_or(self.public_url.as_str(), |e| e.base_url.as_str());
         match &self.secret {
             Some(secret) => {
-                let expires = token
-                    .split_once('.')
-                    .and_then(|(e, _)| e.parse::<u64>().ok())
-                    .expect("tokens start with their expiry");
+                let expires = self.signer.expiry(now_secs);
                 let md5 = secure_link_md5(expires, path, secret);
                 format!("{base}{path}?token={token}&task={task}&md5={md5}&expires={expires}")
             }

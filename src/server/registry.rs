@@ -655,20 +655,40 @@ impl Devices {
     }
 }
 
-impl Authenticator for Devices {
-    fn authenticate(&self, username: &str, password: &str) -> Option<(String, Protocol)> {
+impl Devices {
+    /// A device's login: `Err(NotFound)` when no device has that login name (it is someone
+    /// else's account), `Ok(None)` for a wrong secret (or the wrong login form), the device
+    /// otherwise. One registry read.
+    pub fn login(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<Option<(String, Protocol)>, DeviceError> {
         let id = crate::protocol::id_from_username(username);
         if !ids::valid_device_id(&id) {
-            return None;
+            return Err(DeviceError::NotFound(format!(
+                "no device logs in as {username:?}"
+            )));
         }
-        let rec = self.store.get_device(&id).ok()??;
+        let rec = self
+            .store
+            .get_device(&id)?
+            .ok_or_else(|| DeviceError::NotFound(format!("device {id} is not registered")))?;
         // Alibaba devices log in as pk&dn; gateways by their plain id.
         let form_ok = match rec.protocol {
             Protocol::Alibaba => username.contains('&'),
             Protocol::Gateway => !username.contains('&'),
         };
-        (form_ok && !rec.secret_hash.is_empty() && secret_matches(&rec.secret_hash, password))
-            .then_some((rec.id, rec.protocol))
+        Ok(
+            (form_ok && !rec.secret_hash.is_empty() && secret_matches(&rec.secret_hash, password))
+                .then_some((rec.id, rec.protocol)),
+        )
+    }
+}
+
+impl Authenticator for Devices {
+    fn authenticate(&self, username: &str, password: &str) -> Option<(String, Protocol)> {
+        self.login(username, password).ok().flatten()
     }
 
     fn device(&self, name: &str) -> Option<(String, Protocol)> {

@@ -70,26 +70,35 @@ fn answer(v: Value) -> Response {
     (StatusCode::OK, axum::Json(v)).into_response()
 }
 
-/// The decisions and the request once the caller proved it is the broker; `None` for a body
-/// that cannot be read (the hook then refuses).
-fn request<'a, T: for<'de> Deserialize<'de>>(
-    st: &'a AppState,
+/// A hook call: the caller proved it is the broker, then `decide` answers the request; a body
+/// that cannot be read gets `refused` (never "not ours").
+fn hook<T: for<'de> Deserialize<'de>>(
+    st: &AppState,
     headers: &HeaderMap,
     uri: &Uri,
     body: &Bytes,
-    hook: &str,
-) -> Result<(&'a Hooks, Option<T>), ApiError> {
-    let hooks = gate(st, headers, uri)?;
+    name: &str,
+    refused: fn() -> Response,
+    decide: impl FnOnce(&Hooks, T) -> Response,
+) -> Response {
+    let hooks = match gate(st, headers, uri) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
     match serde_json::from_slice(body) {
-        Ok(t) => Ok((hooks, Some(t))),
+        Ok(req) => decide(hooks, req),
         Err(e) => {
-            tracing::warn!(hook, error = %e, "a broker hook call could not be read: refused");
-            Ok((hooks, None))
+            tracing::warn!(hook = name, error = %e, "a broker hook call could not be read: refused");
+            refused()
         }
     }
 }
 
 // ---- EMQX 5 ----
+
+fn emqx_deny() -> Response {
+    answer(json!({"result": "deny"}))
+}
 
 /// EMQX's authentication request (the body template a site configures; absent fields are "").
 #[derive(Debug, Deserialize)]
@@ -117,27 +126,30 @@ pub async fn emqx_authn(
     uri: Uri,
     BodyBytes(body): BodyBytes,
 ) -> Response {
-    let (hooks, req) = match request::<EmqxAuthn>(&st, &headers, &uri, &body, "emqx/authn") {
-        Ok((h, Some(r))) => (h, r),
-        Ok((_, None)) => return answer(json!({"result": "deny"})),
-        Err(e) => return e.into_response(),
-    };
-    match hooks.login(&req.username, &req.password) {
-        Login::Device { id, protocol } => {
-            let own = hooks.own_topics(&id, protocol);
-            let mut acl: Vec<Value> = own
+    hook(
+        &st,
+        &headers,
+        &uri,
+        &body,
+        "emqx/authn",
+        emqx_deny,
+        |hooks, req: EmqxAuthn| match hooks.login(&req.username, &req.password) {
+            Login::Device { id, protocol } => {
+                let own = hooks.own_topics(&id, protocol);
+                let mut acl: Vec<Value> = own
                 .publish
                 .iter()
                 .map(|(t, _)| json!({"permission": "allow", "action": "publish", "topic": format!("eq {t}")}))
                 .collect();
-            acl.extend(own.subscribe.iter().map(
+                acl.extend(own.subscribe.iter().map(
                 |t| json!({"permission": "allow", "action": "subscribe", "topic": format!("eq {t}")}),
             ));
-            answer(json!({"result": "allow", "is_superuser": false, "acl": acl}))
-        }
-        Login::Refused(_) => answer(json!({"result": "deny"})),
-        Login::NotOurs => answer(json!({"result": "ignore"})),
-    }
+                answer(json!({"result": "allow", "is_superuser": false, "acl": acl}))
+            }
+            Login::Refused(_) => emqx_deny(),
+            Login::NotOurs => answer(json!({"result": "ignore"})),
+        },
+    )
 }
 
 /// POST /hooks/emqx/authz — `{"result":"allow"|"deny"|"ignore"}`.
@@ -147,22 +159,27 @@ pub async fn emqx_authz(
     uri: Uri,
     BodyBytes(body): BodyBytes,
 ) -> Response {
-    let (hooks, req) = match request::<EmqxAuthz>(&st, &headers, &uri, &body, "emqx/authz") {
-        Ok((h, Some(r))) => (h, r),
-        Ok((_, None)) => return answer(json!({"result": "deny"})),
-        Err(e) => return e.into_response(),
-    };
-    let action = match req.action.as_str() {
-        "publish" => Action::Publish,
-        "subscribe" => Action::Subscribe,
-        _ => return answer(json!({"result": "deny"})),
-    };
-    let result = match hooks.topic(&req.username, action, &req.topic) {
-        Verdict::Allow => "allow",
-        Verdict::Deny(_) => "deny",
-        Verdict::NotOurs => "ignore",
-    };
-    answer(json!({ "result": result }))
+    hook(
+        &st,
+        &headers,
+        &uri,
+        &body,
+        "emqx/authz",
+        emqx_deny,
+        |hooks, req: EmqxAuthz| {
+            let action = match req.action.as_str() {
+                "publish" => Action::Publish,
+                "subscribe" => Action::Subscribe,
+                _ => return emqx_deny(),
+            };
+            let result = match hooks.topic(&req.username, action, &req.topic) {
+                Verdict::Allow => "allow",
+                Verdict::Deny(_) => "deny",
+                Verdict::NotOurs => "ignore",
+            };
+            answer(json!({ "result": result }))
+        },
+    )
 }
 
 // ---- VerneMQ ----
@@ -221,21 +238,25 @@ pub async fn vernemq_register(
     uri: Uri,
     BodyBytes(body): BodyBytes,
 ) -> Response {
-    let (hooks, req) =
-        match request::<VmqRegister>(&st, &headers, &uri, &body, "vernemq/auth_on_register") {
-            Ok((h, Some(r))) => (h, r),
-            Ok((_, None)) => return vmq_refused(),
-            Err(e) => return e.into_response(),
-        };
-    let (user, pass) = (
-        req.username.unwrap_or_default(),
-        req.password.unwrap_or_default(),
-    );
-    match hooks.login(&user, &pass) {
-        Login::Device { .. } => vmq_ok(),
-        Login::Refused(_) => vmq_refused(),
-        Login::NotOurs => vmq_next(),
-    }
+    hook(
+        &st,
+        &headers,
+        &uri,
+        &body,
+        "vernemq/auth_on_register",
+        vmq_refused,
+        |hooks, req: VmqRegister| {
+            let (user, pass) = (
+                req.username.unwrap_or_default(),
+                req.password.unwrap_or_default(),
+            );
+            match hooks.login(&user, &pass) {
+                Login::Device { .. } => vmq_ok(),
+                Login::Refused(_) => vmq_refused(),
+                Login::NotOurs => vmq_next(),
+            }
+        },
+    )
 }
 
 /// POST /hooks/vernemq/auth_on_subscribe — refused whole when any filter may not be
@@ -246,25 +267,29 @@ pub async fn vernemq_subscribe(
     uri: Uri,
     BodyBytes(body): BodyBytes,
 ) -> Response {
-    let (hooks, req) =
-        match request::<VmqSubscribe>(&st, &headers, &uri, &body, "vernemq/auth_on_subscribe") {
-            Ok((h, Some(r))) => (h, r),
-            Ok((_, None)) => return vmq_refused(),
-            Err(e) => return e.into_response(),
-        };
-    let user = req.username.unwrap_or_default();
-    let verdicts: Vec<Verdict> = req
-        .topics
-        .iter()
-        .map(|t| hooks.topic(&user, Action::Subscribe, &t.topic))
-        .collect();
-    if verdicts.is_empty() || verdicts.iter().any(|v| matches!(v, Verdict::Deny(_))) {
-        vmq_refused()
-    } else if verdicts.iter().all(|v| *v == Verdict::Allow) {
-        vmq_ok()
-    } else {
-        vmq_next()
-    }
+    hook(
+        &st,
+        &headers,
+        &uri,
+        &body,
+        "vernemq/auth_on_subscribe",
+        vmq_refused,
+        |hooks, req: VmqSubscribe| {
+            let user = req.username.unwrap_or_default();
+            let verdicts: Vec<Verdict> = req
+                .topics
+                .iter()
+                .map(|t| hooks.topic(&user, Action::Subscribe, &t.topic))
+                .collect();
+            if verdicts.is_empty() || verdicts.iter().any(|v| matches!(v, Verdict::Deny(_))) {
+                vmq_refused()
+            } else if verdicts.iter().all(|v| *v == Verdict::Allow) {
+                vmq_ok()
+            } else {
+                vmq_next()
+            }
+        },
+    )
 }
 
 /// POST /hooks/vernemq/auth_on_publish
@@ -274,12 +299,16 @@ pub async fn vernemq_publish(
     uri: Uri,
     BodyBytes(body): BodyBytes,
 ) -> Response {
-    let (hooks, req) =
-        match request::<VmqPublish>(&st, &headers, &uri, &body, "vernemq/auth_on_publish") {
-            Ok((h, Some(r))) => (h, r),
-            Ok((_, None)) => return vmq_refused(),
-            Err(e) => return e.into_response(),
-        };
-    let user = req.username.unwrap_or_default();
-    vmq_verdict(hooks.topic(&user, Action::Publish, &req.topic))
+    hook(
+        &st,
+        &headers,
+        &uri,
+        &body,
+        "vernemq/auth_on_publish",
+        vmq_refused,
+        |hooks, req: VmqPublish| {
+            let user = req.username.unwrap_or_default();
+            vmq_verdict(hooks.topic(&user, Action::Publish, &req.topic))
+        },
+    )
 }
