@@ -103,6 +103,102 @@ pub enum MqttEngine {
     Direct,
     /// Removed (the embedded rumqttd): refused at start with the reason.
     Rumqttd,
+    /// The site's own broker carries the devices; Hangar is its client (`[mqtt.external]`).
+    External,
+}
+
+/// `[mqtt.external] sync`: who keeps the external broker's device accounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum AccountSync {
+    /// Nobody here: the broker asks Hangar's hooks (EMQX, VerneMQ) or the site manages them.
+    #[default]
+    #[serde(rename = "")]
+    None,
+    /// mosquitto 2's dynamic-security plugin, through `$CONTROL/dynamic-security/v1`.
+    #[serde(rename = "mosquitto-dynsec")]
+    MosquittoDynsec,
+}
+
+/// `[mqtt.external]`: the site's broker Hangar is a client of (`mqtt.engine = "external"`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExternalConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    /// Hangar's client id (its persistent session on the broker).
+    pub client_id: String,
+    /// Hangar's user name on the broker ("" = none).
+    pub username: String,
+    /// File whose first line is Hangar's password ("" = none).
+    pub password_file: String,
+    /// PEM file of the CA that signs the broker's certificate (mqtts://).
+    pub ca_file: String,
+    /// `$share/<group>/` in front of Hangar's subscriptions ("" = none).
+    pub share_group: String,
+    /// Who keeps the broker's device accounts.
+    pub sync: AccountSync,
+}
+
+impl Default for ExternalConfig {
+    fn default() -> Self {
+        ExternalConfig {
+            url: String::new(),
+            client_id: "hangar".into(),
+            username: String::new(),
+            password_file: String::new(),
+            ca_file: String::new(),
+            share_group: String::new(),
+            sync: AccountSync::None,
+        }
+    }
+}
+
+impl ExternalConfig {
+    /// (TLS, host, port) of `url`.
+    pub fn endpoint(&self) -> Result<(bool, String, u16), String> {
+        let (tls, rest) = if let Some(r) = self.url.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = self.url.strip_prefix("mqtt://") {
+            (false, r)
+        } else {
+            return Err("must start with mqtt:// or mqtts://".into());
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+                Ok(p) if p > 0 => (h, p),
+                _ => return Err(format!("bad port {p:?}")),
+            },
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
+            return Err(format!("bad host {host:?}"));
+        }
+        Ok((tls, host.to_string(), port))
+    }
+
+    fn check(&self) -> Check {
+        self.endpoint()
+            .map_err(|reason| ("mqtt.external.url", reason))?;
+        ensure(
+            !self.client_id.is_empty()
+                && self.client_id.len() <= 23 * 4
+                && !self.client_id.contains(['+', '#', '/']),
+            "mqtt.external.client_id",
+            "must be 1 to 92 characters without '+', '#' or '/'",
+        )?;
+        ensure(
+            self.share_group.len() <= 64 && !self.share_group.contains(['+', '#', '/']),
+            "mqtt.external.share_group",
+            "must be at most 64 characters without '+', '#' or '/'",
+        )?;
+        ensure(
+            !self.url.starts_with("mqtts://") || !self.ca_file.is_empty(),
+            "mqtt.external.ca_file",
+            "is required with mqtts:// (the CA that signs the broker's certificate)",
+        )
+    }
 }
 
 /// `log.format`.
@@ -361,6 +457,8 @@ pub struct MqttConfig {
     pub max_retained_bytes: usize,
     /// Subscriptions of one client; beyond it SUBACK says 0x80.
     pub max_subscriptions_per_client: usize,
+    /// The site's broker, with `engine = "external"`.
+    pub external: ExternalConfig,
 }
 
 /// `[auth]`
@@ -533,6 +631,7 @@ impl Default for MqttConfig {
             max_retained_messages: 100_000,
             max_retained_bytes: 64 * 1024 * 1024,
             max_subscriptions_per_client: 1000,
+            external: ExternalConfig::default(),
         }
     }
 }
@@ -781,6 +880,9 @@ impl MqttConfig {
             "mqtt.engine",
             "\"rumqttd\" was removed: the built-in broker (\"direct\") now carries OTA and general traffic with persistence and ACLs; remove the key",
         )?;
+        if self.engine == MqttEngine::External {
+            self.external.check()?;
+        }
         for (key, v, max) in [
             (
                 "mqtt.max_queued_messages",
@@ -993,6 +1095,24 @@ fn toml_error_key(e: &toml::de::Error, text: &str) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn external_broker_urls() {
+        let e = |url: &str| {
+            super::ExternalConfig {
+                url: url.into(),
+                ..Default::default()
+            }
+            .endpoint()
+        };
+        assert_eq!(e("mqtt://broker"), Ok((false, "broker".into(), 1883)));
+        assert_eq!(e("mqtts://broker:8884/"), Ok((true, "broker".into(), 8884)));
+        assert_eq!(e("mqtt://[::1]:1884"), Ok((false, "::1".into(), 1884)));
+        assert_eq!(e("mqtt://10.0.0.7"), Ok((false, "10.0.0.7".into(), 1883)));
+        assert!(e("mqtt://u@broker").is_err());
+        assert!(e("broker:1883").is_err());
+        assert!(e("mqtt://:1883").is_err());
+    }
+
+    #[test]
     fn packaged_config_is_the_default_with_the_state_dir() {
         let packaged = include_str!("../debian/hangar.toml");
         assert_eq!(
@@ -1028,6 +1148,24 @@ mod tests {
             ("[mqtt]\ntopic_prefix = \"a/b\"\n", "mqtt.topic_prefix"),
             ("[mqtt]\nengine = \"mosquitto\"\n", "mqtt.engine"),
             ("[mqtt]\nengine = \"rumqttd\"\n", "mqtt.engine"),
+            ("[mqtt]\nengine = \"external\"\n", "mqtt.external.url"),
+            (
+                "[mqtt]\nengine = \"external\"\n[mqtt.external]\nurl = \"http://b:1883\"\n",
+                "mqtt.external.url",
+            ),
+            (
+                "[mqtt]\nengine = \"external\"\n[mqtt.external]\nurl = \"mqtt://b:0\"\n",
+                "mqtt.external.url",
+            ),
+            (
+                "[mqtt]\nengine = \"external\"\n[mqtt.external]\nurl = \"mqtts://b\"\n",
+                "mqtt.external.ca_file",
+            ),
+            (
+                "[mqtt]\nengine = \"external\"\n[mqtt.external]\nurl = \"mqtt://b\"\nshare_group = \"a/b\"\n",
+                "mqtt.external.share_group",
+            ),
+            ("[mqtt.external]\nsync = \"emqx\"\n", "mqtt.external.sync"),
             ("[auth]\nadmin_token = \"short\"\n", "auth.admin_token"),
             ("[auth]\nurl_ttl_secs = 0\n", "auth.url_ttl_secs"),
             ("[log]\nformat = \"xml\"\n", "log.format"),

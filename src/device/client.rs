@@ -453,28 +453,7 @@ pub fn parse_mqtt_url(url: &str) -> Result<(bool, String, u16), String> {
     Ok((tls, host, port))
 }
 
-/// A rustls client config trusting the CA certificates in `ca_pem` (ring provider), or the
-/// given roots when `ca_pem` is None.
-pub fn tls_client_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem) {
-        let c = c.map_err(|e| format!("bad PEM: {e}"))?;
-        roots
-            .add(c)
-            .map_err(|e| format!("bad CA certificate: {e}"))?;
-    }
-    if roots.is_empty() {
-        return Err("no certificate in the CA file".into());
-    }
-    Ok(Arc::new(
-        rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    ))
-}
+pub use crate::tls::client_config as tls_client_config;
 
 /// What the link tells its device.
 #[derive(Debug)]

@@ -363,6 +363,8 @@ struct Services {
     devices: Arc<Devices>,
     ota: Arc<Ota>,
     broker: Arc<Broker>,
+    /// The link to the site's broker, with `mqtt.engine = "external"`.
+    external: Option<Arc<crate::server::broker::external::External>>,
     signer: UrlSigner,
     links: Arc<crate::server::links::Links>,
     campaigns: Arc<crate::server::campaigns::Campaigns>,
@@ -408,9 +410,40 @@ impl Running<'_> {
             firmware.clone(),
             config.delta.clone(),
         );
-        let devices = Arc::new(Devices::new(store.clone()));
+        let on_external = config.mqtt.engine == crate::config::MqttEngine::External;
+        let accounts_wake = Arc::new(tokio::sync::Notify::new());
+        let devices = match (on_external, config.mqtt.external.sync) {
+            (true, crate::config::AccountSync::MosquittoDynsec) => {
+                Devices::syncing_accounts(store.clone(), accounts_wake.clone())
+            }
+            _ => Devices::new(store.clone()),
+        };
+        let devices = Arc::new(if on_external {
+            devices.on_external_broker()
+        } else {
+            devices
+        });
         let (msg_tx, msg_rx) = tokio::sync::mpsc::channel(16 * 1024);
         let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
+        let external = if on_external {
+            Some(
+                crate::server::broker::external::External::start(
+                    config.mqtt.external.clone(),
+                    &config.mqtt.topic_prefix,
+                    crate::server::broker::external::ExternalWiring {
+                        store: store.clone(),
+                        messages: msg_tx.clone(),
+                        presence: presence_tx.clone(),
+                        accounts: accounts_wake,
+                    },
+                    shutdown.clone(),
+                    tracker,
+                )
+                .map_err(|e| StartError::Broker(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         // no ALPN: MQTT clients need none
         let mqtt_tls = if config.mqtt.require_certificate {
             certs::server_config_with_clients(
@@ -449,7 +482,10 @@ impl Running<'_> {
             devices.clone(),
             firmware.clone(),
             deltas.clone(),
-            broker.clone(),
+            match &external {
+                Some(x) => crate::server::broker::DeviceLink::External(x.clone()),
+                None => crate::server::broker::DeviceLink::Embedded(broker.clone()),
+            },
             links.clone(),
             OtaSettings {
                 public_url: public_url.to_string(),
@@ -487,6 +523,7 @@ impl Running<'_> {
             devices,
             ota,
             broker,
+            external,
             signer,
             links,
             campaigns,
@@ -570,6 +607,7 @@ impl App {
             devices: sv.devices,
             ota: sv.ota,
             broker: sv.broker,
+            external: sv.external,
             store: store.clone(),
             signer: sv.signer,
             links: sv.links,

@@ -83,6 +83,26 @@ const LAST_SEEN_REFRESH_MS: i64 = 60_000;
 pub struct Devices {
     store: Store,
     live: RwLock<HashMap<String, Live>>,
+    /// With `[mqtt.external] sync`: account changes go to the store's outbox and this wakes
+    /// the worker that hands them to the site's broker.
+    accounts: Option<AccountSync>,
+    /// The devices' broker is the site's (`mqtt.engine = "external"`): Hangar cannot see a
+    /// device subscribe, so a command goes out whenever one is due (at QoS 1, the broker keeps
+    /// it in a persistent session) and again when a device shows up after a silence.
+    assume_ready: bool,
+}
+
+struct AccountSync {
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+/// A device's MQTT user name: its id, or `pk&dn` for an Alibaba `pk/dn`.
+pub fn login_name(id: &str, protocol: Protocol) -> String {
+    match (protocol, id.split_once('/')) {
+        (Protocol::Alibaba, Some((pk, dn))) => format!("{pk}&{dn}"),
+        _ => id.to_string(),
+    }
 }
 
 fn hash_secret(secret: &str) -> String {
@@ -151,7 +171,53 @@ impl Devices {
         Devices {
             store,
             live: RwLock::new(HashMap::new()),
+            accounts: None,
+            assume_ready: false,
         }
+    }
+
+    /// A registry whose account changes (registration, new secret, deletion) are queued for
+    /// the site's broker in the same flush as the change itself; `wake` is notified after each.
+    pub fn syncing_accounts(store: Store, wake: std::sync::Arc<tokio::sync::Notify>) -> Devices {
+        Devices {
+            accounts: Some(AccountSync {
+                wake,
+                seq: std::sync::atomic::AtomicU64::new(now_ms().max(0) as u64 * 1000),
+            }),
+            ..Devices::new(store)
+        }
+    }
+
+    /// For the site's broker (`mqtt.engine = "external"`): every device counts as listening for
+    /// commands.
+    pub fn on_external_broker(self) -> Devices {
+        Devices {
+            assume_ready: true,
+            ..self
+        }
+    }
+
+    /// Queues an account change when accounts are synced (not flushed: the caller's flush
+    /// covers it); `secret` `None` deletes the account.
+    fn queue_account(
+        &self,
+        id: &str,
+        protocol: Protocol,
+        secret: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let Some(a) = &self.accounts else {
+            return Ok(());
+        };
+        let rec = crate::server::store::BrokerAccountRecord {
+            schema: 1,
+            seq: a.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            login: login_name(id, protocol),
+            protocol,
+            secret: secret.map(str::to_string),
+        };
+        self.store.put_broker_account(id, &rec)?;
+        a.wake.notify_one();
+        Ok(())
     }
 
     /// Validates and stores a new device; returns once it is on disk.
@@ -242,7 +308,11 @@ impl Devices {
         if let Some(e) = invalid {
             return Err(e);
         }
-        d.ok_or_else(|| DeviceError::NotFound(format!("no device {id}")))
+        let d = d.ok_or_else(|| DeviceError::NotFound(format!("no device {id}")))?;
+        if c.secret.is_some() {
+            self.queue_account(id, d.protocol, c.secret.as_deref())?;
+        }
+        Ok(d)
     }
 
     /// Validates and writes a new device (not flushed).
@@ -296,7 +366,10 @@ impl Devices {
             created_at_ms: now_ms(),
         };
         match self.store.insert_device(&rec) {
-            Ok(()) => Ok(rec),
+            Ok(()) => {
+                self.queue_account(&rec.id, rec.protocol, Some(&nd.secret))?;
+                Ok(rec)
+            }
             Err(StoreError::Conflict(_)) => Err(DeviceError::Conflict(format!(
                 "device {} is already registered",
                 nd.id
@@ -337,6 +410,7 @@ impl Devices {
             .store
             .delete_device(id)?
             .ok_or_else(|| DeviceError::NotFound(format!("device {id} is not registered")))?;
+        self.queue_account(id, rec.protocol, None)?;
         Ok(self.store.durable(rec).await?)
     }
 
@@ -393,11 +467,13 @@ impl Devices {
 
     /// Whether the device listens for commands now ([`Live::ready`], without copying the rest).
     pub fn ready(&self, id: &str) -> bool {
-        self.live
-            .read()
-            .expect("live lock")
-            .get(id)
-            .is_some_and(|l| l.ready)
+        self.assume_ready
+            || self
+                .live
+                .read()
+                .expect("live lock")
+                .get(id)
+                .is_some_and(|l| l.ready)
     }
 
     /// Whether the device has a connection now.

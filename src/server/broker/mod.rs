@@ -17,6 +17,8 @@
 
 pub mod acl;
 mod connection;
+pub mod dynsec;
+pub mod external;
 mod frontdoor;
 pub(crate) use frontdoor::replay_session;
 pub mod packet;
@@ -178,6 +180,27 @@ impl Rates {
     }
 }
 
+/// Where the OTA engine's commands go (its reports come back through the same wiring,
+/// [`InboundMessage`] and [`Presence`]): the built-in broker, or the site's broker with Hangar
+/// as its client. The one seam between the OTA engine and the engines that carry devices.
+#[derive(Clone)]
+pub enum DeviceLink {
+    /// Our own broker.
+    Embedded(Arc<Broker>),
+    /// The site's broker (`mqtt.engine = "external"`).
+    External(Arc<external::External>),
+}
+
+impl DeviceLink {
+    /// Publishes a command to a device; never waits for the device.
+    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), BrokerError> {
+        match self {
+            DeviceLink::Embedded(b) => b.publish(topic, payload).await,
+            DeviceLink::External(x) => x.publish(topic, payload).await,
+        }
+    }
+}
+
 /// Why a publish to devices failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -326,31 +349,12 @@ impl Broker {
             tasks: tracker.clone(),
             next_conn: AtomicU64::new(0),
         });
-        let plain = frontdoor::bind(settings.listen, "mqtt.listen")?;
-        let mqtt = plain
-            .local_addr()
-            .map_err(|e| BrokerError::Start(e.to_string()))?;
-        tracker.spawn(frontdoor::accept_loop(
-            plain,
-            None,
-            ctx.clone(),
-            shutdown.clone(),
-        ));
-        let mqtts = match (&w.tls, settings.tls_listen.addr().is_some()) {
-            (Some(acceptor), true) => {
-                let l = frontdoor::bind(settings.tls_listen, "mqtt.tls_listen")?;
-                let a = l
-                    .local_addr()
-                    .map_err(|e| BrokerError::Start(e.to_string()))?;
-                tracker.spawn(frontdoor::accept_loop(
-                    l,
-                    Some(acceptor.clone()),
-                    ctx.clone(),
-                    shutdown.clone(),
-                ));
-                Some(a)
-            }
-            _ => None,
+        let external = settings.engine == crate::config::MqttEngine::External;
+        let (mqtt, mqtts) = if external {
+            // the site's broker carries the devices: no listener of ours
+            (SocketAddr::from(([0, 0, 0, 0], 0)), None)
+        } else {
+            Self::listen(&settings, &w.tls, &ctx, &shutdown, tracker)?
         };
         if settings.allow_anonymous {
             tracing::warn!(
@@ -370,6 +374,43 @@ impl Broker {
             users,
             settings,
         })
+    }
+
+    /// Binds the MQTT and MQTTS listeners and starts accepting.
+    fn listen(
+        settings: &MqttConfig,
+        tls: &Option<tokio_rustls::TlsAcceptor>,
+        ctx: &Arc<DoorContext>,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<(SocketAddr, Option<SocketAddr>), BrokerError> {
+        let plain = frontdoor::bind(settings.listen, "mqtt.listen")?;
+        let mqtt = plain
+            .local_addr()
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
+        tracker.spawn(frontdoor::accept_loop(
+            plain,
+            None,
+            ctx.clone(),
+            shutdown.clone(),
+        ));
+        let mqtts = match (tls, settings.tls_listen.addr().is_some()) {
+            (Some(acceptor), true) => {
+                let l = frontdoor::bind(settings.tls_listen, "mqtt.tls_listen")?;
+                let a = l
+                    .local_addr()
+                    .map_err(|e| BrokerError::Start(e.to_string()))?;
+                tracker.spawn(frontdoor::accept_loop(
+                    l,
+                    Some(acceptor.clone()),
+                    ctx.clone(),
+                    shutdown.clone(),
+                ));
+                Some(a)
+            }
+            _ => None,
+        };
+        Ok((mqtt, mqtts))
     }
 
     /// Publishes an OTA command to the device connections listening on `topic`, at QoS 0,

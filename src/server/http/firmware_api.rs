@@ -96,10 +96,41 @@ pub async fn healthz(State(st): State<AppState>) -> Response {
             st.min_free_bytes
         ));
     }
+    let broker = st.external.as_ref().map(|x| {
+        let link = x.state();
+        if !link.connected {
+            reasons.push(format!(
+                "site broker {}: {}",
+                x.url(),
+                link.error.as_deref().unwrap_or("not connected")
+            ));
+        }
+        let sync = x.dynsec.as_ref().map(|d| {
+            let s = d.state();
+            if let Some(e) = &s.error {
+                reasons.push(format!("device accounts on the site broker: {e}"));
+            }
+            serde_json::json!({
+                "kind": "mosquitto-dynsec",
+                "queued": d.queued(),
+                "missing": s.missing,
+                "error": s.error,
+            })
+        });
+        serde_json::json!({
+            "engine": "external",
+            "url": x.url(),
+            "connected": link.connected,
+            "error": link.error,
+            "since": crate::time::rfc3339_ms(link.since_ms),
+            "accountSync": sync,
+        })
+    });
     let state = if reasons.is_empty() { "ok" } else { "degraded" };
     ok(serde_json::json!({
         "state": state,
         "store": if degraded.is_some() { "degraded" } else { "ok" },
+        "broker": broker.unwrap_or_else(|| serde_json::json!({"engine": "direct"})),
         "reasons": reasons,
         "freeBytes": free,
         "version": env!("CARGO_PKG_VERSION"),

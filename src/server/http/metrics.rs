@@ -107,6 +107,7 @@ fn g(a: &AtomicU64) -> u64 {
 pub fn render(st: &AppState) -> Result<String, ServiceError> {
     let mut reg = Registry::with_prefix("hangar");
     devices_and_mqtt(&mut reg, st);
+    site_broker(&mut reg, st);
     tasks(&mut reg, st)?;
     campaigns(&mut reg, st)?;
     downloads(&mut reg, st);
@@ -116,6 +117,97 @@ pub fn render(st: &AppState) -> Result<String, ServiceError> {
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| ServiceError::Io(std::io::Error::other(e)))?;
     Ok(out)
+}
+
+/// The link to the site's broker (`mqtt.engine = "external"`) and its account sync.
+fn site_broker(reg: &mut Registry, st: &AppState) {
+    let Some(x) = &st.external else {
+        return;
+    };
+    gauge(
+        reg,
+        "site_broker_up",
+        "1 while Hangar's connection to the site's broker is up",
+        x.is_connected() as i64,
+    );
+    let c = &x.counters;
+    for (name, help, v) in [
+        (
+            "site_broker_connects",
+            "Connections made to the site's broker",
+            &c.connects,
+        ),
+        (
+            "site_broker_reports_in",
+            "Device reports and heartbeats received from the site's broker",
+            &c.reports_in,
+        ),
+        (
+            "site_broker_acks_sent",
+            "Reports acknowledged to the site's broker after they were stored",
+            &c.acks_sent,
+        ),
+        (
+            "site_broker_acks_withheld",
+            "Deliveries not acknowledged (of an earlier connection, or not stored): the broker sends them again",
+            &c.acks_withheld,
+        ),
+        (
+            "site_broker_foreign_messages",
+            "Messages on Hangar's subscriptions that were no device's report",
+            &c.foreign,
+        ),
+        (
+            "site_broker_commands_out",
+            "Commands handed to the site's broker",
+            &c.commands_out,
+        ),
+        (
+            "site_broker_command_failures",
+            "Commands not sent because the link was down (sent again when the device shows up)",
+            &c.command_failures,
+        ),
+        (
+            "site_broker_subscriptions_refused",
+            "Subscriptions the site's broker refused",
+            &c.subscriptions_refused,
+        ),
+    ] {
+        counter(reg, name, help, g(v));
+    }
+    if let Some(d) = &x.dynsec {
+        let s = d.state();
+        gauge(
+            reg,
+            "site_broker_accounts_queued",
+            "Device account changes not yet confirmed by the broker",
+            d.queued() as i64,
+        );
+        gauge(
+            reg,
+            "site_broker_accounts_missing",
+            "Registered devices without an account on the broker (set their secret again)",
+            s.missing as i64,
+        );
+        counter(
+            reg,
+            "site_broker_accounts_applied",
+            "Device account changes the broker confirmed",
+            g(&d.counters.applied),
+        );
+        counter(
+            reg,
+            "site_broker_accounts_failed",
+            "Device account changes the broker refused or did not answer (retried)",
+            g(&d.counters.failed),
+        );
+        counter(
+            reg,
+            "site_broker_accounts_removed",
+            "Managed broker accounts deleted because their device is gone",
+            g(&d.counters.removed),
+        );
+    }
 }
 
 /// Connected devices, the broker, reports and logins.

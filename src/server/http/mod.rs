@@ -61,6 +61,8 @@ pub struct Inner {
     pub ota: Arc<crate::server::ota::Ota>,
     /// Device broker (counters).
     pub broker: Arc<crate::server::broker::Broker>,
+    /// The link to the site's broker, with `mqtt.engine = "external"`.
+    pub external: Option<Arc<crate::server::broker::external::External>>,
     /// Store handle (health, stats).
     pub store: Store,
     /// Admin bearer token.

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ids;
 use crate::protocol::alibaba;
 use crate::ratelog::RateLog;
-use crate::server::broker::{Broker, InboundMessage, Presence};
+use crate::server::broker::{DeviceLink, InboundMessage, Presence};
 use crate::server::firmware::{FirmwareError, FirmwareService};
 use crate::server::links::Group;
 use crate::server::registry::{DeviceError, Devices};
@@ -58,7 +58,7 @@ pub struct Ota {
     devices: Arc<Devices>,
     firmware: Arc<FirmwareService>,
     deltas: Arc<crate::server::deltas::Deltas>,
-    broker: Arc<Broker>,
+    broker: DeviceLink,
     links: Arc<crate::server::links::Links>,
     settings: OtaSettings,
     lock: tokio::sync::Mutex<()>,
@@ -214,7 +214,7 @@ impl Ota {
         devices: Arc<Devices>,
         firmware: Arc<FirmwareService>,
         deltas: Arc<crate::server::deltas::Deltas>,
-        broker: Arc<Broker>,
+        broker: DeviceLink,
         links: Arc<crate::server::links::Links>,
         settings: OtaSettings,
     ) -> Ota {

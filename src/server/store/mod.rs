@@ -12,6 +12,7 @@ use std::path::Path;
 use crate::server::events::Change;
 
 mod accounts;
+mod accounts_out;
 mod mqtt;
 mod trust;
 
@@ -19,13 +20,14 @@ pub use trust::BundleCommit;
 
 pub use mqtt::{MqttWrite, StoredSession};
 pub use records::{
-    AUDIT_CHECKPOINT_SCHEMA, AUDIT_SCHEMA, AuditCheckpoint, AuditRecord, Brake, BundleRecord,
-    CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord, CampaignStatus, CampaignTargets, DELTA_SCHEMA,
-    DEVICE_SCHEMA, DeltaRecord, DeltaStatus, DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord,
-    FirmwareSignature, FirmwareStatus, MQTT_SCHEMA, MemberStatus, MqttMessageRecord,
-    MqttSessionRecord, MqttUserRecord, QueuedMembers, RetainedRecord, Role, SESSION_SCHEMA,
-    SessionRecord, SignatureStatus, TASK_SCHEMA, TRUST_SCHEMA, TaskDelta, TaskEvent, TaskHead,
-    TaskRecord, TaskStatus, TrustKeyRecord, USER_SCHEMA, UserRecord,
+    AUDIT_CHECKPOINT_SCHEMA, AUDIT_SCHEMA, AuditCheckpoint, AuditRecord, Brake,
+    BrokerAccountRecord, BundleRecord, CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord,
+    CampaignStatus, CampaignTargets, DELTA_SCHEMA, DEVICE_SCHEMA, DeltaRecord, DeltaStatus,
+    DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareSignature, FirmwareStatus, MQTT_SCHEMA,
+    MemberStatus, MqttMessageRecord, MqttSessionRecord, MqttUserRecord, QueuedMembers,
+    RetainedRecord, Role, SESSION_SCHEMA, SessionRecord, SignatureStatus, TASK_SCHEMA,
+    TRUST_SCHEMA, TaskDelta, TaskEvent, TaskHead, TaskRecord, TaskStatus, TrustKeyRecord,
+    USER_SCHEMA, UserRecord,
 };
 
 /// A store failure.
@@ -157,6 +159,7 @@ struct Engine {
     mqtt_retained: sled::Tree,
     mqtt_sessions: sled::Tree,
     mqtt_messages: sled::Tree,
+    broker_accounts: sled::Tree,
 }
 
 /// Why the store cannot write, since when.
@@ -752,7 +755,9 @@ impl Engine {
         let mqtt_retained = db.open_tree("mqtt_retained")?;
         let mqtt_sessions = db.open_tree("mqtt_sessions")?;
         let mqtt_messages = db.open_tree("mqtt_messages")?;
+        let broker_accounts = db.open_tree("broker_accounts")?;
         Ok(Engine {
+            broker_accounts,
             mqtt_users,
             mqtt_retained,
             mqtt_sessions,

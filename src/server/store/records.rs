@@ -841,3 +841,20 @@ pub struct MqttMessageRecord {
     /// QoS 2: the client acknowledged it with PUBREC; PUBREL is what is left to send.
     pub released: bool,
 }
+
+/// A device account change the site's broker has not confirmed yet (`[mqtt.external] sync`),
+/// stored under the device id; the newest change of a device replaces an older one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerAccountRecord {
+    /// Schema version of this record.
+    pub schema: u32,
+    /// Orders the changes: the worker removes a record only if it is still the one it sent.
+    pub seq: u64,
+    /// The device's MQTT user name (`pk&dn` for Alibaba devices).
+    pub login: String,
+    /// Its protocol (which topics its role opens).
+    pub protocol: crate::protocol::Protocol,
+    /// The secret to set; `None`: the account is to be deleted. Kept only until the broker
+    /// confirmed the change.
+    pub secret: Option<String>,
+}

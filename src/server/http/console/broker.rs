@@ -73,7 +73,39 @@ pub async fn page(
     let kinds = z.connected_by_kind;
     let count = |k: &str| kinds.iter().find(|x| x.0 == k).map_or(0, |x| x.1);
     let link = |k: &str| view::with_param("/broker", &q, "kind", k);
+    let external = st.external.as_ref().map(|x| {
+        (
+            x.url().to_string(),
+            x.state(),
+            x.dynsec.as_ref().map(|d| (d.state(), d.queued())),
+        )
+    });
     let live = html! {
+        @if let Some((url, link, sync)) = &external {
+            section #site-broker {
+                h2 { "Site broker" }
+                p {
+                    "Devices connect to the site's broker at " code { (url) } "; Hangar is its client. "
+                    @if link.connected {
+                        b.ok { "Connected" } " since " (when(link.since_ms)) "."
+                    } @else {
+                        b.bad { "Not connected" } " since " (when(link.since_ms)) ": " (link.error.as_deref().unwrap_or("connecting")) ". Hangar keeps retrying."
+                    }
+                    @if let (true, Some(e)) = (link.connected, &link.error) {
+                        " " b.bad { (e) }
+                    }
+                }
+                @if let Some((s, queued)) = sync {
+                    p {
+                        "Device accounts are kept in mosquitto's dynamic security: "
+                        (queued) " change(s) waiting for the broker, "
+                        (s.missing) " registered device(s) without an account (set their secret again)."
+                        @if let Some(e) = &s.error { " " b.bad { (e) } }
+                    }
+                }
+                p.muted { "The figures below are the built-in broker's, which carries nothing in this mode." }
+            }
+        }
         section.tiles {
             div.tile { b #broker-clients { (z.connected) } span { "connected clients" } }
             div.tile { b { (count("device")) } span { "devices" } }
