@@ -459,6 +459,143 @@ pub struct MqttConfig {
     pub max_subscriptions_per_client: usize,
     /// The site's broker, with `engine = "external"`.
     pub external: ExternalConfig,
+    /// Bridges to other brokers (`[[mqtt.bridge]]`), with the built-in broker.
+    pub bridge: Vec<BridgeConfig>,
+}
+
+/// One `[[mqtt.bridge]]`: topics forwarded between the built-in broker and another one, kept
+/// on disk while the link is down.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Its name (metrics, the console, its client ids `hangar-bridge-<name>-out|in`).
+    pub name: String,
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    #[serde(default)]
+    pub username: String,
+    /// File whose first line is the password ("" = none).
+    #[serde(default)]
+    pub password_file: String,
+    /// PEM file of the CA that signs the other broker's certificate (mqtts://).
+    #[serde(default)]
+    pub ca_file: String,
+    /// What is forwarded which way.
+    pub topics: Vec<BridgeTopic>,
+    /// Messages kept on disk for the other broker while the link is down; beyond it the oldest
+    /// are dropped and counted.
+    #[serde(default = "default_bridge_queue")]
+    pub queue_max_messages: u64,
+}
+
+fn default_bridge_queue() -> u64 {
+    100_000
+}
+
+/// One topic rule of a bridge.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeTopic {
+    /// A topic filter (`+`, `#`).
+    pub pattern: String,
+    /// `out` (to the other broker), `in` (from it) or `both`.
+    pub direction: BridgeDirection,
+    /// QoS of the forwarded messages (0 or 1).
+    #[serde(default = "default_bridge_qos")]
+    pub qos: u8,
+}
+
+fn default_bridge_qos() -> u8 {
+    1
+}
+
+/// Which way a bridge topic goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BridgeDirection {
+    Out,
+    In,
+    Both,
+}
+
+impl BridgeDirection {
+    /// It carries messages to the other broker.
+    pub fn out(self) -> bool {
+        matches!(self, BridgeDirection::Out | BridgeDirection::Both)
+    }
+    /// It carries messages from the other broker.
+    pub fn inward(self) -> bool {
+        matches!(self, BridgeDirection::In | BridgeDirection::Both)
+    }
+}
+
+impl BridgeConfig {
+    /// (TLS, host, port) of `url`.
+    pub fn endpoint(&self) -> Result<(bool, String, u16), String> {
+        ExternalConfig {
+            url: self.url.clone(),
+            ..ExternalConfig::default()
+        }
+        .endpoint()
+    }
+
+    fn check(&self) -> Check {
+        ensure(
+            !self.name.is_empty()
+                && self.name.len() <= 32
+                && self
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "mqtt.bridge.name",
+            format!("{:?} must be 1 to 32 of [A-Za-z0-9_-]", self.name),
+        )?;
+        self.endpoint()
+            .map_err(|reason| ("mqtt.bridge.url", format!("bridge {}: {reason}", self.name)))?;
+        ensure(
+            !self.url.starts_with("mqtts://") || !self.ca_file.is_empty(),
+            "mqtt.bridge.ca_file",
+            format!("bridge {}: required with mqtts://", self.name),
+        )?;
+        ensure(
+            !self.topics.is_empty(),
+            "mqtt.bridge.topics",
+            format!("bridge {}: at least one topic", self.name),
+        )?;
+        for t in &self.topics {
+            ensure(
+                valid_filter(&t.pattern),
+                "mqtt.bridge.topics",
+                format!(
+                    "bridge {}: {:?} is not a topic filter",
+                    self.name, t.pattern
+                ),
+            )?;
+            ensure(
+                t.qos <= 1,
+                "mqtt.bridge.topics",
+                format!("bridge {}: qos must be 0 or 1", self.name),
+            )?;
+        }
+        ensure(
+            (1..=100_000_000).contains(&self.queue_max_messages),
+            "mqtt.bridge.queue_max_messages",
+            format!("bridge {}: must be between 1 and 100000000", self.name),
+        )
+    }
+}
+
+/// An MQTT topic filter: non-empty, `#` only last and alone in its level, `+` alone in its
+/// level, no NUL.
+fn valid_filter(f: &str) -> bool {
+    if f.is_empty() || f.len() > 65_535 || f.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    levels
+        .iter()
+        .enumerate()
+        .all(|(i, l)| (*l == "#" && i == levels.len() - 1) || *l == "+" || !l.contains(['+', '#']))
 }
 
 /// `[auth]`
@@ -632,6 +769,7 @@ impl Default for MqttConfig {
             max_retained_bytes: 64 * 1024 * 1024,
             max_subscriptions_per_client: 1000,
             external: ExternalConfig::default(),
+            bridge: Vec::new(),
         }
     }
 }
@@ -882,6 +1020,20 @@ impl MqttConfig {
         )?;
         if self.engine == MqttEngine::External {
             self.external.check()?;
+            ensure(
+                self.bridge.is_empty(),
+                "mqtt.bridge",
+                "bridges belong to the built-in broker; with engine = \"external\" use the site broker's own bridge",
+            )?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for b in &self.bridge {
+            b.check()?;
+            ensure(
+                names.insert(b.name.as_str()),
+                "mqtt.bridge.name",
+                format!("{:?} is used twice", b.name),
+            )?;
         }
         for (key, v, max) in [
             (

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod mosquitto;
 pub mod mqtt;
 pub mod raw;
 

@@ -437,6 +437,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     payload: Bytes::copy_from_slice(&p.payload),
                     qos: p.qos,
                     retain: p.retain,
+                    origin: None,
                 },
             )
             .map_err(|e| Closed::ended(format!("store: {e}")))?;
@@ -580,6 +581,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 payload: will.payload.clone(),
                 qos: will.qos,
                 retain: will.retain,
+                origin: None,
             },
         );
         match routed {

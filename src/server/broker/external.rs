@@ -140,45 +140,77 @@ pub fn command_filters(prefix: &str) -> Vec<String> {
     ]
 }
 
-fn read_password(path: &str) -> Result<Option<String>, BrokerError> {
-    if path.is_empty() {
-        return Ok(None);
+/// Where and how Hangar connects as a client of another broker (the site's, a bridge's
+/// peer); `key` names the config section in errors.
+pub(super) struct ClientOf<'a> {
+    pub key: &'a str,
+    pub endpoint: Result<(bool, String, u16), String>,
+    pub client_id: String,
+    pub username: &'a str,
+    pub password_file: &'a str,
+    pub ca_file: &'a str,
+    pub clean_session: bool,
+    pub inflight: u16,
+}
+
+impl ClientOf<'_> {
+    /// The client's options: keep-alive 30 s, manual acknowledgements, 1 MiB packets (16 MiB
+    /// in: a dynamic-security listing of many accounts is one message), the password from the
+    /// first line of its file, TLS against `ca_file` for mqtts://.
+    pub(super) fn options(&self) -> Result<MqttOptions, BrokerError> {
+        let key = self.key;
+        let start = |what: &str, e: String| BrokerError::Start(format!("{key}.{what}: {e}"));
+        let (tls, host, port) = self.endpoint.clone().map_err(|e| start("url", e))?;
+        let mut o = MqttOptions::new(self.client_id.clone(), host, port);
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(self.clean_session)
+            .set_manual_acks(true)
+            .set_inflight(self.inflight)
+            .set_max_packet_size(16 << 20, 1 << 20);
+        let password = if self.password_file.is_empty() {
+            None
+        } else {
+            let text = std::fs::read_to_string(self.password_file)
+                .map_err(|e| start("password_file", format!("{}: {e}", self.password_file)))?;
+            let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+            if line.is_empty() {
+                return Err(start(
+                    "password_file",
+                    format!(
+                        "{}: the first line (the password) is empty",
+                        self.password_file
+                    ),
+                ));
+            }
+            Some(line.to_string())
+        };
+        if !self.username.is_empty() || password.is_some() {
+            o.set_credentials(self.username, password.unwrap_or_default());
+        }
+        if tls {
+            let ca = |e: String| start("ca_file", format!("{}: {e}", self.ca_file));
+            let pem = std::fs::read(self.ca_file).map_err(|e| ca(e.to_string()))?;
+            let cfg = crate::tls::client_config(&pem).map_err(ca)?;
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(cfg),
+            ));
+        }
+        Ok(o)
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| BrokerError::Start(format!("mqtt.external.password_file {path}: {e}")))?;
-    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
-    if line.is_empty() {
-        return Err(BrokerError::Start(format!(
-            "mqtt.external.password_file {path}: the first line (the password) is empty"
-        )));
-    }
-    Ok(Some(line.to_string()))
 }
 
 fn options(s: &ExternalConfig) -> Result<MqttOptions, BrokerError> {
-    let (tls, host, port) = s
-        .endpoint()
-        .map_err(|e| BrokerError::Start(format!("mqtt.external.url: {e}")))?;
-    let mut o = MqttOptions::new(s.client_id.clone(), host, port);
-    o.set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(false)
-        .set_manual_acks(true)
-        .set_inflight(500)
-        .set_max_packet_size(1 << 20, 1 << 20);
-    let password = read_password(&s.password_file)?;
-    if !s.username.is_empty() || password.is_some() {
-        o.set_credentials(s.username.clone(), password.unwrap_or_default());
+    ClientOf {
+        key: "mqtt.external",
+        endpoint: s.endpoint(),
+        client_id: s.client_id.clone(),
+        username: &s.username,
+        password_file: &s.password_file,
+        ca_file: &s.ca_file,
+        clean_session: false,
+        inflight: 500,
     }
-    if tls {
-        let pem = std::fs::read(&s.ca_file)
-            .map_err(|e| BrokerError::Start(format!("mqtt.external.ca_file {}: {e}", s.ca_file)))?;
-        let cfg = crate::tls::client_config(&pem)
-            .map_err(|e| BrokerError::Start(format!("mqtt.external.ca_file {}: {e}", s.ca_file)))?;
-        o.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(cfg),
-        ));
-    }
-    Ok(o)
+    .options()
 }
 
 /// What a connection error means, for a site engineer.

@@ -16,6 +16,7 @@
 //! than 10 KB per idle device.
 
 pub mod acl;
+pub mod bridge;
 mod connection;
 pub mod dynsec;
 pub mod external;
@@ -231,6 +232,8 @@ pub struct Broker {
     pub users: Arc<users::Users>,
     /// Messages per second.
     pub rates: Arc<Rates>,
+    /// Bridges to other brokers.
+    pub bridges: Arc<bridge::Bridges>,
     settings: MqttConfig,
 }
 
@@ -326,6 +329,14 @@ impl Broker {
                 .map_err(|e| BrokerError::Start(format!("loading the broker's state: {e}")))?
                 .map_err(|e| BrokerError::Start(format!("loading the broker's state: {e}")))?;
         let router = Arc::new(router);
+        let bridges = bridge::Bridges::start(
+            &settings.bridge,
+            &settings.topic_prefix,
+            w.store.clone(),
+            router.clone(),
+            shutdown.clone(),
+            tracker,
+        )?;
         if users.count() > 0 && settings.acl_file.is_empty() {
             tracing::warn!(
                 users = users.count(),
@@ -365,6 +376,7 @@ impl Broker {
         tracker.spawn(rates.clone().sample(counters.clone(), shutdown.clone()));
         tracker.spawn(watch(router.clone(), shutdown.clone()));
         Ok(Broker {
+            bridges,
             rates,
             mqtt,
             mqtts,

@@ -372,6 +372,15 @@ pub struct Publishing<'a> {
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
+    /// The bridge it came in on (not sent back out on that one).
+    pub origin: Option<usize>,
+}
+
+/// Where the router hands every routed publish besides its sessions: the bridges.
+pub trait Tap: Send + Sync {
+    /// Takes a copy of a publish; true if it wrote to the store (the publisher is answered
+    /// after the flush).
+    fn offer(&self, p: &Publishing<'_>) -> Result<bool, StoreError>;
 }
 
 /// What routing a publish did.
@@ -452,9 +461,15 @@ pub struct Router {
     store: Store,
     limits: Limits,
     counters: Arc<Counters>,
+    tap: std::sync::OnceLock<Arc<dyn Tap>>,
 }
 
 impl Router {
+    /// Sets where every routed publish also goes (the bridges); once.
+    pub fn set_tap(&self, tap: Arc<dyn Tap>) {
+        let _ = self.tap.set(tap);
+    }
+
     /// A router over what the store kept: retained messages and persistent sessions (offline,
     /// their in-flight messages to be sent again).
     pub fn load(
@@ -563,6 +578,7 @@ impl Router {
             store,
             limits,
             counters,
+            tap: std::sync::OnceLock::new(),
         })
     }
 
@@ -812,6 +828,10 @@ impl Router {
         if !writes.is_empty() {
             self.store.mqtt_write(&writes)?;
             routed.persisted = true;
+        }
+        drop(st);
+        if let Some(tap) = self.tap.get() {
+            routed.persisted |= tap.offer(&p)?;
         }
         Ok(routed)
     }

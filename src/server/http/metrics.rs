@@ -108,6 +108,7 @@ pub fn render(st: &AppState) -> Result<String, ServiceError> {
     let mut reg = Registry::with_prefix("hangar");
     devices_and_mqtt(&mut reg, st);
     site_broker(&mut reg, st);
+    bridges(&mut reg, st);
     tasks(&mut reg, st)?;
     campaigns(&mut reg, st)?;
     downloads(&mut reg, st);
@@ -117,6 +118,53 @@ pub fn render(st: &AppState) -> Result<String, ServiceError> {
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| ServiceError::Io(std::io::Error::other(e)))?;
     Ok(out)
+}
+
+/// Each `[[mqtt.bridge]]`: its links, its disk queue, what it carried.
+fn bridges(reg: &mut Registry, st: &AppState) {
+    let list = &st.broker.bridges.list;
+    if list.is_empty() {
+        return;
+    }
+    let up = Family::<Labels, Gauge>::default();
+    let queued = Family::<Labels, Gauge>::default();
+    let messages = Family::<Labels, Counter>::default();
+    for b in list {
+        let name = b.settings.name.as_str();
+        let s = &b.stats;
+        for (dir, v) in [("out", &s.out_up), ("in", &s.in_up)] {
+            up.get_or_create(&labels(&[("bridge", name), ("direction", dir)]))
+                .set(v.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        }
+        queued
+            .get_or_create(&labels(&[("bridge", name)]))
+            .set(g(&s.queued) as i64);
+        for (what, v) in [
+            ("forwarded", &s.forwarded),
+            ("received", &s.received),
+            ("dropped_queue_full", &s.dropped),
+            ("refused_ota", &s.ota_refused),
+        ] {
+            messages
+                .get_or_create(&labels(&[("bridge", name), ("result", what)]))
+                .inc_by(g(v));
+        }
+    }
+    reg.register(
+        "bridge_up",
+        "1 while a bridge's link is up, by direction",
+        up,
+    );
+    reg.register(
+        "bridge_queued",
+        "Messages kept on disk for a bridge's other broker",
+        queued,
+    );
+    reg.register(
+        "bridge_messages",
+        "Messages of a bridge: forwarded (acknowledged by the other broker), received, dropped_queue_full (the oldest, beyond queue_max_messages), refused_ota",
+        messages,
+    );
 }
 
 /// The link to the site's broker (`mqtt.engine = "external"`) and its account sync.

@@ -13,6 +13,7 @@ use crate::server::events::Change;
 
 mod accounts;
 mod accounts_out;
+mod bridges;
 mod mqtt;
 mod trust;
 
@@ -21,10 +22,10 @@ pub use trust::BundleCommit;
 pub use mqtt::{MqttWrite, StoredSession};
 pub use records::{
     AUDIT_CHECKPOINT_SCHEMA, AUDIT_SCHEMA, AuditCheckpoint, AuditRecord, Brake,
-    BrokerAccountRecord, BundleRecord, CAMPAIGN_SCHEMA, CampaignMember, CampaignRecord,
-    CampaignStatus, CampaignTargets, DELTA_SCHEMA, DEVICE_SCHEMA, DeltaRecord, DeltaStatus,
-    DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareSignature, FirmwareStatus, MQTT_SCHEMA,
-    MemberStatus, MqttMessageRecord, MqttSessionRecord, MqttUserRecord, QueuedMembers,
+    BridgeMessageRecord, BrokerAccountRecord, BundleRecord, CAMPAIGN_SCHEMA, CampaignMember,
+    CampaignRecord, CampaignStatus, CampaignTargets, DELTA_SCHEMA, DEVICE_SCHEMA, DeltaRecord,
+    DeltaStatus, DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareSignature, FirmwareStatus,
+    MQTT_SCHEMA, MemberStatus, MqttMessageRecord, MqttSessionRecord, MqttUserRecord, QueuedMembers,
     RetainedRecord, Role, SESSION_SCHEMA, SessionRecord, SignatureStatus, TASK_SCHEMA,
     TRUST_SCHEMA, TaskDelta, TaskEvent, TaskHead, TaskRecord, TaskStatus, TrustKeyRecord,
     USER_SCHEMA, UserRecord,
@@ -160,6 +161,7 @@ struct Engine {
     mqtt_sessions: sled::Tree,
     mqtt_messages: sled::Tree,
     broker_accounts: sled::Tree,
+    bridge_queue: sled::Tree,
 }
 
 /// Why the store cannot write, since when.
@@ -756,7 +758,9 @@ impl Engine {
         let mqtt_sessions = db.open_tree("mqtt_sessions")?;
         let mqtt_messages = db.open_tree("mqtt_messages")?;
         let broker_accounts = db.open_tree("broker_accounts")?;
+        let bridge_queue = db.open_tree("bridge_queue")?;
         Ok(Engine {
+            bridge_queue,
             broker_accounts,
             mqtt_users,
             mqtt_retained,

@@ -858,3 +858,13 @@ pub struct BrokerAccountRecord {
     /// confirmed the change.
     pub secret: Option<String>,
 }
+
+/// A message kept for a bridge's other broker (`[[mqtt.bridge]]`) until it acknowledged it,
+/// stored under the bridge's name and a sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeMessageRecord {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+}

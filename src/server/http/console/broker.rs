@@ -106,6 +106,30 @@ pub async fn page(
                 p.muted { "The figures below are the built-in broker's, which carries nothing in this mode." }
             }
         }
+        @if !st.broker.bridges.list.is_empty() {
+            section #bridges {
+                h2 { "Bridges" }
+                table.bridges {
+                    thead { tr { th { "Bridge" } th { "Broker" } th { "Out" } th { "In" } th { "Waiting on disk" } th { "Forwarded" } th { "Received" } th { "Dropped (queue full)" } th { "Last error" } } }
+                    tbody {
+                        @for b in &st.broker.bridges.list {
+                            @let s = &b.stats;
+                            tr {
+                                td { (b.settings.name) }
+                                td { code { (b.settings.url) } }
+                                td { @if s.out_up.load(Ordering::Relaxed) { b.ok { "up" } } @else { b.bad { "down" } } }
+                                td { @if s.in_up.load(Ordering::Relaxed) { b.ok { "up" } } @else { b.bad { "down" } } }
+                                td.num { (g(&s.queued)) }
+                                td.num { (g(&s.forwarded)) }
+                                td.num { (g(&s.received)) }
+                                td.num { (g(&s.dropped)) }
+                                td { (s.error.lock().expect("bridge error").clone().unwrap_or_default()) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
         section.tiles {
             div.tile { b #broker-clients { (z.connected) } span { "connected clients" } }
             div.tile { b { (count("device")) } span { "devices" } }
