@@ -43,6 +43,9 @@ struct Args {
     create: String,
     /// Hangar's mqtt.engine, echoed into the result.
     engine: String,
+    /// Each device announces itself (a heartbeat) once connected, as real gateways do, and
+    /// the appliance has stored every announcement before the clock starts.
+    announce: bool,
 }
 
 /// VmRSS of a process in kB (0 if unknown).
@@ -72,6 +75,7 @@ fn args() -> Args {
         server_pid: 0,
         create: "campaign".into(),
         engine: String::new(),
+        announce: false,
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -90,6 +94,11 @@ fn args() -> Args {
             "--server-pid" => a.server_pid = val.parse().expect("--server-pid"),
             "--create" => a.create = val,
             "--engine" => a.engine = val,
+            "--announce" => {
+                a.announce = true;
+                i += 1;
+                continue;
+            }
             "--bench" => {
                 i += 1;
                 continue;
@@ -125,6 +134,40 @@ async fn wait_for(label: &str, c: &AtomicU64, n: u64, secs: u64) -> f64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     start.elapsed().as_secs_f64()
+}
+
+/// With `--engine external` the site's broker answers the devices' PUBACKs itself: a report
+/// counts once Hangar acknowledged it to the broker, after storing it
+/// (`hangar_site_broker_acks_sent` on the appliance's /metrics).
+async fn wait_persisted(a: &Args, want: u64, secs: u64) {
+    if a.engine != "external" {
+        return;
+    }
+    let http = api_client(&a.ca);
+    let start = Instant::now();
+    loop {
+        let got = match http
+            .get(format!("{}/metrics", a.api))
+            .bearer_auth(&a.token)
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+        .lines()
+        .find(|l| l.starts_with("hangar_site_broker_acks_sent_total "))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64;
+        if got >= want {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(secs) {
+            eprintln!("persisted: only {got} of {want} after {secs} s");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// An HTTPS client trusting the appliance's CA.
@@ -217,6 +260,28 @@ async fn main() {
     let subscribe_s = wait_for("subscribe", &counts.subscribed, n, 120).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_connected = rss_kb(a.server_pid);
+    if a.announce {
+        for (i, c) in clients.iter().enumerate() {
+            let id = format!("B{i:05}");
+            let body = format!(
+                r#"{{"msgType":"heartbeat","uuid":"{id}","timestamp":1,"data":{{"firmwareVersion":"1.0.1","deviceType":"gateway"}}}}"#
+            );
+            let _ = c.try_publish(
+                format!("{}/gateway/{id}/report", a.prefix),
+                QoS::AtLeastOnce,
+                false,
+                body.into_bytes(),
+            );
+        }
+        wait_for("announce", &counts.acked, n, 120).await;
+        wait_persisted(&a, n, 120).await;
+    }
+    // what the announcements counted
+    let base = if hangar {
+        counts.acked.load(Ordering::Relaxed)
+    } else {
+        0
+    };
 
     // collector (mosquitto only): subscribes to every report
     let collector = if !hangar {
@@ -326,7 +391,8 @@ async fn main() {
     } else {
         &counts.collected
     };
-    let first_reports = wait_for("round trip", done_counter, n, 300).await;
+    let first_reports = wait_for("round trip", done_counter, base + n, 300).await;
+    wait_persisted(&a, base + n, 300).await;
     let round_trip_s = start.elapsed().as_secs_f64();
     let _ = first_reports;
     // burst: every device sends `burst` more progress reports at once
@@ -349,7 +415,8 @@ async fn main() {
             }
         }
     }
-    let _ = wait_for("burst", done_counter, total_reports, 300).await;
+    let _ = wait_for("burst", done_counter, base + total_reports, 300).await;
+    wait_persisted(&a, base + total_reports, 300).await;
     let burst_s = burst_start.elapsed().as_secs_f64();
     let out = serde_json::json!({
         "target": a.target,

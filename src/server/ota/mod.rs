@@ -1283,7 +1283,10 @@ impl Ota {
                 {
                     tracing::warn!(device = %id, error = %e, "admitting an anonymous device failed");
                 }
-                if let Err(e) = self.devices.note_connected(id, ip) {
+                // the site's broker does not say where a device connects from
+                if !ip.is_empty()
+                    && let Err(e) = self.devices.note_connected(id, ip)
+                {
                     tracing::warn!(device = %id, error = %e, "recording the connection failed");
                 }
                 None
