@@ -16,15 +16,7 @@ M=${1:-50000}
 M=$(( M - M % ${3:-10} ))
 ROUNDS=${2:-3}
 P=${3:-10}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-export PATH="$PATH:/usr/sbin"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-(cd "$ROOT" && cargo build --release -q)
-HANGAR=$ROOT/target/release/hangar
+source "$(dirname "$0")/lib.sh"
 python3 -c "
 for i in range($M - $M % $P): print('{\"line\":3,\"temp\":%d.5,\"seq\":%d,\"pad\":\"%s\"}' % (20 + i % 10, i, 'x' * 40))" > "$WORK/lines"
 
@@ -71,27 +63,11 @@ run_hangar() {
   local pp; pp=$(free_port)
   local ppid; ppid=$(plant "$pp" "$dir"); PIDS+=("$ppid")
   echo "topic readwrite #" > "$dir/acl"
-  cat > "$dir/hangar.toml" <<CONF
-data_dir = "$dir/data"
-[http]
-listen = "127.0.0.1:0"
-plain_listen = ""
-[mqtt]
-listen = "127.0.0.1:0"
-tls_listen = ""
-allow_anonymous = true
-acl_file = "$dir/acl"
-[[mqtt.bridge]]
-name = "plant"
-url = "mqtt://127.0.0.1:$pp"
-topics = [ { pattern = "site/#", direction = "out", qos = 1 } ]
-CONF
-  RUST_LOG=hangar=error "$HANGAR" serve --config "$dir/hangar.toml" 2>>"$dir/stderr" & local hpid=$!; PIDS+=($hpid)
-  for _ in $(seq 100); do [ -s "$dir/data/ports.json" ] && break; sleep 0.1; done
+  hangar_toml "$dir" "$(printf 'allow_anonymous = true\nacl_file = "%s/acl"\n[[mqtt.bridge]]\nname = "plant"\nurl = "mqtt://127.0.0.1:%s"\ntopics = [ { pattern = "site/#", direction = "out", qos = 1 } ]' "$dir" "$pp")"
+  hangar_start "$dir" >&2
   sleep 1
-  local lp; lp=$(python3 -c "import json;print(json.load(open('$dir/data/ports.json'))['mqtt'])")
-  measure "$lp" "$pp" "$dir"
-  kill "$hpid" "$ppid"; wait "$hpid" "$ppid" 2>/dev/null || true
+  measure "$(port_of "$dir" mqtt)" "$pp" "$dir"
+  kill "$HPID" "$ppid"; wait "$HPID" "$ppid" 2>/dev/null || true
 }
 
 MS=(); HS=()

@@ -11,37 +11,18 @@
 # Goal: edge/direct >= 1.0.
 set -euo pipefail
 ROUNDS=${1:-3}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-export PATH="$PATH:/usr/sbin"
-(cd "$ROOT" && cargo build --release -q)
-HANGAR=$ROOT/target/release/hangar
+source "$(dirname "$0")/lib.sh"
 SECRET=bench-edge-secret-0123456789
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 head -c $((10 * 1024 * 1024)) /dev/urandom > "$WORK/fw.bin"
 chmod 755 "$WORK"
 USER_LINE=""; [ "$(id -u)" = 0 ] && USER_LINE="user root;"
 
 # --- Hangar, with the edge's secret --------------------------------------------------------
-cat > "$WORK/hangar.toml" <<EOF
-data_dir = "$WORK/hangar"
-[http]
-listen = "127.0.0.1:0"
-plain_listen = ""
-[mqtt]
-listen = "127.0.0.1:0"
-tls_listen = ""
-[downloads]
-secure_link_secret = "$SECRET"
-EOF
-RUST_LOG=hangar=warn "$HANGAR" serve --config "$WORK/hangar.toml" & PIDS+=($!)
-for _ in $(seq 100); do [ -s "$WORK/hangar/ports.json" ] && break; sleep 0.1; done
+hangar_toml "$WORK" "$(printf '[downloads]\nsecure_link_secret = "%s"' "$SECRET")"
+hangar_start "$WORK"
 "$HANGAR" --config "$WORK/hangar.toml" firmware upload "$WORK/fw.bin" --version 1.0.0 >/dev/null
 "$HANGAR" --config "$WORK/hangar.toml" firmware release 1.0.0 >/dev/null
-HPORT=$(python3 -c "import json;print(json.load(open('$WORK/hangar/ports.json'))['https'])")
+HPORT=$(port_of "$WORK" https)
 CERTS=$WORK/hangar/certs
 
 # --- the edge: config/nginx-edge.conf, EDIT lines pointed here --------------------------------

@@ -17,16 +17,9 @@ N=${1:-10000}
 ROUNDS=${2:-3}
 BURST=5
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-export PATH="$PATH:/usr/sbin"
+source "$(dirname "$0")/lib.sh"
 command -v mosquitto >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-(cd "$ROOT" && cargo build --release -q && cargo build --release -q --bench mqttload)
-HANGAR=$ROOT/target/release/hangar
+(cd "$ROOT" && cargo build --release -q --bench mqttload)
 LOAD=$(ls -t "$ROOT"/target/release/deps/mqttload-* | grep -v '\.d$' | head -1)
 
 python3 - "$N" > "$WORK/devices.json" <<'PY'
@@ -46,23 +39,13 @@ run() {
     mosquitto -c "$dir/mosquitto.conf" & mpid=$!; PIDS+=("$mpid")
     extra=$(printf 'engine = "external"\n[mqtt.external]\nurl = "mqtt://127.0.0.1:%s"\nclient_id = "hangar-bench"\n' "$mport")
   fi
-  cat > "$dir/hangar.toml" <<CONF
-data_dir = "$dir/hangar"
-[http]
-listen = "127.0.0.1:0"
-plain_listen = ""
-[mqtt]
-listen = "127.0.0.1:0"
-tls_listen = ""
-max_connections = $((N + 100))
-$extra
-CONF
-  RUST_LOG=hangar=error "$HANGAR" serve --config "$dir/hangar.toml" 2>>"$dir/stderr" & local hpid=$!; PIDS+=("$hpid")
-  for _ in $(seq 100); do [ -s "$dir/hangar/ports.json" ] && break; sleep 0.1; done
+  hangar_toml "$dir" "max_connections = $((N + 100))
+$extra"
+  hangar_start "$dir" >&2; local hpid=$HPID
   "$HANGAR" --config "$dir/hangar.toml" device import "$WORK/devices.json" >/dev/null
   "$HANGAR" --config "$dir/hangar.toml" firmware upload "$WORK/fw.bin" --version 1.0.2 >/dev/null
   "$HANGAR" --config "$dir/hangar.toml" firmware release 1.0.2 >/dev/null
-  read -r hport mqport < <(python3 -c "import json;p=json.load(open('$dir/hangar/ports.json'));print(p['https'],p['mqtt'])")
+  local hport mqport; hport=$(port_of "$dir" https); mqport=$(port_of "$dir" mqtt)
   port=$mqport; [ "$engine" = external ] && port=$mport
   "$LOAD" --target hangar --engine "$engine" --port "$port" --devices "$N" --burst "$BURST" \
     --server-pid "$hpid" --create campaign --announce --api "https://127.0.0.1:$hport" \

@@ -27,6 +27,7 @@ pub mod firmware;
 pub mod hooks;
 pub mod http;
 pub mod links;
+pub mod memory;
 pub mod ota;
 pub mod passwords;
 pub mod registry;

@@ -680,6 +680,8 @@ pub async fn backup(State(st): State<AppState>) -> Result<Response, ApiError> {
             .write(true)
             .open(&path)?;
         let r = crate::server::backup::write(&dir, &dump, &mut f);
+        drop(dump);
+        crate::server::memory::give_back();
         let _ = std::fs::remove_file(&path);
         r?;
         use std::io::Seek;

@@ -154,9 +154,13 @@ pub async fn report(
     }
     let tmp = st.data_dir.join("tmp");
     let state = st.clone();
-    let written = tokio::task::spawn_blocking(move || report::write(&state, &tmp, since, last_seq))
-        .await
-        .map_err(ApiError::internal)??;
+    let written = tokio::task::spawn_blocking(move || {
+        let written = report::write(&state, &tmp, since, last_seq);
+        crate::server::memory::give_back();
+        written
+    })
+    .await
+    .map_err(ApiError::internal)??;
     // the file stays readable through its open handle once its name is gone
     let file = tokio::fs::File::open(&written.path)
         .await
