@@ -1082,10 +1082,45 @@ impl TaskIndex {
         }
     }
 
-    /// Reads the leading fields of every task, in id order (~1 µs a task).
+    /// Reads the leading fields of every task (~0.5 µs a task): the two halves of the id range
+    /// on two threads, merged.
     fn build(tasks: &sled::Tree) -> Result<TaskIndex> {
+        let id_of = |k: &[u8]| <[u8; 8]>::try_from(k).map_or(0, u64::from_be_bytes);
+        let (Some((first, _)), Some((last, _))) = (tasks.first()?, tasks.last()?) else {
+            return Ok(TaskIndex::default());
+        };
+        let (first, last) = (id_of(&first), id_of(&last));
+        if last.saturating_sub(first) < 4096 {
+            return TaskIndex::build_range::<_, &[u8]>(tasks, ..);
+        }
+        let mid = (first / 2 + last / 2).to_be_bytes();
+        let (low, high) = std::thread::scope(|s| {
+            let low = s.spawn(|| TaskIndex::build_range(tasks, ..mid.as_slice()));
+            let high = TaskIndex::build_range(tasks, mid.as_slice()..);
+            (low.join(), high)
+        });
+        let mut index = low.map_err(|_| StoreError::Engine("task index thread".into()))??;
+        index.merge(high?);
+        Ok(index)
+    }
+
+    /// Adds the index of tasks all newer than this one's: a device's newest task is the later
+    /// index's, and this one's newest of that device is no longer active.
+    fn merge(&mut self, later: TaskIndex) {
+        for (device, id) in later.latest {
+            if let Some(older) = self.latest.insert(device, id) {
+                self.active.remove(&older);
+            }
+        }
+        self.active.extend(later.active);
+    }
+
+    fn build_range<R: std::ops::RangeBounds<K>, K: AsRef<[u8]>>(
+        tasks: &sled::Tree,
+        range: R,
+    ) -> Result<TaskIndex> {
         let mut index = TaskIndex::default();
-        for kv in tasks.iter() {
+        for kv in tasks.range(range) {
             let (k, v) = kv?;
             if v.first() == Some(&BINARY) {
                 let head: TaskHead<'_> =
