@@ -66,24 +66,14 @@ want=$(sha256sum < "$WORK/fw.bin" | cut -d' ' -f1)
 [ "$(curl -sk "$NURL" | sha256sum | cut -d' ' -f1)" = "$want" ] || { echo "nginx serves wrong bytes" >&2; exit 1; }
 curl -sk -o /dev/null -D - "$EURL" | grep -i x-cache-status >&2
 
-run() { # URL N [extra h2load args...]
-  local url=$1 n=$2; shift 2
-  h2load -t 2 -c 32 --h1 -n "$n" "$@" "$url" 2>/dev/null | awk '
-    /^finished in/ { gsub(",", ""); rps=$4; mbs=$6
-                     if (mbs ~ /GB\/s$/) { sub("GB/s","",mbs); mbs*=1000 }
-                     else if (mbs ~ /KB\/s$/) { sub("KB/s","",mbs); mbs/=1000 }
-                     else sub("MB/s","",mbs) }
-    /^requests:/ { ok=$8 }
-    END { printf "%s %s %s\n", rps, mbs, ok }'
-}
 declare -A R
 for i in $(seq "$ROUNDS"); do
   for who in direct edge; do
     url=$NURL; [ $who = edge ] && url=$EURL
-    read -r _ mbs ok < <(run "$url" 96)
+    read -r _ mbs ok < <(h2load_run "$url" 96)
     [ "$ok" = 96 ] || { echo "$who: only $ok/96 full downloads" >&2; exit 1; }
     R[$who-full]+="$mbs "
-    read -r rps _ ok < <(run "$url" 20000 -H 'range: bytes=0-65535')
+    read -r rps _ ok < <(h2load_run "$url" 20000 -H 'range: bytes=0-65535')
     [ "$ok" = 20000 ] || { echo "$who: only $ok/20000 ranges" >&2; exit 1; }
     R[$who-range]+="$rps "
   done

@@ -35,3 +35,15 @@ hangar_start() {
 
 # port_of DIR NAME: a port from DIR/hangar/ports.json
 port_of() { python3 -c "import json;print(json.load(open('$1/hangar/ports.json'))['$2'])"; }
+
+# h2load_run URL N [h2load args...]: "req/s MB/s succeeded" of h2load -t 2 -c 32 --h1 -n N
+h2load_run() {
+  local url=$1 n=$2; shift 2
+  h2load -t 2 -c 32 --h1 -n "$n" "$@" "$url" 2>/dev/null | awk '
+    /^finished in/ { gsub(",", ""); rps=$4; mbs=$6
+                     if (mbs ~ /GB\/s$/) { sub("GB/s","",mbs); mbs*=1000 }
+                     else if (mbs ~ /KB\/s$/) { sub("KB/s","",mbs); mbs/=1000 }
+                     else sub("MB/s","",mbs) }
+    /^requests:/ { ok=$8 }
+    END { printf "%s %s %s\n", rps, mbs, ok }'
+}

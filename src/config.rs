@@ -156,26 +156,14 @@ impl Default for ExternalConfig {
 impl ExternalConfig {
     /// (TLS, host, port) of `url`.
     pub fn endpoint(&self) -> Result<(bool, String, u16), String> {
-        let (tls, rest) = if let Some(r) = self.url.strip_prefix("mqtts://") {
-            (true, r)
-        } else if let Some(r) = self.url.strip_prefix("mqtt://") {
-            (false, r)
-        } else {
-            return Err("must start with mqtt:// or mqtts://".into());
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
-                Ok(p) if p > 0 => (h, p),
-                _ => return Err(format!("bad port {p:?}")),
-            },
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
+        let (tls, host, port) = crate::net::parse_mqtt_url(&self.url)?;
+        if port == 0 {
+            return Err(format!("bad port 0 in {:?}", self.url));
+        }
+        if host.contains(['/', '?', '#', '@', ' ']) {
             return Err(format!("bad host {host:?}"));
         }
-        Ok((tls, host.to_string(), port))
+        Ok((tls, host, port))
     }
 
     fn check(&self) -> Check {

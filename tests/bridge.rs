@@ -41,41 +41,33 @@ fn publish_lines(port: u16, topic: &str, lines: std::ops::Range<usize>) {
     assert!(p.wait().unwrap().success());
 }
 
-/// The plant's application: a persistent session on `site/#` (made before anything flows).
+/// The plant's application: `mosquitto_sub` with its persistent session on `site/#`.
+fn plant_app(port: &str) -> Command {
+    let mut c = Command::new("mosquitto_sub");
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-c",
+        "-i",
+        "plant-app",
+        "-q",
+        "1",
+    ])
+    .args(["-t", "site/#"]);
+    c
+}
+
+/// The plant's application subscribes (made before anything flows).
 fn plant_app_subscribes(port: &str) {
-    let st = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            port,
-            "-c",
-            "-i",
-            "plant-app",
-            "-q",
-            "1",
-        ])
-        .args(["-t", "site/#", "-E"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    assert!(plant_app(port).arg("-E").status().unwrap().success());
 }
 
 /// What the plant's application receives: `n` messages, in order.
 fn plant_app_reads(port: &str, n: usize) -> Vec<String> {
-    let out = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            port,
-            "-c",
-            "-i",
-            "plant-app",
-            "-q",
-            "1",
-        ])
-        .args(["-t", "site/#", "-C", &n.to_string(), "-W", "30"])
+    let out = plant_app(port)
+        .args(["-C", &n.to_string(), "-W", "30"])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout)

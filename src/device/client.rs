@@ -420,38 +420,7 @@ pub struct MqttTarget {
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// Parses `mqtt://host:port` / `mqtts://host:port` (default ports 1883 / 8883); returns
-/// (tls, host, port).
-pub fn parse_mqtt_url(url: &str) -> Result<(bool, String, u16), String> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("mqtt://") {
-        (false, r)
-    } else {
-        return Err(format!(
-            "{url:?} is not mqtt://host:port or mqtts://host:port"
-        ));
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = if let Some(h) = rest.strip_prefix('[') {
-        let (h, p) = h.split_once(']').ok_or("unclosed [ in the host")?;
-        (h.to_string(), p.strip_prefix(':'))
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (rest.to_string(), None),
-        }
-    };
-    let port = match port {
-        Some(p) => p.parse().map_err(|_| format!("bad port in {url:?}"))?,
-        None if tls => 8883,
-        None => 1883,
-    };
-    if host.is_empty() {
-        return Err(format!("no host in {url:?}"));
-    }
-    Ok((tls, host, port))
-}
+pub use crate::net::parse_mqtt_url;
 
 pub use crate::tls::client_config as tls_client_config;
 

@@ -161,7 +161,7 @@ impl Dynsec {
 
     /// Changes not confirmed by the broker yet.
     pub fn queued(&self) -> usize {
-        self.store.broker_accounts().map(|v| v.len()).unwrap_or(0)
+        self.store.broker_accounts_count().unwrap_or(0)
     }
 
     /// The link (re)connected: set up and resync.

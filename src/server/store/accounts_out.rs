@@ -27,6 +27,11 @@ impl Store {
         })
     }
 
+    /// How many changes are queued (the keys only: nothing decoded, no secret read).
+    pub fn broker_accounts_count(&self) -> Result<usize> {
+        self.with(|e| Ok(e.broker_accounts.len()))
+    }
+
     /// Removes a device's queued change if it is still the one with `seq` (not flushed: losing
     /// the removal only repeats the change).
     pub fn remove_broker_account(&self, id: &str, seq: u64) -> Result<()> {
