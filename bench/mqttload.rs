@@ -46,6 +46,8 @@ struct Args {
     /// Each device announces itself (a heartbeat) once connected, as real gateways do, and
     /// the appliance has stored every announcement before the clock starts.
     announce: bool,
+    /// Connect, subscribe, print the idle memory and hold the connections (for profiling).
+    connect_only: bool,
 }
 
 /// VmRSS of a process in kB (0 if unknown).
@@ -76,6 +78,7 @@ fn args() -> Args {
         create: "campaign".into(),
         engine: String::new(),
         announce: false,
+        connect_only: false,
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -94,6 +97,11 @@ fn args() -> Args {
             "--server-pid" => a.server_pid = val.parse().expect("--server-pid"),
             "--create" => a.create = val,
             "--engine" => a.engine = val,
+            "--connect-only" => {
+                a.connect_only = true;
+                i += 1;
+                continue;
+            }
             "--announce" => {
                 a.announce = true;
                 i += 1;
@@ -258,8 +266,24 @@ async fn main() {
     let connect_s = wait_for("connect", &counts.connected, n, 120).await;
     let _ = t0;
     let subscribe_s = wait_for("subscribe", &counts.subscribed, n, 120).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // the idle state: every server has had time to settle (Hangar hands the login wave's
+    // freed memory back within two seconds of the last connection)
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_connected = rss_kb(a.server_pid);
+    if a.connect_only {
+        // profiling the idle fleet: report and hold the connections until killed
+        println!(
+            "{}",
+            serde_json::json!({
+                "devices": a.devices,
+                "connect_s": connect_s,
+                "server_rss_base_kb": rss_base,
+                "server_rss_connected_kb": rss_connected,
+                "server_bytes_per_idle_device": (rss_connected.saturating_sub(rss_base) * 1024) / n.max(1),
+            })
+        );
+        std::future::pending::<()>().await;
+    }
     if a.announce {
         for (i, c) in clients.iter().enumerate() {
             let id = format!("B{i:05}");

@@ -34,13 +34,13 @@ pub struct Live {
     pub connections: u32,
     /// Subscribed to its command topic on some connection.
     pub ready: bool,
-    /// Address of the newest connection.
-    pub ip: String,
+    /// Address of the newest connection (none when the site's broker carries the devices).
+    pub ip: Option<std::net::IpAddr>,
     /// When the newest connection was accepted (ms since the epoch).
     pub connected_ms: i64,
     /// What this process last stored for the device, so a report that changes nothing costs
     /// no read ([`Devices::seen_recently`]).
-    pub noted: Option<Noted>,
+    pub noted: Option<Box<Noted>>,
     /// When the device last sent anything (ms since the epoch), also a report that was then
     /// dropped; the stored `lastSeen` is refreshed from it at most once a minute.
     pub heard_ms: Option<i64>,
@@ -68,7 +68,7 @@ pub struct Noted {
     /// `lastSeen`, ms since the epoch.
     pub at_ms: i64,
     /// `lastIp`.
-    pub ip: String,
+    pub ip: Option<std::net::IpAddr>,
     /// `firmwareVersion`.
     pub version: Option<String>,
     /// [`Store::generation`] it was stored under: after the store reopened from disk (a full
@@ -82,7 +82,8 @@ const LAST_SEEN_REFRESH_MS: i64 = 60_000;
 /// The registry.
 pub struct Devices {
     store: Store,
-    live: RwLock<HashMap<String, Live>>,
+    /// Boxed: a map sized for the fleet holds a pointer per empty slot, not a whole entry.
+    live: RwLock<HashMap<Box<str>, Box<Live>>>,
     /// With `[mqtt.external] sync`: account changes go to the store's outbox and this wakes
     /// the worker that hands them to the site's broker.
     accounts: Option<AccountSync>,
@@ -420,7 +421,7 @@ impl Devices {
             .read()
             .expect("live lock")
             .get(id)
-            .cloned()
+            .map(|l| Live::clone(l))
             .unwrap_or_default()
     }
 
@@ -540,23 +541,25 @@ impl Devices {
         let mut live = self.live.write().expect("live lock");
         match p {
             Presence::Connected { id, ip, .. } => {
-                let l = live.entry(id.clone()).or_default();
+                let l = live.entry(id.as_str().into()).or_default();
                 l.connections += 1;
-                l.ip = ip.clone();
+                if let Ok(ip) = ip.parse() {
+                    l.ip = Some(ip);
+                }
                 l.connected_ms = now_ms();
                 false
             }
             Presence::Ready { id, .. } => {
-                let l = live.entry(id.clone()).or_default();
+                let l = live.entry(id.as_str().into()).or_default();
                 let was = l.ready;
                 l.ready = true;
                 !was || l.connections > 0
             }
             Presence::Disconnected { id } => {
-                if let Some(l) = live.get_mut(id) {
+                if let Some(l) = live.get_mut(id.as_str()) {
                     l.connections = l.connections.saturating_sub(1);
                     if l.connections == 0 {
-                        live.remove(id);
+                        live.remove(id.as_str());
                     }
                 }
                 false
@@ -597,8 +600,8 @@ impl Devices {
             {
                 rec.device_type = t.to_string();
             }
-            if !ip.is_empty() {
-                rec.last_ip = Some(ip.clone());
+            if let Some(ip) = ip {
+                rec.last_ip = Some(ip.to_string());
             }
             let stale = before
                 .last_seen_ms
@@ -656,12 +659,12 @@ impl Devices {
     fn remember(&self, rec: &DeviceRecord) {
         let Some(t) = rec.last_seen_ms else { return };
         let mut live = self.live.write().expect("live lock");
-        live.entry(rec.id.clone()).or_default().noted = Some(Noted {
+        live.entry(rec.id.as_str().into()).or_default().noted = Some(Box::new(Noted {
             at_ms: t,
-            ip: rec.last_ip.clone().unwrap_or_default(),
+            ip: rec.last_ip.as_deref().and_then(|ip| ip.parse().ok()),
             version: rec.firmware_version.clone(),
             generation: self.store.generation(),
-        });
+        }));
     }
 
     /// Forgets what progress reports said the device runs: a newer word (a heartbeat, an
@@ -724,7 +727,7 @@ impl Devices {
             l.noted.as_ref().is_some_and(|n| {
                 n.generation == generation
                     && now_ms() - n.at_ms <= LAST_SEEN_REFRESH_MS
-                    && (l.ip.is_empty() || l.ip == n.ip)
+                    && (l.ip.is_none() || l.ip == n.ip)
                     && version.is_none_or(|v| n.version.as_deref() == Some(v))
             })
         })

@@ -595,3 +595,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 }
+
+pub(super) fn conn_size<S>() -> usize {
+    std::mem::size_of::<Conn<S>>()
+}

@@ -352,7 +352,8 @@ struct Retained {
 }
 
 struct State {
-    sessions: HashMap<u64, Session>,
+    /// Boxed: the map, sized for the fleet, holds a pointer per empty slot, not a session.
+    sessions: HashMap<u64, Box<Session>>,
     keys: HashMap<Arc<str>, u64>,
     next_sid: u64,
     subs: Index<Entry>,
@@ -568,7 +569,7 @@ impl Router {
             }
             s.resend = !s.inflight.is_empty();
             st.keys.insert(s.key.clone(), sid);
-            st.sessions.insert(sid, s);
+            st.sessions.insert(sid, Box::new(s));
             st.stored += 1;
         }
         Ok(Router {
@@ -669,7 +670,7 @@ impl Router {
             self.store.put_mqtt_session(key, &s.record())?;
         }
         st.keys.insert(s.key.clone(), sid);
-        st.sessions.insert(sid, s);
+        st.sessions.insert(sid, Box::new(s));
         Ok(Attached {
             sid,
             present: false,
@@ -1337,6 +1338,7 @@ fn own(st: &mut State, sid: u64, conn: u64) -> Option<&mut Session> {
     st.sessions
         .get_mut(&sid)
         .filter(|s| s.link.as_ref().is_some_and(|l| l.conn == conn))
+        .map(|s| &mut **s)
 }
 
 fn unroute_command(commands: &mut HashMap<Box<str>, Vec<u64>>, topic: &str, sid: u64) {

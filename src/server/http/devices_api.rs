@@ -32,11 +32,10 @@ pub(super) fn device_dto(st: &AppState, d: &DeviceRecord) -> DeviceDto {
         tags: d.tags.clone(),
         online: live.connections > 0,
         last_seen: live.last_seen(d.last_seen_ms).map(rfc3339_ms),
-        ip: if live.ip.is_empty() {
-            d.last_ip.clone()
-        } else {
-            Some(live.ip)
-        },
+        ip: live
+            .ip
+            .map(|ip| ip.to_string())
+            .or_else(|| d.last_ip.clone()),
         registered: d.registered,
         created_at: rfc3339_ms(d.created_at_ms),
     }
