@@ -843,6 +843,12 @@ impl Ota {
     fn apply_and_put(&self, t: &TaskRecord, input: &Input) -> Result<Outcome, StoreError> {
         let o = state::apply(t, input, now_ms());
         match &o {
+            // A report that changes nothing but liveness, in a transfer, when the stored
+            // liveness is recent: not written again (a gateway repeating its progress would
+            // otherwise rewrite the whole task, history included, many times a second).
+            Outcome::Touched(n)
+                if t.status != TaskStatus::Pending
+                    && n.last_activity_ms - t.last_activity_ms < self.touch_interval_ms() => {}
             Outcome::Changed(n) | Outcome::Touched(n) | Outcome::Resend(n) => {
                 self.store.update_task(t, n)?;
                 // it ended, or its end changed (rolled back, or back from a rollback)
@@ -861,6 +867,12 @@ impl Ota {
             }
         }
         Ok(o)
+    }
+
+    /// How stale a transferring task's stored liveness may get before a report that changes
+    /// nothing else is written: a tenth of the stall timeout, at most 5 s.
+    fn touch_interval_ms(&self) -> i64 {
+        (self.settings.stall_timeout.as_millis() as i64 / 10).min(5_000)
     }
 
     /// When a device that reported its old version after installing `t` has had time to boot
