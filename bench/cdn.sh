@@ -2,6 +2,8 @@
 # Hangar's firmware downloads vs nginx, side by side in one run, on loopback over TLS (HTTP/1.1).
 #
 #   bench/cdn.sh [ROUNDS]        (default 3 rounds; the median of each is reported)
+#   PROTO=h2 bench/cdn.sh ...    HTTP/2 on both sides (nginx `listen ... ssl http2`, h2load
+#                                without --h1); every round's ratios are printed too
 #
 # Serves the same 10 MiB file from both (nginx: 2 workers, sendfile on, tcp_nopush on, access_log
 # off, self-signed P-256 certificate; Hangar: release build, its generated P-256 certificate) and
@@ -12,6 +14,9 @@
 # Hangar/nginx ratios (goal >= 1.0 for both). Installs nginx and h2load with apt-get if missing.
 set -euo pipefail
 ROUNDS=${1:-3}
+PROTO=${PROTO:-h1}
+H1=(--h1); NGX_H2=""
+if [ "$PROTO" = h2 ]; then H1=(); NGX_H2=" http2"; fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d)
 PIDS=()
@@ -49,7 +54,7 @@ http {
   fastcgi_temp_path $WORK/nginx/tmp; uwsgi_temp_path $WORK/nginx/tmp; scgi_temp_path $WORK/nginx/tmp;
   types { application/octet-stream bin; }
   server {
-    listen 127.0.0.1:$NPORT ssl;
+    listen 127.0.0.1:$NPORT ssl$NGX_H2;
     ssl_certificate $WORK/nginx/cert.pem; ssl_certificate_key $WORK/nginx/key.pem;
     root $WORK/nginx/www;
   }
@@ -88,7 +93,7 @@ want=$(sha256sum < "$WORK/fw.bin" | cut -d' ' -f1)
 # h2load prints "finished in 1.23s, 78.05 req/s, 780.51MB/s"; we keep req/s and MB/s
 run() { # URL N [extra h2load args...]
   local url=$1 n=$2; shift 2
-  h2load -t 2 -c 32 --h1 -n "$n" "$@" "$url" 2>/dev/null | awk '
+  h2load -t 2 -c 32 "${H1[@]}" -n "$n" "$@" "$url" 2>/dev/null | awk '
     /^finished in/ { gsub(",", ""); rps=$4; mbs=$6
                      if (mbs ~ /GB\/s$/) { sub("GB/s","",mbs); mbs*=1000 }
                      else if (mbs ~ /KB\/s$/) { sub("KB/s","",mbs); mbs/=1000 }
@@ -127,10 +132,14 @@ nr=$(tr ' ' '\n' <<<"${R[nginx-range]}" | grep . | median)
 hr=$(tr ' ' '\n' <<<"${R[hangar-range]}" | grep . | median)
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 
-echo "| load (h2load -t 2 -c 32 --h1, TLS, loopback, median of $ROUNDS) | nginx | Hangar | Hangar/nginx | goal |"
+echo "| load (h2load -t 2 -c 32 ${H1[*]:-(HTTP/2)}, TLS, loopback, median of $ROUNDS) | nginx | Hangar | Hangar/nginx | goal |"
 echo "| --- | ---: | ---: | ---: | --- |"
 echo "| full 10 MiB downloads (-n 96), MB/s | $nf | $hf | $(ratio "$hf" "$nf") | >= 1.0 |"
 echo "| 64 KiB ranges (-n 20000), req/s | $nr | $hr | $(ratio "$hr" "$nr") | >= 1.0 |"
 echo "| 1,000 concurrent 10 MiB downloads: peak RSS, MiB | $((ngx_rss / 1024)) | $((hang_rss / 1024)) | $(ratio "$hang_rss" "$ngx_rss") | bounded (not 10 GB) |"
 echo
 echo "raw: nginx full [${R[nginx-full]}] hangar full [${R[hangar-full]}] nginx range [${R[nginx-range]}] hangar range [${R[hangar-range]}]"
+per_round() { python3 -c "
+a, b = '$1'.split(), '$2'.split()
+print(', '.join(f'{float(y)/float(x):.2f}' for x, y in zip(a, b)))"; }
+echo "ratios per round: full [$(per_round "${R[nginx-full]}" "${R[hangar-full]}")] ranges [$(per_round "${R[nginx-range]}" "${R[hangar-range]}")]"

@@ -75,6 +75,9 @@ plain_listen = ""
 listen = "127.0.0.1:0"
 tls_listen = ""
 max_connections = $((N + 100))
+# every simulated device connects from 127.0.0.1 at once: the pre-auth gate's per-address cap
+# is raised as the README says for devices behind one NAT address
+max_pending_per_address = $((N + 100))
 CONF
 RUST_LOG=${HANGAR_LOG:-hangar=warn} "$HANGAR" serve --config "$WORK/hangar.toml" 2>"${HANGAR_STDERR:-/dev/stderr}" &
 HPID=$!; PIDS+=($HPID)

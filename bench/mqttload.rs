@@ -48,6 +48,9 @@ struct Args {
     announce: bool,
     /// Connect, subscribe, print the idle memory and hold the connections (for profiling).
     connect_only: bool,
+    /// The burst is sent this many times, one after the other (each round's reports all
+    /// persisted before the next); progress climbs to 99 and then repeats.
+    rounds: usize,
 }
 
 /// VmRSS of a process in kB (0 if unknown).
@@ -79,6 +82,7 @@ fn args() -> Args {
         engine: String::new(),
         announce: false,
         connect_only: false,
+        rounds: 1,
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -93,6 +97,7 @@ fn args() -> Args {
             "--ca" => a.ca = val,
             "--version" => a.version = val,
             "--burst" => a.burst = val.parse().expect("--burst"),
+            "--rounds" => a.rounds = val.parse().expect("--rounds"),
             "--prefix" => a.prefix = val,
             "--server-pid" => a.server_pid = val.parse().expect("--server-pid"),
             "--create" => a.create = val,
@@ -419,27 +424,31 @@ async fn main() {
     wait_persisted(&a, base + n, 300).await;
     let round_trip_s = start.elapsed().as_secs_f64();
     let _ = first_reports;
-    // burst: every device sends `burst` more progress reports at once
-    let total_reports = n * (1 + burst);
+    // burst: every device sends `burst` more progress reports at once (`rounds` times)
+    let total_reports = n * (1 + burst * a.rounds as u64);
     let burst_start = Instant::now();
     let ids = msg_ids.lock().unwrap().clone();
-    for (i, c) in clients.iter().enumerate() {
-        let id = format!("B{i:05}");
-        let topic = format!("{}/gateway/{id}/report", a.prefix);
-        for k in 2..=1 + burst {
-            if c.try_publish(
-                topic.clone(),
-                QoS::AtLeastOnce,
-                false,
-                report(&ids[i], &id, k),
-            )
-            .is_err()
-            {
-                counts.errors.fetch_add(1, Ordering::Relaxed);
+    for round in 0..a.rounds as u64 {
+        for (i, c) in clients.iter().enumerate() {
+            let id = format!("B{i:05}");
+            let topic = format!("{}/gateway/{id}/report", a.prefix);
+            for k in 2..=1 + burst {
+                let progress = (round * burst + k).min(99);
+                if c.try_publish(
+                    topic.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    report(&ids[i], &id, progress),
+                )
+                .is_err()
+                {
+                    counts.errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
+        let sent = base + n * (1 + burst * (round + 1));
+        let _ = wait_for("burst", done_counter, sent, 300).await;
     }
-    let _ = wait_for("burst", done_counter, base + total_reports, 300).await;
     wait_persisted(&a, base + total_reports, 300).await;
     let burst_s = burst_start.elapsed().as_secs_f64();
     let out = serde_json::json!({
@@ -453,7 +462,7 @@ async fn main() {
         "fanout_s": fanout_total,
         "round_trip_s": round_trip_s,
         "reports_total": done_counter.load(Ordering::Relaxed),
-        "reports_per_s": ((n * burst) as f64) / burst_s,
+        "reports_per_s": ((n * burst * a.rounds as u64) as f64) / burst_s,
         "burst_tail_s": burst_s,
         "errors": counts.errors.load(Ordering::Relaxed),
         "server_rss_base_kb": rss_base,
