@@ -65,9 +65,10 @@ struct Conn<S> {
     /// Answers waiting for the store, in order (only while there are any).
     pending: Option<Box<Pending>>,
     /// The device id announced to presence (None until known).
-    announced: Option<String>,
-    /// The last ACL decision on a publish: (ACL generation, topic, allowed).
-    last_write: Option<(u64, String, bool)>,
+    announced: Option<Box<str>>,
+    /// The last ACL decision on a publish: (ACL generation, topic, allowed); boxed, as only
+    /// clients that publish general traffic have one.
+    last_write: Option<Box<(u64, Box<str>, bool)>>,
 }
 
 /// A logged-in connection about to be served, or why its session could not be opened.
@@ -141,13 +142,24 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     /// Serves the connection until it ends (its own task: what the login needed is gone).
-    pub(super) async fn run(self: Box<Self>) {
+    /// The box is opened before the task starts, so it is not kept for the connection's life.
+    #[allow(clippy::boxed_local)] // it arrives boxed (`Opened::Ready`) and is opened here
+    pub(super) fn run(self: Box<Self>) -> impl Future<Output = ()> + Send + 'static {
         let Ready {
-            mut c,
-            mut buf,
+            c,
+            buf,
             commands,
             permit,
         } = *self;
+        Self::serve_all(c, buf, commands, permit)
+    }
+
+    async fn serve_all(
+        mut c: Conn<S>,
+        mut buf: BytesMut,
+        commands: Vec<String>,
+        permit: OwnedSemaphorePermit,
+    ) {
         Box::pin(c.resumed(&commands)).await;
         drop(commands);
         let result = c.serve(&mut buf).await;
@@ -204,7 +216,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         .await;
         let _ = self.io.shutdown().await;
         if let Some(id) = self.announced.take() {
-            let _ = self.ctx.presence.send(Presence::Disconnected { id });
+            let _ = self
+                .ctx
+                .presence
+                .send(Presence::Disconnected { id: id.into() });
         }
     }
 
@@ -363,7 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 ip: self.peer.ip().to_string(),
                 anonymous: self.l.access.known.is_none(),
             });
-            self.announced = Some(id.to_string());
+            self.announced = Some(id.into());
         }
     }
 
@@ -386,9 +401,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// device publishes on the same topic again and again).
     fn may_write(&mut self, topic: &str) -> bool {
         let generation = self.ctx.router.acl_generation();
-        if let Some((g, t, ok)) = &self.last_write
+        if let Some((g, t, ok)) = self.last_write.as_deref()
             && *g == generation
-            && t == topic
+            && &**t == topic
         {
             return *ok;
         }
@@ -399,7 +414,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             topic,
             Want::Write,
         );
-        self.last_write = Some((generation, topic.to_string(), ok));
+        self.last_write = Some(Box::new((generation, topic.into(), ok)));
         ok
     }
 
@@ -594,8 +609,4 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
         }
     }
-}
-
-pub(super) fn conn_size<S>() -> usize {
-    std::mem::size_of::<Conn<S>>()
 }

@@ -642,19 +642,7 @@ where
     // The connection gets a task of its own: what the login phase held is freed.
     match super::connection::open(io, buf, l, peer, ctx.clone(), permit) {
         super::connection::Opened::Ready(ready) => {
-            let f = ready.run();
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| {
-                eprintln!(
-                    "SIZES fut={} conn={} login={} access={} identity={}",
-                    std::mem::size_of_val(&f),
-                    super::connection::conn_size::<S>(),
-                    std::mem::size_of::<Login>(),
-                    std::mem::size_of::<Access>(),
-                    std::mem::size_of::<super::router::Identity>()
-                )
-            });
-            ctx.tasks.spawn(f);
+            ctx.tasks.spawn(ready.run());
         }
         super::connection::Opened::StoreFailed(mut io) => {
             let _ = io.write_all(&packet::connack(3)).await;
