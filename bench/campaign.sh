@@ -7,6 +7,8 @@
 #
 #   bench/campaign.sh [DEVICES] [CORPUS_DIR]     (defaults 1000, ${TMPDIR:-/tmp}/hangar-corpus)
 #   HANGAR_BIN=path bench/campaign.sh ...       measure this hangar binary (A/B runs of two builds)
+#   HANGAR_SIM_FRESH_CONNECTIONS=1 ...          each simulated download on a new connection (a TLS
+#                                               handshake each) instead of the simulator's pool
 set -euo pipefail
 N=${1:-1000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

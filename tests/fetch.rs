@@ -146,3 +146,46 @@ async fn bad_bodies_and_hashes_and_urls_are_errors() {
     let (r, _) = get(&format!("http://{closed}/fw.bin"), &expect(&b)).await;
     assert!(matches!(r, Err(FetchError::Download(_))), "{r:?}");
 }
+
+/// A patch fetched beside bytes already checked (a simulator's earlier device): compared, not
+/// hashed — a resume after a cut still counts right, a body that differs is hashed after all
+/// and refused on its md5, and one that differs yet carries the md5 would be taken.
+#[tokio::test]
+async fn a_patch_is_compared_with_bytes_already_checked() {
+    let b = body();
+    let http = reqwest::Client::new();
+    let offer = |url: &str, md5: &str| hangar::device::client::DeltaOffer {
+        from_version: "1.0.0".into(),
+        url: url.into(),
+        md5: md5.into(),
+        size: b.len() as u64,
+    };
+    let md5 = expect(&b).md5;
+    // cut mid-body, resumed with Range, in the size-only mode
+    let (url, seen) = serve(b.clone(), Mode::CutThenRange);
+    let got = fetch::fetch_patch(&http, &offer(&url, &md5), Some(&b))
+        .await
+        .unwrap();
+    assert_eq!(got, b);
+    assert_eq!(seen.lock().unwrap().len(), 2, "resumed once");
+    // the server's bytes differ from the checked ones and from the md5: refused
+    let mut other = b.clone();
+    other[1000] ^= 0xff;
+    let (url, _) = serve(other.clone(), Mode::CutThenIgnoreRange);
+    let e = fetch::fetch_patch(&http, &offer(&url, &md5), Some(&b))
+        .await
+        .unwrap_err();
+    assert!(e.contains("md5"), "{e}");
+    // the bytes "checked" before were wrong, the server's match the md5: taken
+    let (url, _) = serve(b.clone(), Mode::CutThenRange);
+    let got = fetch::fetch_patch(&http, &offer(&url, &md5), Some(&other))
+        .await
+        .unwrap();
+    assert_eq!(got, b);
+    // with nothing known, hashed on the way as before
+    let (url, _) = serve(other, Mode::CutThenRange);
+    let e = fetch::fetch_patch(&http, &offer(&url, &md5), None)
+        .await
+        .unwrap_err();
+    assert!(e.contains("md5"), "{e}");
+}

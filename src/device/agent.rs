@@ -1053,7 +1053,7 @@ impl Agent {
         offer: &Offer,
         d: &crate::device::client::DeltaOffer,
     ) -> Result<PathBuf, String> {
-        let patch = fetch::fetch_patch(&self.http, d).await?;
+        let patch = fetch::fetch_patch(&self.http, d, None).await?;
         let (app, out, full) = (
             self.cfg.app_path.clone(),
             self.paths.patched.clone(),

@@ -54,8 +54,9 @@ impl Sink for Memory {
 pub struct Received {
     /// Bytes received.
     pub have: u64,
-    md5: Md5,
-    sha256: Sha256,
+    /// The running md5 and sha256; `None` for a download whose bytes the caller keeps and
+    /// checks itself ([`Received::size_only`]).
+    hashes: Option<(Md5, Sha256)>,
     /// The validator of the response the bytes came from.
     pub etag: Option<String>,
 }
@@ -64,27 +65,50 @@ impl Default for Received {
     fn default() -> Self {
         Received {
             have: 0,
-            md5: Md5::new(),
-            sha256: Sha256::new(),
+            hashes: Some((Md5::new(), Sha256::new())),
             etag: None,
         }
     }
 }
 
 impl Received {
+    /// Counts bytes without hashing them: [`verify`] then checks the size only, and the caller,
+    /// which keeps the bytes, checks their content (see [`fetch_patch`]).
+    pub fn size_only() -> Self {
+        Received {
+            have: 0,
+            hashes: None,
+            etag: None,
+        }
+    }
+
+    /// Forgets everything received (the server started over), in the same mode.
+    fn restart(&mut self) {
+        *self = if self.hashes.is_some() {
+            Received::default()
+        } else {
+            Received::size_only()
+        };
+    }
+
     /// Feeds bytes that are already in the sink (a `.part` file found after a restart).
     pub fn feed(&mut self, b: &[u8]) {
         self.have += b.len() as u64;
-        self.md5.update(b);
-        self.sha256.update(b);
+        if let Some((md5, sha256)) = &mut self.hashes {
+            md5.update(b);
+            sha256.update(b);
+        }
     }
 
-    /// Hex md5 and sha256 of everything received.
+    /// Hex md5 and sha256 of everything received (empty strings when not hashing).
     pub fn digests(&self) -> (String, String) {
-        (
-            hex::encode(self.md5.clone().finalize()),
-            hex::encode(self.sha256.clone().finalize()),
-        )
+        match &self.hashes {
+            Some((md5, sha256)) => (
+                hex::encode(md5.clone().finalize()),
+                hex::encode(sha256.clone().finalize()),
+            ),
+            None => (String::new(), String::new()),
+        }
     }
 }
 
@@ -195,7 +219,7 @@ pub async fn fetch(
     let mut last_err = String::new();
     if rx.have > expect.size {
         sink.reset()?;
-        *rx = Received::default();
+        rx.restart();
     }
     while rx.have < expect.size {
         if failures >= max_attempts {
@@ -297,7 +321,7 @@ fn answered(
             _ => {
                 // not the range we asked for: start over cleanly
                 sink.reset()?;
-                *rx = Received::default();
+                rx.restart();
                 return Ok(Answer::Retry(
                     "the server answered a different range".into(),
                 ));
@@ -307,7 +331,7 @@ fn answered(
             if rx.have > 0 {
                 // the resume was not honoured (no Range support, or the file changed)
                 sink.reset()?;
-                *rx = Received::default();
+                rx.restart();
             }
             if let Some(len) = resp.content_length()
                 && len != expect.size
@@ -320,7 +344,7 @@ fn answered(
         }
         416 => {
             sink.reset()?;
-            *rx = Received::default();
+            rx.restart();
             return Ok(Answer::Retry("416 on resume".into()));
         }
         s if (400..500).contains(&s) && s != 408 && s != 429 => {
@@ -427,30 +451,44 @@ pub async fn fetch_reporting<F: Future<Output = ()>>(
 }
 
 /// A delta attempt's download: the whole patch in memory (patches are small next to the image),
-/// checked against the size and md5 the command gave, four tries.
+/// checked against the size and md5 the command gave, four tries. With `known`, bytes already
+/// checked against that md5 (a simulator's earlier device), the download is compared with them
+/// instead of hashed, and hashed only when it differs.
 pub async fn fetch_patch(
     http: &reqwest::Client,
     d: &super::client::DeltaOffer,
+    known: Option<&[u8]>,
 ) -> Result<Vec<u8>, String> {
     let mut patch = Memory::default();
+    let expect = Expect {
+        size: d.size,
+        md5: d.md5.clone(),
+        sha256: None,
+    };
+    let mut rx = match known {
+        Some(_) => Received::size_only(),
+        None => Received::default(),
+    };
+    let opts = Options {
+        max_attempts: 4,
+        ..Default::default()
+    };
     fetch(
         http,
         &d.url,
-        &Expect {
-            size: d.size,
-            md5: d.md5.clone(),
-            sha256: None,
-        },
+        &expect,
         &mut patch,
-        &mut Received::default(),
-        &Options {
-            max_attempts: 4,
-            ..Default::default()
-        },
+        &mut rx,
+        &opts,
         &mut |_, _| {},
     )
     .await
     .map_err(|e| e.to_string())?;
+    if known.is_some_and(|k| k != patch.0.as_slice()) {
+        let mut rx = Received::default();
+        rx.feed(&patch.0);
+        verify(&rx, &expect).map_err(|e| FetchError::to_string(&e))?;
+    }
     Ok(patch.0)
 }
 
@@ -472,6 +510,9 @@ pub fn verify(rx: &Received, expect: &Expect) -> Result<(), FetchError> {
             "{} bytes, expected {}",
             rx.have, expect.size
         )));
+    }
+    if rx.hashes.is_none() {
+        return Ok(()); // the caller checks the bytes it kept
     }
     let (md5, sha) = rx.digests();
     if !md5.eq_ignore_ascii_case(&expect.md5) {

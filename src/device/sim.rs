@@ -143,7 +143,8 @@ struct Stats {
 /// Base images for deltas, fetched once per version and shared by the fleet.
 type ImageCache = Mutex<HashMap<String, Arc<OnceCell<Option<Arc<Vec<u8>>>>>>>;
 
-/// Outcomes of applying a patch (by base version, patch sha256, target sha256): a thousand
+/// Outcomes of applying a patch (by base version, the patch's md5 when its bytes are the checked
+/// ones or its sha256 when not, target md5 and sha256): a thousand
 /// devices receiving the same bytes need not all run the same CPU-heavy bspatch; a patch that
 /// differs in one byte (e.g. `--corrupt-delta-rate`) is applied on its own.
 type PatchCache = Mutex<HashMap<(String, String, String), Arc<OnceCell<Result<(), String>>>>>;
@@ -153,11 +154,15 @@ struct Shared {
     /// With `--verify-signatures`: the keys images must be signed by.
     trusted: Option<crate::trust::Keyring>,
     http: reqwest::Client,
+    /// Firmware and patch downloads (see [`download_client`]).
+    downloads: reqwest::Client,
     admin: Option<(String, String)>,
     target: MqttTarget,
     stats: Stats,
     images: ImageCache,
     patches: PatchCache,
+    /// Patches already checked against their md5, by that md5.
+    verified_patches: Mutex<HashMap<String, Arc<Vec<u8>>>>,
     connect_gate: Semaphore,
     start: Instant,
 }
@@ -285,6 +290,29 @@ pub struct Appliance {
     pub ca_pem: Option<Vec<u8>>,
 }
 
+/// The simulated devices' download client. Each real gateway fetches its image over a
+/// connection of its own; the admin client (HTTP/2 when the appliance offers it) would carry
+/// every simulated device's download as a stream of one connection — one TLS stream and one
+/// task on each side, which measures the multiplexing rather than the appliance. So downloads
+/// go over HTTP/1.1, as many connections as downloads under way, kept for the next download
+/// (`HANGAR_SIM_FRESH_CONNECTIONS=1`: a new connection and TLS handshake for every download).
+/// With `--slow` they stay on the admin client: HTTP/2's flow control keeps the appliance from
+/// running ahead of a slow reader as a slow link would, where over loopback the kernel's socket
+/// buffers would take a small image whole at once.
+fn download_client(ca_pem: Option<&[u8]>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .http1_only()
+        .user_agent(concat!("hangar-sim/", env!("CARGO_PKG_VERSION")));
+    if std::env::var_os("HANGAR_SIM_FRESH_CONNECTIONS").is_some() {
+        b = b.pool_max_idle_per_host(0);
+    }
+    if let Some(pem) = ca_pem {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(pem)?);
+    }
+    Ok(b.build()?)
+}
+
 /// Registers the fleet through the admin API (409 = already there: kept).
 async fn register(client: &Appliance, fleet: &[Identity]) -> anyhow::Result<()> {
     let sem = Arc::new(Semaphore::new(16));
@@ -353,6 +381,10 @@ pub async fn run(client: Appliance, args: SimArgs) -> anyhow::Result<i32> {
     let sh = Arc::new(Shared {
         trusted,
         http: client.http.clone(),
+        downloads: match args.slow {
+            Some(_) => client.http.clone(),
+            None => download_client(client.ca_pem.as_deref())?,
+        },
         admin: Some((client.base.clone(), client.token.clone())),
         target: MqttTarget {
             host,
@@ -362,6 +394,7 @@ pub async fn run(client: Appliance, args: SimArgs) -> anyhow::Result<i32> {
         stats: Stats::default(),
         images: Mutex::new(HashMap::new()),
         patches: Mutex::new(HashMap::new()),
+        verified_patches: Mutex::new(HashMap::new()),
         connect_gate: Semaphore::new(256),
         start: Instant::now(),
         args,
@@ -780,14 +813,31 @@ impl Step<'_> {
                 ..opts
             };
             let _ = fetch::fetch_reporting(
-                &sh.http, url, &partial, sink, &mut rx, &once, count, report,
+                &sh.downloads,
+                url,
+                &partial,
+                sink,
+                &mut rx,
+                &once,
+                count,
+                report,
             )
             .await;
             return Err(FetchError::Download(
                 "simulated failure: the connection died and did not come back".into(),
             ));
         }
-        fetch::fetch_reporting(&sh.http, url, &expect, sink, &mut rx, &opts, count, report).await?;
+        fetch::fetch_reporting(
+            &sh.downloads,
+            url,
+            &expect,
+            sink,
+            &mut rx,
+            &opts,
+            count,
+            report,
+        )
+        .await?;
         st.bytes_full.fetch_add(offer.size, Ordering::Relaxed);
         Ok(())
     }
@@ -889,7 +939,22 @@ async fn try_delta(
         .image(current)
         .await
         .ok_or_else(|| format!("no base image of {current} available to the simulator"))?;
-    let mut bytes = fetch::fetch_patch(&sh.http, d).await?;
+    // the first device to fetch a patch hashes it; the others compare their bytes with its
+    // (a real fleet's CPUs are its own: the simulator's are the appliance's neighbours)
+    let known = sh.verified_patches.lock().await.get(&d.md5).cloned();
+    let mut bytes =
+        fetch::fetch_patch(&sh.downloads, d, known.as_deref().map(Vec::as_slice)).await?;
+    let known = match known {
+        Some(k) => k,
+        None => {
+            let k = Arc::new(bytes.clone());
+            sh.verified_patches
+                .lock()
+                .await
+                .insert(d.md5.clone(), k.clone());
+            k
+        }
+    };
     if chance(sh.args.corrupt_delta_rate) && bytes.len() > 40 {
         let at = bytes.len() / 2;
         bytes[at] ^= 0xff;
@@ -898,9 +963,14 @@ async fn try_delta(
     let expect = Expect::of(offer);
     let key = {
         use sha2::Digest;
+        let patch = if *known == bytes {
+            format!("md5:{}", d.md5)
+        } else {
+            hex::encode(sha2::Sha256::digest(&bytes))
+        };
         (
             current.to_string(),
-            hex::encode(sha2::Sha256::digest(&bytes)),
+            patch,
             format!("{}:{}", offer.md5, offer.sha256.clone().unwrap_or_default()),
         )
     };
