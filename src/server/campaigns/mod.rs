@@ -56,6 +56,10 @@ pub struct Campaigns {
     /// Engine rounds over every live campaign finished so far (what tests and operators wait
     /// for instead of a time: "two more rounds and it still did not start").
     rounds: std::sync::atomic::AtomicU64,
+    /// Campaigns whose queued members this process has checked against their devices' latest
+    /// tasks ([`Campaigns::members_now`]); rounds write the members they start themselves, so
+    /// once is enough: for a task created just before a crash, whose member was not written.
+    checked: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Campaigns {
@@ -76,6 +80,7 @@ impl Campaigns {
             wake: Notify::new(),
             lock: tokio::sync::Mutex::new(()),
             rounds: std::sync::atomic::AtomicU64::new(0),
+            checked: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
@@ -84,6 +89,13 @@ impl Campaigns {
         let me = self.clone();
         let ended = self.ota.ended();
         tracker.spawn(async move {
+            // The engine's own records (members, the campaign's state, its audit lines) are
+            // re-derived from the tasks after a crash, so a round does not wait for them to be
+            // on disk: one flush at a time runs beside the rounds, and writes made while it runs
+            // are owed to the next. (Tasks are flushed before their commands go out, and an
+            // operator's action before it is answered; neither waits here.)
+            let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
+            let mut owed = false;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -92,8 +104,21 @@ impl Campaigns {
                     _ = ended.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
-                if let Err(e) = me.tick().await {
-                    tracing::error!(error = %e, "campaign round failed");
+                match me.tick().await {
+                    Ok(dirty) => owed |= dirty,
+                    Err(e) => {
+                        owed = true;
+                        tracing::error!(error = %e, "campaign round failed");
+                    }
+                }
+                if owed && flushing.as_ref().is_none_or(|f| f.is_finished()) {
+                    owed = false;
+                    let store = me.store.clone();
+                    flushing = Some(tokio::spawn(async move {
+                        if let Err(e) = store.flush().await {
+                            tracing::error!(error = %e, "campaign records could not be flushed");
+                        }
+                    }));
                 }
                 me.rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // at most ten rounds a second, however fast devices finish
@@ -526,15 +551,19 @@ impl Campaigns {
 
     /// The members of a campaign as they stand: as stored, with every queued member whose
     /// device has a newer task of this campaign than the member records taken as in flight
-    /// with it. A round that starts tasks does not wait to write those members (a fleet's
-    /// worth of writes while the devices' first reports come in); the next round adopts them
-    /// this way and writes them then, and a crash in between loses nothing. Returns the
-    /// members and the indexes of those adopted.
+    /// with it — a task created just before a crash, before its member was written. Rounds
+    /// write the members they start in the same round, so the devices' tasks are looked up only
+    /// until a round of this process has written what it adopted (once per campaign, not a
+    /// fleet's worth of lookups every round). Returns the members and the indexes of those
+    /// adopted.
     fn members_now(
         &self,
         c: &CampaignRecord,
         now: i64,
     ) -> Result<(Vec<CampaignMember>, Vec<usize>), StoreError> {
+        if self.checked.lock().expect("checked lock").contains(&c.id) {
+            return Ok((self.store.list_members(&c.id)?, Vec::new()));
+        }
         let mut members = self.store.list_members(&c.id)?;
         let mut adopted = Vec::new();
         for (i, m) in members.iter_mut().enumerate() {
@@ -556,9 +585,10 @@ impl Campaigns {
         Ok((members, adopted))
     }
 
-    /// One engine round over every live campaign.
-    pub async fn tick(&self) -> Result<(), CampaignError> {
+    /// One engine round over every live campaign; true when it wrote something (not flushed).
+    pub async fn tick(&self) -> Result<bool, CampaignError> {
         let _g = self.lock.lock().await;
+        let started = std::time::Instant::now();
         let now = now_ms();
         let mut dirty = false;
         for c in self.store.list_campaigns()? {
@@ -570,10 +600,12 @@ impl Campaigns {
                 dirty |= tracing::Instrument::instrument(self.round(c, now), span).await?;
             }
         }
-        if dirty {
-            self.store.flush().await?;
-        }
-        Ok(())
+        tracing::debug!(
+            took_ms = started.elapsed().as_millis() as u64,
+            dirty,
+            "campaign engine round"
+        );
+        Ok(dirty)
     }
 
     /// One round of one campaign: gather the facts, [`round::decide`], write what changed in
@@ -649,6 +681,11 @@ impl Campaigns {
         } = plan;
         self.put_members(write.iter().map(|&i| members[i].clone()).collect())
             .await?;
+        // what the lookups found is written: later rounds need not look again
+        self.checked
+            .lock()
+            .expect("checked lock")
+            .insert(c.id.clone());
         let c = match campaign {
             Some(c) => {
                 self.store.put_campaign(&c)?;
@@ -679,13 +716,19 @@ impl Campaigns {
                     other => CampaignError::Conflict(other.to_string()),
                 })?
                 .into_inner();
-            // started members are written by the next round ([`Campaigns::members_now`]);
-            // the others now
-            let mut refused = Vec::new();
+            // the members started are in flight with their (durable) tasks, the others wait
+            // or are skipped; written now, flushed with the round (a crash before that: the
+            // next process's first round adopts the tasks, see [`Campaigns::members_now`])
+            let mut written = Vec::with_capacity(idx.len());
             for (&i, r) in idx.iter().zip(results) {
                 let m = &mut members[i];
                 match r {
-                    Ok(_) => continue,
+                    Ok(t) => {
+                        m.status = MemberStatus::InFlight;
+                        m.task_id = Some(t.id);
+                        m.attempts += 1;
+                        m.note = None;
+                    }
                     Err(OtaError::Conflict(why)) => {
                         m.status = MemberStatus::Skipped;
                         m.note = Some(format!("conflict: {why}"));
@@ -696,10 +739,10 @@ impl Campaigns {
                     }
                 }
                 m.updated_at_ms = now;
-                refused.push(m.clone());
+                written.push(m.clone());
             }
-            if !refused.is_empty() {
-                self.put_members(refused).await?;
+            if !written.is_empty() {
+                self.put_members(written).await?;
                 dirty = true;
             }
         }
