@@ -68,6 +68,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
+    hangar::server::memory::limit_arenas();
     if let Command::Delta(cmd) = cli.command {
         // offline and CPU-bound: no async runtime (keeps its memory next to Debian's bsdiff)
         return hangar::cli::delta(cmd);
