@@ -485,9 +485,7 @@ pub async fn fetch_patch(
     .await
     .map_err(|e| e.to_string())?;
     if known.is_some_and(|k| k != patch.0.as_slice()) {
-        let mut rx = Received::default();
-        rx.feed(&patch.0);
-        verify(&rx, &expect).map_err(|e| FetchError::to_string(&e))?;
+        verify_bytes(&patch.0, &expect).map_err(|e| e.to_string())?;
     }
     Ok(patch.0)
 }
@@ -497,10 +495,15 @@ pub async fn fetch_patch(
 pub fn patched(base: &[u8], patch: &[u8], full: &Expect) -> Result<Vec<u8>, String> {
     let mut img = Vec::with_capacity(full.size as usize);
     crate::bsdiff::apply(base, patch, full.size, &mut img).map_err(|e| e.to_string())?;
-    let mut rx = Received::default();
-    rx.feed(&img);
-    verify(&rx, full).map_err(|e| e.to_string())?;
+    verify_bytes(&img, full).map_err(|e| e.to_string())?;
     Ok(img)
+}
+
+/// Checks size, md5 and sha256 of bytes held whole in memory.
+pub fn verify_bytes(bytes: &[u8], expect: &Expect) -> Result<(), FetchError> {
+    let mut rx = Received::default();
+    rx.feed(bytes);
+    verify(&rx, expect)
 }
 
 /// Checks size, md5 and sha256 of what was received.
