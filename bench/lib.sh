@@ -8,8 +8,8 @@ cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm 
 trap cleanup EXIT
 export PATH="$PATH:/usr/sbin"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-(cd "$ROOT" && cargo build --release -q)
-HANGAR=$ROOT/target/release/hangar
+if [ -z "${HANGAR_BIN:-}" ]; then (cd "$ROOT" && cargo build --release -q); fi
+HANGAR=${HANGAR_BIN:-$ROOT/target/release/hangar}
 
 # hangar_toml DIR [MORE]: DIR/hangar.toml with its data in DIR/hangar, HTTPS and MQTT on free
 # loopback ports, no plain HTTP or MQTTS; MORE is appended (more [mqtt] keys may follow).

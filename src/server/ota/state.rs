@@ -287,7 +287,25 @@ fn advanced(t: &TaskRecord, now: i64, s: TaskStatus, progress: Option<u8>) -> Ou
     if s == t.status && p == t.progress {
         return touch(t, now);
     }
-    Outcome::Changed(change(t, now, s, p, format!("{} {p}%", s.as_str())))
+    let mut n = change(t, now, s, p, stage_note(s, p));
+    // A stage report in the same tenth of progress as the entry before it (a report of the same
+    // stage) replaces that entry: a transfer that reports every percent keeps about ten entries
+    // per stage — the last of each tenth, with its time — not a hundred, and each report
+    // rewrites a record that stays small.
+    if let [.., prev, _] = n.events.as_slice()
+        && prev.status == s
+        && prev.progress / 10 == p / 10
+        && prev.note == stage_note(s, prev.progress)
+    {
+        let at = n.events.len() - 2;
+        n.events.remove(at);
+    }
+    Outcome::Changed(n)
+}
+
+/// The history's note of a stage report.
+fn stage_note(s: TaskStatus, progress: u8) -> String {
+    format!("{} {progress}%", s.as_str())
 }
 
 /// The device says it runs `v`: the target completes (or undoes a rollback), the old version
@@ -441,6 +459,45 @@ mod tests {
         );
         assert_eq!(t.events.len(), 5);
         assert_eq!(t.start_time_ms, Some(10));
+    }
+
+    #[test]
+    fn reports_within_a_tenth_of_progress_keep_one_history_entry() {
+        let mut t = changed(apply(&task(), &Input::CommandSent, 1));
+        for p in 1..=100u8 {
+            t = changed(apply(&t, &prog(Downloading, Some(p)), 1 + i64::from(p)));
+        }
+        let notes: Vec<_> = t.events.iter().map(|e| e.note.as_str()).collect();
+        // the last report of each tenth, with its time; the command's entry stays
+        assert_eq!(
+            notes,
+            [
+                "command sent",
+                "downloading 9%",
+                "downloading 19%",
+                "downloading 29%",
+                "downloading 39%",
+                "downloading 49%",
+                "downloading 59%",
+                "downloading 69%",
+                "downloading 79%",
+                "downloading 89%",
+                "downloading 99%",
+                "downloading 100%"
+            ]
+        );
+        assert_eq!(t.events[3].at_ms, 30);
+        assert_eq!((t.progress, t.updated_at_ms), (100, 101));
+        // another stage, or an entry that is not a stage report, is never folded into
+        let v = changed(apply(&t, &prog(Verifying, Some(100)), 200));
+        assert_eq!(v.events.len(), t.events.len() + 1);
+        let mut r = t.clone();
+        r.events.last_mut().unwrap().note =
+            "the device failed with the delta: re-sending the full image".into();
+        r.progress = 95;
+        r.events.last_mut().unwrap().progress = 95;
+        let r2 = changed(apply(&r, &prog(Downloading, Some(96)), 300));
+        assert_eq!(r2.events.len(), r.events.len() + 1);
     }
 
     #[test]
