@@ -654,6 +654,12 @@ pub struct TasksConfig {
     /// Seconds without a report after which the console flags an in-flight device as stale
     /// (long before `stall_timeout_secs` fails it).
     pub stale_secs: u64,
+    /// Finished tasks the store keeps per device (its newest); older finished ones move to the
+    /// task archive (`<data_dir>/archive/`), still listed by the API and carried by the site
+    /// report and backups. 0 keeps every task in the store.
+    pub keep_finished_per_device: u32,
+    /// How often the archive pass runs (with `keep_finished_per_device` set); also once at start.
+    pub archive_every_secs: u64,
 }
 
 /// `[metrics]`
@@ -783,6 +789,8 @@ impl Default for TasksConfig {
             stall_timeout_secs: 600,
             reboot_grace_secs: 120,
             stale_secs: 90,
+            keep_finished_per_device: 0,
+            archive_every_secs: 3600,
         }
     }
 }
@@ -1154,6 +1162,11 @@ impl TasksConfig {
             (1..=86_400).contains(&self.stale_secs),
             "tasks.stale_secs",
             "must be between 1 and 86400 seconds",
+        )?;
+        ensure(
+            (60..=604_800).contains(&self.archive_every_secs),
+            "tasks.archive_every_secs",
+            "must be between 60 and 604800 seconds (a week)",
         )
     }
 }

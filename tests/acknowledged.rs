@@ -38,6 +38,7 @@ fn covered() -> Vec<(&'static str, &'static str)> {
         ("DELETE", "/api/ota/devices/{id}"),
         ("POST", "/api/ota/upgrade/{device}"),
         ("POST", "/api/ota/task/{device}/cancel"),
+        ("POST", "/api/ota/tasks/archive"),
         ("POST", "/api/ota/campaigns"),
         ("POST", "/api/ota/campaigns/{id}/{action}"),
         ("POST", "/api/users"),
@@ -239,6 +240,35 @@ async fn every_acknowledged_change_survives_a_kill_right_after_the_answer() {
         a.get("/api/ota/task/GW1").await.1["data"]["status"],
         "cancelled"
     );
+
+    // POST tasks/archive (a second finished task, the first one archived)
+    let (st, t) = a
+        .call(
+            "POST",
+            "/api/ota/upgrade/GW1",
+            Some(json!({"version": "1.0.1"})),
+        )
+        .await;
+    assert_ok("upgrade again", &(st, t.clone()));
+    assert_ok(
+        "cancel again",
+        &a.call("POST", "/api/ota/task/GW1/cancel", None).await,
+    );
+    let (st, b) = a
+        .call(
+            "POST",
+            "/api/ota/tasks/archive",
+            Some(json!({"keepFinishedPerDevice": 1})),
+        )
+        .await;
+    assert_ok("archive", &(st, b.clone()));
+    assert_eq!(b["data"]["archived"], 1, "{b}");
+    a.kill_and_restart().await;
+    let (_, archived) = a.get("/api/ota/tasks?archived=true&deviceId=GW1").await;
+    assert_eq!(archived["data"].as_array().unwrap().len(), 1, "{archived}");
+    let (_, kept) = a.get("/api/ota/tasks?deviceId=GW1").await;
+    assert_eq!(kept["data"][0]["id"], t["data"]["id"], "{kept}");
+    assert_eq!(kept["data"].as_array().unwrap().len(), 1, "{kept}");
 
     // POST campaigns, then each action
     let (st, c) = a

@@ -548,6 +548,13 @@ impl Running<'_> {
             self.config.audit.clone(),
             self.shutdown.clone(),
         ));
+        if self.config.tasks.keep_finished_per_device > 0 {
+            self.tracker.spawn(archive_tasks(
+                state.clone(),
+                Duration::from_secs(self.config.tasks.archive_every_secs),
+                self.shutdown.clone(),
+            ));
+        }
         // open event streams end at shutdown, so they never hold the listeners' drain
         let feed = self.store.events();
         let closing = self.shutdown.clone();
@@ -624,6 +631,8 @@ impl App {
             fds: Default::default(),
             traffic: Default::default(),
             http_metrics: Default::default(),
+            archive: crate::server::archive::Archive::new(&data_dir, store.clone()),
+            keep_finished_per_device: config.tasks.keep_finished_per_device,
             data_dir: data_dir.clone(),
             cert: cert.clone(),
             accounts: Arc::new(crate::server::accounts::Accounts::new(
@@ -787,6 +796,31 @@ async fn retain_audit(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Moves finished tasks beyond `tasks.keep_finished_per_device` to the task archive: a pass at
+/// start and one every `every`.
+async fn archive_tasks(
+    state: http::AppState,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let keep = state.keep_finished_per_device as usize;
+        let pass = match state.campaigns.unfinished() {
+            Ok(busy) => state.archive.pass(keep, busy).await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = pass {
+            tracing::warn!(error = %e, "task archive pass failed; trying again at the next");
         }
     }
 }

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::server::store::{DeltaRecord, Store, decode_firmware_record, decode_record};
+use crate::server::store::{
+    DeltaRecord, Store, TaskArchiveRecord, decode_firmware_record, decode_record,
+};
 
 /// The manifest's format name.
 pub const FORMAT: &str = "hangar-backup";
@@ -68,14 +70,19 @@ fn hash_file(p: &Path) -> io::Result<(u64, String)> {
 pub fn write(data_dir: &Path, store_dump: &[u8], out: &mut File) -> io::Result<Manifest> {
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     let mut shas: Vec<String> = Vec::new();
+    let mut archived: Vec<String> = Vec::new();
     for line in store_dump.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         let v: serde_json::Value = serde_json::from_slice(line).map_err(io::Error::other)?;
         let tree = v["tree"].as_str().unwrap_or("");
-        if tree != "firmware" && tree != "deltas" {
+        if tree != "firmware" && tree != "deltas" && tree != "task_archive" {
             continue;
         }
         let bytes = hex::decode(v["value"].as_str().unwrap_or("")).map_err(io::Error::other)?;
-        if tree == "firmware" {
+        if tree == "task_archive" {
+            // the task archive's files its record names
+            let r: TaskArchiveRecord = decode_record(&bytes).map_err(io::Error::other)?;
+            archived.extend(r.files.into_iter().map(|f| f.name));
+        } else if tree == "firmware" {
             let r = decode_firmware_record(&bytes).map_err(io::Error::other)?;
             shas.push(r.sha256);
         } else {
@@ -87,6 +94,10 @@ pub fn write(data_dir: &Path, store_dump: &[u8], out: &mut File) -> io::Result<M
     shas.dedup();
     for sha in shas {
         let rel = format!("blobs/sha256/{}/{sha}", &sha[..2]);
+        files.push((rel.clone(), data_dir.join(rel)));
+    }
+    for name in archived {
+        let rel = format!("{}/{name}", crate::server::archive::DIR);
         files.push((rel.clone(), data_dir.join(rel)));
     }
     for f in SMALL_FILES {
@@ -293,7 +304,7 @@ pub fn restore(file: &Path, data_dir: &Path, force: bool) -> io::Result<String> 
     let store = Store::open(&data_dir.join("store")).map_err(io::Error::other)?;
     let n = store.import(&dump[..])?;
     drop(store);
-    for d in ["blobs", "certs", "."] {
+    for d in ["blobs", "certs", crate::server::archive::DIR, "."] {
         let p = data_dir.join(d);
         if p.exists() {
             crate::server::blobs::sync_dir(&p)?;

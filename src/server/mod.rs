@@ -12,6 +12,7 @@
 
 pub mod accounts;
 pub mod app;
+pub mod archive;
 pub mod auth;
 pub mod backup;
 pub mod blobs;

@@ -311,6 +311,23 @@ impl Campaigns {
         Ok(v)
     }
 
+    /// The ids of the campaigns not finished (scheduled, running, paused): the task archive
+    /// leaves their tasks in the store.
+    pub fn unfinished(&self) -> Result<std::collections::HashSet<String>, CampaignError> {
+        Ok(self
+            .store
+            .list_campaigns()?
+            .into_iter()
+            .filter(|c| {
+                !matches!(
+                    c.status,
+                    CampaignStatus::Completed | CampaignStatus::Cancelled
+                )
+            })
+            .map(|c| c.id)
+            .collect())
+    }
+
     /// Members of a campaign, as they stand ([`Campaigns::members_now`]).
     pub fn members(&self, id: &str) -> Result<Vec<CampaignMember>, CampaignError> {
         let c = self.get(id)?;

@@ -90,6 +90,7 @@ pub fn listed(method: &Method, path: &str) -> Option<Rule> {
         ("POST", "/api/ota/firmware/{version}/deltas") => change(Operator, "delta.request"),
         ("POST", "/api/ota/upgrade/{device}") => change(Operator, "device.upgrade"),
         ("POST", "/api/ota/task/{device}/cancel") => change(Operator, "task.cancel"),
+        ("POST", "/api/ota/tasks/archive") => change(Admin, "task.archive"),
         ("POST", "/api/ota/campaigns") => change(Operator, "campaign.create"),
         ("POST", "/api/ota/campaigns/dry-run") => read(Operator),
         ("POST", "/api/ota/campaigns/{id}/{action}") => change(Operator, "campaign.action"),

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::AppState;
 use super::error::{ApiError, ok, ok_page, ok_with};
 use super::firmware_api::paging;
-use super::refusal::{ApiPath, JsonBody};
+use super::refusal::{ApiPath, BodyBytes, JsonBody, json_body};
 use super::wire::{DeviceDto, ImportResult, rfc3339_ms, task_dto};
 use crate::protocol::Protocol;
 use crate::server::ota::TaskFilter;
@@ -297,11 +297,56 @@ pub async fn list_tasks(
         status,
         campaign_id: q.get("campaignId").cloned(),
     };
-    let (tasks, total) = st.ota.list_tasks(&f, limit, offset)?;
+    let (tasks, total) = if super::firmware_api::flag(&q, "archived")? {
+        let archive = st.archive.clone();
+        tokio::task::spawn_blocking(move || archive.page(|t| f.matches(t), limit, offset))
+            .await
+            .map_err(ApiError::internal)??
+    } else {
+        st.ota.list_tasks(&f, limit, offset)?
+    };
     Ok(ok_page(
         tasks.iter().map(task_dto).collect::<Vec<_>>(),
         total,
     ))
+}
+
+/// Body of `POST /api/ota/tasks/archive` (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ArchiveBody {
+    keep_finished_per_device: Option<u32>,
+}
+
+/// POST /api/ota/tasks/archive `{"keepFinishedPerDevice": N}` (optional; default
+/// `tasks.keep_finished_per_device`): one pass of the task archive now.
+pub async fn archive_tasks(
+    State(st): State<AppState>,
+    BodyBytes(body): BodyBytes,
+) -> Result<Response, ApiError> {
+    let b: ArchiveBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ArchiveBody::default()
+    } else {
+        json_body(&body)?
+    };
+    let keep = b
+        .keep_finished_per_device
+        .unwrap_or(st.keep_finished_per_device);
+    if keep == 0 {
+        return Err(ApiError::bad_request(
+            "keepFinishedPerDevice must be at least 1 (tasks.keep_finished_per_device is 0: the archive is off unless a number is given)",
+        ));
+    }
+    let pass = st
+        .archive
+        .pass(keep as usize, st.campaigns.unfinished()?)
+        .await?;
+    Ok(ok(super::wire::ArchivePassDto {
+        archived: pass.archived,
+        kept_per_device: keep,
+        files: pass.files.iter().map(Into::into).collect(),
+        leftovers_removed: pass.leftovers,
+    }))
 }
 
 /// GET /api/ota/statistics

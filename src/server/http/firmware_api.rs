@@ -657,6 +657,7 @@ pub async fn backup(State(st): State<AppState>) -> Result<Response, ApiError> {
         let _c = st.campaigns.quiesce().await;
         let _o = st.ota.quiesce().await;
         let _f = st.firmware.quiesce().await;
+        let _a = st.archive.quiesce().await;
         let store = st.store.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let mut v = Vec::new();

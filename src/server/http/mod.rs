@@ -91,6 +91,10 @@ pub struct Inner {
     pub traffic: Arc<crate::server::traffic::Traffic>,
     /// The data directory (backups).
     pub data_dir: std::path::PathBuf,
+    /// Finished tasks moved out of the store.
+    pub archive: Arc<crate::server::archive::Archive>,
+    /// `tasks.keep_finished_per_device` (0: no archive passes unless asked with a number).
+    pub keep_finished_per_device: u32,
     /// Request counters of the HTTP layer.
     pub http_metrics: metrics::HttpMetrics,
     /// The served certificate (its reload counters).
@@ -185,6 +189,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ota/task/{device}", get(devices_api::latest_task))
         .route("/api/ota/task/{device}/cancel", post(devices_api::cancel))
         .route("/api/ota/tasks", get(devices_api::list_tasks))
+        .route("/api/ota/tasks/archive", post(devices_api::archive_tasks))
         .route("/api/ota/statistics", get(devices_api::statistics))
         .route(
             "/api/ota/campaigns",

@@ -279,7 +279,7 @@ pub fn path_refused(e: &axum::extract::rejection::PathRejection) -> ApiError {
 }
 
 /// Parses a JSON request body into `T`, with envelope errors instead of axum's plain text.
-fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }

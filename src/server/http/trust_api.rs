@@ -355,6 +355,13 @@ mod report {
         })?;
         w.write_all(b",\n\"tasks\":").map_err(io)?;
         array(&mut w, |put| {
+            // the archived tasks first: they are older than every task in the store
+            st.archive.each(|t| {
+                if t.updated_at_ms >= since_ms {
+                    put(&super::super::wire::task_dto(&t))?;
+                }
+                Ok(true)
+            })?;
             st.store.each_task(|t| {
                 if t.updated_at_ms >= since_ms {
                     put(&super::super::wire::task_dto(&t))?;

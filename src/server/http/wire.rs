@@ -568,6 +568,39 @@ pub struct ImportResult {
     pub error: Option<String>,
 }
 
+/// The answer of `POST /api/ota/tasks/archive`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ArchivePassDto {
+    pub archived: u64,
+    pub kept_per_device: u32,
+    pub files: Vec<ArchiveFileDto>,
+    pub leftovers_removed: usize,
+}
+
+/// One file of the task archive.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ArchiveFileDto {
+    pub name: String,
+    pub tasks: u64,
+    pub bytes: u64,
+    pub sha256: String,
+    pub written_at: String,
+}
+
+impl From<&crate::server::store::ArchiveFile> for ArchiveFileDto {
+    fn from(f: &crate::server::store::ArchiveFile) -> Self {
+        ArchiveFileDto {
+            name: f.name.clone(),
+            tasks: f.tasks,
+            bytes: f.bytes,
+            sha256: f.sha256.clone(),
+            written_at: rfc3339_ms(f.at_ms),
+        }
+    }
+}
+
 /// Builds the API shape of a task.
 pub fn task_dto(t: &TaskRecord) -> TaskDto {
     TaskDto {

@@ -118,18 +118,23 @@ pub struct Stats {
 
 impl Stats {
     fn add(&mut self, t: &TaskRecord) {
-        self.total += 1;
-        match t.status {
-            TaskStatus::Completed => {
-                self.completed += 1;
-                if let (Some(a), Some(b)) = (t.start_time_ms, t.complete_time_ms) {
-                    self.duration_sum_ms += b - a;
-                }
-            }
-            TaskStatus::Failed => self.failed += 1,
-            TaskStatus::Cancelled => self.cancelled += 1,
-            _ => self.active += 1,
+        if t.status.is_active() {
+            self.total += 1;
+            self.active += 1;
+        } else {
+            let mut c = crate::server::store::TaskCounts::default();
+            c.add(t);
+            self.merge(&c);
         }
+    }
+
+    /// Adds tasks counted in the archive (all finished).
+    fn merge(&mut self, c: &crate::server::store::TaskCounts) {
+        self.total += c.total;
+        self.completed += c.completed;
+        self.failed += c.failed;
+        self.cancelled += c.cancelled;
+        self.duration_sum_ms += c.duration_sum_ms;
     }
 
     fn finish(mut self) -> Self {
@@ -205,6 +210,18 @@ pub struct TaskFilter {
     pub device_id: Option<String>,
     pub status: Option<TaskStatus>,
     pub campaign_id: Option<String>,
+}
+
+impl TaskFilter {
+    /// Whether `t` passes.
+    pub fn matches(&self, t: &TaskRecord) -> bool {
+        self.device_id.as_ref().is_none_or(|d| &t.device_id == d)
+            && self.status.is_none_or(|s| t.status == s)
+            && self
+                .campaign_id
+                .as_ref()
+                .is_none_or(|c| t.campaign_id.as_ref() == Some(c))
+    }
 }
 
 impl Ota {
@@ -753,17 +770,7 @@ impl Ota {
         limit: usize,
         offset: usize,
     ) -> Result<(Vec<TaskRecord>, usize), OtaError> {
-        Ok(self.store.list_tasks(
-            |t| {
-                f.device_id.as_ref().is_none_or(|d| &t.device_id == d)
-                    && f.status.is_none_or(|s| t.status == s)
-                    && f.campaign_id
-                        .as_ref()
-                        .is_none_or(|c| t.campaign_id.as_ref() == Some(c))
-            },
-            limit,
-            offset,
-        )?)
+        Ok(self.store.list_tasks(|t| f.matches(t), limit, offset)?)
     }
 
     /// Holds this service's write lock (backups take a consistent snapshot under it).
@@ -781,17 +788,27 @@ impl Ota {
         self.commands_sent.load(Ordering::Relaxed)
     }
 
-    /// Totals and per-version figures.
+    /// Totals and per-version figures: the tasks in the store (read one at a time) and those
+    /// moved to the task archive (counted when they moved).
     pub fn statistics(&self) -> Result<Statistics, OtaError> {
         let mut all = Stats::default();
         let mut by_version: BTreeMap<String, Stats> = BTreeMap::new();
         let mut by_campaign: BTreeMap<String, Stats> = BTreeMap::new();
-        for t in self.store.list_tasks(|_| true, usize::MAX, 0)?.0 {
+        self.store.each_task(|t| {
             all.add(&t);
             by_version.entry(t.to_version.clone()).or_default().add(&t);
             if let Some(c) = &t.campaign_id {
                 by_campaign.entry(c.clone()).or_default().add(&t);
             }
+            Ok::<(), OtaError>(())
+        })?;
+        let archived = self.store.task_archive()?;
+        all.merge(&archived.all);
+        for (v, c) in &archived.by_version {
+            by_version.entry(v.clone()).or_default().merge(c);
+        }
+        for (id, c) in &archived.by_campaign {
+            by_campaign.entry(id.clone()).or_default().merge(c);
         }
         Ok(Statistics {
             all: all.finish(),

@@ -13,6 +13,7 @@ use crate::server::events::Change;
 
 mod accounts;
 mod accounts_out;
+mod archive;
 mod bridges;
 mod mqtt;
 mod trust;
@@ -21,14 +22,14 @@ pub use trust::BundleCommit;
 
 pub use mqtt::{MqttWrite, StoredSession};
 pub use records::{
-    AUDIT_CHECKPOINT_SCHEMA, AUDIT_SCHEMA, AuditCheckpoint, AuditRecord, Brake,
+    AUDIT_CHECKPOINT_SCHEMA, AUDIT_SCHEMA, ArchiveFile, AuditCheckpoint, AuditRecord, Brake,
     BridgeMessageRecord, BrokerAccountRecord, BundleRecord, CAMPAIGN_SCHEMA, CampaignMember,
     CampaignRecord, CampaignStatus, CampaignTargets, DELTA_SCHEMA, DEVICE_SCHEMA, DeltaRecord,
     DeltaStatus, DeviceRecord, FIRMWARE_SCHEMA, FirmwareRecord, FirmwareSignature, FirmwareStatus,
     MQTT_SCHEMA, MemberStatus, MqttMessageRecord, MqttSessionRecord, MqttUserRecord, QueuedMembers,
-    RetainedRecord, Role, SESSION_SCHEMA, SessionRecord, SignatureStatus, TASK_SCHEMA,
-    TRUST_SCHEMA, TaskDelta, TaskEvent, TaskHead, TaskRecord, TaskStatus, TrustKeyRecord,
-    USER_SCHEMA, UserRecord,
+    RetainedRecord, Role, SESSION_SCHEMA, SessionRecord, SignatureStatus, TASK_ARCHIVE_SCHEMA,
+    TASK_SCHEMA, TRUST_SCHEMA, TaskArchiveRecord, TaskCounts, TaskDelta, TaskEvent, TaskHead,
+    TaskRecord, TaskStatus, TrustKeyRecord, USER_SCHEMA, UserRecord,
 };
 
 /// A store failure.
@@ -153,6 +154,7 @@ struct Engine {
     sessions: sled::Tree,
     audit: sled::Tree,
     audit_retention: sled::Tree,
+    task_archive: sled::Tree,
     trust_keys: sled::Tree,
     bundles: sled::Tree,
     sequences: sled::Tree,
@@ -750,6 +752,7 @@ impl Engine {
         let sessions = db.open_tree("sessions")?;
         let audit = db.open_tree("audit")?;
         let audit_retention = db.open_tree("audit_retention")?;
+        let task_archive = db.open_tree("task_archive")?;
         let trust_keys = db.open_tree("trust_keys")?;
         let bundles = db.open_tree("bundles")?;
         let sequences = db.open_tree("bundle_sequences")?;
@@ -782,6 +785,7 @@ impl Engine {
             sessions,
             audit,
             audit_retention,
+            task_archive,
         })
     }
 

@@ -519,6 +519,84 @@ pub struct TaskEvent {
     pub note: String,
 }
 
+/// Counts of finished tasks, summed (what the statistics need of tasks no longer in the store).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCounts {
+    /// Tasks.
+    pub total: u64,
+    /// Of which completed.
+    pub completed: u64,
+    /// Of which failed.
+    pub failed: u64,
+    /// Of which cancelled.
+    pub cancelled: u64,
+    /// Sum of the completed ones' durations (command to completion), milliseconds.
+    pub duration_sum_ms: i64,
+}
+
+impl TaskCounts {
+    /// Counts one finished task.
+    pub fn add(&mut self, t: &TaskRecord) {
+        self.total += 1;
+        match t.status {
+            TaskStatus::Completed => {
+                self.completed += 1;
+                if let (Some(a), Some(b)) = (t.start_time_ms, t.complete_time_ms) {
+                    self.duration_sum_ms += b - a;
+                }
+            }
+            TaskStatus::Failed => self.failed += 1,
+            TaskStatus::Cancelled => self.cancelled += 1,
+            _ => {}
+        }
+    }
+
+    /// Adds `other` to these counts.
+    pub fn merge(&mut self, other: &TaskCounts) {
+        self.total += other.total;
+        self.completed += other.completed;
+        self.failed += other.failed;
+        self.cancelled += other.cancelled;
+        self.duration_sum_ms += other.duration_sum_ms;
+    }
+}
+
+/// Current schema version of [`TaskArchiveRecord`].
+pub const TASK_ARCHIVE_SCHEMA: u32 = 1;
+
+/// One file of the task archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveFile {
+    /// File name in `<data_dir>/archive/`.
+    pub name: String,
+    /// Tasks in it.
+    pub tasks: u64,
+    /// Its size, bytes.
+    pub bytes: u64,
+    /// sha256 of the file.
+    pub sha256: String,
+    /// When it was written, milliseconds since the epoch.
+    pub at_ms: i64,
+}
+
+/// What the store knows of the finished tasks it moved to the archive: the files (written and
+/// synced before the tasks left the store, in the same atomic write as their removal, so a
+/// file not named here is a leftover of an interrupted pass) and the counts the statistics
+/// add to the tasks still in the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskArchiveRecord {
+    /// Schema version.
+    pub schema: u32,
+    /// The archive's files, oldest first.
+    pub files: Vec<ArchiveFile>,
+    /// Every archived task.
+    pub all: TaskCounts,
+    /// Per target version.
+    pub by_version: std::collections::BTreeMap<String, TaskCounts>,
+    /// Per campaign.
+    pub by_campaign: std::collections::BTreeMap<String, TaskCounts>,
+}
+
 /// A delta offered with a task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskDelta {
