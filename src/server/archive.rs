@@ -44,7 +44,12 @@ pub struct Archive {
     store: Store,
     /// One pass at a time.
     running: tokio::sync::Mutex<()>,
+    /// Listings of the archive under way (each reads its files): at most [`READERS`].
+    readers: Arc<tokio::sync::Semaphore>,
 }
+
+/// Listings of the archive read at once; one more is refused as busy.
+pub const READERS: usize = 2;
 
 impl Archive {
     /// The archive in `<data_dir>/archive`.
@@ -53,6 +58,7 @@ impl Archive {
             dir: data_dir.join(DIR),
             store,
             running: tokio::sync::Mutex::new(()),
+            readers: Arc::new(tokio::sync::Semaphore::new(READERS)),
         })
     }
 
@@ -209,6 +215,28 @@ impl Archive {
         Ok(())
     }
 
+    /// [`Archive::page`] on the blocking pool, at most [`READERS`] at once: a listing reads
+    /// every file of the archive, so more at once are refused (`Busy`, 503) rather than queued.
+    pub async fn list(
+        self: &Arc<Self>,
+        keep: impl Fn(&TaskRecord) -> bool + Send + 'static,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<TaskRecord>, usize), ServiceError> {
+        let permit = self.readers.clone().try_acquire_owned().map_err(|_| {
+            ServiceError::Busy(format!(
+                "{READERS} listings of the task archive are being read: try again in a moment"
+            ))
+        })?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            me.page(keep, limit, offset)
+        })
+        .await
+        .map_err(|e| ServiceError::Io(std::io::Error::other(e)))?
+    }
+
     /// Archived tasks newest first that pass `keep`: one page (skipping `offset`, at most
     /// `limit`) and how many pass in all. Blocking; holds at most a page.
     pub fn page(
@@ -297,6 +325,26 @@ impl<W: Write> Write for Hashing<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::server::error::ServiceError;
+    use crate::server::store::Store;
+
+    #[tokio::test]
+    async fn listings_beyond_the_readers_are_refused_as_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let archive = super::Archive::new(dir.path(), store);
+        let held: Vec<_> = (0..super::READERS)
+            .map(|_| archive.readers.clone().try_acquire_owned().unwrap())
+            .collect();
+        let r = archive.list(|_| true, 10, 0).await;
+        assert!(matches!(r, Err(ServiceError::Busy(_))), "{r:?}");
+        drop(held);
+        assert_eq!(archive.list(|_| true, 10, 0).await.unwrap().1, 0);
     }
 }
 

@@ -298,10 +298,9 @@ pub async fn list_tasks(
         campaign_id: q.get("campaignId").cloned(),
     };
     let (tasks, total) = if super::firmware_api::flag(&q, "archived")? {
-        let archive = st.archive.clone();
-        tokio::task::spawn_blocking(move || archive.page(|t| f.matches(t), limit, offset))
-            .await
-            .map_err(ApiError::internal)??
+        st.archive
+            .list(move |t| f.matches(t), limit, offset)
+            .await?
     } else {
         st.ota.list_tasks(&f, limit, offset)?
     };
