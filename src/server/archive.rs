@@ -398,7 +398,7 @@ mod large {
         store.flush_blocking().unwrap();
         drop(store);
         let t = std::time::Instant::now();
-        let store = Store::open(&dir.path().join("store")).unwrap();
+        let store = crate::server::store::reopen(&dir.path().join("store"));
         eprintln!("open with {n} tasks: {:?}", t.elapsed());
 
         let archive = super::Archive::new(dir.path(), store.clone());
@@ -419,7 +419,7 @@ mod large {
         drop(archive);
         drop(store);
         let t = std::time::Instant::now();
-        let store = Store::open(&dir.path().join("store")).unwrap();
+        let store = crate::server::store::reopen(&dir.path().join("store"));
         eprintln!("open with {kept} tasks left: {:?}", t.elapsed());
         let mut left = 0u64;
         store
