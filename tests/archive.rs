@@ -83,6 +83,8 @@ async fn finished_tasks_move_to_the_archive_and_stay_readable() {
     assert_eq!(st, 201, "{active}");
     let before = s.get_json("/api/ota/statistics").await.1;
     assert_eq!(stats(&before).0, 7, "{before}");
+    let cancelled = "hangar_tasks{state=\"cancelled\"}";
+    assert_eq!(s.metric(cancelled).await, 6.0);
 
     // off by default: a pass needs a number
     let (st, b) = s.post_json("/api/ota/tasks/archive", json!({})).await;
@@ -134,9 +136,10 @@ async fn finished_tasks_move_to_the_archive_and_stay_readable() {
     assert_eq!(total, 0, "{page}");
     let (st, _) = s.get_json("/api/ota/tasks?archived=maybe").await;
     assert_eq!(st, 400);
-    // the statistics still count them
+    // the statistics and the metrics still count them
     let after = s.get_json("/api/ota/statistics").await.1;
     assert_eq!(stats(&after), stats(&before), "{after}");
+    assert_eq!(s.metric(cancelled).await, 6.0);
     assert_eq!(
         after["data"]["byVersion"], before["data"]["byVersion"],
         "{after}"

@@ -433,11 +433,10 @@ fn devices_and_mqtt(reg: &mut Registry, st: &AppState) {
     );
 }
 
-/// Upgrade tasks by state, and how long completed ones took.
+/// Upgrade tasks by state (those in the task archive counted with the finished states), and
+/// how long the completed ones in the store took. Reads the tasks one at a time.
 fn tasks(reg: &mut Registry, st: &AppState) -> Result<(), ServiceError> {
-    let tasks = st.ota.all_tasks()?;
-    let by_state = Family::<Labels, Gauge>::default();
-    for s in [
+    const STATES: [TaskStatus; 7] = [
         TaskStatus::Pending,
         TaskStatus::Downloading,
         TaskStatus::Verifying,
@@ -445,20 +444,37 @@ fn tasks(reg: &mut Registry, st: &AppState) -> Result<(), ServiceError> {
         TaskStatus::Completed,
         TaskStatus::Failed,
         TaskStatus::Cancelled,
-    ] {
-        by_state
-            .get_or_create(&labels(&[("state", s.as_str())]))
-            .set(tasks.iter().filter(|t| t.status == s).count() as i64);
-    }
-    reg.register("tasks", "Upgrade tasks by state", by_state);
+    ];
+    let mut counts = [0u64; STATES.len()];
     let durations = Histogram::new(exponential_buckets(5.0, 2.0, 12));
-    for t in &tasks {
+    st.store.each_task(|t| {
+        if let Some(i) = STATES.iter().position(|s| *s == t.status) {
+            counts[i] += 1;
+        }
         if t.status == TaskStatus::Completed
             && let (Some(a), Some(b)) = (t.start_time_ms, t.complete_time_ms)
         {
             durations.observe((b - a).max(0) as f64 / 1000.0);
         }
+        Ok::<(), ServiceError>(())
+    })?;
+    let archived = st.store.task_archive()?.all;
+    for (s, n) in [
+        (TaskStatus::Completed, archived.completed),
+        (TaskStatus::Failed, archived.failed),
+        (TaskStatus::Cancelled, archived.cancelled),
+    ] {
+        if let Some(i) = STATES.iter().position(|x| *x == s) {
+            counts[i] += n;
+        }
     }
+    let by_state = Family::<Labels, Gauge>::default();
+    for (s, n) in STATES.iter().zip(counts) {
+        by_state
+            .get_or_create(&labels(&[("state", s.as_str())]))
+            .set(n as i64);
+    }
+    reg.register("tasks", "Upgrade tasks by state", by_state);
     reg.register(
         "task_duration_seconds",
         "From command to completion, completed tasks",

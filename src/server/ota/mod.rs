@@ -778,11 +778,6 @@ impl Ota {
         self.lock.lock().await
     }
 
-    /// Every task (metrics).
-    pub fn all_tasks(&self) -> Result<Vec<TaskRecord>, OtaError> {
-        Ok(self.store.list_tasks(|_| true, usize::MAX, 0)?.0)
-    }
-
     /// Commands published to devices since the start.
     pub fn commands_sent(&self) -> u64 {
         self.commands_sent.load(Ordering::Relaxed)
