@@ -207,18 +207,8 @@ async fn finished_tasks_move_to_the_archive_and_stay_readable() {
     // a backup carries the archive
     let work = tempfile::tempdir().unwrap();
     let tar = work.path().join("b.tar");
-    let out = Command::new(bin())
-        .arg("--config")
-        .arg(s.client_config())
-        .args(["backup", "--out"])
-        .arg(&tar)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = s.cli(&["backup", "--out", tar.to_str().unwrap()]);
+    assert!(ok, "{err}");
     let names: Vec<String> = tar::Archive::new(std::fs::File::open(&tar).unwrap())
         .entries()
         .unwrap()

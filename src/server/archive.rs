@@ -86,7 +86,7 @@ impl Archive {
             leftovers: self.remove_leftovers()?,
             ..Pass::default()
         };
-        let ids = self.store.archive_candidates(keep, usize::MAX, |t| {
+        let ids = self.store.archive_candidates(keep, |t| {
             t.campaign_id.as_ref().is_none_or(|c| !busy.contains(c))
         })?;
         for chunk in ids.chunks(TASKS_PER_FILE) {

@@ -27,71 +27,56 @@ impl Store {
     }
 
     /// The ids of the finished tasks older than the newest `keep` finished tasks of their
-    /// device (at least one is always kept) that `may_go` lets go, oldest first, at most `max`.
-    /// Blocking: reads every task (the leading fields of most).
+    /// device (at least one is always kept) that `may_go` lets go, oldest first. Blocking:
+    /// reads every task (the leading fields of most).
     pub fn archive_candidates(
         &self,
         keep: usize,
-        max: usize,
         may_go: impl Fn(&TaskRecord) -> bool,
     ) -> Result<Vec<u64>> {
         let keep = keep.max(1);
         self.with(|e| {
-            let mut finished: HashMap<Vec<u8>, usize> = HashMap::new();
+            let mut finished: HashMap<String, usize> = HashMap::new();
             let mut ids = Vec::new();
             for kv in e.tasks.iter().rev() {
                 let (k, v) = kv?;
-                let head: TaskHead<'_> = match v.first() {
-                    Some(&super::BINARY) => {
+                // the leading fields; a record of an older build (JSON) is read whole
+                let whole: Option<TaskRecord>;
+                let (active, device) = if v.first() == Some(&super::BINARY) {
+                    let head: TaskHead<'_> =
                         postcard::from_bytes(&v[1..]).map_err(|err| StoreError::Corrupt {
                             key: format!("tasks/{}", hex::encode(&k)),
                             reason: err.to_string(),
-                        })?
-                    }
-                    // an older JSON record: decode it whole
-                    _ => {
-                        let t: TaskRecord = decode(&k, &v)?;
-                        if !t.status.is_active()
-                            && count(&mut finished, &t.device_id) > keep
-                            && may_go(&t)
-                        {
-                            ids.push(t.id);
-                        }
-                        continue;
-                    }
+                        })?;
+                    whole = None;
+                    (head.status.is_active(), head.device_id)
+                } else {
+                    let t: TaskRecord = decode(&k, &v)?;
+                    let head = (t.status.is_active(), t.device_id.clone().into());
+                    whole = Some(t);
+                    head
                 };
-                if head.status.is_active() || count(&mut finished, &head.device_id) <= keep {
+                if active || count(&mut finished, &device) <= keep {
                     continue;
                 }
-                let t: TaskRecord = decode(&k, &v)?;
+                let t = match whole {
+                    Some(t) => t,
+                    None => decode(&k, &v)?,
+                };
                 if may_go(&t) {
                     ids.push(t.id);
                 }
             }
             ids.reverse();
-            ids.truncate(max);
             Ok(ids)
         })
     }
 
     /// Removes the archived tasks `ids` (written to `file`) and records the file and the tasks'
-    /// counts, in one atomic write. `Conflict`
-    /// (nothing written) when one of them is gone, active again or its device's newest task.
+    /// counts, in one atomic write. `Conflict` (nothing written) when one of them is gone,
+    /// active again or its device's newest task.
     pub fn commit_archive(&self, ids: &[u64], file: ArchiveFile) -> Result<()> {
         self.with(|e| {
-            let held = {
-                let index = e.index();
-                let newest: std::collections::HashSet<u64> =
-                    index.latest.values().copied().collect();
-                ids.iter()
-                    .copied()
-                    .find(|id| newest.contains(id) || index.active.contains(id))
-            };
-            if let Some(id) = held {
-                return Err(StoreError::Conflict(format!(
-                    "task {id} is active or its device's newest: not archived"
-                )));
-            }
             (&e.tasks, &e.task_archive)
                 .transaction(|(tasks, archive)| {
                     let abort = |m: String| ConflictableTransactionError::Abort(m);
@@ -109,8 +94,11 @@ impl Store {
                         };
                         let t: TaskRecord =
                             decode(&key, &v).map_err(|err| abort(err.to_string()))?;
-                        if t.status.is_active() {
-                            return Err(abort(format!("task {id} is active again")));
+                        // (the index is taken after sled's writes, never around them)
+                        if t.status.is_active() || e.index().latest.get(&t.device_id) == Some(id) {
+                            return Err(abort(format!(
+                                "task {id} is active or its device's newest: not archived"
+                            )));
                         }
                         summary.all.add(&t);
                         summary
@@ -135,8 +123,15 @@ impl Store {
 }
 
 /// Counts one more finished task of `device`; how many so far (newest first).
-fn count(finished: &mut HashMap<Vec<u8>, usize>, device: &str) -> usize {
-    let n = finished.entry(device.as_bytes().to_vec()).or_default();
-    *n += 1;
-    *n
+fn count(finished: &mut HashMap<String, usize>, device: &str) -> usize {
+    match finished.get_mut(device) {
+        Some(n) => {
+            *n += 1;
+            *n
+        }
+        None => {
+            finished.insert(device.to_string(), 1);
+            1
+        }
+    }
 }
