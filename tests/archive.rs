@@ -216,3 +216,74 @@ async fn finished_tasks_move_to_the_archive_and_stay_readable() {
         .collect();
     assert!(names.contains(&format!("archive/{file}")), "{names:?}");
 }
+
+/// Many clients at once: passes run one at a time and archive each task exactly once;
+/// listings beyond two at once are refused with the busy envelope, never queued without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_and_listings_in_parallel() {
+    let s = std::sync::Arc::new(Server::start().await);
+    s.release("1.0.1", "gateway", 4096).await;
+    for d in 0..20 {
+        let id = format!("P{d:02}");
+        s.register(&id, "gateway", "secret-123").await;
+        for _ in 0..3 {
+            finished_task(&s, &id).await;
+        }
+    }
+    let mut jobs = Vec::new();
+    for i in 0..20 {
+        let s = s.clone();
+        jobs.push(tokio::spawn(async move {
+            if i % 3 == 0 {
+                let (st, b) = s
+                    .post_json(
+                        "/api/ota/tasks/archive",
+                        json!({"keepFinishedPerDevice": 1}),
+                    )
+                    .await;
+                assert_eq!(st, 200, "{b}");
+                (b["data"]["archived"].as_u64().unwrap(), 0, 0)
+            } else {
+                let r = s
+                    .client
+                    .get(s.url("/api/ota/tasks?archived=true&limit=5"))
+                    .bearer_auth(&s.token)
+                    .send()
+                    .await
+                    .unwrap();
+                let st = r.status().as_u16();
+                let b: Value = r.json().await.unwrap();
+                match st {
+                    200 => (0, 1, 0),
+                    503 => {
+                        assert_eq!(
+                            (&b["status"], &b["error"]),
+                            (&json!(false), &json!("BUSY")),
+                            "{b}"
+                        );
+                        (0, 0, 1)
+                    }
+                    other => panic!("{other}: {b}"),
+                }
+            }
+        }));
+    }
+    let (mut archived, mut listed, mut busy) = (0, 0, 0);
+    for j in jobs {
+        let (a, l, b) = j.await.unwrap();
+        (archived, listed, busy) = (archived + a, listed + l, busy + b);
+    }
+    eprintln!("archived {archived}, listings answered {listed}, refused busy {busy}");
+    assert_eq!(archived, 40, "each task archived exactly once");
+    assert_eq!(listed + busy, 13);
+    assert_eq!(listed_total(&s, "/api/ota/tasks?archived=true").await, 40);
+    assert_eq!(listed_total(&s, "/api/ota/tasks").await, 20);
+    let stats = s.get_json("/api/ota/statistics").await.1;
+    assert_eq!(stats["data"]["total"], 60, "{stats}");
+    // one file per pass that moved something, none left over
+    assert_eq!(file_names(&s.dir.path().join("archive")).len(), 1);
+}
+
+async fn listed_total(s: &Server, path: &str) -> u64 {
+    listed(s, path).await.0
+}
