@@ -150,32 +150,46 @@ impl TrustedKey {
                 key_id: sig.key_id.clone(),
             });
         }
-        let inner = self
-            .key
-            .verify_stream(&sig.inner)
-            .map_err(|e| TrustError::Malformed(format!("unusable signature: {e}")))?;
-        Ok(Stream { inner })
+        Ok(Stream {
+            key: &self.key,
+            sig,
+            hash: blake2b_simd::Params::new().hash_length(64).to_state(),
+        })
     }
 }
 
 /// An incremental signature check; see [`TrustedKey::stream`].
+///
+/// The prehash is `blake2b_simd`'s BLAKE2b (AVX2 when the CPU has it: about a quarter less CPU
+/// per byte here than `minisign-verify`'s own, measured in ARCHITECTURE.md); the Ed25519 checks
+/// of the digest and of the trusted comment stay `minisign-verify`'s.
 pub struct Stream<'a> {
-    inner: minisign_verify::StreamVerifier<'a>,
+    key: &'a minisign_verify::PublicKey,
+    sig: &'a Signature,
+    hash: blake2b_simd::State,
 }
 
 impl Stream<'_> {
     /// Feeds signed bytes.
     pub fn update(&mut self, chunk: &[u8]) {
-        self.inner.update(chunk);
+        self.hash.update(chunk);
     }
 
     /// Whether the bytes fed match the signature and its trusted comment.
-    pub fn finish(mut self) -> Result<(), TrustError> {
-        self.inner.finalize().map_err(|_| {
-            TrustError::Mismatch(
-                "the signature does not match these bytes (altered content or signature)".into(),
-            )
-        })
+    pub fn finish(self) -> Result<(), TrustError> {
+        let digest = self.hash.finalize();
+        let digest = digest.as_bytes();
+        // A prehashed ("ED") signature is Ed25519 over the BLAKE2b-512 digest of the bytes; the
+        // same signature labelled "Ed" is Ed25519 over its message as given. So checking the
+        // "Ed" twin over the digest is the prehashed check, with the digest computed here.
+        self.key
+            .verify(digest, &self.sig.of_digest, true)
+            .map_err(|_| {
+                TrustError::Mismatch(
+                    "the signature does not match these bytes (altered content or signature)"
+                        .into(),
+                )
+            })
     }
 }
 
@@ -187,6 +201,8 @@ pub struct Signature {
     /// The `.minisig` text as given.
     pub text: String,
     inner: minisign_verify::Signature,
+    /// The same signature labelled as made over its message directly (see [`Stream::finish`]).
+    of_digest: minisign_verify::Signature,
 }
 
 impl fmt::Debug for Signature {
@@ -227,10 +243,24 @@ impl Signature {
             _ => return Err(bad("unknown signature algorithm")),
         }
         let inner = minisign_verify::Signature::decode(text).map_err(|e| bad(&e.to_string()))?;
+        let mut twin = bytes.clone();
+        twin[..2].copy_from_slice(b"Ed");
+        let twin = format!(
+            "untrusted comment: the digest's check\n{}\ntrusted comment: {}\n{}\n",
+            base64::engine::general_purpose::STANDARD.encode(&twin),
+            inner.trusted_comment(),
+            lines
+                .nth(1)
+                .ok_or_else(|| bad("no global signature line"))?
+                .trim()
+        );
+        let of_digest =
+            minisign_verify::Signature::decode(&twin).map_err(|e| bad(&e.to_string()))?;
         Ok(Signature {
             key_id: key_id_hex(&bytes[2..10]),
             text: text.to_string(),
             inner,
+            of_digest,
         })
     }
 
@@ -505,12 +535,22 @@ mod tests {
         let forged = text.replace("version=1.0.2", "version=1.0.3");
         let forged = Signature::parse(&forged).unwrap();
         assert!(pk.verify_bytes(&forged, &data).is_err());
-        let mut lines: Vec<String> = text.lines().map(String::from).collect();
-        let mut raw = b64(&lines[1]).unwrap();
-        raw[40] ^= 1;
-        lines[1] = base64::engine::general_purpose::STANDARD.encode(&raw);
-        let flipped = Signature::parse(&lines.join("\n")).unwrap();
-        assert!(pk.verify_bytes(&flipped, &data).is_err());
+        // one flipped bit in the signature line (byte 40), in the global signature (over the
+        // signature and its trusted comment)
+        for (line, byte) in [(1, 40), (3, 5)] {
+            let mut lines: Vec<String> = text.lines().map(String::from).collect();
+            let mut raw = b64(&lines[line]).unwrap();
+            raw[byte] ^= 1;
+            lines[line] = base64::engine::general_purpose::STANDARD.encode(&raw);
+            let flipped = Signature::parse(&lines.join("\n")).unwrap();
+            assert!(pk.verify_bytes(&flipped, &data).is_err(), "line {line}");
+        }
+        // fed in uneven chunks, as the upload path does
+        let mut v = pk.stream(&sig).unwrap();
+        for c in data.chunks(7_919) {
+            v.update(c);
+        }
+        v.finish().unwrap();
 
         // another key is not trusted
         let (k2, _) = generate(&dir.path().join("other"), None).unwrap();
