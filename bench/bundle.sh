@@ -93,7 +93,7 @@ for r in $(seq "$RUNS"); do
   curl -sf -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$HTTP/api/ota/firmware/9.$r.1" |
     grep -q '"signatureStatus":"valid"' || { echo "the signed upload is not valid" >&2; exit 1; }
   H firmware delete "9.$r.0" >/dev/null; H firmware delete "9.$r.1" >/dev/null
-  echo "  run $r: unsigned $p s, signed $s s, +$(echo "$p $s" | awk '{printf "%.1f", ($2/$1-1)*100}') %"
+  echo "  run $r: unsigned $p s, signed $s s, $(echo "$p $s" | awk '{printf "%+.1f", ($2/$1-1)*100}') %"
   PLAIN+=("$p"); SIGNED+=("$s"); EXTRA+=("$(echo "$p $s" | awk '{printf "%.1f", ($2/$1-1)*100}')")
 done
 p=$(printf '%s\n' "${PLAIN[@]}" | median)
