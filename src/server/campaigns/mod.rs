@@ -60,6 +60,26 @@ pub struct Campaigns {
     /// tasks ([`Campaigns::members_now`]); rounds write the members they start themselves, so
     /// once is enough: for a task created just before a crash, whose member was not written.
     checked: std::sync::Mutex<HashSet<String>>,
+    /// The devices a round is starting, by campaign, from before their tasks are created until
+    /// their members are written: a view read in between looks those devices' tasks up (the
+    /// tasks are visible before the members say so).
+    starting: std::sync::Mutex<std::collections::HashMap<String, Arc<HashSet<String>>>>,
+}
+
+/// Takes a round's devices out of [`Campaigns::starting`] however the round ends.
+struct Starting<'a> {
+    engine: &'a Campaigns,
+    campaign: String,
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.engine
+            .starting
+            .lock()
+            .expect("starting lock")
+            .remove(&self.campaign);
+    }
 }
 
 impl Campaigns {
@@ -81,6 +101,7 @@ impl Campaigns {
             lock: tokio::sync::Mutex::new(()),
             rounds: std::sync::atomic::AtomicU64::new(0),
             checked: std::sync::Mutex::new(HashSet::new()),
+            starting: Default::default(),
         })
     }
 
@@ -578,13 +599,24 @@ impl Campaigns {
         c: &CampaignRecord,
         now: i64,
     ) -> Result<(Vec<CampaignMember>, Vec<usize>), StoreError> {
-        if self.checked.lock().expect("checked lock").contains(&c.id) {
+        let starting = self
+            .starting
+            .lock()
+            .expect("starting lock")
+            .get(&c.id)
+            .cloned();
+        let checked = self.checked.lock().expect("checked lock").contains(&c.id);
+        if checked && starting.is_none() {
             return Ok((self.store.list_members(&c.id)?, Vec::new()));
         }
         let mut members = self.store.list_members(&c.id)?;
         let mut adopted = Vec::new();
         for (i, m) in members.iter_mut().enumerate() {
             if m.status != MemberStatus::Queued {
+                continue;
+            }
+            // checked already: only the devices a round is starting right now
+            if checked && !starting.as_ref().is_some_and(|s| s.contains(&m.device_id)) {
                 continue;
             }
             let Some(t) = self.store.latest_task(&m.device_id)? else {
@@ -712,7 +744,18 @@ impl Campaigns {
         };
         // create the tasks in one batch (durable in chunks, commands out as each chunk is);
         // a member is recorded in flight only with its task id
+        let _starting;
         if !to_start.is_empty() {
+            // (views read while the tasks are created see these devices' tasks: see
+            // [`Campaigns::starting`])
+            self.starting.lock().expect("starting lock").insert(
+                c.id.clone(),
+                Arc::new(to_start.iter().map(|(_, d)| d.id.clone()).collect()),
+            );
+            _starting = Starting {
+                engine: self,
+                campaign: c.id.clone(),
+            };
             let (idx, devs): (Vec<usize>, Vec<_>) =
                 to_start.into_iter().map(|(i, d)| (i, Ok(d))).unzip();
             let results = self
