@@ -90,19 +90,9 @@ async fn finished_tasks_move_to_the_archive_and_stay_readable() {
     let (st, b) = s.post_json("/api/ota/tasks/archive", json!({})).await;
     assert_eq!(st, 400, "{b}");
     assert_eq!(b["status"], false);
-    let (st, b) = s
-        .post_json(
-            "/api/ota/tasks/archive",
-            json!({"keepFinishedPerDevice": 0}),
-        )
-        .await;
+    let (st, b) = archive_pass(&s, 0).await;
     assert_eq!(st, 400, "{b}");
-    let (st, b) = s
-        .post_json(
-            "/api/ota/tasks/archive",
-            json!({"keepFinishedPerDevice": 1}),
-        )
-        .await;
+    let (st, b) = archive_pass(&s, 1).await;
     assert_eq!(st, 200, "{b}");
     // GW1 keeps its newest finished task, GW2 its newest finished one (and its active one)
     assert_eq!(b["data"]["archived"], 4, "{b}");
@@ -158,12 +148,7 @@ async fn finished_tasks_move_to_the_archive_and_stay_readable() {
     assert_eq!(lines[0]["id"], gw1[0], "oldest first");
 
     // a second pass finds nothing more
-    let (_, b) = s
-        .post_json(
-            "/api/ota/tasks/archive",
-            json!({"keepFinishedPerDevice": 1}),
-        )
-        .await;
+    let (_, b) = archive_pass(&s, 1).await;
     assert_eq!(b["data"]["archived"], 0, "{b}");
 
     // the site report carries the archived tasks with the others
@@ -235,12 +220,7 @@ async fn passes_and_listings_in_parallel() {
         let s = s.clone();
         jobs.push(tokio::spawn(async move {
             if i % 3 == 0 {
-                let (st, b) = s
-                    .post_json(
-                        "/api/ota/tasks/archive",
-                        json!({"keepFinishedPerDevice": 1}),
-                    )
-                    .await;
+                let (st, b) = archive_pass(&s, 1).await;
                 assert_eq!(st, 200, "{b}");
                 (b["data"]["archived"].as_u64().unwrap(), 0, 0)
             } else {
@@ -282,6 +262,15 @@ async fn passes_and_listings_in_parallel() {
     assert_eq!(stats["data"]["total"], 60, "{stats}");
     // one file per pass that moved something, none left over
     assert_eq!(file_names(&s.dir.path().join("archive")).len(), 1);
+}
+
+/// One archive pass keeping `keep` finished tasks per device.
+async fn archive_pass(s: &Server, keep: u64) -> (u16, Value) {
+    s.post_json(
+        "/api/ota/tasks/archive",
+        json!({ "keepFinishedPerDevice": keep }),
+    )
+    .await
 }
 
 async fn listed_total(s: &Server, path: &str) -> u64 {
